@@ -1,0 +1,123 @@
+"""The run's configuration: one frozen dataclass, validated once, before any work.
+
+Validation checks every value that does not need TensorFlow or the data (those
+are checked where they are known: the number of replicas in `distribute`, the
+files in `data`). Each problem raises `ConfigError` with one line that names
+the value and the fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any
+
+from core.errors import ConfigError
+
+MODES = ("train", "eval", "train_and_eval")
+DATASETS = ("fontdigits", "mnist", "fashion_mnist", "synthetic")
+STRATEGIES = ("auto", "default", "one_device", "mirrored")
+PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+_SPLIT_RE = re.compile(r"^(train|test)(\[(-?\d+%?)?:(-?\d+%?)?\])?$")
+
+
+def model_names() -> tuple[str, ...]:
+    from layers.autoencoders import MODELS  # imports TensorFlow
+
+    return tuple(MODELS)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a run needs. Field names are the `train.py` flag names."""
+
+    mode: str = "train_and_eval"
+    model_dir: str = "runs/default"
+    # Data.
+    dataset: str = "fontdigits"
+    data_dir: str | None = None
+    train_split: str = "train"
+    eval_split: str = "test"
+    verify_checksums: bool = True
+    synthetic_shape: tuple[int, int, int] = (28, 28, 1)
+    # Model.
+    model: str = "seed"
+    encoder_filters: tuple[int, ...] | None = None
+    decoder_filters: tuple[int, ...] | None = None
+    kernel_size: int | None = None
+    # Optimisation.
+    epochs: int | None = 5
+    train_steps: int | None = None
+    batch_size: int = 256
+    learning_rate: float = 3e-3
+    seed: int = 0
+    # Execution.
+    jit_compile: bool | None = None  # None: on where a GPU is present
+    eager: bool = False
+    steps_per_loop: int = 50
+    strategy: str = "auto"
+    num_cpu_devices: int = 0
+    precision: str = "auto"
+    # Outer loop.
+    log_every: int = 100
+    eval_every: int = 0  # steps; 0 means once per epoch
+    keep_checkpoints: int = 3
+    num_images: int = 8  # columns of the reconstruction figure and image summary
+
+    def __post_init__(self):
+        _check_choice("mode", self.mode, MODES)
+        _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("precision", self.precision, PRECISIONS)
+        names = model_names()
+        _check_choice("model", self.model, names)
+        if (self.epochs is None) == (self.train_steps is None):
+            raise ConfigError("give exactly one of --epochs and --train_steps")
+        for name in ("epochs", "train_steps"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"--{name}={value}: must be a positive whole number")
+        for name in ("batch_size", "steps_per_loop", "log_every", "keep_checkpoints",
+                     "num_images"):
+            value = getattr(self, name)
+            if value <= 0:
+                raise ConfigError(f"--{name}={value}: must be a positive whole number")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"--learning_rate={self.learning_rate}: must be a positive number")
+        if self.eval_every < 0:
+            raise ConfigError(f"--eval_every={self.eval_every}: must be >= 0 (0 = once per epoch)")
+        if self.num_cpu_devices < 0:
+            raise ConfigError(f"--num_cpu_devices={self.num_cpu_devices}: must be >= 0")
+        if self.kernel_size is not None and self.kernel_size <= 0:
+            raise ConfigError(f"--kernel_size={self.kernel_size}: must be a positive whole number")
+        for name in ("encoder_filters", "decoder_filters"):
+            value = getattr(self, name)
+            if value is not None and (not value or min(value) <= 0):
+                raise ConfigError(f"--{name}={value}: give positive filter counts, e.g. 8,4,4")
+        if len(self.synthetic_shape) != 3 or min(self.synthetic_shape) <= 0:
+            raise ConfigError(
+                f"--synthetic_shape={self.synthetic_shape}: give H,W,C as three positive numbers")
+        for name in ("train_split", "eval_split"):
+            if not _SPLIT_RE.match(getattr(self, name)):
+                raise ConfigError(
+                    f"--{name}={getattr(self, name)!r}: expected 'train' or 'test', optionally "
+                    "sliced like 'test[:8000]', 'train[10%:]' or 'test[-20%:]'")
+        if not self.model_dir:
+            raise ConfigError("--model_dir is empty: give a folder for checkpoints and summaries")
+        if self.eager and self.jit_compile:
+            raise ConfigError("--eager and --jit_compile exclude each other: drop one")
+
+    def replace(self, **changes) -> Config:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _check_choice(name: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"--{name}={value!r} is unknown: choose one of {', '.join(choices)}")

@@ -1,0 +1,252 @@
+"""Datasets (mnist, fashion_mnist, fontdigits, synthetic) and their tf.data pipelines.
+
+Images stay uint8 in host memory. The training order is a function of
+(seed, epoch) alone, `epoch_permutation`, so a run resumed at step s draws
+exactly the batches an uninterrupted run would have, and the on-device path can
+draw the same ones without a tf.data iterator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+import numpy as np
+import tensorflow as tf
+
+from core import idx
+from core.errors import DataError
+
+# Where Keras' own loaders fetch from, and the file names they cache.
+MNIST_NPZ_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
+FASHION_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
+IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+SPLIT_SIZES = {"train": 60_000, "test": 10_000}
+_SPLIT_RE = re.compile(r"^(\w+)(?:\[(-?\d+%?)?:(-?\d+%?)?\])?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """One split in memory: uint8 images (N, H, W, C) and int64 labels (N,) or None."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    name: str
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(int(d) for d in self.images.shape[1:])
+
+
+def parse_split(spec: str, sizes: dict[str, int] | None = None) -> tuple[str, slice]:
+    """'test[:8000]', 'train[10%:]', 'test[-20%:]' -> ('test', slice).
+
+    Percentages are of the whole split, rounded to the nearest example, as TFDS does.
+    """
+    m = _SPLIT_RE.match(spec.replace(" ", ""))
+    if not m:
+        raise DataError(f"split {spec!r}: expected a name like 'train', optionally sliced like 'test[:8000]' or 'train[:10%]'")
+    name, lo, hi = m.groups()
+    if sizes is not None and name not in sizes:
+        raise DataError(f"split {spec!r}: unknown split {name!r}, choose from {', '.join(sizes)}")
+    total = sizes[name] if sizes is not None else None
+
+    def bound(text):
+        if text is None:
+            return None
+        if text.endswith("%"):
+            pct = int(text[:-1])
+            if not -100 <= pct <= 100:
+                raise DataError(f"split {spec!r}: percentage {pct}% is outside -100..100")
+            if total is None:
+                raise DataError(f"split {spec!r}: percentages need the split size")
+            return int(round(pct * total / 100))
+        return int(text)
+
+    return name, slice(bound(lo), bound(hi))
+
+
+def _locate(data_dir: str, names: tuple[str, ...], what: str) -> str:
+    for name in names:
+        path = os.path.join(data_dir, name)
+        if os.path.exists(path):
+            return path
+    raise DataError(
+        f"--data_dir={data_dir} has no {what}: expected {' or '.join(names)} there "
+        "(or mnist.npz for mnist)")
+
+
+def _keras_fetch(fname: str, origin: str, subdir: str, sha256: str | None) -> str:
+    """Downloads into Keras' cache (~/.keras/datasets) unless already there."""
+    try:
+        return tf.keras.utils.get_file(fname, origin=origin, file_hash=sha256,
+                                       cache_subdir=subdir)
+    except Exception as e:  # get_file raises a bare Exception on network errors
+        raise DataError(
+            f"could not download {origin} ({str(e).splitlines()[0][:120]}): if this machine is "
+            f"offline, put the files in a folder and pass --data_dir=FOLDER, or use "
+            "--dataset=fontdigits, which needs no download") from None
+
+
+def _load_idx_split(dataset: str, split: str, data_dir: str | None, verify: bool) -> Split:
+    if split not in IDX_FILES:
+        raise DataError(f"{dataset} has splits train and test, not {split!r}")
+    images_name, labels_name = IDX_FILES[split]
+    if data_dir is not None:
+        if not os.path.isdir(data_dir):
+            raise DataError(f"--data_dir={data_dir} is not a folder: give the folder that holds "
+                            f"{images_name}.gz and {labels_name}.gz")
+        npz = os.path.join(data_dir, "mnist.npz")
+        has_idx = any(os.path.exists(os.path.join(data_dir, n + s))
+                      for n in (images_name,) for s in (".gz", ""))
+        if dataset == "mnist" and os.path.exists(npz) and not has_idx:
+            return _load_npz(npz, split, verify)
+        images_path = _locate(data_dir, (images_name + ".gz", images_name), f"{split} images")
+        labels_path = _locate(data_dir, (labels_name + ".gz", labels_name), f"{split} labels")
+    elif dataset == "mnist":
+        return _load_npz(_keras_fetch("mnist.npz", MNIST_NPZ_URL, "datasets",
+                                      idx.SHA256["mnist"]["mnist.npz"]), split, verify)
+    else:
+        subdir = os.path.join("datasets", "fashion-mnist")
+        paths = [_keras_fetch(n + ".gz", FASHION_URL + n + ".gz", subdir,
+                              idx.SHA256[dataset][n + ".gz"]) for n in (images_name, labels_name)]
+        images_path, labels_path = paths
+    images, labels = idx.read_images_and_labels(images_path, labels_path, dataset, verify)
+    return Split(images, labels, split)
+
+
+def _load_npz(path: str, split: str, verify: bool) -> Split:
+    if verify:
+        idx.verify_checksum(path, "mnist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            images, labels = f[f"x_{split}"], f[f"y_{split}"]
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"{path}: not a readable Keras mnist.npz ({e}): download it again")
+    if images.shape[1:] != (28, 28) or images.shape[0] != labels.shape[0]:
+        raise DataError(f"{path}: {split} images {images.shape} and labels {labels.shape} do not "
+                        "match MNIST's layout: download it again")
+    return Split(images[..., None].astype(np.uint8), labels.astype(np.int64), split)
+
+
+def load_split(spec: str, dataset: str, data_dir: str | None = None, verify: bool = True,
+               synthetic_shape: tuple[int, int, int] = (28, 28, 1),
+               sizes: dict[str, int] | None = None) -> Split:
+    """Loads the split `spec` (e.g. 'test[:8000]') of `dataset` into memory.
+
+    Only the files of the named split are read. `sizes` overrides the split sizes
+    of the generated datasets (fontdigits, synthetic), for tests.
+
+    Raises:
+      DataError: unknown split, missing, corrupted or unreachable files.
+    """
+    sizes = sizes or SPLIT_SIZES
+    name, sl = parse_split(spec, sizes)
+    if dataset in ("mnist", "fashion_mnist"):
+        split = _load_idx_split(dataset, name, data_dir, verify)
+    elif dataset == "fontdigits":
+        from core import fontdigits
+
+        images, labels = fontdigits.load(seed=0, sizes=sizes)[name]
+        split = Split(images, labels, name)
+    elif dataset == "synthetic":
+        rng = np.random.default_rng([len(name), sizes[name]])
+        images = rng.integers(0, 256, (sizes[name], *synthetic_shape), dtype=np.uint8)
+        split = Split(images, rng.integers(0, 10, sizes[name]), name)
+    else:
+        raise DataError(f"unknown dataset {dataset!r}")
+    images = split.images[sl]
+    if len(images) == 0:
+        raise DataError(f"split {spec!r} of {dataset} is empty ({split.num_examples} examples "
+                        "before slicing): widen the slice")
+    labels = split.labels[sl] if split.labels is not None else None
+    return Split(images, labels, spec)
+
+
+def epoch_permutation(num_examples: int, seed, epoch) -> tf.Tensor:
+    """The order of epoch `epoch`: a permutation of range(num_examples), int32.
+
+    Stateless (Philox on every device, with and without XLA), so it can be
+    recomputed anywhere from (seed, epoch): on the host for tf.data, inside the
+    compiled loop for on-device data, and after a restart.
+    """
+    key = tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)])
+    noise = tf.random.stateless_uniform([num_examples], seed=key, alg="philox")
+    return tf.argsort(noise, stable=True)
+
+
+def _pipeline_rows(input_context: tf.distribute.InputContext | None) -> tuple[int, int, int]:
+    """(replicas in sync, first replica of this pipeline, replicas it feeds)."""
+    if input_context is None:
+        return 1, 0, 1
+    total = input_context.num_replicas_in_sync
+    local = total // input_context.num_input_pipelines
+    return total, input_context.input_pipeline_id * local, local
+
+
+def to_float(images: tf.Tensor) -> tf.Tensor:
+    """uint8 [0, 255] -> float32 [0, 1]."""
+    return tf.cast(images, tf.float32) * (1.0 / 255.0)
+
+
+def train_dataset(images: np.ndarray, global_batch_size: int, seed: int, start_step: int = 0,
+                  input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+    """Endless per-replica batches of float32 images in [0, 1].
+
+    Each epoch is `epoch_permutation(n, seed, epoch)` cut into n // global_batch_size
+    global batches (the remainder is dropped: static shapes, no recompiles). Global
+    batch k is split into per-replica slices in replica order; this pipeline yields
+    the slices of its replicas, which the strategy hands out round-robin. So the
+    examples of every step are the same for any number of replicas or workers.
+    """
+    n = int(images.shape[0])
+    steps_per_epoch = n // global_batch_size
+    if steps_per_epoch == 0:
+        raise DataError(f"the training split has {n} examples, fewer than one batch of "
+                        f"{global_batch_size}: lower --batch_size or use a larger split")
+    total, first, local = _pipeline_rows(input_context)
+    per_replica = global_batch_size // total
+    start_epoch, skip = divmod(start_step, steps_per_epoch)
+    host_images = tf.constant(images)
+
+    def epoch_batches(epoch):
+        order = epoch_permutation(n, seed, epoch)[: steps_per_epoch * global_batch_size]
+        return tf.data.Dataset.from_tensor_slices(
+            tf.reshape(order, [steps_per_epoch, total, per_replica])[:, first:first + local])
+
+    ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_batches).skip(skip)
+    ds = ds.unbatch()  # (per_replica,) index rows, one per replica in turn
+    ds = ds.map(lambda rows: to_float(tf.gather(host_images, rows)),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(images: np.ndarray, global_batch_size: int,
+                 input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+    """Every example exactly once, as (images, weights) per-replica batches.
+
+    The last global batch is padded with weight-0 copies of the first example so
+    every batch has the same shape (one compiled eval step) and every replica gets
+    one; metrics are weighted sums, so padding never counts.
+    """
+    n = int(images.shape[0])
+    total, first, local = _pipeline_rows(input_context)
+    per_replica = global_batch_size // total
+    num_batches = -(-n // global_batch_size)
+    padded = num_batches * global_batch_size
+    order = np.concatenate([np.arange(n), np.zeros(padded - n, np.int64)])
+    weights = (np.arange(padded) < n).astype(np.float32)
+    rows = order.reshape(num_batches, total, per_replica)[:, first:first + local]
+    wrows = weights.reshape(num_batches, total, per_replica)[:, first:first + local]
+    host_images = tf.constant(images)
+    ds = tf.data.Dataset.from_tensor_slices((rows, wrows)).unbatch()
+    ds = ds.map(lambda r, w: (to_float(tf.gather(host_images, r)), w))
+    return ds.prefetch(tf.data.AUTOTUNE)

@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""Train, evaluate or export a convolutional autoencoder.
+
+    python train.py                                   # fontdigits, seed model, offline
+    python train.py --flagfile=configs/mnist_local.cfg
+    python train.py --dataset=mnist --data_dir=../shared/data/mnist \
+        --train_split='test[:8000]' --eval_split='test[8000:]'
+
+Flags become one validated, frozen `core.Config`; everything else lives in
+`core/` and `layers/`, which never read flags.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO/WARNING chatter
+
+from absl import app, flags, logging  # noqa: E402
+
+from core import config as config_lib  # noqa: E402
+
+FLAGS = flags.FLAGS
+_D = config_lib.Config()  # defaults live in one place: the dataclass
+
+flags.DEFINE_enum("mode", _D.mode, config_lib.MODES, "What to run.")
+flags.DEFINE_string("model_dir", _D.model_dir, "Checkpoints, TensorBoard events and figures go here; "
+                    "rerunning with the same folder resumes.")
+flags.DEFINE_string("dataset", _D.dataset, f"One of: {', '.join(config_lib.DATASETS)}.")
+flags.DEFINE_string("data_dir", None, "Folder with local files (IDX .gz files or mnist.npz); "
+                    "default: download into Keras' cache (~/.keras/datasets).")
+flags.DEFINE_string("train_split", _D.train_split, "Training split, TFDS-style slices allowed: "
+                    "'train', 'test[:8000]', 'train[:10%]'.")
+flags.DEFINE_string("eval_split", _D.eval_split, "Evaluation split, e.g. 'test', 'test[8000:]'.")
+flags.DEFINE_bool("verify_checksums", _D.verify_checksums,
+                  "Check known files against their published SHA-256.")
+flags.DEFINE_list("synthetic_shape", list(map(str, _D.synthetic_shape)),
+                  "H,W,C of --dataset=synthetic images.")
+flags.DEFINE_string("model", _D.model, "A registered model (layers/autoencoders.py MODELS).")
+flags.DEFINE_list("encoder_filters", None, "Override the model's encoder filters, e.g. 8,4,4.")
+flags.DEFINE_list("decoder_filters", None, "Override the model's decoder filters, e.g. 4,4,8.")
+flags.DEFINE_integer("kernel_size", None, "Override the model's kernel size.")
+flags.DEFINE_integer("epochs", None, f"Epochs to train (default {_D.epochs} unless --train_steps).")
+flags.DEFINE_integer("train_steps", None, "Total training steps (instead of --epochs).")
+flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size (over all replicas).")
+flags.DEFINE_float("learning_rate", _D.learning_rate, "Adam learning rate.")
+flags.DEFINE_integer("seed", _D.seed, "Seed of the data order.")
+flags.DEFINE_bool("jit_compile", None, "XLA-compile the step (default: on with a GPU, off on CPU).")
+flags.DEFINE_bool("eager", _D.eager, "Run the loop eagerly, for debugging (slow).")
+flags.DEFINE_integer("steps_per_loop", _D.steps_per_loop, "Training steps per compiled call.")
+flags.DEFINE_enum("strategy", _D.strategy, config_lib.STRATEGIES, "Distribution strategy.")
+flags.DEFINE_integer("num_cpu_devices", _D.num_cpu_devices,
+                     "Split the CPU into N logical devices (test multi-device code without GPUs).")
+flags.DEFINE_enum("precision", _D.precision, config_lib.PRECISIONS,
+                  "auto: mixed_bfloat16 on Ampere+ GPUs, mixed_float16 on Volta/Turing, float32 on CPU.")
+flags.DEFINE_integer("log_every", _D.log_every, "Log and write train summaries every N steps.")
+flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate and checkpoint every N steps "
+                     "(0: once per epoch).")
+flags.DEFINE_integer("keep_checkpoints", _D.keep_checkpoints, "How many checkpoints to keep.")
+flags.DEFINE_integer("num_images", _D.num_images, "Test images shown in the figure and summaries.")
+flags.DEFINE_bool("verbose", False, "Print tracebacks for errors.")
+
+
+def _ints(values):
+    return tuple(int(v) for v in values) if values else None
+
+
+def config_from_flags() -> config_lib.Config:
+    names = {f.name for f in __import__("dataclasses").fields(config_lib.Config)}
+    values = {name: FLAGS[name].value for name in names}
+    if values["epochs"] is None and values["train_steps"] is None:
+        values["epochs"] = _D.epochs
+    try:
+        for name in ("encoder_filters", "decoder_filters", "synthetic_shape"):
+            values[name] = _ints(values[name])
+    except ValueError as e:
+        raise config_lib.ConfigError(f"a filter list or shape is not whole numbers ({e})") from None
+    return config_lib.Config(**values)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}: flags take the form --name=value")
+    from core.errors import TapeloopError
+
+    try:
+        config = config_from_flags()
+        import core
+
+        core.run(config)
+    except TapeloopError as e:
+        if FLAGS.verbose:
+            raise
+        logging.error("%s", e)
+        print(f"train.py: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    app.run(main)
