@@ -15,7 +15,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO/WARNING chatter
 
-from absl import app, flags, logging  # noqa: E402
+from absl import app, flags  # noqa: E402
 
 from core import config as config_lib  # noqa: E402
 
@@ -80,7 +80,12 @@ def config_from_flags() -> config_lib.Config:
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}: flags take the form --name=value")
+    import logging as std_logging
+
     from core.errors import TapeloopError
+
+    # TensorFlow's own INFO lines (checkpoint sharding timings...) drown ours.
+    std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
 
     try:
         config = config_from_flags()
@@ -90,7 +95,6 @@ def main(argv):
     except TapeloopError as e:
         if FLAGS.verbose:
             raise
-        logging.error("%s", e)
         print(f"train.py: error: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
 

@@ -72,12 +72,12 @@ class Config:
         _check_choice("precision", self.precision, PRECISIONS)
         names = model_names()
         _check_choice("model", self.model, names)
-        if (self.epochs is None) == (self.train_steps is None):
-            raise ConfigError("give exactly one of --epochs and --train_steps")
         for name in ("epochs", "train_steps"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name}={value}: must be a positive whole number")
+        if (self.epochs is None) == (self.train_steps is None):
+            raise ConfigError("give exactly one of --epochs and --train_steps")
         for name in ("batch_size", "steps_per_loop", "log_every", "keep_checkpoints",
                      "num_images"):
             value = getattr(self, name)

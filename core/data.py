@@ -53,7 +53,8 @@ def parse_split(spec: str, sizes: dict[str, int] | None = None) -> tuple[str, sl
     """
     m = _SPLIT_RE.match(spec.replace(" ", ""))
     if not m:
-        raise DataError(f"split {spec!r}: expected a name like 'train', optionally sliced like 'test[:8000]' or 'train[:10%]'")
+        raise DataError(f"split {spec!r}: expected a name like 'train', optionally sliced "
+                        "like 'test[:8000]' or 'train[:10%]'")
     name, lo, hi = m.groups()
     if sizes is not None and name not in sizes:
         raise DataError(f"split {spec!r}: unknown split {name!r}, choose from {', '.join(sizes)}")
@@ -130,7 +131,7 @@ def _load_npz(path: str, split: str, verify: bool) -> Split:
         with np.load(path, allow_pickle=False) as f:
             images, labels = f[f"x_{split}"], f[f"y_{split}"]
     except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"{path}: not a readable Keras mnist.npz ({e}): download it again")
+        raise DataError(f"{path}: not a readable Keras mnist.npz ({e}): download it again") from None
     if images.shape[1:] != (28, 28) or images.shape[0] != labels.shape[0]:
         raise DataError(f"{path}: {split} images {images.shape} and labels {labels.shape} do not "
                         "match MNIST's layout: download it again")

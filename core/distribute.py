@@ -17,20 +17,21 @@ def setup_logical_cpus(num: int) -> None:
     """Splits the CPU into `num` logical devices (no-op for num <= 1).
 
     Must run before the first op: TensorFlow fixes its devices when the runtime
-    starts. Calling it again with the same number is harmless.
+    starts. If the process already has at least `num` logical CPUs (a test
+    process that made several), the first `num` are used.
     """
     if num <= 1:
         return
     cpu = tf.config.list_physical_devices("CPU")[0]
     current = tf.config.get_logical_device_configuration(cpu)
-    if current is not None and len(current) == num:
+    if current is not None and len(current) >= num:
         return
     try:
         tf.config.set_logical_device_configuration(
             cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(num)])
     except RuntimeError:
         have = len(tf.config.list_logical_devices("CPU"))
-        if have != num:
+        if have < num:
             raise ConfigError(
                 f"--num_cpu_devices={num}: TensorFlow already started with {have} CPU devices "
                 "in this process: set it before anything else runs") from None
@@ -63,9 +64,13 @@ def make_strategy(name: str, num_cpu_devices: int = 0) -> tf.distribute.Strategy
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "one_device":
+        if not gpu_devices and num_cpu_devices < 1:
+            raise ConfigError(
+                "--strategy=one_device found no GPU: on a CPU-only machine add "
+                "--num_cpu_devices=1 to place everything on the CPU, or use --strategy=auto")
         return tf.distribute.OneDeviceStrategy(gpu_devices[0] if gpu_devices else cpu_devices[0])
     if name == "mirrored":
-        devices = gpu_devices or (cpu_devices if num_cpu_devices > 1 else [])
+        devices = gpu_devices or (cpu_devices[:num_cpu_devices] if num_cpu_devices > 1 else [])
         if not devices:
             raise ConfigError(
                 "--strategy=mirrored found no GPU: on a CPU-only machine add "

@@ -70,16 +70,16 @@ def _read_bytes(path: str) -> bytes:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror}): check the path and permissions")
+        raise DataError(f"{path}: cannot be read ({e.strerror}): check the path and permissions") from None
     if not raw:
         raise DataError(f"{path}: the file is empty: download it again")
     if path.endswith(".gz"):
         try:
             raw = gzip.decompress(raw)
         except EOFError:
-            raise DataError(f"{path}: the gzip stream is truncated: download the file again")
+            raise DataError(f"{path}: the gzip stream is truncated: download the file again") from None
         except (gzip.BadGzipFile, zlib.error) as e:
-            raise DataError(f"{path}: not a valid gzip file ({e}): download the file again")
+            raise DataError(f"{path}: not a valid gzip file ({e}): download the file again") from None
     return raw
 
 

@@ -1,0 +1,41 @@
+"""Helpers for end-to-end tests: run train.py, read TensorBoard event files."""
+
+import os
+import subprocess
+import sys
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_train(*flags, timeout=300, env=None):
+    """Runs `python train.py FLAGS...`; returns the CompletedProcess (text)."""
+    full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
+    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
+
+
+def event_tags(folder):
+    """{tag: [(step, value-or-None)]} from the TF2 summaries (stored as tensors) in `folder`."""
+    acc = EventAccumulator(folder, size_guidance={"tensors": 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags()["tensors"]:
+        events = acc.Tensors(tag)
+        out[tag] = []
+        for e in events:
+            value = None
+            if e.tensor_proto.dtype == 1 and not e.tensor_proto.tensor_shape.dim:  # float scalar
+                import tensorflow as tf
+
+                value = float(tf.make_ndarray(e.tensor_proto))
+            out[tag].append((e.step, value))
+    return out
+
+
+def checkpoint_files(model_dir):
+    """{name: bytes} of every checkpoint file, to prove a failed run left them intact."""
+    return {name: open(os.path.join(model_dir, name), "rb").read()
+            for name in sorted(os.listdir(model_dir))
+            if name.startswith("ckpt-") or name == "checkpoint"}

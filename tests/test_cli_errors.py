@@ -1,0 +1,81 @@
+"""Bad input through train.py: one line naming the problem and the fix, a non-zero
+exit, no traceback, and the existing checkpoints untouched."""
+
+import gzip
+import os
+import shutil
+
+import pytest
+
+from helpers import checkpoint_files, run_train
+
+
+@pytest.fixture(scope="module")
+def trained_dir(tmp_path_factory, mnist_dir):
+    model_dir = tmp_path_factory.mktemp("trained")
+    proc = run_train("--dataset=mnist", f"--data_dir={mnist_dir}", "--train_split=test[:512]",
+                     "--eval_split=test[9900:]", f"--model_dir={model_dir}", "--train_steps=4",
+                     "--batch_size=64", "--log_every=4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return str(model_dir)
+
+
+@pytest.fixture(scope="module")
+def broken_data(tmp_path_factory, mnist_dir):
+    folder = tmp_path_factory.mktemp("broken")
+    raw = open(os.path.join(mnist_dir, "t10k-images-idx3-ubyte.gz"), "rb").read()
+    (folder / "t10k-images-idx3-ubyte.gz").write_bytes(raw[:5000])
+    shutil.copy(os.path.join(mnist_dir, "t10k-labels-idx1-ubyte.gz"), folder)
+    return str(folder)
+
+
+def _cases(mnist_dir, broken):
+    mnist = ["--dataset=mnist", "--train_split=test[:512]", "--eval_split=test[9900:]"]
+    return [
+        (["--dataset=imagenet"], 2, "--dataset='imagenet' is unknown: choose one of fontdigits"),
+        (["--model=unet"], 2, "--model='unet' is unknown: choose one of seed"),
+        (["--batch_size=0"], 2, "--batch_size=0: must be a positive whole number"),
+        (["--learning_rate=-1"], 2, "--learning_rate=-1.0: must be a positive number"),
+        (["--epochs=0"], 2, "--epochs=0: must be a positive whole number"),
+        ([*mnist, "--data_dir=/nonexistent"], 3, "--data_dir=/nonexistent is not a folder"),
+        (["--dataset=mnist", "--train_split=train", f"--data_dir={mnist_dir}"], 3,
+         "has no train images: expected train-images-idx3-ubyte.gz or train-images-idx3-ubyte"),
+        ([*mnist, f"--data_dir={broken}"], 3,
+         "t10k-images-idx3-ubyte.gz: the gzip stream is truncated"),
+    ]
+
+
+def test_bad_inputs(trained_dir, mnist_dir, broken_data):
+    before = checkpoint_files(trained_dir)
+    assert any(name.endswith(".index") for name in before)
+    for flags, code, message in _cases(mnist_dir, broken_data):
+        proc = run_train(*flags, f"--model_dir={trained_dir}", "--train_steps=100")
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
+        assert proc.returncode == code, (flags, proc.stderr[-2000:])
+        assert len(lines) == 1 and message in lines[0], (flags, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, flags
+        assert checkpoint_files(trained_dir) == before, flags
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    proc = run_train("--batch_size=0", f"--model_dir={tmp_path}", "--verbose")
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "--batch_size=0" in proc.stderr
+
+
+def test_model_dir_that_is_a_file(tmp_path):
+    path = tmp_path / "file"
+    path.write_text("x")
+    proc = run_train(f"--model_dir={path}", "--dataset=synthetic", "--train_steps=1")
+    assert proc.returncode == 2
+    assert f"--model_dir={path} is a file" in proc.stderr
+    assert path.read_text() == "x"
+
+
+def test_corrupted_gzip_keeps_data_intact(broken_data):
+    before = open(os.path.join(broken_data, "t10k-images-idx3-ubyte.gz"), "rb").read()
+    with pytest.raises(EOFError):
+        gzip.decompress(before)  # the fixture is really broken
+    run_train("--dataset=mnist", f"--data_dir={broken_data}", "--train_split=test[:512]",
+              "--eval_split=test[9900:]", "--train_steps=1")
+    assert open(os.path.join(broken_data, "t10k-images-idx3-ubyte.gz"), "rb").read() == before

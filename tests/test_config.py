@@ -1,0 +1,36 @@
+import pytest
+
+from core.config import Config
+from core.errors import ConfigError
+
+BAD = [
+    (dict(dataset="imagenet"), r"--dataset='imagenet' is unknown: choose one of fontdigits"),
+    (dict(model="resnet"), r"--model='resnet' is unknown: choose one of seed"),
+    (dict(batch_size=0), r"--batch_size=0: must be a positive"),
+    (dict(batch_size=-4), r"--batch_size=-4: must be a positive"),
+    (dict(epochs=0), r"--epochs=0: must be a positive"),
+    (dict(epochs=None, train_steps=-1), r"--train_steps=-1"),
+    (dict(epochs=3, train_steps=5), r"exactly one of --epochs and --train_steps"),
+    (dict(learning_rate=0.0), r"--learning_rate=0.0: must be a positive"),
+    (dict(learning_rate=float("nan")), r"--learning_rate=nan"),
+    (dict(steps_per_loop=0), r"--steps_per_loop=0"),
+    (dict(train_split="train[::2]"), r"--train_split='train\[::2\]'"),
+    (dict(eval_split="validation"), r"--eval_split='validation'"),
+    (dict(eager=True, jit_compile=True), r"--eager and --jit_compile"),
+    (dict(encoder_filters=(8, 0)), r"--encoder_filters"),
+]
+
+
+@pytest.mark.parametrize("changes,message", BAD)
+def test_bad_values_give_one_clear_line(changes, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        Config(**changes)
+    assert "\n" not in str(info.value)
+
+
+def test_defaults_are_valid_and_frozen():
+    config = Config()
+    assert config.dataset == "fontdigits" and config.model == "seed"
+    with pytest.raises(AttributeError):
+        config.batch_size = 3  # frozen
+    assert Config(**config.to_dict()) == config

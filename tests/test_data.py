@@ -1,0 +1,165 @@
+import collections
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from core import data, fontdigits
+from core.errors import DataError
+
+SMALL = {"train": 600, "test": 200}
+
+
+def test_parse_split_slices_like_tfds():
+    sizes = data.SPLIT_SIZES
+    assert data.parse_split("train", sizes) == ("train", slice(None, None))
+    assert data.parse_split("test[:8000]", sizes) == ("test", slice(None, 8000))
+    assert data.parse_split("test[8000:]", sizes) == ("test", slice(8000, None))
+    assert data.parse_split("train[10%:20%]", sizes) == ("train", slice(6000, 12000))
+    assert data.parse_split("test[-20%:]", sizes) == ("test", slice(-2000, None))
+    with pytest.raises(DataError, match="unknown split 'validation'"):
+        data.parse_split("validation", sizes)
+    with pytest.raises(DataError, match="expected a name"):
+        data.parse_split("train[::2]", sizes)
+
+
+def test_real_mnist_splits_need_only_test_files(mnist_dir):
+    train = data.load_split("test[:8000]", "mnist", mnist_dir)
+    held_out = data.load_split("test[8000:]", "mnist", mnist_dir)
+    assert train.num_examples == 8000 and held_out.num_examples == 2000
+    assert train.image_shape == (28, 28, 1)
+    pct = data.load_split("test[:10%]", "mnist", mnist_dir)
+    np.testing.assert_array_equal(pct.images, train.images[:1000])
+
+
+def test_missing_file_is_named(mnist_dir):
+    with pytest.raises(DataError, match=r"no train images: expected train-images-idx3-ubyte.gz"):
+        data.load_split("train", "mnist", mnist_dir)
+
+
+def test_data_dir_that_does_not_exist(tmp_path):
+    with pytest.raises(DataError, match="is not a folder"):
+        data.load_split("test", "mnist", str(tmp_path / "nope"))
+
+
+def test_offline_download_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setattr(data, "MNIST_NPZ_URL", "http://127.0.0.1:9/mnist.npz")  # discard port
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    with pytest.raises(DataError, match="--data_dir=FOLDER.*--dataset=fontdigits"):
+        data._keras_fetch("mnist.npz", data.MNIST_NPZ_URL, str(tmp_path), None)
+
+
+def test_npz_in_data_dir(mnist_dir, tmp_path):
+    from core import idx
+
+    images, labels = idx.read_images_and_labels(
+        os.path.join(mnist_dir, "t10k-images-idx3-ubyte.gz"),
+        os.path.join(mnist_dir, "t10k-labels-idx1-ubyte.gz"), "mnist")
+    np.savez(tmp_path / "mnist.npz", x_train=images[:50, ..., 0], y_train=labels[:50],
+             x_test=images[50:80, ..., 0], y_test=labels[50:80])
+    split = data.load_split("test", "mnist", str(tmp_path), verify=False)
+    np.testing.assert_array_equal(split.images, images[50:80])
+    with pytest.raises(DataError, match="SHA-256"):
+        data.load_split("test", "mnist", str(tmp_path))  # not Keras' published file
+
+
+def test_fontdigits_is_deterministic_for_a_seed():
+    a = fontdigits.build(seed=3, sizes=SMALL)
+    b = fontdigits.build(seed=3, sizes=SMALL)
+    c = fontdigits.build(seed=4, sizes=SMALL)
+    for split in SMALL:
+        np.testing.assert_array_equal(a[split][0], b[split][0])
+        np.testing.assert_array_equal(a[split][1], b[split][1])
+        assert not np.array_equal(a[split][0], c[split][0])
+    images, labels = a["train"]
+    assert images.shape == (600, 28, 28, 1) and images.dtype == np.uint8
+    assert np.bincount(labels).tolist() == [60] * 10  # balanced classes
+    assert 20 < images.mean() < 80  # dark background, bright strokes, as MNIST
+    assert not np.array_equal(a["train"][0][:200], a["test"][0])
+
+
+def test_fontdigits_cache_returns_the_same_bytes(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAPELOOP_CACHE_DIR", str(tmp_path))
+    first = fontdigits.load(seed=5, sizes=SMALL)
+    assert len(list(tmp_path.glob("fontdigits-*.npz"))) == 1
+    second = fontdigits.load(seed=5, sizes=SMALL)
+    np.testing.assert_array_equal(first["test"][0], second["test"][0])
+
+
+def _take(ds, n):
+    return [x.numpy() for x in ds.take(n)]
+
+
+def test_train_batches_are_float_in_unit_range_and_static():
+    images = np.arange(100 * 4, dtype=np.uint32).reshape(100, 2, 2, 1).astype(np.uint8)
+    ds = data.train_dataset(images, 16, seed=0)
+    assert ds.element_spec.shape.as_list() == [16, 2, 2, 1]
+    batch = _take(ds, 1)[0]
+    assert batch.dtype == np.float32 and 0.0 <= batch.min() and batch.max() <= 1.0
+
+
+def _ids(n):
+    """Images whose first pixel encodes their index (n <= 256)."""
+    return np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1)
+
+
+def _index(batch):
+    return np.rint(batch[:, 0, 0, 0] * 255).astype(int)
+
+
+def test_each_epoch_is_a_permutation_and_differs_by_seed():
+    n, b = 100, 10
+    epoch = np.concatenate([_index(x) for x in _take(data.train_dataset(_ids(n), b, 7), 10)])
+    assert sorted(epoch) == list(range(n))
+    other = np.concatenate([_index(x) for x in _take(data.train_dataset(_ids(n), b, 8), 10)])
+    assert not np.array_equal(epoch, other)
+
+
+def test_resume_at_a_step_gives_the_same_batches():
+    full = _take(data.train_dataset(_ids(100), 10, seed=1), 25)
+    resumed = _take(data.train_dataset(_ids(100), 10, seed=1, start_step=13), 12)
+    for a, b in zip(full[13:], resumed):
+        np.testing.assert_array_equal(a, b)
+
+
+class _Ctx:
+    def __init__(self, replicas, pipelines, pipeline_id):
+        self.num_replicas_in_sync = replicas
+        self.num_input_pipelines = pipelines
+        self.input_pipeline_id = pipeline_id
+
+
+@pytest.mark.parametrize("replicas,pipelines", [(2, 1), (4, 1), (4, 2)])
+def test_replica_slices_rebuild_the_global_batch(replicas, pipelines):
+    b = 20
+    global_batches = [_index(x) for x in _take(data.train_dataset(_ids(100), b, 3), 5)]
+    per_pipeline = []
+    for pid in range(pipelines):
+        ctx = _Ctx(replicas, pipelines, pid)
+        per_pipeline.append([_index(x) for x in
+                             _take(data.train_dataset(_ids(100), b, 3, input_context=ctx),
+                                   5 * replicas // pipelines)])
+    local = replicas // pipelines
+    for step in range(5):
+        pieces = [per_pipeline[p][step * local + r] for p in range(pipelines) for r in range(local)]
+        np.testing.assert_array_equal(np.concatenate(pieces), global_batches[step])
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 4])
+def test_eval_covers_every_example_exactly_once(replicas):
+    n = 103
+    ds = data.eval_dataset(_ids(n), 16, _Ctx(replicas, 1, 0) if replicas > 1 else None)
+    seen = collections.Counter()
+    for images, weights in ds:
+        assert images.shape[0] == 16 // replicas
+        for i, w in zip(_index(images.numpy()), weights.numpy()):
+            if w:
+                seen[int(i)] += 1
+    assert seen == collections.Counter(range(n))
+
+
+def test_epoch_permutation_same_under_xla():
+    eager = data.epoch_permutation(1000, 5, 2).numpy()
+    compiled = tf.function(lambda: data.epoch_permutation(1000, 5, 2), jit_compile=True)()
+    np.testing.assert_array_equal(eager, compiled.numpy())
