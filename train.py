@@ -43,10 +43,14 @@ flags.DEFINE_integer("epochs", None, f"Epochs to train (default {_D.epochs} unle
 flags.DEFINE_integer("train_steps", None, "Total training steps (instead of --epochs).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size (over all replicas).")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Adam learning rate.")
-flags.DEFINE_integer("seed", _D.seed, "Seed of the data order.")
+flags.DEFINE_integer("seed", _D.seed, "Seed of the weight initialisation and the data order.")
 flags.DEFINE_bool("jit_compile", None, "XLA-compile the step (default: on with a GPU, off on CPU).")
 flags.DEFINE_bool("eager", _D.eager, "Run the loop eagerly, for debugging (slow).")
 flags.DEFINE_integer("steps_per_loop", _D.steps_per_loop, "Training steps per compiled call.")
+flags.DEFINE_bool("data_on_device", _D.data_on_device,
+                  "Hold the training split on each device and draw batches inside the compiled loop.")
+flags.DEFINE_integer("data_on_device_max_mb", _D.data_on_device_max_mb,
+                     "Refuse --data_on_device for a training split larger than this (MB per device).")
 flags.DEFINE_enum("strategy", _D.strategy, config_lib.STRATEGIES, "Distribution strategy.")
 flags.DEFINE_integer("num_cpu_devices", _D.num_cpu_devices,
                      "Split the CPU into N logical devices (test multi-device code without GPUs).")

@@ -9,8 +9,14 @@ import tensorflow as tf
 class Checkpointer:
     """A `tf.train.CheckpointManager` over the trainer's state, numbered by global step."""
 
-    def __init__(self, model_dir: str, trainer, keep: int = 3):
+    def __init__(self, model_dir: str, trainer, keep: int = 3, restore_dir: str | None = None):
+        """Saves into `model_dir`; restores from `restore_dir` (default `model_dir`).
+
+        Multi-worker non-chief workers save into a temporary dir that is thrown
+        away, but restore from the chief's, so every worker resumes at one step.
+        """
         self.trainer = trainer
+        self.restore_dir = restore_dir or model_dir
         self.checkpoint = tf.train.Checkpoint(
             model=trainer.model, optimizer=trainer.optimizer, step=trainer.step)
         self.manager = tf.train.CheckpointManager(
@@ -22,7 +28,7 @@ class Checkpointer:
 
     def restore(self, path: str | None = None) -> int:
         """Restores `path` (default: the latest); returns the restored step, 0 if none."""
-        path = path or self.manager.latest_checkpoint
+        path = path or tf.train.latest_checkpoint(self.restore_dir)
         if not path:
             return 0
         # Every saved object must land on a live one: a partial restore would

@@ -17,7 +17,7 @@ from core.errors import ConfigError
 
 MODES = ("train", "eval", "train_and_eval")
 DATASETS = ("fontdigits", "mnist", "fashion_mnist", "synthetic")
-STRATEGIES = ("auto", "default", "one_device", "mirrored")
+STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 _SPLIT_RE = re.compile(r"^(train|test)(\[(-?\d+%?)?:(-?\d+%?)?\])?$")
 
@@ -56,6 +56,8 @@ class Config:
     jit_compile: bool | None = None  # None: on where a GPU is present
     eager: bool = False
     steps_per_loop: int = 50
+    data_on_device: bool = False
+    data_on_device_max_mb: int = 2048
     strategy: str = "auto"
     num_cpu_devices: int = 0
     precision: str = "auto"
@@ -87,6 +89,10 @@ class Config:
             raise ConfigError(f"--learning_rate={self.learning_rate}: must be a positive number")
         if self.eval_every < 0:
             raise ConfigError(f"--eval_every={self.eval_every}: must be >= 0 (0 = once per epoch)")
+        if self.data_on_device_max_mb <= 0:
+            raise ConfigError(f"--data_on_device_max_mb={self.data_on_device_max_mb}: must be positive")
+        if self.data_on_device and self.eager:
+            raise ConfigError("--data_on_device needs compiled loops: drop --eager")
         if self.num_cpu_devices < 0:
             raise ConfigError(f"--num_cpu_devices={self.num_cpu_devices}: must be >= 0")
         if self.kernel_size is not None and self.kernel_size <= 0:

@@ -7,6 +7,9 @@ paths run (and are tested) on a machine without GPUs.
 
 from __future__ import annotations
 
+import json
+import os
+
 from absl import logging
 import tensorflow as tf
 
@@ -41,6 +44,57 @@ def gpus() -> list:
     return tf.config.list_physical_devices("GPU")
 
 
+def parse_tf_config(text: str | None) -> dict:
+    """Validates the standard TF_CONFIG of a multi-worker job; returns it as a dict.
+
+    Raises:
+      ConfigError: unset, not JSON, or inconsistent cluster and task.
+    """
+    example = ('{"cluster": {"worker": ["host1:2222", "host2:2222"]}, '
+               '"task": {"type": "worker", "index": 0}}')
+    if not text:
+        raise ConfigError(f"--strategy=multi_worker needs the TF_CONFIG environment variable, e.g. "
+                          f"TF_CONFIG='{example}' on each machine (see README)")
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"TF_CONFIG is not valid JSON ({e.msg} at character {e.pos}): "
+                          f"expected something like {example}") from None
+    cluster, task = cfg.get("cluster") if isinstance(cfg, dict) else None, (
+        cfg.get("task") if isinstance(cfg, dict) else None)
+    if not isinstance(cluster, dict) or not cluster.get("worker") and not cluster.get("chief"):
+        raise ConfigError(f"TF_CONFIG has no cluster with workers: expected something like {example}")
+    for kind, hosts in cluster.items():
+        if not isinstance(hosts, list) or not all(isinstance(h, str) and ":" in h for h in hosts):
+            raise ConfigError(f"TF_CONFIG cluster[{kind!r}] must be a list of 'host:port' strings, "
+                              f"got {hosts!r}")
+    if not isinstance(task, dict) or "type" not in task or "index" not in task:
+        raise ConfigError(f"TF_CONFIG needs a task with type and index, e.g. {example}")
+    kind, index = task["type"], task["index"]
+    if kind not in cluster or not isinstance(index, int) or not 0 <= index < len(cluster[kind]):
+        raise ConfigError(f"TF_CONFIG task {kind}:{index} is not in the cluster "
+                          f"({ {k: len(v) for k, v in cluster.items()} }): fix task.type or task.index")
+    return cfg
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes checkpoints, summaries and figures."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    spec = resolver.cluster_spec().as_dict()
+    if resolver.task_type == "chief":
+        return True
+    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in spec
+
+
+def task_id(strategy: tf.distribute.Strategy) -> str:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return "local"
+    return f"{resolver.task_type}{resolver.task_id}"
+
+
 def make_strategy(name: str, num_cpu_devices: int = 0) -> tf.distribute.Strategy:
     """Returns the strategy for `--strategy`.
 
@@ -48,6 +102,15 @@ def make_strategy(name: str, num_cpu_devices: int = 0) -> tf.distribute.Strategy
       on one GPU, MirroredStrategy over the logical CPUs if --num_cpu_devices > 1,
       else the default strategy.
     """
+    if name == "multi_worker":
+        parse_tf_config(os.environ.get("TF_CONFIG"))
+        setup_logical_cpus(num_cpu_devices)
+        # Reads TF_CONFIG; collectives over NCCL between GPUs, gRPC/ring on CPUs.
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        logging.info("multi-worker: task %s of %d workers, %d replicas in sync",
+                     task_id(strategy), strategy.extended._num_workers,  # noqa: SLF001
+                     strategy.num_replicas_in_sync)
+        return strategy
     setup_logical_cpus(num_cpu_devices)
     gpu_devices = [d.name for d in tf.config.list_logical_devices("GPU")]
     cpu_devices = [d.name for d in tf.config.list_logical_devices("CPU")]

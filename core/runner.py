@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 from absl import logging
 import numpy as np
@@ -42,6 +44,11 @@ class Run:
         prepare_model_dir(config.model_dir)
         self.strategy = distribute.make_strategy(config.strategy, config.num_cpu_devices)
         distribute.check_batch(self.strategy, config.batch_size)
+        self.is_chief = distribute.is_chief(self.strategy)
+        # Every worker runs the same collectives (saves and summaries included);
+        # only the chief's land in --model_dir, the others' in a temporary dir.
+        self.output_dir = config.model_dir if self.is_chief else tempfile.mkdtemp(
+            prefix=f"tapeloop-{distribute.task_id(self.strategy)}-")
         self.precision = (config.precision if config.precision != "auto" else
                           distribute.default_precision(distribute.gpu_compute_capability()))
         self.jit_compile = (False if config.eager else config.jit_compile
@@ -52,15 +59,28 @@ class Run:
         self.train_split = (data.load_split(config.train_split, **load)
                             if config.mode != "eval" else None)
         image_shape = self.eval_split.image_shape
+        device_images = None
+        if config.data_on_device and self.train_split is not None:
+            device_images = self.train_split.images
+            size_mb = device_images.nbytes / 2**20
+            if size_mb > config.data_on_device_max_mb:
+                raise ConfigError(
+                    f"--data_on_device: the training split is {size_mb:,.1f} MB per device, over "
+                    f"--data_on_device_max_mb={config.data_on_device_max_mb}: raise the limit if "
+                    "the device has room, or drop --data_on_device")
+        # Weight initialisation follows --seed too: runs are repeatable, and every
+        # replica count or worker count starts from the same weights.
+        tf.keras.utils.set_random_seed(config.seed)
         with self.strategy.scope():
             model = build_autoencoder(
                 config.model, image_shape, self.precision, config.encoder_filters,
                 config.decoder_filters, config.kernel_size)
             self.trainer = Trainer(
                 model, self.strategy, config.batch_size, config.learning_rate,
-                self.precision, self.jit_compile, config.eager)
-        self.checkpointer = Checkpointer(config.model_dir, self.trainer, config.keep_checkpoints)
-        self.summaries = Summaries(config.model_dir)
+                self.precision, self.jit_compile, config.eager, device_images, config.seed)
+        self.checkpointer = Checkpointer(self.output_dir, self.trainer, config.keep_checkpoints,
+                                         restore_dir=config.model_dir)
+        self.summaries = Summaries(self.output_dir)
         logging.info(
             "model %s (%s parameters, code %s) | %s | %d replica(s) | precision %s | jit_compile %s",
             config.model, f"{model.count_params():,}", tuple(model.encode(
@@ -109,19 +129,23 @@ class Run:
             raise ConfigError(f"--batch_size={cfg.batch_size} is larger than the training split "
                               f"({n} examples): lower it")
         total = cfg.train_steps or cfg.epochs * steps_per_epoch
-        with open(os.path.join(cfg.model_dir, "config.json"), "w") as f:
-            f.write(cfg.to_json())
+        if self.is_chief:
+            with open(os.path.join(cfg.model_dir, "config.json"), "w") as f:
+                f.write(cfg.to_json())
         if start:
             logging.info("resuming from step %d towards %d", start, total)
-        dist = self.strategy.distribute_datasets_from_function(
-            lambda ctx: data.train_dataset(
-                self.train_split.images, cfg.batch_size, cfg.seed, start, ctx))
+        iterator = None
+        if not self.trainer.device_data:
+            iterator = iter(self.strategy.distribute_datasets_from_function(
+                lambda ctx: data.train_dataset(
+                    self.train_split.images, cfg.batch_size, cfg.seed, start, ctx)))
         evaluate = self.evaluate if cfg.mode == "train_and_eval" else None
         controller = Controller(
-            self.trainer, iter(dist), total, steps_per_epoch, cfg.steps_per_loop, cfg.log_every,
+            self.trainer, iterator, total, steps_per_epoch, cfg.steps_per_loop, cfg.log_every,
             cfg.eval_every or steps_per_epoch, evaluate, self.checkpointer, self.summaries)
         step = controller.train()
-        self.figure(step)
+        if self.is_chief:
+            self.figure(step)
         return {"step": step, "history": controller.history}
 
     def eval(self) -> dict:
@@ -131,9 +155,10 @@ class Run:
             raise ConfigError(f"--mode=eval found no checkpoint in --model_dir={cfg.model_dir}: "
                               "train first, or point --model_dir at a trained run")
         results = self.evaluate(step)
-        with open(os.path.join(cfg.model_dir, "eval_results.json"), "w") as f:
-            json.dump({"step": step, "split": cfg.eval_split, **results}, f, indent=2)
-        self.figure(step)
+        if self.is_chief:
+            with open(os.path.join(cfg.model_dir, "eval_results.json"), "w") as f:
+                json.dump({"step": step, "split": cfg.eval_split, **results}, f, indent=2)
+            self.figure(step)
         return {"step": step, **results}
 
 
@@ -146,3 +171,6 @@ def run(config: Config) -> dict:
         return run.train()
     finally:
         run.summaries.close()
+        if not run.is_chief:
+            shutil.rmtree(run.output_dir, ignore_errors=True)
+            logging.info("removed this worker's temporary dir %s", run.output_dir)

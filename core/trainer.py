@@ -9,22 +9,38 @@ XLA cluster that contains `strategy.run` (and so the gradient all-reduce)
 fails with cross-device resource errors. So XLA compiles the per-replica
 forward and backward pass, `forward_backward`, and the optimizer update, which
 all-reduces the gradients across replicas, runs after it in the ordinary
-`tf.function` that loops over K steps.
+`tf.function` that loops over K steps. With a single replica there is no
+all-reduce, and XLA compiles the whole step, update included.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
-from core import metrics
+from core import data, metrics
 
 keras = tf.keras
+SUM = tf.distribute.ReduceOp.SUM
 
 
 class Trainer:
     """Owns the model, the optimizer, the global step and the compiled loops.
 
     Build it inside `strategy.scope()`, after the model.
+
+    Args:
+      model: the autoencoder; `model(images)` returns logits.
+      strategy: the distribution strategy the model was built under.
+      global_batch_size: examples per step over all replicas.
+      learning_rate: Adam's learning rate.
+      precision: float32, mixed_float16 (adds dynamic loss scaling) or mixed_bfloat16.
+      jit_compile: XLA-compile the per-replica step.
+      eager: run everything eagerly (debugging); excludes jit_compile.
+      device_images: if given, the whole training split (uint8, N x H x W x C) is
+        copied once to every replica's device and each step's batch is drawn there
+        (`device_train_step`); `train_loop` then takes no iterator.
+      seed: the data order's seed, for `device_images`.
     """
 
     def __init__(
@@ -36,13 +52,17 @@ class Trainer:
         precision: str = "float32",
         jit_compile: bool = False,
         eager: bool = False,
+        device_images: np.ndarray | None = None,
+        seed: int = 0,
     ):
         self.model = model
         self.strategy = strategy
         self.global_batch_size = int(global_batch_size)
+        self.per_replica_batch = self.global_batch_size // strategy.num_replicas_in_sync
         self.precision = precision
         self.jit_compile = jit_compile
         self.eager = eager
+        self.seed = seed
         with strategy.scope():
             optimizer = keras.optimizers.Adam(learning_rate)
             if precision == "mixed_float16":
@@ -56,20 +76,37 @@ class Trainer:
             self.step = tf.Variable(
                 0, dtype=tf.int64, trainable=False, name="global_step",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            self.device_data = device_images is not None
+            if self.device_data:
+                self._make_device_data(device_images)
         self.train_traces = 0  # how often the K-step loop was traced (a test reads it)
 
         # The one place where compilation is decided.
         if eager:
-            self._forward_backward = self.forward_backward
-            self._eval_step = self.eval_step
-            self._train_loop = self._train_loop_body
-            self._eval_batch = self._eval_batch_body
+            compile_replica_step = compile_loop = compile_step = lambda f: f
         else:
+            compile_loop = tf.function
             xla = tf.function(jit_compile=True) if jit_compile else (lambda f: f)
-            self._forward_backward = xla(self.forward_backward)
-            self._eval_step = xla(self.eval_step)
-            self._train_loop = tf.function(self._train_loop_body)
-            self._eval_batch = tf.function(self._eval_batch_body)
+            compile_replica_step = xla
+            # One replica: no all-reduce, so the update can join the XLA cluster.
+            compile_step = xla if strategy.num_replicas_in_sync == 1 else (lambda f: f)
+        self._forward_backward = compile_replica_step(self.forward_backward)
+        self._train_step = compile_step(self.train_step)
+        self._eval_step = compile_replica_step(self.eval_step)
+        self._train_loop = compile_loop(self._train_loop_body)
+        self._eval_batch = compile_loop(self._eval_batch_body)
+
+    def _make_device_data(self, images: np.ndarray) -> None:
+        # SyncOnRead: every replica holds and updates its own copy on its own
+        # device, with no cross-device traffic; none of it is checkpointed, as
+        # all of it follows from (seed, step).
+        local = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        self.num_examples = int(images.shape[0])
+        self.steps_per_epoch = self.num_examples // self.global_batch_size
+        self._device_images = tf.Variable(images, name="device_images", **local)
+        self._order = tf.Variable(tf.zeros([self.num_examples], tf.int32), name="order", **local)
+        self._order_epoch = tf.Variable(tf.constant(-1, tf.int64), name="order_epoch", **local)
 
     # ----------------------------------------------------------- step bodies
     def forward_backward(self, images: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
@@ -94,14 +131,42 @@ class Trainer:
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         return loss
 
+    def device_batch(self) -> tf.Tensor:
+        """This replica's slice of the current step's global batch, from device memory. Traced.
+
+        The same examples as `data.train_dataset` gives for this step: the epoch's
+        order is `data.epoch_permutation(n, seed, epoch)`, recomputed on the device
+        once per epoch.
+        """
+        step = self.step.read_value()
+        epoch = step // self.steps_per_epoch
+        k = step % self.steps_per_epoch
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+
+        def reorder():
+            self._order.assign(data.epoch_permutation(self.num_examples, self.seed, epoch))
+            self._order_epoch.assign(epoch)
+            return tf.constant(0)
+
+        tf.cond(tf.not_equal(self._order_epoch.read_value(), epoch), reorder, lambda: tf.constant(0))
+        start = tf.cast(k * self.global_batch_size, tf.int32) + replica * self.per_replica_batch
+        rows = tf.slice(self._order.read_value(), [start], [self.per_replica_batch])
+        return data.to_float(tf.gather(self._device_images.read_value(), rows))
+
     def _train_loop_body(self, iterator, num_steps: tf.Tensor) -> tf.Tensor:
         """`num_steps` steps in one call; returns their mean loss (on the device). Traced once."""
         self.train_traces += 1  # Python side effect: runs only while tracing
         total = tf.constant(0.0, tf.float32)
         for _ in tf.range(num_steps):
-            per_replica = self.strategy.run(self.train_step, args=(next(iterator),))
-            total += self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-        self.step.assign_add(tf.cast(num_steps, tf.int64))
+            if self.device_data:
+                per_replica = self.strategy.run(lambda: self._train_step(self.device_batch()))
+            else:
+                # A lambda, never the tf.function itself: strategy.run would lift a
+                # jit-compiled tf.function around all replicas (the failure above).
+                per_replica = self.strategy.run(lambda x: self._train_step(x),
+                                                args=(next(iterator),))
+            total += self.strategy.reduce(SUM, per_replica, axis=None)
+            self.step.assign_add(1)
         return total / tf.cast(num_steps, tf.float32)
 
     def eval_step(self, images: tf.Tensor, weights: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -113,10 +178,8 @@ class Trainer:
         return sums
 
     def _eval_batch_body(self, images, weights) -> dict[str, tf.Tensor]:
-        # A plain lambda, not the tf.function itself: strategy.run would lift a
-        # jit-compiled tf.function around all replicas, the failing case above.
         per_replica = self.strategy.run(lambda i, w: self._eval_step(i, w), args=(images, weights))
-        return {name: self.strategy.reduce(tf.distribute.ReduceOp.SUM, value, axis=None)
+        return {name: self.strategy.reduce(SUM, value, axis=None)
                 for name, value in per_replica.items()}
 
     # ------------------------------------------------------------- host API

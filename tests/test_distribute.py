@@ -1,0 +1,179 @@
+"""Several devices and the compiled loop: equivalence across replica counts, XLA,
+steps per loop, on-device data and precisions; tracing; strategy choice; bad input."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from core import data, distribute
+from core.config import Config
+from core.errors import ConfigError
+from core.runner import Run
+from core.trainer import Trainer
+from layers.autoencoders import build_autoencoder
+
+BATCH = 64
+
+
+@pytest.fixture(scope="module")
+def images(mnist_dir):
+    return data.load_split("test[:1024]", "mnist", mnist_dir).images
+
+
+@pytest.fixture(scope="module")
+def weights():
+    tf.keras.utils.set_random_seed(0)
+    return build_autoencoder("seed").get_weights()
+
+
+def _strategy(replicas):
+    if replicas == 1:
+        return tf.distribute.get_strategy()
+    return distribute.make_strategy("mirrored", replicas)
+
+
+def _train(images, weights, replicas=1, jit=False, loops=(5, 5, 5, 5), device=False,
+           precision="float32", lr=3e-3):
+    """Per-loop mean losses and final weights of a fresh trainer."""
+    strategy = _strategy(replicas)
+    with strategy.scope():
+        model = build_autoencoder("seed", precision=precision)
+        model.set_weights(weights)
+        trainer = Trainer(model, strategy, BATCH, lr, precision=precision, jit_compile=jit,
+                          device_images=images if device else None, seed=3)
+    iterator = None if device else iter(strategy.distribute_datasets_from_function(
+        lambda ctx: data.train_dataset(images, BATCH, 3, 0, ctx)))
+    losses = [trainer.train_loop(iterator, n) for n in loops]
+    return np.array(losses), [v.numpy() for v in model.trainable_variables], trainer
+
+
+@pytest.fixture(scope="module")
+def reference(images, weights):
+    return _train(images, weights)
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 4])
+@pytest.mark.parametrize("jit", [False, True])
+def test_replica_counts_and_xla_give_the_same_losses(images, weights, reference, replicas, jit):
+    losses, final, trainer = _train(images, weights, replicas, jit)
+    assert trainer.strategy.num_replicas_in_sync == replicas
+    np.testing.assert_allclose(losses, reference[0], rtol=1e-4)  # 20 steps, 4 loops
+    for a, b in zip(final, reference[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)  # Adam amplifies round-off
+
+
+def test_steps_per_loop_1_and_8_are_identical(images, weights):
+    one, w_one, _ = _train(images, weights, loops=[1] * 16)
+    eight, w_eight, _ = _train(images, weights, loops=[8, 8])
+    np.testing.assert_allclose(eight, [one[:8].mean(), one[8:].mean()], rtol=1e-6)
+    for a, b in zip(w_one, w_eight):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_the_loop_is_traced_once(images, weights):
+    # 1024 // 64 = 16 steps per epoch: these loops cross two epoch boundaries.
+    _, _, trainer = _train(images, weights, loops=[1, 7, 3, 16, 8, 2])
+    assert int(trainer.step.numpy()) == 37
+    assert trainer.train_traces == 1
+
+
+def test_the_controller_traces_once_through_a_whole_run(tmp_path, mnist_dir):
+    config = Config(dataset="mnist", data_dir=mnist_dir, train_split="test[:640]",
+                    eval_split="test[9900:]", model_dir=str(tmp_path), batch_size=64, epochs=3,
+                    steps_per_loop=4, log_every=7, eval_every=10, strategy="default")
+    run = Run(config)
+    result = run.train()
+    assert result["step"] == 30
+    assert run.trainer.train_traces == 1
+
+
+@pytest.mark.parametrize("replicas", [1, 2])
+def test_data_on_device_draws_the_tf_data_batches(images, weights, reference, replicas):
+    losses, _, _ = _train(images, weights, replicas, device=True)
+    np.testing.assert_allclose(losses, reference[0], rtol=1e-4)
+
+
+def test_data_on_device_epoch_is_a_permutation_equal_to_tf_data():
+    n = 96
+    ids = np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1)
+    strategy = _strategy(2)
+    with strategy.scope():
+        trainer = Trainer(build_autoencoder("seed", input_shape=(1, 1, 1)), strategy, 16, 1e-3,
+                          device_images=ids, seed=9)
+
+    @tf.function
+    def batch_and_advance():
+        per_replica = strategy.run(trainer.device_batch)
+        trainer.step.assign_add(1)
+        return strategy.gather(per_replica, axis=0)
+
+    device = [np.rint(batch_and_advance().numpy()[:, 0, 0, 0] * 255) for _ in range(12)]
+    host = [np.rint(x.numpy()[:, 0, 0, 0] * 255)
+            for x in data.train_dataset(ids, 16, 9).take(12)]
+    for epoch in (slice(0, 6), slice(6, 12)):  # same multiset per epoch, all 96 examples
+        assert sorted(np.concatenate(device[epoch])) == list(range(n))
+    np.testing.assert_array_equal(np.concatenate(device), np.concatenate(host))
+
+
+@pytest.mark.parametrize("precision,tolerance", [("mixed_bfloat16", 0.02), ("mixed_float16", 0.03)])
+def test_mixed_precision_converges_near_float32(images, weights, precision, tolerance):
+    loops = [20] * 6
+    f32, _, _ = _train(images, weights, loops=loops)
+    mixed, final, trainer = _train(images, weights, loops=loops, precision=precision)
+    assert mixed[-1] < 0.75 * mixed[0]  # it learns
+    assert abs(mixed[-1] - f32[-1]) <= tolerance, (mixed, f32)
+    assert all(v.dtype == np.float32 for v in final)  # variables stay float32
+    if precision == "mixed_float16":
+        assert isinstance(trainer.optimizer, tf.keras.optimizers.LossScaleOptimizer)
+
+
+def test_strategy_choice_on_cpu():
+    assert distribute.default_jit_compile() is False
+    assert isinstance(distribute.make_strategy("auto", 2), tf.distribute.MirroredStrategy)
+    assert distribute.make_strategy("auto", 0) is tf.distribute.get_strategy()
+    assert isinstance(distribute.make_strategy("one_device", 1), tf.distribute.OneDeviceStrategy)
+
+
+def test_gpu_defaults():
+    assert distribute.default_precision(None) == "float32"
+    assert distribute.default_precision((6, 1)) == "float32"
+    assert distribute.default_precision((7, 5)) == "mixed_float16"
+    assert distribute.default_precision((8, 0)) == "mixed_bfloat16"
+    assert distribute.default_precision((9, 0)) == "mixed_bfloat16"
+
+
+def test_bad_distribution_input(tmp_path, mnist_dir):
+    with pytest.raises(ConfigError, match="found no GPU: on a CPU-only machine add --num_cpu_devices"):
+        distribute.make_strategy("mirrored", 0)
+    with pytest.raises(ConfigError, match="one_device found no GPU"):
+        distribute.make_strategy("one_device", 0)
+    with pytest.raises(ConfigError, match=r"--batch_size=30 does not divide evenly over 4 replicas"):
+        distribute.check_batch(distribute.make_strategy("mirrored", 4), 30)
+    config = Config(dataset="mnist", data_dir=mnist_dir, train_split="test[:2000]",
+                    eval_split="test[9900:]", model_dir=str(tmp_path), train_steps=1, epochs=None,
+                    data_on_device=True, data_on_device_max_mb=1)
+    # 2,000 MNIST images are 1.5 MB: over a 1 MB budget.
+    with pytest.raises(ConfigError, match=r"the training split is 1.5 MB per device, over "
+                                          r"--data_on_device_max_mb=1"):
+        Run(config)
+
+
+@pytest.mark.parametrize("text,message", [
+    (None, "needs the TF_CONFIG environment variable"),
+    ("{not json", "TF_CONFIG is not valid JSON"),
+    ('{"task": {"type": "worker", "index": 0}}', "no cluster with workers"),
+    ('{"cluster": {"worker": ["localhost"]}, "task": {"type": "worker", "index": 0}}',
+     "must be a list of 'host:port' strings"),
+    ('{"cluster": {"worker": ["a:1"]}}', "needs a task with type and index"),
+    ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}',
+     "task worker:3 is not in the cluster"),
+])
+def test_malformed_tf_config(text, message):
+    with pytest.raises(ConfigError, match=message):
+        distribute.parse_tf_config(text)
+
+
+def test_valid_tf_config():
+    cfg = distribute.parse_tf_config(
+        '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}')
+    assert cfg["task"]["index"] == 1
