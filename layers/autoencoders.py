@@ -33,8 +33,8 @@ class ModelSpec:
 MODELS: dict[str, ModelSpec] = {
     "seed": ModelSpec(
         encoder_filters=(8, 4, 4), decoder_filters=(4, 4, 8), kernel_size=4,
-        description="the tutorial's model: Conv 8-4-4 (4x4) + max-pooling to 4x4x4, "
-                    "upsampling decoder that sees only the bottleneck"),
+        description="the tutorial's model: Conv 8-4-4 (4x4) + max-pooling to 4x4x4; "
+                    "decoder Conv 4, then (upsample, Conv) 4, 8 and 1, from the code only"),
     "keras_blog": ModelSpec(
         encoder_filters=(16, 8, 8), decoder_filters=(8, 8, 16), kernel_size=3,
         description="'Building Autoencoders in Keras' conv model: 16-8-8 (3x3), 4x4x8 bottleneck"),
@@ -84,9 +84,15 @@ class Encoder(keras.Model):
 
 @keras.utils.register_keras_serializable("tapeloop")
 class Decoder(keras.Model):
-    """Up-sampling blocks from the code, a centre crop to the image size, and a
-    linear output convolution that returns logits (float32, also under mixed
-    precision, so the loss and the sigmoid stay numerically safe)."""
+    """From the code back to the image, retracing the encoder's sizes in reverse, and
+    returning logits (float32, also under mixed precision, so the loss and the
+    sigmoid stay numerically safe).
+
+    up='upsample' (the tutorial's decoder): conv, then (2x upsample, conv) per
+      stage, the last conv linear with `channels` filters: the logits.
+    up='transpose': one stride-2 Conv2DTranspose per stage, then a 'same' conv
+      to `channels` logits (the keras.io denoiser).
+    """
 
     def __init__(self, filters: Sequence[int] = (4, 4, 8), kernel_size: int = 4,
                  output_shape: Sequence[int] = (28, 28, 1), up: str = "upsample",
@@ -99,27 +105,31 @@ class Decoder(keras.Model):
         self.image_shape = tuple(int(d) for d in output_shape)
         self.up = up
         self.activation = activation
-        block = blocks.UP_BLOCKS[up]
-        self.blocks = [
-            block(f, self.kernel_size, activation, dtype=self.dtype_policy, name=f"up{i}")
-            for i, f in enumerate(self.filters)
-        ]
         height, width, channels = self.image_shape
         n = len(self.filters)
-        # The blocks double the code's size n times: crop the surplus, centred.
-        extra_h = downsampled_size(height, n) * 2**n - height
-        extra_w = downsampled_size(width, n) * 2**n - width
-        self.crop = keras.layers.Cropping2D(
-            ((extra_h // 2, extra_h - extra_h // 2), (extra_w // 2, extra_w - extra_w // 2)),
-            dtype=self.dtype_policy, name="crop")
-        self.to_logits = keras.layers.Conv2D(
-            channels, self.kernel_size, padding="same", dtype="float32", name="logits")
+        # sizes[j]: the encoder's size after j halvings; stage i of n restores sizes[n - i].
+        sizes = [(downsampled_size(height, j), downsampled_size(width, j)) for j in range(n + 1)]
+        k, act, policy = self.kernel_size, activation, self.dtype_policy
+        if up == "upsample":
+            self.blocks = [blocks.ConvPool(self.filters[0], k, act, pool=False, dtype=policy,
+                                           name="up0")]
+            self.blocks += [
+                blocks.UpsampleConv(f, k, act, target_size=sizes[n - i], dtype=policy, name=f"up{i}")
+                for i, f in enumerate(self.filters[1:], start=1)]
+            self.to_logits = blocks.UpsampleConv(channels, k, None, target_size=sizes[0],
+                                                 dtype="float32", name="logits")
+        else:
+            self.blocks = [
+                blocks.ConvTransposeUp(f, k, act, target_size=sizes[n - 1 - i], dtype=policy,
+                                       name=f"up{i}")
+                for i, f in enumerate(self.filters)]
+            self.to_logits = keras.layers.Conv2D(channels, k, padding="same", dtype="float32",
+                                                 name="logits")
 
     def call(self, inputs, training=None):
         x = inputs
         for block in self.blocks:
-            x = block(x, training=training)  # each doubles H and W
-        x = self.crop(x)  # (B, H, W, filters[-1])
+            x = block(x, training=training)  # (B, 7, 7, 4), (B, 14, 14, 8) for the seed model
         return self.to_logits(x)  # (B, H, W, C), float32 logits
 
     def get_config(self) -> dict:

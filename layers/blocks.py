@@ -2,56 +2,68 @@
 
 Every block stores its constructor arguments, declares its sublayers in
 `__init__` (they hold no weights until Keras builds them on the first call,
-when the input shape is known), implements `call(inputs, training=None)` and returns its constructor
-arguments from `get_config`, so `Block.from_config(block.get_config())`
-rebuilds it.
+when the input shape is known), implements `call(inputs, training=None)`, and
+returns its constructor arguments from `get_config`, so
+`Block.from_config(block.get_config())` rebuilds it.
+
+Down blocks halve H and W (rounding up); up blocks double them and, given a
+`target_size`, crop the surplus so the decoder retraces the encoder's sizes
+(28 -> 14 -> 7 -> 4 and back 4 -> 7 -> 14 -> 28): crops then happen on the
+smallest maps, where they cost nothing, instead of on the full-size output.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 keras = tf.keras
 
 
+def _crop_to(x, target_size):
+    """Crops (B, H, W, C) to target (h, w), centred (an odd surplus loses its last row/column)."""
+    if target_size is None:
+        return x
+    h, w = x.shape[1], x.shape[2]
+    th, tw = target_size
+    if (h, w) == (th, tw):
+        return x
+    top, left = (h - th) // 2, (w - tw) // 2
+    return x[:, top:top + th, left:left + tw, :]
+
+
 class _Block(keras.layers.Layer):
     """Shared storage of the common conv arguments."""
 
-    def __init__(
-        self,
-        filters: int,
-        kernel_size: int = 3,
-        activation: str | None = "relu",
-        **kwargs,
-    ):
+    def __init__(self, filters: int, kernel_size: int = 3, activation: str | None = "relu",
+                 **kwargs):
         super().__init__(**kwargs)
         self.filters = int(filters)
         self.kernel_size = int(kernel_size)
         self.activation = activation
 
+    def _conv(self, **kwargs):
+        return keras.layers.Conv2D(self.filters, self.kernel_size, padding="same",
+                                   activation=self.activation, dtype=self.dtype_policy, **kwargs)
+
     def get_config(self) -> dict:
         config = super().get_config()
-        config.update(
-            filters=self.filters,
-            kernel_size=self.kernel_size,
-            activation=self.activation,
-        )
+        config.update(filters=self.filters, kernel_size=self.kernel_size,
+                      activation=self.activation)
         return config
 
 
 @keras.utils.register_keras_serializable("tapeloop")
 class ConvPool(_Block):
-    """Conv2D ('same' padding) then 2x2 max-pooling ('same'): halves H and W, rounding up."""
+    """Conv2D ('same') then 2x2 max-pooling ('same'): halves H and W, rounding up.
+    With pool=False, a plain 'same' convolution."""
 
     def __init__(self, filters, kernel_size=3, activation="relu", pool=True, **kwargs):
         super().__init__(filters, kernel_size, activation, **kwargs)
         self.pool = bool(pool)
-        self.conv = keras.layers.Conv2D(
-            self.filters, self.kernel_size, padding="same", activation=activation,
-            dtype=self.dtype_policy, name="conv")
-        self.pooling = (
-            keras.layers.MaxPooling2D(2, padding="same", dtype=self.dtype_policy, name="pool")
-            if self.pool else None)
+        self.conv = self._conv(name="conv")
+        self.pooling = (keras.layers.MaxPooling2D(2, padding="same", dtype=self.dtype_policy,
+                                                  name="pool") if self.pool else None)
 
     def call(self, inputs, training=None):
         x = self.conv(inputs)
@@ -62,54 +74,118 @@ class ConvPool(_Block):
 
 
 @keras.utils.register_keras_serializable("tapeloop")
-class ConvUpsample(_Block):
-    """Conv2D ('same' padding) then 2x nearest-neighbour upsampling: doubles H and W."""
-
-    def __init__(self, filters, kernel_size=3, activation="relu", upsample=True, **kwargs):
-        super().__init__(filters, kernel_size, activation, **kwargs)
-        self.upsample = bool(upsample)
-        self.conv = keras.layers.Conv2D(
-            self.filters, self.kernel_size, padding="same", activation=activation,
-            dtype=self.dtype_policy, name="conv")
-        self.upsampling = (
-            keras.layers.UpSampling2D(2, dtype=self.dtype_policy, name="upsample")
-            if self.upsample else None)
-
-    def call(self, inputs, training=None):
-        x = self.conv(inputs)
-        return self.upsampling(x) if self.upsampling is not None else x
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "upsample": self.upsample}
-
-
-@keras.utils.register_keras_serializable("tapeloop")
 class ConvStride(_Block):
     """Conv2D with stride 2 ('same'): halves H and W with learned downsampling."""
 
     def __init__(self, filters, kernel_size=3, activation="relu", **kwargs):
         super().__init__(filters, kernel_size, activation, **kwargs)
-        self.conv = keras.layers.Conv2D(
-            self.filters, self.kernel_size, strides=2, padding="same", activation=activation,
-            dtype=self.dtype_policy, name="conv")
+        self.conv = self._conv(strides=2, name="conv")
 
     def call(self, inputs, training=None):
         return self.conv(inputs)
 
 
+def _subpixel_taps(kernel_size: int) -> tuple[np.ndarray, int, int]:
+    """How a 'same' convolution of an image upsampled 2x (nearest) reads the small image.
+
+    Output pixel 2i+a of the upsampled conv reads upsampled pixel 2i+a+d-p for
+    tap d (p = TensorFlow's 'same' padding before), which is small pixel
+    i + floor((a+d-p)/2). Returns M (2 phases, n offsets, kernel_size taps) with
+    M[a, o, d] = 1 where tap d of phase a reads offset lo + o, and the small
+    image's padding (before, after) = (-lo, hi).
+    """
+    pad_before = (kernel_size - 1) // 2
+    offsets = [[(a + d - pad_before) // 2 for d in range(kernel_size)] for a in (0, 1)]
+    lo, hi = min(map(min, offsets)), max(map(max, offsets))
+    taps = np.zeros((2, hi - lo + 1, kernel_size), np.float32)
+    for a in (0, 1):
+        for d, o in enumerate(offsets[a]):
+            taps[a, o - lo, d] = 1.0
+    return taps, -lo, hi
+
+
+@keras.utils.register_keras_serializable("tapeloop")
+class UpsampleConv(_Block):
+    """2x nearest-neighbour upsampling, a centred crop to `target_size`, then Conv2D ('same').
+
+    Exactly the layers UpSampling2D -> Cropping2D -> Conv2D, with the same kernel
+    and bias. When no crop is needed it is computed without materialising the
+    upsampled map ("sub-pixel" form): the kernel is folded into one for the
+    small map with 4x the output channels, one per output phase, and
+    depth_to_space interleaves them. Same function and gradients, about a third
+    of the time on CPU for the decoder's last layer.
+    """
+
+    def __init__(self, filters, kernel_size=3, activation="relu", target_size=None, **kwargs):
+        super().__init__(filters, kernel_size, activation, **kwargs)
+        self.target_size = tuple(int(s) for s in target_size) if target_size else None
+        self.act = keras.activations.get(activation)
+
+    def build(self, input_shape):
+        cin = int(input_shape[-1])
+        self.kernel = self.add_weight(
+            name="kernel", shape=(self.kernel_size, self.kernel_size, cin, self.filters),
+            initializer="glorot_uniform")
+        self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
+        taps, self._pad_before, self._pad_after = _subpixel_taps(self.kernel_size)
+        self._taps = taps  # numpy: becomes a constant of whichever graph calls us
+        h, w = int(input_shape[1]), int(input_shape[2])
+        self.fused = self.target_size is None or tuple(self.target_size) == (2 * h, 2 * w)
+
+    def call(self, inputs, training=None):
+        kernel = tf.cast(self.kernel, self.compute_dtype)
+        if self.fused:
+            x = tf.cast(inputs, self.compute_dtype)
+            # (offset_h, offset_w, cin, phase_h, phase_w, cout) -> phases as channels.
+            taps = tf.constant(self._taps)
+            folded = tf.einsum("aoh,bpw,hwcf->opcabf", taps, taps,
+                               tf.cast(kernel, tf.float32))
+            o = folded.shape[0]
+            folded = tf.cast(tf.reshape(folded, (o, o, -1, 4 * self.filters)), self.compute_dtype)
+            if self._pad_before == self._pad_after == (o - 1) // 2:
+                padding = "SAME"  # the oneDNN kernels take this form (k = 3, 4)
+            else:
+                pad = [self._pad_before, self._pad_after]
+                x, padding = tf.pad(x, [[0, 0], pad, pad, [0, 0]]), "VALID"
+            y = tf.nn.conv2d(x, folded, 1, padding)  # (B, h, w, 4*filters)
+            # The bias of each of the 4 phases, added on the small map: its gradient
+            # is then a reduction over 4x fewer, 4x wider rows.
+            y = tf.nn.bias_add(y, tf.tile(tf.cast(self.bias, self.compute_dtype), [4]))
+            y = tf.nn.depth_to_space(y, 2)  # (B, 2h, 2w, filters)
+            return self.act(y) if self.act is not None else y
+        else:
+            x = tf.repeat(tf.repeat(tf.cast(inputs, self.compute_dtype), 2, axis=1), 2, axis=2)
+            x = _crop_to(x, self.target_size)
+            y = tf.nn.conv2d(x, kernel, 1, "SAME")
+        y = tf.nn.bias_add(y, tf.cast(self.bias, self.compute_dtype))
+        return self.act(y) if self.act is not None else y
+
+    def compute_output_shape(self, input_shape):
+        size = self.target_size or (2 * input_shape[1], 2 * input_shape[2])
+        return (input_shape[0], *size, self.filters)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "target_size": self.target_size}
+
+
 @keras.utils.register_keras_serializable("tapeloop")
 class ConvTransposeUp(_Block):
-    """Conv2DTranspose with stride 2 ('same'): doubles H and W with learned upsampling."""
+    """Conv2DTranspose with stride 2 ('same'): doubles H and W with learned upsampling,
+    then a centred crop to `target_size` if given."""
 
-    def __init__(self, filters, kernel_size=3, activation="relu", **kwargs):
+    def __init__(self, filters, kernel_size=3, activation="relu", target_size=None, **kwargs):
         super().__init__(filters, kernel_size, activation, **kwargs)
+        self.target_size = tuple(int(s) for s in target_size) if target_size else None
         self.conv = keras.layers.Conv2DTranspose(
             self.filters, self.kernel_size, strides=2, padding="same", activation=activation,
             dtype=self.dtype_policy, name="conv_transpose")
 
     def call(self, inputs, training=None):
-        return self.conv(inputs)
+        return _crop_to(self.conv(inputs), self.target_size)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "target_size": self.target_size}
 
 
 DOWN_BLOCKS = {"pool": ConvPool, "stride": ConvStride}
-UP_BLOCKS = {"upsample": ConvUpsample, "transpose": ConvTransposeUp}
+UP_BLOCKS = {"upsample": UpsampleConv, "transpose": ConvTransposeUp}

@@ -7,9 +7,11 @@ from layers import blocks
 BLOCKS = [
     (blocks.ConvPool, dict(filters=8, kernel_size=4), (2, 14, 14, 8)),
     (blocks.ConvPool, dict(filters=3, kernel_size=3, pool=False), (2, 28, 28, 3)),
-    (blocks.ConvUpsample, dict(filters=4, kernel_size=4), (2, 56, 56, 4)),
+    (blocks.UpsampleConv, dict(filters=4, kernel_size=4), (2, 56, 56, 4)),
+    (blocks.UpsampleConv, dict(filters=4, kernel_size=3, target_size=(55, 54)), (2, 55, 54, 4)),
     (blocks.ConvStride, dict(filters=5, kernel_size=3), (2, 14, 14, 5)),
     (blocks.ConvTransposeUp, dict(filters=6, kernel_size=3), (2, 56, 56, 6)),
+    (blocks.ConvTransposeUp, dict(filters=6, kernel_size=3, target_size=(55, 55)), (2, 55, 55, 6)),
 ]
 
 
@@ -26,7 +28,7 @@ def test_block_get_config_round_trip(cls, kwargs, expected):
     y = block(x)
     config = block.get_config()
     for key, value in kwargs.items():
-        assert config[key] == value
+        assert config[key] == value, key
     clone = cls.from_config(config)
     clone(x)
     clone.set_weights(block.get_weights())
@@ -43,3 +45,39 @@ def test_block_gradient_reaches_every_weight(cls, kwargs, expected):
     grads = tape.gradient(loss, block.trainable_variables)
     assert len(grads) == 2  # kernel and bias
     assert all(g is not None and float(tf.reduce_max(tf.abs(g))) > 0 for g in grads)
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_upsample_conv_equals_upsampling_then_conv(kernel_size, activation):
+    """The fused (sub-pixel) form computes exactly UpSampling2D -> Conv2D, gradients too."""
+    x = tf.random.uniform((3, 7, 5, 4), seed=3)
+    fused = blocks.UpsampleConv(6, kernel_size, activation)
+    fused(x)
+    assert fused.fused
+    reference = tf.keras.Sequential([
+        tf.keras.layers.UpSampling2D(2),
+        tf.keras.layers.Conv2D(6, kernel_size, padding="same", activation=activation)])
+    reference(x)
+    reference.set_weights(fused.get_weights())
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        y_fused, y_ref = fused(x), reference(x)
+        l_fused, l_ref = tf.reduce_sum(y_fused ** 2), tf.reduce_sum(y_ref ** 2)
+    np.testing.assert_allclose(y_fused.numpy(), y_ref.numpy(), atol=1e-5)
+    for a, b in zip(tape.gradient(l_fused, [x, *fused.trainable_variables]),
+                    tape.gradient(l_ref, [x, *reference.trainable_variables])):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_upsample_conv_with_crop_equals_upsampling_crop_conv():
+    x = tf.random.uniform((2, 4, 4, 3), seed=4)
+    block = blocks.UpsampleConv(5, 4, "relu", target_size=(7, 7))
+    y = block(x)
+    assert not block.fused and tuple(y.shape) == (2, 7, 7, 5)
+    reference = tf.keras.Sequential([
+        tf.keras.layers.UpSampling2D(2), tf.keras.layers.Cropping2D(((0, 1), (0, 1))),
+        tf.keras.layers.Conv2D(5, 4, padding="same", activation="relu")])
+    reference(x)
+    reference.set_weights(block.get_weights())
+    np.testing.assert_allclose(y.numpy(), reference(x).numpy(), atol=1e-5)
