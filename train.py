@@ -39,6 +39,10 @@ flags.DEFINE_string("model", _D.model, "A registered model (layers/autoencoders.
 flags.DEFINE_list("encoder_filters", None, "Override the model's encoder filters, e.g. 8,4,4.")
 flags.DEFINE_list("decoder_filters", None, "Override the model's decoder filters, e.g. 4,4,8.")
 flags.DEFINE_integer("kernel_size", None, "Override the model's kernel size.")
+flags.DEFINE_integer("latent_dim", _D.latent_dim, "--model=vae: size of the Gaussian latent.")
+flags.DEFINE_float("kl_weight", _D.kl_weight, "--model=vae: weight of the KL term (1 = the ELBO).")
+flags.DEFINE_float("noise_factor", _D.noise_factor, "Train a denoiser: Gaussian noise times this "
+                   "is added to every input (clipped to [0, 1]); 0 = off.")
 flags.DEFINE_integer("epochs", None, f"Epochs to train (default {_D.epochs} unless --train_steps).")
 flags.DEFINE_integer("train_steps", None, "Total training steps (instead of --epochs).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size (over all replicas).")
@@ -56,10 +60,26 @@ flags.DEFINE_integer("num_cpu_devices", _D.num_cpu_devices,
                      "Split the CPU into N logical devices (test multi-device code without GPUs).")
 flags.DEFINE_enum("precision", _D.precision, config_lib.PRECISIONS,
                   "auto: mixed_bfloat16 on Ampere+ GPUs, mixed_float16 on Volta/Turing, float32 on CPU.")
-flags.DEFINE_integer("log_every", _D.log_every, "Log and write train summaries every N steps.")
+flags.DEFINE_bool("deterministic", _D.deterministic, "TensorFlow op determinism: with --seed, "
+                  "a resumed run ends with the same weights as an uninterrupted one.")
+flags.DEFINE_integer("log_every", _D.log_every, "Log line every N steps.")
+flags.DEFINE_integer("summary_every", _D.summary_every, "Train summaries every N steps "
+                     "(0: with every log line).")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate and checkpoint every N steps "
                      "(0: once per epoch).")
 flags.DEFINE_integer("keep_checkpoints", _D.keep_checkpoints, "How many checkpoints to keep.")
+flags.DEFINE_integer("checkpoint_every_steps", _D.checkpoint_every_steps,
+                     "Also checkpoint every N steps (0: only at evaluations and the end).")
+flags.DEFINE_float("checkpoint_every_secs", _D.checkpoint_every_secs,
+                   "Also checkpoint when this many seconds passed since the last one (0: off).")
+flags.DEFINE_string("checkpoint", None, "--mode=eval/export: this checkpoint instead of the latest.")
+flags.DEFINE_list("profile_steps", None, "START,STOP: profiler trace of these steps into "
+                  "<model_dir>/train (TensorBoard's Profile tab).")
+flags.DEFINE_enum("nan_policy", _D.nan_policy, config_lib.NAN_POLICIES,
+                  "On a NaN/Inf loss: stop, or roll back to the last checkpoint with a lower "
+                  "learning rate.")
+flags.DEFINE_integer("nan_max_retries", _D.nan_max_retries, "Rollbacks before giving up.")
+flags.DEFINE_float("nan_lr_factor", _D.nan_lr_factor, "Learning-rate factor per rollback.")
 flags.DEFINE_integer("num_images", _D.num_images, "Test images shown in the figure and summaries.")
 flags.DEFINE_bool("verbose", False, "Print tracebacks for errors.")
 
@@ -74,7 +94,7 @@ def config_from_flags() -> config_lib.Config:
     if values["epochs"] is None and values["train_steps"] is None:
         values["epochs"] = _D.epochs
     try:
-        for name in ("encoder_filters", "decoder_filters", "synthetic_shape"):
+        for name in ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps"):
             values[name] = _ints(values[name])
     except ValueError as e:
         raise config_lib.ConfigError(f"a filter list or shape is not whole numbers ({e})") from None
@@ -86,7 +106,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments {argv[1:]}: flags take the form --name=value")
     import logging as std_logging
 
-    from core.errors import TapeloopError
+    from core.errors import Preempted, TapeloopError
 
     # TensorFlow's own INFO lines (checkpoint sharding timings...) drown ours.
     std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
@@ -99,7 +119,8 @@ def main(argv):
     except TapeloopError as e:
         if FLAGS.verbose:
             raise
-        print(f"train.py: error: {e}", file=sys.stderr)
+        kind = "stopped" if isinstance(e, Preempted) else "error"
+        print(f"train.py: {kind}: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
 
 

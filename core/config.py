@@ -15,7 +15,8 @@ from typing import Any
 
 from core.errors import ConfigError
 
-MODES = ("train", "eval", "train_and_eval")
+MODES = ("train", "eval", "train_and_eval", "export")
+NAN_POLICIES = ("stop", "rollback")
 DATASETS = ("fontdigits", "mnist", "fashion_mnist", "synthetic")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
@@ -46,6 +47,9 @@ class Config:
     encoder_filters: tuple[int, ...] | None = None
     decoder_filters: tuple[int, ...] | None = None
     kernel_size: int | None = None
+    latent_dim: int = 16  # vae only
+    kl_weight: float = 1.0  # vae only
+    noise_factor: float = 0.0  # > 0: train a denoiser
     # Optimisation.
     epochs: int | None = 5
     train_steps: int | None = None
@@ -61,10 +65,19 @@ class Config:
     strategy: str = "auto"
     num_cpu_devices: int = 0
     precision: str = "auto"
+    deterministic: bool = False
     # Outer loop.
     log_every: int = 100
+    summary_every: int = 0  # 0: with every log line
     eval_every: int = 0  # steps; 0 means once per epoch
     keep_checkpoints: int = 3
+    checkpoint_every_steps: int = 0  # 0: only at evaluations and at the end
+    checkpoint_every_secs: float = 600.0
+    checkpoint: str | None = None  # for --mode=eval/export: this checkpoint, not the latest
+    profile_steps: tuple[int, int] | None = None
+    nan_policy: str = "stop"
+    nan_max_retries: int = 3
+    nan_lr_factor: float = 0.5
     num_images: int = 8  # columns of the reconstruction figure and image summary
 
     def __post_init__(self):
@@ -72,6 +85,7 @@ class Config:
         _check_choice("dataset", self.dataset, DATASETS)
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
         names = model_names()
         _check_choice("model", self.model, names)
         for name in ("epochs", "train_steps"):
@@ -87,6 +101,18 @@ class Config:
                 raise ConfigError(f"--{name}={value}: must be a positive whole number")
         if not self.learning_rate > 0:
             raise ConfigError(f"--learning_rate={self.learning_rate}: must be a positive number")
+        for name in ("summary_every", "checkpoint_every_steps", "checkpoint_every_secs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 0 (0 = off)")
+        if self.nan_max_retries < 0:
+            raise ConfigError(f"--nan_max_retries={self.nan_max_retries}: must be >= 0")
+        if not 0 < self.nan_lr_factor < 1:
+            raise ConfigError(f"--nan_lr_factor={self.nan_lr_factor}: must be between 0 and 1")
+        if self.profile_steps is not None:
+            steps = tuple(self.profile_steps)
+            if len(steps) != 2 or not 0 <= steps[0] < steps[1]:
+                raise ConfigError(f"--profile_steps={','.join(map(str, steps))}: give START,STOP "
+                                  "with 0 <= START < STOP, e.g. 100,110")
         if self.eval_every < 0:
             raise ConfigError(f"--eval_every={self.eval_every}: must be >= 0 (0 = once per epoch)")
         if self.data_on_device_max_mb <= 0:
@@ -95,6 +121,13 @@ class Config:
             raise ConfigError("--data_on_device needs compiled loops: drop --eager")
         if self.num_cpu_devices < 0:
             raise ConfigError(f"--num_cpu_devices={self.num_cpu_devices}: must be >= 0")
+        if self.latent_dim <= 0:
+            raise ConfigError(f"--latent_dim={self.latent_dim}: must be a positive whole number")
+        if self.kl_weight < 0:
+            raise ConfigError(f"--kl_weight={self.kl_weight}: must be >= 0")
+        if not 0 <= self.noise_factor <= 10:
+            raise ConfigError(f"--noise_factor={self.noise_factor}: must be between 0 and 10 "
+                              "(0 = no denoising; the keras.io example uses 0.4)")
         if self.kernel_size is not None and self.kernel_size <= 0:
             raise ConfigError(f"--kernel_size={self.kernel_size}: must be a positive whole number")
         for name in ("encoder_filters", "decoder_filters"):

@@ -230,9 +230,22 @@ def train_dataset(images: np.ndarray, global_batch_size: int, seed: int, start_s
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
+def noisy_copy(images: np.ndarray, noise_factor: float, seed: int) -> np.ndarray:
+    """float32 images in [0, 1] plus Gaussian noise times `noise_factor`, clipped: the fixed
+    noisy eval set (the same array, so the same noise, at every evaluation)."""
+    rng = np.random.default_rng([seed, 271828])
+    clean = images.astype(np.float32) / 255.0
+    noise = rng.standard_normal(images.shape, dtype=np.float32)
+    return np.clip(clean + noise_factor * noise, 0.0, 1.0)
+
+
 def eval_dataset(images: np.ndarray, global_batch_size: int,
-                 input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
-    """Every example exactly once, as (images, weights) per-replica batches.
+                 input_context: tf.distribute.InputContext | None = None,
+                 noisy_inputs: np.ndarray | None = None) -> tf.data.Dataset:
+    """Every example exactly once, as (inputs, targets, weights) per-replica batches.
+
+    Targets are the clean images in [0, 1]; inputs are the same, or the rows of
+    `noisy_inputs` (float32, from `noisy_copy`) when evaluating a denoiser.
 
     The last global batch is padded with weight-0 copies of the first example so
     every batch has the same shape (one compiled eval step) and every replica gets
@@ -248,6 +261,12 @@ def eval_dataset(images: np.ndarray, global_batch_size: int,
     rows = order.reshape(num_batches, total, per_replica)[:, first:first + local]
     wrows = weights.reshape(num_batches, total, per_replica)[:, first:first + local]
     host_images = tf.constant(images)
-    ds = tf.data.Dataset.from_tensor_slices((rows, wrows)).unbatch()
-    ds = ds.map(lambda r, w: (to_float(tf.gather(host_images, r)), w))
+    host_noisy = tf.constant(noisy_inputs) if noisy_inputs is not None else None
+
+    def lookup(r, w):
+        targets = to_float(tf.gather(host_images, r))
+        inputs = tf.gather(host_noisy, r) if host_noisy is not None else targets
+        return inputs, targets, w
+
+    ds = tf.data.Dataset.from_tensor_slices((rows, wrows)).unbatch().map(lookup)
     return ds.prefetch(tf.data.AUTOTUNE)

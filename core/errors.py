@@ -23,3 +23,15 @@ class NonFiniteLossError(TapeloopError):
     """The training loss became NaN or Inf."""
 
     exit_code = 4
+
+
+class Preempted(TapeloopError):
+    """A stop was requested (SIGTERM/SIGINT); the run saved a checkpoint first."""
+
+    exit_code = 75  # EX_TEMPFAIL: try again later
+
+
+class CheckpointError(TapeloopError):
+    """A checkpoint cannot be read or written, or the model dir is held by another run."""
+
+    exit_code = 5

@@ -12,12 +12,55 @@ import numpy as np
 import tensorflow as tf
 
 
+HPARAM_METRICS = (("eval", "loss", "eval BCE"), ("eval", "mse", "eval MSE"),
+                  ("eval", "psnr", "eval PSNR (dB)"), ("eval", "ssim", "eval SSIM"),
+                  ("train", "loss", "train loss"), ("train", "examples_per_sec", "examples/s"))
+
+
+def read_scalars(folder: str, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a TF2 scalar summary `tag` in the event files of `folder`, by step;
+    a step written twice (a resumed run) keeps the last value."""
+    values = {}
+    for path in sorted(tf.io.gfile.glob(os.path.join(folder, "events.out.tfevents.*"))):
+        for record in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                if value.tag == tag:
+                    values[event.step] = float(tf.make_ndarray(value.tensor))
+    return sorted(values.items())
+
+
+def _hparam_value(value):
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    return "none" if value is None else str(value)
+
+
 class Summaries:
+    """Writers `train/` and `eval/` under the model dir, and one at its root for the
+    HParams dashboard (so sibling model dirs compare in one table)."""
+
     def __init__(self, model_dir: str):
         self.writers = {
             name: tf.summary.create_file_writer(os.path.join(model_dir, name))
             for name in ("train", "eval")
         }
+        self.writers["run"] = tf.summary.create_file_writer(model_dir)
+
+    def run_header(self, config: dict, step: int) -> None:
+        """The config as a text summary, and the hyperparameters for the HParams dashboard."""
+        from tensorboard.plugins.hparams import api as hp
+
+        rows = "\n".join(f"| {k} | {_hparam_value(v)} |" for k, v in sorted(config.items()))
+        self.text("train", step, "config", "| flag | value |\n| --- | --- |\n" + rows)
+        with self.writers["run"].as_default(step=step):
+            hp.hparams_config(
+                hparams=[hp.HParam(k) for k in sorted(config)],
+                metrics=[hp.Metric(tag, group=group, display_name=name)
+                         for group, tag, name in HPARAM_METRICS])
+            hp.hparams({k: _hparam_value(v) for k, v in config.items()},
+                       trial_id=os.path.basename(os.path.abspath(config["model_dir"])))
+        self.writers["run"].flush()
 
     def scalars(self, writer: str, step: int, values: dict[str, float]) -> None:
         with self.writers[writer].as_default(step=step):

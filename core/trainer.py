@@ -40,7 +40,10 @@ class Trainer:
       device_images: if given, the whole training split (uint8, N x H x W x C) is
         copied once to every replica's device and each step's batch is drawn there
         (`device_train_step`); `train_loop` then takes no iterator.
-      seed: the data order's seed, for `device_images`.
+      seed: the seed of the data order (`device_images`), the denoising noise and
+        the VAE's sampling; each step's draws are a function of (seed, step, replica).
+      noise_factor: if > 0, train to denoise: each input gets Gaussian noise times this
+        (clipped to [0, 1]) and the target is the clean image.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class Trainer:
         eager: bool = False,
         device_images: np.ndarray | None = None,
         seed: int = 0,
+        noise_factor: float = 0.0,
     ):
         self.model = model
         self.strategy = strategy
@@ -63,6 +67,7 @@ class Trainer:
         self.jit_compile = jit_compile
         self.eager = eager
         self.seed = seed
+        self.noise_factor = float(noise_factor)
         with strategy.scope():
             optimizer = keras.optimizers.Adam(learning_rate)
             if precision == "mixed_float16":
@@ -109,24 +114,38 @@ class Trainer:
         self._order_epoch = tf.Variable(tf.constant(-1, tf.int64), name="order_epoch", **local)
 
     # ----------------------------------------------------------- step bodies
-    def forward_backward(self, images: tf.Tensor) -> tuple[tf.Tensor, list[tf.Tensor]]:
+    def step_seed(self, salt: int) -> tf.Tensor:
+        """A stateless-RNG seed unique to (seed, salt, step, replica). Traced, per replica."""
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        draw = self.step.read_value() * self.strategy.num_replicas_in_sync + tf.cast(replica, tf.int64)
+        return tf.stack([tf.constant(self.seed * 7919 + salt, tf.int64), draw])
+
+    def corrupt(self, images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """Images plus Gaussian noise times `noise_factor`, clipped to [0, 1] (stateless)."""
+        noise = tf.random.stateless_normal(tf.shape(images), seed=seed, alg="philox")
+        return tf.clip_by_value(images + self.noise_factor * noise, 0.0, 1.0)
+
+    def forward_backward(self, images: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, list]:
         """Per-replica loss and gradients for a batch of images. Traced (XLA with --jit_compile).
 
-        The loss is the per-pixel BCE averaged per example, then summed over the
-        replica's examples and divided by the *global* batch size, so summing over
-        replicas (what the all-reduce does to the gradients) gives the global mean.
+        The loss is the per-pixel BCE averaged per example (plus the model's extra
+        term: the VAE's KL), then summed over the replica's examples and divided by
+        the *global* batch size, so summing over replicas (what the all-reduce does
+        to the gradients) gives the global mean.
         """
         variables = self.model.trainable_variables
+        inputs = self.corrupt(images, seed[0]) if self.noise_factor else images
         with tf.GradientTape() as tape:
-            logits = self.model(images, training=True)  # (b, H, W, C) float32
-            per_example = metrics.bce_from_logits(images, logits)
+            logits, extra, _ = self.model.forward(inputs, training=True, seed=seed[1])
+            per_example = metrics.bce_from_logits(images, logits) + extra
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
             scaled = self.optimizer.scale_loss(loss)  # identity unless mixed_float16
         return loss, tape.gradient(scaled, variables)
 
     def train_step(self, images: tf.Tensor) -> tf.Tensor:
         """One optimisation step on one replica; returns its share of the loss. Traced."""
-        loss, grads = self._forward_backward(images)
+        seeds = tf.stack([self.step_seed(1), self.step_seed(2)])  # noise, VAE sampling
+        loss, grads = self._forward_backward(images, seeds)
         # In replica context, apply_gradients all-reduces (sums) the gradients.
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         return loss
@@ -169,16 +188,26 @@ class Trainer:
             self.step.assign_add(1)
         return total / tf.cast(num_steps, tf.float32)
 
-    def eval_step(self, images: tf.Tensor, weights: tf.Tensor) -> dict[str, tf.Tensor]:
-        """Per-replica weighted sums of every metric, and the weight total. Traced."""
-        logits = self.model(images, training=False)
-        per_example = metrics.reconstruction_metrics(images, logits)
+    def eval_step(self, inputs: tf.Tensor, targets: tf.Tensor,
+                  weights: tf.Tensor) -> dict[str, tf.Tensor]:
+        """Per-replica weighted sums of every metric, and the weight total. Traced.
+
+        `inputs` are the (possibly noisy) images the model sees, `targets` the
+        clean ones it should return. A VAE adds its KL and the ELBO (nats per example).
+        """
+        logits, _, extra = self.model.forward(inputs, training=False)
+        per_example = metrics.reconstruction_metrics(targets, logits)
+        if "kl" in extra:
+            pixels = float(np.prod(logits.shape[1:]))
+            per_example["kl"] = extra["kl"]
+            per_example["elbo"] = -(pixels * per_example["bce"] + extra["kl"])
         sums = {name: tf.reduce_sum(value * weights) for name, value in per_example.items()}
         sums["count"] = tf.reduce_sum(weights)
         return sums
 
-    def _eval_batch_body(self, images, weights) -> dict[str, tf.Tensor]:
-        per_replica = self.strategy.run(lambda i, w: self._eval_step(i, w), args=(images, weights))
+    def _eval_batch_body(self, inputs, targets, weights) -> dict[str, tf.Tensor]:
+        per_replica = self.strategy.run(lambda i, t, w: self._eval_step(i, t, w),
+                                        args=(inputs, targets, weights))
         return {name: self.strategy.reduce(SUM, value, axis=None)
                 for name, value in per_replica.items()}
 
@@ -194,13 +223,17 @@ class Trainer:
         return float(loss)
 
     def evaluate(self, dist_dataset) -> dict[str, float]:
-        """Means of every metric over a distributed `data.eval_dataset`."""
+        """Means of every metric over a distributed `data.eval_dataset` of
+        (inputs, targets, weights)."""
         totals: dict[str, tf.Tensor] = {}
-        for images, weights in dist_dataset:
-            for name, value in self._eval_batch(images, weights).items():
+        for inputs, targets, weights in dist_dataset:
+            for name, value in self._eval_batch(inputs, targets, weights).items():
                 totals[name] = totals.get(name, 0.0) + value
         count = float(totals.pop("count"))  # host sync, once per evaluation
         return {name: float(value) / count for name, value in totals.items()}
+
+    def set_learning_rate(self, value: float) -> None:
+        self.optimizer.learning_rate = value  # assigns the (checkpointed) variable
 
     @property
     def learning_rate(self) -> float:

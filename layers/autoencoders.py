@@ -11,6 +11,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import tensorflow as tf
 
 from layers import blocks
@@ -27,6 +28,7 @@ class ModelSpec:
     kernel_size: int
     down: str = "pool"  # a key of blocks.DOWN_BLOCKS
     up: str = "upsample"  # a key of blocks.UP_BLOCKS
+    variational: bool = False  # a dense Gaussian latent between encoder and decoder
     description: str = ""
 
 
@@ -42,7 +44,27 @@ MODELS: dict[str, ModelSpec] = {
         encoder_filters=(32, 32), decoder_filters=(32, 32), kernel_size=3, up="transpose",
         description="keras.io denoising example: Conv 32-32 + pooling to 7x7x32, "
                     "two stride-2 Conv2DTranspose back up"),
+    "vae": ModelSpec(
+        encoder_filters=(32, 64), decoder_filters=(64, 32), kernel_size=3, down="stride",
+        up="transpose", variational=True,
+        description="convolutional VAE: stride-2 Conv 32-64, a dense Gaussian latent "
+                    "(--latent_dim), Conv2DTranspose 64-32 back up"),
 }
+
+
+class _Stack(keras.Model):
+    """Holds its blocks as attributes `block0`, `block1`, ...: TensorFlow checkpoints track
+    attributes, but not the lists Keras 3 wraps (a list would leave the blocks' weights
+    out of a model-only checkpoint)."""
+
+    def _set_blocks(self, layers) -> None:
+        self._num_blocks = len(layers)
+        for i, layer in enumerate(layers):
+            setattr(self, f"block{i}", layer)
+
+    @property
+    def blocks(self) -> list:
+        return [getattr(self, f"block{i}") for i in range(self._num_blocks)]
 
 
 def downsampled_size(size: int, times: int) -> int:
@@ -53,7 +75,7 @@ def downsampled_size(size: int, times: int) -> int:
 
 
 @keras.utils.register_keras_serializable("tapeloop")
-class Encoder(keras.Model):
+class Encoder(_Stack):
     """Stack of down-sampling blocks: (B, H, W, C) -> (B, ceil(H/2^n), ceil(W/2^n), filters[-1])."""
 
     def __init__(self, filters: Sequence[int] = (8, 4, 4), kernel_size: int = 4,
@@ -66,10 +88,10 @@ class Encoder(keras.Model):
         self.down = down
         self.activation = activation
         block = blocks.DOWN_BLOCKS[down]
-        self.blocks = [
+        self._set_blocks([
             block(f, self.kernel_size, activation, dtype=self.dtype_policy, name=f"down{i}")
             for i, f in enumerate(self.filters)
-        ]
+        ])
 
     def call(self, inputs, training=None):
         x = inputs
@@ -83,7 +105,7 @@ class Encoder(keras.Model):
 
 
 @keras.utils.register_keras_serializable("tapeloop")
-class Decoder(keras.Model):
+class Decoder(_Stack):
     """From the code back to the image, retracing the encoder's sizes in reverse, and
     returning logits (float32, also under mixed precision, so the loss and the
     sigmoid stay numerically safe).
@@ -111,20 +133,21 @@ class Decoder(keras.Model):
         sizes = [(downsampled_size(height, j), downsampled_size(width, j)) for j in range(n + 1)]
         k, act, policy = self.kernel_size, activation, self.dtype_policy
         if up == "upsample":
-            self.blocks = [blocks.ConvPool(self.filters[0], k, act, pool=False, dtype=policy,
-                                           name="up0")]
-            self.blocks += [
+            stages = [blocks.ConvPool(self.filters[0], k, act, pool=False, dtype=policy,
+                                      name="up0")]
+            stages += [
                 blocks.UpsampleConv(f, k, act, target_size=sizes[n - i], dtype=policy, name=f"up{i}")
                 for i, f in enumerate(self.filters[1:], start=1)]
             self.to_logits = blocks.UpsampleConv(channels, k, None, target_size=sizes[0],
                                                  dtype="float32", name="logits")
         else:
-            self.blocks = [
+            stages = [
                 blocks.ConvTransposeUp(f, k, act, target_size=sizes[n - 1 - i], dtype=policy,
                                        name=f"up{i}")
                 for i, f in enumerate(self.filters)]
             self.to_logits = keras.layers.Conv2D(channels, k, padding="same", dtype="float32",
                                                  name="logits")
+        self._set_blocks(stages)
 
     def call(self, inputs, training=None):
         x = inputs
@@ -147,15 +170,29 @@ class Autoencoder(keras.Model):
         self.decoder = decoder
 
     def call(self, inputs, training=None):
-        return self.decoder(self.encoder(inputs, training=training), training=training)
+        return self.decode_logits(self.encode(inputs, training=training), training=training)
 
     def encode(self, images, training=None):
         """Images in [0, 1], (B, H, W, C) -> code (B, h, w, c)."""
         return self.encoder(images, training=training)
 
+    def decode_logits(self, code, training=None):
+        """Code -> logits (float32)."""
+        return self.decoder(code, training=training)
+
     def decode(self, code, training=None):
         """Code -> images in [0, 1] (float32)."""
-        return tf.sigmoid(self.decoder(code, training=training))
+        return tf.sigmoid(self.decode_logits(code, training=training))
+
+    def forward(self, images, training=None, seed=None):
+        """What the training step needs: (logits, extra loss per example, extra metrics).
+
+        A plain autoencoder has no extra term; the VAE adds its KL divergence.
+        `seed` (a [2] int tensor) drives any sampling, statelessly.
+        """
+        del seed
+        logits = self(images, training=training)
+        return logits, tf.zeros(tf.shape(logits)[:1], tf.float32), {}
 
     def reconstruct(self, images, training=None):
         """Images -> reconstructed images in [0, 1] (float32)."""
@@ -174,6 +211,62 @@ class Autoencoder(keras.Model):
         return cls(encoder, decoder, **config)
 
 
+@keras.utils.register_keras_serializable("tapeloop")
+class VariationalAutoencoder(Autoencoder):
+    """Convolutional VAE: the encoder's feature map -> Dense -> (mean, log-variance) of a
+    `latent_dim` Gaussian; a reparameterised sample while training (the mean otherwise)
+    -> Dense back to the feature map's shape -> the decoder.
+
+    The code (`encode`) is the mean, (B, latent_dim). The loss per example is the
+    per-pixel BCE plus kl_weight * KL / pixels: with kl_weight=1 that is the
+    negative ELBO per pixel.
+    """
+
+    def __init__(self, encoder, decoder, latent_dim=16, kl_weight=1.0, feature_shape=(7, 7, 64),
+                 **kwargs):
+        super().__init__(encoder, decoder, **kwargs)
+        self.latent_dim = int(latent_dim)
+        self.kl_weight = float(kl_weight)
+        self.feature_shape = tuple(int(d) for d in feature_shape)
+        self.flatten = keras.layers.Flatten(dtype=self.dtype_policy, name="flatten")
+        # Moments in float32: exp(log-variance) overflows bfloat16/float16 early.
+        self.to_moments = keras.layers.Dense(2 * self.latent_dim, dtype="float32", name="moments")
+        self.from_latent = keras.layers.Dense(int(np.prod(self.feature_shape)), activation="relu",
+                                              dtype=self.dtype_policy, name="from_latent")
+
+    def moments(self, images, training=None):
+        h = self.flatten(self.encoder(images, training=training))  # (B, h*w*c)
+        mean, log_var = tf.split(self.to_moments(h), 2, axis=-1)  # (B, latent) each
+        return mean, log_var
+
+    def encode(self, images, training=None):
+        return self.moments(images, training=training)[0]
+
+    def decode_logits(self, code, training=None):
+        x = tf.reshape(self.from_latent(code), (-1, *self.feature_shape))
+        return self.decoder(x, training=training)
+
+    def forward(self, images, training=None, seed=None):
+        mean, log_var = self.moments(images, training=training)
+        z = mean
+        if training and seed is not None:
+            eps = tf.random.stateless_normal(tf.shape(mean), seed=seed, alg="philox")
+            z = mean + tf.exp(0.5 * log_var) * eps
+        logits = self.decode_logits(z, training=training)
+        kl = kl_divergence(mean, log_var)  # (B,) nats
+        pixels = float(np.prod(logits.shape[1:]))
+        return logits, self.kl_weight * kl / pixels, {"kl": kl}
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "latent_dim": self.latent_dim, "kl_weight": self.kl_weight,
+                "feature_shape": self.feature_shape}
+
+
+def kl_divergence(mean, log_var):
+    """KL(N(mean, exp(log_var)) || N(0, I)) per example, summed over the latent, in nats."""
+    return 0.5 * tf.reduce_sum(tf.exp(log_var) + tf.square(mean) - 1.0 - log_var, axis=-1)
+
+
 def build_autoencoder(
     name: str = "seed",
     input_shape: Sequence[int] = (28, 28, 1),
@@ -181,6 +274,8 @@ def build_autoencoder(
     encoder_filters: Sequence[int] | None = None,
     decoder_filters: Sequence[int] | None = None,
     kernel_size: int | None = None,
+    latent_dim: int = 16,
+    kl_weight: float = 1.0,
 ) -> Autoencoder:
     """Builds the registered model `name`, with weights, for images of `input_shape`.
 
@@ -189,6 +284,7 @@ def build_autoencoder(
       input_shape: (H, W, C) of the images.
       precision: a Keras dtype policy name: float32, mixed_float16 or mixed_bfloat16.
       encoder_filters, decoder_filters, kernel_size: override the registered values.
+      latent_dim, kl_weight: the VAE's latent size and KL weight (variational models only).
 
     Raises:
       KeyError: unknown `name`.
@@ -202,9 +298,13 @@ def build_autoencoder(
             "give both the same number of filters")
     kernel = kernel_size or spec.kernel_size
     policy = keras.DTypePolicy(precision)
-    model = Autoencoder(
-        Encoder(enc_filters, kernel, spec.down, dtype=policy, name="encoder"),
-        Decoder(dec_filters, kernel, input_shape, spec.up, dtype=policy, name="decoder"),
-        dtype=policy, name=name)
+    encoder = Encoder(enc_filters, kernel, spec.down, dtype=policy, name="encoder")
+    decoder = Decoder(dec_filters, kernel, input_shape, spec.up, dtype=policy, name="decoder")
+    if spec.variational:
+        h, w = (downsampled_size(d, len(enc_filters)) for d in input_shape[:2])
+        model = VariationalAutoencoder(encoder, decoder, latent_dim, kl_weight,
+                                       (h, w, enc_filters[-1]), dtype=policy, name=name)
+    else:
+        model = Autoencoder(encoder, decoder, dtype=policy, name=name)
     model(tf.zeros((1, *input_shape)))  # creates the weights
     return model

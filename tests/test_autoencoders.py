@@ -3,7 +3,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import random_images
-from layers.autoencoders import MODELS, Autoencoder, build_autoencoder
+from layers.autoencoders import MODELS, build_autoencoder, kl_divergence
 
 
 def test_seed_model_is_the_tutorials_encoder():
@@ -42,7 +42,7 @@ def _jacobians(model, x, bypass=None):
     enc = tape.jacobian(code, x).numpy()
     with tf.GradientTape() as tape:
         tape.watch(code)
-        out = model.decoder(code)
+        out = model.decode_logits(code)
     dec = tape.jacobian(out, code).numpy()
     n_in, n_code = x.shape.num_elements(), code.shape.num_elements()
     return total.reshape(-1, n_in), dec.reshape(-1, n_code), enc.reshape(n_code, n_in)
@@ -78,7 +78,8 @@ def test_bottleneck_test_catches_the_tutorial_bug():
 def test_get_config_round_trip(name):
     model = build_autoencoder(name)
     config = model.get_config()
-    clone = Autoencoder.from_config(config)
+    clone = type(model).from_config(config)
+    assert type(clone) is type(model)
     x = random_images(2)
     clone(x)
     clone.set_weights(model.get_weights())
@@ -96,8 +97,8 @@ def test_one_gradient_step_changes_every_weight(name):
     before = [v.numpy().copy() for v in model.trainable_variables]
     x = random_images(8)
     with tf.GradientTape() as tape:
-        logits = model(x, training=True)
-        loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(x, logits))
+        logits, extra, _ = model.forward(x, training=True, seed=tf.constant([1, 2], tf.int64))
+        loss = tf.reduce_mean(tf.nn.sigmoid_cross_entropy_with_logits(x, logits)) + tf.reduce_mean(extra)
     optimizer.apply_gradients(zip(tape.gradient(loss, model.trainable_variables),
                                   model.trainable_variables))
     for var, old in zip(model.trainable_variables, before):
@@ -114,3 +115,46 @@ def test_overrides_and_mixed_precision():
     assert all(v.dtype == tf.float32 for v in model.trainable_variables)
     with pytest.raises(ValueError, match="same number"):
         build_autoencoder("seed", encoder_filters=(6, 5), decoder_filters=(5,))
+
+
+def test_registry_entries_are_the_published_architectures():
+    blog = build_autoencoder("keras_blog")
+    assert [b.conv.filters for b in blog.encoder.blocks] == [16, 8, 8]
+    assert tuple(blog.encode(random_images(1)).shape) == (1, 4, 4, 8)
+    denoiser = build_autoencoder("denoiser")
+    assert tuple(denoiser.encode(random_images(1)).shape) == (1, 7, 7, 32)
+    assert 27_000 < denoiser.count_params() < 29_000  # keras.io: 28,353
+    vae = build_autoencoder("vae", latent_dim=5)
+    assert tuple(vae.encode(random_images(3)).shape) == (3, 5)
+
+
+def test_kl_term_matches_the_closed_form():
+    mean = tf.constant([[1.0, 0.0], [0.0, 0.0]])
+    log_var = tf.constant([[0.0, np.log(4.0)], [0.0, 0.0]], tf.float32)
+    # 0.5 * sum(var + mean^2 - 1 - log var): (1 + 1 - 1 - 0) + (4 + 0 - 1 - log 4)
+    expected = [0.5 * (1.0 + 3.0 - np.log(4.0)), 0.0]
+    np.testing.assert_allclose(kl_divergence(mean, log_var).numpy(), expected, rtol=1e-6)
+    vae = build_autoencoder("vae", latent_dim=4, kl_weight=2.0)
+    x = random_images(2)
+    logits, extra, logs = vae.forward(x, training=False)
+    m, lv = (t.numpy().astype(np.float64) for t in vae.moments(x))
+    kl = 0.5 * (np.exp(lv) + m**2 - 1 - lv).sum(axis=1)
+    np.testing.assert_allclose(logs["kl"].numpy(), kl, rtol=1e-5)
+    np.testing.assert_allclose(extra.numpy(), 2.0 * kl / 784, rtol=1e-5)  # weighted, per pixel
+    # Training samples z ~ N(mean, var): different seeds, different outputs; no seed, the mean.
+    a = vae.forward(x, training=True, seed=tf.constant([1, 1], tf.int64))[0]
+    b = vae.forward(x, training=True, seed=tf.constant([1, 2], tf.int64))[0]
+    assert not np.allclose(a.numpy(), b.numpy())
+    np.testing.assert_allclose(vae.forward(x, training=True)[0].numpy(), logits.numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_a_model_only_checkpoint_holds_every_weight(name, tmp_path):
+    model = build_autoencoder(name)
+    path = tf.train.Checkpoint(model=model).save(str(tmp_path / "ckpt"))
+    saved = [n for n, _ in tf.train.list_variables(path) if n.startswith("model/")]
+    assert len(saved) == len(model.weights)
+    clone = build_autoencoder(name)
+    tf.train.Checkpoint(model=clone).restore(path).assert_consumed()
+    for a, b in zip(model.weights, clone.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())

@@ -151,7 +151,8 @@ def test_eval_covers_every_example_exactly_once(replicas):
     n = 103
     ds = data.eval_dataset(_ids(n), 16, _Ctx(replicas, 1, 0) if replicas > 1 else None)
     seen = collections.Counter()
-    for images, weights in ds:
+    for images, targets, weights in ds:
+        assert images is targets or np.array_equal(images.numpy(), targets.numpy())
         assert images.shape[0] == 16 // replicas
         for i, w in zip(_index(images.numpy()), weights.numpy()):
             if w:
@@ -163,3 +164,14 @@ def test_epoch_permutation_same_under_xla():
     eager = data.epoch_permutation(1000, 5, 2).numpy()
     compiled = tf.function(lambda: data.epoch_permutation(1000, 5, 2), jit_compile=True)()
     np.testing.assert_array_equal(eager, compiled.numpy())
+
+
+def test_noisy_eval_set_is_fixed_and_pairs_with_clean_targets():
+    ids = np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1) * 6
+    noisy = data.noisy_copy(ids, 0.4, seed=1)
+    np.testing.assert_array_equal(noisy, data.noisy_copy(ids, 0.4, seed=1))  # every evaluation
+    assert not np.array_equal(noisy, data.noisy_copy(ids, 0.4, seed=2))
+    assert noisy.min() >= 0 and noisy.max() <= 1
+    for inputs, targets, _ in data.eval_dataset(ids, 8, noisy_inputs=noisy):
+        clean = np.rint(targets.numpy()[:, 0, 0, 0] * 255).astype(int) // 6
+        np.testing.assert_array_equal(inputs.numpy(), noisy[clean])

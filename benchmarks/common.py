@@ -1,0 +1,171 @@
+"""Shared benchmark machinery: machine context, matmul peak, model FLOPs, statistics, reports.
+
+Method (after tf_cnn_benchmarks and nanoGPT's bench.py): warm-up excluded and
+compile time reported on its own; every timed interval ends with a value
+forced to the host (the device has finished); variants are interleaved round
+by round in one process, so the machine's drift hits all of them alike;
+medians with their spread.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def matmul_peak(dtype: tf.DType, n: int = 2048, repeats: int = 7) -> float:
+    """Measured FLOP/s of an n x n matmul on the default device (median of `repeats`)."""
+    a = tf.random.uniform((n, n), dtype=tf.float32)
+    a = tf.cast(a, dtype)
+    inner = 4
+
+    @tf.function
+    def run(x):
+        for _ in range(inner):
+            x = tf.matmul(x, a) * tf.cast(1.0 / n, dtype)  # keep values bounded
+        return tf.reduce_sum(tf.cast(x[:1, :1], tf.float32))
+
+    float(run(a))  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        float(run(a))  # forces the result to the host
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 * inner / statistics.median(times)
+
+
+def machine_context(with_peaks: bool = True) -> dict:
+    gpus = tf.config.list_physical_devices("GPU")
+    device = (tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
+              if gpus else cpu_name())
+    context = {
+        "device": device,
+        "device_type": "GPU" if gpus else "CPU",
+        "cpu_cores": os.cpu_count(),
+        "tensorflow": tf.__version__,
+        "keras": tf.keras.version(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if with_peaks:
+        context["matmul_peak_flops"] = {
+            "float32": matmul_peak(tf.float32),
+            "bfloat16": matmul_peak(tf.bfloat16),
+        }
+    return context
+
+
+def conv_flops_per_example(model, input_shape) -> int:
+    """Forward FLOPs of one example: 2 * H_out * W_out * k_h * k_w * C_in * C_out per conv.
+
+    Counted on the architecture as defined (a Conv2DTranspose counts on its
+    input grid; an UpsampleConv counts as the 'same' conv on the upsampled map
+    it is equivalent to), not on how a kernel computes it. Pooling, activations
+    and the loss are left out (under 1% here). Training is counted as 3x the
+    forward pass: the forward, the gradient to the activations and the gradient
+    to the weights each cost about one forward.
+    """
+    from layers import blocks
+
+    total = 0
+    x = tf.zeros((1, *input_shape))
+
+    def visit(layer, inputs):
+        nonlocal total
+        out = layer(inputs)
+        if isinstance(layer, blocks.UpsampleConv):
+            k = layer.kernel_size
+            total += 2 * out.shape[1] * out.shape[2] * k * k * inputs.shape[-1] * layer.filters
+        elif isinstance(layer, tf.keras.layers.Conv2DTranspose):
+            kh, kw = layer.kernel_size
+            total += 2 * inputs.shape[1] * inputs.shape[2] * kh * kw * inputs.shape[-1] * layer.filters
+        elif isinstance(layer, tf.keras.layers.Conv2D):
+            kh, kw = layer.kernel_size
+            total += 2 * out.shape[1] * out.shape[2] * kh * kw * inputs.shape[-1] * layer.filters
+        return out
+
+    def walk(layer, inputs):
+        if isinstance(layer, (blocks.UpsampleConv, tf.keras.layers.Conv2D)):
+            return visit(layer, inputs)
+        children = getattr(layer, "blocks", None)
+        if children is not None:  # Encoder / Decoder
+            for child in children:
+                inputs = walk(child, inputs)
+            if hasattr(layer, "to_logits"):
+                inputs = walk(layer.to_logits, inputs)
+            return inputs
+        if hasattr(layer, "encoder") and hasattr(layer, "decoder"):
+            return walk(layer.decoder, walk(layer.encoder, inputs))
+        # A block: its convolution(s), then whatever else it does.
+        for name in ("conv",):
+            sub = getattr(layer, name, None)
+            if sub is not None:
+                visit(sub, inputs)
+        return layer(inputs)
+
+    walk(model, x)
+    return int(total)
+
+
+def summarize(rates: list[float], step_times: list[float] | None = None) -> dict:
+    """Median, standard error, jitter (1.4826 x MAD) of per-round rates; step-time p50/p90."""
+    rates = [float(r) for r in rates]
+    median = statistics.median(rates)
+    mad = statistics.median([abs(r - median) for r in rates])
+    out = {
+        "median": median,
+        "stderr": statistics.stdev(rates) / math.sqrt(len(rates)) if len(rates) > 1 else 0.0,
+        "jitter": 1.4826 * mad,
+        "min": min(rates),
+        "max": max(rates),
+        "rounds": len(rates),
+    }
+    if step_times:
+        out["step_ms_p50"] = 1000 * float(np.percentile(step_times, 50))
+        out["step_ms_p90"] = 1000 * float(np.percentile(step_times, 90))
+    return out
+
+
+def write_report(output_dir: str, name: str, payload: dict, markdown: str) -> tuple[str, str]:
+    os.makedirs(output_dir, exist_ok=True)
+    json_path = os.path.join(output_dir, f"{name}.json")
+    md_path = os.path.join(output_dir, f"{name}.md")
+    with open(json_path, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=True)
+    with open(md_path, "w") as f:
+        f.write(markdown)
+    return json_path, md_path
+
+
+def context_markdown(context: dict) -> str:
+    lines = [f"Machine: {context['device']} ({context['device_type']}, {context['cpu_cores']} cores), "
+             f"TensorFlow {context['tensorflow']}, Keras {context['keras']}, {context['date']}."]
+    peaks = context.get("matmul_peak_flops")
+    if peaks:
+        lines.append("Measured matmul peak (2048x2048): " + ", ".join(
+            f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()) + ".")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""Examples/sec of the input pipeline alone, as a multiple of the training rate.
+
+    python benchmarks/input_pipeline.py
+
+Measures, in one process and interleaved: the tf.data training pipeline
+(`core.data.train_dataset`: gather, scale, prefetch), the same through the
+strategy's distributed iterator, the on-device path (`Trainer.device_batch`
+in a compiled loop, no training), and training itself (steps_per_loop 32, tf.data),
+so the ratios share the machine's state. Writes results/input_pipeline.{json,md}.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("dataset", "fontdigits", "Dataset.")
+flags.DEFINE_string("data_dir", None, "For mnist/fashion_mnist.")
+flags.DEFINE_string("train_split", "train", "Training split.")
+flags.DEFINE_integer("batch_size", 256, "Global batch size.")
+flags.DEFINE_integer("batches", 400, "Batches per timed round of each pipeline.")
+flags.DEFINE_integer("train_steps", 64, "Steps per timed round of training.")
+flags.DEFINE_integer("rounds", 5, "Timed rounds.")
+flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"), "Reports go here.")
+
+
+def main(argv):
+    del argv
+    import tensorflow as tf
+
+    from core import data
+    from core.trainer import Trainer
+    from layers.autoencoders import build_autoencoder
+
+    images = data.load_split(FLAGS.train_split, FLAGS.dataset, FLAGS.data_dir).images
+    batch = FLAGS.batch_size
+    strategy = tf.distribute.get_strategy()
+    host_iter = iter(data.train_dataset(images, batch, 0))
+    dist_iter = iter(strategy.distribute_datasets_from_function(
+        lambda ctx: data.train_dataset(images, batch, 0, 0, ctx)))
+    with strategy.scope():
+        device_trainer = Trainer(build_autoencoder("seed", images.shape[1:]), strategy, batch, 1e-3,
+                                 device_images=images)
+        trainer = Trainer(build_autoencoder("seed", images.shape[1:]), strategy, batch, 1e-3)
+
+    @tf.function
+    def draw_on_device(n):
+        total = tf.constant(0.0)
+        for _ in tf.range(n):
+            total += tf.reduce_sum(strategy.run(device_trainer.device_batch)[:, 0, 0, 0])
+            device_trainer.step.assign_add(1)
+        return total
+
+    def drain(iterator, n):
+        for _ in range(n):
+            x = next(iterator)
+        float(tf.reduce_sum(x[:, 0, 0, 0]))  # the last batch on the host
+
+    contenders = {
+        "tf_data": lambda: drain(host_iter, FLAGS.batches) or FLAGS.batches,
+        "tf_data_distributed": lambda: drain(dist_iter, FLAGS.batches) or FLAGS.batches,
+        "on_device": lambda: float(draw_on_device(tf.constant(FLAGS.batches))) * 0 + FLAGS.batches,
+        "training": lambda: trainer.train_loop(dist_iter, FLAGS.train_steps) * 0 + FLAGS.train_steps,
+    }
+    for fn in contenders.values():  # warm-up and compile
+        fn()
+    rates = {name: [] for name in contenders}
+    for _ in range(FLAGS.rounds):
+        for name, fn in contenders.items():
+            start = time.perf_counter()
+            n = fn()
+            rates[name].append(n * batch / (time.perf_counter() - start))
+    results = {name: common.summarize(r) for name, r in rates.items()}
+    train_rate = results["training"]["median"]
+    for r in results.values():
+        r["multiple_of_training"] = r["median"] / train_rate
+    context = common.machine_context(with_peaks=False)
+    payload = {"context": context, "config": {"dataset": FLAGS.dataset, "batch_size": batch},
+               "results": results}
+    lines = ["# Input pipeline\n", common.context_markdown(context),
+             f"{FLAGS.dataset} {FLAGS.train_split}, batch {batch}, median of {FLAGS.rounds} "
+             "interleaved rounds.\n",
+             "| path | examples/s | jitter | x training rate |", "| --- | ---: | ---: | ---: |"]
+    for name, r in results.items():
+        lines.append(f"| {name} | {r['median']:,.0f} | {r['jitter']:,.0f} | "
+                     f"{r['multiple_of_training']:.1f} |")
+    json_path, md_path = common.write_report(FLAGS.output_dir, "input_pipeline", payload,
+                                             "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {json_path} and {md_path}")
+
+
+if __name__ == "__main__":
+    app.run(main)

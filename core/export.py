@@ -1,0 +1,51 @@
+"""SavedModel export with `encode`, `decode` and `reconstruct` serving signatures.
+
+The SavedModel needs neither tapeloop nor Keras to load: `tf.saved_model.load`
+returns an object whose `.signatures` run the traced graphs.
+
+Signatures (N is any batch size; H, W, C the image shape; h, w, c the code's):
+  encode(images: float32 [N, H, W, C] in [0, 1]) -> {"code": float32 [N, h, w, c]}
+  decode(code: float32 [N, h, w, c]) -> {"images": float32 [N, H, W, C] in [0, 1]}
+  reconstruct(images: float32 [N, H, W, C] in [0, 1]) -> {"images": float32 [N, H, W, C]}
+"""
+
+from __future__ import annotations
+
+import os
+
+import tensorflow as tf
+
+
+class _Serving(tf.Module):
+    def __init__(self, model, image_shape, code_shape):
+        super().__init__(name="tapeloop_autoencoder")
+        self.model = model
+        images = tf.TensorSpec([None, *image_shape], tf.float32, name="images")
+        code = tf.TensorSpec([None, *code_shape], tf.float32, name="code")
+        self.encode = tf.function(self._encode, input_signature=[images])
+        self.decode = tf.function(self._decode, input_signature=[code])
+        self.reconstruct = tf.function(self._reconstruct, input_signature=[images])
+
+    def _encode(self, images):
+        return {"code": tf.cast(self.model.encode(images, training=False), tf.float32)}
+
+    def _decode(self, code):
+        return {"images": tf.cast(self.model.decode(code, training=False), tf.float32)}
+
+    def _reconstruct(self, images):
+        return {"images": tf.cast(self.model.reconstruct(images, training=False), tf.float32)}
+
+
+def export_saved_model(model, image_shape, export_dir: str) -> str:
+    """Writes the SavedModel to `export_dir` (which must not exist yet); returns it."""
+    code_shape = tuple(model.encode(tf.zeros((1, *image_shape))).shape[1:])
+    module = _Serving(model, tuple(image_shape), code_shape)
+    tmp = export_dir + ".tmp"
+    tf.io.gfile.makedirs(os.path.dirname(export_dir))
+    if tf.io.gfile.exists(tmp):
+        tf.io.gfile.rmtree(tmp)
+    tf.saved_model.save(module, tmp, signatures={
+        "encode": module.encode, "decode": module.decode, "reconstruct": module.reconstruct,
+        "serving_default": module.reconstruct})
+    tf.io.gfile.rename(tmp, export_dir)  # a half-written export never has the final name
+    return export_dir

@@ -1,0 +1,77 @@
+"""Smoke tests of the benchmark scripts with tiny settings: they run and write valid
+reports with the expected keys. No speed is asserted here (benchmarks measure speed)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+
+def _run(script, *flags, timeout=400):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *flags],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture
+def mnist_flags(mnist_dir):
+    return ["--dataset=mnist", f"--data_dir={mnist_dir}", "--train_split=test[:1024]"]
+
+
+def test_throughput_smoke(tmp_path, mnist_flags):
+    _run("throughput.py", *mnist_flags, f"--output_dir={tmp_path}", "--rounds=2", "--steps=2",
+         "--warmup_steps=1", "--batch_size=32", "--peaks=false",
+         "--variants=tf_function,steps_per_loop_8,mirrored_2cpu_32,keras_fit_spe1")
+    report = json.loads((tmp_path / "throughput.json").read_text())
+    assert set(report["results"]) == {"tf_function", "steps_per_loop_8", "mirrored_2cpu_32",
+                                      "keras_fit_spe1"}
+    for result in report["results"].values():
+        assert {"median", "stderr", "jitter", "step_ms_p50", "step_ms_p90", "compile_seconds",
+                "precision", "loop", "flops_per_sec"} <= set(result)
+        assert result["median"] > 0 and result["rounds"] == 2
+    assert report["headline"]["float32"]["keras"] == "keras_fit_spe1"
+    assert report["config"]["train_flops_per_example"] == 3 * 861_184  # the seed model
+    assert "| `tf_function` |" in (tmp_path / "throughput.md").read_text()
+
+
+def test_throughput_rejects_unknown_variants(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"),
+                           "--variants=warp_drive", f"--output_dir={tmp_path}", "--peaks=false",
+                           "--dataset=synthetic"], capture_output=True, text=True, timeout=200,
+                          env=env)
+    assert proc.returncode != 0 and "unknown variants ['warp_drive']" in proc.stderr
+
+
+def test_input_pipeline_smoke(tmp_path, mnist_flags):
+    _run("input_pipeline.py", *mnist_flags, f"--output_dir={tmp_path}", "--batches=3",
+         "--train_steps=2", "--rounds=2", "--batch_size=32")
+    report = json.loads((tmp_path / "input_pipeline.json").read_text())
+    assert set(report["results"]) == {"tf_data", "tf_data_distributed", "on_device", "training"}
+    assert report["results"]["training"]["multiple_of_training"] == pytest.approx(1.0)
+
+
+def test_time_to_quality_smoke(tmp_path, mnist_dir):
+    _run("time_to_quality.py", f"--data_dir={mnist_dir}", f"--output_dir={tmp_path}",
+         "--target=0.6", "--max_seconds=20", "--ours_eval_every=20")
+    report = json.loads((tmp_path / "time_to_quality.json").read_text())
+    for name in ("tapeloop", "tutorial_keras_fit"):
+        assert report["results"][name]["seconds_to_target"] > 0
+        assert report["results"][name]["curves"][0][-1][1] <= 0.6
+    assert (tmp_path / "time_to_quality.png").stat().st_size > 10_000
+
+
+def test_quality_smoke(tmp_path):
+    _run("quality.py", "--rows=seed", "--extra_flags=--epochs=1", f"--runs_dir={tmp_path / 'runs'}",
+         f"--output_dir={tmp_path}")
+    report = json.loads((tmp_path / "quality.json").read_text())
+    row = report["results"]["seed"]
+    assert row["config"] == "configs/quality_seed.cfg" and row["model"] == "seed"
+    assert 0 < row["bce"] < 0.7 and row["psnr"] > 5 and row["seconds"] > 0
+    assert "| [seed](configs/quality_seed.cfg) |" in (tmp_path / "quality.md").read_text()

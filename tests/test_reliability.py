@@ -1,0 +1,248 @@
+"""Never lose a run: kill -9 and SIGTERM then resume, NaN policies, the model-dir lock,
+config compatibility, damaged checkpoints and a full disk. Subprocesses, bounded in time."""
+
+import errno
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import core
+from core.checkpoints import ModelDirLock
+from core.config import Config
+from core.errors import CheckpointError
+from helpers import ROOT, checkpoint_files, event_tags, run_train
+from layers.autoencoders import build_autoencoder
+
+
+def _flags(mnist_dir, model_dir, steps, *extra):
+    return ["--dataset=mnist", f"--data_dir={mnist_dir}", "--train_split=test[:1024]",
+            "--eval_split=test[9900:]", f"--model_dir={model_dir}", f"--train_steps={steps}",
+            "--batch_size=32", "--steps_per_loop=5", "--log_every=50", "--eval_every=100000",
+            "--deterministic", "--seed=3", *extra]
+
+
+def _weights(checkpoint):
+    """The model's weights in `checkpoint`, by variable path (restored into a fresh model)."""
+    model = build_autoencoder("seed")
+    tf.train.Checkpoint(model=model).restore(checkpoint).expect_partial().assert_existing_objects_matched()
+    return {v.path: v.numpy() for v in model.weights}
+
+
+def _max_diff(a, b):
+    assert a.keys() == b.keys()
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+def _start(flags, env=None):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *flags], cwd=ROOT,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {})),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_checkpoint(model_dir, proc, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if tf.train.latest_checkpoint(str(model_dir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError("run ended before its first checkpoint: "
+                                 + proc.stderr.read()[-2000:])
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("no checkpoint in time")
+
+
+STEPS = 1500
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, mnist_dir):
+    model_dir = tmp_path_factory.mktemp("whole")
+    proc = run_train(*_flags(mnist_dir, model_dir, STEPS, "--checkpoint_every_steps=50"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return _weights(tf.train.latest_checkpoint(str(model_dir)))
+
+
+def test_kill_9_at_a_random_moment_then_resume_is_exact(tmp_path, mnist_dir, uninterrupted):
+    flags = _flags(mnist_dir, tmp_path, STEPS, "--checkpoint_every_steps=50")
+    proc = _start(flags)
+    _wait_for_checkpoint(tmp_path, proc)
+    time.sleep(random.uniform(0.0, 1.0))
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    killed_at = int(tf.train.latest_checkpoint(str(tmp_path)).rsplit("-", 1)[1])
+    assert killed_at < STEPS, "the run finished before the kill: nothing was tested"
+    resumed = run_train(*flags)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"(step {killed_at})" in resumed.stderr  # restored where it was killed
+    final = _weights(tf.train.latest_checkpoint(str(tmp_path)))
+    assert _max_diff(final, uninterrupted) <= 1e-6
+
+
+def test_sigterm_checkpoints_exits_75_and_resumes(tmp_path, mnist_dir, uninterrupted):
+    flags = _flags(mnist_dir, tmp_path, STEPS, "--checkpoint_every_steps=50")
+    proc = _start(flags)
+    _wait_for_checkpoint(tmp_path, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 75, err[-2000:]
+    line = [x for x in err.splitlines() if x.startswith("train.py: stopped:")]
+    assert len(line) == 1 and "stopped by SIGTERM at step" in line[0] and "resume" in line[0]
+    stopped_at = int(line[0].split("at step ")[1].split()[0])
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith(f"-{stopped_at}")
+    resumed = run_train(*flags)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"(step {stopped_at})" in resumed.stderr
+    assert _max_diff(_weights(tf.train.latest_checkpoint(str(tmp_path))), uninterrupted) <= 1e-6
+
+
+def test_second_signal_exits_at_once_and_the_next_run_recovers(tmp_path, mnist_dir):
+    flags = _flags(mnist_dir, tmp_path, STEPS, "--checkpoint_every_steps=20")
+    proc = _start(flags)
+    _wait_for_checkpoint(tmp_path, proc)
+    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=60)
+    assert proc.returncode in (75, 128 + signal.SIGINT)
+    # Whatever the second signal cut short, the latest checkpoint is whole and the run resumes.
+    _weights(tf.train.latest_checkpoint(str(tmp_path)))
+    resumed = run_train(*_flags(mnist_dir, tmp_path, 200))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+
+@pytest.mark.parametrize("policy", ["stop", "rollback"])
+def test_nan_guard(tmp_path, mnist_dir, policy):
+    flags = _flags(mnist_dir, tmp_path, 60, "--checkpoint_every_steps=10", f"--nan_policy={policy}",
+                   "--learning_rate=0.004", "--log_every=5")
+    proc = run_train(*flags, env={"TAPELOOP_TEST_NAN_AT_STEP": "25"})
+    if policy == "stop":
+        assert proc.returncode == 4, proc.stderr[-2000:]
+        line = [x for x in proc.stderr.splitlines() if x.startswith("train.py: error:")][0]
+        assert "the training loss became nan between step 24 and 25" in line
+        assert "last good checkpoint" in line and "ckpt-20" in line
+        latest = tf.train.latest_checkpoint(str(tmp_path))
+        assert latest.endswith("ckpt-20")  # nothing saved after the NaN
+        assert all(np.isfinite(w).all() for w in _weights(latest).values())
+    else:
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "rollback 1/3" in proc.stderr and "restored" in proc.stderr
+        latest = tf.train.latest_checkpoint(str(tmp_path))
+        assert latest.endswith("ckpt-60")
+        assert all(np.isfinite(w).all() for w in _weights(latest).values())
+        rates = [v for _, v in event_tags(str(tmp_path / "train"))["learning_rate"]]
+        assert rates[0] == pytest.approx(0.004) and rates[-1] == pytest.approx(0.002)
+
+
+def test_a_live_run_holds_the_model_dir(tmp_path, mnist_dir):
+    lock = ModelDirLock(str(tmp_path))
+    lock.acquire()
+    try:
+        proc = run_train(*_flags(mnist_dir, tmp_path, 5))
+    finally:
+        lock.release()
+    assert proc.returncode == 5
+    assert f"is in use by a live run (pid {os.getpid()}" in proc.stderr
+    assert not tf.train.latest_checkpoint(str(tmp_path))
+
+
+def test_two_concurrent_runs(tmp_path, mnist_dir):
+    first = _start(_flags(mnist_dir, tmp_path, STEPS, "--checkpoint_every_steps=50"))
+    try:
+        _wait_for_checkpoint(tmp_path, first)
+        second = run_train(*_flags(mnist_dir, tmp_path, 5))
+        assert second.returncode == 5 and "is in use by a live run" in second.stderr
+    finally:
+        first.kill()
+        first.communicate(timeout=60)
+
+
+def test_a_stale_lock_is_taken_over(tmp_path, mnist_dir):
+    (tmp_path / ".lock").write_text("pid 999999 on a-crashed-host")
+    proc = run_train(*_flags(mnist_dir, tmp_path, 5))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "taking over the stale lock" in proc.stderr and "999999" in proc.stderr
+
+
+def test_incompatible_and_harmless_resume(tmp_path, mnist_dir):
+    assert run_train(*_flags(mnist_dir, tmp_path, 10)).returncode == 0
+    before = checkpoint_files(tmp_path)
+    bad = run_train(*_flags(mnist_dir, tmp_path, 20, "--kernel_size=3", "--encoder_filters=8,8,4"))
+    assert bad.returncode == 2
+    line = [x for x in bad.stderr.splitlines() if x.startswith("train.py: error:")][0]
+    assert "holds a different model" in line
+    assert "encoder_filters: None -> [8, 8, 4]" in line and "kernel_size: None -> 3" in line
+    assert checkpoint_files(tmp_path) == before
+    ok = run_train(*_flags(mnist_dir, tmp_path, 20, "--log_every=7"))
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "resuming with train_steps changed: 10 -> 20" in ok.stderr
+    assert "resuming with log_every changed: 50 -> 7" in ok.stderr
+
+
+def _config(tmp_path, mnist_dir, **kw):
+    base = dict(dataset="mnist", data_dir=mnist_dir, train_split="test[:512]",
+                eval_split="test[9900:]", model_dir=str(tmp_path), batch_size=32, train_steps=10,
+                epochs=None, log_every=5, eval_every=100000, strategy="default")
+    base.update(kw)
+    return Config(**base)
+
+
+def test_corrupted_and_deleted_checkpoints(tmp_path, mnist_dir):
+    core.run(_config(tmp_path, mnist_dir, checkpoint_every_steps=5))
+    latest = tf.train.latest_checkpoint(str(tmp_path))
+    data_file = latest + ".data-00000-of-00001"
+    raw = open(data_file, "rb").read()
+    open(data_file, "wb").write(raw[: len(raw) // 2])  # truncated
+    with pytest.raises(CheckpointError, match=r"checkpoint .*ckpt-10 cannot be restored"):
+        core.run(_config(tmp_path, mnist_dir, train_steps=20))
+    open(data_file, "wb").write(raw)
+    for name in os.listdir(tmp_path):  # every checkpoint file gone, the state file left
+        if name.startswith("ckpt-"):
+            os.remove(tmp_path / name)
+    with pytest.raises(CheckpointError, match="names a checkpoint whose files are missing"):
+        core.run(_config(tmp_path, mnist_dir, train_steps=20))
+
+
+def test_disk_full_while_checkpointing(tmp_path, mnist_dir, monkeypatch):
+    core.run(_config(tmp_path, mnist_dir))
+    before = checkpoint_files(tmp_path)
+    real_save = tf.train.CheckpointManager.save
+
+    def full_disk(self, *args, **kwargs):
+        # Half a checkpoint lands on disk, then the device is full.
+        open(os.path.join(self.directory, "ckpt-20.index"), "wb").write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"could not write the checkpoint at step 20 .*"
+                                              r"No space left on device.*ckpt-10, which is intact"):
+        core.run(_config(tmp_path, mnist_dir, train_steps=20))
+    monkeypatch.setattr(tf.train.CheckpointManager, "save", real_save)
+    assert checkpoint_files(tmp_path) == before  # the partial file was removed
+    assert core.run(_config(tmp_path, mnist_dir, train_steps=20))["step"] == 20
+
+
+def test_unwritable_model_dir(tmp_path):
+    parent = tmp_path / "file"
+    parent.write_text("x")
+    proc = run_train(f"--model_dir={parent}/run", "--dataset=synthetic", "--train_steps=1")
+    assert proc.returncode == 2
+    assert f"--model_dir={parent}/run cannot be created" in proc.stderr
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    # Root may write anywhere permissions say no; a read-only mount stops even root.
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"cannot mount a read-only tmpfs: {mounted.stderr}"
+    try:
+        proc = run_train(f"--model_dir={ro}", "--dataset=synthetic", "--train_steps=1")
+        assert proc.returncode == 2
+        assert f"--model_dir={ro} is not writable (Read-only file system)" in proc.stderr
+    finally:
+        subprocess.run(["umount", str(ro)], capture_output=True)
