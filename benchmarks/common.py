@@ -150,15 +150,18 @@ def summarize(rates: list[float], step_times: list[float] | None = None) -> dict
     return out
 
 
-def write_report(output_dir: str, name: str, payload: dict, markdown: str) -> tuple[str, str]:
+def write_report(output_dir: str, name: str, payload: dict, lines: list[str]) -> None:
+    """Writes NAME.json (payload) and NAME.md (lines) into output_dir, and prints the table."""
     os.makedirs(output_dir, exist_ok=True)
     json_path = os.path.join(output_dir, f"{name}.json")
     md_path = os.path.join(output_dir, f"{name}.md")
     with open(json_path, "w") as f:
         json.dump(payload, f, indent=2, sort_keys=True)
+    markdown = "\n".join(lines) + "\n"
     with open(md_path, "w") as f:
         f.write(markdown)
-    return json_path, md_path
+    print(markdown)
+    print(f"wrote {json_path} and {md_path}")
 
 
 def context_markdown(context: dict) -> str:

@@ -93,10 +93,7 @@ def main(argv):
     for name, r in results.items():
         lines.append(f"| {name} | {r['median']:,.0f} | {r['jitter']:,.0f} | "
                      f"{r['multiple_of_training']:.1f} |")
-    json_path, md_path = common.write_report(FLAGS.output_dir, "input_pipeline", payload,
-                                             "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {json_path} and {md_path}")
+    common.write_report(FLAGS.output_dir, "input_pipeline", payload, lines)
 
 
 if __name__ == "__main__":

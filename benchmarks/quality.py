@@ -94,11 +94,7 @@ def main(argv):
         lines.append(f"| [{name}]({r['config']}) | {r['model']} | {r['noise_factor']:g} | "
                      f"{r['epochs']} | {r['bce']:.4f} | {r['mse']:.4f} | {r['psnr']:.2f} | "
                      f"{r['ssim']:.3f} | {r['seconds']:.0f} | {r['published']} |")
-    json_path, md_path = common.write_report(FLAGS.output_dir, "quality",
-                                             {"context": context, "results": results},
-                                             "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {json_path} and {md_path}")
+    common.write_report(FLAGS.output_dir, "quality", {"context": context, "results": results}, lines)
 
 
 if __name__ == "__main__":

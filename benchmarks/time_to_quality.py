@@ -189,10 +189,8 @@ def main(argv):
              f"| tapeloop: {recipe} | {fmt(ours)} | {results['tapeloop']['curves'][0][-1][1]:.4f} |",
              "", f"Speed-up: {ratio:.2f}x" if ratio else "Speed-up: n/a",
              f"\n![curve]({os.path.basename(png)})"]
-    json_path, md_path = common.write_report(FLAGS.output_dir, "time_to_quality", payload,
-                                             "\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"wrote {json_path}, {md_path} and {png}")
+    common.write_report(FLAGS.output_dir, "time_to_quality", payload, lines)
+    print(f"wrote {png}")
 
 
 if __name__ == "__main__":

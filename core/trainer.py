@@ -44,6 +44,9 @@ class Trainer:
         the VAE's sampling; each step's draws are a function of (seed, step, replica).
       noise_factor: if > 0, train to denoise: each input gets Gaussian noise times this
         (clipped to [0, 1]) and the target is the clean image.
+      xla_update: with jit_compile, also compile the optimizer update into the XLA
+        cluster. None: only with one replica (under MirroredStrategy it cannot be, see
+        above). benchmarks/throughput.py measures both on one replica.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class Trainer:
         device_images: np.ndarray | None = None,
         seed: int = 0,
         noise_factor: float = 0.0,
+        xla_update: bool | None = None,
     ):
         self.model = model
         self.strategy = strategy
@@ -94,7 +98,9 @@ class Trainer:
             xla = tf.function(jit_compile=True) if jit_compile else (lambda f: f)
             compile_replica_step = xla
             # One replica: no all-reduce, so the update can join the XLA cluster.
-            compile_step = xla if strategy.num_replicas_in_sync == 1 else (lambda f: f)
+            if xla_update is None:
+                xla_update = strategy.num_replicas_in_sync == 1
+            compile_step = xla if xla_update else (lambda f: f)
         self._forward_backward = compile_replica_step(self.forward_backward)
         self._train_step = compile_step(self.train_step)
         self._eval_step = compile_replica_step(self.eval_step)
