@@ -45,3 +45,10 @@ def _cache_dir(tmp_path_factory):
 
 def random_images(n=16, shape=(28, 28, 1), seed=0):
     return tf.constant(np.random.default_rng(seed).random((n, *shape)), tf.float32)
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same Python, NumPy and TensorFlow seeds: weights built
+    without an explicit seed are the same in every run, so tolerances hold every time."""
+    tf.keras.utils.set_random_seed(1234)

@@ -139,8 +139,8 @@ def test_kl_term_matches_the_closed_form():
     logits, extra, logs = vae.forward(x, training=False)
     m, lv = (t.numpy().astype(np.float64) for t in vae.moments(x))
     kl = 0.5 * (np.exp(lv) + m**2 - 1 - lv).sum(axis=1)
-    np.testing.assert_allclose(logs["kl"].numpy(), kl, rtol=1e-5)
-    np.testing.assert_allclose(extra.numpy(), 2.0 * kl / 784, rtol=1e-5)  # weighted, per pixel
+    np.testing.assert_allclose(logs["kl"].numpy(), kl, rtol=1e-4, atol=1e-6)  # float32 sums
+    np.testing.assert_allclose(extra.numpy(), 2.0 * kl / 784, rtol=1e-4, atol=1e-8)  # per pixel
     # Training samples z ~ N(mean, var): different seeds, different outputs; no seed, the mean.
     a = vae.forward(x, training=True, seed=tf.constant([1, 1], tf.int64))[0]
     b = vae.forward(x, training=True, seed=tf.constant([1, 2], tf.int64))[0]
