@@ -72,6 +72,7 @@ class Trainer:
         self.eager = eager
         self.seed = seed
         self.noise_factor = float(noise_factor)
+        self.needs_seeds = bool(self.noise_factor) or hasattr(model, "moments")  # a VAE samples
         with strategy.scope():
             optimizer = keras.optimizers.Adam(learning_rate)
             if precision == "mixed_float16":
@@ -150,7 +151,10 @@ class Trainer:
 
     def train_step(self, images: tf.Tensor) -> tf.Tensor:
         """One optimisation step on one replica; returns its share of the loss. Traced."""
-        seeds = tf.stack([self.step_seed(1), self.step_seed(2)])  # noise, VAE sampling
+        if self.needs_seeds:
+            seeds = tf.stack([self.step_seed(1), self.step_seed(2)])  # noise, VAE sampling
+        else:  # nothing random in this step: keep the seed ops off the hot path
+            seeds = tf.zeros([2, 2], tf.int64)
         loss, grads = self._forward_backward(images, seeds)
         # In replica context, apply_gradients all-reduces (sums) the gradients.
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
