@@ -91,8 +91,10 @@ def _keras_fetch(fname: str, origin: str, subdir: str, sha256: str | None) -> st
         return tf.keras.utils.get_file(fname, origin=origin, file_hash=sha256,
                                        cache_subdir=subdir)
     except Exception as e:  # get_file raises a bare Exception on network errors
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = reason.split(" -- ", 1)[-1][:100]  # Keras prefixes the URL again
         raise DataError(
-            f"could not download {origin} ({str(e).splitlines()[0][:120]}): if this machine is "
+            f"could not download {origin} ({reason}): if this machine is "
             f"offline, put the files in a folder and pass --data_dir=FOLDER, or use "
             "--dataset=fontdigits, which needs no download") from None
 
