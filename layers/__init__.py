@@ -1,0 +1,1 @@
+"""tapeloop layers: reusable blocks and the autoencoder models (subclassed tf.keras.Model)."""
