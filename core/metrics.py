@@ -7,10 +7,12 @@ import tensorflow as tf
 
 @tf.custom_gradient
 def _bce_per_example(targets, logits):
-    # softplus(x) - x*z is sigmoid_cross_entropy_with_logits (softplus is stable
-    # for large |x|) in 3 element-wise passes instead of 8.
+    # softplus(x) - x*z, written max(x, 0) - x*z + log1p(exp(-|x|)) as in
+    # sigmoid_cross_entropy_with_logits (stable for large |x|): the same value,
+    # and about half the time of tf.math.softplus on CPU (benchmarks/NOTES.md).
     pixels = tf.cast(tf.reduce_prod(tf.shape(logits)[1:]), tf.float32)
-    loss = tf.reduce_mean(tf.math.softplus(logits) - logits * targets, axis=[1, 2, 3])
+    loss = tf.reduce_mean(tf.nn.relu(logits) - logits * targets
+                          + tf.math.log1p(tf.exp(-tf.abs(logits))), axis=[1, 2, 3])
 
     def grad(upstream):  # upstream: (B,)
         # d/dx [softplus(x) - x z] = sigmoid(x) - z: 3 passes, where automatic

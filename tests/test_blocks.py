@@ -70,14 +70,43 @@ def test_upsample_conv_equals_upsampling_then_conv(kernel_size, activation):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
 
 
-def test_upsample_conv_with_crop_equals_upsampling_crop_conv():
-    x = tf.random.uniform((2, 4, 4, 3), seed=4)
-    block = blocks.UpsampleConv(5, 4, "relu", target_size=(7, 7))
-    y = block(x)
-    assert not block.fused and tuple(y.shape) == (2, 7, 7, 5)
-    reference = tf.keras.Sequential([
-        tf.keras.layers.UpSampling2D(2), tf.keras.layers.Cropping2D(((0, 1), (0, 1))),
-        tf.keras.layers.Conv2D(5, 4, padding="same", activation="relu")])
+def _assert_same_function(block, reference, x):
+    """Same outputs, and the same gradients for the input and every weight."""
+    block(x)
     reference(x)
     reference.set_weights(block.get_weights())
-    np.testing.assert_allclose(y.numpy(), reference(x).numpy(), atol=1e-5)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        y, y_ref = block(x), reference(x)
+        # A weighted sum, so every output position has its own gradient.
+        w = tf.random.stateless_uniform(tf.shape(y), seed=[1, 2])
+        loss, loss_ref = tf.reduce_sum(w * y), tf.reduce_sum(w * y_ref)
+    np.testing.assert_allclose(y.numpy(), y_ref.numpy(), atol=1e-5)
+    grads = tape.gradient(loss, [x, *block.trainable_variables])
+    grads_ref = tape.gradient(loss_ref, [x, *reference.trainable_variables])
+    for a, b in zip(grads, grads_ref):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_upsample_conv_with_crop_equals_upsampling_crop_conv():
+    """The crop's hand-written gradient (a zero padding) is the slice's gradient."""
+    x = tf.random.uniform((2, 4, 4, 3), seed=4)
+    block = blocks.UpsampleConv(5, 4, "relu", target_size=(7, 7))
+    assert tuple(block(x).shape) == (2, 7, 7, 5) and not block.fused
+    _assert_same_function(block, tf.keras.Sequential([
+        tf.keras.layers.UpSampling2D(2), tf.keras.layers.Cropping2D(((0, 1), (0, 1))),
+        tf.keras.layers.Conv2D(5, 4, padding="same", activation="relu")]), x)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", None, "gelu"])
+def test_conv_pool_equals_conv_then_max_pooling(activation):
+    """ConvPool applies a non-decreasing activation after the pool (4x fewer values):
+    the same function and gradients as Conv2D(activation) -> MaxPooling2D. A
+    non-monotone one (gelu) stays before the pool."""
+    x = tf.random.normal((3, 9, 10, 2), seed=5)
+    block = blocks.ConvPool(4, 3, activation)
+    block(x)
+    assert block.act_after_pool == (activation != "gelu")
+    _assert_same_function(block, tf.keras.Sequential([
+        tf.keras.layers.Conv2D(4, 3, padding="same", activation=activation),
+        tf.keras.layers.MaxPooling2D(2, padding="same")]), x)
