@@ -58,6 +58,14 @@ flags.DEFINE_integer("data_on_device_max_mb", _D.data_on_device_max_mb,
 flags.DEFINE_enum("strategy", _D.strategy, config_lib.STRATEGIES, "Distribution strategy.")
 flags.DEFINE_integer("num_cpu_devices", _D.num_cpu_devices,
                      "Split the CPU into N logical devices (test multi-device code without GPUs).")
+flags.DEFINE_integer("num_intra_threads", _D.num_intra_threads,
+                     "Threads each op may use (0: TensorFlow's choice, all cores).")
+flags.DEFINE_integer("num_inter_threads", _D.num_inter_threads,
+                     "Ops that may run at once (0: TensorFlow's choice).")
+flags.DEFINE_integer("batch_shards", _D.batch_shards,
+                     "Split each replica's batch into N shards computed side by side (the same "
+                     "update). On CPUs: N = cores with --num_intra_threads=1 "
+                     "--num_inter_threads=N is fastest for small models (README, Performance).")
 flags.DEFINE_enum("precision", _D.precision, config_lib.PRECISIONS,
                   "auto: mixed_bfloat16 on Ampere+ GPUs, mixed_float16 on Volta/Turing, float32 on CPU.")
 flags.DEFINE_bool("deterministic", _D.deterministic, "TensorFlow op determinism: with --seed, "

@@ -35,6 +35,8 @@ flags.DEFINE_integer("steps", 64, "Timed steps per variant per round (a multiple
 flags.DEFINE_integer("rounds", 7, "Timed rounds.")
 flags.DEFINE_integer("warmup_steps", 96, "Untimed steps after compilation.")
 flags.DEFINE_integer("num_cpu_devices", 2, "Logical CPU devices for the mirrored variants.")
+flags.DEFINE_integer("num_intra_threads", 0, "Threads per op (0: TensorFlow's choice).")
+flags.DEFINE_integer("num_inter_threads", 0, "Ops run at once (0: TensorFlow's choice).")
 flags.DEFINE_list("variants", [], "Run only these variants (default: all).")
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"), "Reports go here.")
 flags.DEFINE_bool("peaks", True, "Measure the matmul peaks (a few seconds).")
@@ -50,6 +52,10 @@ OURS = {
     # The split that MirroredStrategy needs (update outside XLA), on one replica.
     "steps_per_loop_32_xla_split": dict(steps_per_loop=32, jit_compile=True, xla_update=False),
     "data_on_device_32": dict(steps_per_loop=32, data_on_device=True),
+    "sharded_2_32": dict(steps_per_loop=32, batch_shards=2),
+    "sharded_2_device_32": dict(steps_per_loop=32, batch_shards=2, data_on_device=True),
+    "sharded_4_device_32": dict(steps_per_loop=32, batch_shards=4, data_on_device=True),
+    "mixed_bfloat16_sharded_2_device_32": dict(steps_per_loop=32, batch_shards=2, data_on_device=True, precision="mixed_bfloat16"),
     "mixed_bfloat16_32": dict(steps_per_loop=32, precision="mixed_bfloat16"),
     "mixed_bfloat16_device_32": dict(steps_per_loop=32, precision="mixed_bfloat16", data_on_device=True),
     "mixed_float16_32": dict(steps_per_loop=32, precision="mixed_float16"),
@@ -90,7 +96,8 @@ class OurVariant:
             self.trainer = Trainer(model, strategy, batch, 1e-3, precision,
                                    spec.get("jit_compile", False), spec.get("eager", False),
                                    images if spec.get("data_on_device") else None,
-                                   xla_update=spec.get("xla_update"))
+                                   xla_update=spec.get("xla_update"),
+                                   batch_shards=spec.get("batch_shards", 1))
         self.iterator = None if spec.get("data_on_device") else iter(
             strategy.distribute_datasets_from_function(
                 lambda ctx: data.train_dataset(images, batch, 0, 0, ctx)))
@@ -143,6 +150,7 @@ def main(argv):
     from core import data, distribute
     from layers.autoencoders import build_autoencoder
 
+    distribute.set_cpu_threads(FLAGS.num_intra_threads, FLAGS.num_inter_threads)
     distribute.setup_logical_cpus(FLAGS.num_cpu_devices)
     context = common.machine_context(with_peaks=FLAGS.peaks)
     images = data.load_split(FLAGS.train_split, FLAGS.dataset, FLAGS.data_dir).images

@@ -64,6 +64,9 @@ class Config:
     data_on_device_max_mb: int = 2048
     strategy: str = "auto"
     num_cpu_devices: int = 0
+    num_intra_threads: int = 0  # threads per op; 0: TensorFlow's choice (all cores)
+    num_inter_threads: int = 0  # ops at once; 0: TensorFlow's choice
+    batch_shards: int = 1  # independent forward/backward branches per replica
     precision: str = "auto"
     deterministic: bool = False
     # Outer loop.
@@ -121,6 +124,12 @@ class Config:
             raise ConfigError("--data_on_device needs compiled loops: drop --eager")
         if self.num_cpu_devices < 0:
             raise ConfigError(f"--num_cpu_devices={self.num_cpu_devices}: must be >= 0")
+        for name in ("num_intra_threads", "num_inter_threads"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 0 "
+                                  "(0 = TensorFlow's choice)")
+        if self.batch_shards < 1:
+            raise ConfigError(f"--batch_shards={self.batch_shards}: must be >= 1 (1 = no split)")
         if self.latent_dim <= 0:
             raise ConfigError(f"--latent_dim={self.latent_dim}: must be a positive whole number")
         if self.kl_weight < 0:

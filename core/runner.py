@@ -94,8 +94,9 @@ class Run:
             # its config: a resumed run ends bit-identical to an uninterrupted one.
             tf.config.experimental.enable_op_determinism()
         prepare_model_dir(config.model_dir)
+        distribute.set_cpu_threads(config.num_intra_threads, config.num_inter_threads)
         self.strategy = distribute.make_strategy(config.strategy, config.num_cpu_devices)
-        distribute.check_batch(self.strategy, config.batch_size)
+        distribute.check_batch(self.strategy, config.batch_size, config.batch_shards)
         self.is_chief = distribute.is_chief(self.strategy)
         self.lock = ModelDirLock(config.model_dir) if self.is_chief else None
         if self.lock:
@@ -146,7 +147,7 @@ class Run:
             self.trainer = Trainer(
                 model, self.strategy, config.batch_size, config.learning_rate,
                 self.precision, self.jit_compile, config.eager, device_images, config.seed,
-                config.noise_factor)
+                config.noise_factor, batch_shards=config.batch_shards)
         # Denoising: one fixed noisy copy of the eval split, the same at every evaluation.
         self.noisy_eval = (data.noisy_copy(self.eval_split.images, config.noise_factor, config.seed)
                            if config.noise_factor else None)
@@ -155,10 +156,13 @@ class Run:
         self.summaries = Summaries(self.output_dir)
         self.code_shape = tuple(model.encode(tf.zeros((1, *self.image_shape))).shape[1:])
         logging.info(
-            "model %s (%s parameters, code %s) | %s | %d replica(s) | precision %s | jit_compile %s",
+            "model %s (%s parameters, code %s) | %s | %d replica(s) x %d shard(s) | precision %s | "
+            "jit_compile %s | threads intra %s, inter %s",
             config.model, f"{model.count_params():,}", self.code_shape,
-            type(self.strategy).__name__, self.strategy.num_replicas_in_sync, self.precision,
-            self.jit_compile)
+            type(self.strategy).__name__, self.strategy.num_replicas_in_sync, config.batch_shards,
+            self.precision, self.jit_compile,
+            tf.config.threading.get_intra_op_parallelism_threads() or "auto",
+            tf.config.threading.get_inter_op_parallelism_threads() or "auto")
 
     # ------------------------------------------------------------------ eval
     def evaluate(self, step: int) -> dict[str, float]:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from core import data, metrics
+from core import data, metrics, optimizers
 
 keras = tf.keras
 SUM = tf.distribute.ReduceOp.SUM
@@ -62,11 +62,16 @@ class Trainer:
         seed: int = 0,
         noise_factor: float = 0.0,
         xla_update: bool | None = None,
+        batch_shards: int = 1,
     ):
         self.model = model
         self.strategy = strategy
         self.global_batch_size = int(global_batch_size)
         self.per_replica_batch = self.global_batch_size // strategy.num_replicas_in_sync
+        self.batch_shards = int(batch_shards)
+        if self.batch_shards < 1 or self.per_replica_batch % self.batch_shards:
+            raise ValueError(f"batch_shards={batch_shards} must be >= 1 and divide the per-replica "
+                             f"batch ({self.per_replica_batch})")
         self.precision = precision
         self.jit_compile = jit_compile
         self.eager = eager
@@ -74,7 +79,7 @@ class Trainer:
         self.noise_factor = float(noise_factor)
         self.needs_seeds = bool(self.noise_factor) or hasattr(model, "moments")  # a VAE samples
         with strategy.scope():
-            optimizer = keras.optimizers.Adam(learning_rate)
+            optimizer = optimizers.FusedAdam(learning_rate)
             if precision == "mixed_float16":
                 # Dynamic loss scaling keeps float16 gradients from underflowing;
                 # bfloat16 has float32's exponent range and needs none.
@@ -132,22 +137,38 @@ class Trainer:
         noise = tf.random.stateless_normal(tf.shape(images), seed=seed, alg="philox")
         return tf.clip_by_value(images + self.noise_factor * noise, 0.0, 1.0)
 
-    def forward_backward(self, images: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, list]:
-        """Per-replica loss and gradients for a batch of images. Traced (XLA with --jit_compile).
+    def forward_backward(self, inputs: tf.Tensor, targets: tf.Tensor,
+                         seed: tf.Tensor) -> tuple[tf.Tensor, list]:
+        """Loss and gradients for one shard of a replica's batch. Traced (XLA with --jit_compile).
 
         The loss is the per-pixel BCE averaged per example (plus the model's extra
-        term: the VAE's KL), then summed over the replica's examples and divided by
-        the *global* batch size, so summing over replicas (what the all-reduce does
-        to the gradients) gives the global mean.
+        term: the VAE's KL), then summed over the shard's examples and divided by
+        the *global* batch size, so summing over shards and replicas (what the
+        all-reduce does to the gradients) gives the global mean.
         """
         variables = self.model.trainable_variables
-        inputs = self.corrupt(images, seed[0]) if self.noise_factor else images
         with tf.GradientTape() as tape:
-            logits, extra, _ = self.model.forward(inputs, training=True, seed=seed[1])
-            per_example = metrics.bce_from_logits(images, logits) + extra
+            logits, extra, _ = self.model.forward(inputs, training=True, seed=seed)
+            per_example = metrics.bce_from_logits(targets, logits) + extra
             loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
             scaled = self.optimizer.scale_loss(loss)  # identity unless mixed_float16
         return loss, tape.gradient(scaled, variables)
+
+    def replica_forward_backward(self, images: tf.Tensor,
+                                 seeds: tf.Tensor) -> tuple[tf.Tensor, list]:
+        """The replica's loss and gradients: one pass, or the sum over `batch_shards` shards."""
+        inputs = self.corrupt(images, seeds[0]) if self.noise_factor else images
+        if self.batch_shards == 1:
+            return self._forward_backward(inputs, images, seeds[1])
+        losses, shard_grads = [], []
+        for i, (x, y) in enumerate(zip(tf.split(inputs, self.batch_shards),
+                                       tf.split(images, self.batch_shards))):
+            seed = tf.random.experimental.stateless_fold_in(seeds[1], i) if self.needs_seeds \
+                else seeds[1]
+            loss, grads = self._forward_backward(x, y, seed)
+            losses.append(loss)
+            shard_grads.append(grads)
+        return tf.add_n(losses), [tf.add_n(list(g)) for g in zip(*shard_grads)]
 
     def train_step(self, images: tf.Tensor) -> tf.Tensor:
         """One optimisation step on one replica; returns its share of the loss. Traced."""
@@ -155,7 +176,7 @@ class Trainer:
             seeds = tf.stack([self.step_seed(1), self.step_seed(2)])  # noise, VAE sampling
         else:  # nothing random in this step: keep the seed ops off the hot path
             seeds = tf.zeros([2, 2], tf.int64)
-        loss, grads = self._forward_backward(images, seeds)
+        loss, grads = self.replica_forward_backward(images, seeds)
         # In replica context, apply_gradients all-reduces (sums) the gradients.
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         return loss

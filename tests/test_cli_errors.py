@@ -37,6 +37,10 @@ def _cases(mnist_dir, broken):
         (["--batch_size=0"], 2, "--batch_size=0: must be a positive whole number"),
         (["--learning_rate=-1"], 2, "--learning_rate=-1.0: must be a positive number"),
         (["--epochs=0"], 2, "--epochs=0: must be a positive whole number"),
+        (["--batch_shards=0"], 2, "--batch_shards=0: must be >= 1 (1 = no split)"),
+        (["--batch_shards=3"], 2, "--batch_size=256 does not divide evenly over 1 replica x 3 "
+                                  "shards (--batch_shards): use a multiple of 3"),
+        (["--num_intra_threads=-1"], 2, "--num_intra_threads=-1: must be >= 0"),
         ([*mnist, "--data_dir=/nonexistent"], 3, "--data_dir=/nonexistent is not a folder"),
         (["--dataset=mnist", "--train_split=train", f"--data_dir={mnist_dir}"], 3,
          "has no train images: expected train-images-idx3-ubyte.gz or train-images-idx3-ubyte"),

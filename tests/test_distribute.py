@@ -33,14 +33,14 @@ def _strategy(replicas):
 
 
 def _train(images, weights, replicas=1, jit=False, loops=(5, 5, 5, 5), device=False,
-           precision="float32", lr=3e-3):
+           precision="float32", lr=3e-3, shards=1):
     """Per-loop mean losses and final weights of a fresh trainer."""
     strategy = _strategy(replicas)
     with strategy.scope():
         model = build_autoencoder("seed", precision=precision)
         model.set_weights(weights)
         trainer = Trainer(model, strategy, BATCH, lr, precision=precision, jit_compile=jit,
-                          device_images=images if device else None, seed=3)
+                          device_images=images if device else None, seed=3, batch_shards=shards)
     iterator = None if device else iter(strategy.distribute_datasets_from_function(
         lambda ctx: data.train_dataset(images, BATCH, 3, 0, ctx)))
     losses = [trainer.train_loop(iterator, n) for n in loops]
@@ -60,6 +60,78 @@ def test_replica_counts_and_xla_give_the_same_losses(images, weights, reference,
     np.testing.assert_allclose(losses, reference[0], rtol=1e-4)  # 20 steps, 4 loops
     for a, b in zip(final, reference[1]):
         np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)  # Adam amplifies round-off
+
+
+@pytest.mark.parametrize("replicas,shards,jit,device", [
+    (1, 2, False, False), (1, 4, False, True), (2, 2, False, False), (1, 2, True, False)])
+def test_batch_shards_give_the_same_losses(images, weights, reference, replicas, shards, jit,
+                                           device):
+    """Shards split the replica's batch; their gradients sum to the unsplit step's."""
+    losses, final, trainer = _train(images, weights, replicas, jit, device=device, shards=shards)
+    assert trainer.batch_shards == shards
+    np.testing.assert_allclose(losses, reference[0], rtol=1e-4)
+    for a, b in zip(final, reference[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_batch_shards_run_side_by_side(weights):
+    """Each shard's convolutions, forward and backward, depend on its own slice of the
+    batch only: nothing orders one shard after the other, which is what lets the
+    executor run them on different cores at once."""
+    model = build_autoencoder("seed")
+    trainer = Trainer(model, tf.distribute.get_strategy(), BATCH, 1e-3, batch_shards=2)
+    graph = tf.function(trainer.replica_forward_backward).get_concrete_function(
+        tf.TensorSpec((BATCH, 28, 28, 1)), tf.zeros([2, 2], tf.int64)).graph
+
+    memo = {}
+
+    def slices_read(op):
+        """Which outputs (0 or 1) of the batch's Split ops `op` depends on."""
+        if op.name not in memo:
+            found = set()
+            for t in op.inputs:
+                found |= {t.value_index} if t.op.type == "Split" else slices_read(t.op)
+            memo[op.name] = found
+        return memo[op.name]
+
+    convs = [op for op in graph.get_operations() if op.type.startswith("Conv2D")]
+    by_shard = [slices_read(op) for op in convs]
+    assert all(len(s) == 1 for s in by_shard), by_shard  # no conv reads both shards
+    assert by_shard.count({0}) == by_shard.count({1}) > 10  # forward and backward, each shard
+
+
+@pytest.mark.parametrize("model_name", ["seed", "vae"])
+def test_batch_shards_with_noise_and_sampling(images, model_name):
+    """Denoising noise is drawn for the whole batch before the split, so shards change
+    nothing; a VAE's samples are drawn per shard (seeds folded with the shard index)."""
+    def losses(shards):
+        tf.keras.utils.set_random_seed(1)
+        model = build_autoencoder(model_name)
+        trainer = Trainer(model, tf.distribute.get_strategy(), BATCH, 3e-3, seed=5,
+                          noise_factor=0.3, batch_shards=shards)
+        iterator = iter(data.train_dataset(images, BATCH, 3, 0))
+        return np.array([trainer.train_loop(iterator, 4) for _ in range(3)])
+
+    one, two = losses(1), losses(2)
+    assert two[-1] < two[0]  # it learns
+    if model_name == "seed":
+        np.testing.assert_allclose(two, one, rtol=1e-4)
+    else:  # different draws, same objective
+        assert not np.allclose(two, one, rtol=1e-6) and np.allclose(two, one, rtol=0.05)
+
+
+def test_bad_batch_shards(images, weights):
+    with pytest.raises(ValueError, match="batch_shards=3 must be >= 1 and divide the per-replica"):
+        _train(images, weights, shards=3)
+    with pytest.raises(ConfigError, match=r"over 2 replicas x 3 shards \(--batch_shards\): use a multiple of 6"):
+        distribute.check_batch(_strategy(2), 64, 3)
+
+
+def test_thread_counts_are_fixed_once_tensorflow_started():
+    intra = tf.config.threading.get_intra_op_parallelism_threads()
+    distribute.set_cpu_threads(intra, 0)  # what it already is: fine
+    with pytest.raises(ConfigError, match="--num_intra_threads=7: TensorFlow already started"):
+        distribute.set_cpu_threads(7, 0)
 
 
 def test_steps_per_loop_1_and_8_are_identical(images, weights):

@@ -101,6 +101,17 @@ def test_cli_real_mnist_split(tmp_path, mnist_dir):
     assert (model_dir / "reconstructions.png").exists()
 
 
+def test_cli_cpu_recipe_threads_and_shards(tmp_path):
+    """The README's CPU recipe: one thread per op, two shards side by side."""
+    proc = run_train("--dataset=synthetic", "--train_steps=6", "--batch_size=16", "--log_every=3",
+                     f"--model_dir={tmp_path / 'run'}", "--num_intra_threads=1",
+                     "--num_inter_threads=2", "--batch_shards=2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "1 replica(s) x 2 shard(s)" in proc.stderr
+    assert "threads intra 1, inter 2" in proc.stderr
+    assert "train | step 6/6" in proc.stderr
+
+
 def test_cli_flagfile(tmp_path):
     flagfile = tmp_path / "tiny.cfg"
     flagfile.write_text("--dataset=synthetic\n--synthetic_shape=16,16,3\n--train_steps=5\n"
