@@ -85,27 +85,39 @@ def conv_flops_per_example(model, input_shape) -> int:
     Counted on the architecture as defined (a Conv2DTranspose counts on its
     input grid; an UpsampleConv counts as the 'same' conv on the upsampled map
     it is equivalent to), not on how a kernel computes it. Pooling, activations
-    and the loss are left out (under 1% here). Training is counted as 3x the
-    forward pass: the forward, the gradient to the activations and the gradient
-    to the weights each cost about one forward.
+    and the loss are left out (under 1% here).
     """
+    return sum(_conv_flops(model, input_shape))
+
+
+def train_flops_per_example(model, input_shape) -> int:
+    """Training FLOPs of one example: each conv's forward, its gradient to the weights
+    and its gradient to its input cost one forward each (3x), except that nothing
+    computes the gradient to the input images, which are data (the first conv: 2x)."""
+    convs = _conv_flops(model, input_shape)
+    return 3 * sum(convs) - convs[0]
+
+
+def _conv_flops(model, input_shape) -> list[int]:
+    """Forward FLOPs of each convolution, in the order they run."""
     from layers import blocks
 
-    total = 0
+    counts = []
     x = tf.zeros((1, *input_shape))
 
     def visit(layer, inputs):
-        nonlocal total
         out = layer(inputs)
         if isinstance(layer, blocks.UpsampleConv):
             k = layer.kernel_size
-            total += 2 * out.shape[1] * out.shape[2] * k * k * inputs.shape[-1] * layer.filters
+            counts.append(2 * out.shape[1] * out.shape[2] * k * k * inputs.shape[-1] * layer.filters)
         elif isinstance(layer, tf.keras.layers.Conv2DTranspose):
             kh, kw = layer.kernel_size
-            total += 2 * inputs.shape[1] * inputs.shape[2] * kh * kw * inputs.shape[-1] * layer.filters
+            counts.append(2 * inputs.shape[1] * inputs.shape[2] * kh * kw * inputs.shape[-1]
+                          * layer.filters)
         elif isinstance(layer, tf.keras.layers.Conv2D):
             kh, kw = layer.kernel_size
-            total += 2 * out.shape[1] * out.shape[2] * kh * kw * inputs.shape[-1] * layer.filters
+            counts.append(2 * out.shape[1] * out.shape[2] * kh * kw * inputs.shape[-1]
+                          * layer.filters)
         return out
 
     def walk(layer, inputs):
@@ -128,7 +140,7 @@ def conv_flops_per_example(model, input_shape) -> int:
         return layer(inputs)
 
     walk(model, x)
-    return int(total)
+    return [int(c) for c in counts]
 
 
 def summarize(rates: list[float], step_times: list[float] | None = None) -> dict:

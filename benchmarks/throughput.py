@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Training throughput (examples/sec) of tapeloop's loop variants and Keras `fit`, in one process.
+"""Training throughput (examples/sec) of tapeloop's loop variants and Keras `fit`, side by side.
 
-    python benchmarks/throughput.py                     # full run, ~10 minutes on 2 CPU cores
+    python benchmarks/throughput.py                     # full run, ~15 minutes on 2 CPU cores
     python benchmarks/throughput.py --rounds=2 --steps=8 --variants=tf_function,keras_fit_spe32
 
 Every variant trains the same model (`--model`, default `seed`) on the same
@@ -10,11 +10,20 @@ variant in turn (interleaved, so the machine's drift hits all alike); each
 timed interval ends with the loss read on the host. The first call (trace +
 compile + one step) is reported as compile time, then `--warmup_steps` more
 steps run untimed. Writes results/throughput.{json,md}.
+
+Thread settings are fixed when TensorFlow starts, once per process, so the
+variants run in one worker process per setting ('default': TensorFlow's
+choice, every op over all cores; 'per_core': one thread per op, as many ops
+at once as cores). The workers take turns, round by round: only one runs at a
+time, and each round of every variant still falls in the same stretch of
+time. Keras `fit` is measured under both settings and its best counts.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 import time
 
@@ -35,13 +44,18 @@ flags.DEFINE_integer("steps", 64, "Timed steps per variant per round (a multiple
 flags.DEFINE_integer("rounds", 7, "Timed rounds.")
 flags.DEFINE_integer("warmup_steps", 96, "Untimed steps after compilation.")
 flags.DEFINE_integer("num_cpu_devices", 2, "Logical CPU devices for the mirrored variants.")
-flags.DEFINE_integer("num_intra_threads", 0, "Threads per op (0: TensorFlow's choice).")
-flags.DEFINE_integer("num_inter_threads", 0, "Ops run at once (0: TensorFlow's choice).")
 flags.DEFINE_list("variants", [], "Run only these variants (default: all).")
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"), "Reports go here.")
 flags.DEFINE_bool("peaks", True, "Measure the matmul peaks (a few seconds).")
+flags.DEFINE_string("worker", None, "Internal: run as the worker of this thread setting.")
 
-# name -> how to build it. Ours: Trainer options; keras: compile() options.
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+# name -> (num_intra_threads, num_inter_threads); 0 is TensorFlow's choice (all cores).
+THREADS = {"default": (0, 0), "per_core": (1, CORES)}
+BF16 = "mixed_bfloat16"
+
+# name -> how to build it. Ours: Trainer options; keras: compile() options. `threads`
+# (default 'default') picks the worker; `steps` overrides --steps for very slow variants.
 OURS = {
     "eager": dict(eager=True, steps_per_loop=1),
     "tf_function": dict(steps_per_loop=1),
@@ -52,28 +66,53 @@ OURS = {
     # The split that MirroredStrategy needs (update outside XLA), on one replica.
     "steps_per_loop_32_xla_split": dict(steps_per_loop=32, jit_compile=True, xla_update=False),
     "data_on_device_32": dict(steps_per_loop=32, data_on_device=True),
-    "sharded_2_32": dict(steps_per_loop=32, batch_shards=2),
-    "sharded_2_device_32": dict(steps_per_loop=32, batch_shards=2, data_on_device=True),
-    "sharded_4_device_32": dict(steps_per_loop=32, batch_shards=4, data_on_device=True),
-    "mixed_bfloat16_sharded_2_device_32": dict(steps_per_loop=32, batch_shards=2, data_on_device=True, precision="mixed_bfloat16"),
-    "mixed_bfloat16_32": dict(steps_per_loop=32, precision="mixed_bfloat16"),
-    "mixed_bfloat16_device_32": dict(steps_per_loop=32, precision="mixed_bfloat16", data_on_device=True),
-    "mixed_float16_32": dict(steps_per_loop=32, precision="mixed_float16"),
+    "mixed_bfloat16_32": dict(steps_per_loop=32, precision=BF16),
+    "mixed_bfloat16_device_32": dict(steps_per_loop=32, precision=BF16, data_on_device=True),
+    "mixed_float16_32": dict(steps_per_loop=32, precision="mixed_float16", steps=8),
     "mirrored_2cpu_32": dict(steps_per_loop=32, replicas=2),
     "mirrored_2cpu_32_xla": dict(steps_per_loop=32, replicas=2, jit_compile=True),
+    # One thread per op; the batch in CORES shards side by side (the CPU recipe).
+    "sharded_device_32": dict(steps_per_loop=32, batch_shards=CORES, data_on_device=True,
+                              threads="per_core"),
+    "sharded_32": dict(steps_per_loop=32, batch_shards=CORES, threads="per_core"),
+    "mixed_bfloat16_sharded_device_32": dict(steps_per_loop=32, batch_shards=CORES,
+                                             data_on_device=True, precision=BF16,
+                                             threads="per_core"),
+    # What each half of the recipe gives alone.
+    "sharded_device_32_default_threads": dict(steps_per_loop=32, batch_shards=CORES,
+                                              data_on_device=True),
+    "data_on_device_32_per_core": dict(steps_per_loop=32, data_on_device=True, threads="per_core"),
 }
 KERAS = {
     "keras_fit_spe1": dict(steps_per_execution=1, jit_compile=False),
     "keras_fit_spe32": dict(steps_per_execution=32, jit_compile=False),
     "keras_fit_spe1_xla": dict(steps_per_execution=1, jit_compile=True),
     "keras_fit_spe32_xla": dict(steps_per_execution=32, jit_compile=True),
-    "keras_fit_spe32_bfloat16": dict(steps_per_execution=32, jit_compile=False,
-                                     precision="mixed_bfloat16"),
+    "keras_fit_spe32_bfloat16": dict(steps_per_execution=32, jit_compile=False, precision=BF16),
+    # Keras under the per-core thread setting, and its own way to put batch halves on
+    # different cores: MirroredStrategy over logical CPU devices.
+    "keras_fit_spe32_per_core": dict(steps_per_execution=32, jit_compile=False,
+                                     threads="per_core"),
+    "keras_fit_spe32_bfloat16_per_core": dict(steps_per_execution=32, jit_compile=False,
+                                              precision=BF16, threads="per_core"),
+    "keras_fit_spe32_mirrored_per_core": dict(steps_per_execution=32, jit_compile=False,
+                                              replicas=CORES, threads="per_core"),
 }
+VARIANTS = {**OURS, **KERAS}
 
 
 def precision_of(spec: dict) -> str:
     return spec.get("precision", "float32")
+
+
+def _strategy(spec):
+    import tensorflow as tf
+
+    from core import distribute
+
+    replicas = spec.get("replicas", 1)
+    return (distribute.make_strategy("mirrored", replicas) if replicas > 1
+            else tf.distribute.get_strategy())
 
 
 class OurVariant:
@@ -82,13 +121,11 @@ class OurVariant:
     def __init__(self, spec, images, batch, model_name):
         import tensorflow as tf
 
-        from core import data, distribute
+        from core import data
         from core.trainer import Trainer
         from layers.autoencoders import build_autoencoder
 
-        replicas = spec.get("replicas", 1)
-        strategy = (distribute.make_strategy("mirrored", replicas) if replicas > 1
-                    else tf.distribute.get_strategy())
+        strategy = _strategy(spec)
         precision = precision_of(spec)
         tf.keras.utils.set_random_seed(0)
         with strategy.scope():
@@ -102,6 +139,9 @@ class OurVariant:
             strategy.distribute_datasets_from_function(
                 lambda ctx: data.train_dataset(images, batch, 0, 0, ctx)))
         self.loop = spec["steps_per_loop"]
+
+    def compile(self) -> None:
+        self.trainer.train_loop(self.iterator, 1)  # trace + compile + 1 step
 
     def run(self, steps: int) -> None:
         while steps > 0:
@@ -121,11 +161,12 @@ class KerasVariant:
         from layers.autoencoders import build_autoencoder
 
         tf.keras.utils.set_random_seed(0)
-        self.model = build_autoencoder(model_name, images.shape[1:], precision_of(spec))
-        self.model.compile(optimizer=tf.keras.optimizers.Adam(1e-3),
-                           loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
-                           steps_per_execution=spec["steps_per_execution"],
-                           jit_compile=spec["jit_compile"])
+        with _strategy(spec).scope():
+            self.model = build_autoencoder(model_name, images.shape[1:], precision_of(spec))
+            self.model.compile(optimizer=tf.keras.optimizers.Adam(1e-3),
+                               loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
+                               steps_per_execution=spec["steps_per_execution"],
+                               jit_compile=spec["jit_compile"])
         self.dataset = data.train_dataset(images, batch, 0).map(lambda x: (x, x))
         self.spe = spec["steps_per_execution"]
         self.times = []
@@ -137,6 +178,9 @@ class KerasVariant:
 
         self.clock = Clock()
 
+    def compile(self) -> None:
+        self.run(1)
+
     def run(self, steps: int) -> float | None:
         """Runs one extra execution first; returns the seconds of the `steps` after it."""
         self.times = []
@@ -145,56 +189,140 @@ class KerasVariant:
         return self.times[-1] - self.times[0]
 
 
+# ------------------------------------------------------------------ worker side
+def _send(message: dict) -> None:
+    """A protocol line on stdout (everything else a worker prints goes to stderr)."""
+    sys.__stdout__.write("@@" + json.dumps(message) + "\n")
+    sys.__stdout__.flush()
+
+
+def worker_main(setting: str, names: list[str]) -> None:
+    """Builds and compiles `names` under one thread setting, then times one round of all
+    of them per 'round' line on stdin, until 'exit'."""
+    sys.stdout = sys.stderr  # keep stdout for the protocol
+    from core import data, distribute
+
+    distribute.set_cpu_threads(*THREADS[setting])
+    distribute.setup_logical_cpus(FLAGS.num_cpu_devices)
+    images = data.load_split(FLAGS.train_split, FLAGS.dataset, FLAGS.data_dir).images
+    batch = FLAGS.batch_size
+    variants, compile_s = {}, {}
+    for name in names:
+        print(f"[{setting}] building {name}...", flush=True)
+        spec = VARIANTS[name]
+        start = time.perf_counter()
+        variant = (KerasVariant if name in KERAS else OurVariant)(spec, images, batch, FLAGS.model)
+        variant.compile()
+        compile_s[name] = time.perf_counter() - start
+        variant.run(min(FLAGS.warmup_steps, 4 * spec.get("steps", FLAGS.warmup_steps)))
+        variants[name] = variant
+    _send({"compile_seconds": compile_s})
+    for line in sys.stdin:
+        if line.strip() != "round":
+            break
+        rates, step_times = {}, {}
+        for name, variant in variants.items():
+            steps = min(FLAGS.steps, VARIANTS[name].get("steps", FLAGS.steps))
+            start = time.perf_counter()
+            measured = variant.run(steps)
+            seconds = measured if measured is not None else time.perf_counter() - start
+            rates[name] = steps * batch / seconds
+            step_times[name] = seconds / steps
+        _send({"rates": rates, "step_times": step_times})
+
+
+# ------------------------------------------------------------------ driver side
+class Worker:
+    """A worker process for one thread setting, driven over its stdin/stdout."""
+
+    def __init__(self, setting: str, names: list[str]):
+        self.setting = setting
+        argv = [sys.executable, os.path.abspath(__file__), f"--worker={setting}",
+                f"--variants={','.join(names)}"]
+        for name in ("model", "dataset", "data_dir", "train_split", "batch_size", "steps",
+                     "warmup_steps", "num_cpu_devices"):
+            value = FLAGS[name].value
+            if value is not None:
+                argv.append(f"--{name}={value}")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True, bufsize=1)
+
+    def receive(self) -> dict:
+        for line in self.proc.stdout:
+            if line.startswith("@@"):
+                return json.loads(line[2:])
+        code = self.proc.wait()
+        raise RuntimeError(f"the {self.setting!r} worker exited with code {code} (its error is "
+                           "above)")
+
+    def request_round(self) -> dict:
+        self.proc.stdin.write("round\n")
+        self.proc.stdin.flush()
+        return self.receive()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("exit\n")
+            self.proc.stdin.flush()
+            self.proc.wait(timeout=60)
+
+
 def main(argv):
     del argv
-    from core import data, distribute
-    from layers.autoencoders import build_autoencoder
-
-    distribute.set_cpu_threads(FLAGS.num_intra_threads, FLAGS.num_inter_threads)
-    distribute.setup_logical_cpus(FLAGS.num_cpu_devices)
-    context = common.machine_context(with_peaks=FLAGS.peaks)
-    images = data.load_split(FLAGS.train_split, FLAGS.dataset, FLAGS.data_dir).images
-    chosen = {**OURS, **KERAS}
+    chosen = dict(VARIANTS)
     if FLAGS.variants:
         unknown = set(FLAGS.variants) - set(chosen)
         if unknown:
             raise app.UsageError(f"unknown variants {sorted(unknown)}: choose from {sorted(chosen)}")
         chosen = {k: v for k, v in chosen.items() if k in FLAGS.variants}
-    batch = FLAGS.batch_size
-    variants, compile_s = {}, {}
-    for name, spec in chosen.items():
-        print(f"building {name}...", flush=True)
-        cls = KerasVariant if name in KERAS else OurVariant
-        start = time.perf_counter()
-        variant = cls(spec, images, batch, FLAGS.model)
-        if cls is OurVariant:
-            variant.trainer.train_loop(variant.iterator, 1)  # trace + compile + 1 step
-            compile_s[name] = time.perf_counter() - start
-            variant.run(FLAGS.warmup_steps)
-        else:
-            variant.run(FLAGS.warmup_steps)  # includes trace + compile
-            compile_s[name] = time.perf_counter() - start
-        variants[name] = variant
-    rates = {name: [] for name in variants}
-    step_times = {name: [] for name in variants}
-    for r in range(FLAGS.rounds):
-        for name, variant in variants.items():
-            start = time.perf_counter()
-            measured = variant.run(FLAGS.steps)
-            seconds = measured if measured is not None else time.perf_counter() - start
-            rates[name].append(FLAGS.steps * batch / seconds)
-            step_times[name].append(seconds / FLAGS.steps)
-        print(f"round {r + 1}/{FLAGS.rounds}: " + ", ".join(
-            f"{n} {rates[n][-1]:,.0f}" for n in variants), flush=True)
+    if FLAGS.worker:
+        worker_main(FLAGS.worker, list(chosen))
+        return
 
-    model = build_autoencoder(FLAGS.model, images.shape[1:])
-    flops = 3 * common.conv_flops_per_example(model, images.shape[1:])
+    # The machine context and the matmul peaks, measured with every core (default threads).
+    context = common.machine_context(with_peaks=FLAGS.peaks)
+    context["thread_settings"] = {name: {"num_intra_threads": intra, "num_inter_threads": inter}
+                                  for name, (intra, inter) in THREADS.items()}
+    by_setting: dict[str, list[str]] = {}
+    for name, spec in chosen.items():
+        by_setting.setdefault(spec.get("threads", "default"), []).append(name)
+    workers, compile_s = [], {}
+    try:
+        for setting, names in by_setting.items():  # one at a time: compile times stay clean
+            print(f"starting the {setting!r} worker: {', '.join(names)}", flush=True)
+            worker = Worker(setting, names)
+            workers.append(worker)
+            compile_s.update(worker.receive()["compile_seconds"])
+        rates = {name: [] for name in chosen}
+        step_times = {name: [] for name in chosen}
+        for r in range(FLAGS.rounds):
+            for worker in workers:
+                measured = worker.request_round()
+                for name, rate in measured["rates"].items():
+                    rates[name].append(rate)
+                    step_times[name].append(measured["step_times"][name])
+            print(f"round {r + 1}/{FLAGS.rounds}: " + ", ".join(
+                f"{n} {rates[n][-1]:,.0f}" for n in chosen), flush=True)
+    finally:
+        for worker in workers:
+            worker.close()
+    report(context, chosen, rates, step_times, compile_s)
+
+
+def report(context, chosen, rates, step_times, compile_s) -> None:
+    from core import data
+    from layers.autoencoders import build_autoencoder
+
+    image_shape = data.load_split(FLAGS.train_split, FLAGS.dataset, FLAGS.data_dir).image_shape
+    model = build_autoencoder(FLAGS.model, image_shape)
+    flops = common.train_flops_per_example(model, image_shape)
+    batch = FLAGS.batch_size
     results = {}
-    for name in variants:
-        spec = chosen[name]
+    for name, spec in chosen.items():
         summary = common.summarize(rates[name], step_times[name])
         summary["compile_seconds"] = compile_s[name]
         summary["precision"] = precision_of(spec)
+        summary["threads"] = spec.get("threads", "default")
         summary["loop"] = "keras_fit" if name in KERAS else "tapeloop"
         peak = context.get("matmul_peak_flops", {}).get(
             "bfloat16" if "bfloat16" in summary["precision"] else "float32")
@@ -203,7 +331,7 @@ def main(argv):
         results[name] = summary
 
     headline = {}
-    for precision in ("float32", "mixed_bfloat16"):
+    for precision in ("float32", BF16):
         ours = {n: r for n, r in results.items()
                 if r["loop"] == "tapeloop" and r["precision"] == precision}
         theirs = {n: r for n, r in results.items()
@@ -218,21 +346,26 @@ def main(argv):
         "batch_size": batch, "steps": FLAGS.steps, "rounds": FLAGS.rounds,
         "warmup_steps": FLAGS.warmup_steps, "train_flops_per_example": flops},
         "results": results, "headline": headline}
+    intra, inter = THREADS["per_core"]
     lines = ["# Training throughput\n", common.context_markdown(payload["context"]),
-             f"Model `{FLAGS.model}` ({flops / 1e6:.2f} MFLOP per training example), "
+             f"Model `{FLAGS.model}` ({flops / 1e6:.2f} MFLOP per training example, "
+             "benchmarks/NOTES.md says how they are counted), "
              f"{FLAGS.dataset} {FLAGS.train_split}, global batch {batch}; {FLAGS.rounds} rounds "
-             f"of {FLAGS.steps} steps per variant, interleaved.\n"]
+             f"of {FLAGS.steps} steps per variant, interleaved. Threads: `default` is "
+             f"TensorFlow's choice, `per_core` is --num_intra_threads={intra} "
+             f"--num_inter_threads={inter}; `sharded` variants split the batch into "
+             f"{CORES} shards (--batch_shards={CORES}).\n"]
     for precision, h in headline.items():
         lines.append(f"**{precision}: best tapeloop `{h['ours']}` / best Keras fit `{h['keras']}` "
                      f"= {h['ratio']:.2f}x**\n")
-    lines.append("| variant | precision | examples/s (median) | stderr | jitter | step ms p50 / p90 "
-                 "| compile s | % of matmul peak |")
-    lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines.append("| variant | precision | threads | examples/s (median) | stderr | jitter "
+                 "| step ms p50 / p90 | compile s | % of matmul peak |")
+    lines.append("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for name, r in sorted(results.items(), key=lambda kv: -kv[1]["median"]):
         pct = f"{100 * r['fraction_of_peak']:.1f}" if r["fraction_of_peak"] else "-"
-        lines.append(f"| `{name}` | {r['precision']} | {r['median']:,.0f} | {r['stderr']:,.0f} | "
-                     f"{r['jitter']:,.0f} | {r['step_ms_p50']:.1f} / {r['step_ms_p90']:.1f} | "
-                     f"{r['compile_seconds']:.1f} | {pct} |")
+        lines.append(f"| `{name}` | {r['precision']} | {r['threads']} | {r['median']:,.0f} | "
+                     f"{r['stderr']:,.0f} | {r['jitter']:,.0f} | {r['step_ms_p50']:.1f} / "
+                     f"{r['step_ms_p90']:.1f} | {r['compile_seconds']:.1f} | {pct} |")
     common.write_report(FLAGS.output_dir, "throughput", payload, lines)
 
 

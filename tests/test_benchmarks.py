@@ -25,19 +25,26 @@ def mnist_flags(mnist_dir):
 
 
 def test_throughput_smoke(tmp_path, mnist_flags):
-    _run("throughput.py", *mnist_flags, f"--output_dir={tmp_path}", "--rounds=2", "--steps=2",
-         "--warmup_steps=1", "--batch_size=32", "--peaks=false",
-         "--variants=tf_function,steps_per_loop_8,mirrored_2cpu_32,keras_fit_spe1")
+    """Variants of both thread settings: two worker processes taking turns."""
+    names = {"tf_function", "steps_per_loop_8", "mirrored_2cpu_32", "keras_fit_spe1",
+             "sharded_device_32", "keras_fit_spe32_per_core"}
+    proc = _run("throughput.py", *mnist_flags, f"--output_dir={tmp_path}", "--rounds=2",
+                "--steps=2", "--warmup_steps=1", "--batch_size=32", "--peaks=false",
+                f"--variants={','.join(sorted(names))}")
+    assert "starting the 'default' worker" in proc.stdout
+    assert "starting the 'per_core' worker" in proc.stdout
     report = json.loads((tmp_path / "throughput.json").read_text())
-    assert set(report["results"]) == {"tf_function", "steps_per_loop_8", "mirrored_2cpu_32",
-                                      "keras_fit_spe1"}
+    assert set(report["results"]) == names
     for result in report["results"].values():
         assert {"median", "stderr", "jitter", "step_ms_p50", "step_ms_p90", "compile_seconds",
-                "precision", "loop", "flops_per_sec"} <= set(result)
+                "precision", "threads", "loop", "flops_per_sec"} <= set(result)
         assert result["median"] > 0 and result["rounds"] == 2
-    assert report["headline"]["float32"]["keras"] == "keras_fit_spe1"
-    assert report["config"]["train_flops_per_example"] == 3 * 861_184  # the seed model
-    assert "| `tf_function` |" in (tmp_path / "throughput.md").read_text()
+    assert report["results"]["sharded_device_32"]["threads"] == "per_core"
+    assert report["results"]["keras_fit_spe1"]["threads"] == "default"
+    assert report["headline"]["float32"]["keras"] in {"keras_fit_spe1", "keras_fit_spe32_per_core"}
+    # 3x the forward convolutions (861,184 FLOPs), less the first one's input gradient.
+    assert report["config"]["train_flops_per_example"] == 3 * 861_184 - 200_704
+    assert "| `sharded_device_32` | float32 | per_core |" in (tmp_path / "throughput.md").read_text()
 
 
 def test_throughput_rejects_unknown_variants(tmp_path):

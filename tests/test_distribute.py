@@ -123,7 +123,8 @@ def test_batch_shards_with_noise_and_sampling(images, model_name):
 def test_bad_batch_shards(images, weights):
     with pytest.raises(ValueError, match="batch_shards=3 must be >= 1 and divide the per-replica"):
         _train(images, weights, shards=3)
-    with pytest.raises(ConfigError, match=r"over 2 replicas x 3 shards \(--batch_shards\): use a multiple of 6"):
+    with pytest.raises(ConfigError,
+                       match=r"over 2 replicas x 3 shards \(--batch_shards\): use a multiple of 6"):
         distribute.check_batch(_strategy(2), 64, 3)
 
 
