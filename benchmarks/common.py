@@ -87,37 +87,37 @@ def conv_flops_per_example(model, input_shape) -> int:
     it is equivalent to), not on how a kernel computes it. Pooling, activations
     and the loss are left out (under 1% here).
     """
-    return sum(_conv_flops(model, input_shape))
+    return sum(conv["flops"] for conv in conv_layers(model, input_shape))
 
 
 def train_flops_per_example(model, input_shape) -> int:
     """Training FLOPs of one example: each conv's forward, its gradient to the weights
     and its gradient to its input cost one forward each (3x), except that nothing
     computes the gradient to the input images, which are data (the first conv: 2x)."""
-    convs = _conv_flops(model, input_shape)
-    return 3 * sum(convs) - convs[0]
+    flops = [conv["flops"] for conv in conv_layers(model, input_shape)]
+    return 3 * sum(flops) - flops[0]
 
 
-def _conv_flops(model, input_shape) -> list[int]:
-    """Forward FLOPs of each convolution, in the order they run."""
+def conv_layers(model, input_shape) -> list[dict]:
+    """Each convolution in the order it runs: name, the grid it runs on (H, W, C_in),
+    filters, kernel size, transposed or not, and forward FLOPs per example."""
     from layers import blocks
 
-    counts = []
+    convs = []
     x = tf.zeros((1, *input_shape))
 
-    def visit(layer, inputs):
+    def visit(layer, inputs, name=None):
         out = layer(inputs)
-        if isinstance(layer, blocks.UpsampleConv):
-            k = layer.kernel_size
-            counts.append(2 * out.shape[1] * out.shape[2] * k * k * inputs.shape[-1] * layer.filters)
-        elif isinstance(layer, tf.keras.layers.Conv2DTranspose):
-            kh, kw = layer.kernel_size
-            counts.append(2 * inputs.shape[1] * inputs.shape[2] * kh * kw * inputs.shape[-1]
-                          * layer.filters)
-        elif isinstance(layer, tf.keras.layers.Conv2D):
-            kh, kw = layer.kernel_size
-            counts.append(2 * out.shape[1] * out.shape[2] * kh * kw * inputs.shape[-1]
-                          * layer.filters)
+        kernel = layer.kernel_size
+        k = kernel if isinstance(kernel, int) else kernel[0]
+        cin, cout = int(inputs.shape[-1]), int(out.shape[-1])
+        transposed = isinstance(layer, tf.keras.layers.Conv2DTranspose)
+        # A transposed conv counts on its input grid, every other conv on its output grid
+        # (for an UpsampleConv: the upsampled map the equivalent 'same' conv runs on).
+        grid = inputs if transposed else out
+        h, w = int(grid.shape[1]), int(grid.shape[2])
+        convs.append({"name": name or layer.name, "input": [h, w, cin], "filters": cout, "kernel": int(k),
+                      "transposed": transposed, "flops": 2 * h * w * k * k * cin * cout})
         return out
 
     def walk(layer, inputs):
@@ -136,11 +136,11 @@ def _conv_flops(model, input_shape) -> list[int]:
         for name in ("conv",):
             sub = getattr(layer, name, None)
             if sub is not None:
-                visit(sub, inputs)
+                visit(sub, inputs, name=f"{layer.name}/{name}")
         return layer(inputs)
 
     walk(model, x)
-    return [int(c) for c in counts]
+    return convs
 
 
 def summarize(rates: list[float], step_times: list[float] | None = None) -> dict:

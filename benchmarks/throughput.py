@@ -97,6 +97,9 @@ KERAS = {
                                               precision=BF16, threads="per_core"),
     "keras_fit_spe32_mirrored_per_core": dict(steps_per_execution=32, jit_compile=False,
                                               replicas=CORES, threads="per_core"),
+    "keras_fit_spe32_bfloat16_mirrored_per_core": dict(
+        steps_per_execution=32, jit_compile=False, precision=BF16, replicas=CORES,
+        threads="per_core"),
 }
 VARIANTS = {**OURS, **KERAS}
 
@@ -229,6 +232,10 @@ def worker_main(setting: str, names: list[str]) -> None:
             rates[name] = steps * batch / seconds
             step_times[name] = seconds / steps
         _send({"rates": rates, "step_times": step_times})
+    # Exit at once: interpreter shutdown can hang on the distributed iterators' threads,
+    # and there is nothing left to clean up.
+    sys.__stdout__.flush()
+    os._exit(0)
 
 
 # ------------------------------------------------------------------ driver side
@@ -262,9 +269,12 @@ class Worker:
 
     def close(self) -> None:
         if self.proc.poll() is None:
-            self.proc.stdin.write("exit\n")
-            self.proc.stdin.flush()
-            self.proc.wait(timeout=60)
+            try:
+                self.proc.stdin.write("exit\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
 
 
 def main(argv):
@@ -303,10 +313,10 @@ def main(argv):
                     step_times[name].append(measured["step_times"][name])
             print(f"round {r + 1}/{FLAGS.rounds}: " + ", ".join(
                 f"{n} {rates[n][-1]:,.0f}" for n in chosen), flush=True)
+        report(context, chosen, rates, step_times, compile_s)
     finally:
         for worker in workers:
             worker.close()
-    report(context, chosen, rates, step_times, compile_s)
 
 
 def report(context, chosen, rates, step_times, compile_s) -> None:

@@ -56,6 +56,21 @@ def test_throughput_rejects_unknown_variants(tmp_path):
     assert proc.returncode != 0 and "unknown variants ['warp_drive']" in proc.stderr
 
 
+def test_conv_ceiling_smoke(tmp_path):
+    _run("conv_ceiling.py", f"--output_dir={tmp_path}", "--iterations=2", "--repeats=1",
+         "--dtypes=float32", "--batch_size=8")
+    report = json.loads((tmp_path / "conv_ceiling.json").read_text())
+    result = report["results"]["float32"]
+    convs = result["convs"]
+    assert [c["input"] for c in convs][:2] == [[28, 28, 1], [14, 14, 8]]  # the seed model
+    assert "grad_input" not in convs[0] and "grad_input" in convs[1]  # the images need none
+    for conv in convs:
+        for op in ("forward", "grad_weights"):
+            assert conv[op]["ms"] > 0 and conv[op]["fraction_of_core_peak"] > 0
+    assert 0 < result["ceiling_fraction_of_peak"] and result["core_matmul_peak_flops"] > 0
+    assert "| down0/conv | 28x28x1 | 8 | 4 |" in (tmp_path / "conv_ceiling.md").read_text()
+
+
 def test_input_pipeline_smoke(tmp_path, mnist_flags):
     _run("input_pipeline.py", *mnist_flags, f"--output_dir={tmp_path}", "--batches=3",
          "--train_steps=2", "--rounds=2", "--batch_size=32")
