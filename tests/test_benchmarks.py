@@ -71,6 +71,21 @@ def test_conv_ceiling_smoke(tmp_path):
     assert "| down0/conv | 28x28x1 | 8 | 4 |" in (tmp_path / "conv_ceiling.md").read_text()
 
 
+def test_op_profile_smoke(tmp_path):
+    _run("op_profile.py", f"--output_dir={tmp_path}", "--steps=2", "--batch_size=16",
+         "--batch_shards=2", "--report_name=profile")
+    report = json.loads((tmp_path / "profile.json").read_text())
+    ops, summary = report["ops"], report["summary"]
+    # Two shards, each running the model's 7 forward convolutions (oneDNN's fused
+    # conv+bias op on x86, plain Conv2D elsewhere).
+    forward = [o["per_step"] for op, o in ops.items() if "Conv2D" in op and "Backprop" not in op]
+    assert sum(forward) == 14, ops
+    assert ops["ResourceApplyAdam"]["per_step"] == 14  # one fused update per variable
+    assert summary["op_ms_per_step"] > 0 and summary["wall_ms_per_step_traced"] > 0
+    assert any("down0/conv" in node for node in report["nodes"])
+    assert "| op type | per step | ms per step |" in (tmp_path / "profile.md").read_text()
+
+
 def test_input_pipeline_smoke(tmp_path, mnist_flags):
     _run("input_pipeline.py", *mnist_flags, f"--output_dir={tmp_path}", "--batches=3",
          "--train_steps=2", "--rounds=2", "--batch_size=32")
