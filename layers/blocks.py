@@ -113,6 +113,16 @@ class ConvStride(_Block):
         return self.conv(inputs)
 
 
+def _depth_to_space(x, channels):
+    """tf.nn.depth_to_space(x, 2) as reshape -> transpose -> reshape: the same values in
+    the same order; TensorFlow's DepthToSpace kernel (and its gradient, SpaceToDepth)
+    is slower on CPU for these few channels (benchmarks/NOTES.md)."""
+    h, w = x.shape[1], x.shape[2]
+    x = tf.reshape(x, (-1, h, w, 2, 2, channels))  # (B, h, w, phase_h, phase_w, C)
+    x = tf.transpose(x, (0, 1, 3, 2, 4, 5))  # (B, h, phase_h, w, phase_w, C)
+    return tf.reshape(x, (-1, 2 * h, 2 * w, channels))
+
+
 def _subpixel_taps(kernel_size: int) -> tuple[np.ndarray, int, int]:
     """How a 'same' convolution of an image upsampled 2x (nearest) reads the small image.
 
@@ -179,8 +189,10 @@ class UpsampleConv(_Block):
             # The bias of each of the 4 phases, added on the small map: its gradient
             # is then a reduction over 4x fewer, 4x wider rows.
             y = tf.nn.bias_add(y, tf.tile(tf.cast(self.bias, self.compute_dtype), [4]))
-            y = tf.nn.depth_to_space(y, 2)  # (B, 2h, 2w, filters)
-            return self.act(y) if self.act is not None else y
+            # An element-wise activation commutes with the interleaving; before it,
+            # TensorFlow fuses it into the convolution.
+            y = self.act(y) if self.act is not None else y
+            return _depth_to_space(y, self.filters)  # (B, 2h, 2w, filters)
         else:
             x = tf.repeat(tf.repeat(tf.cast(inputs, self.compute_dtype), 2, axis=1), 2, axis=2)
             x = _crop_to(x, self.target_size)
