@@ -37,7 +37,7 @@ flags.DEFINE_integer("batch_shards", 1, "Trainer batch_shards.")
 flags.DEFINE_integer("num_intra_threads", 0, "Threads per op (0: TensorFlow's choice).")
 flags.DEFINE_integer("num_inter_threads", 0, "Ops at once (0: TensorFlow's choice).")
 flags.DEFINE_string("precision", "float32", "float32 or mixed_bfloat16.")
-flags.DEFINE_integer("steps", 32, "Traced steps (one compiled call).")
+flags.DEFINE_integer("steps", 16, "Traced steps (one compiled call; longer traces lose small ops' events).")
 flags.DEFINE_integer("top", 25, "Rows of each Markdown table.")
 flags.DEFINE_string("report_name", "op_profile", "Writes REPORT_NAME.{json,md}.")
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"), "Reports go here.")
@@ -66,7 +66,7 @@ def read_trace(logdir: str) -> dict:
                 start = line.timestamp_ns + event.offset_ps / 1e3
                 if name == "ExecutorState::Process":  # a thread running (and scheduling) ops
                     busy[line.name] += event.duration_ps
-                elif ":" in name:  # "node_name:OpType"
+                elif ":" in name and "::" not in name:  # "node_name:OpType", not "Class::method"
                     node, op = name.rsplit(":", 1)
                     counts[op] += 1
                     durations[op] += event.duration_ps
@@ -109,7 +109,8 @@ def main(argv):
     untraced_ms = 1e3 * (time.perf_counter() - start) / FLAGS.steps
     logdir = tempfile.mkdtemp(prefix="op_profile-")
     try:
-        tf.profiler.experimental.start(logdir)
+        tf.profiler.experimental.start(
+            logdir, options=tf.profiler.experimental.ProfilerOptions(host_tracer_level=3))
         trainer.train_loop(None, FLAGS.steps)
         tf.profiler.experimental.stop()
         trace = read_trace(logdir)

@@ -288,6 +288,12 @@ def main(argv):
     if FLAGS.worker:
         worker_main(FLAGS.worker, list(chosen))
         return
+    import tensorflow as tf
+
+    if not FLAGS.variants and tf.config.list_physical_devices("GPU"):
+        # Shards and one thread per op are a CPU recipe: on GPUs they only add rounds.
+        chosen = {k: v for k, v in chosen.items()
+                  if v.get("threads") != "per_core" and "batch_shards" not in v}
 
     # The machine context and the matmul peaks, measured with every core (default threads).
     context = common.machine_context(with_peaks=FLAGS.peaks)
