@@ -144,7 +144,10 @@ class Controller:
         if self._nan_at is not None and step == self._nan_at - 1:
             logging.warning("test hook %s: setting a weight to NaN before step %d",
                             NAN_HOOK_ENV, self._nan_at)
-            var = self.trainer.model.trainable_variables[-1]  # the output bias: every logit NaN
+            # The output layer's bias: it has no activation, so every logit is NaN. (A
+            # hidden layer's would not do: oneDNN's fused conv+relu maps NaN to 0.)
+            var = next(v for v in self.trainer.model.trainable_variables
+                       if v.path.endswith("logits/bias"))
             var.assign(tf.fill(var.shape, float("nan")))
             self._nan_at = None  # once per process
 
