@@ -58,6 +58,11 @@ def matmul_peak(dtype: tf.DType, n: int = 2048, repeats: int = 7) -> float:
     return 2 * n**3 * inner / statistics.median(times)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
 def machine_context(with_peaks: bool = True) -> dict:
     gpus = tf.config.list_physical_devices("GPU")
     device = (tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")

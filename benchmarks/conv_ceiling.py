@@ -69,7 +69,7 @@ def main(argv):
     tf.config.threading.set_inter_op_parallelism_threads(1)
     from layers.autoencoders import build_autoencoder
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = common.usable_cores()
     batch = max(1, FLAGS.batch_size // cores)
     image_shape = tuple(int(d) for d in FLAGS.image_shape)
     model = build_autoencoder(FLAGS.model, image_shape)

@@ -49,7 +49,7 @@ flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "resul
 flags.DEFINE_bool("peaks", True, "Measure the matmul peaks (a few seconds).")
 flags.DEFINE_string("worker", None, "Internal: run as the worker of this thread setting.")
 
-CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+CORES = common.usable_cores()
 # name -> (num_intra_threads, num_inter_threads); 0 is TensorFlow's choice (all cores).
 THREADS = {"default": (0, 0), "per_core": (1, CORES)}
 BF16 = "mixed_bfloat16"
