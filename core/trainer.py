@@ -11,6 +11,10 @@ forward and backward pass, `forward_backward`, and the optimizer update, which
 all-reduces the gradients across replicas, runs after it in the ordinary
 `tf.function` that loops over K steps. With a single replica there is no
 all-reduce, and XLA compiles the whole step, update included.
+
+With `batch_shards` > 1 each replica's batch is split and `forward_backward`
+runs once per shard (one XLA cluster each with --jit_compile); nothing orders
+the shards, so with one thread per op they run on different cores at once.
 """
 
 from __future__ import annotations
