@@ -74,10 +74,64 @@ class _Block(keras.layers.Layer):
         return config
 
 
+# Images per group in ConvPool's "images as channels" form (the batch must divide by it).
+_IMAGE_GROUP = 8
+
+
+def _has_gpu() -> bool:
+    return bool(tf.config.list_physical_devices("GPU"))
+
+
+def _space_to_depth_taps(kernel_size: int) -> tuple[np.ndarray, int] | None:
+    """How a stride-1 'same' convolution reads a space-to-depth (2x2 blocks) input.
+
+    Output pixel 2i+a reads input pixel 2i+a+d-p for tap d (p = TensorFlow's
+    'same' padding before): block i + (a+d-p)//2, phase (a+d-p)%2. Returns
+    T (n offsets, 2 input phases, 2 output phases, kernel_size taps) with
+    T[o, q, a, d] = 1 where tap d of output phase a reads offset o - lo, phase q,
+    and n; or None when the block grid's padding is not what 'same' does for n.
+    """
+    pad_before = (kernel_size - 1) // 2
+    reads = [[divmod(a + d - pad_before, 2) for d in range(kernel_size)] for a in (0, 1)]
+    offsets = [o for row in reads for o, _ in row]
+    lo, hi = min(offsets), max(offsets)
+    n = hi - lo + 1
+    if (-lo, hi) != ((n - 1) // 2, n - 1 - (n - 1) // 2):
+        return None
+    taps = np.zeros((n, 2, 2, kernel_size), np.float32)
+    for a in (0, 1):
+        for d, (o, q) in enumerate(reads[a]):
+            taps[o - lo, q, a, d] = 1.0
+    return taps, n
+
+
+def _space_to_depth(x):
+    """(B, H, W, C) -> (B, H/2, W/2, 4C), channels (phase_h, phase_w, C): the inverse of
+    `_depth_to_space`, as reshape -> transpose -> reshape."""
+    h, w, c = x.shape[1], x.shape[2], x.shape[3]
+    x = tf.reshape(x, (-1, h // 2, 2, w // 2, 2, c))
+    return tf.reshape(tf.transpose(x, (0, 1, 3, 2, 4, 5)), (-1, h // 2, w // 2, 4 * c))
+
+
 @keras.utils.register_keras_serializable("tapeloop")
 class ConvPool(_Block):
     """Conv2D ('same') then 2x2 max-pooling ('same'): halves H and W, rounding up.
-    With pool=False, a plain 'same' convolution."""
+    With pool=False, a plain 'same' convolution.
+
+    The weights are always the Conv2D's kernel and bias, but on a CPU in float32
+    the block may compute the same function in a form that suits oneDNN's
+    kernels better when the channels are few (benchmarks/NOTES.md section 9):
+
+    - "images_as_channels" (1 input channel, <= 8 filters): groups of 8 images
+      become the channels of one depthwise convolution, so the kernel's output
+      runs 8x wider;
+    - "space_to_depth" (kernel >= 4, <= 4 filters, <= 16 input channels): the
+      convolution on the 2x2-block (space-to-depth) map, with the kernel folded
+      to 4x the input and output channels, and its output put back in place;
+    - "plain": Conv2D, then MaxPooling2D (GPUs, other precisions, odd sizes).
+
+    `form` says which one `build` chose.
+    """
 
     def __init__(self, filters, kernel_size=3, activation="relu", pool=True, **kwargs):
         super().__init__(filters, kernel_size, activation, **kwargs)
@@ -89,13 +143,72 @@ class ConvPool(_Block):
         self.pooling = (keras.layers.MaxPooling2D(2, padding="same", dtype=self.dtype_policy,
                                                   name="pool") if self.pool else None)
         self.act = keras.activations.get(activation)
+        self.form = "plain"
+
+    def build(self, input_shape):
+        self.conv.build(input_shape)  # the weights, whichever form computes with them
+        self.form = self._choose_form(input_shape)
+        if self.form == "space_to_depth":
+            self._taps, self._block_kernel = _space_to_depth_taps(self.kernel_size)
+
+    def _choose_form(self, input_shape) -> str:
+        h, w, cin = input_shape[1], input_shape[2], int(input_shape[3])
+        if (not self.act_after_pool or self.compute_dtype != "float32" or h is None or w is None
+                or h % 2 or w % 2 or _has_gpu()):
+            return "plain"
+        # Where each form measured faster on one core (benchmarks/NOTES.md section 9).
+        if cin == 1 and self.filters <= 8:
+            return "images_as_channels"
+        if (self.kernel_size >= 4 and self.filters <= 4 and cin <= 16
+                and _space_to_depth_taps(self.kernel_size) is not None):
+            return "space_to_depth"
+        return "plain"
 
     def call(self, inputs, training=None):
-        x = self.conv(inputs)
-        if self.pooling is None:
-            return x
-        x = self.pooling(x)
+        if self.form == "images_as_channels":
+            batch = inputs.shape[0]
+            if batch is not None:  # known when traced: choose now
+                x = (self._images_as_channels(inputs) if batch % _IMAGE_GROUP == 0
+                     else self._conv_pool(inputs))
+            else:
+                x = tf.cond(tf.equal(tf.shape(inputs)[0] % _IMAGE_GROUP, 0),
+                            lambda: self._images_as_channels(inputs),
+                            lambda: self._conv_pool(inputs))
+        else:
+            x = self._conv_pool(inputs)
         return self.act(x) if self.act_after_pool else x
+
+    def _conv_pool(self, inputs):
+        if self.form == "space_to_depth":
+            x = self._space_to_depth_conv(inputs)
+        else:
+            x = self.conv(inputs)
+        return x if self.pooling is None else self.pooling(x)
+
+    def _space_to_depth_conv(self, inputs):
+        """Conv2D (no activation: act_after_pool) on the 2x2-block map: n x n kernel,
+        4C_in -> 4*filters channels, one per (output phase, filter); then back in place."""
+        n, cin = self._block_kernel, inputs.shape[-1]
+        taps = tf.constant(self._taps)
+        kernel = tf.einsum("oqad,prbe,decf->opqrcabf", taps, taps,
+                           tf.cast(self.conv.kernel, tf.float32))
+        kernel = tf.reshape(kernel, (n, n, 4 * cin, 4 * self.filters))
+        y = tf.nn.conv2d(_space_to_depth(inputs), kernel, 1, "SAME")
+        y = _depth_to_space(y, self.filters)
+        return tf.nn.bias_add(y, self.conv.bias)
+
+    def _images_as_channels(self, inputs):
+        """Conv2D + bias + 2x2 max-pool of 1-channel images, computed on groups of
+        `_IMAGE_GROUP` images stacked as the channels of one depthwise convolution."""
+        g, f = _IMAGE_GROUP, self.filters
+        h, w = inputs.shape[1], inputs.shape[2]
+        x = tf.transpose(tf.reshape(inputs, (-1, g, h, w)), (0, 2, 3, 1))  # (B/g, H, W, g)
+        kernel = tf.tile(self.conv.kernel, [1, 1, g, 1])  # (k, k, g, f): the same per image
+        y = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "SAME")  # (B/g, H, W, g*f)
+        y = tf.nn.max_pool2d(y, 2, 2, "VALID")  # even H, W: 'same' pads nothing
+        y = tf.nn.bias_add(y, tf.tile(self.conv.bias, [g]))  # commutes with the max
+        y = tf.reshape(y, (-1, h // 2, w // 2, g, f))
+        return tf.reshape(tf.transpose(y, (0, 3, 1, 2, 4)), (-1, h // 2, w // 2, f))
 
     def get_config(self) -> dict:
         return {**super().get_config(), "pool": self.pool}

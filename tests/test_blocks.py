@@ -110,3 +110,51 @@ def test_conv_pool_equals_conv_then_max_pooling(activation):
     _assert_same_function(block, tf.keras.Sequential([
         tf.keras.layers.Conv2D(4, 3, padding="same", activation=activation),
         tf.keras.layers.MaxPooling2D(2, padding="same")]), x)
+
+
+# (input channels, size, filters, kernel, batch) -> the form ConvPool computes in.
+FORMS = [
+    (1, 28, 8, 4, 16, "images_as_channels"),  # the seed model's down0
+    (1, 12, 8, 3, 3, "images_as_channels"),  # batch not a multiple of 8: Conv2D inside
+    (8, 14, 4, 4, 5, "space_to_depth"),  # the seed model's down1
+    (3, 10, 4, 5, 2, "space_to_depth"),
+    (2, 12, 3, 6, 2, "space_to_depth"),  # an even kernel wider than 4
+    (1, 28, 16, 3, 8, "plain"),  # wide enough for Conv2D
+    (8, 14, 8, 4, 2, "plain"),
+    (8, 14, 4, 3, 2, "plain"),  # a 3x3 kernel would read 4x the values on the block map
+    (8, 7, 4, 4, 2, "plain"),  # odd size
+]
+
+
+@pytest.mark.parametrize("cin,size,filters,kernel_size,batch,form", FORMS)
+def test_conv_pool_forms_equal_conv_then_max_pooling(cin, size, filters, kernel_size, batch, form):
+    """Every form ConvPool computes in is Conv2D -> MaxPooling2D, values and gradients,
+    with a batch size known when traced and unknown (a tf.cond picks the form)."""
+    x = tf.random.normal((batch, size, size, cin), seed=6)
+    block = blocks.ConvPool(filters, kernel_size, "relu")
+    block(x)
+    assert block.form == form
+    block.conv.bias.assign(tf.random.normal(block.conv.bias.shape, seed=7))  # catches its placement
+    reference = tf.keras.Sequential([
+        tf.keras.layers.Conv2D(filters, kernel_size, padding="same", activation="relu"),
+        tf.keras.layers.MaxPooling2D(2, padding="same")])
+    _assert_same_function(block, reference, x)
+    unknown_batch = tf.function(block, input_signature=[tf.TensorSpec((None, size, size, cin))])
+    np.testing.assert_allclose(unknown_batch(x).numpy(), reference(x).numpy(), atol=1e-5)
+
+
+def test_conv_pool_forms_only_on_cpu_in_float32(monkeypatch):
+    """GPUs and other precisions get the plain Conv2D -> MaxPooling2D: the forms were
+    measured faster only for oneDNN's float32 kernels."""
+    x = tf.zeros((8, 28, 28, 1))
+    bf16 = blocks.ConvPool(8, 4, dtype="mixed_bfloat16")
+    bf16(x)
+    assert bf16.form == "plain"
+    monkeypatch.setattr(blocks, "_has_gpu", lambda: True)
+    on_gpu = blocks.ConvPool(8, 4)
+    on_gpu(x)
+    assert on_gpu.form == "plain"
+    monkeypatch.setattr(blocks, "_has_gpu", lambda: False)
+    on_cpu = blocks.ConvPool(8, 4)
+    on_cpu(x)
+    assert on_cpu.form == "images_as_channels"
