@@ -82,6 +82,15 @@ def _has_gpu() -> bool:
     return bool(tf.config.list_physical_devices("GPU"))
 
 
+def _xla_compiling() -> bool:
+    """True while a function is traced for XLA (tf.function(jit_compile=True), Keras'
+    jit_compile). XLA's CPU convolutions are not oneDNN's: the few-channel forms
+    run several times slower there than the plain one."""
+    from tensorflow.python.ops import control_flow_util  # how TensorFlow itself asks
+
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
 def _space_to_depth_taps(kernel_size: int) -> tuple[np.ndarray, int] | None:
     """How a stride-1 'same' convolution reads a space-to-depth (2x2 blocks) input.
 
@@ -128,7 +137,8 @@ class ConvPool(_Block):
     - "space_to_depth" (kernel >= 4, <= 4 filters, <= 16 input channels): the
       convolution on the 2x2-block (space-to-depth) map, with the kernel folded
       to 4x the input and output channels, and its output put back in place;
-    - "plain": Conv2D, then MaxPooling2D (GPUs, other precisions, odd sizes).
+    - "plain": Conv2D, then MaxPooling2D (GPUs, other precisions, odd sizes,
+      and whenever XLA compiles the block).
 
     `form` says which one `build` chose.
     """
@@ -165,21 +175,27 @@ class ConvPool(_Block):
         return "plain"
 
     def call(self, inputs, training=None):
-        if self.form == "images_as_channels":
+        if self.form != "plain" and _xla_compiling():
+            x = self._conv_pool(inputs, plain=True)
+        elif self.form == "images_as_channels":
             batch = inputs.shape[0]
-            if batch is not None:  # known when traced: choose now
-                x = (self._images_as_channels(inputs) if batch % _IMAGE_GROUP == 0
-                     else self._conv_pool(inputs))
+            if batch is None:
+                # Unknown when traced (Keras fit, serving signatures): pad the batch to a
+                # multiple of the group and drop the padding's rows. A tf.cond between the
+                # two forms measured slower than either (benchmarks/NOTES.md section 9).
+                n = tf.shape(inputs)[0]
+                padded = tf.pad(inputs, [[0, (-n) % _IMAGE_GROUP], [0, 0], [0, 0], [0, 0]])
+                x = self._images_as_channels(padded)[:n]
+            elif batch % _IMAGE_GROUP == 0:
+                x = self._images_as_channels(inputs)
             else:
-                x = tf.cond(tf.equal(tf.shape(inputs)[0] % _IMAGE_GROUP, 0),
-                            lambda: self._images_as_channels(inputs),
-                            lambda: self._conv_pool(inputs))
+                x = self._conv_pool(inputs, plain=True)
         else:
             x = self._conv_pool(inputs)
         return self.act(x) if self.act_after_pool else x
 
-    def _conv_pool(self, inputs):
-        if self.form == "space_to_depth":
+    def _conv_pool(self, inputs, plain=False):
+        if self.form == "space_to_depth" and not plain:
             x = self._space_to_depth_conv(inputs)
         else:
             x = self.conv(inputs)

@@ -71,6 +71,26 @@ def test_conv_ceiling_smoke(tmp_path):
     assert "| down0/conv | 28x28x1 | 8 | 4 |" in (tmp_path / "conv_ceiling.md").read_text()
 
 
+def test_conv_forms_smoke(tmp_path):
+    _run("conv_forms.py", f"--output_dir={tmp_path}", "--shapes=1:8:4:4,4:8:2:4,3:7:4:4",
+         "--batch_size=16", "--iterations=1", "--rounds=1")
+    rows = json.loads((tmp_path / "conv_forms.json").read_text())["results"]
+    assert [r["chosen"] for r in rows] == ["images_as_channels", "space_to_depth", "plain"]
+    assert set(rows[0]["ms"]) == {"plain", "images_as_channels", "space_to_depth"}
+    assert set(rows[1]["ms"]) == {"plain", "space_to_depth"}  # 4 input channels
+    assert set(rows[2]["ms"]) == {"plain"}  # odd size
+    assert all(ms > 0 for r in rows for ms in r["ms"].values())
+    assert "| 1 | 8 | 4 | 4 |" in (tmp_path / "conv_forms.md").read_text()
+
+
+def test_conv_forms_rejects_bad_shapes(tmp_path):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "conv_forms.py"),
+                           "--shapes=8x14", f"--output_dir={tmp_path}"],
+                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode != 0
+    assert "expected cin:size:filters:kernel" in proc.stderr
+
+
 def test_op_profile_smoke(tmp_path):
     _run("op_profile.py", f"--output_dir={tmp_path}", "--steps=2", "--batch_size=16",
          "--batch_shards=2", "--report_name=profile")

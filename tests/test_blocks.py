@@ -129,7 +129,7 @@ FORMS = [
 @pytest.mark.parametrize("cin,size,filters,kernel_size,batch,form", FORMS)
 def test_conv_pool_forms_equal_conv_then_max_pooling(cin, size, filters, kernel_size, batch, form):
     """Every form ConvPool computes in is Conv2D -> MaxPooling2D, values and gradients,
-    with a batch size known when traced and unknown (a tf.cond picks the form)."""
+    with a batch size known when traced and unknown (padded to a multiple of 8)."""
     x = tf.random.normal((batch, size, size, cin), seed=6)
     block = blocks.ConvPool(filters, kernel_size, "relu")
     block(x)
@@ -140,7 +140,13 @@ def test_conv_pool_forms_equal_conv_then_max_pooling(cin, size, filters, kernel_
         tf.keras.layers.MaxPooling2D(2, padding="same")])
     _assert_same_function(block, reference, x)
     unknown_batch = tf.function(block, input_signature=[tf.TensorSpec((None, size, size, cin))])
-    np.testing.assert_allclose(unknown_batch(x).numpy(), reference(x).numpy(), atol=1e-5)
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        y, y_ref = unknown_batch(x), reference(x)
+    np.testing.assert_allclose(y.numpy(), y_ref.numpy(), atol=1e-5)
+    for a, b in zip(tape.gradient(y, [x, *block.trainable_variables]),
+                    tape.gradient(y_ref, [x, *reference.trainable_variables])):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
 
 
 def test_conv_pool_forms_only_on_cpu_in_float32(monkeypatch):
@@ -158,3 +164,21 @@ def test_conv_pool_forms_only_on_cpu_in_float32(monkeypatch):
     on_cpu = blocks.ConvPool(8, 4)
     on_cpu(x)
     assert on_cpu.form == "images_as_channels"
+
+
+def _conv_op_types(fn, x):
+    return {op.type for op in fn.get_concrete_function(x).graph.get_operations() if "Conv" in op.type}
+
+
+def test_conv_pool_forms_stay_plain_under_xla():
+    """XLA's CPU convolutions are not oneDNN's: traced for XLA (here nested in an outer
+    tf.function, as the Trainer does), the block computes Conv2D -> MaxPooling2D."""
+    x = tf.random.uniform((16, 28, 28, 1), seed=8)
+    block = blocks.ConvPool(8, 4)
+    block(x)
+    assert block.form == "images_as_channels"
+    assert _conv_op_types(tf.function(block), x) == {"DepthwiseConv2dNative"}
+    compiled = tf.function(block, jit_compile=True)
+    assert _conv_op_types(compiled, x) == {"Conv2D"}
+    np.testing.assert_allclose(tf.function(lambda x: compiled(x))(x).numpy(), block(x).numpy(),
+                               atol=1e-5)
