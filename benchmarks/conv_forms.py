@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Which form of conv + max-pool is fastest on this CPU, for which channel counts?
 
-    python benchmarks/conv_forms.py              # ~1 minute
+    python benchmarks/conv_forms.py              # ~20 seconds
 
 `layers.blocks.ConvPool` computes Conv2D -> MaxPooling2D in one of three forms
 (the same function and gradients): 'plain', 'images_as_channels' (1 input

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Training throughput (examples/sec) of tapeloop's loop variants and Keras `fit`, side by side.
 
-    python benchmarks/throughput.py                     # full run, ~15 minutes on 2 CPU cores
+    python benchmarks/throughput.py                     # full run, ~10 minutes on 2 CPU cores
     python benchmarks/throughput.py --rounds=2 --steps=8 --variants=tf_function,keras_fit_spe32
 
 Every variant trains the same model (`--model`, default `seed`) on the same
