@@ -63,6 +63,15 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+def one_core(global_batch: int) -> tuple[int, int]:
+    """Runs TensorFlow on one thread (call before any op runs) and returns (cores, one
+    core's share of `global_batch`): how the per-core recipe sees each op."""
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(1)
+    cores = usable_cores()
+    return cores, max(1, global_batch // cores)
+
+
 def machine_context(with_peaks: bool = True) -> dict:
     gpus = tf.config.list_physical_devices("GPU")
     device = (tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")

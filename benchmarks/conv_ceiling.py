@@ -65,12 +65,9 @@ def main(argv):
     del argv
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
     from layers.autoencoders import build_autoencoder
 
-    cores = common.usable_cores()
-    batch = max(1, FLAGS.batch_size // cores)
+    cores, batch = common.one_core(FLAGS.batch_size)  # before any op runs
     image_shape = tuple(int(d) for d in FLAGS.image_shape)
     model = build_autoencoder(FLAGS.model, image_shape)
     shapes = [c for c in common.conv_layers(model, image_shape) if not c["transposed"]]

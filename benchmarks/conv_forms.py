@@ -84,12 +84,9 @@ def main(argv):
     del argv
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(1)
     from layers import blocks
 
-    cores = common.usable_cores()
-    batch = max(1, FLAGS.batch_size // cores)
+    cores, batch = common.one_core(FLAGS.batch_size)  # before any op runs
     rows = []
     for entry in FLAGS.shapes:
         try:
