@@ -160,10 +160,9 @@ class ConvPool(_Block):
     def build(self, input_shape):
         self.conv.build(input_shape)  # the weights, whichever form computes with them
         self.form = self._choose_form(input_shape)
-        if self.form == "space_to_depth":
-            self._taps, self._block_kernel = _space_to_depth_taps(self.kernel_size)
 
     def _choose_form(self, input_shape) -> str:
+        """Picks the form; for space_to_depth also keeps its taps (`_taps`, `_block_kernel`)."""
         h, w, cin = input_shape[1], input_shape[2], int(input_shape[3])
         if (not self.act_after_pool or self.compute_dtype != "float32" or h is None or w is None
                 or h % 2 or w % 2 or _has_gpu()):
@@ -171,8 +170,9 @@ class ConvPool(_Block):
         # Where each form measured faster on one core (benchmarks/NOTES.md section 9).
         if cin == 1 and self.filters <= 8:
             return "images_as_channels"
-        if (self.kernel_size >= 4 and self.filters <= 4 and cin <= 16
-                and _space_to_depth_taps(self.kernel_size) is not None):
+        taps = _space_to_depth_taps(self.kernel_size)
+        if self.kernel_size >= 4 and self.filters <= 4 and cin <= 16 and taps is not None:
+            self._taps, self._block_kernel = taps
             return "space_to_depth"
         return "plain"
 
