@@ -74,54 +74,52 @@ class _Block(keras.layers.Layer):
         return config
 
 
-# Images per group in ConvPool's "images as channels" form. A batch known not to divide
-# by it is computed plain; an unknown one is padded.
-_IMAGE_GROUP = 8
+# Images per group in the images-as-channels layout (`to_image_groups`).
+IMAGE_GROUP = 8
 
 
 def _has_gpu() -> bool:
-    """The forms were measured on oneDNN's CPU kernels only."""
+    """The grouped layout was measured on oneDNN's CPU kernels only."""
     return bool(tf.config.list_physical_devices("GPU"))
 
 
 def _xla_compiling() -> bool:
     """True while a function is traced for XLA (tf.function(jit_compile=True), Keras'
-    jit_compile). XLA's CPU convolutions are not oneDNN's: the few-channel forms
-    run several times slower there than the plain one."""
+    jit_compile). XLA's CPU convolutions are not oneDNN's: grouped convolutions
+    run several times slower there than plain ones."""
     from tensorflow.python.ops import control_flow_util  # how TensorFlow itself asks
 
     return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
-def _space_to_depth_taps(kernel_size: int) -> tuple[np.ndarray, int] | None:
-    """How a stride-1 'same' convolution reads a space-to-depth (2x2 blocks) input.
+def to_image_groups(x, groups: int):
+    """(B, H, W, C) -> (B/groups, H, W, groups*C): each run of `groups` consecutive
+    images becomes the channels of one, channel index image*C + c.
 
-    Output pixel 2i+a reads input pixel 2i+a+d-p for tap d (p = TensorFlow's
-    'same' padding before): block i + (a+d-p)//2, phase (a+d-p)%2. Returns
-    T (n offsets, 2 input phases, 2 output phases, kernel_size taps) with
-    T[o, q, a, d] = 1 where tap d of output phase a reads offset o - lo, phase q,
-    and n; or None when the block grid's padding is not what 'same' does for n.
+    In this layout a convolution whose kernel is tiled `groups` times along its
+    output axis is a grouped convolution computing every image with the same
+    weights, and pooling, bias, activations, upsampling and crops act per
+    channel, so per image, as before. A few-channel layer's kernels then write
+    groups x more output channels per call: what oneDNN's CPU kernels, which
+    compute 16 float32 channels per AVX-512 instruction, need
+    (benchmarks/NOTES.md section 10).
     """
-    pad_before = (kernel_size - 1) // 2
-    reads = [[divmod(a + d - pad_before, 2) for d in range(kernel_size)] for a in (0, 1)]
-    offsets = [o for row in reads for o, _ in row]
-    lo, hi = min(offsets), max(offsets)
-    n = hi - lo + 1
-    if (-lo, hi) != ((n - 1) // 2, n - 1 - (n - 1) // 2):
-        return None
-    taps = np.zeros((n, 2, 2, kernel_size), np.float32)
-    for a in (0, 1):
-        for d, (o, q) in enumerate(reads[a]):
-            taps[o - lo, q, a, d] = 1.0
-    return taps, n
-
-
-def _space_to_depth(x):
-    """(B, H, W, C) -> (B, H/2, W/2, 4C), channels (phase_h, phase_w, C): the inverse of
-    `_depth_to_space`, as reshape -> transpose -> reshape."""
     h, w, c = x.shape[1], x.shape[2], x.shape[3]
-    x = tf.reshape(x, (-1, h // 2, 2, w // 2, 2, c))
-    return tf.reshape(tf.transpose(x, (0, 1, 3, 2, 4, 5)), (-1, h // 2, w // 2, 4 * c))
+    x = tf.transpose(tf.reshape(x, (-1, groups, h, w, c)), (0, 2, 3, 1, 4))
+    return tf.reshape(x, (-1, h, w, groups * c))
+
+
+def from_image_groups(x, groups: int):
+    """The inverse of `to_image_groups`: (B/groups, H, W, groups*C) -> (B, H, W, C)."""
+    h, w, c = x.shape[1], x.shape[2], x.shape[3] // groups
+    x = tf.transpose(tf.reshape(x, (-1, h, w, groups, c)), (0, 3, 1, 2, 4))
+    return tf.reshape(x, (-1, h, w, c))
+
+
+def _grouped_kernel(kernel, groups: int):
+    """(k, k, C_in, C_out) -> (k, k, C_in, groups*C_out): with an input of groups*C_in
+    channels, tf.nn.conv2d computes a grouped convolution, each image with `kernel`."""
+    return kernel if groups == 1 else tf.tile(kernel, [1, 1, 1, groups])
 
 
 @keras.utils.register_keras_serializable("tapeloop")
@@ -129,20 +127,8 @@ class ConvPool(_Block):
     """Conv2D ('same') then 2x2 max-pooling ('same'): halves H and W, rounding up.
     With pool=False, a plain 'same' convolution.
 
-    The weights are always the Conv2D's kernel and bias, but on a CPU in float32
-    the block may compute the same function in a form that suits oneDNN's
-    kernels better when the channels are few (benchmarks/NOTES.md section 9):
-
-    - "images_as_channels" (1 input channel, <= 8 filters): groups of 8 images
-      become the channels of one depthwise convolution, so the kernel's output
-      runs 8x wider;
-    - "space_to_depth" (kernel >= 4, <= 4 filters, <= 16 input channels): the
-      convolution on the 2x2-block (space-to-depth) map, with the kernel folded
-      to 4x the input and output channels, and its output put back in place;
-    - "plain": Conv2D, then MaxPooling2D (GPUs, other precisions, odd sizes,
-      and whenever XLA compiles the block).
-
-    `form` says which one `build` chose.
+    `call_grouped` computes the same function on the images-as-channels layout
+    (`to_image_groups`), with the same weights.
     """
 
     def __init__(self, filters, kernel_size=3, activation="relu", pool=True, **kwargs):
@@ -155,78 +141,26 @@ class ConvPool(_Block):
         self.pooling = (keras.layers.MaxPooling2D(2, padding="same", dtype=self.dtype_policy,
                                                   name="pool") if self.pool else None)
         self.act = keras.activations.get(activation)
-        self.form = "plain"
 
     def build(self, input_shape):
-        self.conv.build(input_shape)  # the weights, whichever form computes with them
-        self.form = self._choose_form(input_shape)
-
-    def _choose_form(self, input_shape) -> str:
-        """Picks the form; for space_to_depth also keeps its taps (`_taps`, `_block_kernel`)."""
-        h, w, cin = input_shape[1], input_shape[2], int(input_shape[3])
-        if (not self.act_after_pool or self.compute_dtype != "float32" or h is None or w is None
-                or h % 2 or w % 2 or _has_gpu()):
-            return "plain"
-        # Where each form measured faster on one core (benchmarks/NOTES.md section 9).
-        if cin == 1 and self.filters <= 8:
-            return "images_as_channels"
-        taps = _space_to_depth_taps(self.kernel_size)
-        if self.kernel_size >= 4 and self.filters <= 4 and cin <= 16 and taps is not None:
-            self._taps, self._block_kernel = taps
-            return "space_to_depth"
-        return "plain"
+        self.conv.build(input_shape)
 
     def call(self, inputs, training=None):
-        if self.form != "plain" and _xla_compiling():
-            x = self._conv_pool(inputs, plain=True)
-        elif self.form == "images_as_channels":
-            batch = inputs.shape[0]
-            if batch is None:
-                # Unknown when traced (Keras fit, serving signatures): pad the batch to a
-                # multiple of the group and drop the padding's rows. A tf.cond between the
-                # two forms measured slower than either (benchmarks/NOTES.md section 9).
-                n = tf.shape(inputs)[0]
-                padded = tf.pad(inputs, [[0, (-n) % _IMAGE_GROUP], [0, 0], [0, 0], [0, 0]])
-                x = self._images_as_channels(padded)[:n]
-            elif batch % _IMAGE_GROUP == 0:
-                x = self._images_as_channels(inputs)
-            else:
-                x = self._conv_pool(inputs, plain=True)
-        else:
-            x = self._conv_pool(inputs)
+        x = self.conv(inputs)
+        x = x if self.pooling is None else self.pooling(x)
         return self.act(x) if self.act_after_pool else x
 
-    def _conv_pool(self, inputs, plain=False):
-        if self.form == "space_to_depth" and not plain:
-            x = self._space_to_depth_conv(inputs)
-        else:
-            x = self.conv(inputs)
-        return x if self.pooling is None else self.pooling(x)
-
-    def _space_to_depth_conv(self, inputs):
-        """Conv2D (no activation: act_after_pool) on the 2x2-block map: n x n kernel,
-        4C_in -> 4*filters channels, one per (output phase, filter); then back in place."""
-        n, cin = self._block_kernel, inputs.shape[-1]
-        taps = tf.constant(self._taps)
-        kernel = tf.einsum("oqad,prbe,decf->opqrcabf", taps, taps,
-                           tf.cast(self.conv.kernel, tf.float32))
-        kernel = tf.reshape(kernel, (n, n, 4 * cin, 4 * self.filters))
-        y = tf.nn.conv2d(_space_to_depth(inputs), kernel, 1, "SAME")
-        y = _depth_to_space(y, self.filters)
-        return tf.nn.bias_add(y, self.conv.bias)
-
-    def _images_as_channels(self, inputs):
-        """Conv2D + bias + 2x2 max-pool of 1-channel images, computed on groups of
-        `_IMAGE_GROUP` images stacked as the channels of one depthwise convolution."""
-        g, f = _IMAGE_GROUP, self.filters
-        h, w = inputs.shape[1], inputs.shape[2]
-        x = tf.transpose(tf.reshape(inputs, (-1, g, h, w)), (0, 2, 3, 1))  # (B/g, H, W, g)
-        kernel = tf.tile(self.conv.kernel, [1, 1, g, 1])  # (k, k, g, f): the same per image
-        y = tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "SAME")  # (B/g, H, W, g*f)
-        y = tf.nn.max_pool2d(y, 2, 2, "VALID")  # even H, W: 'same' pads nothing
-        y = tf.nn.bias_add(y, tf.tile(self.conv.bias, [g]))  # commutes with the max
-        y = tf.reshape(y, (-1, h // 2, w // 2, g, f))
-        return tf.reshape(tf.transpose(y, (0, 3, 1, 2, 4)), (-1, h // 2, w // 2, f))
+    def call_grouped(self, x, groups: int):
+        """`call` on the images-as-channels layout: (B/g, H, W, g*C_in) -> (B/g, h, w, g*filters)."""
+        dtype = self.compute_dtype
+        kernel = _grouped_kernel(tf.cast(self.conv.kernel, dtype), groups)
+        bias = tf.tile(tf.cast(self.conv.bias, dtype), [groups])
+        y = tf.nn.conv2d(tf.cast(x, dtype), kernel, 1, "SAME")
+        if self.act_after_pool:  # the bias commutes with the max as well
+            return self.act(tf.nn.bias_add(tf.nn.max_pool2d(y, 2, 2, "SAME"), bias))
+        y = tf.nn.bias_add(y, bias)
+        y = self.act(y) if self.act is not None else y
+        return tf.nn.max_pool2d(y, 2, 2, "SAME") if self.pool else y
 
     def get_config(self) -> dict:
         return {**super().get_config(), "pool": self.pool}
@@ -244,14 +178,26 @@ class ConvStride(_Block):
         return self.conv(inputs)
 
 
-def _depth_to_space(x, channels):
+def _depth_to_space(x, channels, groups=1, ungroup=False):
     """tf.nn.depth_to_space(x, 2) as reshape -> transpose -> reshape: the same values in
     the same order; TensorFlow's DepthToSpace kernel (and its gradient, SpaceToDepth)
-    is slower on CPU for these few channels (benchmarks/NOTES.md)."""
+    is slower on CPU for these few channels (benchmarks/NOTES.md).
+
+    With groups > 1, x is in the images-as-channels layout, (B/g, h, w, g*4*channels)
+    with channels (image, phase_h, phase_w, c); the result is in that layout too, or
+    with `ungroup`, in the ordinary one: the same one transpose either way.
+    """
     h, w = x.shape[1], x.shape[2]
-    x = tf.reshape(x, (-1, h, w, 2, 2, channels))  # (B, h, w, phase_h, phase_w, C)
-    x = tf.transpose(x, (0, 1, 3, 2, 4, 5))  # (B, h, phase_h, w, phase_w, C)
-    return tf.reshape(x, (-1, 2 * h, 2 * w, channels))
+    if groups == 1:
+        x = tf.reshape(x, (-1, h, w, 2, 2, channels))  # (B, h, w, phase_h, phase_w, C)
+        x = tf.transpose(x, (0, 1, 3, 2, 4, 5))  # (B, h, phase_h, w, phase_w, C)
+        return tf.reshape(x, (-1, 2 * h, 2 * w, channels))
+    x = tf.reshape(x, (-1, h, w, groups, 2, 2, channels))
+    if ungroup:
+        x = tf.transpose(x, (0, 3, 1, 4, 2, 5, 6))  # (B/g, g, h, phase_h, w, phase_w, C)
+        return tf.reshape(x, (-1, 2 * h, 2 * w, channels))
+    x = tf.transpose(x, (0, 1, 4, 2, 5, 3, 6))  # (B/g, h, phase_h, w, phase_w, g, C)
+    return tf.reshape(x, (-1, 2 * h, 2 * w, groups * channels))
 
 
 def _subpixel_taps(kernel_size: int) -> tuple[np.ndarray, int, int]:
@@ -301,35 +247,46 @@ class UpsampleConv(_Block):
         h, w = int(input_shape[1]), int(input_shape[2])
         self.fused = self.target_size is None or tuple(self.target_size) == (2 * h, 2 * w)
 
+    def _folded_kernel(self):
+        """The kernel for the small map: (o, o, C_in, 4*filters), one output channel per
+        (output phase, filter), in the compute dtype."""
+        taps = tf.constant(self._taps)  # (offset_h, offset_w, cin, phase_h, phase_w, cout)
+        folded = tf.einsum("aoh,bpw,hwcf->opcabf", taps, taps, tf.cast(self.kernel, tf.float32))
+        o = folded.shape[0]
+        return tf.cast(tf.reshape(folded, (o, o, -1, 4 * self.filters)), self.compute_dtype)
+
     def call(self, inputs, training=None):
-        kernel = tf.cast(self.kernel, self.compute_dtype)
+        return self._compute(tf.cast(inputs, self.compute_dtype), groups=1, ungroup=False)
+
+    def call_grouped(self, x, groups: int, ungroup: bool = False):
+        """`call` on the images-as-channels layout (`to_image_groups`): (B/g, h, w,
+        g*C_in) -> (B/g, H, W, g*filters), or with `ungroup` (B, H, W, filters)."""
+        return self._compute(tf.cast(x, self.compute_dtype), groups, ungroup)
+
+    def _compute(self, x, groups, ungroup):
+        dtype = self.compute_dtype
         if self.fused:
-            x = tf.cast(inputs, self.compute_dtype)
-            # (offset_h, offset_w, cin, phase_h, phase_w, cout) -> phases as channels.
-            taps = tf.constant(self._taps)
-            folded = tf.einsum("aoh,bpw,hwcf->opcabf", taps, taps,
-                               tf.cast(kernel, tf.float32))
+            folded = self._folded_kernel()
             o = folded.shape[0]
-            folded = tf.cast(tf.reshape(folded, (o, o, -1, 4 * self.filters)), self.compute_dtype)
             if self._pad_before == self._pad_after == (o - 1) // 2:
                 padding = "SAME"  # the oneDNN kernels take this form (k = 3, 4)
             else:
                 pad = [self._pad_before, self._pad_after]
                 x, padding = tf.pad(x, [[0, 0], pad, pad, [0, 0]]), "VALID"
-            y = tf.nn.conv2d(x, folded, 1, padding)  # (B, h, w, 4*filters)
+            y = tf.nn.conv2d(x, _grouped_kernel(folded, groups), 1, padding)  # (B/g, h, w, g*4*filters)
             # The bias of each of the 4 phases, added on the small map: its gradient
             # is then a reduction over 4x fewer, 4x wider rows.
-            y = tf.nn.bias_add(y, tf.tile(tf.cast(self.bias, self.compute_dtype), [4]))
+            y = tf.nn.bias_add(y, tf.tile(tf.cast(self.bias, dtype), [4 * groups]))
             # An element-wise activation commutes with the interleaving; before it,
             # TensorFlow fuses it into the convolution.
             y = self.act(y) if self.act is not None else y
-            return _depth_to_space(y, self.filters)  # (B, 2h, 2w, filters)
-        else:
-            x = tf.repeat(tf.repeat(tf.cast(inputs, self.compute_dtype), 2, axis=1), 2, axis=2)
-            x = _crop_to(x, self.target_size)
-            y = tf.nn.conv2d(x, kernel, 1, "SAME")
-        y = tf.nn.bias_add(y, tf.cast(self.bias, self.compute_dtype))
-        return self.act(y) if self.act is not None else y
+            return _depth_to_space(y, self.filters, groups, ungroup)  # (B/g, 2h, 2w, g*filters)
+        x = tf.repeat(tf.repeat(x, 2, axis=1), 2, axis=2)
+        x = _crop_to(x, self.target_size)
+        y = tf.nn.conv2d(x, _grouped_kernel(tf.cast(self.kernel, dtype), groups), 1, "SAME")
+        y = tf.nn.bias_add(y, tf.tile(tf.cast(self.bias, dtype), [groups]))
+        y = self.act(y) if self.act is not None else y
+        return from_image_groups(y, groups) if ungroup and groups > 1 else y
 
     def compute_output_shape(self, input_shape):
         size = self.target_size or (2 * input_shape[1], 2 * input_shape[2])

@@ -27,7 +27,7 @@ def mnist_flags(mnist_dir):
 def test_throughput_smoke(tmp_path, mnist_flags):
     """Variants of both thread settings: two worker processes taking turns."""
     names = {"tf_function", "steps_per_loop_8", "mirrored_2cpu_32", "keras_fit_spe1",
-             "sharded_device_32", "sharded_device_32_plain_convs", "keras_fit_spe32_per_core"}
+             "sharded_device_32", "sharded_device_32_ungrouped", "keras_fit_spe32_per_core"}
     proc = _run("throughput.py", *mnist_flags, f"--output_dir={tmp_path}", "--rounds=2",
                 "--steps=2", "--warmup_steps=1", "--batch_size=32", "--peaks=false",
                 f"--variants={','.join(sorted(names))}")
@@ -71,24 +71,26 @@ def test_conv_ceiling_smoke(tmp_path):
     assert "| down0/conv | 28x28x1 | 8 | 4 |" in (tmp_path / "conv_ceiling.md").read_text()
 
 
-def test_conv_forms_smoke(tmp_path):
-    _run("conv_forms.py", f"--output_dir={tmp_path}", "--shapes=1:8:4:4,4:8:2:4,3:7:4:4",
-         "--batch_size=16", "--iterations=1", "--rounds=1")
-    rows = json.loads((tmp_path / "conv_forms.json").read_text())["results"]
-    assert [r["chosen"] for r in rows] == ["images_as_channels", "space_to_depth", "plain"]
-    assert set(rows[0]["ms"]) == {"plain", "images_as_channels", "space_to_depth"}
-    assert set(rows[1]["ms"]) == {"plain", "space_to_depth"}  # 4 input channels
-    assert set(rows[2]["ms"]) == {"plain"}  # odd size
-    assert all(ms > 0 for r in rows for ms in r["ms"].values())
-    assert "| 1 | 8 | 4 | 4 |" in (tmp_path / "conv_forms.md").read_text()
+def test_grouped_layout_smoke(tmp_path):
+    _run("grouped_layout.py", f"--output_dir={tmp_path}",
+         "--blocks=pool:1:8:4:4,up:4:4:1:4,upcrop:4:4:2:3,pool:8:4:32:3",
+         "--batch_size=32", "--iterations=1", "--rounds=1")
+    rows = json.loads((tmp_path / "grouped_layout.json").read_text())["results"]
+    assert [r["kind"] for r in rows] == ["pool", "up", "upcrop", "pool"]
+    assert [r["grouped_by_rule"] for r in rows] == [True, True, True, False]  # <= 16 filters
+    assert all(set(r["ms"]) == {"ordinary", "grouped"} and min(r["ms"].values()) > 0 for r in rows)
+    assert "| pool | 8x8x1 | 4 | 4 |" in (tmp_path / "grouped_layout.md").read_text()
 
 
-def test_conv_forms_rejects_bad_shapes(tmp_path):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "conv_forms.py"),
-                           "--shapes=8x14", f"--output_dir={tmp_path}"],
+@pytest.mark.parametrize("entry,message", [("8x14", "expected kind:cin:size:filters:kernel"),
+                                           ("dense:8:14:4:4", "unknown kind 'dense'")])
+def test_grouped_layout_rejects_bad_entries(tmp_path, entry, message):
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "grouped_layout.py"),
+                           f"--blocks={entry}", f"--output_dir={tmp_path}"],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode != 0
-    assert "expected cin:size:filters:kernel" in proc.stderr
+    assert message in proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_op_profile_smoke(tmp_path):
@@ -97,7 +99,7 @@ def test_op_profile_smoke(tmp_path):
     report = json.loads((tmp_path / "profile.json").read_text())
     ops, summary = report["ops"], report["summary"]
     # Two shards, each running the model's 7 forward convolutions (oneDNN's fused
-    # conv+bias op on x86, plain Conv2D elsewhere; down0 a depthwise one on CPUs).
+    # conv+bias op on x86, plain Conv2D elsewhere).
     forward = [o["per_step"] for op, o in ops.items()
                if "conv2d" in op.lower() and "backprop" not in op.lower()]
     assert sum(forward) == 14, ops

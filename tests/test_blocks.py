@@ -112,73 +112,48 @@ def test_conv_pool_equals_conv_then_max_pooling(activation):
         tf.keras.layers.MaxPooling2D(2, padding="same")]), x)
 
 
-# (input channels, size, filters, kernel, batch) -> the form ConvPool computes in.
-FORMS = [
-    (1, 28, 8, 4, 16, "images_as_channels"),  # the seed model's down0
-    (1, 12, 8, 3, 3, "images_as_channels"),  # batch not a multiple of 8: Conv2D inside
-    (8, 14, 4, 4, 5, "space_to_depth"),  # the seed model's down1
-    (3, 10, 4, 5, 2, "space_to_depth"),
-    (2, 12, 3, 6, 2, "space_to_depth"),  # an even kernel wider than 4
-    (1, 28, 16, 3, 8, "plain"),  # wide enough for Conv2D
-    (8, 14, 8, 4, 2, "plain"),
-    (8, 14, 4, 3, 2, "plain"),  # a 3x3 kernel would read 4x the values on the block map
-    (8, 7, 4, 4, 2, "plain"),  # odd size
+def test_image_groups_round_trip():
+    """Image i's channel c lands at channel (i % g) * C + c of grouped image i // g."""
+    x = tf.reshape(tf.range(16 * 3 * 2 * 5, dtype=tf.float32), (16, 3, 2, 5))
+    grouped = blocks.to_image_groups(x, 8)
+    assert tuple(grouped.shape) == (2, 3, 2, 40)
+    np.testing.assert_array_equal(grouped[1, 2, 0, 3 * 5 + 4], x[8 + 3, 2, 0, 4])
+    np.testing.assert_array_equal(blocks.from_image_groups(grouped, 8), x)
+
+
+# Blocks with a grouped form: (block, its input shape).
+GROUPED = [
+    (lambda: blocks.ConvPool(8, 4), (28, 28, 1)),  # the seed model's down0
+    (lambda: blocks.ConvPool(4, 4), (14, 14, 8)),
+    (lambda: blocks.ConvPool(4, 4), (7, 7, 4)),  # an odd size: 'same' pooling pads
+    (lambda: blocks.ConvPool(3, 3, "gelu"), (6, 6, 2)),  # a non-monotone activation pools last
+    (lambda: blocks.ConvPool(4, 4, pool=False), (4, 4, 4)),
+    (lambda: blocks.UpsampleConv(4, 4, target_size=(7, 7)), (4, 4, 4)),  # upsample, crop, conv
+    (lambda: blocks.UpsampleConv(8, 4), (7, 7, 4)),  # sub-pixel
+    (lambda: blocks.UpsampleConv(2, 5, None), (5, 6, 3)),  # sub-pixel with explicit padding
 ]
 
 
-@pytest.mark.parametrize("cin,size,filters,kernel_size,batch,form", FORMS)
-def test_conv_pool_forms_equal_conv_then_max_pooling(cin, size, filters, kernel_size, batch, form):
-    """Every form ConvPool computes in is Conv2D -> MaxPooling2D, values and gradients,
-    with a batch size known when traced and unknown (padded to a multiple of 8)."""
-    x = tf.random.normal((batch, size, size, cin), seed=6)
-    block = blocks.ConvPool(filters, kernel_size, "relu")
+@pytest.mark.parametrize("make,shape,ungroup", [(*g, False) for g in GROUPED] + [
+    (make, shape, True) for make, shape in GROUPED[-3:]])  # the UpsampleConvs
+def test_grouped_blocks_equal_the_ordinary_ones(make, shape, ungroup):
+    """`call_grouped` on 8 images as the channels of one is `call` on the images, values
+    and gradients (input and weights); UpsampleConv can also ungroup its output."""
+    x = tf.random.normal((16, *shape), seed=6)
+    block = make()
     block(x)
-    assert block.form == form
-    block.conv.bias.assign(tf.random.normal(block.conv.bias.shape, seed=7))  # catches its placement
-    reference = tf.keras.Sequential([
-        tf.keras.layers.Conv2D(filters, kernel_size, padding="same", activation="relu"),
-        tf.keras.layers.MaxPooling2D(2, padding="same")])
-    _assert_same_function(block, reference, x)
-    unknown_batch = tf.function(block, input_signature=[tf.TensorSpec((None, size, size, cin))])
+    for v in block.trainable_variables:  # a nonzero bias catches where it is added
+        v.assign(tf.random.normal(v.shape, seed=7))
     with tf.GradientTape(persistent=True) as tape:
         tape.watch(x)
-        y, y_ref = unknown_batch(x), reference(x)
-    np.testing.assert_allclose(y.numpy(), y_ref.numpy(), atol=1e-5)
-    for a, b in zip(tape.gradient(y, [x, *block.trainable_variables]),
-                    tape.gradient(y_ref, [x, *reference.trainable_variables])):
-        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-5)
-
-
-def test_conv_pool_forms_only_on_cpu_in_float32(monkeypatch):
-    """GPUs and other precisions get the plain Conv2D -> MaxPooling2D: the forms were
-    measured faster only for oneDNN's float32 kernels."""
-    x = tf.zeros((8, 28, 28, 1))
-    bf16 = blocks.ConvPool(8, 4, dtype="mixed_bfloat16")
-    bf16(x)
-    assert bf16.form == "plain"
-    monkeypatch.setattr(blocks, "_has_gpu", lambda: True)
-    on_gpu = blocks.ConvPool(8, 4)
-    on_gpu(x)
-    assert on_gpu.form == "plain"
-    monkeypatch.setattr(blocks, "_has_gpu", lambda: False)
-    on_cpu = blocks.ConvPool(8, 4)
-    on_cpu(x)
-    assert on_cpu.form == "images_as_channels"
-
-
-def _conv_op_types(fn, x):
-    return {op.type for op in fn.get_concrete_function(x).graph.get_operations() if "Conv" in op.type}
-
-
-def test_conv_pool_forms_stay_plain_under_xla():
-    """XLA's CPU convolutions are not oneDNN's: traced for XLA (here nested in an outer
-    tf.function, as the Trainer does), the block computes Conv2D -> MaxPooling2D."""
-    x = tf.random.uniform((16, 28, 28, 1), seed=8)
-    block = blocks.ConvPool(8, 4)
-    block(x)
-    assert block.form == "images_as_channels"
-    assert _conv_op_types(tf.function(block), x) == {"DepthwiseConv2dNative"}
-    compiled = tf.function(block, jit_compile=True)
-    assert _conv_op_types(compiled, x) == {"Conv2D"}
-    np.testing.assert_allclose(tf.function(lambda x: compiled(x))(x).numpy(), block(x).numpy(),
-                               atol=1e-5)
+        y_ref = block(x)
+        if ungroup:
+            y = block.call_grouped(blocks.to_image_groups(x, 8), 8, ungroup=True)
+        else:
+            y = blocks.from_image_groups(block.call_grouped(blocks.to_image_groups(x, 8), 8), 8)
+        w = tf.random.stateless_uniform(tf.shape(y), seed=[1, 2])
+        loss, loss_ref = tf.reduce_sum(w * y), tf.reduce_sum(w * y_ref)
+    np.testing.assert_allclose(y.numpy(), y_ref.numpy(), rtol=1e-5, atol=1e-5)
+    sources = [x, *block.trainable_variables]
+    for a, b in zip(tape.gradient(loss, sources), tape.gradient(loss_ref, sources)):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
