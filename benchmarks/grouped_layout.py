@@ -4,7 +4,7 @@
     python benchmarks/grouped_layout.py              # ~30 seconds
 
 On a CPU, `layers.autoencoders.Encoder` and `Decoder` compute their blocks on
-the images-as-channels layout (`layers.blocks.to_image_groups`: 8 images as
+the images-as-channels layout (`layers.blocks.to_image_groups`: 4 images as
 the channels of one, every convolution a grouped one with the same weights)
 when every block has <= `GROUPED_MAX_FILTERS` filters. This script times one
 block of each `--blocks` entry in both layouts, a training step's work

@@ -75,7 +75,7 @@ class _Block(keras.layers.Layer):
 
 
 # Images per group in the images-as-channels layout (`to_image_groups`).
-IMAGE_GROUP = 8
+IMAGE_GROUP = 4
 
 
 def _has_gpu() -> bool:

@@ -187,16 +187,17 @@ def _set_grouped(model, grouped: bool) -> None:
 def test_image_groups_compute_the_same_function(name, batch):
     """On a CPU the few-filter models compute in the images-as-channels layout: the same
     outputs and gradients as the ordinary layout, with the batch size known when traced
-    (16; 13 does not divide into groups of 8 and stays ordinary) and unknown (padded)."""
+    (16; 13 does not divide into groups of 4 and stays ordinary) and unknown (padded)."""
     model = build_autoencoder(name)
     x = random_images(batch)
-    assert model.encoder.image_groups(x, model.encoder.blocks) == (8 if batch % 8 == 0 else 1)
+    g = blocks.IMAGE_GROUP
+    assert model.encoder.image_groups(x, model.encoder.blocks) == (g if batch % g == 0 else 1)
     y, grads = _output_and_gradients(model, x)
     known = tf.function(lambda x: _output_and_gradients(model, x))
     unknown = tf.function(lambda x: _output_and_gradients(model, x),
                           input_signature=[tf.TensorSpec((None, 28, 28, 1))])
     # Seven forward convolutions (3 encoder blocks, 3 decoder blocks, the logits).
-    assert _grouped_convs(known, x) == (7 if batch % 8 == 0 else 0)
+    assert _grouped_convs(known, x) == (7 if batch % g == 0 else 0)
     assert _grouped_convs(unknown, x) == 7  # padded to whole groups
     y_unknown, grads_unknown = unknown(x)
     _set_grouped(model, False)
@@ -216,7 +217,7 @@ def test_image_groups_only_where_measured_faster(monkeypatch):
     def groups(model):
         return model.encoder.image_groups(x, model.encoder.blocks)
 
-    assert groups(build_autoencoder("seed", precision="mixed_bfloat16")) == 8
+    assert groups(build_autoencoder("seed", precision="mixed_bfloat16")) == blocks.IMAGE_GROUP > 1
     assert groups(build_autoencoder("seed", precision="mixed_float16")) == 1
     assert groups(build_autoencoder("seed", encoder_filters=(32, 4, 4))) == 1
     assert groups(build_autoencoder("denoiser")) == 1  # 32 filters

@@ -137,8 +137,9 @@ GROUPED = [
 @pytest.mark.parametrize("make,shape,ungroup", [(*g, False) for g in GROUPED] + [
     (make, shape, True) for make, shape in GROUPED[-3:]])  # the UpsampleConvs
 def test_grouped_blocks_equal_the_ordinary_ones(make, shape, ungroup):
-    """`call_grouped` on 8 images as the channels of one is `call` on the images, values
+    """`call_grouped` on images as the channels of one is `call` on the images, values
     and gradients (input and weights); UpsampleConv can also ungroup its output."""
+    g = blocks.IMAGE_GROUP
     x = tf.random.normal((16, *shape), seed=6)
     block = make()
     block(x)
@@ -148,9 +149,9 @@ def test_grouped_blocks_equal_the_ordinary_ones(make, shape, ungroup):
         tape.watch(x)
         y_ref = block(x)
         if ungroup:
-            y = block.call_grouped(blocks.to_image_groups(x, 8), 8, ungroup=True)
+            y = block.call_grouped(blocks.to_image_groups(x, g), g, ungroup=True)
         else:
-            y = blocks.from_image_groups(block.call_grouped(blocks.to_image_groups(x, 8), 8), 8)
+            y = blocks.from_image_groups(block.call_grouped(blocks.to_image_groups(x, g), g), g)
         w = tf.random.stateless_uniform(tf.shape(y), seed=[1, 2])
         loss, loss_ref = tf.reduce_sum(w * y), tf.reduce_sum(w * y_ref)
     np.testing.assert_allclose(y.numpy(), y_ref.numpy(), rtol=1e-5, atol=1e-5)
