@@ -85,6 +85,9 @@ OURS = {
     "mixed_bfloat16_sharded_device_32": dict(steps_per_loop=32, batch_shards=CORES,
                                              data_on_device=True, precision=BF16,
                                              threads="per_core"),
+    "mixed_bfloat16_sharded_device_32_ungrouped": dict(
+        steps_per_loop=32, batch_shards=CORES, data_on_device=True, precision=BF16,
+        threads="per_core", ungrouped=True),
     # What each half of the recipe gives alone.
     "sharded_device_32_default_threads": dict(steps_per_loop=32, batch_shards=CORES,
                                               data_on_device=True),
@@ -107,6 +110,10 @@ KERAS = {
     "keras_fit_spe32_bfloat16_mirrored_per_core": dict(
         steps_per_execution=32, jit_compile=False, precision=BF16, replicas=CORES,
         threads="per_core"),
+    # What the images-as-channels layout gives Keras fit (it trains the same model).
+    "keras_fit_spe32_mirrored_per_core_ungrouped": dict(
+        steps_per_execution=32, jit_compile=False, replicas=CORES, threads="per_core",
+        ungrouped=True),
 }
 VARIANTS = {**OURS, **KERAS}
 
@@ -185,6 +192,8 @@ class KerasVariant:
         tf.keras.utils.set_random_seed(0)
         with _strategy(spec).scope():
             self.model = build_autoencoder(model_name, images.shape[1:], precision_of(spec))
+            if spec.get("ungrouped"):
+                ungrouped(self.model)
             self.model.compile(optimizer=tf.keras.optimizers.Adam(1e-3),
                                loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
                                steps_per_execution=spec["steps_per_execution"],
