@@ -48,7 +48,7 @@ flags.DEFINE_list("blocks", [
     "kind:cin:size:filters:kernel entries to time (kinds: " + ", ".join(KINDS) + ").")
 flags.DEFINE_integer("batch_size", 256, "Global batch; each core's share is what is timed.")
 flags.DEFINE_integer("iterations", 20, "Training passes per timed call.")
-flags.DEFINE_integer("rounds", 5, "Timed calls per layout, interleaved (the median counts).")
+flags.DEFINE_integer("rounds", 9, "Timed calls per layout, interleaved (the median counts).")
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"), "Reports go here.")
 
 
