@@ -75,10 +75,11 @@ class _Stack(keras.Model):
         """How many images per group `layers` compute with: blocks.IMAGE_GROUP, or 1
         for the ordinary layout.
 
-        Grouped only where it was measured faster: float32 on oneDNN's CPU kernels
-        (not on GPUs, not when XLA compiles the stack: its CPU convolutions are not
-        oneDNN's), blocks of few filters that all have a grouped form, and a batch
-        that divides into groups (an unknown one, as Keras fit traces, is padded).
+        Grouped only where it was measured faster: float32 and bfloat16 on oneDNN's
+        CPU kernels (not on GPUs, not when XLA compiles the stack: its CPU
+        convolutions are not oneDNN's), blocks of few filters that all have a grouped
+        form, and a batch that divides into groups (an unknown one, as Keras fit's
+        mirrored step traces, is padded).
         `grouped = False` on the stack turns it off.
         """
         batch, g = inputs.shape[0], blocks.IMAGE_GROUP
