@@ -142,12 +142,11 @@ class ConvPool(_Block):
                                                   name="pool") if self.pool else None)
         self.act = keras.activations.get(activation)
 
-    def build(self, input_shape):
-        self.conv.build(input_shape)
-
     def call(self, inputs, training=None):
         x = self.conv(inputs)
-        x = x if self.pooling is None else self.pooling(x)
+        if self.pooling is None:
+            return x
+        x = self.pooling(x)
         return self.act(x) if self.act_after_pool else x
 
     def call_grouped(self, x, groups: int):
@@ -158,8 +157,7 @@ class ConvPool(_Block):
         y = tf.nn.conv2d(tf.cast(x, dtype), kernel, 1, "SAME")
         if self.act_after_pool:  # the bias commutes with the max as well
             return self.act(tf.nn.bias_add(tf.nn.max_pool2d(y, 2, 2, "SAME"), bias))
-        y = tf.nn.bias_add(y, bias)
-        y = self.act(y) if self.act is not None else y
+        y = self.act(tf.nn.bias_add(y, bias))  # the conv's own activation (linear for None)
         return tf.nn.max_pool2d(y, 2, 2, "SAME") if self.pool else y
 
     def get_config(self) -> dict:
