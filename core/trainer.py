@@ -153,10 +153,19 @@ class Trainer:
         variables = self.model.trainable_variables
         with tf.GradientTape() as tape:
             logits, extra, _ = self.model.forward(inputs, training=True, seed=seed)
-            per_example = metrics.bce_from_logits(targets, logits) + extra
-            loss = tf.nn.compute_average_loss(per_example, global_batch_size=self.global_batch_size)
-            scaled = self.optimizer.scale_loss(loss)  # identity unless mixed_float16
-        return loss, tape.gradient(scaled, variables)
+            logits = tf.cast(logits, tf.float32)
+        # The loss and its gradient with respect to the logits are computed by hand
+        # (metrics.bce_sum_and_gradient), off the tape; the tape differentiates only
+        # the model, starting from that gradient. loss = (sum of per-pixel BCE / pixels
+        # + sum of extra) / global batch, which is compute_average_loss of the
+        # per-example loss.
+        bce_sum, dlogits = metrics.bce_sum_and_gradient(targets, logits)
+        pixels = float(np.prod(logits.shape[1:]))
+        loss = (bce_sum / pixels + tf.reduce_sum(extra)) / self.global_batch_size
+        dextra = self.optimizer.scale_loss(tf.constant(1.0 / self.global_batch_size))  # loss scaling
+        grads = tape.gradient([logits, extra], variables, output_gradients=[
+            dlogits * (dextra / pixels), tf.fill(tf.shape(extra), dextra)])
+        return loss, grads
 
     def replica_forward_backward(self, images: tf.Tensor,
                                  seeds: tf.Tensor) -> tuple[tf.Tensor, list]:

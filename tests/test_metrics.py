@@ -1,7 +1,11 @@
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from core import metrics
+from core.trainer import Trainer
+from layers.autoencoders import build_autoencoder
+from conftest import random_images
 
 
 def _reference_bce(targets, logits):
@@ -22,6 +26,58 @@ def test_bce_and_its_gradient_match_tensorflows():
     np.testing.assert_allclose(tape.gradient(l_ours, logits).numpy(),
                                tape.gradient(l_ref, logits).numpy(), rtol=1e-5, atol=1e-8)
     assert np.isfinite(ours.numpy()).all()
+
+
+@pytest.mark.parametrize("shape", [(4, 6, 5, 2), (3, 28, 28, 1), (2, 127, 1, 1)])
+def test_bce_sum_and_gradient_match_tensorflows(shape):
+    """The training loss's hand-made sum (logs of products over blocks: 60, 112 and, for a
+    prime pixel count, 1 pixel per block) and gradient, against TensorFlow's."""
+    rng = np.random.default_rng(1)
+    targets = tf.constant(rng.random(shape), tf.float32)
+    logits = tf.constant(rng.normal(0, 30, shape), tf.float32)  # many saturated sigmoids
+    with tf.GradientTape() as tape:
+        tape.watch(logits)
+        ref = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(targets, logits))
+    total, grad = metrics.bce_sum_and_gradient(targets, logits)
+    np.testing.assert_allclose(total.numpy(), ref.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(grad.numpy(), tape.gradient(ref, logits).numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_bce_sum_is_exact_for_small_logits():
+    """Near x = 0 every factor of the blocks is near 1/2 (products down to 2^-112): no
+    underflow, and the log term itself (not only the large relu and x*z terms) is right."""
+    logits = tf.constant(np.random.default_rng(2).normal(0, 0.1, (8, 28, 28, 1)), tf.float32)
+    targets = tf.zeros_like(logits) + 0.5
+    total, _ = metrics.bce_sum_and_gradient(targets, logits)
+    ref = tf.reduce_sum(tf.nn.sigmoid_cross_entropy_with_logits(targets, logits))
+    np.testing.assert_allclose(total.numpy(), ref.numpy(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("model_name,precision", [("seed", "float32"), ("vae", "float32"),
+                                                  ("seed", "mixed_bfloat16"),
+                                                  ("seed", "mixed_float16")])
+def test_training_step_loss_and_gradients(model_name, precision):
+    """Trainer.forward_backward (hand-made loss gradient, handed to the tape) against the
+    plain way: TensorFlow's BCE, averaged per example, plus the model's extra term (the
+    VAE's KL), compute_average_loss, the loss scale for mixed_float16, one tape."""
+    tf.keras.utils.set_random_seed(3)
+    model = build_autoencoder(model_name, precision=precision)
+    trainer = Trainer(model, tf.distribute.get_strategy(), 32, 1e-3, precision=precision)
+    images = random_images(16)
+    seed = tf.constant([4, 5], tf.int64)
+    loss, grads = trainer.forward_backward(images, images, seed)
+    with tf.GradientTape() as tape:
+        logits, extra, _ = model.forward(images, training=True, seed=seed)
+        per_example = _reference_bce(images, tf.cast(logits, tf.float32)) + extra
+        ref_loss = tf.nn.compute_average_loss(per_example, global_batch_size=32)
+        scaled = trainer.optimizer.scale_loss(ref_loss)
+    ref_grads = tape.gradient(scaled, model.trainable_variables)
+    np.testing.assert_allclose(loss.numpy(), ref_loss.numpy(), rtol=1e-5)
+    # Relative to the largest gradient of the variable: summation orders differ.
+    tol = dict(rtol=1e-4, atol=1e-5) if precision == "float32" else dict(rtol=2e-2, atol=2e-2)
+    for g, r in zip(grads, ref_grads):
+        scale = max(float(tf.reduce_max(tf.abs(r))), 1e-12)
+        np.testing.assert_allclose(g.numpy() / scale, r.numpy() / scale, **tol)
 
 
 def test_mse_psnr_ssim_values():
