@@ -33,21 +33,43 @@ class FusedAdam(keras.optimizers.Adam):
     amsgrad and sparse (IndexedSlices) gradients.
     """
 
+    _scalars = None  # during an update: (dtype, device) -> the step's scalar inputs
+
+    def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
+        # The scalars of the step (beta powers, casts) are computed once per dtype and
+        # device for all variables, not once per variable: about 60 fewer ops per step
+        # for the seed model's 14 variables (benchmarks/NOTES.md section 11).
+        self._scalars = {}
+        try:
+            super()._distributed_tf_update_step(distribution, grads_and_vars, learning_rate)
+        finally:
+            self._scalars = None
+
+    def _step_scalars(self, dtype, device: str, learning_rate) -> dict:
+        key = (dtype, device)
+        if self._scalars is not None and key in self._scalars:
+            return self._scalars[key]
+        step = tf.cast(self.iterations + 1, dtype)
+        scalars = dict(beta1_power=tf.pow(tf.cast(self.beta_1, dtype), step),
+                       beta2_power=tf.pow(tf.cast(self.beta_2, dtype), step),
+                       lr=tf.cast(learning_rate, dtype),
+                       beta1=tf.cast(self.beta_1, dtype),
+                       beta2=tf.cast(self.beta_2, dtype),
+                       epsilon=tf.cast(self.epsilon, dtype))
+        if self._scalars is not None:
+            self._scalars[key] = scalars
+        return scalars
+
     def update_step(self, gradient, variable, learning_rate):
         if self.amsgrad or isinstance(gradient, tf.IndexedSlices):
             return super().update_step(gradient, variable, learning_rate)
         dtype = variable.dtype
-        step = tf.cast(self.iterations + 1, dtype)
         index = self._get_variable_index(variable)
+        handle = _handle(variable)
         return tf.raw_ops.ResourceApplyAdam(
-            var=_handle(variable),
+            var=handle,
             m=_handle(self._momentums[index]),
             v=_handle(self._velocities[index]),
-            beta1_power=tf.pow(tf.cast(self.beta_1, dtype), step),
-            beta2_power=tf.pow(tf.cast(self.beta_2, dtype), step),
-            lr=tf.cast(learning_rate, dtype),
-            beta1=tf.cast(self.beta_1, dtype),
-            beta2=tf.cast(self.beta_2, dtype),
-            epsilon=tf.cast(self.epsilon, dtype),
             grad=tf.cast(gradient, dtype),
-            use_locking=False)
+            use_locking=False,
+            **self._step_scalars(dtype, handle.device, learning_rate))
