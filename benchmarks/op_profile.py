@@ -7,8 +7,10 @@
 Traces `--steps` steps of tapeloop's Trainer (on-device data, `--steps` steps in
 one compiled call) with `tf.profiler.experimental`, then reads the trace's
 XPlane: for every op type, how often it runs per step and its summed duration
-per step (over all threads), and how long the executor's threads were busy
-(running ops plus scheduling them) against the wall time. Writes
+per step (over all threads), how long the executor's threads were busy
+(running ops plus scheduling them) against the wall time, and for how much of
+the wall time 0, 1, 2, ... ops ran at once (with one thread per core, the time
+with fewer ops than cores is idle cores; the ops that ran alone are listed). Writes
 results/op_profile.{json,md}; the numbers behind benchmarks/NOTES.md.
 """
 
@@ -54,6 +56,7 @@ def read_trace(logdir: str) -> dict:
     counts, durations, busy = collections.Counter(), collections.Counter(), collections.Counter()
     nodes = collections.Counter()
     first, last = None, None
+    events = []  # (start ns, end ns, node (op type)) of every op, all threads
     for plane in space.planes:
         if plane.name != "/host:CPU":
             continue
@@ -74,8 +77,30 @@ def read_trace(logdir: str) -> dict:
                     first = start if first is None else min(first, start)
                     end = start + event.duration_ps / 1e3
                     last = end if last is None else max(last, end)
+                    events.append((start, end, f"{_short(node)} ({op})"))
     return {"counts": counts, "durations": durations, "nodes": nodes, "busy": busy,
-            "span_ns": (last or 0) - (first or 0)}
+            "span_ns": (last or 0) - (first or 0), **_concurrency(events)}
+
+
+def _concurrency(events: list) -> dict:
+    """How many ops ran at once, over the traced span: nanoseconds with 0, 1, 2, ... ops
+    running, and per node the nanoseconds it ran while no other op did (where a core
+    idled, if there are as many executor threads as cores)."""
+    edges = sorted([(start, 1, i) for i, (start, _, _) in enumerate(events)]
+                   + [(end, -1, i) for i, (_, end, _) in enumerate(events)])
+    at_once, alone = collections.Counter(), collections.Counter()
+    running, previous = set(), None
+    for t, change, i in edges:
+        if previous is not None:
+            at_once[len(running)] += t - previous
+            if len(running) == 1:
+                alone[events[next(iter(running))][2]] += t - previous
+        previous = t
+        if change > 0:
+            running.add(i)
+        else:
+            running.discard(i)
+    return {"ops_at_once_ns": at_once, "alone_ns": alone}
 
 
 def _short(node: str) -> str:
@@ -129,6 +154,9 @@ def main(argv):
         "ops_per_step": sum(o["per_step"] for o in ops.values()),
         "executor_threads": len(busy_ms),
         "busy_ms_per_step": sum(busy_ms.values()),
+        # Share of the traced span during which k ops ran at once (k = 0, 1, 2, ...).
+        "ops_at_once_share": {k: ns / max(trace["span_ns"], 1)
+                              for k, ns in sorted(trace["ops_at_once_ns"].items())},
     }
     payload = {"context": common.machine_context(with_peaks=False), "config": {
         "model": FLAGS.model, "batch_size": FLAGS.batch_size, "batch_shards": FLAGS.batch_shards,
@@ -148,6 +176,13 @@ def main(argv):
     for op, o in sorted(ops.items(), key=lambda kv: -kv[1]["ms_per_step"])[:FLAGS.top]:
         lines.append(f"| `{op}` | {o['per_step']:.1f} | {o['ms_per_step']:.3f} | "
                      f"{100 * o['ms_per_step'] / op_ms:.1f}% |")
+    shares = ", ".join(f"{k}: {100 * v:.1f}%" for k, v in summary["ops_at_once_share"].items())
+    lines += ["", f"Ops running at once, share of the traced wall time: {shares}. The nodes that "
+              "most often ran alone (ms per step; with one thread per core, the other cores "
+              "idled meanwhile):\n", "| node (op type) | ms per step alone |", "| --- | ---: |"]
+    for node, ns in trace["alone_ns"].most_common(8):
+        lines.append(f"| `{node}` | {ns / 1e6 / n:.3f} |")
+    payload["alone_ms_per_step"] = {node: ns / 1e6 / n for node, ns in trace["alone_ns"].items()}
     payload["nodes"] = {node: ps / 1e9 / n for node, ps in trace["nodes"].items()}
     lines += ["", "The most expensive nodes (summed over shards):\n",
               "| node (op type) | ms per step |", "| --- | ---: |"]

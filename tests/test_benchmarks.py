@@ -93,6 +93,17 @@ def test_grouped_layout_rejects_bad_entries(tmp_path, entry, message):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_loss_forms_smoke(tmp_path):
+    """The script also checks that the three forms agree (value and gradient) before timing."""
+    _run("loss_forms.py", f"--output_dir={tmp_path}", "--batch_size=16", "--iterations=1",
+         "--rounds=1")
+    rows = json.loads((tmp_path / "loss_forms.json").read_text())["results"]
+    assert [r["form"] for r in rows] == ["tensorflow", "per_example_custom_gradient",
+                                         "sum_and_gradient"]
+    assert all(r["ms"] > 0 for r in rows) and rows[0]["speedup"] == 1.0
+    assert "| `sum_and_gradient` |" in (tmp_path / "loss_forms.md").read_text()
+
+
 def test_op_profile_smoke(tmp_path):
     _run("op_profile.py", f"--output_dir={tmp_path}", "--steps=2", "--batch_size=16",
          "--batch_shards=2", "--report_name=profile")
@@ -105,6 +116,8 @@ def test_op_profile_smoke(tmp_path):
     assert sum(forward) == 14, ops
     assert ops["ResourceApplyAdam"]["per_step"] == 14  # one fused update per variable
     assert summary["op_ms_per_step"] > 0 and summary["wall_ms_per_step_traced"] > 0
+    assert sum(summary["ops_at_once_share"].values()) == pytest.approx(1.0, abs=1e-6)
+    assert report["alone_ms_per_step"] and "ran alone" in (tmp_path / "profile.md").read_text()
     assert any("encoder/down0/" in node for node in report["nodes"])
     assert "| op type | per step | ms per step |" in (tmp_path / "profile.md").read_text()
 
