@@ -157,6 +157,22 @@ def conv_layers(model, input_shape) -> list[dict]:
     return convs
 
 
+def interleaved_ms(loops: dict, rounds: int, per_call: int) -> dict[str, float]:
+    """Median milliseconds per unit of work of each zero-argument callable in `loops`
+    (each returns a tensor; a call does `per_call` units): every one is called once
+    untimed (trace, compile, warm-up), then `rounds` times, interleaved round by round;
+    each timed call ends with its result on the host."""
+    for loop in loops.values():
+        float(loop())
+    times = {name: [] for name in loops}
+    for _ in range(rounds):
+        for name, loop in loops.items():
+            start = time.perf_counter()
+            float(loop())
+            times[name].append((time.perf_counter() - start) / per_call)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+
+
 def summarize(rates: list[float], step_times: list[float] | None = None) -> dict:
     """Median, standard error, jitter (1.4826 x MAD) of per-round rates; step-time p50/p90."""
     rates = [float(r) for r in rates]

@@ -19,9 +19,7 @@ Writes results/conv_ceiling.{json,md}.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -52,13 +50,7 @@ def time_op(fn, *args) -> float:
             total += tf.cast(tf.reduce_sum(y[..., :1]), tf.float32)
         return total
 
-    float(loop(*args))
-    times = []
-    for _ in range(FLAGS.repeats):
-        start = time.perf_counter()
-        float(loop(*args))
-        times.append((time.perf_counter() - start) / FLAGS.iterations)
-    return statistics.median(times)
+    return common.interleaved_ms({"op": lambda: loop(*args)}, FLAGS.repeats, FLAGS.iterations)["op"] / 1e3
 
 
 def main(argv):

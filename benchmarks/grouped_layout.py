@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import functools
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -119,15 +117,7 @@ def main(argv):
             "grouped": _training_pass(functools.partial(block.call_grouped, groups=groups), grouped_x,
                                       block.trainable_variables, cin > 1),
         }
-        for loop in loops.values():
-            float(loop())  # trace and warm up
-        times = {name: [] for name in loops}
-        for _ in range(FLAGS.rounds):
-            for name, loop in loops.items():
-                start = time.perf_counter()
-                float(loop())
-                times[name].append((time.perf_counter() - start) / FLAGS.iterations)
-        ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+        ms = common.interleaved_ms(loops, FLAGS.rounds, FLAGS.iterations)
         row = {"kind": kind, "input_channels": cin, "size": size, "filters": filters,
                "kernel": kernel, "ms": ms, "speedup": ms["ordinary"] / ms["grouped"],
                "grouped_by_rule": filters <= limit}

@@ -22,9 +22,7 @@ Writes results/loss_forms.{json,md}.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -111,15 +109,7 @@ def main(argv):
         np.testing.assert_allclose(loss.numpy(), ref_loss.numpy(), rtol=1e-5, err_msg=name)
         np.testing.assert_allclose(grad.numpy(), ref_grad.numpy(), rtol=1e-4, atol=1e-10,
                                    err_msg=name)
-    for loop in loops.values():
-        float(loop())  # trace and warm up
-    times = {name: [] for name in loops}
-    for _ in range(FLAGS.rounds):
-        for name, loop in loops.items():
-            start = time.perf_counter()
-            float(loop())
-            times[name].append((time.perf_counter() - start) / FLAGS.iterations)
-    ms = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    ms = common.interleaved_ms(loops, FLAGS.rounds, FLAGS.iterations)
     rows = [{"form": name, "ms": ms[name], "speedup": ms["tensorflow"] / ms[name]} for name in forms]
 
     context = common.machine_context(with_peaks=False)
