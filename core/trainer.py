@@ -162,9 +162,10 @@ class Trainer:
         bce_sum, dlogits = metrics.bce_sum_and_gradient(targets, logits)
         pixels = float(np.prod(logits.shape[1:]))
         loss = (bce_sum / pixels + tf.reduce_sum(extra)) / self.global_batch_size
-        dextra = self.optimizer.scale_loss(tf.constant(1.0 / self.global_batch_size))  # loss scaling
+        # d loss / d (each example's loss), times the loss scale under mixed_float16.
+        scale = self.optimizer.scale_loss(tf.constant(1.0 / self.global_batch_size))
         grads = tape.gradient([logits, extra], variables, output_gradients=[
-            dlogits * (dextra / pixels), tf.fill(tf.shape(extra), dextra)])
+            dlogits * (scale / pixels), tf.fill(tf.shape(extra), scale)])
         return loss, grads
 
     def replica_forward_backward(self, images: tf.Tensor,
