@@ -93,10 +93,10 @@ class Run:
             # Before any op runs. With --seed this makes a run's weights a function of
             # its config: a resumed run ends bit-identical to an uninterrupted one.
             tf.config.experimental.enable_op_determinism()
-        prepare_model_dir(config.model_dir)
         distribute.set_cpu_threads(config.num_intra_threads, config.num_inter_threads)
         self.strategy = distribute.make_strategy(config.strategy, config.num_cpu_devices)
         distribute.check_batch(self.strategy, config.batch_size, config.batch_shards)
+        prepare_model_dir(config.model_dir)  # after every check that needs no files
         self.is_chief = distribute.is_chief(self.strategy)
         self.lock = ModelDirLock(config.model_dir) if self.is_chief else None
         if self.lock:

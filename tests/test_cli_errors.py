@@ -61,6 +61,14 @@ def test_bad_inputs(trained_dir, mnist_dir, broken_data):
         assert checkpoint_files(trained_dir) == before, flags
 
 
+def test_a_rejected_batch_creates_no_model_dir(tmp_path):
+    """The batch check needs the strategy, not the model dir: nothing is created first."""
+    model_dir = tmp_path / "new"
+    proc = run_train("--batch_shards=3", f"--model_dir={model_dir}", "--dataset=synthetic")
+    assert proc.returncode == 2 and "use a multiple of 3" in proc.stderr
+    assert not model_dir.exists()
+
+
 def test_verbose_shows_the_traceback(tmp_path):
     proc = run_train("--batch_size=0", f"--model_dir={tmp_path}", "--verbose")
     assert proc.returncode != 0
