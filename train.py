@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Train, evaluate or export a convolutional autoencoder.
+r"""Train, evaluate or export a convolutional autoencoder.
 
     python train.py                                   # fontdigits, seed model, offline
     python train.py --flagfile=configs/mnist_local.cfg
@@ -10,17 +10,29 @@ Flags become one validated, frozen `core.Config`; everything else lives in
 `core/` and `layers/`, which never read flags.
 """
 
+import dataclasses
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ INFO/WARNING chatter
+
+def _quiet_tensorflow() -> None:
+    """TensorFlow's C++ log: warnings and errors only; on a machine without an NVIDIA
+    driver, errors neither, as CUDA's initialisation would print one ("failed call to
+    cuInit") on every CPU run. TF_CPP_MIN_LOG_LEVEL set by the user wins."""
+    gpu_driver = os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if gpu_driver else "3")
+
+
+_quiet_tensorflow()
 
 from absl import app, flags  # noqa: E402
 
 from core import config as config_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
-_D = config_lib.Config()  # defaults live in one place: the dataclass
+# Defaults live in one place, the dataclass; read them without building (and so
+# validating) a Config, which keeps --help fast.
+_D = type("Defaults", (), {f.name: f.default for f in dataclasses.fields(config_lib.Config)})
 
 flags.DEFINE_enum("mode", _D.mode, config_lib.MODES, "What to run.")
 flags.DEFINE_string("model_dir", _D.model_dir, "Checkpoints, TensorBoard events and figures go here; "
@@ -35,7 +47,8 @@ flags.DEFINE_bool("verify_checksums", _D.verify_checksums,
                   "Check known files against their published SHA-256.")
 flags.DEFINE_list("synthetic_shape", list(map(str, _D.synthetic_shape)),
                   "H,W,C of --dataset=synthetic images.")
-flags.DEFINE_string("model", _D.model, "A registered model (layers/autoencoders.py MODELS).")
+flags.DEFINE_enum("model", _D.model, config_lib.model_names(),
+                  "A registered model (layers/registry.py; README, Models and quality).")
 flags.DEFINE_list("encoder_filters", None, "Override the model's encoder filters, e.g. 8,4,4.")
 flags.DEFINE_list("decoder_filters", None, "Override the model's decoder filters, e.g. 4,4,8.")
 flags.DEFINE_integer("kernel_size", None, "Override the model's kernel size.")
@@ -92,26 +105,51 @@ flags.DEFINE_integer("num_images", _D.num_images, "Test images shown in the figu
 flags.DEFINE_bool("verbose", False, "Print tracebacks for errors.")
 
 
-def _ints(values):
-    return tuple(int(v) for v in values) if values else None
+def _ints(name, values):
+    if not values:
+        return None
+    try:
+        return tuple(int(v) for v in values)
+    except ValueError:
+        raise config_lib.ConfigError(f"--{name}={','.join(values)}: give whole numbers separated "
+                                     "by commas") from None
 
 
-def config_from_flags() -> config_lib.Config:
-    names = {f.name for f in __import__("dataclasses").fields(config_lib.Config)}
+def _last_given(names, argv) -> str | None:
+    """Which of `names` the command line (flag files expanded in place) gives last."""
+    last = None
+    for arg in FLAGS.read_flags_from_files(argv, force_gnu=False):
+        name = arg.lstrip("-").split("=", 1)[0]
+        if arg.startswith("-") and name in names:
+            last = name
+    return last
+
+
+def given_flags() -> set[str]:
+    """The Config fields set on the command line or in a flag file."""
+    return {f.name for f in dataclasses.fields(config_lib.Config) if FLAGS[f.name].present}
+
+
+def config_from_flags(argv=None) -> config_lib.Config:
+    """The Config of the parsed flags; `argv` (default sys.argv) tells which of --epochs and
+    --train_steps came last, when both are given (a flag file's and the command line's)."""
+    names = {f.name for f in dataclasses.fields(config_lib.Config)}
     values = {name: FLAGS[name].value for name in names}
+    if values["epochs"] is not None and values["train_steps"] is not None:
+        later = _last_given(("epochs", "train_steps"), (argv or sys.argv)[1:])
+        values["epochs" if later == "train_steps" else "train_steps"] = None
     if values["epochs"] is None and values["train_steps"] is None:
         values["epochs"] = _D.epochs
-    try:
-        for name in ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps"):
-            values[name] = _ints(values[name])
-    except ValueError as e:
-        raise config_lib.ConfigError(f"a filter list or shape is not whole numbers ({e})") from None
+    for name in ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps"):
+        values[name] = _ints(name, values[name])
     return config_lib.Config(**values)
 
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}: flags take the form --name=value")
+        print(f"train.py: error: unexpected arguments {' '.join(argv[1:])}: flags take the form "
+              "--name=value (python train.py --helpshort lists them)", file=sys.stderr)
+        sys.exit(2)
     import logging as std_logging
 
     from core.errors import Preempted, TapeloopError
@@ -123,13 +161,18 @@ def main(argv):
         config = config_from_flags()
         import core
 
-        core.run(config)
+        core.run(config, given_flags())
     except TapeloopError as e:
         if FLAGS.verbose:
             raise
         kind = "stopped" if isinstance(e, Preempted) else "error"
         print(f"train.py: {kind}: {e}", file=sys.stderr)
         sys.exit(e.exit_code)
+    except KeyboardInterrupt:  # Ctrl-C outside training (eval, export, start-up)
+        if FLAGS.verbose:
+            raise
+        print("train.py: stopped: interrupted before any checkpoint was written", file=sys.stderr)
+        sys.exit(128 + 2)
 
 
 if __name__ == "__main__":

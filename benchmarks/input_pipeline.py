@@ -5,7 +5,7 @@
 
 Measures, in one process and interleaved: the tf.data training pipeline
 (`core.data.train_dataset`: gather, scale, prefetch), the same through the
-strategy's distributed iterator, the on-device path (`Trainer.device_batch`
+strategy's distributed iterator, the on-device path (`data.DeviceData.batch`
 in a compiled loop, no training), and training itself (steps_per_loop 32, tf.data),
 so the ratios share the machine's state. Writes results/input_pipeline.{json,md}.
 """
@@ -48,16 +48,17 @@ def main(argv):
     dist_iter = iter(strategy.distribute_datasets_from_function(
         lambda ctx: data.train_dataset(images, batch, 0, 0, ctx)))
     with strategy.scope():
-        device_trainer = Trainer(build_autoencoder("seed", images.shape[1:]), strategy, batch, 1e-3,
-                                 device_images=images)
+        device_data = data.DeviceData(images, batch, strategy.num_replicas_in_sync, 0)
         trainer = Trainer(build_autoencoder("seed", images.shape[1:]), strategy, batch, 1e-3)
+    step = tf.Variable(0, dtype=tf.int64)
 
     @tf.function
     def draw_on_device(n):
         total = tf.constant(0.0)
         for _ in tf.range(n):
-            total += tf.reduce_sum(strategy.run(device_trainer.device_batch)[:, 0, 0, 0])
-            device_trainer.step.assign_add(1)
+            batch_ = strategy.run(lambda: device_data.batch(step.read_value()))
+            total += tf.reduce_sum(batch_[:, 0, 0, 0])
+            step.assign_add(1)
         return total
 
     def drain(iterator, n):

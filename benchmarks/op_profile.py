@@ -126,7 +126,9 @@ def main(argv):
     tf.keras.utils.set_random_seed(0)
     model = build_autoencoder(FLAGS.model, images.shape[1:], FLAGS.precision)
     trainer = Trainer(model, strategy, FLAGS.batch_size, 1e-3, FLAGS.precision,
-                      device_images=images, batch_shards=FLAGS.batch_shards)
+                      device_data=data.DeviceData(images, FLAGS.batch_size,
+                                                  strategy.num_replicas_in_sync, 0),
+                      batch_shards=FLAGS.batch_shards)
     for _ in range(3):  # compile, then warm up
         trainer.train_loop(None, FLAGS.steps)
     start = time.perf_counter()

@@ -71,7 +71,8 @@ def run_ours(train, held_out, target, max_seconds):
     tf.keras.utils.set_random_seed(0)
     model = build_autoencoder("seed", train.shape[1:])
     trainer = Trainer(model, strategy, FLAGS.ours_batch_size, FLAGS.ours_learning_rate,
-                      device_images=train)
+                      device_data=data.DeviceData(train, FLAGS.ours_batch_size,
+                                                  strategy.num_replicas_in_sync, 0))
     eval_ds = strategy.distribute_datasets_from_function(
         lambda ctx: data.eval_dataset(held_out, 500, ctx))
     curve = []

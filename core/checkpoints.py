@@ -1,17 +1,26 @@
-"""Checkpoints in the model dir, the model-dir lock, and config compatibility on resume."""
+"""Checkpoints in the model dir, the model-dir lock, and config compatibility on resume.
+
+Two rules keep checkpoints safe:
+- Read-only modes (`--mode=eval`, `--mode=export`) use `Checkpointer(..., read_only=True)`,
+  which has no `tf.train.CheckpointManager` and never writes or deletes a file.
+- After a cut-off save, only what is provably that save is removed: TensorFlow's temporary
+  files, and checkpoint files numbered above the `checkpoint` state file's newest entry that
+  do not read back. Without a state file nothing is removed; an unreadable state file is
+  an error that deletes nothing.
+"""
 
 from __future__ import annotations
 
 import errno
-import fcntl
-import glob
 import json
 import os
 import re
 import socket
 
 from absl import logging
+from google.protobuf import text_format
 import tensorflow as tf
+from tensorflow.python.training.checkpoint_state_pb2 import CheckpointState
 
 from core.errors import CheckpointError, ConfigError
 
@@ -19,71 +28,212 @@ from core.errors import CheckpointError, ConfigError
 MODEL_FIELDS = ("model", "encoder_filters", "decoder_filters", "kernel_size", "image_shape",
                 "loss_scaling", "latent_dim")
 CONFIG_FILE = "config.json"
+STATE_FILE = "checkpoint"
+_CKPT_RE = re.compile(r"^ckpt-(\d+)(?:\.index|\.data-\d+-of-\d+)$")
+
+
+def checkpoint_step(path: str) -> int:
+    """'DIR/ckpt-1170' -> 1170."""
+    return int(path.rsplit("-", 1)[1])
+
+
+def read_state(directory: str) -> CheckpointState | None:
+    """The parsed `checkpoint` state file of `directory`, or None if there is none.
+
+    Unlike `tf.train.get_checkpoint_state`, which logs a warning and returns None for
+    a damaged file, this raises: a damaged state file must never look like "no
+    checkpoints", or a cleanup would treat every checkpoint as an orphan.
+
+    Raises:
+      CheckpointError: the file exists but cannot be read or parsed.
+    """
+    path = os.path.join(directory, STATE_FILE)
+    if not tf.io.gfile.exists(path):
+        return None
+    state = CheckpointState()
+    try:
+        text_format.Merge(tf.io.gfile.GFile(path, "r").read(), state)
+        if not state.model_checkpoint_path:
+            raise ValueError("it names no checkpoint")
+    except (tf.errors.OpError, text_format.ParseError, ValueError, UnicodeDecodeError) as e:
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path} is unreadable ({reason}): nothing was deleted; restore the file, or move "
+            "it away and the newest checkpoint is found by its files") from None
+    for i, name in enumerate(state.all_model_checkpoint_paths):
+        if not os.path.isabs(name) and "://" not in name:
+            state.all_model_checkpoint_paths[i] = os.path.join(directory, name)
+    if not os.path.isabs(state.model_checkpoint_path) and "://" not in state.model_checkpoint_path:
+        state.model_checkpoint_path = os.path.join(directory, state.model_checkpoint_path)
+    return state
+
+
+def checkpoints_on_disk(directory: str) -> list[str]:
+    """Prefixes of the checkpoints with an index file in `directory`, oldest first."""
+    if not tf.io.gfile.isdir(directory):
+        return []
+    steps = sorted({int(m.group(1)) for name in tf.io.gfile.listdir(directory)
+                    if name.endswith(".index") and (m := _CKPT_RE.match(name.rstrip("/")))})
+    return [os.path.join(directory, f"ckpt-{s}") for s in steps]
+
+
+def readable(prefix: str) -> bool:
+    """Whether every tensor of checkpoint `prefix` reads back (index and data intact)."""
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+        return True
+    except Exception:  # noqa: BLE001 - any failure to read means "not a whole checkpoint"
+        return False
+
+
+def resolve_path(path: str) -> str:
+    """The checkpoint prefix a user meant: 'D/ckpt-9', 'D/ckpt-9.index', 'D/ckpt-9.data-...'
+    or a folder (its latest checkpoint).
+
+    Raises:
+      ConfigError: nothing there is a checkpoint.
+    """
+    path = path.rstrip("/")
+    if tf.io.gfile.isdir(path):
+        state = read_state(path)
+        found = state.model_checkpoint_path if state else (checkpoints_on_disk(path) or [None])[-1]
+        if not found:
+            raise ConfigError(f"--checkpoint={path} is a folder without checkpoints: give a "
+                              "path like DIR/ckpt-1000, or a folder that holds ckpt-* files")
+        return found
+    prefix = re.sub(r"\.(index|data-\d+-of-\d+)$", "", path)
+    if not tf.io.gfile.exists(prefix + ".index"):
+        raise ConfigError(f"--checkpoint={path} does not exist: give a path like "
+                          "DIR/ckpt-1000 (with or without .index), or a folder")
+    return prefix
 
 
 class Checkpointer:
-    """A `tf.train.CheckpointManager` over the trainer's state, numbered by global step.
+    """The trainer's state in `model_dir`, numbered by global step.
 
     Saves go to `model_dir`; restores come from `restore_dir` (default `model_dir`):
     multi-worker non-chief workers save into a temporary dir that is thrown away,
     but restore from the chief's, so every worker resumes at one step.
+
+    Args:
+      model_dir: where checkpoints are saved.
+      trainer: has `model`, `optimizer` and the int64 `step` variable.
+      keep: how many checkpoints to keep.
+      restore_dir: where the latest checkpoint is looked up (default `model_dir`).
+      read_only: restore only (eval, export): the model and the step, never a write or a
+        delete, and no optimizer state is needed.
     """
 
-    def __init__(self, model_dir: str, trainer, keep: int = 3, restore_dir: str | None = None):
+    def __init__(self, model_dir: str, trainer, keep: int = 3, restore_dir: str | None = None,
+                 read_only: bool = False):
         self.trainer = trainer
         self.model_dir = model_dir
         self.restore_dir = restore_dir or model_dir
+        self.read_only = read_only
+        if read_only:
+            self.checkpoint = tf.train.Checkpoint(model=trainer.model, step=trainer.step)
+            self.manager = None
+            return
         self.checkpoint = tf.train.Checkpoint(
             model=trainer.model, optimizer=trainer.optimizer, step=trainer.step)
+        self.remove_orphans()  # before the manager reads the state
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, model_dir, max_to_keep=keep, step_counter=trainer.step)
-        self.remove_orphans()
+        self._saved: str | None = None
 
     @property
     def latest(self) -> str | None:
-        return self.manager.latest_checkpoint
+        """The newest complete checkpoint: the state file's, else the newest by file name."""
+        if self.manager is not None and self._saved:
+            return self._saved
+        state = read_state(self.restore_dir)
+        if state is not None:
+            return state.model_checkpoint_path
+        found = checkpoints_on_disk(self.restore_dir)
+        return found[-1] if found else None
 
     def remove_orphans(self) -> None:
-        """Deletes checkpoint files newer than the last complete checkpoint.
+        """Removes what a save that was cut off (killed, disk full) left behind.
 
-        TensorFlow writes the data and index files first and the `checkpoint`
-        state file last, so files of a higher number than the state names are a
-        save that was cut off (killed, disk full): never readable, only confusing.
+        TensorFlow writes a checkpoint's shards into `ckpt-N_temp/`, merges them into
+        `ckpt-N.index` and `ckpt-N.data-*`, and writes the `checkpoint` state file
+        last (through a `checkpoint.tmp*` file). So only these are provably left by a
+        cut-off save: the temporary folder and state files, and files of a number
+        above the state file's newest that do not read back. Complete newer ones (a
+        save cut off just before the state file was written) are kept. With no state
+        file, nothing is known to be cut off, and nothing is removed.
         """
-        latest = self.manager.latest_checkpoint
-        newest = int(latest.rsplit("-", 1)[1]) if latest else -1
-        for path in glob.glob(os.path.join(self.model_dir, "ckpt-*")):
-            m = re.match(r"ckpt-(\d+)\.", os.path.basename(path))
-            if m and int(m.group(1)) > newest:
+        if self.read_only:
+            raise RuntimeError("a read-only Checkpointer never deletes files")
+        state = read_state(self.model_dir)
+        if state is None:
+            return
+        newest = checkpoint_step(state.model_checkpoint_path)
+        names = tf.io.gfile.listdir(self.model_dir)
+        for name in names:
+            name = name.rstrip("/")
+            path = os.path.join(self.model_dir, name)
+            if name.startswith(STATE_FILE + ".tmp") or (name.startswith("ckpt-")
+                                                        and name.endswith("_temp")):
                 logging.warning("removing %s, left by a checkpoint save that did not finish", path)
-                os.remove(path)
-        for path in glob.glob(os.path.join(self.model_dir, "*.tempstate*")):
-            os.remove(path)
+                if tf.io.gfile.isdir(path):
+                    tf.io.gfile.rmtree(path)
+                else:
+                    tf.io.gfile.remove(path)
+        newer = sorted({int(m.group(1)) for name in names
+                        if (m := _CKPT_RE.match(name.rstrip("/"))) and int(m.group(1)) > newest})
+        for step in newer:
+            prefix = os.path.join(self.model_dir, f"ckpt-{step}")
+            if readable(prefix):
+                logging.warning("keeping %s: it is complete, but a save cut off before the state "
+                                "file was updated left it out of %s/checkpoint", prefix,
+                                self.model_dir)
+                continue
+            for name in names:
+                m = _CKPT_RE.match(name.rstrip("/"))
+                if m and int(m.group(1)) == step:
+                    logging.warning("removing %s, left by a checkpoint save that did not finish",
+                                    os.path.join(self.model_dir, name))
+                    tf.io.gfile.remove(os.path.join(self.model_dir, name))
 
     def restore(self, path: str | None = None) -> int:
         """Restores `path` (default: the latest); returns the restored step, 0 if none.
 
         Raises:
-          CheckpointError: the checkpoint is missing, unreadable, or does not match the model.
+          CheckpointError: the checkpoint is missing or damaged (a read proved it), or it
+            holds a different model.
         """
-        path = path or tf.train.latest_checkpoint(self.restore_dir)
+        if path is None:
+            path = self.latest
+            if path is not None and read_state(self.restore_dir) is None:
+                logging.warning("%s has no 'checkpoint' state file: using %s, the newest "
+                                "checkpoint found by its files", self.restore_dir, path)
         if not path:
-            state = os.path.join(self.restore_dir, "checkpoint")
-            if os.path.exists(state):
-                raise CheckpointError(
-                    f"{state} names a checkpoint whose files are missing: restore them, delete "
-                    "the 'checkpoint' file to start over, or use a fresh --model_dir")
             return 0
-        try:
-            # Every saved object must land on a live one: a partial restore would
-            # silently train from a mix of old and fresh weights.
-            self.checkpoint.restore(path).assert_existing_objects_matched()
-        except Exception as e:  # a damaged file surfaces as OpError, IndexError, ValueError...
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        if not tf.io.gfile.exists(path + ".index"):
             raise CheckpointError(
-                f"checkpoint {path} cannot be restored ({first}): if it is damaged, delete its "
-                "files and the newest remaining checkpoint is used; or use a fresh --model_dir"
-            ) from None
+                f"{self.restore_dir}/checkpoint names {path}, whose files are missing: restore "
+                "them, or move the 'checkpoint' file away and the newest checkpoint left is "
+                "used, or use a fresh --model_dir")
+        status = self.checkpoint.restore(path)
+        try:
+            # Every object of ours must get a saved value: a partial restore would silently
+            # go on from a mix of old and fresh weights.
+            status.assert_existing_objects_matched()
+        except Exception as e:  # noqa: BLE001 - damage surfaces as OpError, ValueError...
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            if not readable(path):
+                raise CheckpointError(
+                    f"checkpoint {path} is damaged: its files do not read back ({first}); "
+                    "delete its files and the newest remaining checkpoint is used, or use a "
+                    "fresh --model_dir") from None
+            raise CheckpointError(
+                f"checkpoint {path} holds a different model or optimizer ({first}): give the "
+                "flags it was trained with, or another --checkpoint") from None
+        if self.read_only:
+            status.expect_partial()  # the optimizer's slots are not needed to evaluate
         step = int(self.trainer.step.numpy())
         logging.info("restored %s (step %d)", path, step)
         return step
@@ -95,9 +245,11 @@ class Checkpointer:
           CheckpointError: the write failed (disk full, permissions); the previous
             checkpoint stays the latest and readable.
         """
+        if self.read_only:
+            raise RuntimeError("a read-only Checkpointer never saves")
         step = int(self.trainer.step.numpy())
-        if self.latest and self.latest.endswith(f"-{step}"):
-            return self.latest  # already saved at this step
+        if self.manager.latest_checkpoint and checkpoint_step(self.manager.latest_checkpoint) == step:
+            return self.manager.latest_checkpoint  # already saved at this step
         try:
             path = self.manager.save(checkpoint_number=step)
         except (OSError, tf.errors.OpError) as e:
@@ -107,6 +259,7 @@ class Checkpointer:
                 f"could not write the checkpoint at step {step} in {self.model_dir} ({reason}): "
                 f"free space or fix permissions, then rerun to resume from "
                 f"{self.latest or 'the start'}, which is intact") from None
+        self._saved = path
         logging.info("saved checkpoint %s", path)
         return path
 
@@ -115,7 +268,8 @@ class ModelDirLock:
     """One live run per model dir: an exclusive flock on `<model_dir>/.lock`.
 
     The kernel releases a flock when its process dies, however it dies, so a lock
-    file left by a crashed run is free to take; we say so in the log.
+    file left by a crashed run is free to take; we say so in the log. A lock needs a
+    local filesystem: on one without flock (object stores) the run goes on unlocked.
     """
 
     def __init__(self, model_dir: str):
@@ -123,6 +277,12 @@ class ModelDirLock:
         self.fd = None
 
     def acquire(self) -> None:
+        if "://" in self.path:
+            logging.warning("%s is not on a local filesystem: no lock against a second run",
+                            os.path.dirname(self.path))
+            return
+        import fcntl  # POSIX only, and local by nature
+
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -146,6 +306,8 @@ class ModelDirLock:
 
     def release(self) -> None:
         if self.fd is not None:
+            import fcntl
+
             os.ftruncate(self.fd, 0)  # an empty lock file: this run ended cleanly
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
@@ -153,37 +315,61 @@ class ModelDirLock:
 
 
 def saved_config(model_dir: str) -> dict | None:
+    """The `config.json` of `model_dir` as a dict, or None if there is none.
+
+    Raises:
+      CheckpointError: the file is unreadable or not a JSON object.
+    """
     path = os.path.join(model_dir, CONFIG_FILE)
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
+    if not tf.io.gfile.exists(path):
         return None
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is unreadable ({e}): restore it or use a fresh --model_dir"
-                              ) from None
+    try:
+        value = json.loads(tf.io.gfile.GFile(path, "r").read())
+    except (tf.errors.OpError, ValueError) as e:
+        raise CheckpointError(f"{path} is unreadable ({str(e)[:120]}): restore it or use a "
+                              "fresh --model_dir") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not the run's config "
+                              "object: restore it or use a fresh --model_dir")
+    return value
 
 
-def check_compatible(model_dir: str, current: dict) -> None:
+def write_config(model_dir: str, config: dict) -> None:
+    """Writes `config.json` atomically (a reader never sees half a file)."""
+    path = os.path.join(model_dir, CONFIG_FILE)
+    tmp = f"{path}.tmp"
+    with tf.io.gfile.GFile(tmp, "w") as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True))
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+
+
+def _norm(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def model_differences(saved: dict, current: dict) -> list[str]:
+    """'field: saved -> current' for every field of MODEL_FIELDS that differs."""
+    return [f"{k}: {_norm(saved.get(k))!r} -> {_norm(current.get(k))!r}" for k in MODEL_FIELDS
+            if k in saved and _norm(saved.get(k)) != _norm(current.get(k))]
+
+
+def check_compatible(model_dir: str, current: dict, log_changes: bool = True) -> None:
     """Compares the run's config with the one saved in `model_dir`, if any.
 
     Raises:
       ConfigError: a field that shapes the model's variables differs (listing them all).
     """
     saved = saved_config(model_dir)
-    if saved is None or not tf.train.latest_checkpoint(model_dir):
-        return
-
-    def norm(value):
-        return list(value) if isinstance(value, (list, tuple)) else value
-
-    incompatible = [f"{k}: {norm(saved.get(k))!r} -> {norm(current.get(k))!r}" for k in MODEL_FIELDS
-                    if norm(saved.get(k)) != norm(current.get(k))]
+    if saved is None or (read_state(model_dir) is None and not checkpoints_on_disk(model_dir)):
+        return  # nothing to restore: any model may start here
+    incompatible = model_differences(saved, current)
     if incompatible:
         raise ConfigError(
             f"--model_dir={model_dir} holds a different model ({'; '.join(incompatible)}): use the "
             "saved settings to resume, or a fresh --model_dir for the new model")
+    if not log_changes:
+        return
     changed = sorted(k for k in set(saved) | set(current)
-                     if k not in MODEL_FIELDS and norm(saved.get(k)) != norm(current.get(k)))
+                     if k not in MODEL_FIELDS and _norm(saved.get(k)) != _norm(current.get(k)))
     for key in changed:
         logging.info("resuming with %s changed: %r -> %r", key, saved.get(key), current.get(key))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from typing import Any
 
@@ -23,8 +24,13 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 _SPLIT_RE = re.compile(r"^(train|test)(\[(-?\d+%?)?:(-?\d+%?)?\])?$")
 
 
+MAX_NUM_IMAGES = 64
+# Synthetic splits are generated in memory: refuse more than this many bytes per split.
+MAX_SYNTHETIC_BYTES = 2 * 2**30
+
+
 def model_names() -> tuple[str, ...]:
-    from layers.autoencoders import MODELS  # imports TensorFlow
+    from layers.registry import MODELS  # no TensorFlow: validation stays fast
 
     return tuple(MODELS)
 
@@ -89,8 +95,7 @@ class Config:
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
-        names = model_names()
-        _check_choice("model", self.model, names)
+        _check_choice("model", self.model, model_names())
         for name in ("epochs", "train_steps"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -102,8 +107,12 @@ class Config:
             value = getattr(self, name)
             if value <= 0:
                 raise ConfigError(f"--{name}={value}: must be a positive whole number")
-        if not self.learning_rate > 0:
-            raise ConfigError(f"--learning_rate={self.learning_rate}: must be a positive number")
+        if self.num_images > MAX_NUM_IMAGES:
+            raise ConfigError(f"--num_images={self.num_images}: at most {MAX_NUM_IMAGES} (the "
+                              "figure wraps every 16 columns)")
+        if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
+            raise ConfigError(f"--learning_rate={self.learning_rate}: must be a positive, finite "
+                              "number")
         for name in ("summary_every", "checkpoint_every_steps", "checkpoint_every_secs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 0 (0 = off)")
@@ -143,6 +152,7 @@ class Config:
             value = getattr(self, name)
             if value is not None and (not value or min(value) <= 0):
                 raise ConfigError(f"--{name}={value}: give positive filter counts, e.g. 8,4,4")
+        self._check_stages()
         if len(self.synthetic_shape) != 3 or min(self.synthetic_shape) <= 0:
             raise ConfigError(
                 f"--synthetic_shape={self.synthetic_shape}: give H,W,C as three positive numbers")
@@ -155,6 +165,22 @@ class Config:
             raise ConfigError("--model_dir is empty: give a folder for checkpoints and summaries")
         if self.eager and self.jit_compile:
             raise ConfigError("--eager and --jit_compile exclude each other: drop one")
+
+    def _check_stages(self) -> None:
+        from layers.registry import MODELS
+
+        spec = MODELS[self.model]
+        encoder = self.encoder_filters or spec.encoder_filters
+        decoder = self.decoder_filters or spec.decoder_filters
+        if len(encoder) != len(decoder):
+            given = ("--encoder_filters" if self.encoder_filters else
+                     f"{self.model}'s encoder") + f" has {len(encoder)} stages, " + (
+                "--decoder_filters" if self.decoder_filters else f"{self.model}'s decoder") + \
+                f" {len(decoder)}"
+            raise ConfigError(f"{given}: give --encoder_filters and --decoder_filters with the "
+                              f"same number of stages, e.g. --encoder_filters="
+                              f"{','.join(map(str, encoder))} --decoder_filters="
+                              f"{','.join(map(str, reversed(encoder)))}")
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)

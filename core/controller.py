@@ -9,8 +9,8 @@ requested stop (SIGTERM/SIGINT).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -19,10 +19,6 @@ from absl import logging
 import tensorflow as tf
 
 from core.errors import NonFiniteLossError, Preempted
-
-# Test-only hook: poison the weights just before this step runs (see tests/test_reliability.py).
-NAN_HOOK_ENV = "TAPELOOP_TEST_NAN_AT_STEP"
-
 
 def format_line(kind: str, **fields) -> str:
     """The one log-line format: 'train | step 1200/4680 | loss 0.0931 | 10,450 ex/s'."""
@@ -74,7 +70,52 @@ class Progress:
             self.stream.flush()
 
 
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """When the outer loop does what, in global steps (0 = off where noted).
+
+    Attributes:
+      log_every: a log line (and a point of the history).
+      summary_every: train summaries; 0 = with every log line.
+      eval_every: evaluate (when there is an evaluation) and checkpoint.
+      checkpoint_every_steps: extra checkpoints; 0 = off.
+      checkpoint_every_secs: a checkpoint when this long passed since the last; 0 = off.
+      profile_steps: (start, stop) of a profiler trace, or None.
+      nan_policy: on a NaN/Inf loss, "stop" or "rollback" to the last checkpoint.
+      nan_max_retries: rollbacks before giving up.
+      nan_lr_factor: learning-rate factor per rollback.
+    """
+
+    log_every: int = 100
+    summary_every: int = 0
+    eval_every: int = 0
+    checkpoint_every_steps: int = 0
+    checkpoint_every_secs: float = 0.0
+    profile_steps: tuple[int, int] | None = None
+    nan_policy: str = "stop"
+    nan_max_retries: int = 3
+    nan_lr_factor: float = 0.5
+
+
 class Controller:
+    """The outer loop over `trainer.train_loop`; see the module docstring.
+
+    Args:
+      trainer: has `train_loop(iterator, n)`, `step`, `global_batch_size`,
+        `learning_rate`, `set_learning_rate` and `jit_compile`.
+      make_iterator: start step -> the training iterator (None for on-device data).
+      total_steps: the step to train to.
+      steps_per_epoch: for the log's epoch column.
+      steps_per_loop: the most steps per compiled call.
+      cadence: when to log, summarise, evaluate, checkpoint and profile; the NaN policy.
+      evaluate: step -> metrics, or None (no evaluation; checkpoints keep the cadence).
+      checkpointer: has `save()`, `restore(path)` and `latest`.
+      summaries: has `scalars(writer, step, values)` and `flush()`.
+      profile_dir: where the profiler trace goes.
+      stop_requested: returns the name of a received stop signal, or None.
+      progress: the terminal status line.
+    """
+
     def __init__(
         self,
         trainer,
@@ -82,95 +123,139 @@ class Controller:
         total_steps: int,
         steps_per_epoch: int,
         steps_per_loop: int,
-        log_every: int,
-        eval_every: int,
+        cadence: Cadence,
         evaluate: Callable[[int], dict[str, float]] | None,
         checkpointer,
         summaries,
-        summary_every: int | None = None,
-        checkpoint_every_steps: int = 0,
-        checkpoint_every_secs: float = 0.0,
-        profile_steps: tuple[int, int] | None = None,
         profile_dir: str | None = None,
-        nan_policy: str = "stop",
-        nan_max_retries: int = 3,
-        nan_lr_factor: float = 0.5,
         stop_requested: Callable[[], str | None] = lambda: None,
         progress: Progress | None = None,
     ):
         self.trainer = trainer
-        self.make_iterator = make_iterator  # start step -> iterator (None for on-device data)
+        self.make_iterator = make_iterator
         self.total_steps = total_steps
         self.steps_per_epoch = steps_per_epoch
         self.steps_per_loop = steps_per_loop
-        self.log_every = log_every
-        self.summary_every = summary_every or log_every
-        self.eval_every = eval_every
+        self.cadence = dataclasses.replace(
+            cadence, summary_every=cadence.summary_every or cadence.log_every,
+            eval_every=cadence.eval_every or steps_per_epoch)
         self.evaluate = evaluate
         self.checkpointer = checkpointer
         self.summaries = summaries
-        self.checkpoint_every_steps = checkpoint_every_steps
-        self.checkpoint_every_secs = checkpoint_every_secs
-        self.profile_steps = profile_steps
         self.profile_dir = profile_dir
-        self.nan_policy = nan_policy
-        self.nan_max_retries = nan_max_retries
-        self.nan_lr_factor = nan_lr_factor
         self.stop_requested = stop_requested
         self.progress = progress or Progress()
         self.history: list[dict] = []  # one entry per log line, for tests and figures
         self.nan_retries = 0
-        hook = os.environ.get(NAN_HOOK_ENV)
-        self._nan_at = int(hook) if hook else None
+        self._window = [0.0, 0, 0.0]  # loss * steps, steps, seconds since the last log line
+        self._last_save = time.monotonic()
+        self._profiling = False
 
     def _next_boundary(self, step: int) -> int:
         """The first step after `step` at which something happens between loops."""
+        c = self.cadence
 
         def next_multiple(every):
             return (step // every + 1) * every
 
-        marks = [self.total_steps, next_multiple(self.log_every), next_multiple(self.summary_every)]
-        if self.evaluate is not None:
-            marks.append(next_multiple(self.eval_every))
-        if self.checkpoint_every_steps:
-            marks.append(next_multiple(self.checkpoint_every_steps))
-        if self.profile_steps:
-            marks += [s for s in self.profile_steps if s > step]
-        if self._nan_at is not None and self._nan_at - 1 > step:
-            marks.append(self._nan_at - 1)
+        marks = [self.total_steps, next_multiple(c.log_every), next_multiple(c.summary_every),
+                 next_multiple(c.eval_every)]
+        if c.checkpoint_every_steps:
+            marks.append(next_multiple(c.checkpoint_every_steps))
+        if c.profile_steps:
+            marks += [s for s in c.profile_steps if s > step]
         return min(marks)
-
-    def _poison_if_asked(self, step: int) -> None:
-        if self._nan_at is not None and step == self._nan_at - 1:
-            logging.warning("test hook %s: setting a weight to NaN before step %d",
-                            NAN_HOOK_ENV, self._nan_at)
-            # The output layer's bias: it has no activation, so every logit is NaN. (A
-            # hidden layer's would not do: oneDNN's fused conv+relu maps NaN to 0.)
-            var = next(v for v in self.trainer.model.trainable_variables
-                       if v.path.endswith("logits/bias"))
-            var.assign(tf.fill(var.shape, float("nan")))
-            self._nan_at = None  # once per process
 
     def _handle_non_finite(self, loss: float, start: int, end: int) -> int:
         """Stops, or rolls back to the last good checkpoint; returns the step to go on from."""
+        c = self.cadence
         last = self.checkpointer.latest
         where = f"between step {start} and {end}"
-        if self.nan_policy == "stop" or last is None or self.nan_retries >= self.nan_max_retries:
-            why = ("" if self.nan_policy == "stop" else
-                   " and there is no checkpoint to roll back to" if last is None else
-                   f" again after {self.nan_retries} rollbacks")
+        if c.nan_policy == "stop" or last is None or self.nan_retries >= c.nan_max_retries:
+            if last is None:
+                why = "" if c.nan_policy == "stop" else " and there is no checkpoint to roll back to"
+                raise NonFiniteLossError(
+                    f"the training loss became {loss} {where}{why}, before any checkpoint: "
+                    "lower --learning_rate or check the data")
+            why = "" if c.nan_policy == "stop" else f" again after {self.nan_retries} rollbacks"
+            hint = ("lower --learning_rate, check the data, or use --nan_policy=rollback"
+                    if c.nan_policy == "stop" else "lower --learning_rate or check the data")
             raise NonFiniteLossError(
                 f"the training loss became {loss} {where}{why}; the last good checkpoint "
-                f"({last or 'none yet'}) is untouched: lower --learning_rate, check the data, "
-                "or use --nan_policy=rollback")
+                f"({last}) is untouched: {hint}")
         self.nan_retries += 1
         restored = self.checkpointer.restore(last)
-        lr = self.trainer.learning_rate * self.nan_lr_factor
+        lr = self.trainer.learning_rate * c.nan_lr_factor
         self.trainer.set_learning_rate(lr)
         logging.warning("rollback %d/%d: loss was %s %s; restored %s (step %d), learning rate now "
-                        "%.3g", self.nan_retries, self.nan_max_retries, loss, where, last, restored,
+                        "%.3g", self.nan_retries, c.nan_max_retries, loss, where, last, restored,
                         lr)
         return restored
+
+    def _profile(self, step: int, n: int) -> None:
+        """Starts the profiler at its first step, or stops it once `step + n` reaches the last."""
+        window = self.cadence.profile_steps
+        if not window:
+            return
+        if step == window[0] and not self._profiling and n == 0:
+            tf.profiler.experimental.start(self.profile_dir)
+            self._profiling = True
+            logging.info("profiling steps %d to %d into %s", *window, self.profile_dir)
+        elif self._profiling and n and step + n >= window[1]:
+            tf.profiler.experimental.stop()
+            self._profiling = False
+
+    def _after_loop(self, step: int, n: int, loss: float, elapsed: float | None) -> None:
+        """Logs, summaries, evaluation and checkpoints due at `step`, after a loop of `n` steps
+        that took `elapsed` seconds (None: the first, compiling step, not timed)."""
+        c, w = self.cadence, self._window
+        if elapsed is not None:
+            w[0] += loss * n
+            w[1] += n
+            w[2] += elapsed
+        rate = self.trainer.global_batch_size * w[1] / w[2] if w[2] else 0.0
+        mean_loss = w[0] / w[1] if w[1] else loss
+        left = (self.total_steps - step) * w[2] / w[1] if w[1] else None
+        self.progress.update(progress_line(step, self.total_steps, mean_loss, rate, left))
+        last = step == self.total_steps
+        if step % c.summary_every == 0 or last:
+            self.summaries.scalars("train", step, {
+                "loss": mean_loss, "examples_per_sec": rate,
+                "learning_rate": self.trainer.learning_rate,
+                "step_time_ms": 1000 * w[2] / max(w[1], 1)})
+        if step % c.log_every == 0 or last:
+            self.history.append({"step": step, "loss": mean_loss, "examples_per_sec": rate,
+                                 "learning_rate": self.trainer.learning_rate})
+            self.progress.clear()
+            logging.info(format_line(
+                "train", step=f"{step}/{self.total_steps}",
+                epoch=f"{step / self.steps_per_epoch:.2f}", loss=mean_loss, examples_per_sec=rate))
+            self._window = [0.0, 0, 0.0]
+        # Every eval step is a checkpoint step, with or without an evaluation (--mode=train).
+        due = step % c.eval_every == 0 or last
+        if due and self.evaluate is not None:
+            self.progress.clear()
+            self.evaluate(step)
+        due = due or (c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0) or (
+            c.checkpoint_every_secs and time.monotonic() - self._last_save >= c.checkpoint_every_secs)
+        if due:
+            self.checkpointer.save()
+            self._last_save = time.monotonic()
+
+    def _first_step(self, iterator, step: int) -> float:
+        """Runs the first step alone: it traces (and compiles), which the throughput excludes."""
+        jit = self.trainer.jit_compile
+        eager = getattr(self.trainer, "eager", False)
+        logging.info("running the first step eagerly..." if eager else
+                     f"compiling the train step (jit_compile={jit})...")
+        start = time.perf_counter()
+        loss = self.trainer.train_loop(iterator, 1)
+        elapsed = time.perf_counter() - start
+        if math.isfinite(loss):
+            logging.info("first step ran in %.1f s" if eager else
+                         "compiled in %.1f s (first step included)", elapsed)
+            self.summaries.scalars("train", step + 1, {"compile_seconds": elapsed})
+        return loss
 
     def train(self) -> int:
         """Trains to `total_steps`; returns the final step.
@@ -184,11 +269,7 @@ class Controller:
             logging.info("already at step %d of %d: nothing to train", step, self.total_steps)
             return step
         iterator = self.make_iterator(step)
-        batch = self.trainer.global_batch_size
-        window_loss, window_steps, window_time = 0.0, 0, 0.0
         first = True
-        last_save = time.monotonic()
-        profiling = False
         while step < self.total_steps:
             signal_name = self.stop_requested()
             if signal_name:
@@ -197,72 +278,26 @@ class Controller:
                 raise Preempted(
                     f"stopped by {signal_name} at step {step} after saving {path}: run the same "
                     "command again to resume from there")
+            self._profile(step, 0)
             if first:
-                # The first call traces and compiles: time one step on its own so the
-                # throughput figures exclude compilation.
-                n = 1
-                logging.info("compiling the train step (jit_compile=%s)...", self.trainer.jit_compile)
+                n, elapsed = 1, None
+                loss = self._first_step(iterator, step)
             else:
                 n = min(self.steps_per_loop, self._next_boundary(step) - step)
-            if self.profile_steps and step == self.profile_steps[0] and not profiling:
-                tf.profiler.experimental.start(self.profile_dir)
-                profiling = True
-                logging.info("profiling steps %d to %d into %s", *self.profile_steps, self.profile_dir)
-            self._poison_if_asked(step)
-            start = time.perf_counter()
-            loss = self.trainer.train_loop(iterator, n)  # waits for the device
-            elapsed = time.perf_counter() - start
-            if profiling and step + n >= self.profile_steps[1]:
-                tf.profiler.experimental.stop()
-                profiling = False
+                start = time.perf_counter()
+                loss = self.trainer.train_loop(iterator, n)  # waits for the device
+                elapsed = time.perf_counter() - start
+            self._profile(step, n)
             if not math.isfinite(loss):
                 self.progress.clear()
                 step = self._handle_non_finite(loss, step, step + n)
                 iterator = self.make_iterator(step)
-                window_loss, window_steps, window_time = 0.0, 0, 0.0
+                self._window = [0.0, 0, 0.0]
                 continue
             step += n
-            if first:
-                first = False
-                logging.info("compiled in %.1f s (first step included)", elapsed)
-                self.summaries.scalars("train", step, {"compile_seconds": elapsed})
-            else:
-                window_loss += loss * n
-                window_steps += n
-                window_time += elapsed
-            rate = batch * window_steps / window_time if window_time else 0.0
-            mean_loss = window_loss / window_steps if window_steps else loss
-            left = (self.total_steps - step) * window_time / window_steps if window_steps else None
-            self.progress.update(progress_line(step, self.total_steps, mean_loss, rate, left))
-            if step % self.summary_every == 0 or step == self.total_steps:
-                self.summaries.scalars("train", step, {
-                    "loss": mean_loss, "examples_per_sec": rate,
-                    "learning_rate": self.trainer.learning_rate,
-                    "step_time_ms": 1000 * window_time / max(window_steps, 1)})
-            if step % self.log_every == 0 or step == self.total_steps:
-                self.history.append({"step": step, "loss": mean_loss, "examples_per_sec": rate,
-                                     "learning_rate": self.trainer.learning_rate})
-                self.progress.clear()
-                logging.info(format_line(
-                    "train", step=f"{step}/{self.total_steps}",
-                    epoch=f"{step / self.steps_per_epoch:.2f}", loss=mean_loss,
-                    examples_per_sec=rate))
-                window_loss, window_steps, window_time = 0.0, 0, 0.0
-            saved = False
-            if self.evaluate is not None and (step % self.eval_every == 0 or step == self.total_steps):
-                self.progress.clear()
-                self.evaluate(step)
-                self.checkpointer.save()
-                saved = True
-            if not saved and (
-                    (self.checkpoint_every_steps and step % self.checkpoint_every_steps == 0)
-                    or (self.checkpoint_every_secs
-                        and time.monotonic() - last_save >= self.checkpoint_every_secs)):
-                self.checkpointer.save()
-                saved = True
-            if saved:
-                last_save = time.monotonic()
-        if profiling:
+            first = False
+            self._after_loop(step, n, loss, elapsed)
+        if self._profiling:
             tf.profiler.experimental.stop()
         self.progress.clear()
         self.checkpointer.save()

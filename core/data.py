@@ -16,7 +16,7 @@ import numpy as np
 import tensorflow as tf
 
 from core import idx
-from core.errors import DataError
+from core.errors import ConfigError, DataError
 
 # Where Keras' own loaders fetch from, and the file names they cache.
 MNIST_NPZ_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
@@ -53,11 +53,11 @@ def parse_split(spec: str, sizes: dict[str, int] | None = None) -> tuple[str, sl
     """
     m = _SPLIT_RE.match(spec.replace(" ", ""))
     if not m:
-        raise DataError(f"split {spec!r}: expected a name like 'train', optionally sliced "
+        raise ConfigError(f"split {spec!r}: expected a name like 'train', optionally sliced "
                         "like 'test[:8000]' or 'train[:10%]'")
     name, lo, hi = m.groups()
     if sizes is not None and name not in sizes:
-        raise DataError(f"split {spec!r}: unknown split {name!r}, choose from {', '.join(sizes)}")
+        raise ConfigError(f"split {spec!r}: unknown split {name!r}, choose from {', '.join(sizes)}")
     total = sizes[name] if sizes is not None else None
 
     def bound(text):
@@ -66,9 +66,9 @@ def parse_split(spec: str, sizes: dict[str, int] | None = None) -> tuple[str, sl
         if text.endswith("%"):
             pct = int(text[:-1])
             if not -100 <= pct <= 100:
-                raise DataError(f"split {spec!r}: percentage {pct}% is outside -100..100")
+                raise ConfigError(f"split {spec!r}: percentage {pct}% is outside -100..100")
             if total is None:
-                raise DataError(f"split {spec!r}: percentages need the split size")
+                raise ConfigError(f"split {spec!r}: percentages need the split size")
             return int(round(pct * total / 100))
         return int(text)
 
@@ -161,17 +161,50 @@ def load_split(spec: str, dataset: str, data_dir: str | None = None, verify: boo
         images, labels = fontdigits.load(seed=0, sizes=sizes)[name]
         split = Split(images, labels, name)
     elif dataset == "synthetic":
-        rng = np.random.default_rng([len(name), sizes[name]])
-        images = rng.integers(0, 256, (sizes[name], *synthetic_shape), dtype=np.uint8)
-        split = Split(images, rng.integers(0, 10, sizes[name]), name)
+        rows = range(sizes[name])[sl]
+        images = synthetic_images(name, rows, synthetic_shape)
+        split = Split(images, None, name)
+        sl = slice(None)  # generated already sliced
     else:
         raise DataError(f"unknown dataset {dataset!r}")
     images = split.images[sl]
     if len(images) == 0:
-        raise DataError(f"split {spec!r} of {dataset} is empty ({split.num_examples} examples "
+        raise ConfigError(f"split {spec!r} of {dataset} is empty ({split.num_examples} examples "
                         "before slicing): widen the slice")
     labels = split.labels[sl] if split.labels is not None else None
     return Split(images, labels, spec)
+
+
+_SYNTHETIC_BLOCK = 1000  # images drawn per seed: any slice is generated alone, the same
+
+
+def synthetic_images(split: str, rows: range, shape: tuple[int, int, int]) -> np.ndarray:
+    """Uniform random uint8 images `rows` of synthetic split `split`. Only those rows are
+    generated (in blocks seeded by position), so a slice costs only its own memory.
+
+    Raises:
+      ConfigError: the slice would need more than MAX_SYNTHETIC_BYTES of memory.
+    """
+    from core.config import MAX_SYNTHETIC_BYTES
+
+    size = len(rows) * int(np.prod(shape))
+    if size > MAX_SYNTHETIC_BYTES:
+        raise ConfigError(
+            f"--dataset=synthetic: {len(rows):,} images of {'x'.join(map(str, shape))} are "
+            f"{size / 2**30:.1f} GiB, over the {MAX_SYNTHETIC_BYTES / 2**30:.0f} GiB limit of "
+            "generated data: slice the split smaller, e.g. --train_split='train[:2000]'")
+    out = np.empty((len(rows), *shape), np.uint8)
+    if not len(rows):
+        return out
+    first, last = rows[0], rows[-1]
+    for block in range(first // _SYNTHETIC_BLOCK, last // _SYNTHETIC_BLOCK + 1):
+        lo = block * _SYNTHETIC_BLOCK
+        rng = np.random.default_rng([len(split), block])
+        images = rng.integers(0, 256, (_SYNTHETIC_BLOCK, *shape), dtype=np.uint8)
+        take = [r - lo for r in range(max(first, lo), min(last, lo + _SYNTHETIC_BLOCK - 1) + 1)]
+        start = max(first, lo) - first
+        out[start:start + len(take)] = images[take[0]:take[-1] + 1]
+    return out
 
 
 def epoch_permutation(num_examples: int, seed, epoch) -> tf.Tensor:
@@ -230,6 +263,46 @@ def train_dataset(images: np.ndarray, global_batch_size: int, seed: int, start_s
     ds = ds.map(lambda rows: to_float(tf.gather(host_images, rows)),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
+
+
+class DeviceData:
+    """The training split held on every replica's device; each step's batch is drawn
+    there, inside the compiled loop, with no tf.data iterator.
+
+    Build it inside the strategy's scope. The batches are exactly `train_dataset`'s:
+    epoch e's order is `epoch_permutation(n, seed, e)`, recomputed on the device once
+    per epoch. The variables are SyncOnRead: every replica holds and updates its own
+    copy on its own device, with no cross-device traffic; none is checkpointed, as
+    all of it follows from (seed, step).
+    """
+
+    def __init__(self, images: np.ndarray, global_batch_size: int, num_replicas: int, seed: int):
+        local = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+        self.num_examples = int(images.shape[0])
+        self.global_batch_size = int(global_batch_size)
+        self.per_replica_batch = self.global_batch_size // num_replicas
+        self.steps_per_epoch = self.num_examples // self.global_batch_size
+        self.seed = seed
+        self.images = tf.Variable(images, name="device_images", **local)
+        self.order = tf.Variable(tf.zeros([self.num_examples], tf.int32), name="order", **local)
+        self.order_epoch = tf.Variable(tf.constant(-1, tf.int64), name="order_epoch", **local)
+
+    def batch(self, step: tf.Tensor) -> tf.Tensor:
+        """This replica's slice of global step `step`'s batch, float32 in [0, 1]. Traced."""
+        epoch = step // self.steps_per_epoch
+        k = step % self.steps_per_epoch
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+
+        def reorder():
+            self.order.assign(epoch_permutation(self.num_examples, self.seed, epoch))
+            self.order_epoch.assign(epoch)
+            return tf.constant(0)
+
+        tf.cond(tf.not_equal(self.order_epoch.read_value(), epoch), reorder, lambda: tf.constant(0))
+        start = tf.cast(k * self.global_batch_size, tf.int32) + replica * self.per_replica_batch
+        rows = tf.slice(self.order.read_value(), [start], [self.per_replica_batch])
+        return to_float(tf.gather(self.images.read_value(), rows))
 
 
 def noisy_copy(images: np.ndarray, noise_factor: float, seed: int) -> np.ndarray:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 
+from absl import logging
 import numpy as np
 
 GENERATOR_VERSION = 1  # bump when the rendering changes, so caches are rebuilt
@@ -142,16 +143,24 @@ def load(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, tuple[
                 [os.path.basename(p) for p in _font_paths()]))
     digest = hashlib.sha256(key.encode()).hexdigest()[:16]
     path = os.path.join(cache_dir(), f"fontdigits-{digest}.npz")
-    if os.path.exists(path):
+    if os.path.isfile(path):
         try:
             with np.load(path) as f:
                 return {s: (f[f"{s}_images"], f[f"{s}_labels"]) for s in sizes}
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache is rebuilt below
+        except Exception as e:  # noqa: BLE001 - truncated zip, empty file, missing key...
+            logging.warning("the fontdigits cache %s is damaged (%s): rebuilding it", path,
+                            type(e).__name__)
     data = build(seed, sizes)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp.npz"
     arrays = {f"{s}_{k}": v for s, (im, lb) in data.items() for k, v in (("images", im), ("labels", lb))}
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)  # atomic: concurrent builders never see a half-written cache
+    tmp = f"{path}.{os.getpid()}.tmp.npz"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)  # atomic: concurrent builders never see a half-written cache
+    except OSError as e:
+        logging.warning("cannot cache fontdigits in %s (%s): set TAPELOOP_CACHE_DIR to a "
+                        "writable folder to skip the rebuild next time", cache_dir(),
+                        e.strerror or e)
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return data

@@ -67,8 +67,13 @@ def psnr(targets: tf.Tensor, images: tf.Tensor, max_value: float = 1.0) -> tf.Te
 
 
 def ssim(targets: tf.Tensor, images: tf.Tensor) -> tf.Tensor:
-    """Structural similarity per example (11x11 Gaussian window, sigma 1.5), (B,)."""
-    return tf.image.ssim(targets, images, max_val=1.0)
+    """Structural similarity per example (11x11 Gaussian window, sigma 1.5), (B,).
+
+    Images smaller than the window get a window of their own size (down to 1x1), so
+    the metric is defined for every image size; for 11x11 and up it is the standard one.
+    """
+    window = min(11, *targets.shape[1:3])
+    return tf.image.ssim(targets, images, max_val=1.0, filter_size=window)
 
 
 def reconstruction_metrics(targets: tf.Tensor, logits: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -9,9 +9,33 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+MAX_COLUMNS = 16  # wider grids wrap into bands of rows
+
+
+def wrap_rows(rows: list[np.ndarray], labels: list[str],
+              columns: int = MAX_COLUMNS) -> tuple[list[np.ndarray], list[str]]:
+    """Cuts rows of n images into bands of at most `columns`, keeping each band's rows
+    together (inputs above their reconstructions); the last band is padded with blanks."""
+    n = rows[0].shape[0]
+    if n <= columns:
+        return rows, labels
+    bands = -(-n // columns)
+    out_rows, out_labels = [], []
+    for band in range(bands):
+        for row, label in zip(rows, labels):
+            part = row[band * columns:(band + 1) * columns]
+            if len(part) < columns:
+                part = np.concatenate([part, np.zeros((columns - len(part), *part.shape[1:]),
+                                                      part.dtype)])
+            out_rows.append(part)
+            out_labels.append(label)
+    return out_rows, out_labels
+
+
 def reconstruction_grid(path: str, rows: list[np.ndarray], labels: list[str], title: str) -> str:
     """The tutorial's picture: one row of images per entry of `rows` (n, H, W, C) in [0, 1],
-    e.g. test inputs above their reconstructions."""
+    e.g. test inputs above their reconstructions; more than 16 columns wrap into bands."""
+    rows, labels = wrap_rows(rows, labels)
     n = rows[0].shape[0]
     fig, axes = plt.subplots(len(rows), n, figsize=(1.3 * n + 1, 1.45 * len(rows) + 0.5),
                              squeeze=False)
@@ -32,15 +56,16 @@ def reconstruction_grid(path: str, rows: list[np.ndarray], labels: list[str], ti
 
 
 def training_curves(path: str, train: list[tuple[int, float]], evals: list[tuple[int, float]],
-                    title: str) -> str:
-    """Training loss and held-out BCE against the step."""
+                    title: str, loss_name: str = "binary cross-entropy") -> str:
+    """Training loss (named `loss_name`) and held-out BCE against the step."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
-    if train:
-        ax.plot(*zip(*train), label="training loss (mean over the log window)")
+    if train:  # a marker, so that a single point shows
+        ax.plot(*zip(*train), marker="." if len(train) < 50 else None,
+                label=f"training loss: {loss_name} (mean over the log window)")
     if evals:
         ax.plot(*zip(*evals), marker="o", markersize=4, label="eval BCE (whole eval split)")
     ax.set_xlabel("step")
-    ax.set_ylabel("binary cross-entropy")
+    ax.set_ylabel("loss")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -77,6 +102,21 @@ def latent_space(path: str, codes: np.ndarray, labels: np.ndarray, title: str) -
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def interpolation_pair(labels: np.ndarray | None, n: int) -> tuple[int, int]:
+    """Indices of two of `n` examples to interpolate between: the first, and the first
+    with another label (the second example without labels, the first if n == 1)."""
+    if labels is not None and (labels[:n] != labels[0]).any():
+        return 0, int(np.argmax(labels[:n] != labels[0]))
+    return 0, min(1, n - 1)
+
+
+def interpolate(code_a: np.ndarray, code_b: np.ndarray, steps: int) -> np.ndarray:
+    """`steps` codes on the straight line from `code_a` to `code_b`, ends included:
+    (steps, *code shape)."""
+    t = np.linspace(0.0, 1.0, steps, dtype=np.float32).reshape(-1, *[1] * code_a.ndim)
+    return code_a[None] * (1 - t) + code_b[None] * t
 
 
 def interpolation_strip(path: str, images: np.ndarray, title: str) -> str:

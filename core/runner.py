@@ -1,21 +1,29 @@
-"""`run(config)`: builds strategy, data, model, trainer and controller, and runs a mode."""
+"""`run(config)`: checks everything, builds the pieces, and runs one mode.
+
+Nothing is written before every check that can fail has passed: flags, data,
+the batch against the split, the model against the saved one. Only then are the
+model dir, its lock and the TensorBoard writers created.
+
+`--mode=eval` and `--mode=export` are read-only on checkpoints, and take the
+trained run's settings (model, data, noise, image shape) from its `config.json`
+unless a flag overrides them.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import tempfile
+from collections.abc import Collection
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from core import checkpoints, data, distribute, plots, summaries as summaries_lib
+from core import checkpoints, data, distribute, plots, process, summaries as summaries_lib
 from core.checkpoints import Checkpointer, ModelDirLock
 from core.config import Config
-from core.controller import Controller, format_line
+from core.controller import Cadence, Controller, format_line
 from core.errors import ConfigError
 from core.summaries import Summaries
 from core.trainer import Trainer
@@ -28,115 +36,149 @@ FIGURES = {
     "interpolation": "interpolation.png",
     "samples": "vae_samples.png",
 }
+# What eval and export take from the trained run's config.json unless given as flags.
+INHERITED = ("model", "encoder_filters", "decoder_filters", "kernel_size", "latent_dim",
+             "kl_weight", "noise_factor", "dataset", "data_dir", "train_split", "eval_split",
+             "synthetic_shape", "seed")
+_TUPLE_FIELDS = ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps")
 
 
-def prepare_model_dir(model_dir: str) -> None:
-    if os.path.exists(model_dir) and not os.path.isdir(model_dir):
-        raise ConfigError(f"--model_dir={model_dir} is a file: give a folder path")
-    try:
-        os.makedirs(model_dir, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"--model_dir={model_dir} cannot be created ({e.strerror}): "
-                          "choose a folder you can write to") from None
-    probe = os.path.join(model_dir, f".write-test-{os.getpid()}")
-    try:  # os.access says yes to root even on read-only mounts: try it
-        with open(probe, "w") as f:
-            f.write("x")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"--model_dir={model_dir} is not writable ({e.strerror}): choose a "
-                          "folder you can write to or fix its permissions") from None
+def inherit_run_config(config: Config, saved: dict | None,
+                       given: Collection[str] | None) -> Config:
+    """The config of an eval or export: the trained run's settings (`saved`, its
+    config.json) wherever the user gave no flag, with one log line per override.
 
-
-class StopSignals:
-    """First SIGTERM/SIGINT: finish the current loop, checkpoint, exit 75. Second: exit now.
-
-    A second signal can cut a checkpoint save short; the next run removes such a
-    partial save (`Checkpointer.remove_orphans`) and resumes from the last complete one.
+    Args:
+      given: the Config fields the user set explicitly; None: those that differ from
+        Config's defaults.
     """
+    if not saved:
+        return config
+    if given is None:
+        defaults = Config.__dataclass_fields__
+        given = {f for f in INHERITED if getattr(config, f) != defaults[f].default}
+    changes = {}
+    for name in INHERITED:
+        if name not in saved:
+            continue
+        value = saved[name]
+        value = tuple(value) if name in _TUPLE_FIELDS and value is not None else value
+        if name in given:
+            if getattr(config, name) != value:
+                logging.info("--%s=%r overrides the trained run's %r", name,
+                             getattr(config, name), value)
+        elif getattr(config, name) != value:
+            changes[name] = value
+    return config.replace(**changes)
 
-    def __init__(self):
-        self.received: str | None = None
-        self._previous = {}
 
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. a notebook worker): no handlers
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        name = signal.Signals(signum).name
-        if self.received:
-            logging.warning("second signal (%s): exiting now", name)
-            os._exit(128 + signum)
-        self.received = name
-        logging.warning("%s received: finishing the current loop, then saving a checkpoint "
-                        "(send it again to exit at once)", name)
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def __call__(self) -> str | None:
-        return self.received
+def _saved_image_shape(saved: dict | None) -> tuple[int, int, int] | None:
+    shape = (saved or {}).get("image_shape")
+    return tuple(int(d) for d in shape) if shape else None
 
 
 class Run:
-    """Everything one invocation builds, in the order data flows (see DESIGN.md)."""
+    """Everything one invocation builds, in the order data flows (see DESIGN.md).
 
-    def __init__(self, config: Config):
-        self.config = config
-        if config.deterministic:
-            # Before any op runs. With --seed this makes a run's weights a function of
-            # its config: a resumed run ends bit-identical to an uninterrupted one.
-            tf.config.experimental.enable_op_determinism()
-        distribute.set_cpu_threads(config.num_intra_threads, config.num_inter_threads)
+    Args:
+      config: the run's configuration.
+      given: the Config fields set explicitly (eval and export take the others from the
+        trained run); None: those that differ from the defaults.
+    """
+
+    def __init__(self, config: Config, given: Collection[str] | None = None):
+        inference = config.mode in ("eval", "export")
+        process.setup_tensorflow(config)
         self.strategy = distribute.make_strategy(config.strategy, config.num_cpu_devices)
+        process.check_model_dir(config.model_dir)
+        self.checkpoint_path = None
+        self.saved = None
+        if inference:
+            self.checkpoint_path = self._find_checkpoint(config)
+            source = os.path.dirname(self.checkpoint_path)
+            self.saved = checkpoints.saved_config(source) or (
+                checkpoints.saved_config(config.model_dir) if source != config.model_dir else None)
+            config = inherit_run_config(config, self.saved, given)
+        self.config = config
         distribute.check_batch(self.strategy, config.batch_size, config.batch_shards)
-        prepare_model_dir(config.model_dir)  # after every check that needs no files
         self.is_chief = distribute.is_chief(self.strategy)
-        self.lock = ModelDirLock(config.model_dir) if self.is_chief else None
-        if self.lock:
-            self.lock.acquire()
-        try:
-            self._build()
-        except BaseException:
-            if self.lock:
-                self.lock.release()
-            raise
-
-    def _build(self) -> None:
-        config = self.config
-        # Every worker runs the same collectives (saves and summaries included);
-        # only the chief's land in --model_dir, the others' in a temporary dir.
-        self.output_dir = config.model_dir if self.is_chief else tempfile.mkdtemp(
-            prefix=f"tapeloop-{distribute.task_id(self.strategy)}-")
         self.precision = (config.precision if config.precision != "auto" else
                           distribute.default_precision(distribute.gpu_compute_capability()))
         self.jit_compile = (False if config.eager else config.jit_compile
                             if config.jit_compile is not None else distribute.default_jit_compile())
+        self._load_data(inference)
+        self.run_config = {**config.to_dict(), "image_shape": list(self.image_shape),
+                           "loss_scaling": self.precision == "mixed_float16"}
+        self._check_model(inference)
+        # Every check has passed: only now does anything touch the disk.
+        self.output_dir = config.model_dir
+        if not self.is_chief:  # other workers' saves and summaries are thrown away
+            self.output_dir = tempfile.mkdtemp(prefix=f"tapeloop-{distribute.task_id(self.strategy)}-")
+        process.prepare_model_dir(config.model_dir)
+        self.lock = ModelDirLock(config.model_dir) if self.is_chief else None
+        if self.lock:
+            self.lock.acquire()
+        try:
+            self._build(inference)
+        except BaseException:
+            self.close()
+            raise
+
+    # ---------------------------------------------------------------- checks
+    @staticmethod
+    def _find_checkpoint(config: Config) -> str:
+        if config.checkpoint:
+            return checkpoints.resolve_path(config.checkpoint)
+        state = checkpoints.read_state(config.model_dir) if tf.io.gfile.isdir(
+            config.model_dir) else None
+        found = state.model_checkpoint_path if state else (
+            checkpoints.checkpoints_on_disk(config.model_dir) or [None])[-1]
+        if not found:
+            raise ConfigError(f"--mode={config.mode} found no checkpoint in --model_dir="
+                              f"{config.model_dir}: train first, or point --model_dir at a "
+                              "trained run (or --checkpoint at a checkpoint)")
+        return found
+
+    def _load_data(self, inference: bool) -> None:
+        config = self.config
+        self.train_split = self.eval_split = None
+        saved_shape = _saved_image_shape(self.saved)
+        if config.mode == "export" and saved_shape:
+            self.image_shape = saved_shape  # export needs no data at all
+            return
         load = dict(dataset=config.dataset, data_dir=config.data_dir,
                     verify=config.verify_checksums, synthetic_shape=config.synthetic_shape)
         self.eval_split = data.load_split(config.eval_split, **load)
-        self.train_split = (data.load_split(config.train_split, **load)
-                            if config.mode in ("train", "train_and_eval") else None)
         self.image_shape = self.eval_split.image_shape
-        self.saved_config = {**config.to_dict(), "image_shape": list(self.image_shape),
-                             "loss_scaling": self.precision == "mixed_float16"}
-        if config.mode != "export" or config.checkpoint is None:
-            checkpoints.check_compatible(config.model_dir, self.saved_config)
-        device_images = None
-        if config.data_on_device and self.train_split is not None:
-            device_images = self.train_split.images
-            size_mb = device_images.nbytes / 2**20
-            if size_mb > config.data_on_device_max_mb:
-                raise ConfigError(
-                    f"--data_on_device: the training split is {size_mb:,.1f} MB per device, over "
-                    f"--data_on_device_max_mb={config.data_on_device_max_mb}: raise the limit if "
-                    "the device has room, or drop --data_on_device")
+        if config.mode in ("train", "train_and_eval"):
+            self.train_split = data.load_split(config.train_split, **load)
+            n = self.train_split.num_examples
+            if n < config.batch_size:
+                raise ConfigError(f"--batch_size={config.batch_size} is larger than the training "
+                                  f"split ({n} examples of {config.train_split!r}): lower it, or "
+                                  "widen the split")
+            if config.data_on_device:
+                size_mb = self.train_split.images.nbytes / 2**20
+                if size_mb > config.data_on_device_max_mb:
+                    raise ConfigError(
+                        f"--data_on_device: the training split is {size_mb:,.1f} MB per device, "
+                        f"over --data_on_device_max_mb={config.data_on_device_max_mb}: raise the "
+                        "limit if the device has room, or drop --data_on_device")
+
+    def _check_model(self, inference: bool) -> None:
+        if not inference:
+            checkpoints.check_compatible(self.config.model_dir, self.run_config)
+            return
+        differences = checkpoints.model_differences(self.saved or {}, self.run_config)
+        differences = [d for d in differences if not d.startswith("loss_scaling")]  # no optimizer
+        if differences:
+            raise ConfigError(
+                f"{self.checkpoint_path} holds a different model ({'; '.join(differences)}): drop "
+                "the flags that change the model, and the trained run's are used")
+
+    # ----------------------------------------------------------------- build
+    def _build(self, inference: bool) -> None:
+        config = self.config
         # Weight initialisation follows --seed too: runs are repeatable, and every
         # replica count or worker count starts from the same weights.
         tf.keras.utils.set_random_seed(config.seed)
@@ -144,15 +186,19 @@ class Run:
             model = build_autoencoder(
                 config.model, self.image_shape, self.precision, config.encoder_filters,
                 config.decoder_filters, config.kernel_size, config.latent_dim, config.kl_weight)
+            device_data = None
+            if config.data_on_device and self.train_split is not None:
+                device_data = data.DeviceData(self.train_split.images, config.batch_size,
+                                              self.strategy.num_replicas_in_sync, config.seed)
             self.trainer = Trainer(
                 model, self.strategy, config.batch_size, config.learning_rate,
-                self.precision, self.jit_compile, config.eager, device_images, config.seed,
+                self.precision, self.jit_compile, config.eager, device_data, config.seed,
                 config.noise_factor, batch_shards=config.batch_shards)
         # Denoising: one fixed noisy copy of the eval split, the same at every evaluation.
         self.noisy_eval = (data.noisy_copy(self.eval_split.images, config.noise_factor, config.seed)
-                           if config.noise_factor else None)
+                           if config.noise_factor and self.eval_split is not None else None)
         self.checkpointer = Checkpointer(self.output_dir, self.trainer, config.keep_checkpoints,
-                                         restore_dir=config.model_dir)
+                                         restore_dir=config.model_dir, read_only=inference)
         self.summaries = Summaries(self.output_dir)
         self.code_shape = tuple(model.encode(tf.zeros((1, *self.image_shape))).shape[1:])
         logging.info(
@@ -164,19 +210,30 @@ class Run:
             tf.config.threading.get_intra_op_parallelism_threads() or "auto",
             tf.config.threading.get_inter_op_parallelism_threads() or "auto")
 
+    def close(self) -> None:
+        summaries = getattr(self, "summaries", None)
+        if summaries is not None:
+            summaries.close()
+        if getattr(self, "lock", None):
+            self.lock.release()
+        if not getattr(self, "is_chief", True) and getattr(self, "output_dir", None):
+            tf.io.gfile.rmtree(self.output_dir)
+            logging.info("removed this worker's temporary dir %s", self.output_dir)
+
     # ------------------------------------------------------------------ eval
-    def evaluate(self, step: int) -> dict[str, float]:
-        """Metrics over the whole eval split, written to TensorBoard with an image grid."""
+    def evaluate(self, step: int, writer: str = "eval") -> dict[str, float]:
+        """Metrics over the whole eval split, written to TensorBoard (run `writer`) with an
+        image grid."""
         cfg = self.config
         dist = self.strategy.distribute_datasets_from_function(
             lambda ctx: data.eval_dataset(self.eval_split.images, cfg.batch_size, ctx,
                                           self.noisy_eval))
         results = self.trainer.evaluate(dist)
         logging.info(format_line("eval", step=step, **results))
-        self.summaries.scalars("eval", step, {
+        self.summaries.scalars(writer, step, {
             "loss" if k == "bce" else k: v for k, v in results.items()})
         rows, labels = self.examples()
-        self.summaries.image_rows("eval", step, "reconstructions", rows,
+        self.summaries.image_rows(writer, step, "reconstructions", rows,
                                   "rows, top to bottom: " + ", ".join(labels))
         self.summaries.flush()
         return results
@@ -193,20 +250,23 @@ class Run:
         denoised = np.asarray(self.trainer.model.reconstruct(noisy, training=False), np.float32)
         return [noisy, denoised, clean], ["noisy input", "denoised", "clean"]
 
-    def figures(self, step: int) -> list[str]:
-        """Writes every figure into the model dir; returns their paths."""
+    def figures(self, step: int, out_dir: str, curves: bool = True) -> list[str]:
+        """Writes every figure into `out_dir`; returns their paths."""
         cfg, model = self.config, self.trainer.model
         where = f"{cfg.model} on {cfg.dataset} {cfg.eval_split}, step {step}"
-        out = os.path.join(cfg.model_dir, "{}")
+        out = os.path.join(out_dir, "{}")
         rows, labels = self.examples()
-        inputs = rows[-1] if self.noisy_eval is not None else rows[0]  # clean images
         paths = [plots.reconstruction_grid(out.format(FIGURES["reconstructions"]), rows, labels,
                                            where)]
-        train_curve = summaries_lib.read_scalars(os.path.join(cfg.model_dir, "train"), "loss")
-        eval_curve = summaries_lib.read_scalars(os.path.join(cfg.model_dir, "eval"), "loss")
-        if train_curve or eval_curve:
-            paths.append(plots.training_curves(out.format(FIGURES["curves"]), train_curve,
-                                               eval_curve, f"{cfg.model} on {cfg.dataset}"))
+        variational = hasattr(model, "moments")
+        if curves:
+            train_curve = summaries_lib.read_scalars(os.path.join(cfg.model_dir, "train"), "loss")
+            eval_curve = summaries_lib.read_scalars(os.path.join(cfg.model_dir, "eval"), "loss")
+            if train_curve or eval_curve:
+                paths.append(plots.training_curves(
+                    out.format(FIGURES["curves"]), train_curve, eval_curve,
+                    f"{cfg.model} on {cfg.dataset}",
+                    "BCE + weighted KL (the VAE's loss)" if variational else "binary cross-entropy"))
         sample = data.to_float(self.eval_split.images[:2000])
         codes = np.concatenate([np.asarray(model.encode(sample[i:i + 500], training=False),
                                            np.float32) for i in range(0, len(sample), 500)])
@@ -214,22 +274,20 @@ class Run:
             logging.warning("the codes contain NaN/Inf: skipping the latent-space and "
                             "interpolation figures")
             return paths
-        if self.eval_split.labels is not None:
-            paths.append(plots.latent_space(
-                out.format(FIGURES["latent"]), codes, self.eval_split.labels[:2000],
-                f"codes of {len(codes)} {cfg.eval_split} images (PCA), {where}"))
         labels = self.eval_split.labels
-        a = 0
-        b = (int(np.argmax(labels[:2000] != labels[0])) if labels is not None else 1) % len(codes)
-        t = np.linspace(0.0, 1.0, 8, dtype=np.float32)[:, None]
-        line = codes[a].reshape(1, -1) * (1 - t) + codes[b].reshape(1, -1) * t
+        if labels is not None and len(codes) >= 3:
+            paths.append(plots.latent_space(
+                out.format(FIGURES["latent"]), codes, labels[:2000],
+                f"codes of {len(codes)} {cfg.eval_split} images (PCA), {where}"))
+        a, b = plots.interpolation_pair(labels[:2000] if labels is not None else None, len(codes))
+        line = plots.interpolate(codes[a], codes[b], 8)
         decoded = np.asarray(model.decode(line.reshape(-1, *self.code_shape), training=False))
-        strip = np.concatenate([inputs[:1] if a == 0 else sample[a:a + 1].numpy(), decoded,
-                                sample[b:b + 1].numpy()])
+        clean = rows[-1] if self.noisy_eval is not None else rows[0]
+        strip = np.concatenate([clean[:1], decoded, sample[b:b + 1].numpy()])
         paths.append(plots.interpolation_strip(
             out.format(FIGURES["interpolation"]), strip,
             f"decoding along the line between two test images' codes, {where}"))
-        if getattr(model, "latent_dim", None) and hasattr(model, "moments"):  # a VAE
+        if variational:
             prior = np.random.default_rng(cfg.seed).standard_normal(
                 (2 * cfg.num_images, model.latent_dim)).astype(np.float32)
             samples = np.asarray(model.decode(prior, training=False))
@@ -239,99 +297,100 @@ class Run:
         logging.info("wrote %s", ", ".join(paths))
         return paths
 
-    # ----------------------------------------------------------------- modes
-    def train(self) -> dict:
-        cfg = self.config
-        start = self.checkpointer.restore()
-        n = self.train_split.num_examples
-        steps_per_epoch = n // cfg.batch_size
-        if steps_per_epoch == 0:
-            raise ConfigError(f"--batch_size={cfg.batch_size} is larger than the training split "
-                              f"({n} examples): lower it")
-        total = cfg.train_steps or cfg.epochs * steps_per_epoch
-        if start:
-            logging.info("resuming from step %d towards %d", start, total)
-            saved = checkpoints.saved_config(cfg.model_dir)
-            if saved and saved.get("learning_rate") != cfg.learning_rate:
-                self.trainer.set_learning_rate(cfg.learning_rate)  # the flag wins over the checkpoint
-        if self.is_chief:
-            with open(os.path.join(cfg.model_dir, checkpoints.CONFIG_FILE), "w") as f:
-                json.dump(self.saved_config, f, indent=2, sort_keys=True)
-            self.summaries.run_header(self.saved_config, start)
 
-        def make_iterator(step):
-            if self.trainer.device_data:
-                return None
-            return iter(self.strategy.distribute_datasets_from_function(
-                lambda ctx: data.train_dataset(self.train_split.images, cfg.batch_size, cfg.seed,
-                                               step, ctx)))
+# --------------------------------------------------------------------- modes
+def train(run: Run) -> dict:
+    """Trains (and evaluates, in train_and_eval) to the configured step; returns the
+    final step and the logged history."""
+    cfg = run.config
+    start = run.checkpointer.restore()
+    steps_per_epoch = run.train_split.num_examples // cfg.batch_size
+    total = cfg.train_steps or cfg.epochs * steps_per_epoch
+    if start:
+        logging.info("resuming from step %d towards %d", start, total)
+        saved = checkpoints.saved_config(cfg.model_dir)
+        if saved and saved.get("learning_rate") != cfg.learning_rate:
+            run.trainer.set_learning_rate(cfg.learning_rate)  # the flag wins over the checkpoint
+    if run.is_chief:
+        checkpoints.write_config(cfg.model_dir, run.run_config)
+        run.summaries.run_header(run.run_config, start)
 
-        evaluate = self.evaluate if cfg.mode == "train_and_eval" else None
-        with StopSignals() as stop:
-            controller = Controller(
-                self.trainer, make_iterator, total, steps_per_epoch, cfg.steps_per_loop,
-                cfg.log_every, cfg.eval_every or steps_per_epoch, evaluate, self.checkpointer,
-                self.summaries, summary_every=cfg.summary_every or cfg.log_every,
-                checkpoint_every_steps=cfg.checkpoint_every_steps,
-                checkpoint_every_secs=cfg.checkpoint_every_secs,
-                profile_steps=tuple(cfg.profile_steps) if cfg.profile_steps else None,
-                profile_dir=os.path.join(self.output_dir, "train"), nan_policy=cfg.nan_policy,
-                nan_max_retries=cfg.nan_max_retries, nan_lr_factor=cfg.nan_lr_factor,
-                stop_requested=stop)
-            step = controller.train()
-        result = {"step": step, "history": controller.history}
-        if self.is_chief:
-            self.figures(step)
-        return result
+    def make_iterator(step):
+        if run.trainer.device_data is not None:
+            return None
+        return iter(run.strategy.distribute_datasets_from_function(
+            lambda ctx: data.train_dataset(run.train_split.images, cfg.batch_size, cfg.seed,
+                                           step, ctx)))
 
-    def _restore_for_inference(self) -> int:
-        cfg = self.config
-        if cfg.checkpoint and not tf.io.gfile.exists(cfg.checkpoint + ".index"):
-            raise ConfigError(f"--checkpoint={cfg.checkpoint} does not exist: give a path like "
-                              f"{cfg.model_dir}/ckpt-1000 (without .index)")
-        step = self.checkpointer.restore(cfg.checkpoint)
-        if not step:
-            raise ConfigError(f"--mode={cfg.mode} found no checkpoint in --model_dir={cfg.model_dir}: "
-                              "train first, or point --model_dir at a trained run")
-        return step
-
-    def eval(self) -> dict:
-        cfg = self.config
-        step = self._restore_for_inference()
-        results = self.evaluate(step)
-        if self.is_chief:
-            with open(os.path.join(cfg.model_dir, "eval_results.json"), "w") as f:
-                json.dump({"step": step, "split": cfg.eval_split,
-                           "checkpoint": cfg.checkpoint or self.checkpointer.latest, **results},
-                          f, indent=2)
-            self.figures(step)
-        return {"step": step, **results}
-
-    def export(self) -> dict:
-        from core.export import export_saved_model
-
-        step = self._restore_for_inference()
-        path = os.path.join(self.config.model_dir, "export", str(step))
-        if os.path.exists(path):
-            shutil.rmtree(path)
-        export_saved_model(self.trainer.model, self.image_shape, path)
-        logging.info("exported SavedModel with signatures encode, decode, reconstruct to %s", path)
-        return {"step": step, "export_dir": path}
+    cadence = Cadence(
+        log_every=cfg.log_every, summary_every=cfg.summary_every, eval_every=cfg.eval_every,
+        checkpoint_every_steps=cfg.checkpoint_every_steps,
+        checkpoint_every_secs=cfg.checkpoint_every_secs,
+        profile_steps=tuple(cfg.profile_steps) if cfg.profile_steps else None,
+        nan_policy=cfg.nan_policy, nan_max_retries=cfg.nan_max_retries,
+        nan_lr_factor=cfg.nan_lr_factor)
+    if cadence.profile_steps and cadence.profile_steps[0] >= total:
+        logging.warning("--profile_steps=%d,%d starts after the run's last step (%d): no trace "
+                        "will be written", *cadence.profile_steps, total)
+    with process.StopSignals() as stop:
+        controller = Controller(
+            run.trainer, make_iterator, total, steps_per_epoch, cfg.steps_per_loop, cadence,
+            run.evaluate if cfg.mode == "train_and_eval" else None, run.checkpointer,
+            run.summaries, profile_dir=os.path.join(run.output_dir, "train"),
+            stop_requested=stop)
+        step = controller.train()
+    if run.is_chief:
+        run.figures(step, cfg.model_dir)
+    return {"step": step, "history": controller.history}
 
 
-def run(config: Config) -> dict:
-    """Runs `config.mode`; returns {'step': ..., ...metrics, history or export dir}."""
-    run = Run(config)
+def evaluate(run: Run) -> dict:
+    """Evaluates one checkpoint. The latest goes to the run's `eval/` curves and figures; a
+    chosen `--checkpoint` to its own TensorBoard run `eval_ckpt-N/` (with its results
+    and figures), so the training run's curves are never rewritten."""
+    cfg = run.config
+    step = run.checkpointer.restore(run.checkpoint_path)
+    chosen = cfg.checkpoint is not None
+    writer = f"eval_{os.path.basename(run.checkpoint_path)}" if chosen else "eval"
+    out_dir = os.path.join(cfg.model_dir, writer) if chosen else cfg.model_dir
+    results = run.evaluate(step, writer)
+    if run.is_chief:
+        tf.io.gfile.makedirs(out_dir)
+        with tf.io.gfile.GFile(os.path.join(out_dir, "eval_results.json"), "w") as f:
+            f.write(json.dumps({"step": step, "split": cfg.eval_split, "dataset": cfg.dataset,
+                                "checkpoint": run.checkpoint_path, **results}, indent=2))
+        run.figures(step, out_dir, curves=not chosen)
+    return {"step": step, **results}
+
+
+def export(run: Run) -> dict:
+    """Writes a SavedModel of one checkpoint to `<model_dir>/export/<step>/`."""
+    from core.export import export_saved_model
+
+    step = run.checkpointer.restore(run.checkpoint_path)
+    path = os.path.join(run.config.model_dir, "export", str(step))
+    if tf.io.gfile.exists(path):
+        tf.io.gfile.rmtree(path)
+    export_saved_model(run.trainer.model, run.image_shape, path)
+    logging.info("exported SavedModel with signatures encode, decode, reconstruct to %s", path)
+    return {"step": step, "export_dir": path}
+
+
+MODES = {"train": train, "train_and_eval": train, "eval": evaluate, "export": export}
+
+
+def run(config: Config, given: Collection[str] | None = None) -> dict:
+    """Runs `config.mode`; returns {'step': ..., ...metrics, history or export dir}.
+
+    Args:
+      config: the run's configuration.
+      given: the Config fields the user set explicitly: eval and export take every other
+        model and data setting from the trained run's config.json. None: the fields
+        that differ from Config's defaults.
+    """
+    the_run = Run(config, given)
     try:
-        if config.mode == "eval":
-            return run.eval()
-        if config.mode == "export":
-            return run.export()
-        return run.train()
+        return MODES[the_run.config.mode](the_run)
     finally:
-        run.summaries.close()
-        if run.lock:
-            run.lock.release()
-        if not run.is_chief:
-            shutil.rmtree(run.output_dir, ignore_errors=True)
-            logging.info("removed this worker's temporary dir %s", run.output_dir)
+        the_run.close()
+

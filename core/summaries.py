@@ -37,15 +37,21 @@ def _hparam_value(value):
 
 
 class Summaries:
-    """Writers `train/` and `eval/` under the model dir, and one at its root for the
-    HParams dashboard (so sibling model dirs compare in one table)."""
+    """TensorBoard writers: `train/`, `eval/` (and `eval_ckpt-N/` for an evaluation of a
+    chosen checkpoint) under the model dir, and one at its root for the HParams dashboard
+    (so sibling model dirs compare in one table), which only training writes."""
 
     def __init__(self, model_dir: str):
-        self.writers = {
-            name: tf.summary.create_file_writer(os.path.join(model_dir, name))
-            for name in ("train", "eval")
-        }
-        self.writers["run"] = tf.summary.create_file_writer(model_dir)
+        self.model_dir = model_dir
+        self.writers: dict[str, tf.summary.SummaryWriter] = {}
+
+    def writer(self, name: str) -> tf.summary.SummaryWriter:
+        """The writer of TensorBoard run `name` (a folder under the model dir; "run" is the
+        model dir itself), created on first use: a run that writes nothing makes no file."""
+        if name not in self.writers:
+            folder = self.model_dir if name == "run" else os.path.join(self.model_dir, name)
+            self.writers[name] = tf.summary.create_file_writer(folder)
+        return self.writers[name]
 
     def run_header(self, config: dict, step: int) -> None:
         """The config as a text summary, and the hyperparameters for the HParams dashboard."""
@@ -53,30 +59,34 @@ class Summaries:
 
         rows = "\n".join(f"| {k} | {_hparam_value(v)} |" for k, v in sorted(config.items()))
         self.text("train", step, "config", "| flag | value |\n| --- | --- |\n" + rows)
-        with self.writers["run"].as_default(step=step):
+        with self.writer("run").as_default(step=step):
             hp.hparams_config(
                 hparams=[hp.HParam(k) for k in sorted(config)],
                 metrics=[hp.Metric(tag, group=group, display_name=name)
                          for group, tag, name in HPARAM_METRICS])
             hp.hparams({k: _hparam_value(v) for k, v in config.items()},
                        trial_id=os.path.basename(os.path.abspath(config["model_dir"])))
-        self.writers["run"].flush()
+        self.writer("run").flush()
 
     def scalars(self, writer: str, step: int, values: dict[str, float]) -> None:
-        with self.writers[writer].as_default(step=step):
+        with self.writer(writer).as_default(step=step):
             for name, value in values.items():
                 tf.summary.scalar(name, value)
 
     def image_rows(self, writer: str, step: int, name: str, rows: list[np.ndarray],
                    description: str = "") -> None:
-        """One image: each of `rows` (n, H, W, C) in [0, 1] laid out as a horizontal strip."""
+        """One image: each of `rows` (n, H, W, C) in [0, 1] laid out as a horizontal strip
+        (wrapped into bands of 16 columns, as the figure)."""
+        from core.plots import wrap_rows
+
+        rows, _ = wrap_rows(rows, [""] * len(rows))
         strips = [np.concatenate(list(row), axis=1) for row in rows]  # (H, n*W, C) each
         grid = np.concatenate(strips, axis=0)[None]  # (1, rows*H, n*W, C)
-        with self.writers[writer].as_default(step=step):
+        with self.writer(writer).as_default(step=step):
             tf.summary.image(name, grid, max_outputs=1, description=description)
 
     def text(self, writer: str, step: int, name: str, text: str) -> None:
-        with self.writers[writer].as_default(step=step):
+        with self.writer(writer).as_default(step=step):
             tf.summary.text(name, text)
 
     def flush(self) -> None:

@@ -41,10 +41,10 @@ class Trainer:
       precision: float32, mixed_float16 (adds dynamic loss scaling) or mixed_bfloat16.
       jit_compile: XLA-compile the per-replica step.
       eager: run everything eagerly (debugging); excludes jit_compile.
-      device_images: if given, the whole training split (uint8, N x H x W x C) is
-        copied once to every replica's device and each step's batch is drawn there
-        (`device_train_step`); `train_loop` then takes no iterator.
-      seed: the seed of the data order (`device_images`), the denoising noise and
+      device_data: if given, the training split held on every replica's device
+        (`data.DeviceData`, built in the same strategy scope); each step's batch is
+        drawn there and `train_loop` takes no iterator.
+      seed: the seed of the denoising noise and
         the VAE's sampling; each step's draws are a function of (seed, step, replica).
       noise_factor: if > 0, train to denoise: each input gets Gaussian noise times this
         (clipped to [0, 1]) and the target is the clean image.
@@ -62,7 +62,7 @@ class Trainer:
         precision: str = "float32",
         jit_compile: bool = False,
         eager: bool = False,
-        device_images: np.ndarray | None = None,
+        device_data: data.DeviceData | None = None,
         seed: int = 0,
         noise_factor: float = 0.0,
         xla_update: bool | None = None,
@@ -95,9 +95,7 @@ class Trainer:
             self.step = tf.Variable(
                 0, dtype=tf.int64, trainable=False, name="global_step",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-            self.device_data = device_images is not None
-            if self.device_data:
-                self._make_device_data(device_images)
+            self.device_data = device_data
         self.train_traces = 0  # how often the K-step loop was traced (a test reads it)
 
         # The one place where compilation is decided.
@@ -116,18 +114,6 @@ class Trainer:
         self._eval_step = compile_replica_step(self.eval_step)
         self._train_loop = compile_loop(self._train_loop_body)
         self._eval_batch = compile_loop(self._eval_batch_body)
-
-    def _make_device_data(self, images: np.ndarray) -> None:
-        # SyncOnRead: every replica holds and updates its own copy on its own
-        # device, with no cross-device traffic; none of it is checkpointed, as
-        # all of it follows from (seed, step).
-        local = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
-                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
-        self.num_examples = int(images.shape[0])
-        self.steps_per_epoch = self.num_examples // self.global_batch_size
-        self._device_images = tf.Variable(images, name="device_images", **local)
-        self._order = tf.Variable(tf.zeros([self.num_examples], tf.int32), name="order", **local)
-        self._order_epoch = tf.Variable(tf.constant(-1, tf.int64), name="order_epoch", **local)
 
     # ----------------------------------------------------------- step bodies
     def step_seed(self, salt: int) -> tf.Tensor:
@@ -195,35 +181,14 @@ class Trainer:
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         return loss
 
-    def device_batch(self) -> tf.Tensor:
-        """This replica's slice of the current step's global batch, from device memory. Traced.
-
-        The same examples as `data.train_dataset` gives for this step: the epoch's
-        order is `data.epoch_permutation(n, seed, epoch)`, recomputed on the device
-        once per epoch.
-        """
-        step = self.step.read_value()
-        epoch = step // self.steps_per_epoch
-        k = step % self.steps_per_epoch
-        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-
-        def reorder():
-            self._order.assign(data.epoch_permutation(self.num_examples, self.seed, epoch))
-            self._order_epoch.assign(epoch)
-            return tf.constant(0)
-
-        tf.cond(tf.not_equal(self._order_epoch.read_value(), epoch), reorder, lambda: tf.constant(0))
-        start = tf.cast(k * self.global_batch_size, tf.int32) + replica * self.per_replica_batch
-        rows = tf.slice(self._order.read_value(), [start], [self.per_replica_batch])
-        return data.to_float(tf.gather(self._device_images.read_value(), rows))
-
     def _train_loop_body(self, iterator, num_steps: tf.Tensor) -> tf.Tensor:
         """`num_steps` steps in one call; returns their mean loss (on the device). Traced once."""
         self.train_traces += 1  # Python side effect: runs only while tracing
         total = tf.constant(0.0, tf.float32)
         for _ in tf.range(num_steps):
-            if self.device_data:
-                per_replica = self.strategy.run(lambda: self._train_step(self.device_batch()))
+            if self.device_data is not None:
+                per_replica = self.strategy.run(
+                    lambda: self._train_step(self.device_data.batch(self.step.read_value())))
             else:
                 # A lambda, never the tf.function itself: strategy.run would lift a
                 # jit-compiled tf.function around all replicas (the failure above).

@@ -2,6 +2,11 @@
 
 The test process splits the CPU into 4 logical devices before TensorFlow
 starts, so MirroredStrategy over 1, 2 or 4 replicas runs in-process.
+
+The suite needs nothing outside the repo: `idx_dir` is a folder of real-format IDX
+files (MNIST's test-split names and layout) that the session writes, holding
+digits the fontdigits generator draws with another seed than the built-in dataset.
+Checks that need the real MNIST digits live in benchmarks/, which take --data_dir.
 """
 
 import os
@@ -20,14 +25,27 @@ from core import distribute  # noqa: E402
 NUM_TEST_CPUS = 4
 distribute.setup_logical_cpus(NUM_TEST_CPUS)
 
-MNIST_DIR = os.path.join(ROOT, "..", "shared", "data", "mnist")
+IDX_IMAGES, IDX_LABELS = "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
+IDX_SEED = 7  # not the built-in fontdigits' seed (0): other images than --dataset=fontdigits
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX encoding of a uint8 array: magic 0x0000080<ndim>, big-endian uint32 dims, data."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + np.ascontiguousarray(array, np.uint8).tobytes()
 
 
 @pytest.fixture(scope="session")
-def mnist_dir():
-    if not os.path.isdir(MNIST_DIR):
-        pytest.skip(f"real MNIST files not found at {MNIST_DIR} (see ../shared/data/mnist)")
-    return MNIST_DIR
+def idx_dir(tmp_path_factory):
+    """A --data_dir for --dataset=mnist: 10,000 28x28 digit images and labels as MNIST's
+    uncompressed test-split IDX files (no published checksum applies to them)."""
+    from core import fontdigits
+
+    folder = tmp_path_factory.mktemp("idx")
+    images, labels = fontdigits.build(seed=IDX_SEED, sizes={"test": 10_000})["test"]
+    (folder / IDX_IMAGES).write_bytes(idx_bytes(images[..., 0]))
+    (folder / IDX_LABELS).write_bytes(idx_bytes(labels.astype(np.uint8)))
+    return str(folder)
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -35,7 +35,12 @@ def event_tags(folder):
 
 
 def checkpoint_files(model_dir):
-    """{name: bytes} of every checkpoint file, to prove a failed run left them intact."""
-    return {name: open(os.path.join(model_dir, name), "rb").read()
-            for name in sorted(os.listdir(model_dir))
-            if name.startswith("ckpt-") or name == "checkpoint"}
+    """{name: bytes} of every checkpoint file (a folder: its file names), to prove a failed
+    or read-only run left them intact."""
+    out = {}
+    for name in sorted(os.listdir(model_dir)):
+        path = os.path.join(model_dir, name)
+        if name.startswith("ckpt-") or name.startswith("checkpoint"):
+            out[name] = (sorted(os.listdir(path)) if os.path.isdir(path)
+                         else open(path, "rb").read())
+    return out

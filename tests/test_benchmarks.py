@@ -20,8 +20,8 @@ def _run(script, *flags, timeout=400):
 
 
 @pytest.fixture
-def mnist_flags(mnist_dir):
-    return ["--dataset=mnist", f"--data_dir={mnist_dir}", "--train_split=test[:1024]"]
+def mnist_flags(idx_dir):
+    return ["--dataset=mnist", f"--data_dir={idx_dir}", "--train_split=test[:1024]"]
 
 
 def test_throughput_smoke(tmp_path, mnist_flags):
@@ -130,8 +130,8 @@ def test_input_pipeline_smoke(tmp_path, mnist_flags):
     assert report["results"]["training"]["multiple_of_training"] == pytest.approx(1.0)
 
 
-def test_time_to_quality_smoke(tmp_path, mnist_dir):
-    _run("time_to_quality.py", f"--data_dir={mnist_dir}", f"--output_dir={tmp_path}",
+def test_time_to_quality_smoke(tmp_path, idx_dir):
+    _run("time_to_quality.py", f"--data_dir={idx_dir}", f"--output_dir={tmp_path}",
          "--target=0.6", "--max_seconds=20", "--ours_eval_every=20")
     report = json.loads((tmp_path / "time_to_quality.json").read_text())
     for name in ("tapeloop", "tutorial_keras_fit"):

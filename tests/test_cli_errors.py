@@ -11,9 +11,9 @@ from helpers import checkpoint_files, run_train
 
 
 @pytest.fixture(scope="module")
-def trained_dir(tmp_path_factory, mnist_dir):
+def trained_dir(tmp_path_factory, idx_dir):
     model_dir = tmp_path_factory.mktemp("trained")
-    proc = run_train("--dataset=mnist", f"--data_dir={mnist_dir}", "--train_split=test[:512]",
+    proc = run_train("--dataset=mnist", f"--data_dir={idx_dir}", "--train_split=test[:512]",
                      "--eval_split=test[9900:]", f"--model_dir={model_dir}", "--train_steps=4",
                      "--batch_size=64", "--log_every=4")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -21,15 +21,15 @@ def trained_dir(tmp_path_factory, mnist_dir):
 
 
 @pytest.fixture(scope="module")
-def broken_data(tmp_path_factory, mnist_dir):
+def broken_data(tmp_path_factory, idx_dir):
     folder = tmp_path_factory.mktemp("broken")
-    raw = open(os.path.join(mnist_dir, "t10k-images-idx3-ubyte.gz"), "rb").read()
+    raw = gzip.compress(open(os.path.join(idx_dir, "t10k-images-idx3-ubyte"), "rb").read())
     (folder / "t10k-images-idx3-ubyte.gz").write_bytes(raw[:5000])
-    shutil.copy(os.path.join(mnist_dir, "t10k-labels-idx1-ubyte.gz"), folder)
+    shutil.copy(os.path.join(idx_dir, "t10k-labels-idx1-ubyte"), folder)
     return str(folder)
 
 
-def _cases(mnist_dir, broken):
+def _cases(idx_dir, broken):
     mnist = ["--dataset=mnist", "--train_split=test[:512]", "--eval_split=test[9900:]"]
     return [
         (["--dataset=imagenet"], 2, "--dataset='imagenet' is unknown: choose one of fontdigits"),
@@ -42,17 +42,17 @@ def _cases(mnist_dir, broken):
                                   "shards (--batch_shards): use a multiple of 3"),
         (["--num_intra_threads=-1"], 2, "--num_intra_threads=-1: must be >= 0"),
         ([*mnist, "--data_dir=/nonexistent"], 3, "--data_dir=/nonexistent is not a folder"),
-        (["--dataset=mnist", "--train_split=train", f"--data_dir={mnist_dir}"], 3,
+        (["--dataset=mnist", "--train_split=train", f"--data_dir={idx_dir}"], 3,
          "has no train images: expected train-images-idx3-ubyte.gz or train-images-idx3-ubyte"),
         ([*mnist, f"--data_dir={broken}"], 3,
          "t10k-images-idx3-ubyte.gz: the gzip stream is truncated"),
     ]
 
 
-def test_bad_inputs(trained_dir, mnist_dir, broken_data):
+def test_bad_inputs(trained_dir, idx_dir, broken_data):
     before = checkpoint_files(trained_dir)
     assert any(name.endswith(".index") for name in before)
-    for flags, code, message in _cases(mnist_dir, broken_data):
+    for flags, code, message in _cases(idx_dir, broken_data):
         proc = run_train(*flags, f"--model_dir={trained_dir}", "--train_steps=100")
         lines = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
         assert proc.returncode == code, (flags, proc.stderr[-2000:])

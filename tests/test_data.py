@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from core import data, fontdigits
-from core.errors import DataError
+from core.errors import ConfigError, DataError
 
 SMALL = {"train": 600, "test": 200}
 
@@ -18,24 +18,26 @@ def test_parse_split_slices_like_tfds():
     assert data.parse_split("test[8000:]", sizes) == ("test", slice(8000, None))
     assert data.parse_split("train[10%:20%]", sizes) == ("train", slice(6000, 12000))
     assert data.parse_split("test[-20%:]", sizes) == ("test", slice(-2000, None))
-    with pytest.raises(DataError, match="unknown split 'validation'"):
+    with pytest.raises(ConfigError, match="unknown split 'validation'"):
         data.parse_split("validation", sizes)
-    with pytest.raises(DataError, match="expected a name"):
+    with pytest.raises(ConfigError, match="outside -100..100"):
+        data.parse_split("train[:200%]", sizes)
+    with pytest.raises(ConfigError, match="expected a name"):
         data.parse_split("train[::2]", sizes)
 
 
-def test_real_mnist_splits_need_only_test_files(mnist_dir):
-    train = data.load_split("test[:8000]", "mnist", mnist_dir)
-    held_out = data.load_split("test[8000:]", "mnist", mnist_dir)
+def test_mnist_splits_need_only_test_files(idx_dir):
+    train = data.load_split("test[:8000]", "mnist", idx_dir)
+    held_out = data.load_split("test[8000:]", "mnist", idx_dir)
     assert train.num_examples == 8000 and held_out.num_examples == 2000
     assert train.image_shape == (28, 28, 1)
-    pct = data.load_split("test[:10%]", "mnist", mnist_dir)
+    pct = data.load_split("test[:10%]", "mnist", idx_dir)
     np.testing.assert_array_equal(pct.images, train.images[:1000])
 
 
-def test_missing_file_is_named(mnist_dir):
+def test_missing_file_is_named(idx_dir):
     with pytest.raises(DataError, match=r"no train images: expected train-images-idx3-ubyte.gz"):
-        data.load_split("train", "mnist", mnist_dir)
+        data.load_split("train", "mnist", idx_dir)
 
 
 def test_data_dir_that_does_not_exist(tmp_path):
@@ -50,12 +52,12 @@ def test_offline_download_says_what_to_do(monkeypatch, tmp_path):
         data._keras_fetch("mnist.npz", data.MNIST_NPZ_URL, str(tmp_path), None)
 
 
-def test_npz_in_data_dir(mnist_dir, tmp_path):
+def test_npz_in_data_dir(idx_dir, tmp_path):
     from core import idx
 
     images, labels = idx.read_images_and_labels(
-        os.path.join(mnist_dir, "t10k-images-idx3-ubyte.gz"),
-        os.path.join(mnist_dir, "t10k-labels-idx1-ubyte.gz"), "mnist")
+        os.path.join(idx_dir, "t10k-images-idx3-ubyte"),
+        os.path.join(idx_dir, "t10k-labels-idx1-ubyte"), "mnist")
     np.savez(tmp_path / "mnist.npz", x_train=images[:50, ..., 0], y_train=labels[:50],
              x_test=images[50:80, ..., 0], y_test=labels[50:80])
     split = data.load_split("test", "mnist", str(tmp_path), verify=False)

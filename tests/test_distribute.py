@@ -16,8 +16,8 @@ BATCH = 64
 
 
 @pytest.fixture(scope="module")
-def images(mnist_dir):
-    return data.load_split("test[:1024]", "mnist", mnist_dir).images
+def images(idx_dir):
+    return data.load_split("test[:1024]", "mnist", idx_dir).images
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,8 @@ def _train(images, weights, replicas=1, jit=False, loops=(5, 5, 5, 5), device=Fa
         model = build_autoencoder("seed", precision=precision)
         model.set_weights(weights)
         trainer = Trainer(model, strategy, BATCH, lr, precision=precision, jit_compile=jit,
-                          device_images=images if device else None, seed=3, batch_shards=shards)
+                          device_data=data.DeviceData(images, BATCH, replicas, 3) if device else None,
+                          seed=3, batch_shards=shards)
     iterator = None if device else iter(strategy.distribute_datasets_from_function(
         lambda ctx: data.train_dataset(images, BATCH, 3, 0, ctx)))
     losses = [trainer.train_loop(iterator, n) for n in loops]
@@ -150,8 +151,8 @@ def test_the_loop_is_traced_once(images, weights):
     assert trainer.train_traces == 1
 
 
-def test_the_controller_traces_once_through_a_whole_run(tmp_path, mnist_dir):
-    config = Config(dataset="mnist", data_dir=mnist_dir, train_split="test[:640]",
+def test_the_controller_traces_once_through_a_whole_run(tmp_path, idx_dir):
+    config = Config(dataset="mnist", data_dir=idx_dir, train_split="test[:640]",
                     eval_split="test[9900:]", model_dir=str(tmp_path), batch_size=64, epochs=3,
                     steps_per_loop=4, log_every=7, eval_every=10, strategy="default")
     run = Run(config)
@@ -171,13 +172,13 @@ def test_data_on_device_epoch_is_a_permutation_equal_to_tf_data():
     ids = np.arange(n, dtype=np.uint8).reshape(n, 1, 1, 1)
     strategy = _strategy(2)
     with strategy.scope():
-        trainer = Trainer(build_autoencoder("seed", input_shape=(1, 1, 1)), strategy, 16, 1e-3,
-                          device_images=ids, seed=9)
+        device_data = data.DeviceData(ids, 16, strategy.num_replicas_in_sync, 9)
+    step = tf.Variable(0, dtype=tf.int64)
 
     @tf.function
     def batch_and_advance():
-        per_replica = strategy.run(trainer.device_batch)
-        trainer.step.assign_add(1)
+        per_replica = strategy.run(lambda: device_data.batch(step.read_value()))
+        step.assign_add(1)
         return strategy.gather(per_replica, axis=0)
 
     device = [np.rint(batch_and_advance().numpy()[:, 0, 0, 0] * 255) for _ in range(12)]
@@ -215,14 +216,14 @@ def test_gpu_defaults():
     assert distribute.default_precision((9, 0)) == "mixed_bfloat16"
 
 
-def test_bad_distribution_input(tmp_path, mnist_dir):
+def test_bad_distribution_input(tmp_path, idx_dir):
     with pytest.raises(ConfigError, match="found no GPU: on a CPU-only machine add --num_cpu_devices"):
         distribute.make_strategy("mirrored", 0)
     with pytest.raises(ConfigError, match="one_device found no GPU"):
         distribute.make_strategy("one_device", 0)
     with pytest.raises(ConfigError, match=r"--batch_size=30 does not divide evenly over 4 replicas"):
         distribute.check_batch(distribute.make_strategy("mirrored", 4), 30)
-    config = Config(dataset="mnist", data_dir=mnist_dir, train_split="test[:2000]",
+    config = Config(dataset="mnist", data_dir=idx_dir, train_split="test[:2000]",
                     eval_split="test[9900:]", model_dir=str(tmp_path), train_steps=1, epochs=None,
                     data_on_device=True, data_on_device_max_mb=1)
     # 2,000 MNIST images are 1.5 MB: over a 1 MB budget.

@@ -24,8 +24,8 @@ def _last_loss(log):
     return float(re.findall(r"train \| step \d+/\d+ \| epoch [\d.]+ \| loss ([\d.]+)", log)[-1])
 
 
-def test_two_workers_train_together(tmp_path, mnist_dir):
-    flags = ["--dataset=mnist", f"--data_dir={mnist_dir}", "--train_split=test[:2000]",
+def test_two_workers_train_together(tmp_path, idx_dir):
+    flags = ["--dataset=mnist", f"--data_dir={idx_dir}", "--train_split=test[:2000]",
              "--eval_split=test[9000:]", "--train_steps=20", "--log_every=10",
              "--eval_every=20", "--batch_size=64"]
     workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]

@@ -22,10 +22,10 @@ from layers.autoencoders import build_autoencoder
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory, mnist_dir):
+def trained(tmp_path_factory, idx_dir):
     """A finished tiny train_and_eval run on real MNIST."""
     root = tmp_path_factory.mktemp("runs")
-    config = Config(dataset="mnist", data_dir=mnist_dir, train_split="test[:1024]",
+    config = Config(dataset="mnist", data_dir=idx_dir, train_split="test[:1024]",
                     eval_split="test[9000:9300]", model_dir=str(root / "tiny"), batch_size=32,
                     train_steps=40, epochs=None, log_every=10, eval_every=20, strategy="default",
                     learning_rate=3e-3, profile_steps=(3, 6))
@@ -122,14 +122,14 @@ def _numpy_ssim(x, y):
     return ssim.mean(axis=(1, 2))
 
 
-def test_eval_mode_matches_numpy(trained, mnist_dir):
+def test_eval_mode_matches_numpy(trained, idx_dir):
     result = core.run(trained.replace(mode="eval", profile_steps=None))
     saved = json.load(open(os.path.join(trained.model_dir, "eval_results.json")))
     assert saved["step"] == result["step"] == 40
     model = build_autoencoder("seed")
     tf.train.Checkpoint(model=model).restore(
         tf.train.latest_checkpoint(trained.model_dir)).expect_partial()
-    images = data.to_float(data.load_split("test[9000:9300]", "mnist", mnist_dir).images).numpy()
+    images = data.to_float(data.load_split("test[9000:9300]", "mnist", idx_dir).images).numpy()
     logits = model(images).numpy().astype(np.float64)
     x = images.astype(np.float64)
     bce = (np.maximum(logits, 0) - logits * x + np.log1p(np.exp(-np.abs(logits)))).mean(axis=(1, 2, 3))
@@ -160,11 +160,11 @@ print(json.dumps(out))
 """
 
 
-def test_export_loads_in_a_fresh_process(trained, mnist_dir, tmp_path):
+def test_export_loads_in_a_fresh_process(trained, idx_dir, tmp_path):
     result = core.run(trained.replace(mode="export", profile_steps=None))
     export_dir = result["export_dir"]
     assert export_dir == os.path.join(trained.model_dir, "export", "40")
-    batch = data.to_float(data.load_split("test[:7]", "mnist", mnist_dir).images).numpy()
+    batch = data.to_float(data.load_split("test[:7]", "mnist", idx_dir).images).numpy()
     np.save(tmp_path / "batch.npy", batch)
     script = tmp_path / "load.py"
     script.write_text(LOADER)

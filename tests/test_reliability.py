@@ -21,8 +21,8 @@ from helpers import ROOT, checkpoint_files, event_tags, run_train
 from layers.autoencoders import build_autoencoder
 
 
-def _flags(mnist_dir, model_dir, steps, *extra):
-    return ["--dataset=mnist", f"--data_dir={mnist_dir}", "--train_split=test[:1024]",
+def _flags(idx_dir, model_dir, steps, *extra):
+    return ["--dataset=mnist", f"--data_dir={idx_dir}", "--train_split=test[:1024]",
             "--eval_split=test[9900:]", f"--model_dir={model_dir}", f"--train_steps={steps}",
             "--batch_size=32", "--steps_per_loop=5", "--log_every=50", "--eval_every=100000",
             "--deterministic", "--seed=3", *extra]
@@ -63,15 +63,15 @@ STEPS = 1500
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, mnist_dir):
+def uninterrupted(tmp_path_factory, idx_dir):
     model_dir = tmp_path_factory.mktemp("whole")
-    proc = run_train(*_flags(mnist_dir, model_dir, STEPS, "--checkpoint_every_steps=50"))
+    proc = run_train(*_flags(idx_dir, model_dir, STEPS, "--checkpoint_every_steps=50"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     return _weights(tf.train.latest_checkpoint(str(model_dir)))
 
 
-def test_kill_9_at_a_random_moment_then_resume_is_exact(tmp_path, mnist_dir, uninterrupted):
-    flags = _flags(mnist_dir, tmp_path, STEPS, "--checkpoint_every_steps=50")
+def test_kill_9_at_a_random_moment_then_resume_is_exact(tmp_path, idx_dir, uninterrupted):
+    flags = _flags(idx_dir, tmp_path, STEPS, "--checkpoint_every_steps=50")
     proc = _start(flags)
     _wait_for_checkpoint(tmp_path, proc)
     time.sleep(random.uniform(0.0, 1.0))
@@ -86,8 +86,8 @@ def test_kill_9_at_a_random_moment_then_resume_is_exact(tmp_path, mnist_dir, uni
     assert _max_diff(final, uninterrupted) <= 1e-6
 
 
-def test_sigterm_checkpoints_exits_75_and_resumes(tmp_path, mnist_dir, uninterrupted):
-    flags = _flags(mnist_dir, tmp_path, STEPS, "--checkpoint_every_steps=50")
+def test_sigterm_checkpoints_exits_75_and_resumes(tmp_path, idx_dir, uninterrupted):
+    flags = _flags(idx_dir, tmp_path, STEPS, "--checkpoint_every_steps=50")
     proc = _start(flags)
     _wait_for_checkpoint(tmp_path, proc)
     proc.send_signal(signal.SIGTERM)
@@ -103,8 +103,8 @@ def test_sigterm_checkpoints_exits_75_and_resumes(tmp_path, mnist_dir, uninterru
     assert _max_diff(_weights(tf.train.latest_checkpoint(str(tmp_path))), uninterrupted) <= 1e-6
 
 
-def test_second_signal_exits_at_once_and_the_next_run_recovers(tmp_path, mnist_dir):
-    flags = _flags(mnist_dir, tmp_path, STEPS, "--checkpoint_every_steps=20")
+def test_second_signal_exits_at_once_and_the_next_run_recovers(tmp_path, idx_dir):
+    flags = _flags(idx_dir, tmp_path, STEPS, "--checkpoint_every_steps=20")
     proc = _start(flags)
     _wait_for_checkpoint(tmp_path, proc)
     proc.send_signal(signal.SIGINT)
@@ -113,38 +113,55 @@ def test_second_signal_exits_at_once_and_the_next_run_recovers(tmp_path, mnist_d
     assert proc.returncode in (75, 128 + signal.SIGINT)
     # Whatever the second signal cut short, the latest checkpoint is whole and the run resumes.
     _weights(tf.train.latest_checkpoint(str(tmp_path)))
-    resumed = run_train(*_flags(mnist_dir, tmp_path, 200))
+    resumed = run_train(*_flags(idx_dir, tmp_path, 200))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
 
 
 @pytest.mark.parametrize("policy", ["stop", "rollback"])
-def test_nan_guard(tmp_path, mnist_dir, policy):
-    flags = _flags(mnist_dir, tmp_path, 60, "--checkpoint_every_steps=10", f"--nan_policy={policy}",
-                   "--learning_rate=0.004", "--log_every=5")
-    proc = run_train(*flags, env={"TAPELOOP_TEST_NAN_AT_STEP": "25"})
+def test_nan_guard(tmp_path, idx_dir, policy):
+    """A learning rate of 1e30 from step 20 on makes the loss blow up in the next loop:
+    the policy sees a real non-finite loss, through the command line alone."""
+    good = run_train(*_flags(idx_dir, tmp_path, 20, "--checkpoint_every_steps=10",
+                             "--learning_rate=0.004", "--log_every=5"))
+    assert good.returncode == 0, good.stderr[-2000:]
+    before = checkpoint_files(tmp_path)
+    flags = _flags(idx_dir, tmp_path, 60, "--checkpoint_every_steps=10", f"--nan_policy={policy}",
+                   "--learning_rate=1e30", "--nan_lr_factor=0.5", "--log_every=5")
+    proc = run_train(*flags)
     if policy == "stop":
         assert proc.returncode == 4, proc.stderr[-2000:]
         line = [x for x in proc.stderr.splitlines() if x.startswith("train.py: error:")][0]
-        assert "the training loss became nan between step 24 and 25" in line
+        # Step 21 ran alone (the first, compiling call), with a still-finite loss.
+        assert "the training loss became" in line and "between step 21 and 25" in line
         assert "last good checkpoint" in line and "ckpt-20" in line
-        latest = tf.train.latest_checkpoint(str(tmp_path))
-        assert latest.endswith("ckpt-20")  # nothing saved after the NaN
-        assert all(np.isfinite(w).all() for w in _weights(latest).values())
+        assert checkpoint_files(tmp_path) == before  # nothing saved after the NaN, nothing lost
+        assert all(np.isfinite(w).all() for w in _weights(str(tmp_path / "ckpt-20")).values())
     else:
         assert proc.returncode == 0, proc.stderr[-2000:]
         assert "rollback 1/3" in proc.stderr and "restored" in proc.stderr
         latest = tf.train.latest_checkpoint(str(tmp_path))
         assert latest.endswith("ckpt-60")
         assert all(np.isfinite(w).all() for w in _weights(latest).values())
-        rates = [v for _, v in event_tags(str(tmp_path / "train"))["learning_rate"]]
-        assert rates[0] == pytest.approx(0.004) and rates[-1] == pytest.approx(0.002)
+        # The rollback restored ckpt-20's rate (0.004) and halved it.
+        rates = [v for s, v in event_tags(str(tmp_path / "train"))["learning_rate"] if s > 25]
+        assert rates and all(r == pytest.approx(0.002) for r in rates)
 
 
-def test_a_live_run_holds_the_model_dir(tmp_path, mnist_dir):
+def test_nan_before_any_checkpoint_says_so(tmp_path, idx_dir):
+    proc = run_train(*_flags(idx_dir, tmp_path, 30, "--learning_rate=1e30",
+                             "--nan_policy=rollback"))
+    assert proc.returncode == 4, proc.stderr[-2000:]
+    line = [x for x in proc.stderr.splitlines() if x.startswith("train.py: error:")][0]
+    assert "before any checkpoint" in line and "no checkpoint to roll back to" in line
+    assert "--nan_policy=rollback" not in line.split("roll back to")[1]
+    assert not checkpoint_files(tmp_path)
+
+
+def test_a_live_run_holds_the_model_dir(tmp_path, idx_dir):
     lock = ModelDirLock(str(tmp_path))
     lock.acquire()
     try:
-        proc = run_train(*_flags(mnist_dir, tmp_path, 5))
+        proc = run_train(*_flags(idx_dir, tmp_path, 5))
     finally:
         lock.release()
     assert proc.returncode == 5
@@ -152,65 +169,65 @@ def test_a_live_run_holds_the_model_dir(tmp_path, mnist_dir):
     assert not tf.train.latest_checkpoint(str(tmp_path))
 
 
-def test_two_concurrent_runs(tmp_path, mnist_dir):
-    first = _start(_flags(mnist_dir, tmp_path, STEPS, "--checkpoint_every_steps=50"))
+def test_two_concurrent_runs(tmp_path, idx_dir):
+    first = _start(_flags(idx_dir, tmp_path, STEPS, "--checkpoint_every_steps=50"))
     try:
         _wait_for_checkpoint(tmp_path, first)
-        second = run_train(*_flags(mnist_dir, tmp_path, 5))
+        second = run_train(*_flags(idx_dir, tmp_path, 5))
         assert second.returncode == 5 and "is in use by a live run" in second.stderr
     finally:
         first.kill()
         first.communicate(timeout=60)
 
 
-def test_a_stale_lock_is_taken_over(tmp_path, mnist_dir):
+def test_a_stale_lock_is_taken_over(tmp_path, idx_dir):
     (tmp_path / ".lock").write_text("pid 999999 on a-crashed-host")
-    proc = run_train(*_flags(mnist_dir, tmp_path, 5))
+    proc = run_train(*_flags(idx_dir, tmp_path, 5))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "taking over the stale lock" in proc.stderr and "999999" in proc.stderr
 
 
-def test_incompatible_and_harmless_resume(tmp_path, mnist_dir):
-    assert run_train(*_flags(mnist_dir, tmp_path, 10)).returncode == 0
+def test_incompatible_and_harmless_resume(tmp_path, idx_dir):
+    assert run_train(*_flags(idx_dir, tmp_path, 10)).returncode == 0
     before = checkpoint_files(tmp_path)
-    bad = run_train(*_flags(mnist_dir, tmp_path, 20, "--kernel_size=3", "--encoder_filters=8,8,4"))
+    bad = run_train(*_flags(idx_dir, tmp_path, 20, "--kernel_size=3", "--encoder_filters=8,8,4"))
     assert bad.returncode == 2
     line = [x for x in bad.stderr.splitlines() if x.startswith("train.py: error:")][0]
     assert "holds a different model" in line
     assert "encoder_filters: None -> [8, 8, 4]" in line and "kernel_size: None -> 3" in line
     assert checkpoint_files(tmp_path) == before
-    ok = run_train(*_flags(mnist_dir, tmp_path, 20, "--log_every=7"))
+    ok = run_train(*_flags(idx_dir, tmp_path, 20, "--log_every=7"))
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "resuming with train_steps changed: 10 -> 20" in ok.stderr
     assert "resuming with log_every changed: 50 -> 7" in ok.stderr
 
 
-def _config(tmp_path, mnist_dir, **kw):
-    base = dict(dataset="mnist", data_dir=mnist_dir, train_split="test[:512]",
+def _config(tmp_path, idx_dir, **kw):
+    base = dict(dataset="mnist", data_dir=idx_dir, train_split="test[:512]",
                 eval_split="test[9900:]", model_dir=str(tmp_path), batch_size=32, train_steps=10,
                 epochs=None, log_every=5, eval_every=100000, strategy="default")
     base.update(kw)
     return Config(**base)
 
 
-def test_corrupted_and_deleted_checkpoints(tmp_path, mnist_dir):
-    core.run(_config(tmp_path, mnist_dir, checkpoint_every_steps=5))
+def test_corrupted_and_deleted_checkpoints(tmp_path, idx_dir):
+    core.run(_config(tmp_path, idx_dir, checkpoint_every_steps=5))
     latest = tf.train.latest_checkpoint(str(tmp_path))
     data_file = latest + ".data-00000-of-00001"
     raw = open(data_file, "rb").read()
     open(data_file, "wb").write(raw[: len(raw) // 2])  # truncated
     with pytest.raises(CheckpointError, match=r"checkpoint .*ckpt-10 cannot be restored"):
-        core.run(_config(tmp_path, mnist_dir, train_steps=20))
+        core.run(_config(tmp_path, idx_dir, train_steps=20))
     open(data_file, "wb").write(raw)
     for name in os.listdir(tmp_path):  # every checkpoint file gone, the state file left
         if name.startswith("ckpt-"):
             os.remove(tmp_path / name)
     with pytest.raises(CheckpointError, match="names a checkpoint whose files are missing"):
-        core.run(_config(tmp_path, mnist_dir, train_steps=20))
+        core.run(_config(tmp_path, idx_dir, train_steps=20))
 
 
-def test_disk_full_while_checkpointing(tmp_path, mnist_dir, monkeypatch):
-    core.run(_config(tmp_path, mnist_dir))
+def test_disk_full_while_checkpointing(tmp_path, idx_dir, monkeypatch):
+    core.run(_config(tmp_path, idx_dir))
     before = checkpoint_files(tmp_path)
     real_save = tf.train.CheckpointManager.save
 
@@ -222,10 +239,10 @@ def test_disk_full_while_checkpointing(tmp_path, mnist_dir, monkeypatch):
     monkeypatch.setattr(tf.train.CheckpointManager, "save", full_disk)
     with pytest.raises(CheckpointError, match=r"could not write the checkpoint at step 20 .*"
                                               r"No space left on device.*ckpt-10, which is intact"):
-        core.run(_config(tmp_path, mnist_dir, train_steps=20))
+        core.run(_config(tmp_path, idx_dir, train_steps=20))
     monkeypatch.setattr(tf.train.CheckpointManager, "save", real_save)
     assert checkpoint_files(tmp_path) == before  # the partial file was removed
-    assert core.run(_config(tmp_path, mnist_dir, train_steps=20))["step"] == 20
+    assert core.run(_config(tmp_path, idx_dir, train_steps=20))["step"] == 20
 
 
 def test_unwritable_model_dir(tmp_path):

@@ -15,8 +15,8 @@ from helpers import event_tags, run_train
 from layers.autoencoders import build_autoencoder
 
 
-def _config(tmp_path, mnist_dir, **overrides):
-    base = dict(dataset="mnist", data_dir=mnist_dir, train_split="test[:2000]",
+def _config(tmp_path, idx_dir, **overrides):
+    base = dict(dataset="mnist", data_dir=idx_dir, train_split="test[:2000]",
                 eval_split="test[9000:9500]", model_dir=str(tmp_path / "run"), batch_size=32,
                 train_steps=60, epochs=None, log_every=10, eval_every=30, steps_per_loop=10,
                 learning_rate=3e-3, strategy="default")
@@ -24,8 +24,8 @@ def _config(tmp_path, mnist_dir, **overrides):
     return Config(**base)
 
 
-def test_trains_writes_everything_and_resumes(tmp_path, mnist_dir):
-    config = _config(tmp_path, mnist_dir)
+def test_trains_writes_everything_and_resumes(tmp_path, idx_dir):
+    config = _config(tmp_path, idx_dir)
     result = core.run(config)
     assert result["step"] == 60
     losses = [h["loss"] for h in result["history"]]
@@ -52,8 +52,8 @@ def test_trains_writes_everything_and_resumes(tmp_path, mnist_dir):
     assert "ckpt-80.index" in os.listdir(model_dir)
 
 
-def test_eval_mode_restores_and_reports(tmp_path, mnist_dir):
-    config = _config(tmp_path, mnist_dir, train_steps=20, eval_every=20)
+def test_eval_mode_restores_and_reports(tmp_path, idx_dir):
+    config = _config(tmp_path, idx_dir, train_steps=20, eval_every=20)
     core.run(config)
     result = core.run(config.replace(mode="eval"))
     assert result["step"] == 20
@@ -71,8 +71,8 @@ def _first_step_loss(jit_compile, weights, batch):
     return trainer.train_loop(iterator, 1), [v.numpy() for v in model.trainable_variables]
 
 
-def test_xla_path_matches_the_default_path(mnist_dir):
-    images = data.load_split("test[:32]", "mnist", mnist_dir).images
+def test_xla_path_matches_the_default_path(idx_dir):
+    images = data.load_split("test[:32]", "mnist", idx_dir).images
     batch = data.to_float(images)
     weights = build_autoencoder("seed").get_weights()
     loss_tf, after_tf = _first_step_loss(False, weights, batch)
@@ -82,16 +82,16 @@ def test_xla_path_matches_the_default_path(mnist_dir):
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_xla_training_run(tmp_path, mnist_dir):
-    result = core.run(_config(tmp_path, mnist_dir, jit_compile=True, train_steps=30))
+def test_xla_training_run(tmp_path, idx_dir):
+    result = core.run(_config(tmp_path, idx_dir, jit_compile=True, train_steps=30))
     losses = [h["loss"] for h in result["history"]]
     assert losses[-1] < losses[0]
 
 
-def test_cli_real_mnist_split(tmp_path, mnist_dir):
+def test_cli_real_mnist_split(tmp_path, idx_dir):
     """The README's real-MNIST command, shortened."""
     model_dir = tmp_path / "mnist"
-    proc = run_train("--dataset=mnist", f"--data_dir={mnist_dir}", "--train_split=test[:8000]",
+    proc = run_train("--dataset=mnist", f"--data_dir={idx_dir}", "--train_split=test[:8000]",
                      "--eval_split=test[8000:]", f"--model_dir={model_dir}", "--train_steps=40",
                      "--log_every=20", "--eval_every=40", "--batch_size=64")
     assert proc.returncode == 0, proc.stderr[-3000:]

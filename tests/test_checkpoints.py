@@ -1,0 +1,198 @@
+"""Checkpoints are never lost: read-only modes write and delete nothing, a cleanup removes
+only what a cut-off save provably left, and an unreadable state file deletes nothing."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import tensorflow as tf
+
+from core import checkpoints
+from core.checkpoints import Checkpointer
+from core.errors import CheckpointError
+from helpers import ROOT, checkpoint_files, run_train
+
+
+def _flags(idx_dir, model_dir, *extra):
+    return ["--dataset=mnist", f"--data_dir={idx_dir}", "--train_split=test[:512]",
+            "--eval_split=test[9900:]", f"--model_dir={model_dir}", "--batch_size=32",
+            "--log_every=10", *extra]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, idx_dir):
+    """A run with ckpt-10, ckpt-20 and ckpt-30 and its state file."""
+    model_dir = tmp_path_factory.mktemp("trained")
+    proc = run_train(*_flags(idx_dir, model_dir, "--train_steps=30", "--eval_every=10"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [os.path.basename(p) for p in checkpoints.checkpoints_on_disk(str(model_dir))] == [
+        "ckpt-10", "ckpt-20", "ckpt-30"]
+    return str(model_dir)
+
+
+@pytest.fixture
+def copy(trained, tmp_path):
+    """A fresh copy of the trained run, to break as each test likes."""
+    path = str(tmp_path / "run")
+    shutil.copytree(trained, path)
+    return path
+
+
+def test_eval_of_a_checkpoint_without_state_file_deletes_nothing(copy):
+    os.remove(os.path.join(copy, "checkpoint"))  # copied from elsewhere, or deleted by hand
+    before = checkpoint_files(copy)
+    for path in (f"{copy}/ckpt-30", f"{copy}/ckpt-20.index", f"{copy}/ckpt-10.data-00000-of-00001"):
+        proc = run_train("--mode=eval", f"--model_dir={copy}", f"--checkpoint={path}")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "removing" not in proc.stderr
+    assert checkpoint_files(copy) == before
+    # Without --checkpoint, the newest checkpoint is found by its files.
+    proc = run_train("--mode=eval", f"--model_dir={copy}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "restored" in proc.stderr and "ckpt-30 (step 30)" in proc.stderr
+    assert checkpoint_files(copy) == before
+
+
+def test_eval_and_export_never_touch_checkpoints(copy):
+    # An unrecorded, unreadable newer save: a training run would remove it; these must not.
+    for suffix in (".index", ".data-00000-of-00001"):
+        open(os.path.join(copy, f"ckpt-40{suffix}"), "wb").write(b"cut off")
+    os.mkdir(os.path.join(copy, "ckpt-40_temp"))
+    before = checkpoint_files(copy)
+    for mode in ("eval", "export"):
+        proc = run_train(f"--mode={mode}", f"--model_dir={copy}")
+        assert proc.returncode == 0, (mode, proc.stderr[-2000:])
+        assert checkpoint_files(copy) == before, mode
+        assert os.path.isdir(os.path.join(copy, "ckpt-40_temp"))
+
+
+def test_a_garbage_state_file_is_an_error_that_deletes_nothing(copy):
+    open(os.path.join(copy, "checkpoint"), "w").write("this is not a checkpoint state\n")
+    before = checkpoint_files(copy)
+    for mode in ("train_and_eval", "eval"):
+        proc = run_train(*_flags("unused", copy, "--train_steps=40", f"--mode={mode}",
+                                 "--dataset=fontdigits", "--data_dir="))
+        assert proc.returncode == 5, (mode, proc.stderr[-2000:])
+        line = [x for x in proc.stderr.splitlines() if x.startswith("train.py: error:")][0]
+        assert f"{copy}/checkpoint is unreadable" in line and "nothing was deleted" in line
+        assert checkpoint_files(copy) == before, mode
+
+
+def test_training_resumes_from_the_newest_files_without_a_state_file(copy, idx_dir):
+    os.remove(os.path.join(copy, "checkpoint"))
+    proc = run_train(*_flags(idx_dir, copy, "--train_steps=40", "--eval_every=10"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "no 'checkpoint' state file: using" in proc.stderr and "(step 30)" in proc.stderr
+    assert os.path.exists(os.path.join(copy, "ckpt-10.index"))  # nothing removed
+    assert tf.train.latest_checkpoint(copy).endswith("ckpt-40")
+
+
+# A Checkpointer's state (model, optimizer, step) with one big variable, so that a save
+# takes long enough to be killed in the middle.
+_SAVER = textwrap.dedent("""
+    import sys
+    import tensorflow as tf
+    sys.path.insert(0, {root!r})
+    from core.checkpoints import Checkpointer
+
+    class State:
+        model = tf.Module()
+        model.weights = tf.Variable(tf.zeros([{size}]))
+        optimizer = tf.Module()
+        step = tf.Variable(0, dtype=tf.int64)
+
+    checkpointer = Checkpointer({model_dir!r}, State, keep=5)
+    for step in (1, 2):
+        State.step.assign(step)
+        State.model.weights.assign_add(tf.ones([{size}]))
+        print("saving", step, flush=True)
+        checkpointer.save()
+        print("saved", step, flush=True)
+""")
+
+
+def test_a_save_killed_midway_is_cleaned_up_and_the_last_whole_one_resumes(tmp_path):
+    """A real cut-off save: a process killed with SIGKILL while TensorFlow writes ckpt-2."""
+    model_dir = str(tmp_path / "run")
+    script = _SAVER.format(root=ROOT, model_dir=model_dir, size=150_000_000)  # 600 MB
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    try:
+        while proc.stdout.readline().strip() != "saving 2":
+            assert proc.poll() is None, proc.stderr.read()[-2000:]
+        deadline = time.monotonic() + 60
+        temp = os.path.join(model_dir, "ckpt-2_temp")
+        while not os.path.exists(temp):  # TensorFlow is writing ckpt-2's shards
+            assert time.monotonic() < deadline and proc.poll() is None, "the save never started"
+            time.sleep(0.001)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=60)
+    assert tf.train.latest_checkpoint(model_dir).endswith("ckpt-1")
+    left = set(os.listdir(model_dir)) - {"checkpoint", "ckpt-1.index", "ckpt-1.data-00000-of-00001"}
+    assert "ckpt-2_temp" in left, left  # the kill landed during the save
+
+    class State:
+        model = tf.Module()
+        optimizer = tf.Module()
+        step = tf.Variable(0, dtype=tf.int64)
+
+    State.model.weights = tf.Variable(tf.zeros([150_000_000]))
+    checkpointer = Checkpointer(model_dir, State, keep=5)
+    assert sorted(os.listdir(model_dir)) == ["checkpoint", "ckpt-1.data-00000-of-00001",
+                                             "ckpt-1.index"]
+    assert checkpointer.restore() == 1
+    assert float(State.model.weights[0]) == 1.0
+
+
+def test_a_whole_unrecorded_save_is_kept_and_a_broken_one_removed(copy):
+    """ckpt-30 whole but cut off before the state file named it: kept. A broken ckpt-40: removed."""
+    open(os.path.join(copy, "checkpoint"), "w").write(
+        'model_checkpoint_path: "ckpt-20"\nall_model_checkpoint_paths: "ckpt-10"\n'
+        'all_model_checkpoint_paths: "ckpt-20"\n')
+    assert checkpoints.read_state(copy).model_checkpoint_path.endswith("ckpt-20")
+    open(os.path.join(copy, "ckpt-40.index"), "wb").write(b"half an index")
+    open(os.path.join(copy, "checkpoint.tmp0123abcd"), "w").write("partial state")
+
+    class State:
+        model = tf.Module()
+        optimizer = tf.Module()
+        step = tf.Variable(0, dtype=tf.int64)
+
+    Checkpointer(copy, State, keep=5).remove_orphans()
+    names = set(os.listdir(copy))
+    assert {"ckpt-30.index", "ckpt-30.data-00000-of-00001"} <= names  # whole: kept
+    assert "ckpt-40.index" not in names and "checkpoint.tmp0123abcd" not in names
+
+
+def test_read_only_checkpointer_refuses_to_write(copy):
+    class State:
+        model = tf.Module()
+        step = tf.Variable(0, dtype=tf.int64)
+
+    ro = Checkpointer(copy, State, read_only=True)
+    with pytest.raises(RuntimeError, match="never saves"):
+        ro.save()
+    with pytest.raises(RuntimeError, match="never deletes"):
+        ro.remove_orphans()
+
+
+def test_checkpoint_paths_a_user_may_give(copy):
+    assert checkpoints.resolve_path(f"{copy}/ckpt-20.index") == f"{copy}/ckpt-20"
+    assert checkpoints.resolve_path(f"{copy}/ckpt-20.data-00000-of-00001") == f"{copy}/ckpt-20"
+    assert checkpoints.resolve_path(copy + "/") == f"{copy}/ckpt-30"
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ckpt-99 does not exist"):
+        checkpoints.resolve_path(f"{copy}/ckpt-99")
+    os.remove(os.path.join(copy, "checkpoint"))
+    assert checkpoints.resolve_path(copy) == f"{copy}/ckpt-30"
+    with pytest.raises(CheckpointError):
+        open(os.path.join(copy, "checkpoint"), "w").write("garbage")
+        checkpoints.resolve_path(copy)
