@@ -2,8 +2,11 @@
 """The quality table: every `configs/quality_*.cfg`, trained and evaluated, next to the
 published numbers.
 
-    python benchmarks/quality.py                 # all rows, ~10 minutes on 2 CPU cores
-    python benchmarks/quality.py --rows=seed,vae
+    python benchmarks/quality.py --data_dir=FOLDER      # all rows, ~10 minutes on 2 CPU cores
+    python benchmarks/quality.py --data_dir=FOLDER --rows=seed,vae
+
+FOLDER holds MNIST's test-split files (t10k-*-ubyte.gz); this repo's machines have them
+at ../shared/data/mnist. Without --data_dir, train.py downloads MNIST.
 
 Each row runs `train.py --flagfile=configs/quality_ROW.cfg` in a fresh model dir (wall
 time measured around it), then `--mode=eval` for BCE, MSE, PSNR and SSIM on the held-out
@@ -28,6 +31,7 @@ from benchmarks import common  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("rows", [], "Only these rows (config names after quality_).")
+flags.DEFINE_string("data_dir", None, "MNIST files for every row (default: download).")
 flags.DEFINE_list("extra_flags", [], "Flags appended to every row, e.g. --epochs=1 for a smoke run.")
 flags.DEFINE_string("runs_dir", os.path.join(common.ROOT, "runs", "quality"), "Model dirs.")
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"), "Reports go here.")
@@ -63,6 +67,8 @@ def main(argv):
         model_dir = os.path.join(FLAGS.runs_dir, name)
         shutil.rmtree(model_dir, ignore_errors=True)
         common_flags = [f"--flagfile={cfg}", f"--model_dir={model_dir}", *FLAGS.extra_flags]
+        if FLAGS.data_dir:
+            common_flags.append(f"--data_dir={FLAGS.data_dir}")
         print(f"training {name}...", flush=True)
         start = time.perf_counter()
         proc = subprocess.run([sys.executable, "train.py", *common_flags, "--mode=train"],
