@@ -156,7 +156,8 @@ class OurVariant:
                 ungrouped(model)
             self.trainer = Trainer(model, strategy, batch, 1e-3, precision,
                                    spec.get("jit_compile", False), spec.get("eager", False),
-                                   images if spec.get("data_on_device") else None,
+                                   data.DeviceData(images, batch, strategy.num_replicas_in_sync, 0)
+                                   if spec.get("data_on_device") else None,
                                    xla_update=spec.get("xla_update"),
                                    batch_shards=spec.get("batch_shards", 1))
         self.iterator = None if spec.get("data_on_device") else iter(

@@ -15,14 +15,32 @@ from core.config import Config
 from core.errors import ConfigError
 
 
-def setup_tensorflow(config: Config) -> None:
+def setup_tensorflow(config: Config, requested: Config | None = None) -> None:
     """Process-wide TensorFlow settings, all fixed when its runtime starts: op
-    determinism, thread counts and logical CPU devices. Call before any op runs."""
+    determinism, thread counts and logical CPU devices. Call before any op runs.
+
+    Args:
+      config: the run's config, automatic settings resolved (`distribute.cpu_defaults`).
+      requested: the config as given; thread counts it left automatic are set only if
+        the runtime has not started yet (a notebook or test process that already ran
+        ops keeps its threads, with a log line), while explicit ones must be set.
+    """
     if config.deterministic:
         # With --seed this makes a run's weights a function of its config: a resumed
         # run ends bit-identical to an uninterrupted one.
         tf.config.experimental.enable_op_determinism()
-    distribute.set_cpu_threads(config.num_intra_threads, config.num_inter_threads)
+    requested = requested or config
+    explicit = [requested.num_intra_threads is not None, requested.num_inter_threads is not None]
+    distribute.set_cpu_threads(config.num_intra_threads if explicit[0] else None,
+                               config.num_inter_threads if explicit[1] else None)
+    try:
+        distribute.set_cpu_threads(None if explicit[0] else config.num_intra_threads,
+                                   None if explicit[1] else config.num_inter_threads)
+    except ConfigError:
+        logging.info("TensorFlow already started in this process: keeping its threads "
+                     "(intra %s, inter %s)",
+                     tf.config.threading.get_intra_op_parallelism_threads() or "auto",
+                     tf.config.threading.get_inter_op_parallelism_threads() or "auto")
     distribute.setup_logical_cpus(config.num_cpu_devices)
 
 

@@ -88,7 +88,11 @@ class Run:
 
     def __init__(self, config: Config, given: Collection[str] | None = None):
         inference = config.mode in ("eval", "export")
-        process.setup_tensorflow(config)
+        requested = config
+        config, chosen = distribute.cpu_defaults(config, len(distribute.gpus()),
+                                                 distribute.usable_cores())
+        process.setup_tensorflow(config, requested)
+        logging.info(chosen)
         self.strategy = distribute.make_strategy(config.strategy, config.num_cpu_devices)
         process.check_model_dir(config.model_dir)
         self.checkpoint_path = None
@@ -107,6 +111,7 @@ class Run:
         self.jit_compile = (False if config.eager else config.jit_compile
                             if config.jit_compile is not None else distribute.default_jit_compile())
         self._load_data(inference)
+        config = self.config  # with the data-dependent choices made
         self.run_config = {**config.to_dict(), "image_shape": list(self.image_shape),
                            "loss_scaling": self.precision == "mixed_float16"}
         self._check_model(inference)
@@ -146,6 +151,8 @@ class Run:
         if config.mode == "export" and saved_shape:
             self.image_shape = saved_shape  # export needs no data at all
             return
+        if config.data_on_device is None and config.mode not in ("train", "train_and_eval"):
+            self.config = config = config.replace(data_on_device=False)
         load = dict(dataset=config.dataset, data_dir=config.data_dir,
                     verify=config.verify_checksums, synthetic_shape=config.synthetic_shape)
         self.eval_split = data.load_split(config.eval_split, **load)
@@ -157,8 +164,14 @@ class Run:
                 raise ConfigError(f"--batch_size={config.batch_size} is larger than the training "
                                   f"split ({n} examples of {config.train_split!r}): lower it, or "
                                   "widen the split")
-            if config.data_on_device:
-                size_mb = self.train_split.images.nbytes / 2**20
+            size_mb = self.train_split.images.nbytes / 2**20
+            if config.data_on_device is None:  # auto: on, where the split fits
+                fits = size_mb <= config.data_on_device_max_mb
+                if not fits:
+                    logging.info("the training split (%.0f MB) is over --data_on_device_max_mb: "
+                                 "feeding it with tf.data", size_mb)
+                self.config = config = config.replace(data_on_device=fits)
+            elif config.data_on_device:
                 if size_mb > config.data_on_device_max_mb:
                     raise ConfigError(
                         f"--data_on_device: the training split is {size_mb:,.1f} MB per device, "
