@@ -2,9 +2,10 @@
 r"""Train, evaluate or export a convolutional autoencoder.
 
     python train.py                                   # fontdigits, seed model, offline
-    python train.py --flagfile=configs/mnist_local.cfg
-    python train.py --dataset=mnist --data_dir=../shared/data/mnist \
+    python train.py --flagfile=configs/mnist_local.cfg --data_dir=PATH/TO/mnist
+    python train.py --dataset=mnist --data_dir=PATH/TO/mnist \
         --train_split='test[:8000]' --eval_split='test[8000:]'
+    python train.py --mode=eval --model_dir=runs/default      # the run's own settings
 
 Flags become one validated, frozen `core.Config`; everything else lives in
 `core/` and `layers/`, which never read flags.
@@ -47,8 +48,8 @@ flags.DEFINE_bool("verify_checksums", _D.verify_checksums,
                   "Check known files against their published SHA-256.")
 flags.DEFINE_list("synthetic_shape", list(map(str, _D.synthetic_shape)),
                   "H,W,C of --dataset=synthetic images.")
-flags.DEFINE_enum("model", _D.model, config_lib.model_names(),
-                  "A registered model (layers/registry.py; README, Models and quality).")
+flags.DEFINE_string("model", _D.model, f"One of: {', '.join(config_lib.model_names())} "
+                    "(layers/registry.py; README, Models and quality).")
 flags.DEFINE_list("encoder_filters", None, "Override the model's encoder filters, e.g. 8,4,4.")
 flags.DEFINE_list("decoder_filters", None, "Override the model's decoder filters, e.g. 4,4,8.")
 flags.DEFINE_integer("kernel_size", None, "Override the model's kernel size.")
@@ -65,20 +66,24 @@ flags.DEFINE_bool("jit_compile", None, "XLA-compile the step (default: on with a
 flags.DEFINE_bool("eager", _D.eager, "Run the loop eagerly, for debugging (slow).")
 flags.DEFINE_integer("steps_per_loop", _D.steps_per_loop, "Training steps per compiled call.")
 flags.DEFINE_bool("data_on_device", _D.data_on_device,
-                  "Hold the training split on each device and draw batches inside the compiled loop.")
+                  "Hold the training split on each device and draw batches inside the compiled "
+                  "loop (default: on with the CPU recipe, see --batch_shards).")
 flags.DEFINE_integer("data_on_device_max_mb", _D.data_on_device_max_mb,
                      "Refuse --data_on_device for a training split larger than this (MB per device).")
 flags.DEFINE_enum("strategy", _D.strategy, config_lib.STRATEGIES, "Distribution strategy.")
 flags.DEFINE_integer("num_cpu_devices", _D.num_cpu_devices,
                      "Split the CPU into N logical devices (test multi-device code without GPUs).")
 flags.DEFINE_integer("num_intra_threads", _D.num_intra_threads,
-                     "Threads each op may use (0: TensorFlow's choice, all cores).")
+                     "Threads each op may use (0: TensorFlow's choice, all cores; default: auto, "
+                     "1 with the CPU recipe).")
 flags.DEFINE_integer("num_inter_threads", _D.num_inter_threads,
-                     "Ops that may run at once (0: TensorFlow's choice).")
-flags.DEFINE_integer("batch_shards", _D.batch_shards,
-                     "Split each replica's batch into N shards computed side by side (the same "
-                     "update). On CPUs: N = cores with --num_intra_threads=1 "
-                     "--num_inter_threads=N is fastest for small models (README, Performance).")
+                     "Ops that may run at once (0: TensorFlow's choice; default: auto, the number "
+                     "of shards with the CPU recipe).")
+flags.DEFINE_string("batch_shards", "auto",
+                    "Split each replica's batch into N shards computed side by side (the same "
+                    "update). auto: on a machine without GPUs, one shard per core with one thread "
+                    "per op and the data on the device (the CPU recipe) where it is faster for the "
+                    "model and batch (README, Performance); else 1.")
 flags.DEFINE_enum("precision", _D.precision, config_lib.PRECISIONS,
                   "auto: mixed_bfloat16 on Ampere+ GPUs, mixed_float16 on Volta/Turing, float32 on CPU.")
 flags.DEFINE_bool("deterministic", _D.deterministic, "TensorFlow op determinism: with --seed, "
@@ -142,6 +147,13 @@ def config_from_flags(argv=None) -> config_lib.Config:
         values["epochs"] = _D.epochs
     for name in ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps"):
         values[name] = _ints(name, values[name])
+    shards = values["batch_shards"]
+    if shards == "auto":
+        values["batch_shards"] = None
+    elif not shards.isdigit():
+        raise config_lib.ConfigError(f"--batch_shards={shards}: give auto or a whole number >= 1")
+    else:
+        values["batch_shards"] = int(shards)
     return config_lib.Config(**values)
 
 

@@ -217,8 +217,8 @@ class Checkpointer:
                 f"{self.restore_dir}/checkpoint names {path}, whose files are missing: restore "
                 "them, or move the 'checkpoint' file away and the newest checkpoint left is "
                 "used, or use a fresh --model_dir")
-        status = self.checkpoint.restore(path)
         try:
+            status = self.checkpoint.restore(path)
             # Every object of ours must get a saved value: a partial restore would silently
             # go on from a mix of old and fresh weights.
             status.assert_existing_objects_matched()
@@ -227,8 +227,8 @@ class Checkpointer:
             if not readable(path):
                 raise CheckpointError(
                     f"checkpoint {path} is damaged: its files do not read back ({first}); "
-                    "delete its files and the newest remaining checkpoint is used, or use a "
-                    "fresh --model_dir") from None
+                    "move its files and the 'checkpoint' state file away and the newest "
+                    "remaining checkpoint is used, or use a fresh --model_dir") from None
             raise CheckpointError(
                 f"checkpoint {path} holds a different model or optimizer ({first}): give the "
                 "flags it was trained with, or another --checkpoint") from None

@@ -66,13 +66,14 @@ class Config:
     jit_compile: bool | None = None  # None: on where a GPU is present
     eager: bool = False
     steps_per_loop: int = 50
-    data_on_device: bool = False
+    data_on_device: bool | None = None  # None: auto (on with the CPU recipe)
     data_on_device_max_mb: int = 2048
     strategy: str = "auto"
     num_cpu_devices: int = 0
-    num_intra_threads: int = 0  # threads per op; 0: TensorFlow's choice (all cores)
-    num_inter_threads: int = 0  # ops at once; 0: TensorFlow's choice
-    batch_shards: int = 1  # independent forward/backward branches per replica
+    # None: auto (distribute.cpu_defaults: the CPU recipe where it pays, else TensorFlow's).
+    num_intra_threads: int | None = None  # threads per op; 0: TensorFlow's choice (all cores)
+    num_inter_threads: int | None = None  # ops at once; 0: TensorFlow's choice
+    batch_shards: int | None = None  # independent forward/backward branches per replica
     precision: str = "auto"
     deterministic: bool = False
     # Outer loop.
@@ -134,10 +135,10 @@ class Config:
         if self.num_cpu_devices < 0:
             raise ConfigError(f"--num_cpu_devices={self.num_cpu_devices}: must be >= 0")
         for name in ("num_intra_threads", "num_inter_threads"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 0 "
                                   "(0 = TensorFlow's choice)")
-        if self.batch_shards < 1:
+        if self.batch_shards is not None and self.batch_shards < 1:
             raise ConfigError(f"--batch_shards={self.batch_shards}: must be >= 1 (1 = no split)")
         if self.latent_dim <= 0:
             raise ConfigError(f"--latent_dim={self.latent_dim}: must be a positive whole number")

@@ -40,7 +40,7 @@ def setup_logical_cpus(num: int) -> None:
                 "in this process: set it before anything else runs") from None
 
 
-def set_cpu_threads(intra: int, inter: int) -> None:
+def set_cpu_threads(intra: int | None, inter: int | None) -> None:
     """Sets TensorFlow's intra-op and inter-op thread counts (0 leaves TensorFlow's
     choice, the number of cores). Like the devices, fixed when the runtime starts:
     in a process where it already started, a different request raises ConfigError.
@@ -53,9 +53,9 @@ def set_cpu_threads(intra: int, inter: int) -> None:
              tf.config.threading.set_intra_op_parallelism_threads),
             ("num_inter_threads", inter, tf.config.threading.get_inter_op_parallelism_threads,
              tf.config.threading.set_inter_op_parallelism_threads)):
-        if value < 0:
+        if value is not None and value < 0:
             raise ConfigError(f"--{name}={value}: must be >= 0 (0 = TensorFlow's choice)")
-        if value == 0 or getter() == value:
+        if not value or getter() == value:
             continue
         try:
             setter(value)
@@ -63,6 +63,70 @@ def set_cpu_threads(intra: int, inter: int) -> None:
             raise ConfigError(
                 f"--{name}={value}: TensorFlow already started in this process with "
                 f"{getter() or 'its default'} threads: set it before anything else runs") from None
+
+
+# The CPU recipe's rule, from benchmarks/results/cpu_defaults.md (README, Performance):
+# each shard needs at least this many examples for the recipe to pay.
+MIN_SHARD_EXAMPLES = 16
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def recipe_pays(batch_size: int, cores: int) -> bool:
+    """Whether the CPU recipe (one thread per op, one batch shard per core) is faster than
+    TensorFlow's default threading for this batch, by benchmarks/results/cpu_defaults.md."""
+    return cores >= 2 and batch_size % cores == 0 and batch_size // cores >= MIN_SHARD_EXAMPLES
+
+
+def cpu_defaults(config, num_gpus: int, cores: int):
+    """Resolves the automatic execution settings of `config` (those left None): batch
+    shards and thread counts now, `data_on_device` as True/False/None (None: on if the
+    training split fits, decided once it is loaded).
+
+    Without GPUs, on one replica, where `recipe_pays`: the CPU recipe, one thread per op
+    and one batch shard per core, side by side, with the data on the device. Anywhere
+    else (GPUs, several replicas, small batches): one shard and TensorFlow's threads.
+    Flags given explicitly are kept, and the others follow them (e.g. --batch_shards=4
+    alone runs 4 single-threaded ops at once).
+
+    Returns:
+      (the config with those fields set, a log line saying what was chosen and why).
+    """
+    single_cpu_replica = (not num_gpus and config.num_cpu_devices <= 1
+                          and config.strategy in ("auto", "default", "one_device")
+                          and config.mode in ("train", "train_and_eval"))  # evaluation: unsharded
+    shards = config.batch_shards
+    if shards is None:
+        if config.num_intra_threads not in (None, 1):
+            shards = 1  # the user chose multi-threaded ops: nothing to run side by side
+        else:
+            shards = cores if single_cpu_replica and recipe_pays(config.batch_size, cores) else 1
+    side_by_side = shards > 1 and not num_gpus
+    intra = config.num_intra_threads
+    if intra is None:
+        intra = 1 if side_by_side else 0
+    inter = config.num_inter_threads
+    if inter is None:
+        inter = shards if side_by_side and intra == 1 else 0
+    on_device = config.data_on_device
+    if on_device is None:
+        on_device = None if side_by_side and not config.eager else False
+    resolved = config.replace(batch_shards=shards, num_intra_threads=intra,
+                              num_inter_threads=inter, data_on_device=on_device)
+    where = (f"{num_gpus} GPU(s)" if num_gpus else f"no GPU, {cores} cores")
+    if side_by_side and intra == 1:
+        why = (f"the CPU recipe: {shards} batch shards side by side, one thread per op"
+               + (", the training split on the device" if on_device is not False else ""))
+    elif num_gpus:
+        why = "one batch shard, TensorFlow's threads, tf.data (the GPU settings)"
+    else:
+        why = ("one batch shard, TensorFlow's threads: the recipe needs one replica and at least "
+               f"{MIN_SHARD_EXAMPLES} examples per core" if config.batch_shards is None else
+               f"{shards} batch shard(s), as given")
+    return resolved, f"CPU defaults: {where}: {why} (flags given explicitly win)"
 
 
 def gpus() -> list:

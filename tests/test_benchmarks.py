@@ -140,8 +140,9 @@ def test_time_to_quality_smoke(tmp_path, idx_dir):
     assert (tmp_path / "time_to_quality.png").stat().st_size > 10_000
 
 
-def test_quality_smoke(tmp_path):
-    _run("quality.py", "--rows=seed", "--extra_flags=--epochs=1", f"--runs_dir={tmp_path / 'runs'}",
+def test_quality_smoke(tmp_path, idx_dir):
+    _run("quality.py", "--rows=seed", f"--data_dir={idx_dir}", "--extra_flags=--epochs=1",
+         f"--runs_dir={tmp_path / 'runs'}",
          f"--output_dir={tmp_path}")
     report = json.loads((tmp_path / "quality.json").read_text())
     row = report["results"]["seed"]

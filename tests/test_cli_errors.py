@@ -35,7 +35,7 @@ def _cases(idx_dir, broken):
         (["--dataset=imagenet"], 2, "--dataset='imagenet' is unknown: choose one of fontdigits"),
         (["--model=unet"], 2, "--model='unet' is unknown: choose one of seed"),
         (["--batch_size=0"], 2, "--batch_size=0: must be a positive whole number"),
-        (["--learning_rate=-1"], 2, "--learning_rate=-1.0: must be a positive number"),
+        (["--learning_rate=-1"], 2, "--learning_rate=-1.0: must be a positive, finite number"),
         (["--epochs=0"], 2, "--epochs=0: must be a positive whole number"),
         (["--batch_shards=0"], 2, "--batch_shards=0: must be >= 1 (1 = no split)"),
         (["--batch_shards=3"], 2, "--batch_size=256 does not divide evenly over 1 replica x 3 "

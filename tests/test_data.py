@@ -177,3 +177,31 @@ def test_noisy_eval_set_is_fixed_and_pairs_with_clean_targets():
     for inputs, targets, _ in data.eval_dataset(ids, 8, noisy_inputs=noisy):
         clean = np.rint(targets.numpy()[:, 0, 0, 0] * 255).astype(int) // 6
         np.testing.assert_array_equal(inputs.numpy(), noisy[clean])
+
+
+def test_synthetic_slices_are_generated_alone_and_bounded():
+    whole = data.load_split("train[:2500]", "synthetic", synthetic_shape=(4, 4, 1))
+    part = data.load_split("train[990:1010]", "synthetic", synthetic_shape=(4, 4, 1))
+    np.testing.assert_array_equal(part.images, whole.images[990:1010])  # the same rows
+    assert part.labels is None  # no made-up labels
+    big = data.load_split("train[-3:]", "synthetic", synthetic_shape=(300, 300, 1))
+    assert big.images.shape == (3, 300, 300, 1)
+    with pytest.raises(ConfigError, match=r"GiB, over the 2 GiB limit.*slice the split smaller"):
+        data.load_split("train", "synthetic", synthetic_shape=(300, 300, 1))
+
+
+def test_a_damaged_fontdigits_cache_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAPELOOP_CACHE_DIR", str(tmp_path / "cache"))
+    first = fontdigits.load(seed=2, sizes=SMALL)
+    (cache,) = (tmp_path / "cache").iterdir()
+    for damage in (b"", cache.read_bytes()[:1000]):  # empty, truncated zip
+        cache.write_bytes(damage)
+        again = fontdigits.load(seed=2, sizes=SMALL)
+        np.testing.assert_array_equal(again["test"][0], first["test"][0])
+        assert cache.stat().st_size > 1000  # rewritten whole
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("TAPELOOP_CACHE_DIR", str(blocker))  # unusable: built, not cached
+    np.testing.assert_array_equal(fontdigits.load(seed=2, sizes=SMALL)["test"][0],
+                                  first["test"][0])
+    assert blocker.read_text() == "not a folder"

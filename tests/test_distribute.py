@@ -8,6 +8,7 @@ import tensorflow as tf
 from core import data, distribute
 from core.config import Config
 from core.errors import ConfigError
+from core import runner
 from core.runner import Run
 from core.trainer import Trainer
 from layers.autoencoders import build_autoencoder
@@ -156,7 +157,10 @@ def test_the_controller_traces_once_through_a_whole_run(tmp_path, idx_dir):
                     eval_split="test[9900:]", model_dir=str(tmp_path), batch_size=64, epochs=3,
                     steps_per_loop=4, log_every=7, eval_every=10, strategy="default")
     run = Run(config)
-    result = run.train()
+    try:
+        result = runner.train(run)
+    finally:
+        run.close()
     assert result["step"] == 30
     assert run.trainer.train_traces == 1
 
@@ -251,3 +255,30 @@ def test_valid_tf_config():
     cfg = distribute.parse_tf_config(
         '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}')
     assert cfg["task"]["index"] == 1
+
+
+def test_cpu_defaults_pick_the_recipe_only_where_it_pays():
+    base = Config(batch_size=256, mode="train")
+    recipe, line = distribute.cpu_defaults(base, num_gpus=0, cores=2)
+    assert (recipe.batch_shards, recipe.num_intra_threads, recipe.num_inter_threads) == (2, 1, 2)
+    assert recipe.data_on_device is None  # on if the split fits, decided once it is loaded
+    assert "the CPU recipe: 2 batch shards" in line
+    gpu, line = distribute.cpu_defaults(base, num_gpus=1, cores=2)
+    assert (gpu.batch_shards, gpu.num_intra_threads, gpu.num_inter_threads,
+            gpu.data_on_device) == (1, 0, 0, False)
+    assert "1 GPU(s)" in line
+    small, _ = distribute.cpu_defaults(base.replace(batch_size=16), num_gpus=0, cores=2)
+    assert small.batch_shards == 1 and small.num_intra_threads == 0  # 8 per core: no
+    odd, _ = distribute.cpu_defaults(base.replace(batch_size=250), num_gpus=0, cores=4)
+    assert odd.batch_shards == 1  # does not divide over the cores
+    mirrored, _ = distribute.cpu_defaults(base.replace(num_cpu_devices=2), num_gpus=0, cores=2)
+    assert mirrored.batch_shards == 1
+    evaluation, _ = distribute.cpu_defaults(base.replace(mode="eval"), num_gpus=0, cores=2)
+    assert evaluation.batch_shards == 1 and evaluation.num_intra_threads == 0
+    # Explicit flags win, and the rest follow them.
+    given, _ = distribute.cpu_defaults(base.replace(batch_shards=4), num_gpus=0, cores=2)
+    assert (given.batch_shards, given.num_intra_threads, given.num_inter_threads) == (4, 1, 4)
+    threads, _ = distribute.cpu_defaults(base.replace(num_intra_threads=2), num_gpus=0, cores=2)
+    assert threads.batch_shards == 1 and threads.num_intra_threads == 2
+    off, _ = distribute.cpu_defaults(base.replace(data_on_device=False), num_gpus=0, cores=2)
+    assert off.batch_shards == 2 and off.data_on_device is False

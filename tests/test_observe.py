@@ -205,3 +205,17 @@ def test_progress_line_and_plain_logs_off_a_terminal(tmp_path):
                      "--log_every=3", "--batch_size=8")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "\r" not in proc.stderr and "train | step 6/6" in proc.stderr
+
+
+def test_wide_grids_wrap(tmp_path):
+    from core import plots
+
+    rows = [np.random.default_rng(0).random((40, 28, 28, 1)).astype(np.float32)] * 2
+    path = plots.reconstruction_grid(str(tmp_path / "grid.png"), rows, ["in", "out"], "40")
+    image = matplotlib.image.imread(path)
+    assert image.shape[1] <= 2200  # 16 columns at most
+    assert image.shape[0] > 3 * 2 * 100  # 3 bands of 2 rows
+    wrapped, labels = plots.wrap_rows(rows, ["in", "out"])
+    assert len(wrapped) == 6 and labels == ["in", "out"] * 3
+    np.testing.assert_array_equal(wrapped[2][:8], rows[0][16:24])
+    assert not wrapped[4][8:].any()  # the last band padded with blanks

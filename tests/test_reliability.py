@@ -103,18 +103,30 @@ def test_sigterm_checkpoints_exits_75_and_resumes(tmp_path, idx_dir, uninterrupt
     assert _max_diff(_weights(tf.train.latest_checkpoint(str(tmp_path))), uninterrupted) <= 1e-6
 
 
-def test_second_signal_exits_at_once_and_the_next_run_recovers(tmp_path, idx_dir):
-    flags = _flags(idx_dir, tmp_path, STEPS, "--checkpoint_every_steps=20")
-    proc = _start(flags)
-    _wait_for_checkpoint(tmp_path, proc)
+def test_second_signal_exits_at_once_even_inside_a_long_loop(tmp_path, idx_dir):
+    """A loop of 3000 steps takes many seconds; the second SIGINT must not wait for it."""
+    first = run_train(*_flags(idx_dir, tmp_path, 20, "--model=denoiser"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = checkpoint_files(tmp_path)
+    proc = _start(_flags(idx_dir, tmp_path, 20_000, "--steps_per_loop=3000",
+                         "--model=denoiser", "--log_every=3000"))
+    for line in proc.stderr:  # the first step ran alone: the long loop starts now
+        if "compiled in" in line:
+            break
+    time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
+    acknowledged = proc.stderr.readline()
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=60)
-    assert proc.returncode in (75, 128 + signal.SIGINT)
-    # Whatever the second signal cut short, the latest checkpoint is whole and the run resumes.
-    _weights(tf.train.latest_checkpoint(str(tmp_path)))
-    resumed = run_train(*_flags(idx_dir, tmp_path, 200))
+    _, err = proc.communicate(timeout=120)
+    assert "SIGINT received" in acknowledged
+    # 130, and no checkpoint at the loop's end: the process did not wait for the loop to
+    # finish (a run that did would save ckpt-3021 and exit 75).
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert "second signal (SIGINT): exiting now" in err and "train | step" not in err
+    assert checkpoint_files(tmp_path) == before  # the last complete checkpoint, intact
+    resumed = run_train(*_flags(idx_dir, tmp_path, 25, "--model=denoiser"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "(step 20)" in resumed.stderr
 
 
 @pytest.mark.parametrize("policy", ["stop", "rollback"])
@@ -216,13 +228,22 @@ def test_corrupted_and_deleted_checkpoints(tmp_path, idx_dir):
     data_file = latest + ".data-00000-of-00001"
     raw = open(data_file, "rb").read()
     open(data_file, "wb").write(raw[: len(raw) // 2])  # truncated
-    with pytest.raises(CheckpointError, match=r"checkpoint .*ckpt-10 cannot be restored"):
+    with pytest.raises(CheckpointError, match=r"checkpoint .*ckpt-10 is damaged: its files do "
+                                              r"not read back"):
         core.run(_config(tmp_path, idx_dir, train_steps=20))
+    # What the message says to do works: the state file and the damaged files moved away.
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in [n for n in os.listdir(tmp_path) if n.startswith("ckpt-10.") or n == "checkpoint"]:
+        os.rename(tmp_path / name, moved / name)
+    assert core.run(_config(tmp_path, idx_dir, train_steps=20))["step"] == 20  # from ckpt-5
+    for name in os.listdir(moved):
+        os.rename(moved / name, tmp_path / name)
     open(data_file, "wb").write(raw)
     for name in os.listdir(tmp_path):  # every checkpoint file gone, the state file left
         if name.startswith("ckpt-"):
             os.remove(tmp_path / name)
-    with pytest.raises(CheckpointError, match="names a checkpoint whose files are missing"):
+    with pytest.raises(CheckpointError, match=r"checkpoint names .*ckpt-10, whose files are missing"):
         core.run(_config(tmp_path, idx_dir, train_steps=20))
 
 

@@ -120,3 +120,30 @@ def test_cli_flagfile(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "train | step 5/5" in proc.stderr
     assert (tmp_path / "run" / "ckpt-5.index").exists()
+
+
+def test_summary_and_time_based_checkpoint_cadences(tmp_path, idx_dir):
+    config = _config(tmp_path, idx_dir, train_steps=12, log_every=6, summary_every=3,
+                     steps_per_loop=1, eval_every=1000, keep_checkpoints=20,
+                     checkpoint_every_secs=1e-6, mode="train")
+    core.run(config)
+    tags = event_tags(os.path.join(config.model_dir, "train"))
+    assert [s for s, _ in tags["loss"]] == [3, 6, 9, 12]  # --summary_every, not --log_every
+    # Every loop is a step and more than 1e-6 s: a checkpoint after each.
+    steps = sorted(int(f[5:-6]) for f in os.listdir(config.model_dir) if f.endswith(".index"))
+    assert steps == list(range(1, 13))
+    off = _config(tmp_path / "off", idx_dir, train_steps=12, steps_per_loop=1, eval_every=1000,
+                  keep_checkpoints=20, checkpoint_every_secs=0, mode="train")
+    core.run(off)
+    assert sorted(f for f in os.listdir(off.model_dir) if f.endswith(".index")) == ["ckpt-12.index"]
+
+
+def test_vae_reports_kl_and_elbo_and_draws_samples(tmp_path, idx_dir):
+    config = _config(tmp_path, idx_dir, model="vae", train_steps=20, eval_every=20)
+    core.run(config)
+    assert os.path.exists(os.path.join(config.model_dir, "vae_samples.png"))
+    result = core.run(config.replace(mode="eval"))
+    assert result["kl"] > 0
+    assert result["elbo"] == pytest.approx(-(28 * 28 * result["bce"] + result["kl"]), rel=1e-5)
+    tags = event_tags(os.path.join(config.model_dir, "eval"))
+    assert {"kl", "elbo"} <= set(tags)

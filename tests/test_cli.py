@@ -1,0 +1,78 @@
+"""train.py's flags: flag files and later flags, --help without TensorFlow, stray
+arguments, and a CPU run's stderr."""
+
+import glob
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT, run_train
+
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.cfg")))
+
+
+@pytest.fixture
+def parse():
+    """Parses a train.py command line in this process; returns its Config."""
+    import train
+
+    def parse_argv(*args):
+        argv = ["train.py", *args]
+        train.FLAGS.unparse_flags()
+        train.FLAGS(argv)
+        return train.config_from_flags(argv)
+
+    yield parse_argv
+    train.FLAGS.unparse_flags()
+
+
+@pytest.mark.parametrize("config_file", CONFIGS, ids=os.path.basename)
+def test_a_later_flag_overrides_the_flag_file(parse, config_file):
+    steps = parse(f"--flagfile={config_file}", "--train_steps=50")
+    assert steps.train_steps == 50 and steps.epochs is None
+    epochs = parse(f"--flagfile={config_file}", "--epochs=2")
+    assert epochs.epochs == 2 and epochs.train_steps is None
+    # And the flag file's own choice stands when nothing overrides it.
+    plain = parse(f"--flagfile={config_file}")
+    assert (plain.epochs is None) != (plain.train_steps is None)
+
+
+def test_the_last_of_epochs_and_train_steps_wins_on_the_command_line(parse):
+    assert parse("--epochs=3", "--train_steps=7").train_steps == 7
+    assert parse("--train_steps=7", "--epochs=3").epochs == 3
+
+
+def test_help_imports_no_tensorflow_and_lists_the_models():
+    code = ("import sys, runpy; sys.argv = ['train.py', '--helpshort']\n"
+            "try:\n    runpy.run_path('train.py', run_name='__main__')\n"
+            "except SystemExit:\n    pass\n"
+            "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "One of: seed, keras_blog, denoiser, vae" in proc.stdout
+    # The docstring's continuation lines survive (no collapsed backslash-newline).
+    assert "--data_dir=PATH/TO/mnist \\\n" in proc.stdout
+
+
+def test_a_stray_argument_is_one_line(tmp_path):
+    proc = run_train("oops", f"--model_dir={tmp_path}/run")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        "train.py: error: unexpected arguments oops: flags take the form --name=value")
+    assert "USAGE" not in proc.stderr and "flags:" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_cpu_run_prints_no_cuda_error(tmp_path):
+    """On a machine without an NVIDIA driver, CUDA's failed initialisation stays quiet."""
+    assert not os.path.exists("/proc/driver/nvidia/version")  # this suite runs on CPUs
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset=synthetic",
+                           "--synthetic_shape=8,8,1", "--train_steps=2", "--batch_size=16",
+                           f"--model_dir={tmp_path}"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "cuInit" not in proc.stderr

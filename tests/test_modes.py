@@ -1,0 +1,187 @@
+"""Eval and export as a new user runs them: they take the trained run's settings from
+its config.json, keep the training run's TensorBoard curves, and a failed run writes
+nothing into the model dir."""
+
+import json
+import os
+import shutil
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from helpers import checkpoint_files, event_tags, run_train
+
+
+def _scalars(folder, tag):
+    acc = EventAccumulator(folder, size_guidance={"tensors": 0})
+    acc.Reload()
+    import tensorflow as tf
+
+    return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+
+
+@pytest.fixture(scope="module")
+def denoiser(tmp_path_factory, idx_dir):
+    """A denoiser trained on --dataset=mnist with noise: nothing of it is a flag default."""
+    model_dir = tmp_path_factory.mktemp("denoiser")
+    proc = run_train("--dataset=mnist", f"--data_dir={idx_dir}", "--train_split=test[:512]",
+                     "--eval_split=test[9800:]", "--model=denoiser", "--noise_factor=0.3",
+                     "--seed=5", f"--model_dir={model_dir}", "--train_steps=30", "--batch_size=32",
+                     "--eval_every=10", "--log_every=10")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return str(model_dir)
+
+
+def test_eval_takes_the_runs_settings(denoiser):
+    trained = dict(_scalars(os.path.join(denoiser, "eval"), "loss"))
+    proc = run_train("--mode=eval", f"--model_dir={denoiser}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "resuming with" not in proc.stderr and "overrides" not in proc.stderr
+    results = json.load(open(os.path.join(denoiser, "eval_results.json")))
+    assert results["dataset"] == "mnist" and results["split"] == "test[9800:]"
+    # The same checkpoint on the same noisy split gives the training run's last evaluation.
+    assert results["bce"] == pytest.approx(trained[30], abs=1e-6)
+    assert not [f for f in os.listdir(denoiser) if f.startswith("events.out")][1:], \
+        "eval wrote a root events file (an HParams session) of its own"
+
+
+def test_an_explicit_flag_overrides_the_run_with_a_log_line(denoiser):
+    proc = run_train("--mode=eval", f"--model_dir={denoiser}", "--noise_factor=0",
+                     "--eval_split=test[:200]", "--checkpoint=" + os.path.join(denoiser, "ckpt-30"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--noise_factor=0.0 overrides the trained run's 0.3" in proc.stderr
+    assert "--eval_split='test[:200]' overrides the trained run's 'test[9800:]'" in proc.stderr
+    results = json.load(open(os.path.join(denoiser, "eval_ckpt-30", "eval_results.json")))
+    assert results["split"] == "test[:200]" and results["dataset"] == "mnist"
+
+
+def test_export_needs_no_data(denoiser, tmp_path):
+    moved = shutil.copytree(denoiser, tmp_path / "run")
+    saved = json.load(open(moved / "config.json"))
+    saved["data_dir"] = str(tmp_path / "gone")  # the data is not on this machine
+    (moved / "config.json").write_text(json.dumps(saved))
+    proc = run_train("--mode=export", f"--model_dir={moved}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert os.path.exists(moved / "export" / "30" / "saved_model.pb")
+
+
+def test_eval_of_an_older_checkpoint_keeps_the_training_curve(denoiser, tmp_path):
+    run = shutil.copytree(denoiser, tmp_path / "run")
+    before = _scalars(str(run / "eval"), "loss")
+    assert sorted({s for s, _ in before}) == [10, 20, 30]  # (an earlier test evaluated 30 again)
+    proc = run_train("--mode=eval", f"--model_dir={run}", f"--checkpoint={run}/ckpt-10.index")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _scalars(str(run / "eval"), "loss") == before  # the training run's curve, whole
+    chosen = _scalars(str(run / "eval_ckpt-10"), "loss")
+    assert [s for s, _ in chosen] == [10]
+    assert chosen[0][1] == pytest.approx(before[0][1], abs=1e-6)
+    assert "reconstructions" in EventAccumulator(str(run / "eval_ckpt-10")).Reload().Tags()["tensors"]
+    assert (run / "eval_ckpt-10" / "reconstructions.png").exists()
+
+
+def test_a_model_mismatch_with_checkpoint_says_so_and_never_suggests_deleting(denoiser):
+    before = checkpoint_files(denoiser)
+    proc = run_train("--mode=export", f"--model_dir={denoiser}", "--model=vae",
+                     f"--checkpoint={denoiser}/ckpt-20")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    line = [x for x in proc.stderr.splitlines() if x.startswith("train.py: error:")][0]
+    assert "ckpt-20 holds a different model (model: 'denoiser' -> 'vae'" in line
+    assert "delete" not in line
+    assert checkpoint_files(denoiser) == before
+
+
+@pytest.mark.parametrize("flags, code, message", [
+    (["--dataset=mnist", "--data_dir=/nonexistent"], 3, "is not a folder"),
+    (["--train_split=train[5:5]"], 2, "is empty"),
+    (["--train_split=train[:200%]"], 2, "percentage 200% is outside -100..100"),
+    (["--train_split=train[:10]", "--batch_size=32"], 2, "is larger than the training split"),
+    (["--mode=eval"], 2, "found no checkpoint"),
+    (["--mode=export"], 2, "found no checkpoint"),
+    (["--learning_rate=inf"], 2, "must be a positive, finite number"),
+    (["--learning_rate=nan"], 2, "must be a positive, finite number"),
+    (["--encoder_filters=8"], 2, "--encoder_filters has 1 stages, seed's decoder 3"),
+    (["--profile_steps=a,b"], 2, "--profile_steps=a,b: give whole numbers"),
+    (["--num_images=65"], 2, "--num_images=65: at most 64"),
+])
+def test_a_failed_run_creates_nothing(tmp_path, flags, code, message):
+    model_dir = tmp_path / "new"
+    data = [] if any(f.startswith("--dataset") for f in flags) else ["--dataset=synthetic"]
+    proc = run_train(*data, *flags, f"--model_dir={model_dir}", "--synthetic_shape=8,8,1",
+                     "--train_steps=5")
+    assert proc.returncode == code, (flags, proc.stderr[-2000:])
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("train.py: error:")]
+    assert len(lines) == 1 and message in lines[0], (flags, proc.stderr[-2000:])
+    assert "Traceback" not in proc.stderr
+    assert not model_dir.exists(), (flags, sorted(os.listdir(model_dir)))
+
+
+def test_a_failed_eval_on_a_trained_run_adds_nothing(denoiser):
+    names = set(os.listdir(denoiser))
+    proc = run_train("--mode=eval", f"--model_dir={denoiser}", "--eval_split=test[5:5]")
+    assert proc.returncode == 2
+    assert set(os.listdir(denoiser)) == names
+
+
+def test_profile_window_after_the_last_step_is_reported(tmp_path):
+    proc = run_train("--dataset=synthetic", "--synthetic_shape=8,8,1", f"--model_dir={tmp_path}",
+                     "--train_steps=6", "--batch_size=16", "--profile_steps=100,110")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--profile_steps=100,110 starts after the run's last step (6)" in proc.stderr
+    assert not (tmp_path / "train" / "plugins").exists()
+    assert "loss" in event_tags(str(tmp_path / "train"))
+
+
+@pytest.mark.parametrize("shape", ["7,7,3", "1,1,1"])
+def test_tiny_images_train_and_evaluate(tmp_path, shape):
+    proc = run_train("--dataset=synthetic", f"--synthetic_shape={shape}", f"--model_dir={tmp_path}",
+                     "--train_steps=4", "--batch_size=8", "--eval_split=test[:50]")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "ckpt-4.index").exists()
+    ssim = [v for _, v in event_tags(str(tmp_path / "eval"))["ssim"]]
+    assert len(ssim) == 1 and -1.0 <= ssim[0] <= 1.0
+    # Synthetic images have no labels: no latent-space plot coloured by noise.
+    assert not (tmp_path / "latent_space.png").exists()
+    assert (tmp_path / "interpolation.png").exists()
+
+
+def test_a_one_image_eval_split_and_eager_logs(tmp_path, idx_dir):
+    proc = run_train("--dataset=mnist", f"--data_dir={idx_dir}", "--train_split=test[:64]",
+                     "--eval_split=test[:1]", f"--model_dir={tmp_path}", "--train_steps=2",
+                     "--batch_size=32", "--eager")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "first step ran in" in proc.stderr and "compiled in" not in proc.stderr
+    assert (tmp_path / "reconstructions.png").exists()
+
+
+def test_mode_train_checkpoints_at_every_eval_step(tmp_path):
+    proc = run_train("--mode=train", "--dataset=synthetic", "--synthetic_shape=8,8,1",
+                     f"--model_dir={tmp_path}", "--train_steps=60", "--eval_every=20",
+                     "--batch_size=16", "--keep_checkpoints=5", "--checkpoint_every_secs=0")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(f for f in os.listdir(tmp_path) if f.endswith(".index")) == [
+        "ckpt-20.index", "ckpt-40.index", "ckpt-60.index"]
+    assert not (tmp_path / "eval").exists()  # checkpoints, but no evaluation
+
+
+def test_ctrl_c_during_eval_is_one_line(denoiser, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    run = shutil.copytree(denoiser, tmp_path / "run")
+    before = sorted(os.listdir(run))
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--mode=eval", f"--model_dir={run}",
+         "--eval_split=test", "--batch_size=8"], cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    for line in proc.stderr:
+        if "restored" in line:
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    assert err.strip().splitlines()[-1].startswith("train.py: stopped: interrupted")
+    assert sorted(os.listdir(run)) == before
