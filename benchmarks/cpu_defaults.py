@@ -74,7 +74,9 @@ def run_once(model: str, batch: int, extra: list[str]) -> tuple[float, str]:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
         chosen = [line.split("] ", 1)[-1] for line in proc.stderr.splitlines()
                   if "CPU defaults:" in line]
-        return examples_per_sec(model_dir), (chosen[0] if chosen else "")
+        kind = ("" if not chosen else "recipe" if "the CPU recipe" in chosen[0]
+                else "TensorFlow's threads")
+        return examples_per_sec(model_dir), kind
     finally:
         shutil.rmtree(model_dir, ignore_errors=True)
 

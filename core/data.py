@@ -9,8 +9,10 @@ draw the same ones without a tf.data iterator.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import re
+import zipfile
 
 import numpy as np
 import tensorflow as tf
@@ -78,7 +80,7 @@ def parse_split(spec: str, sizes: dict[str, int] | None = None) -> tuple[str, sl
 def _locate(data_dir: str, names: tuple[str, ...], what: str) -> str:
     for name in names:
         path = os.path.join(data_dir, name)
-        if os.path.exists(path):
+        if tf.io.gfile.exists(path):
             return path
     raise DataError(
         f"--data_dir={data_dir} has no {what}: expected {' or '.join(names)} there "
@@ -104,13 +106,13 @@ def _load_idx_split(dataset: str, split: str, data_dir: str | None, verify: bool
         raise DataError(f"{dataset} has splits train and test, not {split!r}")
     images_name, labels_name = IDX_FILES[split]
     if data_dir is not None:
-        if not os.path.isdir(data_dir):
+        if not tf.io.gfile.isdir(data_dir):
             raise DataError(f"--data_dir={data_dir} is not a folder: give the folder that holds "
                             f"{images_name}.gz and {labels_name}.gz")
         npz = os.path.join(data_dir, "mnist.npz")
-        has_idx = any(os.path.exists(os.path.join(data_dir, n + s))
+        has_idx = any(tf.io.gfile.exists(os.path.join(data_dir, n + s))
                       for n in (images_name,) for s in (".gz", ""))
-        if dataset == "mnist" and os.path.exists(npz) and not has_idx:
+        if dataset == "mnist" and tf.io.gfile.exists(npz) and not has_idx:
             return _load_npz(npz, split, verify)
         images_path = _locate(data_dir, (images_name + ".gz", images_name), f"{split} images")
         labels_path = _locate(data_dir, (labels_name + ".gz", labels_name), f"{split} labels")
@@ -130,9 +132,10 @@ def _load_npz(path: str, split: str, verify: bool) -> Split:
     if verify:
         idx.verify_checksum(path, "mnist")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        with tf.io.gfile.GFile(path, "rb") as raw, np.load(io.BytesIO(raw.read()),
+                                                           allow_pickle=False) as f:
             images, labels = f[f"x_{split}"], f[f"y_{split}"]
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, tf.errors.OpError) as e:
         raise DataError(f"{path}: not a readable Keras mnist.npz ({e}): download it again") from None
     if images.shape[1:] != (28, 28) or images.shape[0] != labels.shape[0]:
         raise DataError(f"{path}: {split} images {images.shape} and labels {labels.shape} do not "

@@ -65,9 +65,13 @@ def set_cpu_threads(intra: int | None, inter: int | None) -> None:
                 f"{getter() or 'its default'} threads: set it before anything else runs") from None
 
 
+# Config fields that None leaves to `cpu_defaults`.
+AUTOMATIC = ("batch_shards", "num_intra_threads", "num_inter_threads", "data_on_device")
 # The CPU recipe's rule, from benchmarks/results/cpu_defaults.md (README, Performance):
-# each shard needs at least this many examples for the recipe to pay.
-MIN_SHARD_EXAMPLES = 16
+# on 2 cores it was faster than TensorFlow's threading for the seed and denoiser models
+# at every batch measured, down to 4 examples per shard (batch 8); smaller shards are
+# unmeasured, and get TensorFlow's threading.
+MIN_SHARD_EXAMPLES = 4
 
 
 def usable_cores() -> int:

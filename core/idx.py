@@ -44,9 +44,16 @@ IMAGES_MAGIC = 0x00000803  # unsigned byte, 3 dimensions
 LABELS_MAGIC = 0x00000801  # unsigned byte, 1 dimension
 
 
+def _gfile(path: str):
+    """The file opened for reading through tf.io.gfile (local, gs://, ...)."""
+    import tensorflow as tf  # only once a file is read: importing this module stays cheap
+
+    return tf.io.gfile.GFile(path, "rb")
+
+
 def sha256_of(path: str) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with _gfile(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
@@ -67,10 +74,11 @@ def verify_checksum(path: str, dataset: str) -> None:
 
 def _read_bytes(path: str) -> bytes:
     try:
-        with open(path, "rb") as f:
+        with _gfile(path) as f:
             raw = f.read()
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror}): check the path and permissions") from None
+    except Exception as e:  # noqa: BLE001 - OSError locally, tf.errors.OpError remotely
+        reason = getattr(e, "strerror", None) or getattr(e, "message", None) or str(e)
+        raise DataError(f"{path}: cannot be read ({reason}): check the path and permissions") from None
     if not raw:
         raise DataError(f"{path}: the file is empty: download it again")
     if path.endswith(".gz"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import uuid
 
 from absl import logging
 import tensorflow as tf
@@ -63,7 +64,8 @@ def prepare_model_dir(model_dir: str) -> None:
         reason = getattr(e, "strerror", None) or getattr(e, "message", str(e))
         raise ConfigError(f"--model_dir={model_dir} cannot be created ({reason}): "
                           "choose a folder you can write to") from None
-    probe = os.path.join(model_dir, f".write-test-{os.getpid()}")
+    # Unique across machines and containers (where every worker may have the same pid).
+    probe = os.path.join(model_dir, f".write-test-{uuid.uuid4().hex}")
     try:  # os.access says yes to root even on read-only mounts: try it
         with tf.io.gfile.GFile(probe, "w") as f:
             f.write("x")

@@ -113,7 +113,10 @@ class Run:
         self._load_data(inference)
         config = self.config  # with the data-dependent choices made
         self.run_config = {**config.to_dict(), "image_shape": list(self.image_shape),
-                           "loss_scaling": self.precision == "mixed_float16"}
+                           "loss_scaling": self.precision == "mixed_float16",
+                           # what was chosen for the user (cpu_defaults), beside the values
+                           "automatic": sorted(f for f in distribute.AUTOMATIC
+                                               if getattr(requested, f) is None)}
         self._check_model(inference)
         # Every check has passed: only now does anything touch the disk.
         self.output_dir = config.model_dir

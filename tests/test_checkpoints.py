@@ -196,3 +196,14 @@ def test_checkpoint_paths_a_user_may_give(copy):
     with pytest.raises(CheckpointError):
         open(os.path.join(copy, "checkpoint"), "w").write("garbage")
         checkpoints.resolve_path(copy)
+
+
+def test_a_config_json_that_is_not_an_object_is_one_line(copy):
+    open(os.path.join(copy, "config.json"), "w").write("[1, 2]")
+    before = checkpoint_files(copy)
+    for mode in ("eval", "train_and_eval"):
+        proc = run_train(f"--mode={mode}", f"--model_dir={copy}", "--train_steps=40")
+        assert proc.returncode == 5, (mode, proc.stderr[-2000:])
+        assert "config.json holds a JSON list, not the run's config object" in proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert checkpoint_files(copy) == before

@@ -267,8 +267,9 @@ def test_cpu_defaults_pick_the_recipe_only_where_it_pays():
     assert (gpu.batch_shards, gpu.num_intra_threads, gpu.num_inter_threads,
             gpu.data_on_device) == (1, 0, 0, False)
     assert "1 GPU(s)" in line
-    small, _ = distribute.cpu_defaults(base.replace(batch_size=16), num_gpus=0, cores=2)
-    assert small.batch_shards == 1 and small.num_intra_threads == 0  # 8 per core: no
+    small, _ = distribute.cpu_defaults(base.replace(batch_size=6), num_gpus=0, cores=2)
+    assert small.batch_shards == 1 and small.num_intra_threads == 0  # 3 per core: unmeasured
+    assert distribute.cpu_defaults(base.replace(batch_size=8), 0, 2)[0].batch_shards == 2
     odd, _ = distribute.cpu_defaults(base.replace(batch_size=250), num_gpus=0, cores=4)
     assert odd.batch_shards == 1  # does not divide over the cores
     mirrored, _ = distribute.cpu_defaults(base.replace(num_cpu_devices=2), num_gpus=0, cores=2)

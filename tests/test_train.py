@@ -88,8 +88,8 @@ def test_xla_training_run(tmp_path, idx_dir):
     assert losses[-1] < losses[0]
 
 
-def test_cli_real_mnist_split(tmp_path, idx_dir):
-    """The README's real-MNIST command, shortened."""
+def test_cli_mnist_split(tmp_path, idx_dir):
+    """The README's MNIST command (test-split files, sliced), shortened."""
     model_dir = tmp_path / "mnist"
     proc = run_train("--dataset=mnist", f"--data_dir={idx_dir}", "--train_split=test[:8000]",
                      "--eval_split=test[8000:]", f"--model_dir={model_dir}", "--train_steps=40",
