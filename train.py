@@ -141,6 +141,10 @@ def config_from_flags(argv=None) -> config_lib.Config:
     names = {f.name for f in dataclasses.fields(config_lib.Config)}
     values = {name: FLAGS[name].value for name in names}
     if values["epochs"] is not None and values["train_steps"] is not None:
+        for name in ("epochs", "train_steps"):  # each value given must be valid, used or not
+            if values[name] <= 0:
+                raise config_lib.ConfigError(f"--{name}={values[name]}: must be a positive "
+                                             "whole number")
         later = _last_given(("epochs", "train_steps"), (argv or sys.argv)[1:])
         values["epochs" if later == "train_steps" else "train_steps"] = None
     if values["epochs"] is None and values["train_steps"] is None:
