@@ -173,9 +173,9 @@ class Controller:
         where = f"between step {start} and {end}"
         if c.nan_policy == "stop" or last is None or self.nan_retries >= c.nan_max_retries:
             if last is None:
-                why = "" if c.nan_policy == "stop" else " and there is no checkpoint to roll back to"
+                why = "" if c.nan_policy == "stop" else " (no checkpoint to roll back to)"
                 raise NonFiniteLossError(
-                    f"the training loss became {loss} {where}{why}, before any checkpoint: "
+                    f"the training loss became {loss} {where}, before any checkpoint{why}: "
                     "lower --learning_rate or check the data")
             why = "" if c.nan_policy == "stop" else f" again after {self.nan_retries} rollbacks"
             hint = ("lower --learning_rate, check the data, or use --nan_policy=rollback"

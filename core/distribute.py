@@ -126,6 +126,8 @@ def cpu_defaults(config, num_gpus: int, cores: int):
                + (", the training split on the device" if on_device is not False else ""))
     elif num_gpus:
         why = "one batch shard, TensorFlow's threads, tf.data (the GPU settings)"
+    elif config.mode not in ("train", "train_and_eval"):
+        why = "TensorFlow's threads (evaluation and export run unsharded)"
     else:
         why = ("one batch shard, TensorFlow's threads: the recipe needs one replica and at least "
                f"{MIN_SHARD_EXAMPLES} examples per core" if config.batch_shards is None else

@@ -56,19 +56,19 @@ def reconstruction_grid(path: str, rows: list[np.ndarray], labels: list[str], ti
 
 
 def training_curves(path: str, train: list[tuple[int, float]], evals: list[tuple[int, float]],
-                    title: str, loss_name: str = "binary cross-entropy") -> str:
+                    title: str, loss_name: str = "BCE") -> str:
     """Training loss (named `loss_name`) and held-out BCE against the step."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
     if train:  # a marker, so that a single point shows
         ax.plot(*zip(*train), marker="." if len(train) < 50 else None,
-                label=f"training loss: {loss_name} (mean over the log window)")
+                label=f"training: {loss_name}, mean per log window")
     if evals:
         ax.plot(*zip(*evals), marker="o", markersize=4, label="eval BCE (whole eval split)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -282,7 +282,7 @@ class Run:
                 paths.append(plots.training_curves(
                     out.format(FIGURES["curves"]), train_curve, eval_curve,
                     f"{cfg.model} on {cfg.dataset}",
-                    "BCE + weighted KL (the VAE's loss)" if variational else "binary cross-entropy"))
+                    "BCE + weighted KL" if variational else "BCE"))
         sample = data.to_float(self.eval_split.images[:2000])
         codes = np.concatenate([np.asarray(model.encode(sample[i:i + 500], training=False),
                                            np.float32) for i in range(0, len(sample), 500)])
