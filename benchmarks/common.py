@@ -59,8 +59,10 @@ def matmul_peak(dtype: tf.DType, n: int = 2048, repeats: int = 7) -> float:
 
 
 def usable_cores() -> int:
-    """The cores this process may run on (its affinity mask, where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    """The cores this process may run on: the number the CPU defaults use."""
+    from core import distribute
+
+    return distribute.usable_cores()
 
 
 def one_core(global_batch: int) -> tuple[int, int]:
