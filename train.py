@@ -39,11 +39,23 @@ flags.DEFINE_enum("mode", _D.mode, config_lib.MODES, "What to run.")
 flags.DEFINE_string("model_dir", _D.model_dir, "Checkpoints, TensorBoard events and figures go here; "
                     "rerunning with the same folder resumes.")
 flags.DEFINE_string("dataset", _D.dataset, f"One of: {', '.join(config_lib.DATASETS)}.")
-flags.DEFINE_string("data_dir", None, "Folder with local files (IDX .gz files or mnist.npz); "
-                    "default: download into Keras' cache (~/.keras/datasets).")
-flags.DEFINE_string("train_split", _D.train_split, "Training split, TFDS-style slices allowed: "
-                    "'train', 'test[:8000]', 'train[:10%]'.")
-flags.DEFINE_string("eval_split", _D.eval_split, "Evaluation split, e.g. 'test', 'test[8000:]'.")
+flags.DEFINE_string("data_dir", None, "folder: your images; tfrecord: the shards (a folder or a "
+                    "pattern); mnist/fashion_mnist: local IDX .gz files or mnist.npz (default: "
+                    "download into Keras' cache). gs:// and other TensorFlow filesystems work.")
+flags.DEFINE_string("train_split", None, "Training split, TFDS-style slices allowed: 'train', "
+                    "'test[:8000]', 'train[:90%]' (default: train; a folder without train/ and "
+                    "test/ subfolders: train[:90%]).")
+flags.DEFINE_string("eval_split", None, "Evaluation split, e.g. 'test', 'test[8000:]' (default: "
+                    "test, or validation; a folder without split subfolders: train[90%:]).")
+flags.DEFINE_list("image_size", None, "HEIGHT,WIDTH every image is resized to (default: the "
+                  "first image's size).")
+flags.DEFINE_integer("channels", None, "1 (greyscale) or 3 (RGB); default: the first image's.")
+flags.DEFINE_enum("resize", _D.resize, config_lib.RESIZE_MODES, "How images of another size "
+                  "or shape are fitted: crop (scale the short side, centre-crop), pad, stretch.")
+flags.DEFINE_enum("bad_images", _D.bad_images, config_lib.BAD_IMAGES, "Undecodable files: error "
+                  "(stop, exit 3) or skip (log them to <model_dir>/skipped_images.txt).")
+flags.DEFINE_enum("cache", _D.cache, config_lib.CACHES, "memory: decode a file dataset once and "
+                  "keep the uint8 images in host memory.")
 flags.DEFINE_bool("verify_checksums", _D.verify_checksums,
                   "Check known files against their published SHA-256.")
 flags.DEFINE_list("synthetic_shape", list(map(str, _D.synthetic_shape)),
@@ -149,7 +161,8 @@ def config_from_flags(argv=None) -> config_lib.Config:
         values["epochs" if later == "train_steps" else "train_steps"] = None
     if values["epochs"] is None and values["train_steps"] is None:
         values["epochs"] = _D.epochs
-    for name in ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps"):
+    for name in ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps",
+                 "image_size"):
         values[name] = _ints(name, values[name])
     shards = values["batch_shards"]
     if shards == "auto":

@@ -18,10 +18,14 @@ from core.errors import ConfigError
 
 MODES = ("train", "eval", "train_and_eval", "export")
 NAN_POLICIES = ("stop", "rollback")
-DATASETS = ("fontdigits", "mnist", "fashion_mnist", "synthetic")
+DATASETS = ("fontdigits", "mnist", "fashion_mnist", "shapes", "synthetic", "folder", "tfrecord")
+FILE_DATASETS = ("folder", "tfrecord")  # decoded from image files, streamed
+RESIZE_MODES = ("crop", "pad", "stretch")
+BAD_IMAGES = ("error", "skip")
+CACHES = ("none", "memory")
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-_SPLIT_RE = re.compile(r"^(train|test)(\[(-?\d+%?)?:(-?\d+%?)?\])?$")
+_SPLIT_RE = re.compile(r"^(\w+)(\[(-?\d+%?)?:(-?\d+%?)?\])?$")
 
 
 MAX_NUM_IMAGES = 64
@@ -44,10 +48,15 @@ class Config:
     # Data.
     dataset: str = "fontdigits"
     data_dir: str | None = None
-    train_split: str = "train"
-    eval_split: str = "test"
+    train_split: str | None = None  # None: the dataset's (train, or train[:90%] of a flat folder)
+    eval_split: str | None = None  # None: the dataset's (test, or train[90%:] of a flat folder)
     verify_checksums: bool = True
     synthetic_shape: tuple[int, int, int] = (28, 28, 1)
+    image_size: tuple[int, int] | None = None  # None: the first image's
+    channels: int | None = None  # None: the first image's (1 for greyscale, else 3)
+    resize: str = "crop"
+    bad_images: str = "error"
+    cache: str = "none"
     # Model.
     model: str = "seed"
     encoder_filters: tuple[int, ...] | None = None
@@ -93,6 +102,18 @@ class Config:
     def __post_init__(self):
         _check_choice("mode", self.mode, MODES)
         _check_choice("dataset", self.dataset, DATASETS)
+        _check_choice("resize", self.resize, RESIZE_MODES)
+        _check_choice("bad_images", self.bad_images, BAD_IMAGES)
+        _check_choice("cache", self.cache, CACHES)
+        if self.dataset in FILE_DATASETS and not self.data_dir:
+            raise ConfigError(f"--dataset={self.dataset} needs --data_dir: the folder of your "
+                              + ("images" if self.dataset == "folder" else "TFRecord shards"))
+        if self.image_size is not None and (len(self.image_size) != 2
+                                            or min(self.image_size) <= 0):
+            raise ConfigError(f"--image_size={','.join(map(str, self.image_size))}: give "
+                              "HEIGHT,WIDTH as two positive numbers, e.g. 64,64")
+        if self.channels not in (None, 1, 3):
+            raise ConfigError(f"--channels={self.channels}: 1 (greyscale) or 3 (RGB)")
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
@@ -158,10 +179,10 @@ class Config:
             raise ConfigError(
                 f"--synthetic_shape={self.synthetic_shape}: give H,W,C as three positive numbers")
         for name in ("train_split", "eval_split"):
-            if not _SPLIT_RE.match(getattr(self, name)):
+            if getattr(self, name) is not None and not _SPLIT_RE.match(getattr(self, name)):
                 raise ConfigError(
-                    f"--{name}={getattr(self, name)!r}: expected 'train' or 'test', optionally "
-                    "sliced like 'test[:8000]', 'train[10%:]' or 'test[-20%:]'")
+                    f"--{name}={getattr(self, name)!r}: expected a split name like 'train' or "
+                    "'test', optionally sliced like 'test[:8000]', 'train[10%:]' or 'test[-20%:]'")
         if not self.model_dir:
             raise ConfigError("--model_dir is empty: give a folder for checkpoints and summaries")
         if self.eager and self.jit_compile:

@@ -97,6 +97,12 @@ class Cadence:
     nan_lr_factor: float = 0.5
 
 
+# What a failing input pipeline raises through the compiled loop (a file that does not
+# decode, a shard cut short, a file deleted or made unreadable mid-run).
+_INPUT_ERRORS = (tf.errors.InvalidArgumentError, tf.errors.DataLossError,
+                 tf.errors.NotFoundError, tf.errors.PermissionDeniedError)
+
+
 class Controller:
     """The outer loop over `trainer.train_loop`; see the module docstring.
 
@@ -114,6 +120,9 @@ class Controller:
       profile_dir: where the profiler trace goes.
       stop_requested: returns the name of a received stop signal, or None.
       progress: the terminal status line.
+      data_error: (step, error, checkpoint path) -> the exception to raise when the
+        input pipeline fails mid-run (a file that does not decode); None: re-raise.
+        A checkpoint of the steps before it is saved first.
     """
 
     def __init__(
@@ -130,6 +139,7 @@ class Controller:
         profile_dir: str | None = None,
         stop_requested: Callable[[], str | None] = lambda: None,
         progress: Progress | None = None,
+        data_error: Callable[[int, Exception, str], Exception] | None = None,
     ):
         self.trainer = trainer
         self.make_iterator = make_iterator
@@ -145,6 +155,7 @@ class Controller:
         self.profile_dir = profile_dir
         self.stop_requested = stop_requested
         self.progress = progress or Progress()
+        self.data_error = data_error
         self.history: list[dict] = []  # one entry per log line, for tests and figures
         self.nan_retries = 0
         self._window = [0.0, 0, 0.0]  # loss * steps, steps, seconds since the last log line
@@ -279,14 +290,23 @@ class Controller:
                     f"stopped by {signal_name} at step {step} after saving {path}: run the same "
                     "command again to resume from there")
             self._profile(step, 0)
-            if first:
-                n, elapsed = 1, None
-                loss = self._first_step(iterator, step)
-            else:
-                n = min(self.steps_per_loop, self._next_boundary(step) - step)
-                start = time.perf_counter()
-                loss = self.trainer.train_loop(iterator, n)  # waits for the device
-                elapsed = time.perf_counter() - start
+            try:
+                if first:
+                    n, elapsed = 1, None
+                    loss = self._first_step(iterator, step)
+                else:
+                    n = min(self.steps_per_loop, self._next_boundary(step) - step)
+                    start = time.perf_counter()
+                    loss = self.trainer.train_loop(iterator, n)  # waits for the device
+                    elapsed = time.perf_counter() - start
+            except _INPUT_ERRORS as e:
+                if self.data_error is None or iterator is None:
+                    raise
+                # The loop stops at the failing batch's get_next: every step before it
+                # is complete, and `trainer.step` counts them.
+                self.progress.clear()
+                reached = int(self.trainer.step.numpy())
+                raise self.data_error(reached, e, self.checkpointer.save()) from None
             self._profile(step, n)
             if not math.isfinite(loss):
                 self.progress.clear()

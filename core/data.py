@@ -14,6 +14,7 @@ import os
 import re
 import zipfile
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
 
@@ -38,6 +39,15 @@ class Split:
     images: np.ndarray
     labels: np.ndarray | None
     name: str
+    kind = "memory"
+    indexable = True
+    class_names = ()
+
+    def describe(self) -> str:
+        return f"{self.num_examples:,} images in memory"
+
+    def head(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        return self.images[:k], (self.labels[:k] if self.labels is not None else None)
 
     @property
     def num_examples(self) -> int:
@@ -154,6 +164,10 @@ def load_split(spec: str, dataset: str, data_dir: str | None = None, verify: boo
     Raises:
       DataError: unknown split, missing, corrupted or unreachable files.
     """
+    if dataset == "shapes":
+        from core import shapes
+
+        sizes = sizes or shapes.SPLIT_SIZES
     sizes = sizes or SPLIT_SIZES
     name, sl = parse_split(spec, sizes)
     if dataset in ("mnist", "fashion_mnist"):
@@ -162,6 +176,9 @@ def load_split(spec: str, dataset: str, data_dir: str | None = None, verify: boo
         from core import fontdigits
 
         images, labels = fontdigits.load(seed=0, sizes=sizes)[name]
+        split = Split(images, labels, name)
+    elif dataset == "shapes":
+        images, labels = shapes.load(seed=0, sizes=sizes)[name]
         split = Split(images, labels, name)
     elif dataset == "synthetic":
         rows = range(sizes[name])[sl]
@@ -176,6 +193,94 @@ def load_split(spec: str, dataset: str, data_dir: str | None = None, verify: boo
                         "before slicing): widen the slice")
     labels = split.labels[sl] if split.labels is not None else None
     return Split(images, labels, spec)
+
+
+@dataclasses.dataclass
+class Opened:
+    """A split ready to feed, and what the checks found on the way."""
+
+    source: object  # Split, sources.FolderSource or sources.TFRecordSource
+    skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # path: reason
+    upscaled: int = 0  # images smaller than --image_size
+
+
+def open_split(spec: str, dataset: str, data_dir: str | None = None, verify: bool = True,
+               synthetic_shape: tuple[int, int, int] = (28, 28, 1), image_size=None,
+               channels: int | None = None, resize: str = "crop", bad_images: str = "error",
+               sizes: dict[str, int] | None = None) -> Opened:
+    """The split `spec` of any dataset: in memory for the built-in ones, streamed from
+    files for folder and tfrecord. `image_size` (H, W) and `channels` default to the
+    first image's.
+
+    Raises:
+      DataError: missing, unreadable or undecodable files (exit 3).
+      ConfigError: a bad split or slice (exit 2).
+    """
+    from core import sources
+
+    if dataset == "folder":
+        source, skipped, upscaled = sources.open_folder(data_dir, spec, image_size, channels,
+                                                        resize, bad_images)
+        return Opened(source, skipped, upscaled)
+    if dataset == "tfrecord":
+        name, sl = parse_split(spec)
+        return Opened(sources.open_tfrecord(data_dir, spec, name, sl, image_size, channels,
+                                            resize))
+    split = load_split(spec, dataset, data_dir, verify, synthetic_shape, sizes)
+    if image_size is None and channels is None:
+        return Opened(split)
+    h, w, c = split.image_shape
+    size = tuple(image_size) if image_size else (h, w)
+    upscaled = split.num_examples if (h < size[0] or w < size[1]) else 0
+    return Opened(Split(resize_array(split.images, size, channels or c, resize), split.labels,
+                        split.name), upscaled=upscaled)
+
+
+def materialize(source) -> Split:
+    """A file source decoded once into a uint8 array in host memory (--cache=memory,
+    --data_on_device); an in-memory Split is returned as it is."""
+    if isinstance(source, Split):
+        return source
+    from core import sources
+
+    if source.indexable:
+        ds = tf.data.Dataset.range(source.num_examples).map(
+            lambda i: (source.decode_index(i), tf.constant(-1, tf.int64)),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        ds = source.records(source.files).map(
+            lambda r: (source.decode_record(r),
+                       tf.io.parse_single_example(r, sources.FEATURES)["image/class/label"]),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    images = np.empty((source.num_examples, *source.image_shape), np.uint8)
+    labels = np.empty(source.num_examples, np.int64)
+    start = 0
+    for batch, label in ds.batch(1024).prefetch(2):
+        images[start:start + len(batch)] = batch.numpy()
+        labels[start:start + len(batch)] = label.numpy()
+        start += len(batch)
+    if source.labels is not None:
+        labels = source.labels
+    elif (labels < 0).any():
+        labels = None
+    logging.info("decoded %s into memory: %.0f MB", source.name, images.nbytes / 2**20)
+    return Split(images, labels, source.name)
+
+
+def resize_array(images: np.ndarray, size: tuple[int, int], channels: int,
+                 resize: str) -> np.ndarray:
+    """uint8 (N, h, w, c) -> uint8 (N, H, W, channels), as files are decoded (images.fit)."""
+    from core import images as images_lib
+
+    def one(x):
+        if x.shape[-1] == 1 and channels == 3:
+            x = tf.image.grayscale_to_rgb(x)
+        elif x.shape[-1] == 3 and channels == 1:
+            x = tf.cast(tf.round(tf.image.rgb_to_grayscale(tf.cast(x, tf.float32))), tf.uint8)
+        return images_lib.fit(x, size, resize)
+
+    ds = tf.data.Dataset.from_tensor_slices(images).map(one, num_parallel_calls=tf.data.AUTOTUNE)
+    return np.concatenate([b.numpy() for b in ds.batch(4096)]) if len(images) else images
 
 
 _SYNTHETIC_BLOCK = 1000  # images drawn per seed: any slice is generated alone, the same
@@ -236,25 +341,65 @@ def to_float(images: tf.Tensor) -> tf.Tensor:
     return tf.cast(images, tf.float32) * (1.0 / 255.0)
 
 
-def train_dataset(images: np.ndarray, global_batch_size: int, seed: int, start_step: int = 0,
-                  input_context: tf.distribute.InputContext | None = None) -> tf.data.Dataset:
+def as_source(source):
+    """A uint8 array (N, H, W, C) becomes an in-memory `Split`; sources pass through."""
+    return Split(source, None, "memory") if isinstance(source, np.ndarray) else source
+
+
+def window_shuffle(ds: tf.data.Dataset, seed, epoch, window: int) -> tf.data.Dataset:
+    """Shuffles within consecutive windows of `window` elements, by a permutation that is a
+    function of (seed, epoch, window index): unlike `Dataset.shuffle`, it takes the epoch
+    as a tensor, so every epoch of an endless stream is shuffled differently and
+    reproducibly."""
+    def mix(i, block):
+        key = tf.random.experimental.stateless_fold_in(
+            tf.stack([tf.cast(seed, tf.int64), tf.cast(epoch, tf.int64)]), i)
+        noise = tf.random.stateless_uniform(tf.shape(block)[:1], seed=key, alg="philox")
+        return tf.data.Dataset.from_tensor_slices(tf.gather(block, tf.argsort(noise, stable=True)))
+
+    return ds.batch(window).enumerate().flat_map(mix)
+
+
+def _decoded(ds: tf.data.Dataset, decode, skip_bad: bool) -> tf.data.Dataset:
+    ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.ignore_errors() if skip_bad else ds
+
+
+def train_dataset(images, global_batch_size: int, seed: int, start_step: int = 0,
+                  input_context: tf.distribute.InputContext | None = None,
+                  skip_bad: bool = False) -> tf.data.Dataset:
     """Endless per-replica batches of float32 images in [0, 1].
 
-    Each epoch is `epoch_permutation(n, seed, epoch)` cut into n // global_batch_size
-    global batches (the remainder is dropped: static shapes, no recompiles). Global
-    batch k is split into per-replica slices in replica order; this pipeline yields
-    the slices of its replicas, which the strategy hands out round-robin. So the
-    examples of every step are the same for any number of replicas or workers.
+    `images` is a uint8 array or a source (`Split`, `sources.FolderSource`,
+    `sources.TFRecordSource`).
+
+    Indexable sources (arrays, folders): each epoch is `epoch_permutation(n, seed,
+    epoch)` cut into n // global_batch_size global batches (the remainder is dropped:
+    static shapes, no recompiles). Global batch k is split into per-replica slices in
+    replica order; this pipeline yields the slices of its replicas, which the strategy
+    hands out round-robin. So the examples of every step are the same for any number
+    of replicas or workers, and a folder pipeline decodes only its own replicas' files.
+
+    TFRecord shards are streamed: epoch e reads the shards in the order
+    `epoch_permutation(shards, seed, e)`, interleaved, shuffled in windows
+    (`window_shuffle`), so the order is again a function of (seed, epoch). A resumed
+    run skips the records of the steps already taken before decoding them. Under
+    several workers each reads its own shards (shard i goes to worker i mod W).
+
+    skip_bad: drop examples that fail to decode (--bad_images=skip) instead of failing.
     """
-    n = int(images.shape[0])
+    source = as_source(images)
+    total, first, local = _pipeline_rows(input_context)
+    per_replica = global_batch_size // total
+    if not source.indexable:
+        return _stream_train(source, per_replica, local, seed, start_step, input_context,
+                             skip_bad)
+    n = source.num_examples
     steps_per_epoch = n // global_batch_size
     if steps_per_epoch == 0:
         raise DataError(f"the training split has {n} examples, fewer than one batch of "
                         f"{global_batch_size}: lower --batch_size or use a larger split")
-    total, first, local = _pipeline_rows(input_context)
-    per_replica = global_batch_size // total
     start_epoch, skip = divmod(start_step, steps_per_epoch)
-    host_images = tf.constant(images)
 
     def epoch_batches(epoch):
         order = epoch_permutation(n, seed, epoch)[: steps_per_epoch * global_batch_size]
@@ -263,8 +408,50 @@ def train_dataset(images: np.ndarray, global_batch_size: int, seed: int, start_s
 
     ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_batches).skip(skip)
     ds = ds.unbatch()  # (per_replica,) index rows, one per replica in turn
-    ds = ds.map(lambda rows: to_float(tf.gather(host_images, rows)),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if isinstance(source, Split):
+        host_images = tf.constant(source.images)
+        ds = ds.map(lambda rows: to_float(tf.gather(host_images, rows)),
+                    num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        ds = _decoded(ds.unbatch(), source.decode_index, skip_bad)
+        ds = ds.batch(per_replica, drop_remainder=True).map(to_float)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+SHUFFLE_WINDOW = 1024  # records held at once by the TFRecord shuffle (raw, not decoded)
+INTERLEAVE_SHARDS = 16  # shards read at once
+
+
+def _stream_train(source, per_replica: int, local: int, seed: int, start_step: int,
+                  input_context, skip_bad: bool) -> tf.data.Dataset:
+    files, counts = list(source.files), list(source.counts)
+    if input_context is not None and input_context.num_input_pipelines > 1:
+        pid, pipelines = input_context.input_pipeline_id, input_context.num_input_pipelines
+        files, counts = files[pid::pipelines], counts[pid::pipelines]
+        if not files:
+            raise DataError(f"{source.name} has {len(source.files)} shard(s), fewer than the "
+                            f"{pipelines} workers: write at least one shard per worker "
+                            "(python -m core.prepare --shards=N)")
+    local_batch = local * per_replica
+    steps_per_epoch = sum(counts) // local_batch
+    if steps_per_epoch == 0:
+        raise DataError(f"{source.name}: this worker's shards hold {sum(counts)} examples, fewer "
+                        f"than one batch of {local_batch}: lower --batch_size")
+    start_epoch, skip = divmod(start_step, steps_per_epoch)
+    shards = tf.constant(files)
+
+    def epoch_records(epoch):
+        order = epoch_permutation(len(files), seed, epoch)
+        records = tf.data.Dataset.from_tensor_slices(tf.gather(shards, order)).interleave(
+            source.records, cycle_length=min(len(files), INTERLEAVE_SHARDS), block_length=1,
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        return window_shuffle(records, seed, epoch, SHUFFLE_WINDOW).take(
+            steps_per_epoch * local_batch)
+
+    ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_records)
+    ds = ds.skip(skip * local_batch)  # raw records: resuming decodes nothing it skips
+    ds = _decoded(ds, source.decode_record, skip_bad)
+    ds = ds.batch(per_replica, drop_remainder=True).map(to_float)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -308,43 +495,82 @@ class DeviceData:
         return to_float(tf.gather(self.images.read_value(), rows))
 
 
-def noisy_copy(images: np.ndarray, noise_factor: float, seed: int) -> np.ndarray:
-    """float32 images in [0, 1] plus Gaussian noise times `noise_factor`, clipped: the fixed
-    noisy eval set (the same array, so the same noise, at every evaluation)."""
-    rng = np.random.default_rng([seed, 271828])
-    clean = images.astype(np.float32) / 255.0
-    noise = rng.standard_normal(images.shape, dtype=np.float32)
-    return np.clip(clean + noise_factor * noise, 0.0, 1.0)
+def add_eval_noise(clean: tf.Tensor, index: tf.Tensor, noise_factor: float, seed: int) -> tf.Tensor:
+    """Example `index` of the eval split, float32 [0, 1], plus its fixed Gaussian noise times
+    `noise_factor`, clipped. The noise is a function of (seed, index): the same at
+    every evaluation, on every worker, for every source. Traced."""
+    key = tf.stack([tf.constant(seed, tf.int64) * 7919 + 271828, tf.cast(index, tf.int64)])
+    noise = tf.random.stateless_normal(tf.shape(clean), seed=key, alg="philox")
+    return tf.clip_by_value(clean + noise_factor * noise, 0.0, 1.0)
 
 
-def eval_dataset(images: np.ndarray, global_batch_size: int,
+def noisy_copy(images: np.ndarray, noise_factor: float, seed: int, start: int = 0) -> np.ndarray:
+    """`add_eval_noise` over uint8 `images`, examples start, start+1, ... of the eval split:
+    the inputs the denoiser is evaluated (and shown) on."""
+    n = len(images)
+    ds = tf.data.Dataset.from_tensor_slices((images, tf.range(start, start + n, dtype=tf.int64)))
+    ds = ds.map(lambda x, i: add_eval_noise(to_float(x), i, noise_factor, seed)).batch(max(n, 1))
+    return next(iter(ds)).numpy() if n else np.zeros((0, *images.shape[1:]), np.float32)
+
+
+def eval_dataset(images, global_batch_size: int,
                  input_context: tf.distribute.InputContext | None = None,
-                 noisy_inputs: np.ndarray | None = None) -> tf.data.Dataset:
-    """Every example exactly once, as (inputs, targets, weights) per-replica batches.
+                 noise_factor: float = 0.0, seed: int = 0,
+                 skip_bad: bool = False) -> tf.data.Dataset:
+    """Every example exactly once, in split order, as (inputs, targets, weights) per-replica
+    batches.
 
-    Targets are the clean images in [0, 1]; inputs are the same, or the rows of
-    `noisy_inputs` (float32, from `noisy_copy`) when evaluating a denoiser.
+    Targets are the clean images in [0, 1]; inputs are the same, or with a denoiser
+    (`noise_factor` > 0) the targets plus `add_eval_noise`.
 
     The last global batch is padded with weight-0 copies of the first example so
     every batch has the same shape (one compiled eval step) and every replica gets
     one; metrics are weighted sums, so padding never counts.
     """
-    n = int(images.shape[0])
+    source = as_source(images)
+    n = source.num_examples
     total, first, local = _pipeline_rows(input_context)
     per_replica = global_batch_size // total
     num_batches = -(-n // global_batch_size)
     padded = num_batches * global_batch_size
-    order = np.concatenate([np.arange(n), np.zeros(padded - n, np.int64)])
-    weights = (np.arange(padded) < n).astype(np.float32)
-    rows = order.reshape(num_batches, total, per_replica)[:, first:first + local]
-    wrows = weights.reshape(num_batches, total, per_replica)[:, first:first + local]
-    host_images = tf.constant(images)
-    host_noisy = tf.constant(noisy_inputs) if noisy_inputs is not None else None
+    if source.indexable:
+        order = np.concatenate([np.arange(n), np.zeros(padded - n, np.int64)])
+        weights = (np.arange(padded) < n).astype(np.float32)
+        rows = order.reshape(num_batches, total, per_replica)[:, first:first + local]
+        wrows = weights.reshape(num_batches, total, per_replica)[:, first:first + local]
+        ds = tf.data.Dataset.from_tensor_slices((rows, wrows)).unbatch()  # per-replica rows
+        if isinstance(source, Split):
+            host_images = tf.constant(source.images)
+            ds = ds.map(lambda r, w: (r, tf.gather(host_images, r), w))
+        else:
+            ds = ds.unbatch().map(lambda i, w: (i, source.decode_index(i), w),
+                                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            if skip_bad:
+                ds = ds.ignore_errors()
+            ds = ds.batch(per_replica, drop_remainder=True)
+    else:  # streamed in shard order; this pipeline keeps its replicas' positions
+        records = source.records(source.files).enumerate()
+        pad = records.take(1).map(lambda i, r: (i, r)).repeat(padded - n)
+        weights = tf.data.Dataset.from_tensor_slices(
+            (np.arange(padded) < n).astype(np.float32))
+        ds = tf.data.Dataset.zip(records.concatenate(pad), weights).enumerate()
 
-    def lookup(r, w):
-        targets = to_float(tf.gather(host_images, r))
-        inputs = tf.gather(host_noisy, r) if host_noisy is not None else targets
+        def mine(position, element):
+            replica = (position % global_batch_size) // per_replica
+            return tf.logical_and(replica >= first, replica < first + local)
+
+        ds = ds.filter(mine).map(lambda _, e: (e[0][0], source.decode_record(e[0][1]), e[1]),
+                                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        if skip_bad:
+            ds = ds.ignore_errors()
+        ds = ds.batch(per_replica, drop_remainder=True)
+
+    def finish(index, image, w):
+        targets = to_float(image)
+        if not noise_factor:
+            return targets, targets, w
+        inputs = tf.map_fn(lambda a: add_eval_noise(a[0], a[1], noise_factor, seed),
+                           (targets, index), fn_output_signature=tf.float32)
         return inputs, targets, w
 
-    ds = tf.data.Dataset.from_tensor_slices((rows, wrows)).unbatch().map(lookup)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return ds.map(finish).prefetch(tf.data.AUTOTUNE)

@@ -11,6 +11,7 @@ unless a flag overrides them.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
@@ -24,7 +25,7 @@ from core import checkpoints, data, distribute, plots, process, summaries as sum
 from core.checkpoints import Checkpointer, ModelDirLock
 from core.config import Config
 from core.controller import Cadence, Controller, format_line
-from core.errors import ConfigError
+from core.errors import ConfigError, DataError
 from core.summaries import Summaries
 from core.trainer import Trainer
 from layers.autoencoders import build_autoencoder
@@ -39,8 +40,11 @@ FIGURES = {
 # What eval and export take from the trained run's config.json unless given as flags.
 INHERITED = ("model", "encoder_filters", "decoder_filters", "kernel_size", "latent_dim",
              "kl_weight", "noise_factor", "dataset", "data_dir", "train_split", "eval_split",
-             "synthetic_shape", "seed")
-_TUPLE_FIELDS = ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps")
+             "synthetic_shape", "image_size", "channels", "resize", "seed")
+_TUPLE_FIELDS = ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps",
+                 "image_size")
+SKIPPED_FILE = "skipped_images.txt"
+MAX_FIGURE_EXAMPLES = 2000  # eval examples decoded for the latent-space figure
 
 
 def inherit_run_config(config: Config, saved: dict | None,
@@ -126,6 +130,11 @@ class Run:
         self.lock = ModelDirLock(config.model_dir) if self.is_chief else None
         if self.lock:
             self.lock.acquire()
+        if self.skipped and self.is_chief:
+            path = os.path.join(config.model_dir, SKIPPED_FILE)
+            with tf.io.gfile.GFile(path, "w") as f:
+                f.write("".join(f"{p}\t{why}\n" for p, why in sorted(self.skipped.items())))
+            logging.info("wrote the %d skipped files to %s", len(self.skipped), path)
         try:
             self._build(inference)
         except BaseException:
@@ -150,36 +159,75 @@ class Run:
     def _load_data(self, inference: bool) -> None:
         config = self.config
         self.train_split = self.eval_split = None
+        self.skipped: dict[str, str] = {}
         saved_shape = _saved_image_shape(self.saved)
         if config.mode == "export" and saved_shape:
             self.image_shape = saved_shape  # export needs no data at all
             return
+        if config.train_split is None or config.eval_split is None:
+            from core.sources import default_splits
+
+            train_split, eval_split = default_splits(config.dataset, config.data_dir)
+            chosen = {k: v for k, v in (("train_split", train_split), ("eval_split", eval_split))
+                      if getattr(config, k) is None}
+            logging.info("%s: %s", config.dataset, ", ".join(f"--{k}={v}" for k, v in chosen.items()))
+            self.config = config = config.replace(**chosen)
         if config.data_on_device is None and config.mode not in ("train", "train_and_eval"):
             self.config = config = config.replace(data_on_device=False)
         load = dict(dataset=config.dataset, data_dir=config.data_dir,
-                    verify=config.verify_checksums, synthetic_shape=config.synthetic_shape)
-        self.eval_split = data.load_split(config.eval_split, **load)
+                    verify=config.verify_checksums, synthetic_shape=config.synthetic_shape,
+                    channels=config.channels, resize=config.resize, bad_images=config.bad_images)
+        training = config.mode in ("train", "train_and_eval")
+        if training:
+            # The training split fixes the size and channels (the first image's, unless given).
+            opened = data.open_split(config.train_split, image_size=config.image_size, **load)
+            self.train_split = self._report(opened, config.train_split)
+            shape = self.train_split.image_shape
+            load["channels"] = shape[2]
+            opened = data.open_split(config.eval_split, image_size=shape[:2], **load)
+        else:
+            opened = data.open_split(config.eval_split, image_size=config.image_size or (
+                saved_shape[:2] if saved_shape else None), **{
+                    **load, "channels": config.channels or (saved_shape[2] if saved_shape else None)})
+        self.eval_split = self._report(opened, config.eval_split)
         self.image_shape = self.eval_split.image_shape
-        if config.mode in ("train", "train_and_eval"):
-            self.train_split = data.load_split(config.train_split, **load)
-            n = self.train_split.num_examples
-            if n < config.batch_size:
-                raise ConfigError(f"--batch_size={config.batch_size} is larger than the training "
-                                  f"split ({n} examples of {config.train_split!r}): lower it, or "
-                                  "widen the split")
-            size_mb = self.train_split.images.nbytes / 2**20
-            if config.data_on_device is None:  # auto: on, where the split fits
-                fits = size_mb <= config.data_on_device_max_mb
-                if not fits:
-                    logging.info("the training split (%.0f MB) is over --data_on_device_max_mb: "
-                                 "feeding it with tf.data", size_mb)
-                self.config = config = config.replace(data_on_device=fits)
-            elif config.data_on_device:
-                if size_mb > config.data_on_device_max_mb:
-                    raise ConfigError(
-                        f"--data_on_device: the training split is {size_mb:,.1f} MB per device, "
-                        f"over --data_on_device_max_mb={config.data_on_device_max_mb}: raise the "
-                        "limit if the device has room, or drop --data_on_device")
+        if config.cache == "memory":
+            self.eval_split = data.materialize(self.eval_split)
+        if not training:
+            return
+        n = self.train_split.num_examples
+        if n < config.batch_size:
+            raise ConfigError(f"--batch_size={config.batch_size} is larger than the training "
+                              f"split ({n} examples of {config.train_split!r}): lower it, or "
+                              "widen the split")
+        size_mb = n * int(np.prod(self.image_shape)) / 2**20
+        in_memory = isinstance(self.train_split, data.Split)
+        if config.data_on_device is None:  # auto: on for data in memory, where the split fits
+            fits = size_mb <= config.data_on_device_max_mb
+            if not fits:
+                logging.info("the training split (%.0f MB) is over --data_on_device_max_mb: "
+                             "feeding it with tf.data", size_mb)
+            self.config = config = config.replace(
+                data_on_device=fits and (in_memory or config.cache == "memory"))
+        elif config.data_on_device:
+            if size_mb > config.data_on_device_max_mb:
+                raise ConfigError(
+                    f"--data_on_device: the training split is {size_mb:,.1f} MB per device, "
+                    f"over --data_on_device_max_mb={config.data_on_device_max_mb}: raise the "
+                    "limit if the device has room, or drop --data_on_device")
+        if config.cache == "memory" or config.data_on_device:
+            self.train_split = data.materialize(self.train_split)
+
+    def _report(self, opened: data.Opened, spec: str):
+        """Logs what was opened (and what was skipped or upscaled); returns the source."""
+        source = opened.source
+        self.skipped.update(opened.skipped)
+        logging.info("%s %s: %s of %s", self.config.dataset, spec, source.describe(),
+                     "x".join(map(str, source.image_shape)))
+        if opened.upscaled:
+            logging.info("%d images of %s are smaller than %s and are upscaled", opened.upscaled,
+                         spec, "x".join(map(str, source.image_shape[:2])))
+        return source
 
     def _check_model(self, inference: bool) -> None:
         if not inference:
@@ -210,9 +258,6 @@ class Run:
                 model, self.strategy, config.batch_size, config.learning_rate,
                 self.precision, self.jit_compile, config.eager, device_data, config.seed,
                 config.noise_factor, batch_shards=config.batch_shards)
-        # Denoising: one fixed noisy copy of the eval split, the same at every evaluation.
-        self.noisy_eval = (data.noisy_copy(self.eval_split.images, config.noise_factor, config.seed)
-                           if config.noise_factor and self.eval_split is not None else None)
         self.checkpointer = Checkpointer(self.output_dir, self.trainer, config.keep_checkpoints,
                                          restore_dir=config.model_dir, read_only=inference)
         self.summaries = Summaries(self.output_dir)
@@ -242,8 +287,8 @@ class Run:
         image grid."""
         cfg = self.config
         dist = self.strategy.distribute_datasets_from_function(
-            lambda ctx: data.eval_dataset(self.eval_split.images, cfg.batch_size, ctx,
-                                          self.noisy_eval))
+            lambda ctx: data.eval_dataset(self.eval_split, cfg.batch_size, ctx, cfg.noise_factor,
+                                          cfg.seed, skip_bad=cfg.bad_images == "skip"))
         results = self.trainer.evaluate(dist)
         logging.info(format_line("eval", step=step, **results))
         self.summaries.scalars(writer, step, {
@@ -254,15 +299,23 @@ class Run:
         self.summaries.flush()
         return results
 
+    def head(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """The first `k` eval examples (uint8) and labels, decoded once and kept."""
+        if getattr(self, "_head", None) is None or len(self._head[0]) < k:
+            self._head = self.eval_split.head(max(k, MAX_FIGURE_EXAMPLES))
+        images, labels = self._head
+        return images[:k], (labels[:k] if labels is not None else None)
+
     def examples(self) -> tuple[list[np.ndarray], list[str]]:
         """Rows of the first `num_images` eval examples, in [0, 1], and their names: inputs
         and reconstructions; noisy inputs, denoised and clean images for a denoiser."""
-        n = self.config.num_images
-        clean = data.to_float(self.eval_split.images[:n]).numpy()
-        if self.noisy_eval is None:
+        cfg = self.config
+        raw = self.head(cfg.num_images)[0]
+        clean = data.to_float(raw).numpy()
+        if not cfg.noise_factor:
             recon = self.trainer.model.reconstruct(clean, training=False)
             return [clean, np.asarray(recon, np.float32)], ["input", "reconstruction"]
-        noisy = self.noisy_eval[:n]
+        noisy = data.noisy_copy(raw, cfg.noise_factor, cfg.seed)
         denoised = np.asarray(self.trainer.model.reconstruct(noisy, training=False), np.float32)
         return [noisy, denoised, clean], ["noisy input", "denoised", "clean"]
 
@@ -283,22 +336,22 @@ class Run:
                     out.format(FIGURES["curves"]), train_curve, eval_curve,
                     f"{cfg.model} on {cfg.dataset}",
                     "BCE + weighted KL" if variational else "BCE"))
-        sample = data.to_float(self.eval_split.images[:2000])
+        sample_raw, labels = self.head(MAX_FIGURE_EXAMPLES)
+        sample = data.to_float(sample_raw)
         codes = np.concatenate([np.asarray(model.encode(sample[i:i + 500], training=False),
                                            np.float32) for i in range(0, len(sample), 500)])
         if not np.isfinite(codes).all():
             logging.warning("the codes contain NaN/Inf: skipping the latent-space and "
                             "interpolation figures")
             return paths
-        labels = self.eval_split.labels
         if labels is not None and len(codes) >= 3:
             paths.append(plots.latent_space(
-                out.format(FIGURES["latent"]), codes, labels[:2000],
+                out.format(FIGURES["latent"]), codes, labels,
                 f"codes of {len(codes)} {cfg.eval_split} images (PCA), {where}"))
-        a, b = plots.interpolation_pair(labels[:2000] if labels is not None else None, len(codes))
+        a, b = plots.interpolation_pair(labels, len(codes))
         line = plots.interpolate(codes[a], codes[b], 8)
         decoded = np.asarray(model.decode(line.reshape(-1, *self.code_shape), training=False))
-        clean = rows[-1] if self.noisy_eval is not None else rows[0]
+        clean = rows[-1] if cfg.noise_factor else rows[0]
         strip = np.concatenate([clean[:1], decoded, sample[b:b + 1].numpy()])
         paths.append(plots.interpolation_strip(
             out.format(FIGURES["interpolation"]), strip,
@@ -335,8 +388,8 @@ def train(run: Run) -> dict:
         if run.trainer.device_data is not None:
             return None
         return iter(run.strategy.distribute_datasets_from_function(
-            lambda ctx: data.train_dataset(run.train_split.images, cfg.batch_size, cfg.seed,
-                                           step, ctx)))
+            lambda ctx: data.train_dataset(run.train_split, cfg.batch_size, cfg.seed, step, ctx,
+                                           skip_bad=cfg.bad_images == "skip")))
 
     cadence = Cadence(
         log_every=cfg.log_every, summary_every=cfg.summary_every, eval_every=cfg.eval_every,
@@ -353,11 +406,27 @@ def train(run: Run) -> dict:
             run.trainer, make_iterator, total, steps_per_epoch, cfg.steps_per_loop, cadence,
             run.evaluate if cfg.mode == "train_and_eval" else None, run.checkpointer,
             run.summaries, profile_dir=os.path.join(run.output_dir, "train"),
-            stop_requested=stop)
+            stop_requested=stop, data_error=functools.partial(_data_error, run))
         step = controller.train()
     if run.is_chief:
         run.figures(step, cfg.model_dir)
     return {"step": step, "history": controller.history}
+
+
+def _data_error(run: Run, step: int, error: Exception, saved: str) -> DataError:
+    """The one-line error for an input that failed mid-run, naming the file where it can."""
+    cfg, source = run.config, run.train_split
+    reason = str(getattr(error, "message", error)).strip().splitlines()[0][:200]
+    where = f"a record of {source.name}'s shards ({reason})"
+    if hasattr(source, "find_bad"):
+        steps_per_epoch = source.num_examples // cfg.batch_size
+        epoch, k = divmod(step, steps_per_epoch)
+        order = data.epoch_permutation(source.num_examples, cfg.seed, epoch).numpy()
+        found = source.find_bad(order[k * cfg.batch_size:(k + 1) * cfg.batch_size])
+        if found:
+            where = f"{found[0]} ({found[1]})"
+    return DataError(f"{where} failed to load at step {step}; saved {saved}: replace or remove "
+                     "it and run the same command to resume, or pass --bad_images=skip")
 
 
 def evaluate(run: Run) -> dict:

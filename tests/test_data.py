@@ -174,7 +174,7 @@ def test_noisy_eval_set_is_fixed_and_pairs_with_clean_targets():
     np.testing.assert_array_equal(noisy, data.noisy_copy(ids, 0.4, seed=1))  # every evaluation
     assert not np.array_equal(noisy, data.noisy_copy(ids, 0.4, seed=2))
     assert noisy.min() >= 0 and noisy.max() <= 1
-    for inputs, targets, _ in data.eval_dataset(ids, 8, noisy_inputs=noisy):
+    for inputs, targets, _ in data.eval_dataset(ids, 8, noise_factor=0.4, seed=1):
         clean = np.rint(targets.numpy()[:, 0, 0, 0] * 255).astype(int) // 6
         np.testing.assert_array_equal(inputs.numpy(), noisy[clean])
 

@@ -1,0 +1,124 @@
+"""Image files: checking them up front, and decoding them to one size and channel count.
+
+`decode` is the one decoder every file-based source uses (folder, TFRecord, TFDS):
+JPEG, PNG, BMP and GIF (first frame) bytes -> uint8 [H, W, C], resized by `--resize`:
+
+  crop     scale the short side to fit, centre-crop the rest (Keras' crop_to_aspect_ratio)
+  pad      scale the long side to fit, pad the rest with black
+  stretch  scale each side on its own
+
+Everything decodes to RGB first (TensorFlow's GIF and BMP decoders refuse one
+channel, and CMYK JPEGs decode only to RGB), then greyscale is taken from RGB.
+
+`check_file` is the cheap up-front test of one file: its header (through Pillow,
+which reads a few hundred bytes) and its end (a JPEG ends with EOI, a PNG with IEND,
+a GIF with its trailer), so empty, non-image and truncated files are found before
+the run starts, not in the middle of an epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+RESIZE_MODES = ("crop", "pad", "stretch")
+_TRAILERS = {"JPEG": (b"\xff\xd9",), "PNG": (b"IEND\xaeB`\x82",), "GIF": (b";",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class FileInfo:
+    """What the header of one image file says."""
+
+    path: str
+    height: int
+    width: int
+    channels: int  # 1 for greyscale, 3 for everything else (alpha and palettes become RGB)
+    format: str
+
+
+class BadImage(Exception):
+    """One file cannot be used; the message says why."""
+
+
+def check_file(path: str) -> FileInfo:
+    """Reads the header and the end of `path` (through tf.io.gfile).
+
+    Raises:
+      BadImage: unreadable, empty, not an image, an unsupported format, or truncated.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            size = f.size()
+            if size == 0:
+                raise BadImage("an empty (zero-byte) file")
+            try:
+                with Image.open(f) as im:
+                    fmt, mode, (width, height) = im.format, im.mode, im.size
+            except UnidentifiedImageError:
+                raise BadImage("not an image (Pillow cannot identify it)") from None
+            except (OSError, SyntaxError, ValueError) as e:
+                raise BadImage(f"a damaged header ({e})") from None
+            if fmt == "MPO":  # a JPEG with extra frames (many cameras write these)
+                fmt = "JPEG"
+            if fmt not in ("JPEG", "PNG", "BMP", "GIF"):
+                raise BadImage(f"a {fmt} image; tapeloop reads JPEG, PNG, BMP and GIF")
+            trailers = _TRAILERS.get(fmt)
+            if trailers:
+                f.seek(max(0, size - 64))
+                tail = f.read().rstrip(b"\x00\r\n ")  # some writers pad after the end marker
+                if not tail.endswith(trailers):
+                    raise BadImage(f"a truncated {fmt} (it does not end with the {fmt} end marker)")
+            elif fmt == "BMP":
+                f.seek(2)
+                declared = int.from_bytes(f.read(4), "little")
+                if declared and size < declared:
+                    raise BadImage(f"a truncated BMP ({size} of {declared} bytes)")
+    except tf.errors.PermissionDeniedError:
+        raise BadImage("not readable (permission denied)") from None
+    except tf.errors.OpError as e:
+        raise BadImage(f"not readable ({e.message})") from None
+    channels = 1 if mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+    return FileInfo(path, height, width, channels, fmt)
+
+
+def decode(contents: tf.Tensor, size: tuple[int, int], channels: int,
+           resize: str = "crop") -> tf.Tensor:
+    """Image bytes -> uint8 [size[0], size[1], channels]. Traced (tf.data map)."""
+    image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+    image.set_shape([None, None, 3])
+    if channels == 1:
+        image = tf.image.rgb_to_grayscale(image)
+    return fit(image, size, resize)
+
+
+def fit(image: tf.Tensor, size: tuple[int, int], resize: str = "crop") -> tf.Tensor:
+    """uint8 [h, w, c] -> uint8 [H, W, c] by `resize` (crop, pad or stretch). Traced."""
+    height, width = int(size[0]), int(size[1])
+    shape = tf.shape(image)
+    h, w = shape[0], shape[1]
+    same = tf.logical_and(tf.equal(h, height), tf.equal(w, width))
+
+    def resized():
+        x = image
+        if resize == "crop":  # the largest centred window of the target's aspect ratio
+            crop_h = tf.minimum(h, tf.cast(tf.round(tf.cast(w * height, tf.float32) / width),
+                                           tf.int32))
+            crop_w = tf.minimum(w, tf.cast(tf.round(tf.cast(h * width, tf.float32) / height),
+                                           tf.int32))
+            crop_h, crop_w = tf.maximum(crop_h, 1), tf.maximum(crop_w, 1)
+            x = tf.image.crop_to_bounding_box(x, (h - crop_h) // 2, (w - crop_w) // 2,
+                                              crop_h, crop_w)
+            x = tf.image.resize(x, [height, width], antialias=True)
+        elif resize == "pad":
+            x = tf.image.resize_with_pad(tf.cast(x, tf.float32), height, width, antialias=True)
+        else:
+            x = tf.image.resize(x, [height, width], antialias=True)
+        return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)
+
+    out = tf.cond(same, lambda: image, resized)
+    out.set_shape([height, width, image.shape[-1]])
+    return out

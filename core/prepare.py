@@ -1,0 +1,196 @@
+"""`python -m core.prepare`: any dataset tapeloop reads -> sharded TFRecord files.
+
+    python -m core.prepare --dataset=folder --data_dir=photos --image_size=64,64 \\
+        --output_dir=shards --shards=8
+
+writes, for every split of the dataset, `<split>-00000-of-00008` ... of
+`tf.train.Example`s with Model Garden's keys (`image/encoded` PNG bytes,
+`image/format`, `image/height`, `image/width`, `image/channels`,
+`image/class/label`), in the split's order, plus `dataset_info.json` (examples and
+bytes per shard, the image shape, class names), which lets `--dataset=tfrecord`
+start without counting records and find truncated shards. Images are stored as
+decoded and resized (PNG, lossless), so training decodes small images.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("dataset", None, "What to convert: folder, mnist, fashion_mnist, fontdigits, "
+                    "shapes, synthetic.")
+flags.DEFINE_string("data_dir", None, "The dataset's --data_dir (folder: your images).")
+flags.DEFINE_list("splits", None, "Splits to write (default: every split the dataset has); "
+                  "slices allowed, e.g. train[:90%],train[90%:] (written as train and test).")
+flags.DEFINE_list("image_size", None, "HEIGHT,WIDTH to resize to (default: the first image's).")
+flags.DEFINE_integer("channels", None, "1 or 3 (default: the first image's).")
+flags.DEFINE_enum("resize", "crop", ("crop", "pad", "stretch"), "How images are fitted.")
+flags.DEFINE_enum("bad_images", "error", ("error", "skip"), "Undecodable files: stop, or skip them.")
+flags.DEFINE_string("output_dir", None, "Where the shards go (created; gs:// works).")
+flags.DEFINE_integer("shards", 4, "Shards per split (at least one per worker you will train on).")
+flags.DEFINE_bool("gzip", False, "GZIP-compress the shards.")
+flags.DEFINE_bool("overwrite", False, "Replace shards already in --output_dir.")
+
+
+def _feature(value):
+    import tensorflow as tf
+
+    if isinstance(value, bytes):
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+    return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+
+
+def example(png: bytes, shape, label: int):
+    """One tf.train.Example with Model Garden's (TF-slim's) image keys."""
+    import tensorflow as tf
+
+    h, w, c = shape
+    return tf.train.Example(features=tf.train.Features(feature={
+        "image/encoded": _feature(png), "image/format": _feature(b"png"),
+        "image/height": _feature(h), "image/width": _feature(w), "image/channels": _feature(c),
+        "image/class/label": _feature(label)}))
+
+
+def write_split(source, split: str, output_dir: str, shards: int, gzip: bool,
+                progress=None) -> dict:
+    """Writes `source` (any tapeloop source) as `shards` TFRecord files, in order.
+
+    Returns:
+      {"split", "examples", "bytes", "shards": [{"file", "examples", "bytes"}]}.
+    """
+    import numpy as np
+    import tensorflow as tf
+
+    from core import data
+
+    n = source.num_examples
+    shards = max(1, min(shards, n))
+    bounds = np.linspace(0, n, shards + 1).astype(int)
+    if isinstance(source, data.Split):
+        images = tf.data.Dataset.from_tensor_slices(source.images)
+    elif source.indexable:
+        images = tf.data.Dataset.range(n).map(source.decode_index,
+                                              num_parallel_calls=tf.data.AUTOTUNE,
+                                              deterministic=True)
+    else:
+        images = source.records(source.files).map(source.decode_record,
+                                                   num_parallel_calls=tf.data.AUTOTUNE,
+                                                   deterministic=True)
+    labels = source.labels if source.labels is not None else np.full(n, -1, np.int64)
+    encoded = images.map(tf.io.encode_png, num_parallel_calls=tf.data.AUTOTUNE,
+                         deterministic=True).prefetch(64).as_numpy_iterator()
+    options = tf.io.TFRecordOptions(compression_type="GZIP" if gzip else "")
+    written = []
+    done = 0
+    for i in range(shards):
+        name = f"{split}-{i:05d}-of-{shards:05d}"
+        path = os.path.join(output_dir, name)
+        tmp = path + ".tmp"
+        with tf.io.TFRecordWriter(tmp, options) as writer:
+            for j in range(bounds[i], bounds[i + 1]):
+                writer.write(example(next(encoded), source.image_shape,
+                                     labels[j]).SerializeToString())
+                done += 1
+                if progress:
+                    progress(split, done, n)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+        written.append({"file": name, "examples": int(bounds[i + 1] - bounds[i]),
+                        "bytes": int(tf.io.gfile.stat(path).length)})
+    return {"split": split, "examples": n, "bytes": sum(s["bytes"] for s in written),
+            "shards": written}
+
+
+def _bar(split: str, done: int, total: int) -> None:
+    if done % 200 and done != total:
+        return
+    width = 30
+    filled = width * done // total
+    sys.stderr.write(f"\r{split:>10} [{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,}")
+    if done == total:
+        sys.stderr.write("\n")
+    sys.stderr.flush()
+
+
+def _split_names(dataset: str, data_dir: str | None) -> list[str]:
+    if dataset == "folder":
+        from core.sources import folder_splits
+
+        splits = folder_splits(data_dir)
+        return list(splits) if len(splits) > 1 else ["train[:90%]", "train[90%:]"]
+    return ["train", "test"]
+
+
+def main(argv) -> int:
+    del argv
+    import tensorflow as tf
+
+    from core import data
+    from core.config import DATASETS
+    from core.errors import ConfigError, TapeloopError
+
+    try:
+        if FLAGS.dataset not in DATASETS or FLAGS.dataset == "tfrecord":
+            raise ConfigError(f"--dataset={FLAGS.dataset}: choose one of "
+                              f"{', '.join(d for d in DATASETS if d != 'tfrecord')}")
+        if not FLAGS.output_dir:
+            raise ConfigError("--output_dir is required: the folder the shards go to")
+        if FLAGS.shards < 1:
+            raise ConfigError(f"--shards={FLAGS.shards}: must be >= 1")
+        size = tuple(int(v) for v in FLAGS.image_size) if FLAGS.image_size else None
+        specs = FLAGS.splits or _split_names(FLAGS.dataset, FLAGS.data_dir)
+        names = [s.split("[")[0] for s in specs]
+        if len(specs) == 2 and len(set(names)) == 1:  # train[:90%], train[90%:]
+            names = ["train", "test"]
+        out = FLAGS.output_dir
+        if tf.io.gfile.glob(os.path.join(out, "*-of-*")) and not FLAGS.overwrite:
+            raise ConfigError(f"--output_dir={out} already holds shards: pass --overwrite, or "
+                              "choose another folder")
+        start = time.monotonic()
+        opened = []
+        for spec in specs:  # check everything before writing anything
+            o = data.open_split(spec, FLAGS.dataset, FLAGS.data_dir, image_size=size,
+                                channels=FLAGS.channels, resize=FLAGS.resize,
+                                bad_images=FLAGS.bad_images)
+            size = size or o.source.image_shape[:2]  # every split the first split's size
+            opened.append(o)
+        tf.io.gfile.makedirs(out)
+        results = [write_split(o.source, name, out, FLAGS.shards, FLAGS.gzip, _bar)
+                   for o, name in zip(opened, names)]
+        info = {"dataset": FLAGS.dataset, "data_dir": FLAGS.data_dir,
+                "image_shape": list(opened[0].source.image_shape),
+                "class_names": list(getattr(opened[0].source, "class_names", ()) or ()),
+                "compression": "GZIP" if FLAGS.gzip else "",
+                "splits": {name: {"from": spec, "examples": r["examples"], "bytes": r["bytes"]}
+                           for name, spec, r in zip(names, specs, results)},
+                "shards": [s for r in results for s in r["shards"]]}
+        with tf.io.gfile.GFile(os.path.join(out, "dataset_info.json"), "w") as f:
+            f.write(json.dumps(info, indent=2))
+        skipped = sum(len(o.skipped) for o in opened)
+        total = sum(r["examples"] for r in results)
+        size_mb = sum(r["bytes"] for r in results) / 2**20
+        print(f"wrote {total:,} images ({'x'.join(map(str, info['image_shape']))}) in "
+              f"{sum(len(r['shards']) for r in results)} shards, {size_mb:,.1f} MB, to {out} in "
+              f"{time.monotonic() - start:.1f} s"
+              + (f"; skipped {skipped} undecodable files" if skipped else "")
+              + f"\ntrain on them: python train.py --dataset=tfrecord --data_dir={out}")
+    except TapeloopError as e:
+        print(f"prepare: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except ValueError as e:
+        print(f"prepare: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run() -> None:
+    logging.set_verbosity(logging.WARNING)
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,367 @@
+"""Sources that decode files: a folder of images and TFRecord shards.
+
+A source is one split. It lists its elements (file paths, or shards of
+records), knows how many examples it has and their shape, and decodes one
+element to uint8 [H, W, C] (`core.images.decode`). `core.data` builds the one
+tf.data pipeline they all share; nothing here holds decoded images, except
+`head`, which decodes the first few for figures.
+
+Folder layout: every JPEG/PNG/BMP/GIF under the folder, recursively, in sorted
+path order. `train/` and `test/` (or `validation/`) subfolders are the splits;
+otherwise the whole folder is the split `train`. The first folder level inside
+a split names the class, as in `keras.utils.image_dataset_from_directory`.
+
+TFRecord layout: `train-*` and `test-*` shards of `tf.train.Example`s with
+Model Garden's keys (`image/encoded`, `image/format`, `image/height`,
+`image/width`, `image/class/label`), optionally GZIP-compressed, plus the
+`dataset_info.json` that `python -m core.prepare` writes (example counts and
+byte sizes per shard; without it the shards are counted once at start-up).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import os
+import time
+
+from absl import logging
+import numpy as np
+import tensorflow as tf
+
+from core import images as images_lib
+from core.errors import ConfigError, DataError
+
+INFO_FILE = "dataset_info.json"
+SPLIT_FOLDERS = ("train", "test", "validation")
+FEATURES = {
+    "image/encoded": tf.io.FixedLenFeature([], tf.string),
+    "image/class/label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
+}
+_SCAN_THREADS = 32
+_GLOB_CHARS = "*?["
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoding:
+    """How every file becomes one example: the output size, channels and resize mode."""
+
+    size: tuple[int, int]
+    channels: int
+    resize: str = "crop"
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (*self.size, self.channels)
+
+
+# ------------------------------------------------------------------ folder
+def folder_splits(data_dir: str) -> dict[str, str]:
+    """{split name: its root folder}: the train/test/validation subfolders, or {'train': DIR}."""
+    if not data_dir:
+        raise ConfigError("--dataset=folder needs --data_dir=FOLDER, the folder of your images")
+    if not tf.io.gfile.isdir(data_dir):
+        raise DataError(f"--data_dir={data_dir} is not a folder: give the folder that holds "
+                        "your images")
+    present = {name: os.path.join(data_dir, name) for name in SPLIT_FOLDERS
+               if tf.io.gfile.isdir(os.path.join(data_dir, name))}
+    if "train" in present and len(present) > 1:
+        return present
+    return {"train": data_dir}
+
+
+def default_splits(dataset: str, data_dir: str | None) -> tuple[str, str]:
+    """(train split, eval split) when the user names none."""
+    if dataset == "folder":
+        splits = folder_splits(data_dir)
+        if len(splits) == 1:
+            return "train[:90%]", "train[90%:]"
+        return "train", "test" if "test" in splits else "validation"
+    return "train", "test"
+
+
+def list_images(root: str) -> tuple[list[str], list[str]]:
+    """(sorted image paths under `root`, sorted other file names seen), recursively."""
+    found, others = [], set()
+    for folder, _, files in tf.io.gfile.walk(root):
+        for name in files:
+            ext = os.path.splitext(name)[1].lower()
+            if ext in images_lib.EXTENSIONS:
+                found.append(os.path.join(folder, name))
+            else:
+                others.add(ext or name)
+    return sorted(found), sorted(others)
+
+
+def class_labels(root: str, paths: list[str]) -> tuple[np.ndarray | None, list[str]]:
+    """Labels from the first folder level under `root`; (None, []) if any image sits at
+    the root itself (an unlabelled folder)."""
+    firsts = [os.path.relpath(p, root).replace("\\", "/").split("/") for p in paths]
+    if not firsts or any(len(parts) < 2 for parts in firsts):
+        return None, []
+    names = sorted({parts[0] for parts in firsts})
+    index = {n: i for i, n in enumerate(names)}
+    return np.array([index[parts[0]] for parts in firsts], np.int64), names
+
+
+def scan(paths: list[str]) -> tuple[list[images_lib.FileInfo | None], dict[str, str]]:
+    """check_file on every path, in parallel: (infos, {bad path: reason})."""
+    def one(path):
+        try:
+            return images_lib.check_file(path), None
+        except images_lib.BadImage as e:
+            return None, str(e)
+
+    with concurrent.futures.ThreadPoolExecutor(_SCAN_THREADS) as pool:
+        results = list(pool.map(one, paths))
+    return [r[0] for r in results], {p: r[1] for p, r in zip(paths, results) if r[1]}
+
+
+class FolderSource:
+    """One split of a folder of images: the sorted paths, their labels, and the decoding."""
+
+    kind = "folder"
+    indexable = True
+
+    def __init__(self, name: str, paths: list[str], labels: np.ndarray | None,
+                 class_names: list[str], decoding: Decoding):
+        self.name = name
+        self.paths = paths
+        self.labels = labels
+        self.class_names = class_names
+        self.decoding = decoding
+        self.image_shape = decoding.image_shape
+        self.num_examples = len(paths)
+
+    def describe(self) -> str:
+        classes = f"{len(self.class_names)} classes" if self.class_names else "unlabelled"
+        return f"{self.num_examples:,} image files ({classes})"
+
+    def decode_index(self, index: tf.Tensor) -> tf.Tensor:
+        """Example `index` -> uint8 [H, W, C]. Traced."""
+        d = self.decoding
+        return images_lib.decode(tf.io.read_file(tf.gather(tf.constant(self.paths), index)), d.size,
+                                 d.channels, d.resize)
+
+    def head(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        k = min(k, self.num_examples)
+        ds = tf.data.Dataset.range(k).map(self.decode_index, num_parallel_calls=tf.data.AUTOTUNE,
+                                          deterministic=True).batch(max(k, 1))
+        images = next(iter(ds)).numpy()
+        return images, (self.labels[:k] if self.labels is not None else None)
+
+    def find_bad(self, indices) -> tuple[str, str] | None:
+        """The first of `indices` whose file does not decode: (path, reason)."""
+        d = self.decoding
+        for i in indices:
+            path = self.paths[int(i)]
+            try:
+                images_lib.decode(tf.io.read_file(path), d.size, d.channels, d.resize)
+            except (tf.errors.OpError, ValueError) as e:
+                return path, str(getattr(e, "message", e)).splitlines()[0]
+        return None
+
+
+def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
+                bad_images: str) -> tuple[FolderSource, dict[str, str], int]:
+    """Lists, slices and checks one folder split (`spec`, e.g. 'train[:90%]').
+
+    Returns:
+      (source, {skipped path: reason}, number of images smaller than the output size).
+    Raises:
+      DataError: no images, or bad files with --bad_images=error.
+    """
+    from core.data import parse_split
+
+    roots = folder_splits(data_dir)
+    name = spec.split("[", 1)[0].strip()
+    if name not in roots:
+        raise ConfigError(f"split {spec!r}: {data_dir} has the splits {', '.join(roots)} "
+                          "(train/, test/ or validation/ subfolders make splits; without them "
+                          "the whole folder is 'train', sliced like 'train[:90%]')")
+    split_root = roots[name]
+    paths, others = list_images(split_root)
+    if not paths:
+        what = (f"only files ending {', '.join(others[:8])}" if others else "no files at all")
+        raise DataError(f"--data_dir={data_dir}: {split_root} holds no images ({what}); "
+                        f"tapeloop reads {', '.join(images_lib.EXTENSIONS)} files, recursively")
+    labels, class_names = class_labels(split_root, paths)
+    _, sl = parse_split(spec, {name: len(paths)})
+    picked = range(len(paths))[sl]
+    paths = [paths[i] for i in picked]
+    labels = labels[list(picked)] if labels is not None else None
+    if not paths:
+        raise ConfigError(f"split {spec!r} of {data_dir} is empty: widen the slice")
+    start = time.monotonic()
+    infos, bad = scan(paths)
+    logging.info("checked %d image files of %s in %.1f s", len(paths), spec,
+                 time.monotonic() - start)
+    if bad and bad_images == "error":
+        first = next(iter(bad))
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise DataError(f"{first} is {bad[first]}{more}: replace or remove it, or pass "
+                        "--bad_images=skip to train without it")
+    if bad:
+        keep = [i for i, p in enumerate(paths) if p not in bad]
+        paths, infos = [paths[i] for i in keep], [infos[i] for i in keep]
+        labels = labels[keep] if labels is not None else None
+        logging.warning("--bad_images=skip: skipping %d of %d files of %s that cannot be "
+                        "decoded", len(bad), len(bad) + len(paths), spec)
+        if not paths:
+            raise DataError(f"every file of {spec} in {data_dir} is undecodable")
+    first = infos[0]
+    size = tuple(image_size) if image_size else (first.height, first.width)
+    decoding = Decoding(size, channels or first.channels, resize)
+    smaller = sum(1 for i in infos if i.height < size[0] or i.width < size[1])
+    return FolderSource(spec, paths, labels, class_names, decoding), bad, smaller
+
+
+# ---------------------------------------------------------------- tfrecord
+def _has_glob(path: str) -> bool:
+    return any(c in path for c in _GLOB_CHARS)
+
+
+def shard_files(data_dir: str, split: str) -> list[str]:
+    """The sorted `split-*` shards in `data_dir` (a folder, or a glob pattern of shards)."""
+    if not data_dir:
+        raise ConfigError("--dataset=tfrecord needs --data_dir=FOLDER with train-* and test-* "
+                          "shards (python -m core.prepare writes them)")
+    if _has_glob(data_dir):
+        files = sorted(f for f in tf.io.gfile.glob(data_dir)
+                       if os.path.basename(f).startswith(f"{split}-"))
+        if not tf.io.gfile.glob(data_dir):
+            raise DataError(f"--data_dir={data_dir} matches no files: check the pattern")
+    else:
+        if not tf.io.gfile.isdir(data_dir):
+            raise DataError(f"--data_dir={data_dir} is not a folder: give the folder of the "
+                            "TFRecord shards (python -m core.prepare writes them)")
+        files = sorted(tf.io.gfile.glob(os.path.join(data_dir, f"{split}-*")))
+    if not files:
+        raise DataError(f"--data_dir={data_dir} has no {split}-* TFRecord shards: write them "
+                        "with python -m core.prepare, or name the split's files "
+                        f"{split}-00000-of-00001 and so on")
+    return files
+
+
+def _compression(path: str) -> str:
+    with tf.io.gfile.GFile(path, "rb") as f:
+        return "GZIP" if f.read(2) == b"\x1f\x8b" else ""
+
+
+def read_info(data_dir: str) -> dict | None:
+    folder = os.path.dirname(data_dir) if _has_glob(data_dir) else data_dir
+    path = os.path.join(folder, INFO_FILE)
+    if not tf.io.gfile.exists(path):
+        return None
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            return json.load(f)
+    except (ValueError, tf.errors.OpError) as e:
+        raise DataError(f"{path} is not readable JSON ({e}): delete it, and the shards are "
+                        "counted at start-up") from None
+
+
+class TFRecordSource:
+    """One split of TFRecord shards of tf.train.Example: streamed, never indexed."""
+
+    kind = "tfrecord"
+    indexable = False
+
+    def __init__(self, name: str, files: list[str], counts: list[int], compression: str,
+                 decoding: Decoding):
+        self.name = name
+        self.files = files
+        self.counts = counts
+        self.compression = compression
+        self.decoding = decoding
+        self.image_shape = decoding.image_shape
+        self.num_examples = int(sum(counts))
+        self.labels = None  # read with the records (head)
+
+    def describe(self) -> str:
+        gz = ", GZIP" if self.compression else ""
+        return f"{self.num_examples:,} examples in {len(self.files)} TFRecord shard(s){gz}"
+
+    def records(self, files) -> tf.data.Dataset:
+        return tf.data.TFRecordDataset(files, compression_type=self.compression)
+
+    def decode_record(self, record: tf.Tensor) -> tf.Tensor:
+        """A serialized Example -> uint8 [H, W, C]. Traced."""
+        d = self.decoding
+        features = tf.io.parse_single_example(record, FEATURES)
+        return images_lib.decode(features["image/encoded"], d.size, d.channels, d.resize)
+
+    def head(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        ds = self.records(self.files).take(k)
+        labels = np.array([int(tf.io.parse_single_example(r, FEATURES)["image/class/label"])
+                           for r in ds], np.int64)
+        images = np.stack([self.decode_record(r).numpy() for r in ds])
+        return images, (labels if len(labels) and (labels >= 0).all() else None)
+
+
+def _count_records(files: list[str], compression: str) -> list[int]:
+    counts = []
+    for path in files:
+        try:
+            counts.append(int(tf.data.TFRecordDataset(path, compression_type=compression)
+                              .reduce(np.int64(0), lambda n, _: n + 1)))
+        except tf.errors.OpError as e:
+            raise DataError(f"{path} is not a readable TFRecord file ({e.message.splitlines()[0]}):"
+                            " write the shards again with python -m core.prepare") from None
+    return counts
+
+
+def open_tfrecord(data_dir: str, spec: str, split: str, sl: slice, image_size, channels,
+                  resize: str) -> TFRecordSource:
+    """Finds, checks and counts one split's shards.
+
+    Raises:
+      DataError: no shards, truncated or unreadable shards, records without images.
+    """
+    if sl != slice(None):
+        raise ConfigError(f"split {spec!r}: TFRecord splits cannot be sliced (records are "
+                          f"streamed, not indexed): use --train_split={split}, or write the "
+                          "slice as its own shards with python -m core.prepare")
+    files = shard_files(data_dir, split)
+    compression = _compression(files[0])
+    info = read_info(data_dir)
+    known = {os.path.basename(s["file"]): s for s in (info or {}).get("shards", [])}
+    if all(os.path.basename(f) in known for f in files):
+        counts = []
+        for path in files:
+            shard = known[os.path.basename(path)]
+            size = tf.io.gfile.stat(path).length
+            if size != shard["bytes"]:
+                raise DataError(f"{path} has {size:,} bytes, but {INFO_FILE} says {shard['bytes']:,}"
+                                ": the shard is truncated or was rewritten; write it again with "
+                                "python -m core.prepare")
+            counts.append(int(shard["examples"]))
+    else:
+        start = time.monotonic()
+        counts = _count_records(files, compression)
+        logging.info("counted %d records in %d shards of %s in %.1f s (no %s beside them)",
+                     sum(counts), len(files), split, time.monotonic() - start, INFO_FILE)
+    first = None
+    for path in files:  # every shard's first record must hold an image
+        try:
+            record = next(iter(tf.data.TFRecordDataset(path, compression_type=compression)), None)
+        except tf.errors.OpError as e:
+            raise DataError(f"{path} is not a readable TFRecord file ({e.message.splitlines()[0]})"
+                            ": write the shards again with python -m core.prepare") from None
+        if record is None:
+            continue
+        example = tf.train.Example.FromString(record.numpy())
+        keys = sorted(example.features.feature)
+        if "image/encoded" not in keys:
+            raise DataError(f"{path}: its examples have no image/encoded feature (they have "
+                            f"{', '.join(keys) or 'none'}): write them with python -m core.prepare")
+        first = first or example
+    if first is None or not sum(counts):
+        raise DataError(f"the {split}-* shards in {data_dir} hold no examples")
+    decoded = tf.io.decode_image(first.features.feature["image/encoded"].bytes_list.value[0],
+                                 channels=0, expand_animations=False)
+    h, w, c = decoded.shape
+    size = tuple(image_size) if image_size else (h, w)
+    decoding = Decoding(size, channels or (1 if c in (1, 2) else 3), resize)
+    return TFRecordSource(spec, files, counts, compression, decoding)
