@@ -16,6 +16,9 @@ import json
 import os
 import re
 import socket
+import threading
+import time
+import uuid
 
 from absl import logging
 from google.protobuf import text_format
@@ -265,21 +268,32 @@ class Checkpointer:
 
 
 class ModelDirLock:
-    """One live run per model dir: an exclusive flock on `<model_dir>/.lock`.
+    """One live run per model dir, held in `<model_dir>/.lock`.
 
-    The kernel releases a flock when its process dies, however it dies, so a lock
-    file left by a crashed run is free to take; we say so in the log. A lock needs a
-    local filesystem: on one without flock (object stores) the run goes on unlocked.
+    On a local filesystem: an exclusive flock. The kernel releases a flock when its
+    process dies, however it dies, so a lock file left by a crashed run is free to
+    take; we say so in the log.
+
+    Elsewhere (gs://, s3://, ram://: no flock): a lease. The file names its owner and
+    a heartbeat time that a thread renews every HEARTBEAT_SECS; a lease not renewed
+    for LEASE_SECS belongs to a dead run and is taken over. Object stores have no
+    atomic create-if-absent through tf.io.gfile, so two runs started within the same
+    moment can both win; the lease is read back after writing it, which catches a
+    writer that raced us by more than that read.
     """
+
+    HEARTBEAT_SECS = 30.0
+    LEASE_SECS = 120.0
 
     def __init__(self, model_dir: str):
         self.path = os.path.join(model_dir, ".lock")
         self.fd = None
+        self.owner = f"pid {os.getpid()} on {socket.gethostname()} ({uuid.uuid4().hex[:8]})"
+        self._stop = None
 
     def acquire(self) -> None:
         if "://" in self.path:
-            logging.warning("%s is not on a local filesystem: no lock against a second run",
-                            os.path.dirname(self.path))
+            self._acquire_lease()
             return
         import fcntl  # POSIX only, and local by nature
 
@@ -304,7 +318,54 @@ class ModelDirLock:
         os.fsync(fd)
         self.fd = fd
 
+    def _read_lease(self) -> dict | None:
+        try:
+            with tf.io.gfile.GFile(self.path) as f:
+                return json.loads(f.read())
+        except (tf.errors.NotFoundError, ValueError):
+            return None
+
+    def _write_lease(self) -> None:
+        if self.path.startswith("ram://") and tf.io.gfile.exists(self.path):
+            tf.io.gfile.remove(self.path)  # ram:// appends on "w" (TensorFlow 2.21)
+        with tf.io.gfile.GFile(self.path, "w") as f:
+            f.write(json.dumps({"owner": self.owner, "heartbeat": time.time()}))
+
+    def _acquire_lease(self) -> None:
+        lease = self._read_lease()
+        if lease and lease.get("owner") != self.owner:
+            age = time.time() - float(lease.get("heartbeat", 0))
+            if age < self.LEASE_SECS:
+                raise CheckpointError(
+                    f"--model_dir={os.path.dirname(self.path)} is in use by a live run "
+                    f"({lease.get('owner')}, heartbeat {age:.0f} s ago): wait for it to finish, "
+                    "stop it, or choose another --model_dir")
+            logging.warning("taking over the lease of a run whose heartbeat stopped %.0f s ago "
+                            "(%s)", age, lease.get("owner"))
+        self._write_lease()
+        lease = self._read_lease()
+        if not lease or lease.get("owner") != self.owner:
+            raise CheckpointError(
+                f"--model_dir={os.path.dirname(self.path)} was taken by another run starting "
+                f"at the same moment ({(lease or {}).get('owner')}): choose another --model_dir")
+        self._stop = threading.Event()
+        threading.Thread(target=self._heartbeat, args=(self._stop,), daemon=True,
+                         name="lease-heartbeat").start()
+
+    def _heartbeat(self, stop: threading.Event) -> None:
+        while not stop.wait(self.HEARTBEAT_SECS):
+            try:
+                self._write_lease()
+            except tf.errors.OpError as e:  # transient: the next beat tries again
+                logging.warning("could not renew the lease %s: %s", self.path, e.message)
+
     def release(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
+            self._stop = None
+            lease = self._read_lease()
+            if lease and lease.get("owner") == self.owner:
+                tf.io.gfile.remove(self.path)
         if self.fd is not None:
             import fcntl
 

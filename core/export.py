@@ -12,6 +12,7 @@ Signatures (N is any batch size; H, W, C the image shape; h, w, c the code's):
 from __future__ import annotations
 
 import os
+import tempfile
 
 import tensorflow as tf
 
@@ -40,12 +41,24 @@ def export_saved_model(model, image_shape, export_dir: str) -> str:
     """Writes the SavedModel to `export_dir` (which must not exist yet); returns it."""
     code_shape = tuple(model.encode(tf.zeros((1, *image_shape))).shape[1:])
     module = _Serving(model, tuple(image_shape), code_shape)
-    tmp = export_dir + ".tmp"
+    signatures = {"encode": module.encode, "decode": module.decode,
+                  "reconstruct": module.reconstruct, "serving_default": module.reconstruct}
     tf.io.gfile.makedirs(os.path.dirname(export_dir))
+    if "://" in export_dir:
+        # Object stores (and ram://) cannot rename a folder: save locally, copy the files,
+        # saved_model.pb last, so a loader never finds it without its variables.
+        with tempfile.TemporaryDirectory() as local:
+            tf.saved_model.save(module, local, signatures=signatures)
+            files = [os.path.relpath(os.path.join(d, f), local)
+                     for d, _, names in os.walk(local) for f in names]
+            for rel in sorted(files, key=lambda r: r == "saved_model.pb"):
+                tf.io.gfile.makedirs(os.path.dirname(os.path.join(export_dir, rel)))
+                tf.io.gfile.copy(os.path.join(local, rel), os.path.join(export_dir, rel),
+                                 overwrite=True)
+        return export_dir
+    tmp = export_dir + ".tmp"
     if tf.io.gfile.exists(tmp):
         tf.io.gfile.rmtree(tmp)
-    tf.saved_model.save(module, tmp, signatures={
-        "encode": module.encode, "decode": module.decode, "reconstruct": module.reconstruct,
-        "serving_default": module.reconstruct})
+    tf.saved_model.save(module, tmp, signatures=signatures)
     tf.io.gfile.rename(tmp, export_dir)  # a half-written export never has the final name
     return export_dir

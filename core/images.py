@@ -19,11 +19,13 @@ the run starts, not in the middle of an epoch.
 from __future__ import annotations
 
 import dataclasses
+import io
 
 import tensorflow as tf
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 RESIZE_MODES = ("crop", "pad", "stretch")
+_HEAD_BYTES = 1 << 16  # enough for the header of almost every file
 _TRAILERS = {"JPEG": (b"\xff\xd9",), "PNG": (b"IEND\xaeB`\x82",), "GIF": (b";",)}
 
 
@@ -42,26 +44,38 @@ class BadImage(Exception):
     """One file cannot be used; the message says why."""
 
 
+def _identify(head: bytes) -> tuple[str, str, tuple[int, int]]:
+    """(format, mode, (width, height)) from the first bytes of a file, by Pillow."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(head)) as im:
+            return im.format, im.mode, im.size
+    except UnidentifiedImageError:
+        raise BadImage("not an image (Pillow cannot identify it)") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise BadImage(f"a truncated or damaged image ({e})") from None
+
+
 def check_file(path: str) -> FileInfo:
     """Reads the header and the end of `path` (through tf.io.gfile).
 
     Raises:
       BadImage: unreadable, empty, not an image, an unsupported format, or truncated.
     """
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with tf.io.gfile.GFile(path, "rb") as f:
             size = f.size()
             if size == 0:
                 raise BadImage("an empty (zero-byte) file")
+            head = f.read(min(size, _HEAD_BYTES))
             try:
-                with Image.open(f) as im:
-                    fmt, mode, (width, height) = im.format, im.mode, im.size
-            except UnidentifiedImageError:
-                raise BadImage("not an image (Pillow cannot identify it)") from None
-            except (OSError, SyntaxError, ValueError) as e:
-                raise BadImage(f"a damaged header ({e})") from None
+                fmt, mode, (width, height) = _identify(head)
+            except BadImage:
+                if size <= len(head):
+                    raise
+                f.seek(0)  # the header is longer than we read (large EXIF or ICC data)
+                fmt, mode, (width, height) = _identify(f.read())
             if fmt == "MPO":  # a JPEG with extra frames (many cameras write these)
                 fmt = "JPEG"
             if fmt not in ("JPEG", "PNG", "BMP", "GIF"):
@@ -73,8 +87,7 @@ def check_file(path: str) -> FileInfo:
                 if not tail.endswith(trailers):
                     raise BadImage(f"a truncated {fmt} (it does not end with the {fmt} end marker)")
             elif fmt == "BMP":
-                f.seek(2)
-                declared = int.from_bytes(f.read(4), "little")
+                declared = int.from_bytes(head[2:6], "little")
                 if declared and size < declared:
                     raise BadImage(f"a truncated BMP ({size} of {declared} bytes)")
     except tf.errors.PermissionDeniedError:

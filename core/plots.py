@@ -12,6 +12,18 @@ import numpy as np  # noqa: E402
 MAX_COLUMNS = 16  # wider grids wrap into bands of rows
 
 
+def _save(fig, path: str) -> None:
+    """PNG through tf.io.gfile, so gs:// and ram:// model dirs get their figures."""
+    import io
+
+    import tensorflow as tf
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(buffer.getvalue())
+
+
 def wrap_rows(rows: list[np.ndarray], labels: list[str],
               columns: int = MAX_COLUMNS) -> tuple[list[np.ndarray], list[str]]:
     """Cuts rows of n images into bands of at most `columns`, keeping each band's rows
@@ -50,7 +62,7 @@ def reconstruction_grid(path: str, rows: list[np.ndarray], labels: list[str], ti
         axes[r, 0].set_ylabel(label, fontsize=11)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -70,7 +82,7 @@ def training_curves(path: str, train: list[tuple[int, float]], evals: list[tuple
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -99,7 +111,7 @@ def latent_space(path: str, codes: np.ndarray, labels: np.ndarray, title: str) -
     ax.set_title(title, fontsize=10)
     ax.legend(title="label", markerscale=4, fontsize=8, loc="best")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
     return path
 
@@ -138,6 +150,6 @@ def interpolation_strip(path: str, images: np.ndarray, title: str) -> str:
             ax.set_xlabel(f"t={(i - 1) / (n - 3):.2f}" if n > 3 else "", fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    _save(fig, path)
     plt.close(fig)
     return path

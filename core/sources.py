@@ -66,7 +66,7 @@ def folder_splits(data_dir: str) -> dict[str, str]:
                         "your images")
     present = {name: os.path.join(data_dir, name) for name in SPLIT_FOLDERS
                if tf.io.gfile.isdir(os.path.join(data_dir, name))}
-    if "train" in present and len(present) > 1:
+    if "train" in present:  # train/ alone: sliced 90/10 like a flat folder
         return present
     return {"train": data_dir}
 

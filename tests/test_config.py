@@ -15,7 +15,7 @@ BAD = [
     (dict(learning_rate=float("nan")), r"--learning_rate=nan"),
     (dict(steps_per_loop=0), r"--steps_per_loop=0"),
     (dict(train_split="train[::2]"), r"--train_split='train\[::2\]'"),
-    (dict(eval_split="validation"), r"--eval_split='validation'"),
+    (dict(eval_split="test[::2]"), r"--eval_split='test\[::2\]'"),
     (dict(eager=True, jit_compile=True), r"--eager and --jit_compile"),
     (dict(encoder_filters=(8, 0)), r"--encoder_filters"),
 ]

@@ -1,0 +1,419 @@
+"""Your own images: folders and TFRecord shards, decoded by the real decoders from real
+files the tests write; their order, resume, sharding, and remote (ram://) storage."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+import core
+from core import data, images, prepare, sources
+from core.checkpoints import ModelDirLock
+from core.config import Config
+from core.errors import CheckpointError, ConfigError, DataError
+
+
+def colour_images(n, h=24, w=32, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (n, 1, 1, 3))
+    ramp = np.linspace(0, 60, w, dtype=np.int64)[None, None, :, None]
+    return np.clip(base + ramp + rng.integers(-8, 9, (n, h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def save(path, array, fmt=None, mode=None):
+    """Writes `array` (H, W, 3) as a real image file, through gfile (so ram:// works)."""
+    img = Image.fromarray(array)
+    if mode:
+        img = img.convert(mode)
+    buffer = io.BytesIO()
+    img.save(buffer, fmt or os.path.splitext(path)[1][1:].upper().replace("JPG", "JPEG"))
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    with tf.io.gfile.GFile(path, "wb") as f:
+        f.write(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def png_tree(root, splits=(("train", 40), ("test", 12)), classes=("cat", "dog"), seed=0):
+    """train/<class>/NNN.png ... : lossless, so decoded pixels are known exactly."""
+    out = {}
+    for split, n in splits:
+        arrays = colour_images(n, seed=seed + len(split))
+        for i, a in enumerate(arrays):
+            save(os.path.join(root, split, classes[i % len(classes)], f"{i:03d}.png"), a)
+        out[split] = arrays
+    return out
+
+
+def _first_batches(ds, k):
+    return [b.numpy() for b in ds.take(k)]
+
+
+# ------------------------------------------------------------------ folders
+def test_folder_splits_labels_and_sorted_order(tmp_path):
+    arrays = png_tree(str(tmp_path))
+    opened = data.open_split("train", "folder", str(tmp_path))
+    src = opened.source
+    assert src.num_examples == 40 and src.image_shape == (24, 32, 3)
+    assert src.class_names == ["cat", "dog"]
+    # Sorted paths: cat/000, cat/002, ..., dog/001, ...; labels from the first folder level.
+    names = [os.path.relpath(p, tmp_path) for p in src.paths]
+    assert names == sorted(names) and names[0] == os.path.join("train", "cat", "000.png")
+    np.testing.assert_array_equal(src.labels, [0] * 20 + [1] * 20)
+    head, labels = src.head(3)
+    np.testing.assert_array_equal(head, arrays["train"][[0, 2, 4]])  # PNG: exact pixels
+    assert sources.default_splits("folder", str(tmp_path)) == ("train", "test")
+
+
+def test_a_flat_folder_is_train_sliced_90_10(tmp_path):
+    for i, a in enumerate(colour_images(20)):
+        save(str(tmp_path / f"img{i:02d}.jpg"), a)
+    assert sources.default_splits("folder", str(tmp_path)) == ("train[:90%]", "train[90%:]")
+    train = data.open_split("train[:90%]", "folder", str(tmp_path)).source
+    held = data.open_split("train[90%:]", "folder", str(tmp_path)).source
+    assert (train.num_examples, held.num_examples) == (18, 2)
+    assert not set(train.paths) & set(held.paths)
+    assert train.labels is None  # unlabelled: fine
+    with pytest.raises(ConfigError, match="has the splits train"):
+        data.open_split("test", "folder", str(tmp_path))
+
+
+@pytest.mark.parametrize("fmt,mode", [("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "P"),
+                                      ("PNG", "L"), ("JPEG", "RGB"), ("JPEG", "L"),
+                                      ("JPEG", "CMYK"), ("BMP", "RGB"), ("GIF", "P")])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_every_format_and_mode_decodes_to_the_requested_channels(tmp_path, fmt, mode, channels):
+    a = colour_images(1, 30, 40)[0]
+    raw = save(str(tmp_path / f"x.{fmt.lower()}"), a, fmt, mode)
+    info = images.check_file(str(tmp_path / f"x.{fmt.lower()}"))
+    assert (info.height, info.width, info.format) == (30, 40, fmt)
+    out = images.decode(tf.constant(raw), (30, 40), channels).numpy()
+    assert out.shape == (30, 40, channels) and out.dtype == np.uint8
+    if channels == 3 and fmt in ("PNG", "BMP") and mode == "RGB":
+        np.testing.assert_array_equal(out, a)  # lossless and unresized: the same pixels
+    if mode == "RGB" and fmt != "JPEG":  # colour survives: not greyscale in disguise
+        assert channels == 1 or np.abs(out[..., 0].astype(int) - out[..., 2]).max() > 10
+
+
+def test_resize_modes_crop_pad_stretch():
+    # 40x80: red left and right quarters, blue middle half.
+    a = np.zeros((40, 80, 3), np.uint8)
+    a[:, :20, 0] = a[:, 60:, 0] = 255
+    a[:, 20:60, 2] = 255
+    crop = images.fit(tf.constant(a), (16, 16), "crop").numpy()
+    assert crop[..., 2].min() > 200 and crop[..., 0].max() < 60  # the centre square: blue
+    pad = images.fit(tf.constant(a), (16, 16), "pad").numpy()
+    assert pad[:3].max() == 0 and pad[-3:].max() == 0  # black bars above and below
+    assert pad[8, 1, 0] > 200 and pad[8, 8, 2] > 200  # the whole image, squeezed in
+    stretch = images.fit(tf.constant(a), (16, 16), "stretch").numpy()
+    assert stretch[:, 0, 0].min() > 200 and stretch[:, 8, 2].min() > 200  # edges stay red
+    same = images.fit(tf.constant(a), (40, 80), "crop").numpy()
+    np.testing.assert_array_equal(same, a)  # the right size: untouched
+    up = images.fit(tf.constant(a[:10, :10]), (20, 20), "crop").numpy()
+    assert up.shape == (20, 20, 3)
+
+
+def test_folder_images_are_resized_and_smaller_ones_counted(tmp_path):
+    save(str(tmp_path / "a" / "big.png"), colour_images(1, 60, 90)[0])
+    save(str(tmp_path / "a" / "small.png"), colour_images(1, 10, 12)[0])
+    opened = data.open_split("train", "folder", str(tmp_path), image_size=(32, 32), channels=1)
+    assert opened.source.image_shape == (32, 32, 1) and opened.upscaled == 1
+    head, _ = opened.source.head(2)
+    assert head.shape == (2, 32, 32, 1)
+
+
+def test_folder_pipeline_is_the_in_memory_pipeline_batch_for_batch(tmp_path):
+    """Order = f(seed, epoch) for files too: the same batches as the same images held in
+    memory, from the start and resumed mid-epoch, and under 2 pipelines of 2 replicas."""
+    arrays = png_tree(str(tmp_path), splits=(("train", 40),), classes=("only",))
+    src = data.open_split("train", "folder", str(tmp_path)).source
+    memory = data.materialize(src)
+    np.testing.assert_array_equal(memory.images, arrays["train"])
+    for start in (0, 7):
+        a = _first_batches(data.train_dataset(src, 8, seed=3, start_step=start), 9)
+        b = _first_batches(data.train_dataset(memory.images, 8, seed=3, start_step=start), 9)
+        for x, y in zip(a, b):
+            np.testing.assert_array_equal(x, y)
+    ctx = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1,
+                                     num_replicas_in_sync=4)
+    a = _first_batches(data.train_dataset(src, 8, 3, 0, ctx), 4)
+    b = _first_batches(data.train_dataset(memory.images, 8, 3, 0, ctx), 4)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+        assert x.shape == (2, 24, 32, 3)
+
+
+@pytest.mark.parametrize("kind", ["folder", "tfrecord"])
+def test_eval_sees_every_example_once_with_padding_and_noise(tmp_path, kind):
+    arrays = png_tree(str(tmp_path / "imgs"), splits=(("train", 8), ("test", 13)))
+    if kind == "tfrecord":
+        prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "shards"), shards=3)
+    src = data.open_split("test", kind, str(tmp_path / ("imgs" if kind == "folder" else "shards")))
+    src = src.source
+    # Folder order is sorted paths (cat/ then dog/); prepare keeps that order.
+    expected = data.materialize(src).images
+    assert sorted(map(bytes, expected)) == sorted(map(bytes, arrays["test"]))
+    for ctx, batch in ((None, 4), (tf.distribute.InputContext(2, 0, 2), 4),
+                       (tf.distribute.InputContext(2, 1, 2), 4)):
+        seen, weights = [], []
+        for inputs, targets, w in data.eval_dataset(src, batch, ctx, noise_factor=0.3, seed=2):
+            seen.append(np.rint(targets.numpy() * 255).astype(np.uint8))
+            weights.append(w.numpy())
+            assert not np.allclose(inputs.numpy(), targets.numpy())
+        seen, weights = np.concatenate(seen), np.concatenate(weights)
+        real = seen[weights > 0]
+        if ctx is None:
+            np.testing.assert_array_equal(real, expected)
+            assert weights.sum() == 13 and len(weights) == 16
+        else:  # pipeline i holds replica i's slice of every global batch
+            rows = np.arange(16).reshape(4, 2, 2)[:, ctx.input_pipeline_id].ravel()
+            np.testing.assert_array_equal(real, expected[rows[rows < 13]])
+    noisy = data.noisy_copy(expected[:4], 0.3, 2)
+    first = next(iter(data.eval_dataset(src, 4, None, noise_factor=0.3, seed=2)))[0].numpy()
+    np.testing.assert_allclose(first, noisy, atol=1e-6)  # figures show what eval scored
+
+
+# ---------------------------------------------------------------- tfrecord
+def prepare_shards(data_dir, output_dir, shards=2, extra=()):
+    from absl import flags
+
+    argv = ["prepare", "--dataset=folder", f"--data_dir={data_dir}", f"--output_dir={output_dir}",
+            f"--shards={shards}", *extra]
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(argv)
+    try:
+        return prepare.main(argv)
+    finally:
+        flags.FLAGS.unparse_flags()
+
+
+def test_prepare_writes_model_garden_examples_that_read_back_exactly(tmp_path, capsys):
+    arrays = png_tree(str(tmp_path / "imgs"))
+    assert prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "out"), shards=3) == 0
+    summary = capsys.readouterr().out
+    assert "wrote 52 images (24x32x3) in 6 shards" in summary and "MB" in summary
+    files = sorted(os.listdir(tmp_path / "out"))
+    assert files[:3] == ["dataset_info.json", "test-00000-of-00003", "test-00001-of-00003"]
+    record = next(iter(tf.data.TFRecordDataset(str(tmp_path / "out" / "train-00000-of-00003"))))
+    feature = tf.train.Example.FromString(record.numpy()).features.feature
+    assert feature["image/format"].bytes_list.value == [b"png"]
+    assert feature["image/height"].int64_list.value == [24]
+    assert feature["image/width"].int64_list.value == [32]
+    assert feature["image/class/label"].int64_list.value == [0]
+    folder = data.open_split("train", "folder", str(tmp_path / "imgs")).source
+    shards = data.open_split("train", "tfrecord", str(tmp_path / "out")).source
+    assert shards.num_examples == 40 and shards.image_shape == (24, 32, 3)
+    back = data.materialize(shards)
+    np.testing.assert_array_equal(back.images, data.materialize(folder).images)
+    np.testing.assert_array_equal(back.labels, folder.labels)
+    # Without dataset_info.json the shards are counted; gzip is found by its magic bytes.
+    assert prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "gz"), 2, ["--gzip"]) == 0
+    os.remove(tmp_path / "gz" / "dataset_info.json")
+    gz = data.open_split("train", "tfrecord", str(tmp_path / "gz")).source
+    assert gz.compression == "GZIP" and gz.num_examples == 40
+    np.testing.assert_array_equal(data.materialize(gz).images, back.images)
+    # A pattern as --data_dir.
+    pattern = data.open_split("test", "tfrecord", str(tmp_path / "out" / "*-of-*")).source
+    assert pattern.num_examples == 12
+
+
+def test_tfrecord_order_is_a_function_of_seed_and_epoch_and_resumes_exactly(tmp_path):
+    png_tree(str(tmp_path / "imgs"), splits=(("train", 48), ("test", 4)), classes=("a",))
+    prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "out"), shards=4)
+    src = data.open_split("train", "tfrecord", str(tmp_path / "out")).source
+    whole = _first_batches(data.train_dataset(src, 8, seed=5), 18)  # 3 epochs of 6
+    again = _first_batches(data.train_dataset(src, 8, seed=5), 18)
+    resumed = _first_batches(data.train_dataset(src, 8, seed=5, start_step=8), 10)
+    for x, y in zip(whole, again):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(whole[8:], resumed):
+        np.testing.assert_array_equal(x, y)
+
+    def keys(batches):
+        return [bytes(np.rint(im * 255).astype(np.uint8)) for b in batches for im in b]
+
+    epochs = [keys(whole[i:i + 6]) for i in (0, 6, 12)]
+    assert all(len(set(e)) == 48 for e in epochs)  # each epoch: every example once
+    assert epochs[0] != epochs[1] != epochs[2]  # reshuffled every epoch
+    other = keys(_first_batches(data.train_dataset(src, 8, seed=6), 6))
+    assert other != epochs[0]
+    # Two workers read disjoint shards.
+    parts = [keys(_first_batches(data.train_dataset(
+        src, 8, 5, 0, tf.distribute.InputContext(2, i, 2)), 6)) for i in (0, 1)]
+    assert not set(parts[0]) & set(parts[1])
+
+
+# ------------------------------------------------------------ bad input
+def _bad_folder(tmp_path, name, content):
+    folder = tmp_path / name
+    save(str(folder / "good.png"), colour_images(1)[0])
+    path = folder / "bad.png"
+    if callable(content):
+        content(path)
+    else:
+        path.write_bytes(content)
+    return folder, path
+
+
+def _png_bytes():
+    buffer = io.BytesIO()
+    Image.fromarray(colour_images(1)[0]).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _jpeg_bytes(h=24, w=32):
+    buffer = io.BytesIO()
+    Image.fromarray(colour_images(1, h, w)[0]).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("case,content,match", [
+    ("zero_byte", b"", "empty"),
+    ("not_an_image", b"hello, I am text\n" * 20, "not an image"),
+    ("truncated_png", _png_bytes()[:300], "truncated PNG"),
+    ("truncated_jpeg", _jpeg_bytes()[:400], "truncated"),
+    ("truncated_jpeg_body", _jpeg_bytes(200, 200)[:-200], "truncated JPEG .it does not end"),
+    ("dangling_link", lambda p: os.symlink("/nonexistent/file.png", p), "not readable"),
+])
+def test_bad_files_are_named_up_front_or_skipped(tmp_path, case, content, match):
+    folder, bad = _bad_folder(tmp_path, case, content)
+    with pytest.raises(DataError, match=rf"{bad} is .*{match}.*--bad_images=skip"):
+        data.open_split("train", "folder", str(folder))
+    opened = data.open_split("train", "folder", str(folder), bad_images="skip")
+    assert opened.source.num_examples == 1 and list(opened.skipped) == [str(bad)]
+
+
+def test_an_unreadable_file_is_named(tmp_path):
+    folder, bad = _bad_folder(tmp_path, "perm", _png_bytes())
+    os.chmod(bad, 0)
+    try:
+        if os.access(bad, os.R_OK):  # root reads anything: a symlink loop no one can read
+            os.chmod(bad, 0o644)
+            bad.unlink()
+            os.symlink(bad.name, bad)
+        with pytest.raises(DataError, match=r"bad.png is not readable"):
+            data.open_split("train", "folder", str(folder))
+    finally:
+        if bad.is_file():
+            os.chmod(bad, 0o644)
+
+
+def test_empty_and_imageless_folders(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="holds no images .no files at all"):
+        data.open_split("train", "folder", str(tmp_path / "empty"))
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("x")
+    (tmp_path / "docs" / "b.tiff").write_bytes(b"II*\x00")
+    with pytest.raises(DataError, match=r"only files ending \.tiff, \.txt.*tapeloop reads \.jpg"):
+        data.open_split("train", "folder", str(tmp_path / "docs"))
+    with pytest.raises(DataError, match="is not a folder"):
+        data.open_split("train", "folder", str(tmp_path / "missing"))
+
+
+def test_bad_shards(tmp_path):
+    png_tree(str(tmp_path / "imgs"), splits=(("train", 20), ("test", 4)))
+    prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "out"), shards=2)
+    shard = tmp_path / "out" / "train-00001-of-00002"
+    whole = shard.read_bytes()
+    shard.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(DataError, match=r"train-00001-of-00002 has .* bytes, but dataset_info"):
+        data.open_split("train", "tfrecord", str(tmp_path / "out"))
+    os.remove(tmp_path / "out" / "dataset_info.json")  # counting finds it too
+    with pytest.raises(DataError, match=r"train-00001-of-00002 is not a readable TFRecord"):
+        data.open_split("train", "tfrecord", str(tmp_path / "out"))
+    other = tmp_path / "nokey"
+    other.mkdir()
+    with tf.io.TFRecordWriter(str(other / "train-00000-of-00001")) as w:
+        w.write(tf.train.Example(features=tf.train.Features(feature={
+            "image/raw": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"x"]))}))
+            .SerializeToString())
+    with pytest.raises(DataError, match=r"no image/encoded feature \(they have image/raw\)"):
+        data.open_split("train", "tfrecord", str(other))
+    with pytest.raises(DataError, match="matches no files"):
+        data.open_split("train", "tfrecord", str(tmp_path / "out" / "nothing-*"))
+    with pytest.raises(DataError, match=r"has no validation-\* TFRecord shards"):
+        data.open_split("validation", "tfrecord", str(tmp_path / "out"))
+
+
+def _corrupt_middle(path):
+    """A PNG whose header and IEND are intact but whose pixel data is not: it passes the
+    up-front check and fails only when decoded, as a file damaged mid-run would."""
+    raw = bytearray(path.read_bytes())
+    start = raw.index(b"IDAT") + 8
+    for i in range(start, start + 40):
+        raw[i] ^= 0x5A
+    path.write_bytes(bytes(raw))
+
+
+def test_a_file_that_fails_mid_run_saves_and_names_it_or_is_skipped(tmp_path):
+    png_tree(str(tmp_path / "imgs"), splits=(("train", 32), ("test", 8)))
+    bad = tmp_path / "imgs" / "train" / "dog" / "011.png"
+    _corrupt_middle(bad)
+    images.check_file(str(bad))  # the up-front check cannot see it
+    config = Config(dataset="folder", data_dir=str(tmp_path / "imgs"),
+                    model_dir=str(tmp_path / "run"), epochs=None, train_steps=12, batch_size=8,
+                    steps_per_loop=2, eval_every=100, log_every=100)
+    with pytest.raises(DataError, match=rf"{bad} \(.*\) failed to load at step (\d+); saved "
+                                        r".*ckpt-\1: .*--bad_images=skip") as e:
+        core.run(config)
+    step = int(str(e.value).split("at step ")[1].split(";")[0])
+    assert step < 12 and tf.train.latest_checkpoint(str(tmp_path / "run")).endswith(f"-{step}")
+    result = core.run(config.replace(bad_images="skip"))  # resumes and goes on
+    assert result["step"] == 12
+
+
+def test_cache_memory_and_data_on_device_decode_once(tmp_path):
+    png_tree(str(tmp_path / "imgs"), splits=(("train", 32), ("test", 8)))
+    base = Config(dataset="folder", data_dir=str(tmp_path / "imgs"), epochs=None,
+                  train_steps=4, batch_size=8, eval_every=4)
+    streamed = core.run(base.replace(model_dir=str(tmp_path / "a"), data_on_device=False))
+    cached = core.run(base.replace(model_dir=str(tmp_path / "b"), cache="memory",
+                                   data_on_device=False))
+    on_device = core.run(base.replace(model_dir=str(tmp_path / "c"), data_on_device=True))
+    assert streamed["history"][-1]["loss"] == pytest.approx(cached["history"][-1]["loss"], 1e-5)
+    assert streamed["history"][-1]["loss"] == pytest.approx(on_device["history"][-1]["loss"], 1e-5)
+    saved = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert saved["image_shape"] == [24, 32, 3] and saved["data_on_device"] is True
+
+
+# ------------------------------------------------------------ remote storage
+def test_a_whole_run_on_ram_filesystem(tmp_path):
+    """Data, checkpoints, events, config.json, figures, lock and export through tf.io.gfile."""
+    for split, arrays in (("train", colour_images(32)), ("test", colour_images(8, seed=1))):
+        for i, a in enumerate(arrays):
+            save(f"ram://imgs/{split}/c{i % 2}/{i:02d}.png", a)
+    config = Config(dataset="folder", data_dir="ram://imgs", model_dir="ram://runs/one",
+                    epochs=None, train_steps=4, batch_size=8, eval_every=2)
+    assert core.run(config)["step"] == 4
+    files = set(tf.io.gfile.listdir("ram://runs/one"))
+    assert {"checkpoint", "config.json", "reconstructions.png", "curves.png"} <= files
+    assert any(f.startswith("ckpt-4") for f in files) and ".lock" not in files
+    Image.open(io.BytesIO(tf.io.gfile.GFile("ram://runs/one/reconstructions.png", "rb").read()))
+    assert core.run(config.replace(mode="eval"))["step"] == 4
+    exported = core.run(config.replace(mode="export"))["export_dir"]
+    loaded = tf.saved_model.load(exported)
+    out = loaded.signatures["reconstruct"](images=tf.zeros([1, 24, 32, 3]))["images"]
+    assert out.shape == (1, 24, 32, 3)
+    assert not os.path.exists("ram:")  # nothing leaked onto the local disk
+
+
+def test_remote_lock_is_a_lease_with_a_heartbeat():
+    first = ModelDirLock("ram://leases/run")
+    tf.io.gfile.makedirs("ram://leases/run")
+    first.acquire()
+    try:
+        with pytest.raises(CheckpointError, match="in use by a live run .*heartbeat 0 s ago"):
+            ModelDirLock("ram://leases/run").acquire()
+    finally:
+        first.release()
+    assert not tf.io.gfile.exists("ram://leases/run/.lock")
+    with tf.io.gfile.GFile("ram://leases/run/.lock", "w") as f:  # a dead run's lease
+        f.write(json.dumps({"owner": "pid 1 on gone", "heartbeat": 0}))
+    taker = ModelDirLock("ram://leases/run")
+    taker.acquire()  # stale: taken over
+    assert json.loads(tf.io.gfile.GFile("ram://leases/run/.lock").read())["owner"] == taker.owner
+    taker.release()
