@@ -1,0 +1,148 @@
+"""Your own images from the command line, as a user runs them: train.py on a folder and
+on shards from core.prepare, bad files (exit 3, nothing written), --bad_images=skip, and
+kill -9 then resume, exact on both."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from helpers import ROOT, run_train
+from test_sources import colour_images, png_tree, save
+
+
+def _prepare(*flags):
+    return subprocess.run([sys.executable, "-m", "core.prepare", *flags], capture_output=True,
+                          text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory):
+    """A user's folder: mixed formats and sizes, class subfolders, train/ and test/."""
+    root = tmp_path_factory.mktemp("photos")
+    for split, n in (("train", 96), ("test", 16)):
+        arrays = colour_images(n, 48, 64, seed=len(split))
+        for i, a in enumerate(arrays):
+            ext = ("jpg", "png", "bmp", "gif")[i % 4]
+            if i % 5 == 0:  # some of another size and shape
+                a = np.asarray(Image.fromarray(a).resize((80, 40)))
+            save(str(root / split / ("red" if i % 2 else "blue") / f"{i:03d}.{ext}"), a)
+    return root
+
+
+def test_train_on_a_folder_then_on_its_shards(tmp_path, photo_dir):
+    common = ["--image_size=32,32", "--train_steps=6", "--batch_size=16", "--eval_every=6"]
+    folder = run_train("--dataset=folder", f"--data_dir={photo_dir}",
+                       f"--model_dir={tmp_path / 'folder'}", *common)
+    assert folder.returncode == 0, folder.stderr[-2000:]
+    assert "folder train: 96 image files (2 classes) of 32x32x3" in folder.stderr
+    figure = np.asarray(Image.open(tmp_path / "folder" / "reconstructions.png").convert("RGB"))
+    spread = np.abs(figure[..., 0].astype(int) - figure[..., 2]).max()
+    assert spread > 50  # the figure shows colour
+    assert (tmp_path / "folder" / "latent_space.png").exists()  # labels from the folders
+
+    shards = _prepare("--dataset=folder", f"--data_dir={photo_dir}", "--image_size=32,32",
+                      f"--output_dir={tmp_path / 'shards'}", "--shards=3")
+    assert shards.returncode == 0, shards.stderr[-2000:]
+    assert "wrote 112 images (32x32x3) in 6 shards" in shards.stdout
+    assert "[##############################] 96/96" in shards.stderr  # the progress bar
+    again = _prepare("--dataset=folder", f"--data_dir={photo_dir}",
+                     f"--output_dir={tmp_path / 'shards'}")
+    assert again.returncode == 2 and "already holds shards: pass --overwrite" in again.stderr
+    records = run_train("--dataset=tfrecord", f"--data_dir={tmp_path / 'shards'}",
+                        f"--model_dir={tmp_path / 'records'}", *common[1:])
+    assert records.returncode == 0, records.stderr[-2000:]
+    assert "96 examples in 3 TFRecord shard(s) of 32x32x3" in records.stderr
+    evaluated = run_train("--mode=eval", f"--model_dir={tmp_path / 'records'}")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]  # data and size inherited
+
+
+@pytest.mark.parametrize("case", ["truncated", "empty_folder", "no_match", "missing_dir"])
+def test_bad_data_exits_3_with_one_line_and_writes_nothing(tmp_path, case):
+    data_dir, dataset = tmp_path / "data", "folder"
+    if case == "truncated":
+        save(str(data_dir / "a.png"), colour_images(1)[0])
+        raw = (data_dir / "a.png").read_bytes()
+        (data_dir / "b.png").write_bytes(raw[: len(raw) // 2])
+        expected = "b.png is a truncated"
+    elif case == "empty_folder":
+        data_dir.mkdir()
+        expected = "holds no images (no files at all)"
+    elif case == "no_match":
+        dataset, data_dir = "tfrecord", tmp_path / "train-*.tfrecord"
+        expected = "matches no files"
+    else:
+        expected = "is not a folder"
+    model_dir = tmp_path / "run"
+    proc = run_train(f"--dataset={dataset}", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
+                     "--train_steps=2", "--batch_size=1")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert len(errors) == 1 and expected in errors[0] and "Traceback" not in proc.stderr
+    assert not model_dir.exists()
+
+
+def test_skip_lists_the_skipped_files_in_the_model_dir(tmp_path):
+    for i, a in enumerate(colour_images(12)):
+        save(str(tmp_path / "data" / ("train" if i < 8 else "test") / f"{i}.png"), a)
+    (tmp_path / "data" / "train" / "zero.jpg").write_bytes(b"")
+    (tmp_path / "data" / "train" / "text.png").write_text("not a picture")
+    proc = run_train("--dataset=folder", f"--data_dir={tmp_path / 'data'}", "--bad_images=skip",
+                     f"--model_dir={tmp_path / 'run'}", "--train_steps=2", "--batch_size=4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "skipping 2 of 10 files" in proc.stderr
+    listed = (tmp_path / "run" / "skipped_images.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in listed] == [
+        str(tmp_path / "data" / "train" / "text.png"), str(tmp_path / "data" / "train" / "zero.jpg")]
+
+
+def _model_weights(model_dir):
+    ckpt = tf.train.latest_checkpoint(str(model_dir))
+    reader = tf.train.load_checkpoint(ckpt)
+    return {name: reader.get_tensor(name) for name, _ in tf.train.list_variables(ckpt)
+            if name.startswith("optimizer/_trainable_variables/")}
+
+
+@pytest.mark.parametrize("kind", ["folder", "tfrecord"])
+def test_kill_9_then_resume_is_exact(tmp_path, kind):
+    png_tree(str(tmp_path / "imgs"), splits=(("train", 128), ("test", 8)))
+    data_dir = tmp_path / "imgs"
+    if kind == "tfrecord":
+        assert _prepare("--dataset=folder", f"--data_dir={data_dir}", "--shards=4",
+                        f"--output_dir={tmp_path / 'shards'}").returncode == 0
+        data_dir = tmp_path / "shards"
+    steps = 400
+
+    def flags(model_dir):
+        return [f"--dataset={kind}", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
+                f"--train_steps={steps}", "--batch_size=16", "--steps_per_loop=5",
+                "--checkpoint_every_steps=20", "--eval_every=100000", "--deterministic",
+                "--seed=4"]
+
+    whole = run_train(*flags(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
+                             *flags(tmp_path / "cut")], cwd=ROOT,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not tf.train.latest_checkpoint(str(tmp_path / "cut")):
+        assert proc.poll() is None and time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.05)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    killed_at = int(tf.train.latest_checkpoint(str(tmp_path / "cut")).rsplit("-", 1)[1])
+    assert killed_at < steps, "the run finished before the kill: nothing was tested"
+    resumed = run_train(*flags(tmp_path / "cut"))
+    assert resumed.returncode == 0 and f"(step {killed_at})" in resumed.stderr, resumed.stderr
+    a, b = _model_weights(tmp_path / "whole"), _model_weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and len(a) >= 8
+    assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-6
