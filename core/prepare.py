@@ -21,20 +21,22 @@ import time
 
 from absl import app, flags, logging
 
-FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", None, "What to convert: folder, mnist, fashion_mnist, fontdigits, "
-                    "shapes, synthetic.")
-flags.DEFINE_string("data_dir", None, "The dataset's --data_dir (folder: your images).")
-flags.DEFINE_list("splits", None, "Splits to write (default: every split the dataset has); "
-                  "slices allowed, e.g. train[:90%],train[90%:] (written as train and test).")
-flags.DEFINE_list("image_size", None, "HEIGHT,WIDTH to resize to (default: the first image's).")
-flags.DEFINE_integer("channels", None, "1 or 3 (default: the first image's).")
-flags.DEFINE_enum("resize", "crop", ("crop", "pad", "stretch"), "How images are fitted.")
-flags.DEFINE_enum("bad_images", "error", ("error", "skip"), "Undecodable files: stop, or skip them.")
-flags.DEFINE_string("output_dir", None, "Where the shards go (created; gs:// works).")
-flags.DEFINE_integer("shards", 4, "Shards per split (at least one per worker you will train on).")
-flags.DEFINE_bool("gzip", False, "GZIP-compress the shards.")
-flags.DEFINE_bool("overwrite", False, "Replace shards already in --output_dir.")
+def define_flags() -> None:
+    """The command line's flags (defined only when run as a program, so importing this
+    module beside train.py defines nothing)."""
+    flags.DEFINE_string("dataset", None, "What to convert: folder, mnist, fashion_mnist, fontdigits, "
+                        "shapes, synthetic.")
+    flags.DEFINE_string("data_dir", None, "The dataset's --data_dir (folder: your images).")
+    flags.DEFINE_list("splits", None, "Splits to write (default: every split the dataset has); "
+                      "slices allowed, e.g. train[:90%],train[90%:] (written as train and test).")
+    flags.DEFINE_list("image_size", None, "HEIGHT,WIDTH to resize to (default: the first image's).")
+    flags.DEFINE_integer("channels", None, "1 or 3 (default: the first image's).")
+    flags.DEFINE_enum("resize", "crop", ("crop", "pad", "stretch"), "How images are fitted.")
+    flags.DEFINE_enum("bad_images", "error", ("error", "skip"), "Undecodable files: stop, or skip them.")
+    flags.DEFINE_string("output_dir", None, "Where the shards go (created; gs:// works).")
+    flags.DEFINE_integer("shards", 4, "Shards per split (at least one per worker you will train on).")
+    flags.DEFINE_bool("gzip", False, "GZIP-compress the shards.")
+    flags.DEFINE_bool("overwrite", False, "Replace shards already in --output_dir.")
 
 
 def _feature(value):
@@ -125,69 +127,91 @@ def _split_names(dataset: str, data_dir: str | None) -> list[str]:
     return ["train", "test"]
 
 
-def main(argv) -> int:
-    del argv
+def convert(dataset: str, output_dir: str, data_dir: str | None = None,
+            splits: list[str] | None = None, image_size=None, channels: int | None = None,
+            resize: str = "crop", bad_images: str = "error", shards: int = 4,
+            gzip: bool = False, overwrite: bool = False, progress=_bar) -> dict:
+    """Writes every split of `dataset` (or `splits`) as TFRecord shards in `output_dir`,
+    checking every split before writing anything; returns dataset_info.json's content.
+
+    Raises:
+      ConfigError, DataError: bad arguments or data (nothing is written).
+    """
     import tensorflow as tf
 
     from core import data
     from core.config import DATASETS
-    from core.errors import ConfigError, TapeloopError
+    from core.errors import ConfigError
 
+    if dataset not in DATASETS or dataset == "tfrecord":
+        raise ConfigError(f"--dataset={dataset}: choose one of "
+                          f"{', '.join(d for d in DATASETS if d != 'tfrecord')}")
+    if not output_dir:
+        raise ConfigError("--output_dir is required: the folder the shards go to")
+    if shards < 1:
+        raise ConfigError(f"--shards={shards}: must be >= 1")
+    size = tuple(int(v) for v in image_size) if image_size else None
+    specs = list(splits or _split_names(dataset, data_dir))
+    names = [s.split("[")[0] for s in specs]
+    if len(specs) == 2 and len(set(names)) == 1:  # train[:90%], train[90%:]
+        names = ["train", "test"]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--splits={','.join(specs)}: each split must get its own name")
+    if tf.io.gfile.glob(os.path.join(output_dir, "*-of-*")) and not overwrite:
+        raise ConfigError(f"--output_dir={output_dir} already holds shards: pass --overwrite, or "
+                          "choose another folder")
+    start = time.monotonic()
+    opened = []
+    for spec in specs:  # check everything before writing anything
+        o = data.open_split(spec, dataset, data_dir, image_size=size, channels=channels,
+                            resize=resize, bad_images=bad_images)
+        size = size or o.source.image_shape[:2]  # every split the first split's size
+        channels = channels or o.source.image_shape[2]
+        opened.append(o)
+    tf.io.gfile.makedirs(output_dir)
+    results = [write_split(o.source, name, output_dir, shards, gzip, progress)
+               for o, name in zip(opened, names)]
+    info = {"dataset": dataset, "data_dir": data_dir,
+            "image_shape": list(opened[0].source.image_shape),
+            "class_names": list(getattr(opened[0].source, "class_names", ()) or ()),
+            "compression": "GZIP" if gzip else "",
+            "splits": {name: {"from": spec, "examples": r["examples"], "bytes": r["bytes"]}
+                       for name, spec, r in zip(names, specs, results)},
+            "shards": [s for r in results for s in r["shards"]],
+            "skipped": sorted(p for o in opened for p in o.skipped),
+            "seconds": round(time.monotonic() - start, 1)}
+    with tf.io.gfile.GFile(os.path.join(output_dir, "dataset_info.json"), "w") as f:
+        f.write(json.dumps(info, indent=2))
+    return info
+
+
+def main(argv) -> int:
+    del argv
+    from core.errors import TapeloopError
+
+    flag = flags.FLAGS
     try:
-        if FLAGS.dataset not in DATASETS or FLAGS.dataset == "tfrecord":
-            raise ConfigError(f"--dataset={FLAGS.dataset}: choose one of "
-                              f"{', '.join(d for d in DATASETS if d != 'tfrecord')}")
-        if not FLAGS.output_dir:
-            raise ConfigError("--output_dir is required: the folder the shards go to")
-        if FLAGS.shards < 1:
-            raise ConfigError(f"--shards={FLAGS.shards}: must be >= 1")
-        size = tuple(int(v) for v in FLAGS.image_size) if FLAGS.image_size else None
-        specs = FLAGS.splits or _split_names(FLAGS.dataset, FLAGS.data_dir)
-        names = [s.split("[")[0] for s in specs]
-        if len(specs) == 2 and len(set(names)) == 1:  # train[:90%], train[90%:]
-            names = ["train", "test"]
-        out = FLAGS.output_dir
-        if tf.io.gfile.glob(os.path.join(out, "*-of-*")) and not FLAGS.overwrite:
-            raise ConfigError(f"--output_dir={out} already holds shards: pass --overwrite, or "
-                              "choose another folder")
-        start = time.monotonic()
-        opened = []
-        for spec in specs:  # check everything before writing anything
-            o = data.open_split(spec, FLAGS.dataset, FLAGS.data_dir, image_size=size,
-                                channels=FLAGS.channels, resize=FLAGS.resize,
-                                bad_images=FLAGS.bad_images)
-            size = size or o.source.image_shape[:2]  # every split the first split's size
-            opened.append(o)
-        tf.io.gfile.makedirs(out)
-        results = [write_split(o.source, name, out, FLAGS.shards, FLAGS.gzip, _bar)
-                   for o, name in zip(opened, names)]
-        info = {"dataset": FLAGS.dataset, "data_dir": FLAGS.data_dir,
-                "image_shape": list(opened[0].source.image_shape),
-                "class_names": list(getattr(opened[0].source, "class_names", ()) or ()),
-                "compression": "GZIP" if FLAGS.gzip else "",
-                "splits": {name: {"from": spec, "examples": r["examples"], "bytes": r["bytes"]}
-                           for name, spec, r in zip(names, specs, results)},
-                "shards": [s for r in results for s in r["shards"]]}
-        with tf.io.gfile.GFile(os.path.join(out, "dataset_info.json"), "w") as f:
-            f.write(json.dumps(info, indent=2))
-        skipped = sum(len(o.skipped) for o in opened)
-        total = sum(r["examples"] for r in results)
-        size_mb = sum(r["bytes"] for r in results) / 2**20
-        print(f"wrote {total:,} images ({'x'.join(map(str, info['image_shape']))}) in "
-              f"{sum(len(r['shards']) for r in results)} shards, {size_mb:,.1f} MB, to {out} in "
-              f"{time.monotonic() - start:.1f} s"
-              + (f"; skipped {skipped} undecodable files" if skipped else "")
-              + f"\ntrain on them: python train.py --dataset=tfrecord --data_dir={out}")
+        info = convert(flag.dataset, flag.output_dir, flag.data_dir, flag.splits,
+                       flag.image_size, flag.channels, flag.resize, flag.bad_images, flag.shards,
+                       flag.gzip, flag.overwrite)
     except TapeloopError as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return e.exit_code
-    except ValueError as e:
+    except ValueError as e:  # --image_size that is not numbers
         print(f"prepare: error: {e}", file=sys.stderr)
         return 2
+    size_mb = sum(s["bytes"] for s in info["shards"]) / 2**20
+    total = sum(s["examples"] for s in info["shards"])
+    print(f"wrote {total:,} images ({'x'.join(map(str, info['image_shape']))}) in "
+          f"{len(info['shards'])} shards, {size_mb:,.1f} MB, to {flag.output_dir} in "
+          f"{info['seconds']:.1f} s"
+          + (f"; skipped {len(info['skipped'])} undecodable files" if info["skipped"] else "")
+          + f"\ntrain on them: python train.py --dataset=tfrecord --data_dir={flag.output_dir}")
     return 0
 
 
 def run() -> None:
+    define_flags()
     logging.set_verbosity(logging.WARNING)
     app.run(lambda argv: sys.exit(main(argv)))
 

@@ -177,24 +177,15 @@ def test_eval_sees_every_example_once_with_padding_and_noise(tmp_path, kind):
 
 
 # ---------------------------------------------------------------- tfrecord
-def prepare_shards(data_dir, output_dir, shards=2, extra=()):
-    from absl import flags
-
-    argv = ["prepare", "--dataset=folder", f"--data_dir={data_dir}", f"--output_dir={output_dir}",
-            f"--shards={shards}", *extra]
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(argv)
-    try:
-        return prepare.main(argv)
-    finally:
-        flags.FLAGS.unparse_flags()
+def prepare_shards(data_dir, output_dir, shards=2, **kw):
+    return prepare.convert("folder", output_dir, data_dir, shards=shards, progress=None, **kw)
 
 
-def test_prepare_writes_model_garden_examples_that_read_back_exactly(tmp_path, capsys):
-    arrays = png_tree(str(tmp_path / "imgs"))
-    assert prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "out"), shards=3) == 0
-    summary = capsys.readouterr().out
-    assert "wrote 52 images (24x32x3) in 6 shards" in summary and "MB" in summary
+def test_prepare_writes_model_garden_examples_that_read_back_exactly(tmp_path):
+    png_tree(str(tmp_path / "imgs"))
+    info = prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "out"), shards=3)
+    assert info["splits"]["train"]["examples"] == 40 and len(info["shards"]) == 6
+    assert info["image_shape"] == [24, 32, 3] and info["class_names"] == ["cat", "dog"]
     files = sorted(os.listdir(tmp_path / "out"))
     assert files[:3] == ["dataset_info.json", "test-00000-of-00003", "test-00001-of-00003"]
     record = next(iter(tf.data.TFRecordDataset(str(tmp_path / "out" / "train-00000-of-00003"))))
@@ -210,7 +201,7 @@ def test_prepare_writes_model_garden_examples_that_read_back_exactly(tmp_path, c
     np.testing.assert_array_equal(back.images, data.materialize(folder).images)
     np.testing.assert_array_equal(back.labels, folder.labels)
     # Without dataset_info.json the shards are counted; gzip is found by its magic bytes.
-    assert prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "gz"), 2, ["--gzip"]) == 0
+    prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "gz"), 2, gzip=True)
     os.remove(tmp_path / "gz" / "dataset_info.json")
     gz = data.open_split("train", "tfrecord", str(tmp_path / "gz")).source
     assert gz.compression == "GZIP" and gz.num_examples == 40
