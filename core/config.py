@@ -101,7 +101,8 @@ class Config:
 
     def __post_init__(self):
         _check_choice("mode", self.mode, MODES)
-        _check_choice("dataset", self.dataset, DATASETS)
+        if not (self.dataset.startswith("tfds:") and len(self.dataset) > len("tfds:")):
+            _check_choice("dataset", self.dataset, DATASETS + ("tfds:NAME[/CONFIG]",))
         _check_choice("resize", self.resize, RESIZE_MODES)
         _check_choice("bad_images", self.bad_images, BAD_IMAGES)
         _check_choice("cache", self.cache, CACHES)

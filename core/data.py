@@ -226,6 +226,9 @@ def open_split(spec: str, dataset: str, data_dir: str | None = None, verify: boo
         name, sl = parse_split(spec)
         return Opened(sources.open_tfrecord(data_dir, spec, name, sl, image_size, channels,
                                             resize))
+    if dataset.startswith("tfds:"):
+        return Opened(sources.open_tfds(dataset[len("tfds:"):], data_dir, spec, image_size,
+                                        channels, resize))
     split = load_split(spec, dataset, data_dir, verify, synthetic_shape, sizes)
     if image_size is None and channels is None:
         return Opened(split)
@@ -241,17 +244,13 @@ def materialize(source) -> Split:
     --data_on_device); an in-memory Split is returned as it is."""
     if isinstance(source, Split):
         return source
-    from core import sources
-
     if source.indexable:
         ds = tf.data.Dataset.range(source.num_examples).map(
             lambda i: (source.decode_index(i), tf.constant(-1, tf.int64)),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
-        ds = source.records(source.files).map(
-            lambda r: (source.decode_record(r),
-                       tf.io.parse_single_example(r, sources.FEATURES)["image/class/label"]),
-            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = source.records().map(source.parse, num_parallel_calls=tf.data.AUTOTUNE,
+                                  deterministic=True)
     images = np.empty((source.num_examples, *source.image_shape), np.uint8)
     labels = np.empty(source.num_examples, np.int64)
     start = 0
@@ -424,10 +423,11 @@ INTERLEAVE_SHARDS = 16  # shards read at once
 
 def _stream_train(source, per_replica: int, local: int, seed: int, start_step: int,
                   input_context, skip_bad: bool) -> tf.data.Dataset:
-    files, counts = list(source.files), list(source.counts)
+    files, counts, skips = list(source.files), list(source.counts), list(source.skips)
     if input_context is not None and input_context.num_input_pipelines > 1:
         pid, pipelines = input_context.input_pipeline_id, input_context.num_input_pipelines
         files, counts = files[pid::pipelines], counts[pid::pipelines]
+        skips = skips[pid::pipelines]
         if not files:
             raise DataError(f"{source.name} has {len(source.files)} shard(s), fewer than the "
                             f"{pipelines} workers: write at least one shard per worker "
@@ -438,12 +438,13 @@ def _stream_train(source, per_replica: int, local: int, seed: int, start_step: i
         raise DataError(f"{source.name}: this worker's shards hold {sum(counts)} examples, fewer "
                         f"than one batch of {local_batch}: lower --batch_size")
     start_epoch, skip = divmod(start_step, steps_per_epoch)
-    shards = tf.constant(files)
+    shards = (tf.constant(files), tf.constant(skips, tf.int64), tf.constant(counts, tf.int64))
 
     def epoch_records(epoch):
         order = epoch_permutation(len(files), seed, epoch)
-        records = tf.data.Dataset.from_tensor_slices(tf.gather(shards, order)).interleave(
-            source.records, cycle_length=min(len(files), INTERLEAVE_SHARDS), block_length=1,
+        records = tf.data.Dataset.from_tensor_slices(
+            tuple(tf.gather(t, order) for t in shards)).interleave(
+            source.shard_records, cycle_length=min(len(files), INTERLEAVE_SHARDS), block_length=1,
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return window_shuffle(records, seed, epoch, SHUFFLE_WINDOW).take(
             steps_per_epoch * local_batch)
@@ -549,7 +550,7 @@ def eval_dataset(images, global_batch_size: int,
                 ds = ds.ignore_errors()
             ds = ds.batch(per_replica, drop_remainder=True)
     else:  # streamed in shard order; this pipeline keeps its replicas' positions
-        records = source.records(source.files).enumerate()
+        records = source.records().enumerate()
         pad = records.take(1).map(lambda i, r: (i, r)).repeat(padded - n)
         weights = tf.data.Dataset.from_tensor_slices(
             (np.arange(padded) < n).astype(np.float32))

@@ -80,7 +80,7 @@ def write_split(source, split: str, output_dir: str, shards: int, gzip: bool,
                                               num_parallel_calls=tf.data.AUTOTUNE,
                                               deterministic=True)
     else:
-        images = source.records(source.files).map(source.decode_record,
+        images = source.records().map(source.decode_record,
                                                    num_parallel_calls=tf.data.AUTOTUNE,
                                                    deterministic=True)
     labels = source.labels if source.labels is not None else np.full(n, -1, np.int64)
@@ -143,7 +143,7 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
     from core.config import DATASETS
     from core.errors import ConfigError
 
-    if dataset not in DATASETS or dataset == "tfrecord":
+    if (dataset not in DATASETS and not dataset.startswith("tfds:")) or dataset == "tfrecord":
         raise ConfigError(f"--dataset={dataset}: choose one of "
                           f"{', '.join(d for d in DATASETS if d != 'tfrecord')}")
     if not output_dir:

@@ -35,10 +35,6 @@ from core.errors import ConfigError, DataError
 
 INFO_FILE = "dataset_info.json"
 SPLIT_FOLDERS = ("train", "test", "validation")
-FEATURES = {
-    "image/encoded": tf.io.FixedLenFeature([], tf.string),
-    "image/class/label": tf.io.FixedLenFeature([], tf.int64, default_value=-1),
-}
 _SCAN_THREADS = 32
 _GLOB_CHARS = "*?["
 
@@ -263,40 +259,64 @@ def read_info(data_dir: str) -> dict | None:
 
 
 class TFRecordSource:
-    """One split of TFRecord shards of tf.train.Example: streamed, never indexed."""
+    """One split of TFRecord shards of tf.train.Example: streamed, never indexed.
+
+    Each shard contributes `counts[i]` records after skipping `skips[i]` (TFDS slices);
+    `image_key` and `label_key` name the features (Model Garden's, or a TFDS
+    dataset's).
+    """
 
     kind = "tfrecord"
     indexable = False
 
     def __init__(self, name: str, files: list[str], counts: list[int], compression: str,
-                 decoding: Decoding):
+                 decoding: Decoding, skips: list[int] | None = None,
+                 image_key: str = "image/encoded", label_key: str | None = "image/class/label",
+                 class_names=()):
         self.name = name
         self.files = files
         self.counts = counts
+        self.skips = skips or [0] * len(files)
         self.compression = compression
         self.decoding = decoding
         self.image_shape = decoding.image_shape
         self.num_examples = int(sum(counts))
         self.labels = None  # read with the records (head)
+        self.class_names = list(class_names)
+        self.features = {image_key: tf.io.FixedLenFeature([], tf.string)}
+        if label_key:
+            self.features[label_key] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
+        self.image_key, self.label_key = image_key, label_key
 
     def describe(self) -> str:
         gz = ", GZIP" if self.compression else ""
         return f"{self.num_examples:,} examples in {len(self.files)} TFRecord shard(s){gz}"
 
-    def records(self, files) -> tf.data.Dataset:
-        return tf.data.TFRecordDataset(files, compression_type=self.compression)
+    def shard_records(self, path, skip, take) -> tf.data.Dataset:
+        """The records one shard contributes. Traced (interleave) or eager."""
+        return tf.data.TFRecordDataset(path, compression_type=self.compression).skip(skip).take(
+            take)
+
+    def records(self) -> tf.data.Dataset:
+        """Every record of the split, in shard order."""
+        return tf.data.Dataset.from_tensor_slices(
+            (self.files, np.array(self.skips, np.int64), np.array(self.counts, np.int64))
+        ).flat_map(self.shard_records)
+
+    def parse(self, record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """A serialized Example -> (uint8 [H, W, C], label or -1). Traced."""
+        d = self.decoding
+        features = tf.io.parse_single_example(record, self.features)
+        label = features[self.label_key] if self.label_key else tf.constant(-1, tf.int64)
+        return images_lib.decode(features[self.image_key], d.size, d.channels, d.resize), label
 
     def decode_record(self, record: tf.Tensor) -> tf.Tensor:
-        """A serialized Example -> uint8 [H, W, C]. Traced."""
-        d = self.decoding
-        features = tf.io.parse_single_example(record, FEATURES)
-        return images_lib.decode(features["image/encoded"], d.size, d.channels, d.resize)
+        return self.parse(record)[0]
 
     def head(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
-        ds = self.records(self.files).take(k)
-        labels = np.array([int(tf.io.parse_single_example(r, FEATURES)["image/class/label"])
-                           for r in ds], np.int64)
-        images = np.stack([self.decode_record(r).numpy() for r in ds])
+        pairs = [self.parse(r) for r in self.records().take(k)]
+        images = np.stack([p[0].numpy() for p in pairs])
+        labels = np.array([int(p[1]) for p in pairs], np.int64)
         return images, (labels if len(labels) and (labels >= 0).all() else None)
 
 
@@ -364,4 +384,73 @@ def open_tfrecord(data_dir: str, spec: str, split: str, sl: slice, image_size, c
     h, w, c = decoded.shape
     size = tuple(image_size) if image_size else (h, w)
     decoding = Decoding(size, channels or (1 if c in (1, 2) else 3), resize)
-    return TFRecordSource(spec, files, counts, compression, decoding)
+    info_names = (info or {}).get("class_names", ())
+    return TFRecordSource(spec, files, counts, compression, decoding, class_names=info_names)
+
+
+# -------------------------------------------------------------------- tfds
+def open_tfds(name: str, data_dir: str | None, spec: str, image_size, channels,
+              resize: str) -> TFRecordSource:
+    """A split of a TFDS dataset (`name` is NAME or NAME/CONFIG), with TFDS's split syntax.
+
+    Prepares the dataset if it is not in `data_dir` yet (TFDS downloads it). Its
+    TFRecord files are then read like ours (the same streaming, order and resume),
+    with the dataset's first Image feature and its `label` ClassLabel.
+
+    Raises:
+      ConfigError: tensorflow-datasets is not installed, or the split is unknown.
+      DataError: an unknown dataset, one that cannot be prepared, or no image feature.
+    """
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError:
+        raise ConfigError("--dataset=tfds:... needs tensorflow-datasets: pip install -e '.[tfds]'"
+                          ) from None
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError:
+        raise DataError(f"--dataset=tfds:{name}: TFDS has no dataset {name.split('/')[0]!r} (and "
+                        f"none is prepared in --data_dir={data_dir}): check the name against "
+                        "https://www.tensorflow.org/datasets/catalog") from None
+    except Exception as e:  # noqa: BLE001 - TFDS raises many kinds for a bad config name
+        raise DataError(f"--dataset=tfds:{name}: {str(e).splitlines()[0][:200]}") from None
+    if not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
+        logging.info("preparing tfds:%s in %s (TFDS downloads it once)", name, builder.data_dir)
+        try:
+            builder.download_and_prepare()
+        except Exception as e:  # noqa: BLE001 - network, disk, manual-download datasets...
+            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            raise DataError(f"--dataset=tfds:{name} could not be prepared ({reason}): run it once "
+                            "where TFDS can download it, or pass --data_dir=FOLDER where it is "
+                            "prepared") from None
+    info = builder.info
+    try:
+        split_info = info.splits[spec]
+    except (KeyError, ValueError) as e:
+        raise ConfigError(f"split {spec!r} of tfds:{name}: {str(e).splitlines()[0][:150]} (its "
+                          f"splits: {', '.join(info.splits)})") from None
+    images = [k for k, f in info.features.items() if isinstance(f, tfds.features.Image)]
+    if not images:
+        raise DataError(f"tfds:{name} has no Image feature (its features: "
+                        f"{', '.join(info.features)}): tapeloop trains on images")
+    label = "label" if "label" in info.features and isinstance(
+        info.features["label"], tfds.features.ClassLabel) else None
+    if str(getattr(info, "file_format", "tfrecord")).lower().split(".")[-1] != "tfrecord":
+        raise DataError(f"tfds:{name} is stored as {info.file_format}, not TFRecord: prepare it "
+                        "with file_format=tfrecord (tfds build --file_format=tfrecord)")
+    instructions = [fi for fi in split_info.file_instructions if fi.take]
+    files = [fi.filename if os.path.isabs(fi.filename) or "://" in fi.filename
+             else os.path.join(builder.data_dir, fi.filename) for fi in instructions]
+    feature = info.features[images[0]]
+    h, w, c = (feature.shape + (None,) * 3)[:3]
+    if image_size is None and (h is None or w is None):
+        first = next(iter(tf.data.TFRecordDataset(files[0]).take(1)))
+        raw = tf.io.parse_single_example(first, {images[0]: tf.io.FixedLenFeature([], tf.string)})
+        h, w = tf.io.extract_jpeg_shape(raw[images[0]]).numpy()[:2] if feature.encoding_format \
+            == "jpeg" else tf.io.decode_image(raw[images[0]], expand_animations=False).shape[:2]
+    size = tuple(image_size) if image_size else (int(h), int(w))
+    decoding = Decoding(size, channels or (1 if c == 1 else 3), resize)
+    names = info.features["label"].names if label else ()
+    return TFRecordSource(f"tfds:{name} {spec}", files, [fi.take for fi in instructions], "",
+                          decoding, skips=[fi.skip for fi in instructions],
+                          image_key=images[0], label_key=label, class_names=names)

@@ -237,6 +237,55 @@ def test_tfrecord_order_is_a_function_of_seed_and_epoch_and_resumes_exactly(tmp_
     assert not set(parts[0]) & set(parts[1])
 
 
+# -------------------------------------------------------------------- tfds
+def tfds_from_files(root, data_dir):
+    """A real TFDS dataset, prepared by a TFDS builder from the PNG files under `root`."""
+    import tensorflow_datasets as tfds
+
+    def split(name):
+        paths = sorted(str(p) for p in (root / name).rglob("*.png"))
+        labels = [0 if "/cat/" in p else 1 for p in paths]
+        return tf.data.Dataset.from_tensor_slices((paths, labels)).map(
+            lambda p, y: {"image": tf.io.decode_png(tf.io.read_file(p), channels=3), "label": y})
+
+    features = tfds.features.FeaturesDict({
+        "image": tfds.features.Image(shape=(24, 32, 3)),
+        "label": tfds.features.ClassLabel(names=["cat", "dog"])})
+    builder = tfds.dataset_builders.TfDataBuilder(
+        name="local_pets", config="small", version="1.0.0", data_dir=str(data_dir),
+        split_datasets={"train": split("train"), "test": split("test")}, features=features)
+    builder.download_and_prepare()
+
+
+def test_tfds_dataset_from_local_files(tmp_path):
+    arrays = png_tree(str(tmp_path / "imgs"))
+    tfds_from_files(tmp_path / "imgs", tmp_path / "tfds")
+    folder = data.materialize(data.open_split("train", "folder", str(tmp_path / "imgs")).source)
+    src = data.open_split("train", "tfds:local_pets/small", str(tmp_path / "tfds")).source
+    assert src.num_examples == 40 and src.image_shape == (24, 32, 3)
+    assert src.class_names == ["cat", "dog"]
+    whole = data.materialize(src)  # TFDS shuffled the examples once, when preparing them
+    label_of = {bytes(im): y for im, y in zip(folder.images, folder.labels)}
+    assert {bytes(im): y for im, y in zip(whole.images, whole.labels)} == label_of
+    first = data.open_split("train[:50%]", "tfds:local_pets/small", str(tmp_path / "tfds"))
+    second = data.open_split("train[50%:]", "tfds:local_pets/small", str(tmp_path / "tfds"))
+    halves = [data.materialize(h.source).images for h in (first, second)]
+    np.testing.assert_array_equal(np.concatenate(halves), whole.images)  # TFDS slicing
+    assert len(arrays["train"]) == 40
+    resumed = _first_batches(data.train_dataset(src, 8, seed=1, start_step=3), 4)
+    whole_run = _first_batches(data.train_dataset(src, 8, seed=1), 7)
+    for x, y in zip(whole_run[3:], resumed):
+        np.testing.assert_array_equal(x, y)
+    config = Config(dataset="tfds:local_pets/small", data_dir=str(tmp_path / "tfds"),
+                    model_dir=str(tmp_path / "run"), epochs=None, train_steps=3, batch_size=8,
+                    eval_every=3)
+    assert core.run(config)["step"] == 3
+    with pytest.raises(DataError, match="TFDS has no dataset 'no_such_set'"):
+        data.open_split("train", "tfds:no_such_set", str(tmp_path / "tfds"))
+    with pytest.raises(ConfigError, match="its splits: train, test"):
+        data.open_split("validation", "tfds:local_pets/small", str(tmp_path / "tfds"))
+
+
 # ------------------------------------------------------------ bad input
 def _bad_folder(tmp_path, name, content):
     folder = tmp_path / name
