@@ -57,6 +57,7 @@ class Config:
     resize: str = "crop"
     bad_images: str = "error"
     cache: str = "none"
+    tf_data_service: str | None = None  # grpc://HOST:PORT of a tf.data service dispatcher
     # Model.
     model: str = "seed"
     encoder_filters: tuple[int, ...] | None = None
@@ -113,6 +114,18 @@ class Config:
                                             or min(self.image_size) <= 0):
             raise ConfigError(f"--image_size={','.join(map(str, self.image_size))}: give "
                               "HEIGHT,WIDTH as two positive numbers, e.g. 64,64")
+        if self.tf_data_service is not None and not re.match(r"^grpc://[^/]+:\d+$",
+                                                               self.tf_data_service):
+            raise ConfigError(f"--tf_data_service={self.tf_data_service}: give the dispatcher as "
+                              "grpc://HOST:PORT")
+        if self.tf_data_service and self.dataset not in FILE_DATASETS and not \
+                self.dataset.startswith("tfds:"):
+            raise ConfigError(f"--tf_data_service sends reading and decoding to other machines; "
+                              f"--dataset={self.dataset} is held in memory and has none: use it "
+                              "with folder, tfrecord or tfds:NAME data")
+        if self.tf_data_service and (self.cache == "memory" or self.data_on_device):
+            raise ConfigError("--tf_data_service decodes on other machines for every batch; "
+                              "--cache=memory and --data_on_device decode once here: drop one")
         if self.channels not in (None, 1, 3):
             raise ConfigError(f"--channels={self.channels}: 1 (greyscale) or 3 (RGB)")
         _check_choice("strategy", self.strategy, STRATEGIES)

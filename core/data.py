@@ -364,9 +364,33 @@ def _decoded(ds: tf.data.Dataset, decode, skip_bad: bool) -> tf.data.Dataset:
     return ds.ignore_errors() if skip_bad else ds
 
 
+def _service_shard(ds: tf.data.Dataset, service: str | None) -> tf.data.Dataset:
+    """With a tf.data service, each service worker takes every N-th element (a per-replica
+    batch of indices or records), before decoding: the dispatcher fills in N and i."""
+    if not service:
+        return ds
+    hint = tf.data.experimental.SHARD_HINT
+    return ds.shard(hint, hint)
+
+
+def _via_service(ds: tf.data.Dataset, service: str | None) -> tf.data.Dataset:
+    """Runs `ds` on the tf.data service at `service`; its workers' outputs are read
+    round-robin (coordinated reads), one element per worker per round. With one worker
+    that is exactly the local order; with N, every N consecutive steps arrive as a
+    round, in the order the workers joined the job (not always worker 0 first)."""
+    if not service:
+        return ds
+    import uuid
+
+    svc = tf.data.experimental.service
+    return ds.repeat().apply(svc.distribute(
+        processing_mode=svc.ShardingPolicy.HINT, service=service,
+        job_name=f"tapeloop-{uuid.uuid4().hex}", consumer_index=0, num_consumers=1))
+
+
 def train_dataset(images, global_batch_size: int, seed: int, start_step: int = 0,
                   input_context: tf.distribute.InputContext | None = None,
-                  skip_bad: bool = False) -> tf.data.Dataset:
+                  skip_bad: bool = False, service: str | None = None) -> tf.data.Dataset:
     """Endless per-replica batches of float32 images in [0, 1].
 
     `images` is a uint8 array or a source (`Split`, `sources.FolderSource`,
@@ -386,13 +410,19 @@ def train_dataset(images, global_batch_size: int, seed: int, start_step: int = 0
     several workers each reads its own shards (shard i goes to worker i mod W).
 
     skip_bad: drop examples that fail to decode (--bad_images=skip) instead of failing.
+    service: `grpc://HOST:PORT` of a tf.data service dispatcher: reading and decoding run
+      on its workers (each takes every N-th per-replica batch; they are read back
+      round-robin, see `_via_service`). File sources only.
     """
     source = as_source(images)
     total, first, local = _pipeline_rows(input_context)
     per_replica = global_batch_size // total
+    if service and isinstance(source, Split):
+        raise ConfigError("--tf_data_service sends reading and decoding to other machines; "
+                          "in-memory datasets have none: use it with folder, tfrecord or tfds data")
     if not source.indexable:
         return _stream_train(source, per_replica, local, seed, start_step, input_context,
-                             skip_bad)
+                             skip_bad, service)
     n = source.num_examples
     steps_per_epoch = n // global_batch_size
     if steps_per_epoch == 0:
@@ -412,8 +442,8 @@ def train_dataset(images, global_batch_size: int, seed: int, start_step: int = 0
         ds = ds.map(lambda rows: to_float(tf.gather(host_images, rows)),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
-        ds = _decoded(ds.unbatch(), source.decode_index, skip_bad)
-        ds = ds.batch(per_replica, drop_remainder=True).map(to_float)
+        ds = _decoded(_service_shard(ds, service).unbatch(), source.decode_index, skip_bad)
+        ds = _via_service(ds.batch(per_replica, drop_remainder=True).map(to_float), service)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -422,7 +452,7 @@ INTERLEAVE_SHARDS = 16  # shards read at once
 
 
 def _stream_train(source, per_replica: int, local: int, seed: int, start_step: int,
-                  input_context, skip_bad: bool) -> tf.data.Dataset:
+                  input_context, skip_bad: bool, service: str | None) -> tf.data.Dataset:
     files, counts, skips = list(source.files), list(source.counts), list(source.skips)
     if input_context is not None and input_context.num_input_pipelines > 1:
         pid, pipelines = input_context.input_pipeline_id, input_context.num_input_pipelines
@@ -451,9 +481,11 @@ def _stream_train(source, per_replica: int, local: int, seed: int, start_step: i
 
     ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_records)
     ds = ds.skip(skip * local_batch)  # raw records: resuming decodes nothing it skips
+    if service:
+        ds = _service_shard(ds.batch(per_replica, drop_remainder=True), service).unbatch()
     ds = _decoded(ds, source.decode_record, skip_bad)
     ds = ds.batch(per_replica, drop_remainder=True).map(to_float)
-    return ds.prefetch(tf.data.AUTOTUNE)
+    return _via_service(ds, service).prefetch(tf.data.AUTOTUNE)
 
 
 class DeviceData:

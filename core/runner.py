@@ -389,7 +389,8 @@ def train(run: Run) -> dict:
             return None
         return iter(run.strategy.distribute_datasets_from_function(
             lambda ctx: data.train_dataset(run.train_split, cfg.batch_size, cfg.seed, step, ctx,
-                                           skip_bad=cfg.bad_images == "skip")))
+                                           skip_bad=cfg.bad_images == "skip",
+                                           service=cfg.tf_data_service)))
 
     cadence = Cadence(
         log_every=cfg.log_every, summary_every=cfg.summary_every, eval_every=cfg.eval_every,

@@ -420,6 +420,57 @@ def test_cache_memory_and_data_on_device_decode_once(tmp_path):
     assert saved["image_shape"] == [24, 32, 3] and saved["data_on_device"] is True
 
 
+# ---------------------------------------------------------- tf.data service
+def _free_ports(n):
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    for sock in socks:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in socks]
+    for sock in socks:
+        sock.close()
+    return ports
+
+
+def _service(num_workers):
+    svc = tf.data.experimental.service
+    dispatcher_port, *worker_ports = _free_ports(num_workers + 1)
+    workers = [f"127.0.0.1:{p}" for p in worker_ports]
+    dispatcher = svc.DispatchServer(svc.DispatcherConfig(port=dispatcher_port,
+                                                         worker_addresses=workers))
+    servers = [svc.WorkerServer(svc.WorkerConfig(
+        dispatcher_address=f"127.0.0.1:{dispatcher_port}", worker_address=w,
+        port=int(w.split(":")[1]))) for w in workers]
+    return f"grpc://127.0.0.1:{dispatcher_port}", (dispatcher, servers)
+
+
+def test_training_through_a_tf_data_service(tmp_path):
+    """One service worker: exactly the local batches. Two: each batch made once, by one
+    worker; they arrive in rounds of one batch per worker, each round the same two
+    steps as locally, in the order the workers joined the job."""
+    one, keep_one = _service(1)
+    two, keep_two = _service(2)
+    png_tree(str(tmp_path / "imgs"), splits=(("train", 40), ("test", 8)))
+    prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "shards"), shards=2)
+    for kind, where in (("folder", "imgs"), ("tfrecord", "shards")):
+        src = data.open_split("train", kind, str(tmp_path / where)).source
+        local = _first_batches(data.train_dataset(src, 8, seed=2, start_step=3), 8)
+        remote = _first_batches(data.train_dataset(src, 8, seed=2, start_step=3, service=one), 8)
+        for step, (x, y) in enumerate(zip(local, remote)):
+            np.testing.assert_array_equal(x, y, err_msg=f"{kind} step {step}")
+        remote = _first_batches(data.train_dataset(src, 8, seed=2, start_step=3, service=two), 8)
+        for r in range(0, 8, 2):
+            assert sorted(map(bytes, local[r:r + 2])) == sorted(map(bytes, remote[r:r + 2])), r
+    config = Config(dataset="folder", data_dir=str(tmp_path / "imgs"),
+                    model_dir=str(tmp_path / "run"), epochs=None, train_steps=4, batch_size=8,
+                    eval_every=4, tf_data_service=two)
+    assert core.run(config)["step"] == 4
+    with pytest.raises(ConfigError, match="in memory and has none"):
+        Config(dataset="mnist", tf_data_service=one)
+    del keep_one, keep_two
+
+
 # ------------------------------------------------------------ remote storage
 def test_a_whole_run_on_ram_filesystem(tmp_path):
     """Data, checkpoints, events, config.json, figures, lock and export through tf.io.gfile."""
