@@ -98,10 +98,55 @@ def check_file(path: str) -> FileInfo:
     return FileInfo(path, height, width, channels, fmt)
 
 
+JPEG_RATIOS = (1, 2, 4, 8)  # the DCT scalings libjpeg decodes to directly
+
+
+def jpeg_ratio(height, width, size: tuple[int, int]) -> tf.Tensor:
+    """The largest of JPEG_RATIOS that decodes an h x w JPEG to no less than `size` on
+    either side (so nothing is upscaled that was not): an index into JPEG_RATIOS."""
+    room = tf.minimum(tf.cast(height, tf.float32) / size[0], tf.cast(width, tf.float32) / size[1])
+    return tf.reduce_sum(tf.cast(tf.constant(JPEG_RATIOS[1:], tf.float32) <= room, tf.int32))
+
+
+def static_jpeg_ratio(height: int, width: int, size: tuple[int, int]) -> int:
+    """`jpeg_ratio` in Python, for a JPEG whose size is known up front: the ratio itself."""
+    room = min(height / size[0], width / size[1])
+    return max(r for r in JPEG_RATIOS if r <= max(room, 1))
+
+
 def decode(contents: tf.Tensor, size: tuple[int, int], channels: int,
-           resize: str = "crop") -> tf.Tensor:
-    """Image bytes -> uint8 [size[0], size[1], channels]. Traced (tf.data map)."""
-    image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+           resize: str = "crop", downscale_jpeg: bool = True,
+           fixed_ratio: int | None = None) -> tf.Tensor:
+    """Image bytes -> uint8 [size[0], size[1], channels]. Traced (tf.data map).
+
+    A JPEG at least twice the output size on both sides is decoded at 1/2, 1/4 or 1/8
+    scale by libjpeg itself (`ratio`), then resized the rest of the way: much less
+    work, and within a few grey levels of decoding it whole (benchmarks/NOTES.md).
+    `fixed_ratio`: every input is a JPEG to decode at this ratio (known up front): no
+    header read, no branch.
+    """
+    if fixed_ratio is not None and downscale_jpeg:
+        image = tf.io.decode_jpeg(contents, channels=3, ratio=fixed_ratio)
+        image.set_shape([None, None, 3])
+        if channels == 1:
+            image = tf.image.rgb_to_grayscale(image)
+        return fit(image, size, resize)
+
+    def whole():
+        return tf.io.decode_image(contents, channels=3, expand_animations=False)
+
+    if downscale_jpeg:
+        def smaller():
+            shape = tf.io.extract_jpeg_shape(contents)
+            index = jpeg_ratio(shape[0], shape[1], size)
+            return tf.switch_case(index, [
+                (lambda r=r: tf.io.decode_jpeg(contents, channels=3, ratio=r))
+                for r in JPEG_RATIOS])
+
+        is_jpeg = tf.equal(tf.strings.substr(contents, 0, 3), b"\xff\xd8\xff")
+        image = tf.cond(is_jpeg, smaller, whole)
+    else:
+        image = whole()
     image.set_shape([None, None, 3])
     if channels == 1:
         image = tf.image.rgb_to_grayscale(image)

@@ -47,13 +47,13 @@ def _feature(value):
     return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
 
 
-def example(png: bytes, shape, label: int):
+def example(encoded: bytes, shape, label: int, fmt: str = "png"):
     """One tf.train.Example with Model Garden's (TF-slim's) image keys."""
     import tensorflow as tf
 
     h, w, c = shape
     return tf.train.Example(features=tf.train.Features(feature={
-        "image/encoded": _feature(png), "image/format": _feature(b"png"),
+        "image/encoded": _feature(encoded), "image/format": _feature(fmt.encode()),
         "image/height": _feature(h), "image/width": _feature(w), "image/channels": _feature(c),
         "image/class/label": _feature(label)}))
 
