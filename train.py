@@ -56,8 +56,9 @@ flags.DEFINE_enum("bad_images", _D.bad_images, config_lib.BAD_IMAGES, "Undecodab
                   "(stop, exit 3) or skip (log them to <model_dir>/skipped_images.txt).")
 flags.DEFINE_string("tf_data_service", None, "grpc://HOST:PORT of a tf.data service dispatcher: "
                     "file reading and decoding run on its workers (README, Datasets).")
-flags.DEFINE_enum("cache", _D.cache, config_lib.CACHES, "memory: decode a file dataset once and "
-                  "keep the uint8 images in host memory.")
+flags.DEFINE_string("cache", _D.cache, "none; memory: decode a file dataset once and keep the "
+                    "uint8 images in host memory; a folder: decode it once into TFRecord shards "
+                    "there (at the output size) and stream from them.")
 flags.DEFINE_bool("verify_checksums", _D.verify_checksums,
                   "Check known files against their published SHA-256.")
 flags.DEFINE_list("synthetic_shape", list(map(str, _D.synthetic_shape)),

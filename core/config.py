@@ -22,7 +22,7 @@ DATASETS = ("fontdigits", "mnist", "fashion_mnist", "shapes", "synthetic", "fold
 FILE_DATASETS = ("folder", "tfrecord")  # decoded from image files, streamed
 RESIZE_MODES = ("crop", "pad", "stretch")
 BAD_IMAGES = ("error", "skip")
-CACHES = ("none", "memory")
+CACHES = ("none", "memory")  # or a folder: decoded once into TFRecord shards there
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 _SPLIT_RE = re.compile(r"^(\w+)(\[(-?\d+%?)?:(-?\d+%?)?\])?$")
@@ -106,7 +106,8 @@ class Config:
             _check_choice("dataset", self.dataset, DATASETS + ("tfds:NAME[/CONFIG]",))
         _check_choice("resize", self.resize, RESIZE_MODES)
         _check_choice("bad_images", self.bad_images, BAD_IMAGES)
-        _check_choice("cache", self.cache, CACHES)
+        if not self.cache:
+            raise ConfigError("--cache is empty: give none, memory or a folder")
         if self.dataset in FILE_DATASETS and not self.data_dir:
             raise ConfigError(f"--dataset={self.dataset} needs --data_dir: the folder of your "
                               + ("images" if self.dataset == "folder" else "TFRecord shards"))

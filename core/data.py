@@ -266,6 +266,47 @@ def materialize(source) -> Split:
     return Split(images, labels, source.name)
 
 
+def cache_to_dir(source, cache_dir: str):
+    """A file source decoded once into TFRecord shards under `cache_dir` (--cache=DIR) and
+    streamed from there: small PNGs at the output size instead of the original files.
+    Reused by every run with the same files and decoding (the folder's name is a hash
+    of both). In-memory datasets are returned as they are.
+    """
+    if isinstance(source, Split):
+        return source
+    import hashlib
+    import json
+    import os
+    import uuid
+
+    from core import prepare, sources
+
+    elements = getattr(source, "paths", None) or list(zip(source.files, source.skips,
+                                                          source.counts))
+    key = hashlib.sha256(repr((source.kind, elements, source.decoding)).encode()).hexdigest()[:16]
+    folder = os.path.join(cache_dir, f"{source.kind}-{key}")
+    if not tf.io.gfile.exists(os.path.join(folder, sources.INFO_FILE)):
+        logging.info("--cache=%s: decoding %s once into %s", cache_dir, source.name, folder)
+        staging = folder if "://" in folder else f"{folder}.tmp-{uuid.uuid4().hex[:8]}"
+        tf.io.gfile.makedirs(staging)
+        shards = max(1, min(64, source.num_examples // 2000))
+        written = prepare.write_split(source, "train", staging, shards, gzip=False)
+        info = {"from": source.name, "image_shape": list(source.image_shape),
+                "class_names": list(source.class_names), "shards": written["shards"]}
+        with tf.io.gfile.GFile(os.path.join(staging, sources.INFO_FILE), "w") as f:
+            f.write(json.dumps(info, indent=2))  # last: its presence means complete
+        if staging != folder:
+            try:
+                tf.io.gfile.rename(staging, folder)
+            except tf.errors.OpError:  # another run cached the same split first
+                tf.io.gfile.rmtree(staging)
+    d = source.decoding
+    cached = sources.open_tfrecord(folder, source.name, "train", slice(None), d.size, d.channels,
+                                   d.resize)
+    cached.name = f"{source.name} (cached in {folder})"
+    return cached
+
+
 def resize_array(images: np.ndarray, size: tuple[int, int], channels: int,
                  resize: str) -> np.ndarray:
     """uint8 (N, h, w, c) -> uint8 (N, H, W, channels), as files are decoded (images.fit)."""

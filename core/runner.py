@@ -193,6 +193,8 @@ class Run:
         self.image_shape = self.eval_split.image_shape
         if config.cache == "memory":
             self.eval_split = data.materialize(self.eval_split)
+        elif config.cache != "none":
+            self.eval_split = data.cache_to_dir(self.eval_split, config.cache)
         if not training:
             return
         n = self.train_split.num_examples
@@ -217,6 +219,8 @@ class Run:
                     "limit if the device has room, or drop --data_on_device")
         if config.cache == "memory" or config.data_on_device:
             self.train_split = data.materialize(self.train_split)
+        elif config.cache != "none":
+            self.train_split = data.cache_to_dir(self.train_split, config.cache)
 
     def _report(self, opened: data.Opened, spec: str):
         """Logs what was opened (and what was skipped or upscaled); returns the source."""

@@ -471,6 +471,30 @@ def test_training_through_a_tf_data_service(tmp_path):
     del keep_one, keep_two
 
 
+def test_cache_dir_decodes_once_into_shards_and_reuses_them(tmp_path):
+    png_tree(str(tmp_path / "imgs"), splits=(("train", 32), ("test", 8)))
+    src = data.open_split("train", "folder", str(tmp_path / "imgs"), image_size=(12, 16)).source
+    cached = data.cache_to_dir(src, str(tmp_path / "cache"))
+    assert cached.kind == "tfrecord" and cached.num_examples == 32
+    assert cached.image_shape == (12, 16, 3)
+    np.testing.assert_array_equal(data.materialize(cached).images, data.materialize(src).images)
+    np.testing.assert_array_equal(cached.head(32)[1], src.labels)  # labels travel along
+    folders = os.listdir(tmp_path / "cache")
+    assert len(folders) == 1 and folders[0].startswith("folder-")
+    stamp = os.stat(tmp_path / "cache" / folders[0] / "dataset_info.json").st_mtime_ns
+    again = data.cache_to_dir(src, str(tmp_path / "cache"))  # reused, not rewritten
+    assert again.files == cached.files
+    assert os.stat(tmp_path / "cache" / folders[0] / "dataset_info.json").st_mtime_ns == stamp
+    other = data.open_split("train", "folder", str(tmp_path / "imgs"), image_size=(8, 8)).source
+    data.cache_to_dir(other, str(tmp_path / "cache"))  # another decoding: its own cache
+    assert len(os.listdir(tmp_path / "cache")) == 2
+    config = Config(dataset="folder", data_dir=str(tmp_path / "imgs"), cache=str(tmp_path / "c2"),
+                    model_dir=str(tmp_path / "run"), epochs=None, train_steps=4, batch_size=8,
+                    eval_every=4)
+    assert core.run(config)["step"] == 4
+    assert len(os.listdir(tmp_path / "c2")) == 2  # the train and the test split
+
+
 # ------------------------------------------------------------ remote storage
 def test_a_whole_run_on_ram_filesystem(tmp_path):
     """Data, checkpoints, events, config.json, figures, lock and export through tf.io.gfile."""
