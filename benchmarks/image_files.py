@@ -52,16 +52,25 @@ OUT = (64, 64)
 
 def generate(work_dir: str, n: int) -> dict[str, str]:
     """The JPEG and PNG folders and both shard sets; skipped where already complete."""
-    import numpy as np
-    import tensorflow as tf
-
-    from core import prepare, shapes
+    from core import prepare
 
     paths = {k: os.path.join(work_dir, f"{k}-{n}") for k in
              ("jpeg", "png", "tfrecord_jpeg", "tfrecord_prepared")}
     done = os.path.join(work_dir, f"done-{n}")
-    if os.path.exists(done):
-        return paths
+    if not os.path.exists(done):
+        _generate_files(paths, n)
+        open(done, "w").close()
+    if not os.path.exists(os.path.join(paths["tfrecord_prepared"], "dataset_info.json")):
+        prepare.convert("folder", paths["tfrecord_prepared"], paths["jpeg"], image_size=OUT,
+                        shards=16, overwrite=True, progress=None)
+    return paths
+
+
+def _generate_files(paths: dict[str, str], n: int) -> None:
+    import tensorflow as tf
+
+    from core import prepare, shapes
+
     start = time.monotonic()
     base = shapes.load(seed=5, sizes={"train": min(n, 10_000), "test": 1})["train"][0]
 
@@ -96,12 +105,7 @@ def generate(work_dir: str, n: int) -> dict[str, str]:
             target = os.path.join(paths[kind], "test", "all", name)
             if not os.path.exists(target):
                 os.link(os.path.join(paths[kind], "train", "all", name), target)
-    prepare.convert("folder", paths["tfrecord_prepared"], paths["jpeg"], image_size=OUT,
-                    shards=16, overwrite=True, progress=None)
-    open(done, "w").close()
     print(f"generated {n:,} images in {time.monotonic() - start:.0f} s", flush=True)
-    del np
-    return paths
 
 
 def jpeg_downscale_quality(folder: str, k: int = 256) -> dict:
