@@ -64,7 +64,9 @@ def test_train_on_a_folder_then_on_its_shards(tmp_path, photo_dir):
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]  # data and size inherited
 
 
-@pytest.mark.parametrize("case", ["truncated", "empty_folder", "no_match", "missing_dir"])
+# (Every other bad input has an in-process test in test_sources.py; these two prove the
+# exit code and the untouched disk for a folder and for shards.)
+@pytest.mark.parametrize("case", ["truncated", "no_match"])
 def test_bad_data_exits_3_with_one_line_and_writes_nothing(tmp_path, case):
     data_dir, dataset = tmp_path / "data", "folder"
     if case == "truncated":
@@ -72,14 +74,9 @@ def test_bad_data_exits_3_with_one_line_and_writes_nothing(tmp_path, case):
         raw = (data_dir / "a.png").read_bytes()
         (data_dir / "b.png").write_bytes(raw[: len(raw) // 2])
         expected = "b.png is a truncated"
-    elif case == "empty_folder":
-        data_dir.mkdir()
-        expected = "holds no images (no files at all)"
-    elif case == "no_match":
+    else:
         dataset, data_dir = "tfrecord", tmp_path / "train-*.tfrecord"
         expected = "matches no files"
-    else:
-        expected = "is not a folder"
     model_dir = tmp_path / "run"
     proc = run_train(f"--dataset={dataset}", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
                      "--train_steps=2", "--batch_size=1")
@@ -118,7 +115,7 @@ def test_kill_9_then_resume_is_exact(tmp_path, kind):
         assert _prepare("--dataset=folder", f"--data_dir={data_dir}", "--shards=4",
                         f"--output_dir={tmp_path / 'shards'}").returncode == 0
         data_dir = tmp_path / "shards"
-    steps = 400
+    steps = 240
 
     def flags(model_dir):
         return [f"--dataset={kind}", f"--data_dir={data_dir}", f"--model_dir={model_dir}",
