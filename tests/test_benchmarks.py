@@ -149,3 +149,21 @@ def test_quality_smoke(tmp_path, idx_dir):
     assert row["config"] == "configs/quality_seed.cfg" and row["model"] == "seed"
     assert 0 < row["bce"] < 0.7 and row["psnr"] > 5 and row["seconds"] > 0
     assert "| [seed](configs/quality_seed.cfg) |" in (tmp_path / "quality.md").read_text()
+
+
+def test_image_files_and_resume_cost_smoke(tmp_path):
+    """Generates a few real JPEG/PNG files and shards, times every path, then resumes."""
+    _run("image_files.py", f"--output_dir={tmp_path}", f"--work_dir={tmp_path / 'files'}",
+         "--num_images=48", "--batch_size=8", "--batches=1", "--train_steps=1", "--rounds=1")
+    report = json.loads((tmp_path / "image_files.json").read_text())
+    assert {"folder_jpeg", "folder_png", "tfrecord_jpeg", "tfrecord_prepared", "keras_jpeg",
+            "keras_png", "train_in_memory", "train_from_folder_jpeg"} <= set(report["results"])
+    assert all(r["median"] > 0 for r in report["results"].values())
+    quality = report["jpeg_downscale"]
+    assert 0 < quality["mean_abs_diff"] < 10 and quality["psnr_db"] > 25
+    assert "folder_jpeg / keras_jpeg" in (tmp_path / "image_files.md").read_text()
+    shards = tmp_path / "files" / "tfrecord_prepared-48"
+    _run("resume_cost.py", f"--output_dir={tmp_path}", f"--data_dir={shards}",
+         "--batch_size=8", "--repeats=1")
+    resume = json.loads((tmp_path / "resume_cost.json").read_text())
+    assert resume["steps_per_epoch"] == 6 and resume["iterator_state"]["bytes"] > 0
