@@ -219,16 +219,13 @@ def main(argv):
             f"{k} {v[-1]:,.0f}" for k, v in rates.items()), flush=True)
     results = {name: common.summarize(v) for name, v in rates.items()}
     train_rate = results["train_in_memory"]["median"]
-    for name, res in results.items():
+    for res in results.values():
         res["x_training_in_memory"] = res["median"] / train_rate
-    ratios = {
-        "folder_jpeg / keras_jpeg": results["folder_jpeg"]["median"] / results["keras_jpeg"]["median"],
-        "folder_png / keras_png": results["folder_png"]["median"] / results["keras_png"]["median"],
-        "tfrecord_jpeg / keras_jpeg": results["tfrecord_jpeg"]["median"] / results["keras_jpeg"]["median"],
-        "tfrecord_prepared / keras_jpeg": results["tfrecord_prepared"]["median"] / results["keras_jpeg"]["median"],
-        "train_from_folder_jpeg / train_in_memory": results["train_from_folder_jpeg"]["median"] / train_rate,
-        "train_from_tfrecord_prepared / train_in_memory": results["train_from_tfrecord_prepared"]["median"] / train_rate,
-    }
+    pairs = [("folder_jpeg", "keras_jpeg"), ("folder_png", "keras_png"),
+             ("tfrecord_jpeg", "keras_jpeg"), ("tfrecord_prepared", "keras_jpeg"),
+             ("train_from_folder_jpeg", "train_in_memory"),
+             ("train_from_tfrecord_prepared", "train_in_memory")]
+    ratios = {f"{a} / {b}": results[a]["median"] / results[b]["median"] for a, b in pairs}
     # Per-round ratios (each round's two numbers measured back to back), for the range.
     round_ratios = {
         "folder_jpeg / keras_jpeg": [a / b for a, b in zip(rates["folder_jpeg"], rates["keras_jpeg"])],

@@ -139,27 +139,34 @@ def load(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, tuple[
     import matplotlib
 
     sizes = sizes or SPLIT_SIZES
-    key = repr((GENERATOR_VERSION, seed, sorted(sizes.items()), matplotlib.__version__,
-                [os.path.basename(p) for p in _font_paths()]))
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
-    path = os.path.join(cache_dir(), f"fontdigits-{digest}.npz")
+    key = (GENERATOR_VERSION, seed, sorted(sizes.items()), matplotlib.__version__,
+           [os.path.basename(p) for p in _font_paths()])
+    return cached("fontdigits", key, list(sizes), lambda: build(seed, sizes))
+
+
+def cached(name: str, key, splits: list[str], make) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{split: (images, labels)} from `<cache_dir>/<name>-<hash of key>.npz`, or `make()`
+    written there (atomically: concurrent builders never see a half-written cache). A
+    damaged cache is rebuilt; an unwritable cache dir means building every time."""
+    digest = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+    path = os.path.join(cache_dir(), f"{name}-{digest}.npz")
     if os.path.isfile(path):
         try:
             with np.load(path) as f:
-                return {s: (f[f"{s}_images"], f[f"{s}_labels"]) for s in sizes}
+                return {s: (f[f"{s}_images"], f[f"{s}_labels"]) for s in splits}
         except Exception as e:  # noqa: BLE001 - truncated zip, empty file, missing key...
-            logging.warning("the fontdigits cache %s is damaged (%s): rebuilding it", path,
+            logging.warning("the %s cache %s is damaged (%s): rebuilding it", name, path,
                             type(e).__name__)
-    data = build(seed, sizes)
+    data = make()
     arrays = {f"{s}_{k}": v for s, (im, lb) in data.items() for k, v in (("images", im), ("labels", lb))}
     tmp = f"{path}.{os.getpid()}.tmp.npz"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         np.savez(tmp, **arrays)
-        os.replace(tmp, path)  # atomic: concurrent builders never see a half-written cache
+        os.replace(tmp, path)
     except OSError as e:
-        logging.warning("cannot cache fontdigits in %s (%s): set TAPELOOP_CACHE_DIR to a "
-                        "writable folder to skip the rebuild next time", cache_dir(),
+        logging.warning("cannot cache %s in %s (%s): set TAPELOOP_CACHE_DIR to a "
+                        "writable folder to skip the rebuild next time", name, cache_dir(),
                         e.strerror or e)
         if os.path.exists(tmp):
             os.remove(tmp)

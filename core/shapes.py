@@ -11,10 +11,6 @@ package we depend on that ships photographs, matplotlib, ships one.
 
 from __future__ import annotations
 
-import hashlib
-import os
-
-from absl import logging
 import numpy as np
 
 GENERATOR_VERSION = 1
@@ -87,27 +83,8 @@ def build(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, tuple
 
 def load(seed: int = 0, sizes: dict[str, int] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Like `build`, through a cache file in fontdigits' cache folder."""
-    from core.fontdigits import cache_dir
+    from core.fontdigits import cached
 
     sizes = sizes or SPLIT_SIZES
-    key = repr((GENERATOR_VERSION, seed, sorted(sizes.items()), np.__version__.split(".")[0]))
-    path = os.path.join(cache_dir(), f"shapes-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz")
-    if os.path.isfile(path):
-        try:
-            with np.load(path) as f:
-                return {s: (f[f"{s}_images"], f[f"{s}_labels"]) for s in sizes}
-        except Exception as e:  # noqa: BLE001 - truncated zip, empty file, missing key...
-            logging.warning("the shapes cache %s is damaged (%s): rebuilding it", path,
-                            type(e).__name__)
-    data = build(seed, sizes)
-    tmp = f"{path}.{os.getpid()}.tmp.npz"
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        np.savez(tmp, **{f"{s}_{k}": v for s, (im, lb) in data.items()
-                         for k, v in (("images", im), ("labels", lb))})
-        os.replace(tmp, path)
-    except OSError as e:
-        logging.warning("cannot cache shapes in %s (%s)", cache_dir(), e.strerror or e)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return data
+    key = (GENERATOR_VERSION, seed, sorted(sizes.items()), np.__version__.split(".")[0])
+    return cached("shapes", key, list(sizes), lambda: build(seed, sizes))

@@ -328,15 +328,46 @@ class TFRecordSource:
         return images, (labels if len(labels) and (labels >= 0).all() else None)
 
 
+def _records_in(path: str, compression: str) -> int:
+    """Counts the records of one shard by walking its record headers (8-byte length, CRC,
+    data, CRC); a file that ends inside a record raises. (TensorFlow's readers stop
+    quietly at a cut-off last record, so counting with them cannot see truncation.)"""
+    import gzip
+    import struct
+
+    with tf.io.gfile.GFile(path, "rb") as raw:
+        stream = gzip.GzipFile(fileobj=raw) if compression else raw
+        size = None if compression else raw.size()
+        count = position = 0
+        while True:
+            header = stream.read(12)
+            if not header:
+                return count
+            if len(header) < 12:
+                raise DataError(f"{path} ends inside a record header: the shard is truncated; "
+                                "write it again with python -m core.prepare")
+            length = struct.unpack("<Q", header[:8])[0]
+            position += 12 + length + 4
+            if size is not None:
+                if position > size:
+                    raise DataError(f"{path} ends inside record {count + 1} ({size:,} of "
+                                    f"{position:,} bytes): the shard is truncated; write it "
+                                    "again with python -m core.prepare")
+                raw.seek(position)
+            elif len(stream.read(length + 4)) < length + 4:
+                raise DataError(f"{path} ends inside record {count + 1}: the shard is truncated; "
+                                "write it again with python -m core.prepare")
+            count += 1
+
+
 def _count_records(files: list[str], compression: str) -> list[int]:
     counts = []
     for path in files:
         try:
-            counts.append(int(tf.data.TFRecordDataset(path, compression_type=compression)
-                              .reduce(np.int64(0), lambda n, _: n + 1)))
-        except tf.errors.OpError as e:
-            raise DataError(f"{path} is not a readable TFRecord file ({e.message.splitlines()[0]}):"
-                            " write the shards again with python -m core.prepare") from None
+            counts.append(_records_in(path, compression))
+        except (tf.errors.OpError, OSError, EOFError) as e:
+            raise DataError(f"{path} is not a readable TFRecord file ({str(e).splitlines()[0]}): "
+                            "write the shards again with python -m core.prepare") from None
     return counts
 
 

@@ -154,7 +154,7 @@ def test_quality_smoke(tmp_path, idx_dir):
 def test_image_files_and_resume_cost_smoke(tmp_path):
     """Generates a few real JPEG/PNG files and shards, times every path, then resumes."""
     _run("image_files.py", f"--output_dir={tmp_path}", f"--work_dir={tmp_path / 'files'}",
-         "--num_images=48", "--batch_size=8", "--batches=1", "--train_steps=1", "--rounds=1")
+         "--num_images=24", "--batch_size=4", "--batches=1", "--train_steps=1", "--rounds=1")
     report = json.loads((tmp_path / "image_files.json").read_text())
     assert {"folder_jpeg", "folder_png", "tfrecord_jpeg", "tfrecord_prepared", "keras_jpeg",
             "keras_png", "train_in_memory", "train_from_folder_jpeg"} <= set(report["results"])
@@ -162,8 +162,8 @@ def test_image_files_and_resume_cost_smoke(tmp_path):
     quality = report["jpeg_downscale"]
     assert 0 < quality["mean_abs_diff"] < 10 and quality["psnr_db"] > 25
     assert "folder_jpeg / keras_jpeg" in (tmp_path / "image_files.md").read_text()
-    shards = tmp_path / "files" / "tfrecord_prepared-48"
+    shards = tmp_path / "files" / "tfrecord_prepared-24"
     _run("resume_cost.py", f"--output_dir={tmp_path}", f"--data_dir={shards}",
-         "--batch_size=8", "--repeats=1")
+         "--batch_size=4", "--repeats=1")
     resume = json.loads((tmp_path / "resume_cost.json").read_text())
     assert resume["steps_per_epoch"] == 6 and resume["iterator_state"]["bytes"] > 0

@@ -1,6 +1,6 @@
-"""Your own images from the command line, as a user runs them: train.py on a folder and
-on shards from core.prepare, bad files (exit 3, nothing written), --bad_images=skip, and
-kill -9 then resume, exact on both."""
+"""Your own images from the command line, as a user runs them: train.py on a folder (with
+two files --bad_images=skip drops) and on shards from core.prepare, bad files (exit 3,
+nothing written), and kill -9 then resume, exact on both."""
 
 import os
 import signal
@@ -13,6 +13,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+import core
+from core import prepare
+from core.config import Config
+from core.errors import ConfigError
 from helpers import ROOT, run_train
 from test_sources import colour_images, png_tree, save
 
@@ -34,34 +38,43 @@ def photo_dir(tmp_path_factory):
             if i % 5 == 0:  # some of another size and shape
                 a = np.asarray(Image.fromarray(a).resize((80, 40)))
             save(str(root / split / ("red" if i % 2 else "blue") / f"{i:03d}.{ext}"), a)
+    (root / "train" / "red" / "zero.jpg").write_bytes(b"")  # two files to skip
+    (root / "train" / "blue" / "notes.png").write_text("not a picture")
     return root
 
 
 def test_train_on_a_folder_then_on_its_shards(tmp_path, photo_dir):
-    common = ["--image_size=32,32", "--train_steps=6", "--batch_size=16", "--eval_every=6"]
+    common = ["--image_size=32,32", "--train_steps=6", "--batch_size=16", "--eval_every=6",
+              "--bad_images=skip"]
     folder = run_train("--dataset=folder", f"--data_dir={photo_dir}",
                        f"--model_dir={tmp_path / 'folder'}", *common)
     assert folder.returncode == 0, folder.stderr[-2000:]
     assert "folder train: 96 image files (2 classes) of 32x32x3" in folder.stderr
+    assert "skipping 2 of 98 files" in folder.stderr
+    listed = (tmp_path / "folder" / "skipped_images.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in listed] == [
+        str(photo_dir / "train" / "blue" / "notes.png"), str(photo_dir / "train" / "red" / "zero.jpg")]
     figure = np.asarray(Image.open(tmp_path / "folder" / "reconstructions.png").convert("RGB"))
     spread = np.abs(figure[..., 0].astype(int) - figure[..., 2]).max()
     assert spread > 50  # the figure shows colour
     assert (tmp_path / "folder" / "latent_space.png").exists()  # labels from the folders
 
     shards = _prepare("--dataset=folder", f"--data_dir={photo_dir}", "--image_size=32,32",
-                      f"--output_dir={tmp_path / 'shards'}", "--shards=3")
+                      f"--output_dir={tmp_path / 'shards'}", "--shards=3", "--bad_images=skip")
     assert shards.returncode == 0, shards.stderr[-2000:]
     assert "wrote 112 images (32x32x3) in 6 shards" in shards.stdout
+    assert "skipped 2 undecodable files" in shards.stdout
     assert "[##############################] 96/96" in shards.stderr  # the progress bar
-    again = _prepare("--dataset=folder", f"--data_dir={photo_dir}",
-                     f"--output_dir={tmp_path / 'shards'}")
-    assert again.returncode == 2 and "already holds shards: pass --overwrite" in again.stderr
+    with pytest.raises(ConfigError, match="already holds shards: pass --overwrite"):
+        prepare.convert("folder", str(tmp_path / "shards"), str(photo_dir), progress=None)
     records = run_train("--dataset=tfrecord", f"--data_dir={tmp_path / 'shards'}",
-                        f"--model_dir={tmp_path / 'records'}", *common[1:])
+                        f"--model_dir={tmp_path / 'records'}", *common[1:-1])
     assert records.returncode == 0, records.stderr[-2000:]
     assert "96 examples in 3 TFRecord shard(s) of 32x32x3" in records.stderr
-    evaluated = run_train("--mode=eval", f"--model_dir={tmp_path / 'records'}")
-    assert evaluated.returncode == 0, evaluated.stderr[-2000:]  # data and size inherited
+    # Eval takes the data, size and model from the run's config.json (in-process: no
+    # second TensorFlow start-up).
+    evaluated = core.run(Config(mode="eval", model_dir=str(tmp_path / "records")))
+    assert evaluated["step"] == 6 and evaluated["bce"] > 0
 
 
 # (Every other bad input has an in-process test in test_sources.py; these two prove the
@@ -84,20 +97,6 @@ def test_bad_data_exits_3_with_one_line_and_writes_nothing(tmp_path, case):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
     assert len(errors) == 1 and expected in errors[0] and "Traceback" not in proc.stderr
     assert not model_dir.exists()
-
-
-def test_skip_lists_the_skipped_files_in_the_model_dir(tmp_path):
-    for i, a in enumerate(colour_images(12)):
-        save(str(tmp_path / "data" / ("train" if i < 8 else "test") / f"{i}.png"), a)
-    (tmp_path / "data" / "train" / "zero.jpg").write_bytes(b"")
-    (tmp_path / "data" / "train" / "text.png").write_text("not a picture")
-    proc = run_train("--dataset=folder", f"--data_dir={tmp_path / 'data'}", "--bad_images=skip",
-                     f"--model_dir={tmp_path / 'run'}", "--train_steps=2", "--batch_size=4")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "skipping 2 of 10 files" in proc.stderr
-    listed = (tmp_path / "run" / "skipped_images.txt").read_text().splitlines()
-    assert [line.split("\t")[0] for line in listed] == [
-        str(tmp_path / "data" / "train" / "text.png"), str(tmp_path / "data" / "train" / "zero.jpg")]
 
 
 def _model_weights(model_dir):
@@ -123,8 +122,8 @@ def test_kill_9_then_resume_is_exact(tmp_path, kind):
                 "--checkpoint_every_steps=20", "--eval_every=100000", "--deterministic",
                 "--seed=4"]
 
-    whole = run_train(*flags(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr[-2000:]
+    whole = run_train(*flags(tmp_path / "whole"))  # a subprocess: --deterministic is
+    assert whole.returncode == 0, whole.stderr[-2000:]  # process-wide, not for pytest's
     proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
                              *flags(tmp_path / "cut")], cwd=ROOT,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
