@@ -51,6 +51,7 @@ def main(argv):
         device_data = data.DeviceData(images, batch, strategy.num_replicas_in_sync, 0)
         trainer = Trainer(build_autoencoder("seed", images.shape[1:]), strategy, batch, 1e-3)
     step = tf.Variable(0, dtype=tf.int64)
+    device_data.reorder(strategy, 0)  # epoch 0's order; the draws below wrap around it
 
     @tf.function
     def draw_on_device(n):

@@ -534,10 +534,16 @@ class DeviceData:
     there, inside the compiled loop, with no tf.data iterator.
 
     Build it inside the strategy's scope. The batches are exactly `train_dataset`'s:
-    epoch e's order is `epoch_permutation(n, seed, e)`, recomputed on the device once
-    per epoch. The variables are SyncOnRead: every replica holds and updates its own
-    copy on its own device, with no cross-device traffic; none is checkpointed, as
-    all of it follows from (seed, step).
+    epoch e's order is `epoch_permutation(n, seed, e)`, computed on the device by
+    `reorder`, which the trainer calls from the host between compiled loops (and
+    splits loops at epoch ends for), so the loop itself holds no branch. What runs
+    where on a GPU (checked against TensorFlow's kernel registry by a test): the
+    images are uint8 and drawn with ResourceGather (GatherV2 has no uint8 GPU kernel,
+    so `tf.gather` of the read value would copy the split to the host); the order is
+    int64 (int32 tensors live in host memory on GPUs). The variables are SyncOnRead:
+    every replica holds and updates its own copy on its own device, with no
+    cross-device traffic; none is checkpointed, as all of it follows
+    from (seed, step).
     """
 
     def __init__(self, images: np.ndarray, global_batch_size: int, num_replicas: int, seed: int):
@@ -549,24 +555,34 @@ class DeviceData:
         self.steps_per_epoch = self.num_examples // self.global_batch_size
         self.seed = seed
         self.images = tf.Variable(images, name="device_images", **local)
-        self.order = tf.Variable(tf.zeros([self.num_examples], tf.int32), name="order", **local)
-        self.order_epoch = tf.Variable(tf.constant(-1, tf.int64), name="order_epoch", **local)
+        self.order = tf.Variable(tf.zeros([self.num_examples], tf.int64), name="order", **local)
+        self.epoch_on_device = None  # which epoch's order `order` holds (host-side)
+        self._reorder = None
+
+    def reorder(self, strategy: tf.distribute.Strategy, epoch: int) -> None:
+        """Host side, before a compiled loop: puts epoch `epoch`'s order on every replica."""
+        if epoch == self.epoch_on_device:
+            return
+        if self._reorder is None:
+            def assign(e):
+                self.order.assign(tf.cast(epoch_permutation(self.num_examples, self.seed, e),
+                                          tf.int64))
+
+            self._reorder = tf.function(lambda e: strategy.run(assign, args=(e,)))
+        self._reorder(tf.constant(epoch, tf.int64))
+        self.epoch_on_device = epoch
 
     def batch(self, step: tf.Tensor) -> tf.Tensor:
-        """This replica's slice of global step `step`'s batch, float32 in [0, 1]. Traced."""
-        epoch = step // self.steps_per_epoch
+        """This replica's slice of global step `step`'s batch, float32 in [0, 1]. Traced.
+        `step` must be in the epoch `reorder` was last called for."""
         k = step % self.steps_per_epoch
         replica = tf.distribute.get_replica_context().replica_id_in_sync_group
-
-        def reorder():
-            self.order.assign(epoch_permutation(self.num_examples, self.seed, epoch))
-            self.order_epoch.assign(epoch)
-            return tf.constant(0)
-
-        tf.cond(tf.not_equal(self.order_epoch.read_value(), epoch), reorder, lambda: tf.constant(0))
-        start = tf.cast(k * self.global_batch_size, tf.int32) + replica * self.per_replica_batch
-        rows = tf.slice(self.order.read_value(), [start], [self.per_replica_batch])
-        return to_float(tf.gather(self.images.read_value(), rows))
+        start = k * self.global_batch_size + tf.cast(replica, tf.int64) * self.per_replica_batch
+        rows = tf.slice(self.order.read_value(), tf.reshape(start, [1]),
+                        [self.per_replica_batch])
+        # ResourceGather on this replica's own copy (`.handle` in replica context).
+        return to_float(tf.raw_ops.ResourceGather(resource=self.images.handle, indices=rows,
+                                                  dtype=tf.uint8))
 
 
 def add_eval_noise(clean: tf.Tensor, index: tf.Tensor, noise_factor: float, seed: int) -> tf.Tensor:

@@ -227,10 +227,22 @@ class Trainer:
 
         `num_steps` enters the compiled loop as a tensor, so changing it never
         retraces. Reading the loss with float() is the loop's one host-device
-        sync: it waits for all `num_steps` steps to finish.
+        sync: it waits for all `num_steps` steps to finish (with data on the device, a
+        loop that crosses an epoch's end is two calls, and two syncs).
         """
-        loss = self._train_loop(iterator, tf.constant(num_steps, tf.int32))
-        return float(loss)
+        if self.device_data is None:
+            return float(self._train_loop(iterator, tf.constant(num_steps, tf.int32)))
+        # Data on the device: one compiled loop per epoch piece, each epoch's order put on
+        # the device first, so the loop holds no per-step branch (see DeviceData).
+        data_ = self.device_data
+        total, done = 0.0, 0
+        while done < num_steps:
+            step = int(self.step.numpy())
+            data_.reorder(self.strategy, step // data_.steps_per_epoch)
+            n = min(num_steps - done, data_.steps_per_epoch - step % data_.steps_per_epoch)
+            total += float(self._train_loop(None, tf.constant(n, tf.int32))) * n
+            done += n
+        return total / num_steps
 
     def evaluate(self, dist_dataset) -> dict[str, float]:
         """Means of every metric over a distributed `data.eval_dataset` of

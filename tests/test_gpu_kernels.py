@@ -1,0 +1,134 @@
+"""Every op of the traced training loop has a GPU kernel for the dtypes it uses.
+
+TensorFlow's standard Linux wheel registers its CUDA kernels even on a machine without
+a GPU, so the kernel registry can be read here: an op without a GPU (or any-device)
+kernel for its dtypes would run on the CPU on a GPU machine, with copies both ways
+every step. The walk follows every function the loop calls (while bodies, branches,
+the per-replica step); bodies compiled by XLA are skipped, since XLA compiles them for
+the GPU as a whole or refuses at compile time, never falling back op by op.
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from tensorflow.python.framework import kernels
+
+from core import data
+from core.trainer import Trainer
+from layers.autoencoders import build_autoencoder
+
+# Ops that run on the host by design, and why.
+HOST_OPS = {
+    # None today: every op of every path below has a GPU kernel for its dtypes.
+}
+_kernels: dict[str, list] = {}
+
+
+def _gpu_kernels(op):
+    if op not in _kernels:
+        _kernels[op] = [k for k in kernels.get_registered_kernels_for_op(op).kernel
+                        if k.device_type in ("GPU", "DEFAULT")]  # DEFAULT: any device
+    return _kernels[op]
+
+
+def _has_gpu_kernel(node) -> bool:
+    for kernel in _gpu_kernels(node.op):
+        fits = True
+        for constraint in kernel.constraint:
+            allowed = constraint.allowed_values.list.type
+            if not allowed or constraint.name not in node.attr:
+                continue
+            attr = node.attr[constraint.name]
+            values = list(attr.list.type) if attr.HasField("list") else [attr.type]
+            if any(v not in allowed for v in values):
+                fits = False
+                break
+        if fits:
+            return True
+    return False
+
+
+def ops_without_gpu_kernel(concrete_function):
+    """[(function, op, {attr: dtype})] for every node, in every function it calls, that
+    has no GPU kernel for its dtypes."""
+    graph_def = concrete_function.graph.as_graph_def()
+    functions = {f.signature.name: f for f in graph_def.library.function}
+    seen, missing = set(), []
+
+    def visit_function(name):
+        if name in seen:
+            return
+        seen.add(name)
+        function = functions[name]
+        if "_XlaMustCompile" in function.attr and function.attr["_XlaMustCompile"].b:
+            return
+        visit_nodes(function.node_def, name)
+
+    def visit_nodes(nodes, where):
+        for node in nodes:
+            if node.op in functions:
+                visit_function(node.op)
+                continue
+            for attr in node.attr.values():
+                if attr.HasField("func") and attr.func.name in functions:
+                    visit_function(attr.func.name)
+                for f in attr.list.func:
+                    if f.name in functions:
+                        visit_function(f.name)
+            if not _has_gpu_kernel(node) and node.op not in HOST_OPS:
+                missing.append((where, node.op, {k: tf.dtypes.as_dtype(v.type).name
+                                                 for k, v in node.attr.items() if v.type}))
+
+    visit_nodes(graph_def.node, "loop")
+    return missing
+
+
+def _loop(model="seed", precision="float32", device=False, shards=1, noise=0.0, jit=False,
+          replicas=1):
+    strategy = (tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
+                if replicas > 1 else tf.distribute.get_strategy())
+    images = np.random.default_rng(0).integers(0, 256, (256, 28, 28, 1), dtype=np.uint8)
+    with strategy.scope():
+        net = build_autoencoder(model, (28, 28, 1), precision)
+        device_data = data.DeviceData(images, 32, replicas, 0) if device else None
+        trainer = Trainer(net, strategy, 32, 1e-3, precision, jit_compile=jit,
+                          device_data=device_data, noise_factor=noise, batch_shards=shards)
+    if device:
+        return trainer._train_loop.get_concrete_function(None, tf.TensorSpec([], tf.int32))
+    dist = iter(strategy.distribute_datasets_from_function(
+        lambda ctx: data.train_dataset(images, 32, 0, 0, ctx)))
+    return trainer._train_loop.get_concrete_function(dist, tf.TensorSpec([], tf.int32))
+
+
+@pytest.mark.parametrize("path", [
+    dict(), dict(device=True), dict(shards=2), dict(device=True, shards=2),
+    dict(precision="mixed_bfloat16"), dict(precision="mixed_float16"),
+    dict(model="vae"), dict(model="denoiser", noise=0.4), dict(jit=True, device=True),
+    dict(replicas=2, device=True),
+], ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "tf.data")
+def test_every_op_of_the_training_loop_has_a_gpu_kernel(path):
+    assert ops_without_gpu_kernel(_loop(**path)) == []
+
+
+def test_the_walk_finds_an_op_without_a_gpu_kernel():
+    """What the on-device path did before: tf.gather of a uint8 tensor (GatherV2)."""
+    images = tf.Variable(np.zeros((8, 2, 2, 1), np.uint8))
+
+    @tf.function
+    def draw(rows):
+        return tf.gather(images.read_value(), rows)
+
+    missing = ops_without_gpu_kernel(draw.get_concrete_function(tf.TensorSpec([4], tf.int32)))
+    assert [(op, attrs["Tparams"]) for _, op, attrs in missing] == [("GatherV2", "uint8")]
+
+
+def test_data_on_device_has_no_per_step_branch_and_no_int32_order():
+    """int32 tensors live in host memory on GPUs: the order is int64, and the epoch's
+    reorder happens between loops, not as a tf.cond in every step."""
+    loop = _loop(device=True)
+    graph_def = loop.graph.as_graph_def()
+    bodies = [f for f in graph_def.library.function if "while_body" in f.signature.name]
+    assert bodies and not [n.op for f in bodies for n in f.node_def
+                           if n.op in ("If", "StatelessIf")]
+    images = np.zeros((64, 2, 2, 1), np.uint8)
+    assert data.DeviceData(images, 8, 1, 0).order.dtype == tf.int64
