@@ -43,10 +43,11 @@ class _Stack(keras.Model):
         for the ordinary layout.
 
         Grouped only where it was measured faster: float32 and bfloat16 on oneDNN's
-        CPU kernels (not on GPUs, not when XLA compiles the stack: its CPU
-        convolutions are not oneDNN's), blocks of few filters that all have a grouped
-        form, and a batch that divides into groups (an unknown one, as Keras fit's
-        mirrored step traces, is padded).
+        CPU kernels (`blocks.onednn_convolutions`: not on GPUs, not with oneDNN off or
+        absent, not when XLA compiles the stack: its CPU convolutions are not
+        oneDNN's), blocks of few filters that all have a grouped form, and a batch
+        that divides into groups (an unknown one, as Keras fit's mirrored step
+        traces, is padded).
         `grouped = False` on the stack turns it off.
         """
         batch, g = inputs.shape[0], blocks.IMAGE_GROUP
@@ -54,7 +55,7 @@ class _Stack(keras.Model):
               and all(hasattr(layer, "call_grouped") and layer.built
                       and layer.filters <= self.GROUPED_MAX_FILTERS for layer in layers)
               and None not in inputs.shape[1:] and (batch is None or batch % g == 0)
-              and not blocks._has_gpu() and not blocks._xla_compiling())
+              and blocks.onednn_convolutions() and not blocks._xla_compiling())
         return g if ok else 1
 
     def _call_grouped(self, inputs, layers, groups, ungroup_last=False):

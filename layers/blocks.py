@@ -78,9 +78,18 @@ class _Block(keras.layers.Layer):
 IMAGE_GROUP = 4
 
 
-def _has_gpu() -> bool:
-    """The grouped layout was measured on oneDNN's CPU kernels only."""
-    return bool(tf.config.list_physical_devices("GPU"))
+def onednn_convolutions() -> bool:
+    """Whether oneDNN runs this process's convolutions, the only kernels the grouped
+    layout was measured faster on: TensorFlow built with it (the x86 Linux wheels; not
+    ARM or macOS builds), not turned off with TF_ENABLE_ONEDNN_OPTS=0, and no GPU
+    (which would run the convolutions instead)."""
+    import os
+
+    from tensorflow.python.util import _pywrap_util_port  # how TensorFlow itself asks
+
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower() in ("0", "false", "off"):
+        return False
+    return bool(_pywrap_util_port.IsMklEnabled()) and not tf.config.list_physical_devices("GPU")
 
 
 def _xla_compiling() -> bool:

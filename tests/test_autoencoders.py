@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -228,8 +230,37 @@ def test_image_groups_only_where_measured_faster(monkeypatch):
     compiled = tf.function(lambda x: seed(x), jit_compile=True)
     assert _grouped_convs(compiled, x) == 0  # XLA's CPU convolutions are not oneDNN's
     np.testing.assert_allclose(compiled(x).numpy(), seed(x).numpy(), rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(blocks, "_has_gpu", lambda: True)
+    assert blocks.onednn_convolutions()  # the x86 Linux wheel, no GPU: oneDNN runs them
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")  # read at each trace
     assert groups(seed) == 1
+
+
+def test_with_onednn_off_the_layout_is_not_used_and_a_step_runs():
+    """A process that starts with oneDNN off (TF_ENABLE_ONEDNN_OPTS=0, as on builds
+    without it): ordinary convolutions only, and a training step runs."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    script = (
+        "import numpy as np, tensorflow as tf\n"
+        "from layers import blocks\n"
+        "from layers.autoencoders import build_autoencoder\n"
+        "from core.trainer import Trainer\n"
+        "m = build_autoencoder('seed')\n"
+        "x = tf.random.uniform([8, 28, 28, 1])\n"
+        "m(x)\n"
+        "t = Trainer(m, tf.distribute.get_strategy(), 8, 1e-3)\n"
+        "it = iter(tf.data.Dataset.from_tensors(x).repeat())\n"
+        "loss = t.train_loop(it, 2)\n"
+        "print('onednn', blocks.onednn_convolutions(), 'groups',\n"
+        "      m.encoder.image_groups(x, m.encoder.blocks), 'loss', np.isfinite(loss))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300,
+                          env=dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "onednn False groups 1 loss True" in proc.stdout
 
 
 def test_image_groups_in_bfloat16():
