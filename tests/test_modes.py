@@ -175,7 +175,11 @@ def test_ctrl_c_during_eval_is_one_line(denoiser, tmp_path):
     proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "train.py"), "--mode=eval", f"--model_dir={run}",
          "--eval_split=test", "--batch_size=8"], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        stderr=subprocess.PIPE, text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        # A shell runs background jobs with SIGINT ignored, and Python keeps an inherited
+        # SIG_IGN: give the child Ctrl-C's default, as a terminal would, however the
+        # suite itself was started (CI ran it as `.ci/run &` once, and the signal was lost).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     for line in proc.stderr:
         if "restored" in line:
             break
