@@ -64,7 +64,8 @@ flags.DEFINE_bool("verify_checksums", _D.verify_checksums,
 flags.DEFINE_list("synthetic_shape", list(map(str, _D.synthetic_shape)),
                   "H,W,C of --dataset=synthetic images.")
 flags.DEFINE_string("model", _D.model, f"One of: {', '.join(config_lib.model_names())} "
-                    "(layers/registry.py; README, Models and quality).")
+                    "(layers/registry.py; README, Models and quality), or MODULE:FACTORY, your "
+                    "own: FACTORY(image_shape) -> (encoder, decoder) (README, Your own model).")
 flags.DEFINE_list("encoder_filters", None, "Override the model's encoder filters, e.g. 8,4,4.")
 flags.DEFINE_list("decoder_filters", None, "Override the model's decoder filters, e.g. 4,4,8.")
 flags.DEFINE_integer("kernel_size", None, "Override the model's kernel size.")
@@ -72,6 +73,10 @@ flags.DEFINE_integer("latent_dim", _D.latent_dim, "--model=vae: size of the Gaus
 flags.DEFINE_float("kl_weight", _D.kl_weight, "--model=vae: weight of the KL term (1 = the ELBO).")
 flags.DEFINE_float("noise_factor", _D.noise_factor, "Train a denoiser: Gaussian noise times this "
                    "is added to every input (clipped to [0, 1]); 0 = off.")
+flags.DEFINE_string("loss", _D.loss, f"Training loss: {', '.join(config_lib.LOSSES)}, or a "
+                    "weighted sum such as l1+ssim (see --loss_weights).")
+flags.DEFINE_list("loss_weights", None, "One weight per loss of --loss, e.g. 0.16,0.84 "
+                  "(default: 1 each).")
 flags.DEFINE_integer("epochs", None, f"Epochs to train (default {_D.epochs} unless --train_steps).")
 flags.DEFINE_integer("train_steps", None, "Total training steps (instead of --epochs).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size (over all replicas).")
@@ -135,6 +140,16 @@ def _ints(name, values):
                                      "by commas") from None
 
 
+def _floats(name, values):
+    if not values:
+        return None
+    try:
+        return tuple(float(v) for v in values)
+    except ValueError:
+        raise config_lib.ConfigError(f"--{name}={','.join(values)}: give numbers separated "
+                                     "by commas, e.g. 0.16,0.84") from None
+
+
 def _last_given(names, argv) -> str | None:
     """Which of `names` the command line (flag files expanded in place) gives last."""
     last = None
@@ -167,6 +182,7 @@ def config_from_flags(argv=None) -> config_lib.Config:
     for name in ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps",
                  "image_size"):
         values[name] = _ints(name, values[name])
+    values["loss_weights"] = _floats("loss_weights", values["loss_weights"])
     shards = values["batch_shards"]
     if shards == "auto":
         values["batch_shards"] = None

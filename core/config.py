@@ -25,6 +25,7 @@ BAD_IMAGES = ("error", "skip")
 CACHES = ("none", "memory")  # or a folder: decoded once into TFRecord shards there
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
+LOSSES = ("bce", "mse", "l1", "charbonnier", "ssim")  # core/losses.py
 _SPLIT_RE = re.compile(r"^(\w+)(\[(-?\d+%?)?:(-?\d+%?)?\])?$")
 
 
@@ -34,9 +35,10 @@ MAX_SYNTHETIC_BYTES = 2 * 2**30
 
 
 def model_names() -> tuple[str, ...]:
-    from layers.registry import MODELS  # no TensorFlow: validation stays fast
+    """The built-in models and those registered with layers.autoencoders.register."""
+    from layers.registry import FACTORIES, MODELS  # no TensorFlow: validation stays fast
 
-    return tuple(MODELS)
+    return tuple(MODELS) + tuple(FACTORIES)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +68,9 @@ class Config:
     latent_dim: int = 16  # vae only
     kl_weight: float = 1.0  # vae only
     noise_factor: float = 0.0  # > 0: train a denoiser
+    # Loss: one of LOSSES, or several joined by '+' (l1+ssim), with one weight each.
+    loss: str = "bce"
+    loss_weights: tuple[float, ...] | None = None  # None: 1 each
     # Optimisation.
     epochs: int | None = 5
     train_steps: int | None = None
@@ -132,7 +137,11 @@ class Config:
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("precision", self.precision, PRECISIONS)
         _check_choice("nan_policy", self.nan_policy, NAN_POLICIES)
-        _check_choice("model", self.model, model_names())
+        from layers.registry import is_user_model
+
+        if not is_user_model(self.model):
+            _check_choice("model", self.model, model_names() + ("MODULE:FACTORY",))
+        self._check_loss()
         for name in ("epochs", "train_steps"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -203,9 +212,35 @@ class Config:
         if self.eager and self.jit_compile:
             raise ConfigError("--eager and --jit_compile exclude each other: drop one")
 
+    def _check_loss(self) -> None:
+        names = self.loss.split("+")
+        for name in names:
+            if name not in LOSSES:
+                raise ConfigError(f"--loss={self.loss}: {name!r} is unknown: choose from "
+                                  f"{', '.join(LOSSES)}, or a sum such as l1+ssim")
+        if len(set(names)) != len(names):
+            raise ConfigError(f"--loss={self.loss} names a loss twice: give each once, and its "
+                              "weight in --loss_weights")
+        if self.loss_weights is not None:
+            weights = tuple(self.loss_weights)
+            if len(weights) != len(names):
+                raise ConfigError(
+                    f"--loss_weights={','.join(map(str, weights))} gives {len(weights)} weight(s) "
+                    f"for the {len(names)} loss(es) of --loss={self.loss}: give one per loss, "
+                    "in the same order")
+            if not all(w > 0 and math.isfinite(w) for w in weights):
+                raise ConfigError(f"--loss_weights={','.join(map(str, weights))}: every weight "
+                                  "must be positive and finite")
+
     def _check_stages(self) -> None:
         from layers.registry import MODELS
 
+        if self.model not in MODELS:  # the user's own model
+            for name in ("encoder_filters", "decoder_filters", "kernel_size"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"--{name} configures the built-in models; --model="
+                                      f"{self.model} builds its own: drop --{name}")
+            return
         spec = MODELS[self.model]
         encoder = self.encoder_filters or spec.encoder_filters
         decoder = self.decoder_filters or spec.decoder_filters

@@ -69,13 +69,13 @@ def reconstruction_grid(path: str, rows: list[np.ndarray], labels: list[str], ti
 
 def training_curves(path: str, train: list[tuple[int, float]], evals: list[tuple[int, float]],
                     title: str, loss_name: str = "BCE") -> str:
-    """Training loss (named `loss_name`) and held-out BCE against the step."""
+    """Training loss (named `loss_name`) and the same loss on the eval split, against the step."""
     fig, ax = plt.subplots(figsize=(6.4, 4))
     if train:  # a marker, so that a single point shows
         ax.plot(*zip(*train), marker="." if len(train) < 50 else None,
                 label=f"training: {loss_name}, mean per log window")
     if evals:
-        ax.plot(*zip(*evals), marker="o", markersize=4, label="eval BCE (whole eval split)")
+        ax.plot(*zip(*evals), marker="o", markersize=4, label=f"eval: {loss_name} (whole eval split)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_title(title, fontsize=10)

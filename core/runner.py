@@ -21,14 +21,14 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from core import checkpoints, data, distribute, plots, process, summaries as summaries_lib
+from core import checkpoints, data, distribute, losses, plots, process, summaries as summaries_lib
 from core.checkpoints import Checkpointer, ModelDirLock
 from core.config import Config
 from core.controller import Cadence, Controller, format_line
 from core.errors import ConfigError, DataError
 from core.summaries import Summaries
 from core.trainer import Trainer
-from layers.autoencoders import build_autoencoder
+from layers.autoencoders import ModelError, build_autoencoder
 
 FIGURES = {
     "reconstructions": "reconstructions.png",
@@ -40,9 +40,9 @@ FIGURES = {
 # What eval and export take from the trained run's config.json unless given as flags.
 INHERITED = ("model", "encoder_filters", "decoder_filters", "kernel_size", "latent_dim",
              "kl_weight", "noise_factor", "dataset", "data_dir", "train_split", "eval_split",
-             "synthetic_shape", "image_size", "channels", "resize", "seed")
+             "synthetic_shape", "image_size", "channels", "resize", "seed", "loss", "loss_weights")
 _TUPLE_FIELDS = ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps",
-                 "image_size")
+                 "image_size", "loss_weights")
 SKIPPED_FILE = "skipped_images.txt"
 MAX_FIGURE_EXAMPLES = 2000  # eval examples decoded for the latent-space figure
 
@@ -122,6 +122,13 @@ class Run:
                            "automatic": sorted(f for f in distribute.AUTOMATIC
                                                if getattr(requested, f) is None)}
         self._check_model(inference)
+        self.loss = losses.build(config.loss, config.loss_weights)
+        if min(self.image_shape[:2]) < self.loss.min_size:
+            raise ConfigError(
+                f"--loss={config.loss} needs images of at least {self.loss.min_size}x"
+                f"{self.loss.min_size} (SSIM's window); these are {self.image_shape[0]}x"
+                f"{self.image_shape[1]}: raise --image_size, or train with another loss")
+        self.model = self._build_model()  # a user's factory can fail: before any write
         # Every check has passed: only now does anything touch the disk.
         self.output_dir = config.model_dir
         if not self.is_chief:  # other workers' saves and summaries are thrown away
@@ -245,15 +252,23 @@ class Run:
                 "the flags that change the model, and the trained run's are used")
 
     # ----------------------------------------------------------------- build
-    def _build(self, inference: bool) -> None:
+    def _build_model(self):
         config = self.config
         # Weight initialisation follows --seed too: runs are repeatable, and every
         # replica count or worker count starts from the same weights.
         tf.keras.utils.set_random_seed(config.seed)
         with self.strategy.scope():
-            model = build_autoencoder(
-                config.model, self.image_shape, self.precision, config.encoder_filters,
-                config.decoder_filters, config.kernel_size, config.latent_dim, config.kl_weight)
+            try:
+                return build_autoencoder(
+                    config.model, self.image_shape, self.precision, config.encoder_filters,
+                    config.decoder_filters, config.kernel_size, config.latent_dim,
+                    config.kl_weight)
+            except ModelError as e:
+                raise ConfigError(str(e)) from e
+
+    def _build(self, inference: bool) -> None:
+        config, model = self.config, self.model
+        with self.strategy.scope():
             device_data = None
             if config.data_on_device and self.train_split is not None:
                 device_data = data.DeviceData(self.train_split.images, config.batch_size,
@@ -261,15 +276,15 @@ class Run:
             self.trainer = Trainer(
                 model, self.strategy, config.batch_size, config.learning_rate,
                 self.precision, self.jit_compile, config.eager, device_data, config.seed,
-                config.noise_factor, batch_shards=config.batch_shards)
+                config.noise_factor, batch_shards=config.batch_shards, loss=self.loss)
         self.checkpointer = Checkpointer(self.output_dir, self.trainer, config.keep_checkpoints,
                                          restore_dir=config.model_dir, read_only=inference)
         self.summaries = Summaries(self.output_dir)
         self.code_shape = tuple(model.encode(tf.zeros((1, *self.image_shape))).shape[1:])
         logging.info(
-            "model %s (%s parameters, code %s) | %s | %d replica(s) x %d shard(s) | precision %s | "
+            "model %s (%s parameters, code %s) | loss %s | %s | %d replica(s) x %d shard(s) | precision %s | "
             "jit_compile %s | threads intra %s, inter %s",
-            config.model, f"{model.count_params():,}", self.code_shape,
+            config.model, f"{model.count_params():,}", self.code_shape, self.loss.title,
             type(self.strategy).__name__, self.strategy.num_replicas_in_sync, config.batch_shards,
             self.precision, self.jit_compile,
             tf.config.threading.get_intra_op_parallelism_threads() or "auto",
@@ -295,8 +310,7 @@ class Run:
                                           cfg.seed, skip_bad=cfg.bad_images == "skip"))
         results = self.trainer.evaluate(dist)
         logging.info(format_line("eval", step=step, **results))
-        self.summaries.scalars(writer, step, {
-            "loss" if k == "bce" else k: v for k, v in results.items()})
+        self.summaries.scalars(writer, step, results)
         rows, labels = self.examples()
         self.summaries.image_rows(writer, step, "reconstructions", rows,
                                   "rows, top to bottom: " + ", ".join(labels))
@@ -339,7 +353,7 @@ class Run:
                 paths.append(plots.training_curves(
                     out.format(FIGURES["curves"]), train_curve, eval_curve,
                     f"{cfg.model} on {cfg.dataset}",
-                    "BCE + weighted KL" if variational else "BCE"))
+                    f"{self.loss.title} + weighted KL" if variational else self.loss.title))
         sample_raw, labels = self.head(MAX_FIGURE_EXAMPLES)
         sample = data.to_float(sample_raw)
         codes = np.concatenate([np.asarray(model.encode(sample[i:i + 500], training=False),

@@ -12,7 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 
-HPARAM_METRICS = (("eval", "loss", "eval BCE"), ("eval", "mse", "eval MSE"),
+HPARAM_METRICS = (("eval", "loss", "eval loss"), ("eval", "mse", "eval MSE"),
                   ("eval", "psnr", "eval PSNR (dB)"), ("eval", "ssim", "eval SSIM"),
                   ("train", "loss", "train loss"), ("train", "examples_per_sec", "examples/s"))
 

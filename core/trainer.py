@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from core import data, metrics, optimizers
+from core import data, losses, metrics, optimizers
 
 keras = tf.keras
 SUM = tf.distribute.ReduceOp.SUM
@@ -67,8 +67,10 @@ class Trainer:
         noise_factor: float = 0.0,
         xla_update: bool | None = None,
         batch_shards: int = 1,
+        loss: losses.Weighted | None = None,
     ):
         self.model = model
+        self.loss = loss or losses.build("bce")
         self.strategy = strategy
         self.global_batch_size = int(global_batch_size)
         self.per_replica_batch = self.global_batch_size // strategy.num_replicas_in_sync
@@ -131,28 +133,34 @@ class Trainer:
                          seed: tf.Tensor) -> tuple[tf.Tensor, list]:
         """Loss and gradients for one shard of a replica's batch. Traced (XLA with --jit_compile).
 
-        The loss is the per-pixel BCE averaged per example (plus the model's extra
-        term: the VAE's KL), then summed over the shard's examples and divided by
-        the *global* batch size, so summing over shards and replicas (what the
-        all-reduce does to the gradients) gives the global mean.
+        The loss is `self.loss` per example (plus the model's extra term: the VAE's
+        KL), summed over the shard's examples and divided by the *global* batch size,
+        so summing over shards and replicas (what the all-reduce does to the
+        gradients) gives the global mean: compute_average_loss of the per-example loss.
         """
         variables = self.model.trainable_variables
+        targets = tf.cast(targets, tf.float32)
         with tf.GradientTape() as tape:
             logits, extra, _ = self.model.forward(inputs, training=True, seed=seed)
             logits = tf.cast(logits, tf.float32)
-        # The loss and its gradient with respect to the logits are computed by hand
-        # (metrics.bce_sum_and_gradient), off the tape; the tape differentiates only
-        # the model, starting from that gradient. loss = (sum of per-pixel BCE / pixels
-        # + sum of extra) / global batch, which is compute_average_loss of the
-        # per-example loss.
-        bce_sum, dlogits = metrics.bce_sum_and_gradient(targets, logits)
-        pixels = float(np.prod(logits.shape[1:]))
-        loss = (bce_sum / pixels + tf.reduce_sum(extra)) / self.global_batch_size
+            taped = self.loss.taped_sum(targets, logits)  # the terms the tape differentiates
+        # A term with a hand-written gradient (BCE) is computed off the tape; the tape
+        # then differentiates only the model, starting from that gradient of the logits.
+        hand = self.loss.hand_sum_and_gradient(targets, logits)
         # d loss / d (each example's loss), times the loss scale under mixed_float16.
         scale = self.optimizer.scale_loss(tf.constant(1.0 / self.global_batch_size))
-        grads = tape.gradient([logits, extra], variables, output_gradients=[
-            dlogits * (scale / pixels), tf.fill(tf.shape(extra), scale)])
-        return loss, grads
+        total, outputs, output_grads = tf.reduce_sum(extra), [extra], [tf.fill(tf.shape(extra),
+                                                                               scale)]
+        if hand is not None:
+            total += hand[0]
+            outputs.append(logits)
+            output_grads.append(hand[1] * scale)
+        if taped is not None:
+            total += taped
+            outputs.append(taped)
+            output_grads.append(scale)
+        grads = tape.gradient(outputs, variables, output_gradients=output_grads)
+        return total / self.global_batch_size, grads
 
     def replica_forward_backward(self, images: tf.Tensor,
                                  seeds: tf.Tensor) -> tuple[tf.Tensor, list]:
@@ -205,8 +213,10 @@ class Trainer:
         `inputs` are the (possibly noisy) images the model sees, `targets` the
         clean ones it should return. A VAE adds its KL and the ELBO (nats per example).
         """
-        logits, _, extra = self.model.forward(inputs, training=False)
+        logits, extra_loss, extra = self.model.forward(inputs, training=False)
         per_example = metrics.reconstruction_metrics(targets, logits)
+        # The training loss, as the training step computes it (with the VAE's weighted KL).
+        per_example["loss"] = self.loss.per_example(targets, logits) + extra_loss
         if "kl" in extra:
             pixels = float(np.prod(logits.shape[1:]))
             per_example["kl"] = extra["kl"]

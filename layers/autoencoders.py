@@ -7,14 +7,18 @@ copy of code.
 
 from __future__ import annotations
 
+import importlib
 import math
-from collections.abc import Sequence
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from layers import blocks
-from layers.registry import MODELS, ModelSpec  # noqa: F401 - the registry lives there
+from layers.registry import FACTORIES, MODELS, ModelSpec, register  # noqa: F401 - lives there
 
 keras = tf.keras
 
@@ -195,7 +199,7 @@ class Autoencoder(keras.Model):
 
     def decode_logits(self, code, training=None):
         """Code -> logits (float32)."""
-        return self.decoder(code, training=training)
+        return tf.cast(self.decoder(code, training=training), tf.float32)
 
     def decode(self, code, training=None):
         """Code -> images in [0, 1] (float32)."""
@@ -305,7 +309,10 @@ def build_autoencoder(
 
     Raises:
       KeyError: unknown `name`.
+      ModelError: a user's model (registered, or MODULE:FACTORY) could not be built.
     """
+    if name not in MODELS:
+        return build_user_model(name, input_shape, precision)
     spec = MODELS[name]
     enc_filters = tuple(encoder_filters or spec.encoder_filters)
     dec_filters = tuple(decoder_filters or spec.decoder_filters)
@@ -324,4 +331,80 @@ def build_autoencoder(
     else:
         model = Autoencoder(encoder, decoder, dtype=policy, name=name)
     model(tf.zeros((1, *input_shape)))  # creates the weights
+    return model
+
+
+class ModelError(ValueError):
+    """A user's model factory could not be imported, failed, or returned the wrong thing."""
+
+
+def find_factory(name: str) -> Callable:
+    """The factory registered as `name`, or the one `MODULE:FACTORY` names, imported from
+    PYTHONPATH or the working directory."""
+    if name in FACTORIES:
+        return FACTORIES[name]
+    module_name, _, attr = name.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
+        raise ModelError(f"--model={name}: importing {module_name} failed ({type(e).__name__}: "
+                         f"{e}): put {module_name.replace('.', '/')}.py in the working "
+                         "directory or on PYTHONPATH, and fix what it raises") from e
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise ModelError(f"--model={name}: {module_name} has no callable {attr!r}: define "
+                         f"{attr}(image_shape) -> (encoder, decoder) in {module.__file__}")
+    return factory
+
+
+def build_user_model(name: str, input_shape: Sequence[int], precision: str = "float32"
+                     ) -> Autoencoder:
+    """Calls the user's factory with the image shape and wraps its (encoder, decoder) in an
+    `Autoencoder`, with weights; checks what it returned.
+
+    The factory runs with `precision` as Keras' global dtype policy, so its layers compute
+    in it (unless they ask for a dtype of their own); the logits are cast to float32.
+    """
+    factory = find_factory(name)
+    shape = tuple(int(d) for d in input_shape)
+    call = f"{name}(image_shape={shape})"
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(precision)
+    try:
+        made = factory(shape)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"{call} raised {type(e).__name__}: {e}") from e
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    if not (isinstance(made, (tuple, list)) and len(made) == 2
+            and all(isinstance(m, keras.Model) for m in made)):
+        got = (f"({', '.join(type(m).__name__ for m in made)})"
+               if isinstance(made, (tuple, list)) else type(made).__name__)
+        raise ModelError(f"{call} returned {got}: return (encoder, decoder), two tf.keras.Model")
+    encoder, decoder = made
+    images = tf.zeros((1, *shape))
+    try:
+        code = encoder(images)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"{call}: the encoder {encoder.name!r} failed on images of shape "
+                         f"{(None, *shape)} ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+    if not isinstance(code, tf.Tensor):
+        raise ModelError(f"{call}: the encoder {encoder.name!r} returned {type(code).__name__}; "
+                         "it must return one tensor, the code")
+    try:
+        logits = decoder(code)
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"{call}: the decoder {decoder.name!r} failed on the encoder's code of "
+                         f"shape {(None, *code.shape[1:])} ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0]})") from e
+    got = tuple(getattr(logits, "shape", ())[1:])
+    if not isinstance(logits, tf.Tensor) or got != shape:
+        raise ModelError(f"{call}: the decoder {decoder.name!r} returns shape {(None, *got)}, the "
+                         f"images are {(None, *shape)}: its output must be logits of the image's "
+                         "shape")
+    model = Autoencoder(encoder, decoder, dtype=keras.DTypePolicy(precision),
+                        name=re.sub(r"\W", "_", name))
+    model(images)
     return model

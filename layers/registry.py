@@ -8,6 +8,7 @@ configuration of the same blocks (`layers.blocks`), never a copy of code.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,3 +42,36 @@ MODELS: dict[str, ModelSpec] = {
         description="convolutional VAE: stride-2 Conv 32-64, a dense Gaussian latent "
                     "(--latent_dim), Conv2DTranspose 64-32 back up"),
 }
+
+
+# Models users bring: a name -> factory(image_shape) -> (encoder, decoder). `register` adds
+# one; `--model=MODULE:FACTORY` names one without registering it.
+FACTORIES: dict[str, Callable] = {}
+
+
+def register(name: str, factory: Callable) -> None:
+    """Makes `factory` available as `--model=name` (Config(model=name)) in this process.
+
+    `factory(image_shape)`, with image_shape = (H, W, C), returns `(encoder, decoder)`: two
+    `tf.keras.Model`s. The encoder maps images (N, H, W, C) in [0, 1] to a code of any
+    shape; the decoder maps the code to logits (N, H, W, C). Registering a name again
+    replaces the factory.
+    """
+    if not name or ":" in name or name in MODELS:
+        raise ValueError(f"register({name!r}, ...): choose a name that is not empty, holds no "
+                         f"':' and is not a built-in model ({', '.join(MODELS)})")
+    if not callable(factory):
+        raise TypeError(f"register({name!r}, {factory!r}): the factory must be callable, "
+                        "factory(image_shape) -> (encoder, decoder)")
+    FACTORIES[name] = factory
+
+
+def is_user_model(name: str) -> bool:
+    """A registered factory's name, or MODULE:FACTORY."""
+    return name in FACTORIES or _is_module_factory(name)
+
+
+def _is_module_factory(name: str) -> bool:
+    module, sep, attr = name.partition(":")
+    return bool(sep) and all(part.isidentifier() for part in module.split(".")) and \
+        attr.isidentifier()

@@ -34,6 +34,9 @@ def _cases(idx_dir, broken):
     return [
         (["--dataset=imagenet"], 2, "--dataset='imagenet' is unknown: choose one of fontdigits"),
         (["--model=unet"], 2, "--model='unet' is unknown: choose one of seed"),
+        (["--loss=l2"], 2, "--loss=l2: 'l2' is unknown: choose from bce, mse, l1, charbonnier, "
+                           "ssim"),
+        (["--loss=l1+ssim", "--loss_weights=1"], 2, "gives 1 weight(s) for the 2 loss(es)"),
         (["--batch_size=0"], 2, "--batch_size=0: must be a positive whole number"),
         (["--learning_rate=-1"], 2, "--learning_rate=-1.0: must be a positive, finite number"),
         (["--epochs=0"], 2, "--epochs=0: must be a positive whole number"),

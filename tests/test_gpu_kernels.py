@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.framework import kernels
 
-from core import data
+from core import data, losses
 from core.trainer import Trainer
 from layers.autoencoders import build_autoencoder
 
@@ -84,7 +84,7 @@ def ops_without_gpu_kernel(concrete_function):
 
 
 def _loop(model="seed", precision="float32", device=False, shards=1, noise=0.0, jit=False,
-          replicas=1):
+          replicas=1, loss="bce"):
     strategy = (tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
                 if replicas > 1 else tf.distribute.get_strategy())
     images = np.random.default_rng(0).integers(0, 256, (256, 28, 28, 1), dtype=np.uint8)
@@ -92,7 +92,8 @@ def _loop(model="seed", precision="float32", device=False, shards=1, noise=0.0, 
         net = build_autoencoder(model, (28, 28, 1), precision)
         device_data = data.DeviceData(images, 32, replicas, 0) if device else None
         trainer = Trainer(net, strategy, 32, 1e-3, precision, jit_compile=jit,
-                          device_data=device_data, noise_factor=noise, batch_shards=shards)
+                          device_data=device_data, noise_factor=noise, batch_shards=shards,
+                          loss=losses.build(loss))
     if device:
         return trainer._train_loop.get_concrete_function(None, tf.TensorSpec([], tf.int32))
     dist = iter(strategy.distribute_datasets_from_function(
@@ -104,7 +105,8 @@ def _loop(model="seed", precision="float32", device=False, shards=1, noise=0.0, 
     dict(), dict(device=True), dict(shards=2), dict(device=True, shards=2),
     dict(precision="mixed_bfloat16"), dict(precision="mixed_float16"),
     dict(model="vae"), dict(model="denoiser", noise=0.4), dict(jit=True, device=True),
-    dict(replicas=2, device=True),
+    dict(replicas=2, device=True), dict(loss="mse+l1+charbonnier"),
+    dict(loss="ssim", precision="mixed_float16"),
 ], ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "tf.data")
 def test_every_op_of_the_training_loop_has_a_gpu_kernel(path):
     assert ops_without_gpu_kernel(_loop(**path)) == []

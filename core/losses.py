@@ -1,0 +1,141 @@
+"""Training losses, chosen by `--loss` and `--loss_weights`.
+
+One contract: a loss maps targets in [0, 1] and the model's logits, both
+(B, H, W, C), to its value per example, (B,) float32. The images a loss compares
+are sigmoid(logits), except BCE, which is computed from the logits (stable for
+large |x|).
+
+A loss may also write its gradient by hand: `sum_and_gradient(targets, logits)`
+returns the sum of the per-example values over the batch and its gradient with
+respect to the logits, computed off the tape; the trainer hands that gradient to
+`tape.gradient` as the logits' output gradient. Only BCE does, where it measurably
+pays (benchmarks/loss_forms.py, NOTES.md); the others are plain TensorFlow,
+differentiated by the tape.
+
+`build("l1+ssim", (0.16, 0.84))` returns a `Weighted` sum: what the trainer
+and the evaluation use. The VAE's KL is not a loss here: it stays the model's
+extra term (`model.forward`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from core import config as config_lib
+from core import metrics
+
+
+class Loss:
+    """A loss per example. Subclasses set `name` and implement `per_example`."""
+
+    name = ""
+    title = ""  # how figures name it
+    min_size = 1  # the smallest image side it is defined for
+
+    def per_example(self, targets: tf.Tensor, logits: tf.Tensor) -> tf.Tensor:
+        raise NotImplementedError
+
+    # A loss with a hand-written gradient overrides this:
+    # (targets, logits) -> (sum over the batch of per_example, d sum / d logits).
+    sum_and_gradient = None
+
+
+class BCE(Loss):
+    """Binary cross-entropy per pixel, averaged per example: the tutorial's loss."""
+
+    name, title = "bce", "BCE"
+
+    def per_example(self, targets, logits):
+        return metrics.bce_from_logits(targets, logits)
+
+    def sum_and_gradient(self, targets, logits):
+        total, dlogits = metrics.bce_sum_and_gradient(targets, logits)
+        pixels = float(np.prod(logits.shape[1:]))
+        return total / pixels, dlogits / pixels
+
+
+class MSE(Loss):
+    name, title = "mse", "MSE"
+
+    def per_example(self, targets, logits):
+        return metrics.mse(targets, tf.sigmoid(logits))
+
+
+class L1(Loss):
+    name, title = "l1", "L1"
+
+    def per_example(self, targets, logits):
+        return tf.reduce_mean(tf.abs(targets - tf.sigmoid(logits)), axis=[1, 2, 3])
+
+
+class Charbonnier(Loss):
+    """sqrt(d^2 + eps^2) per pixel, averaged: L1 with a smooth minimum (eps = 1e-3, as in
+    LapSRN and most image-restoration papers)."""
+
+    name, title = "charbonnier", "Charbonnier"
+    epsilon = 1e-3
+
+    def per_example(self, targets, logits):
+        d = targets - tf.sigmoid(logits)
+        return tf.reduce_mean(tf.sqrt(tf.square(d) + self.epsilon**2), axis=[1, 2, 3])
+
+
+class SSIM(Loss):
+    """1 - SSIM (11x11 Gaussian window, sigma 1.5), per example; defined for images of at
+    least 11x11."""
+
+    name, title = "ssim", "(1 - SSIM)"
+    min_size = 11
+
+    def per_example(self, targets, logits):
+        return 1.0 - tf.image.ssim(targets, tf.sigmoid(logits), max_val=1.0, filter_size=11)
+
+
+LOSSES = {cls.name: cls for cls in (BCE, MSE, L1, Charbonnier, SSIM)}
+assert tuple(LOSSES) == config_lib.LOSSES, "core.config.LOSSES lists the same names"
+
+
+class Weighted(Loss):
+    """sum_i weight_i * loss_i. What `build` returns, also for a single loss."""
+
+    def __init__(self, terms: Sequence[tuple[float, Loss]]):
+        self.terms = [(float(w), loss) for w, loss in terms]
+        self.name = "+".join(loss.name for _, loss in self.terms)
+        self.title = " + ".join(loss.title if w == 1 else f"{w:g} {loss.title}"
+                                for w, loss in self.terms)
+        self.min_size = max(loss.min_size for _, loss in self.terms)
+        self.hand = [(w, loss) for w, loss in self.terms if loss.sum_and_gradient is not None]
+        self.taped = [(w, loss) for w, loss in self.terms if loss.sum_and_gradient is None]
+
+    def per_example(self, targets, logits):
+        logits = tf.cast(logits, tf.float32)
+        targets = tf.cast(targets, tf.float32)
+        return tf.add_n([w * loss.per_example(targets, logits) for w, loss in self.terms])
+
+    def taped_sum(self, targets, logits) -> tf.Tensor | None:
+        """The batch sum of the terms without a hand-written gradient (compute it on the
+        tape), or None if there are none."""
+        if not self.taped:
+            return None
+        return tf.add_n([w * tf.reduce_sum(loss.per_example(targets, logits))
+                         for w, loss in self.taped])
+
+    def hand_sum_and_gradient(self, targets, logits) -> tuple[tf.Tensor, tf.Tensor] | None:
+        """The batch sum of the terms with a hand-written gradient, and that gradient with
+        respect to the logits (compute it off the tape), or None if there are none."""
+        if not self.hand:
+            return None
+        sums, grads = zip(*[(w * s, w * g) for w, loss in self.hand
+                            for s, g in [loss.sum_and_gradient(targets, logits)]])
+        return tf.add_n(sums), tf.add_n(grads)
+
+
+def build(spec: str = "bce", weights: Sequence[float] | None = None) -> Weighted:
+    """The loss `spec` names: one of `LOSSES`, or several joined by '+', with one weight
+    each (default 1). Config validates both before this runs."""
+    names = spec.split("+")
+    weights = tuple(weights) if weights else (1.0,) * len(names)
+    return Weighted([(w, LOSSES[name]()) for w, name in zip(weights, names)])

@@ -1,0 +1,263 @@
+"""Your own model (`--model=MODULE:FACTORY`, `register`) and the losses (`--loss`)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import core
+from core import losses
+from core.config import Config
+from core.errors import ConfigError
+from core.trainer import Trainer
+from helpers import ROOT, event_tags
+from layers.autoencoders import build_autoencoder, register
+
+keras = tf.keras
+
+
+def readme_example() -> str:
+    """The `# my_models.py` block of the README's "Your own model"."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    found = re.search(r"```python\n(# my_models\.py\n.*?)```", readme, re.S)
+    assert found, "README.md lost its my_models.py example"
+    return found.group(1)
+
+
+def test_the_readme_example_trains_exports_and_loads_in_plain_tensorflow(tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "my_models.py").write_text(readme_example())
+    model_dir = work / "run"
+    # As a user runs it: train.py from another folder, the module in the working directory.
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--model=my_models:make",
+         "--dataset=fontdigits", f"--model_dir={model_dir}", "--train_steps=20",
+         "--batch_size=32", "--eval_every=20", "--log_every=10", "--loss=l1+ssim",
+         "--loss_weights=0.16,0.84"], cwd=work, env=env, capture_output=True, text=True,
+        timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "model my_models:make" in proc.stderr and "code (7, 7, 8)" in proc.stderr
+    assert {"ckpt-20.index", "reconstructions.png", "curves.png"} <= set(os.listdir(model_dir))
+    # Eval and export in-process: the module comes from the working directory again.
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(work))])
+    evaluated = core.run(Config(mode="eval", model_dir=str(model_dir), batch_size=32),
+                         given={"mode", "model_dir", "batch_size"})
+    assert evaluated["step"] == 20
+    assert evaluated["loss"] == pytest.approx(
+        0.16 * evaluated_l1(model_dir) + 0.84 * (1 - evaluated["ssim"]), rel=1e-4)
+    exported = core.run(Config(mode="export", model_dir=str(model_dir)),
+                        given={"mode", "model_dir"})
+    loaded = tf.saved_model.load(exported["export_dir"])  # plain TensorFlow, no tapeloop
+    images = np.random.default_rng(0).random((3, 28, 28, 1)).astype(np.float32)
+    code = loaded.signatures["encode"](images=images)["code"]
+    assert code.shape == (3, 7, 7, 8)
+    out = loaded.signatures["decode"](code=code)["images"]
+    assert out.shape == (3, 28, 28, 1) and 0 <= float(tf.reduce_min(out)) <= 1
+
+
+def evaluated_l1(model_dir) -> float:
+    """The mean L1 of the run's model on its eval split, computed here from the export-free
+    checkpoint: restores the encoder and decoder into a fresh model of the same factory."""
+    from core import data
+
+    import my_models  # noqa: F401 - on the path: the test chdir'ed into its folder
+
+    model = build_autoencoder("my_models:make", (28, 28, 1))
+    ckpt = tf.train.Checkpoint(model=model)
+    ckpt.restore(tf.train.latest_checkpoint(str(model_dir))).expect_partial()
+    opened = data.open_split("test", dataset="fontdigits")
+    images = data.to_float(opened.source.images).numpy()
+    total = 0.0
+    for i in range(0, len(images), 500):
+        x = images[i:i + 500]
+        total += float(tf.reduce_sum(tf.abs(x - model.reconstruct(x))))
+    return total / images.size
+
+
+# ------------------------------------------------------- register + core.run
+class SubEncoder(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.conv = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu")
+        self.flat = keras.layers.Flatten()
+        self.dense = keras.layers.Dense(10)
+
+    def call(self, images):
+        return self.dense(self.flat(self.conv(images)))  # a flat code, (N, 10)
+
+
+class SubDecoder(keras.Model):
+    def __init__(self, shape):
+        super().__init__()
+        self.shape_ = shape
+        self.dense = keras.layers.Dense(shape[0] * shape[1] * shape[2])
+
+    def call(self, code):
+        return tf.reshape(self.dense(code), (-1, *self.shape_))
+
+
+def functional(image_shape):
+    images = keras.Input(image_shape)
+    code = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu")(images)
+    encoder = keras.Model(images, code, name="f_encoder")
+    codes = keras.Input(code.shape[1:])
+    logits = keras.layers.Conv2DTranspose(image_shape[2], 3, strides=2, padding="same")(codes)
+    return encoder, keras.Model(codes, logits, name="f_decoder")
+
+
+@pytest.mark.parametrize("name, code_shape, setting", [
+    ("sub", (10,), dict(strategy="mirrored", num_cpu_devices=2, jit_compile=True,
+                        precision="mixed_bfloat16")),
+    ("functional", (14, 14, 4), dict(strategy="default", precision="mixed_float16",
+                                     loss="mse+charbonnier", loss_weights=(1.0, 0.5))),
+], ids=["subclassed-mirrored-xla-bf16", "functional-fp16-mse+charbonnier"])
+def test_registered_models_train_resume_and_evaluate(tmp_path, name, code_shape, setting):
+    register("sub", lambda shape: (SubEncoder(), SubDecoder(shape)))
+    register("functional", functional)
+    config = Config(model=name, dataset="fontdigits", model_dir=str(tmp_path / name),
+                    train_steps=10, epochs=None, batch_size=32, eval_every=10, log_every=5,
+                    steps_per_loop=5, **setting)
+    first = core.run(config)
+    assert first["step"] == 10 and np.isfinite([h["loss"] for h in first["history"]]).all()
+    resumed = core.run(config.replace(train_steps=15, mode="train"))
+    assert resumed["step"] == 15 and [h["step"] for h in resumed["history"]] == [15]
+    evaluated = core.run(config.replace(mode="eval"), given={"mode", "model_dir"})
+    assert evaluated["step"] == 15 and 0 < evaluated["mse"] < 0.3
+    tags = event_tags(str(tmp_path / name / "eval"))
+    assert {"loss", "bce", "mse", "psnr", "ssim"} <= set(tags)
+    if "loss_weights" in setting:  # eval's loss is the training loss, from config.json
+        assert evaluated["loss"] > evaluated["mse"]
+    model = build_autoencoder(name, (28, 28, 1))
+    assert model.encode(tf.zeros((2, 28, 28, 1))).shape == (2, *code_shape)
+
+
+class OneModel(keras.Model):
+    def call(self, x):
+        return x
+
+
+def _factory_module(tmp_path, monkeypatch, body: str) -> None:
+    (tmp_path / "bad_models.py").write_text("import tensorflow as tf\n" + body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("bad_models", None)
+
+
+@pytest.mark.parametrize("body, model, message", [
+    ("", "missing_module:make", "--model=missing_module:make: importing missing_module failed "
+                                "(ModuleNotFoundError"),
+    ("import nonexistent_dependency\n", "bad_models:make",
+     "importing bad_models failed (ModuleNotFoundError: No module named "
+     "'nonexistent_dependency')"),
+    ("", "bad_models:make", "bad_models has no callable 'make'"),
+    ("def make(shape):\n    raise ValueError('too small')\n", "bad_models:make",
+     "bad_models:make(image_shape=(28, 28, 1)) raised ValueError: too small"),
+    ("def make(shape):\n    return tf.keras.Sequential([tf.keras.layers.Dense(1)])\n",
+     "bad_models:make", "returned Sequential: return (encoder, decoder), two tf.keras.Model"),
+    ("def make(shape):\n    return tf.keras.layers.Dense(1), tf.keras.layers.Dense(1)\n",
+     "bad_models:make", "returned (Dense, Dense): return (encoder, decoder)"),
+    ("def make(shape):\n    d = tf.keras.layers.Conv2D(3, 3, strides=2)\n"
+     "    u = tf.keras.layers.Conv2DTranspose(1, 3, strides=2)\n"
+     "    return tf.keras.Sequential([d]), tf.keras.Sequential([u], name='up')\n", "bad_models:make",
+     "the decoder 'up' returns shape (None, 27, 27, 1), the images are "
+     "(None, 28, 28, 1): its output must be logits of the image's shape"),
+], ids=["no-module", "import-fails", "no-factory", "factory-raises", "one-model", "layers",
+        "wrong-shape"])
+def test_a_bad_factory_is_one_line_before_anything_is_written(tmp_path, monkeypatch, body, model,
+                                                              message):
+    _factory_module(tmp_path, monkeypatch, body)
+    model_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=re.escape(message)) as raised:
+        core.run(Config(model=model, dataset="fontdigits", model_dir=str(model_dir),
+                        train_steps=1, epochs=None))
+    assert "\n" not in str(raised.value)
+    assert not model_dir.exists()
+
+
+def test_filter_flags_are_refused_with_your_own_model():
+    with pytest.raises(ConfigError, match="--encoder_filters configures the built-in models"):
+        Config(model="my_models:make", encoder_filters=(8, 4))
+
+
+# -------------------------------------------------------------------- losses
+def test_each_loss_is_its_formula_and_zero_or_least_at_a_perfect_reconstruction():
+    rng = np.random.default_rng(0)
+    targets = rng.random((4, 16, 16, 3)).astype(np.float32)
+    logits = rng.normal(size=targets.shape).astype(np.float32)
+    images = tf.sigmoid(logits).numpy()
+    d = targets - images
+    expected = {
+        "bce": np.mean(np.maximum(logits, 0) - logits * targets
+                       + np.log1p(np.exp(-np.abs(logits))), axis=(1, 2, 3)),
+        "mse": np.mean(d**2, axis=(1, 2, 3)),
+        "l1": np.mean(np.abs(d), axis=(1, 2, 3)),
+        "charbonnier": np.mean(np.sqrt(d**2 + 1e-6), axis=(1, 2, 3)),
+        "ssim": 1 - tf.image.ssim(targets, images, 1.0, filter_size=11).numpy(),
+    }
+    for name, value in expected.items():
+        got = losses.build(name).per_example(targets, logits).numpy()
+        np.testing.assert_allclose(got, value, rtol=2e-5, atol=1e-6, err_msg=name)
+    perfect = np.log(targets / (1 - targets + 1e-7) + 1e-7)  # sigmoid(perfect) ~ targets
+    for name in ("mse", "l1", "ssim"):
+        assert float(np.max(losses.build(name).per_example(targets, perfect))) < 1e-3, name
+    combined = losses.build("l1+ssim", (0.16, 0.84)).per_example(targets, logits).numpy()
+    np.testing.assert_allclose(combined, 0.16 * expected["l1"] + 0.84 * expected["ssim"],
+                               rtol=1e-5)
+
+
+def _reference(name, targets, logits):
+    """Each loss per example, written independently; BCE as softplus(x) - x z, smooth at
+    x = 0, where relu(x) - x z + log1p(exp(-|x|)) has a kink that the tape differentiates
+    as -z instead of sigmoid(0) - z (a dead ReLU before the logits gives exact zeros)."""
+    if name == "bce":
+        return tf.reduce_mean(tf.math.softplus(logits) - logits * targets, axis=[1, 2, 3])
+    return losses.LOSSES[name]().per_example(targets, logits)
+
+
+@pytest.mark.parametrize("spec, weights", [("bce", None), ("ssim", None),
+                                           ("bce+l1+ssim", (1.0, 0.3, 2.0))])
+@pytest.mark.parametrize("model", ["seed", "vae"])
+def test_the_step_gradient_is_the_tape_gradient_of_the_whole_loss(spec, weights, model):
+    """Hand-written (BCE) and taped terms mixed: the trainer's gradients equal the tape's
+    gradient of mean(loss per example + the model's extra term)."""
+    x = np.random.default_rng(1).random((8, 28, 28, 1)).astype(np.float32)
+    net = build_autoencoder(model)
+    loss = losses.build(spec, weights)
+    trainer = Trainer(net, tf.distribute.get_strategy(), 8, 1e-3, eager=True, loss=loss)
+    seed = tf.constant([3, 4], tf.int64)
+    value, grads = trainer.forward_backward(x, x, seed)
+    with tf.GradientTape() as tape:
+        logits, extra, _ = net.forward(x, training=True, seed=seed)
+        expected = tf.reduce_mean(tf.add_n([w * _reference(term.name, x, logits)
+                                            for w, term in loss.terms]) + extra)
+    expected_grads = tape.gradient(expected, net.trainable_variables)
+    assert float(value) == pytest.approx(float(expected), rel=1e-5)
+    for g, e in zip(grads, expected_grads):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(loss="l2"), "--loss=l2: 'l2' is unknown"),
+    (dict(loss="l1+ssim", loss_weights=(1.0,)), "gives 1 weight(s) for the 2 loss(es)"),
+    (dict(loss="l1+l1"), "names a loss twice"),
+    (dict(loss="l1", loss_weights=(-1.0,)), "every weight must be positive and finite"),
+])
+def test_bad_loss_flags(changes, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config(**changes)
+
+
+def test_ssim_refuses_images_smaller_than_its_window(tmp_path):
+    model_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=re.escape(
+            "--loss=ssim needs images of at least 11x11 (SSIM's window); these are 8x8")):
+        core.run(Config(loss="ssim", dataset="synthetic", synthetic_shape=(8, 8, 1),
+                        model_dir=str(model_dir), train_steps=1, epochs=None, batch_size=8))
+    assert not model_dir.exists()
