@@ -70,6 +70,10 @@ flags.DEFINE_list("encoder_filters", None, "Override the model's encoder filters
 flags.DEFINE_list("decoder_filters", None, "Override the model's decoder filters, e.g. 4,4,8.")
 flags.DEFINE_integer("kernel_size", None, "Override the model's kernel size.")
 flags.DEFINE_integer("latent_dim", _D.latent_dim, "--model=vae: size of the Gaussian latent.")
+flags.DEFINE_integer("blocks_per_stage", _D.blocks_per_stage,
+                     "--model=resnet: residual blocks per stage.")
+flags.DEFINE_integer("latent_channels", _D.latent_channels,
+                     "--model=resnet: channels of the code (H/2^stages x W/2^stages x this).")
 flags.DEFINE_float("kl_weight", _D.kl_weight, "--model=vae: weight of the KL term (1 = the ELBO).")
 flags.DEFINE_float("noise_factor", _D.noise_factor, "Train a denoiser: Gaussian noise times this "
                    "is added to every input (clipped to [0, 1]); 0 = off.")

@@ -29,7 +29,7 @@ from core.errors import CheckpointError, ConfigError
 
 # Fields that change the model's variables: a resume that changes one cannot restore.
 MODEL_FIELDS = ("model", "encoder_filters", "decoder_filters", "kernel_size", "image_shape",
-                "loss_scaling", "latent_dim")
+                "loss_scaling", "latent_dim", "blocks_per_stage", "latent_channels")
 CONFIG_FILE = "config.json"
 STATE_FILE = "checkpoint"
 _CKPT_RE = re.compile(r"^ckpt-(\d+)(?:\.index|\.data-\d+-of-\d+)$")

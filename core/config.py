@@ -67,6 +67,8 @@ class Config:
     kernel_size: int | None = None
     latent_dim: int = 16  # vae only
     kl_weight: float = 1.0  # vae only
+    blocks_per_stage: int = 1  # resnet only
+    latent_channels: int = 4  # resnet only: the code's channels
     noise_factor: float = 0.0  # > 0: train a denoiser
     # Loss: one of LOSSES, or several joined by '+' (l1+ssim), with one weight each.
     loss: str = "bce"
@@ -187,6 +189,10 @@ class Config:
             raise ConfigError(f"--batch_shards={self.batch_shards}: must be >= 1 (1 = no split)")
         if self.latent_dim <= 0:
             raise ConfigError(f"--latent_dim={self.latent_dim}: must be a positive whole number")
+        for name in ("blocks_per_stage", "latent_channels"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"--{name}={getattr(self, name)}: must be a positive whole "
+                                  "number")
         if self.kl_weight < 0:
             raise ConfigError(f"--kl_weight={self.kl_weight}: must be >= 0")
         if not 0 <= self.noise_factor <= 10:
@@ -242,6 +248,9 @@ class Config:
                                       f"{self.model} builds its own: drop --{name}")
             return
         spec = MODELS[self.model]
+        if spec.family == "resnet" and self.kernel_size is not None:
+            raise ConfigError(f"--kernel_size configures the conv models; --model={self.model} "
+                              "uses 3x3 convolutions throughout: drop --kernel_size")
         encoder = self.encoder_filters or spec.encoder_filters
         decoder = self.decoder_filters or spec.decoder_filters
         if len(encoder) != len(decoder):

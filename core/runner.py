@@ -39,7 +39,7 @@ FIGURES = {
 }
 # What eval and export take from the trained run's config.json unless given as flags.
 INHERITED = ("model", "encoder_filters", "decoder_filters", "kernel_size", "latent_dim",
-             "kl_weight", "noise_factor", "dataset", "data_dir", "train_split", "eval_split",
+             "kl_weight", "blocks_per_stage", "latent_channels", "noise_factor", "dataset", "data_dir", "train_split", "eval_split",
              "synthetic_shape", "image_size", "channels", "resize", "seed", "loss", "loss_weights")
 _TUPLE_FIELDS = ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps",
                  "image_size", "loss_weights")
@@ -128,6 +128,7 @@ class Run:
                 f"--loss={config.loss} needs images of at least {self.loss.min_size}x"
                 f"{self.loss.min_size} (SSIM's window); these are {self.image_shape[0]}x"
                 f"{self.image_shape[1]}: raise --image_size, or train with another loss")
+        self._check_halvings()
         self.model = self._build_model()  # a user's factory can fail: before any write
         # Every check has passed: only now does anything touch the disk.
         self.output_dir = config.model_dir
@@ -252,6 +253,22 @@ class Run:
                 "the flags that change the model, and the trained run's are used")
 
     # ----------------------------------------------------------------- build
+    def _check_halvings(self) -> None:
+        """The resnet's stages halve H and W exactly: they must divide by 2^stages."""
+        from layers.registry import MODELS
+
+        spec = MODELS.get(self.config.model)
+        if not spec or spec.family != "resnet":
+            return
+        stages = len(self.config.encoder_filters or spec.encoder_filters)
+        h, w = self.image_shape[:2]
+        if h % 2**stages or w % 2**stages:
+            fit = [max(2**stages, round(d / 2**stages) * 2**stages) for d in (h, w)]
+            raise ConfigError(
+                f"--model={self.config.model} halves the image {stages} times; {h}x{w} does not "
+                f"divide by {2**stages}: use --image_size={fit[0]},{fit[1]}, or fewer stages "
+                "(--encoder_filters/--decoder_filters)")
+
     def _build_model(self):
         config = self.config
         # Weight initialisation follows --seed too: runs are repeatable, and every
@@ -262,7 +279,7 @@ class Run:
                 return build_autoencoder(
                     config.model, self.image_shape, self.precision, config.encoder_filters,
                     config.decoder_filters, config.kernel_size, config.latent_dim,
-                    config.kl_weight)
+                    config.kl_weight, config.blocks_per_stage, config.latent_channels)
             except ModelError as e:
                 raise ConfigError(str(e)) from e
 

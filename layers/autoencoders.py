@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import tensorflow as tf
 
-from layers import blocks
+from layers import blocks, resnet
 from layers.registry import FACTORIES, MODELS, ModelSpec, register  # noqa: F401 - lives there
 
 keras = tf.keras
@@ -297,6 +297,8 @@ def build_autoencoder(
     kernel_size: int | None = None,
     latent_dim: int = 16,
     kl_weight: float = 1.0,
+    blocks_per_stage: int = 1,
+    latent_channels: int = 4,
 ) -> Autoencoder:
     """Builds the registered model `name`, with weights, for images of `input_shape`.
 
@@ -306,6 +308,8 @@ def build_autoencoder(
       precision: a Keras dtype policy name: float32, mixed_float16 or mixed_bfloat16.
       encoder_filters, decoder_filters, kernel_size: override the registered values.
       latent_dim, kl_weight: the VAE's latent size and KL weight (variational models only).
+      blocks_per_stage, latent_channels: the resnet's residual blocks per stage and code
+        channels.
 
     Raises:
       KeyError: unknown `name`.
@@ -322,6 +326,14 @@ def build_autoencoder(
             "give both the same number of filters")
     kernel = kernel_size or spec.kernel_size
     policy = keras.DTypePolicy(precision)
+    if spec.family == "resnet":
+        model = Autoencoder(
+            resnet.ResnetEncoder(enc_filters, blocks_per_stage, latent_channels, dtype=policy,
+                                 name="encoder"),
+            resnet.ResnetDecoder(dec_filters, blocks_per_stage, input_shape[2], dtype=policy,
+                                 name="decoder"), dtype=policy, name=name)
+        model(tf.zeros((1, *input_shape)))
+        return model
     encoder = Encoder(enc_filters, kernel, spec.down, dtype=policy, name="encoder")
     decoder = Decoder(dec_filters, kernel, input_shape, spec.up, dtype=policy, name="decoder")
     if spec.variational:

@@ -21,6 +21,7 @@ class ModelSpec:
     down: str = "pool"  # a key of blocks.DOWN_BLOCKS
     up: str = "upsample"  # a key of blocks.UP_BLOCKS
     variational: bool = False  # a dense Gaussian latent between encoder and decoder
+    family: str = "conv"  # conv: layers.blocks stages; resnet: layers.resnet
     description: str = ""
 
 
@@ -41,6 +42,12 @@ MODELS: dict[str, ModelSpec] = {
         up="transpose", variational=True,
         description="convolutional VAE: stride-2 Conv 32-64, a dense Gaussian latent "
                     "(--latent_dim), Conv2DTranspose 64-32 back up"),
+    "resnet": ModelSpec(
+        encoder_filters=(32, 64, 64), decoder_filters=(64, 64, 32), kernel_size=3,
+        family="resnet",
+        description="residual autoencoder for natural images (latent diffusion's design): "
+                    "stages of GroupNorm+SiLU residual blocks (--blocks_per_stage), stride-2 "
+                    "down, a conv bottleneck of --latent_channels, mirrored decoder"),
 }
 
 
