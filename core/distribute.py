@@ -200,11 +200,12 @@ def make_strategy(name: str, num_cpu_devices: int = 0) -> tf.distribute.Strategy
     if name == "multi_worker":
         parse_tf_config(os.environ.get("TF_CONFIG"))
         setup_logical_cpus(num_cpu_devices)
-        # Reads TF_CONFIG; collectives over NCCL between GPUs, gRPC/ring on CPUs.
-        strategy = tf.distribute.MultiWorkerMirroredStrategy()
-        logging.info("multi-worker: task %s of %d workers, %d replicas in sync",
+        # Reads TF_CONFIG.
+        options = communication_options(len(gpus()))
+        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        logging.info("multi-worker: task %s of %d workers, %d replicas in sync, all-reduce %s",
                      task_id(strategy), strategy.extended._num_workers,  # noqa: SLF001
-                     strategy.num_replicas_in_sync)
+                     strategy.num_replicas_in_sync, options.implementation.name)
         return strategy
     setup_logical_cpus(num_cpu_devices)
     gpu_devices = [d.name for d in tf.config.list_logical_devices("GPU")]
@@ -237,6 +238,19 @@ def make_strategy(name: str, num_cpu_devices: int = 0) -> tf.distribute.Strategy
             devices, cross_device_ops=None if gpu_devices else
             tf.distribute.ReductionToOneDevice(reduce_to_device=cpu_devices[0]))
     raise ConfigError(f"--strategy={name!r} is unknown")
+
+
+def communication_options(num_gpus: int) -> tf.distribute.experimental.CommunicationOptions:
+    """MultiWorkerMirroredStrategy's all-reduce: NCCL where the workers have GPUs.
+
+    The default, AUTO, passes the hint "auto" to the collective runtime, which picks NCCL
+    only for the hint "nccl" (or `collective_nccl` in the session config): otherwise ring
+    all-reduce over gRPC, between GPUs too (collective_param_resolver_local.cc,
+    AssignCollectiveType). On CPUs ring is the only one there is.
+    """
+    implementation = tf.distribute.experimental.CommunicationImplementation
+    return tf.distribute.experimental.CommunicationOptions(
+        implementation=implementation.NCCL if num_gpus else implementation.AUTO)
 
 
 def check_batch(strategy: tf.distribute.Strategy, global_batch_size: int,

@@ -97,6 +97,14 @@ class Trainer:
             self.step = tf.Variable(
                 0, dtype=tf.int64, trainable=False, name="global_step",
                 aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            # Each replica adds its share of every step's loss to its own copy; reading it
+            # after the loop sums the copies: one cross-replica reduce per loop, not one
+            # per step (under MultiWorkerMirroredStrategy each is an all-reduce between
+            # machines). Not checkpointed: it is reset at the start of every loop.
+            self.loss_sum = tf.Variable(
+                0.0, trainable=False, name="loss_sum",
+                synchronization=tf.VariableSynchronization.ON_READ,
+                aggregation=tf.VariableAggregation.SUM)
             self.device_data = device_data
         self.train_traces = 0  # how often the K-step loop was traced (a test reads it)
 
@@ -187,24 +195,24 @@ class Trainer:
         loss, grads = self.replica_forward_backward(images, seeds)
         # In replica context, apply_gradients all-reduces (sums) the gradients.
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+        self.loss_sum.assign_add(loss)  # this replica's copy only
         return loss
 
     def _train_loop_body(self, iterator, num_steps: tf.Tensor) -> tf.Tensor:
         """`num_steps` steps in one call; returns their mean loss (on the device). Traced once."""
         self.train_traces += 1  # Python side effect: runs only while tracing
-        total = tf.constant(0.0, tf.float32)
+        self.strategy.run(lambda: self.loss_sum.assign(0.0))
         for _ in tf.range(num_steps):
             if self.device_data is not None:
-                per_replica = self.strategy.run(
+                self.strategy.run(
                     lambda: self._train_step(self.device_data.batch(self.step.read_value())))
             else:
                 # A lambda, never the tf.function itself: strategy.run would lift a
                 # jit-compiled tf.function around all replicas (the failure above).
-                per_replica = self.strategy.run(lambda x: self._train_step(x),
-                                                args=(next(iterator),))
-            total += self.strategy.reduce(SUM, per_replica, axis=None)
+                self.strategy.run(lambda x: self._train_step(x), args=(next(iterator),))
             self.step.assign_add(1)
-        return total / tf.cast(num_steps, tf.float32)
+        # Reading the on-read variable sums the replicas' copies: the loop's one reduce.
+        return self.loss_sum.read_value() / tf.cast(num_steps, tf.float32)
 
     def eval_step(self, inputs: tf.Tensor, targets: tf.Tensor,
                   weights: tf.Tensor) -> dict[str, tf.Tensor]:

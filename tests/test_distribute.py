@@ -215,6 +215,31 @@ def test_strategy_choice_on_cpu():
     assert isinstance(distribute.make_strategy("one_device", 1), tf.distribute.OneDeviceStrategy)
 
 
+def test_multi_worker_all_reduce_is_nccl_with_gpus():
+    implementation = tf.distribute.experimental.CommunicationImplementation
+    assert distribute.communication_options(8).implementation == implementation.NCCL
+    assert distribute.communication_options(0).implementation == implementation.AUTO
+
+
+def test_the_logged_loss_is_reduced_once_per_loop_not_every_step(images):
+    """Mirrored over 2 devices (ReductionToOneDevice): the loop body holds one AddN per
+    gradient (the all-reduce) and none for the loss, which is summed once after the loop."""
+    strategy = _strategy(2)
+    with strategy.scope():
+        model = build_autoencoder("seed")
+        trainer = Trainer(model, strategy, BATCH, 1e-3)
+    dist = iter(strategy.distribute_datasets_from_function(
+        lambda ctx: data.train_dataset(images, BATCH, 3, 0, ctx)))
+    loop = trainer._train_loop.get_concrete_function(dist, tf.TensorSpec([], tf.int32))
+    bodies = [f for f in loop.graph.as_graph_def().library.function
+              if "while_body" in f.signature.name]
+    adds = sum(1 for f in bodies for n in f.node_def if n.op == "AddN")
+    assert adds == len(model.trainable_variables)
+    # And the value is still every replica's share: the mean loss of the steps.
+    first = trainer.train_loop(dist, 3)
+    assert 0.1 < first < 1.0
+
+
 def test_gpu_defaults():
     assert distribute.default_precision(None) == "float32"
     assert distribute.default_precision((6, 1)) == "float32"
