@@ -272,6 +272,40 @@ def default_jit_compile() -> bool:
     return bool(gpus())
 
 
+MAX_POOL_GRADIENTS = ("MaxPoolGrad", "MaxPoolGradV2", "MaxPool3DGrad")
+
+
+def has_max_pool_gradient(model, image_shape) -> bool:
+    """Whether the model's backward pass holds a max-pool gradient (traced once, not run)."""
+
+    @tf.function
+    def grads(x):
+        with tf.GradientTape() as tape:
+            y = tf.reduce_sum(tf.cast(model(x, training=True), tf.float32))
+        return tape.gradient(y, model.trainable_variables)
+
+    graph = grads.get_concrete_function(tf.TensorSpec([2, *image_shape], tf.float32)).graph
+    ops = {op.type for op in graph.get_operations()}
+    for function in graph.as_graph_def().library.function:
+        ops.update(node.op for node in function.node_def)
+    return bool(ops & set(MAX_POOL_GRADIENTS))
+
+
+def deterministic_jit(jit_compile: bool, deterministic: bool, num_gpus: int,
+                      max_pool_gradient: bool) -> tuple[bool, str | None]:
+    """XLA for --deterministic: (jit_compile, why it was turned off, or None).
+
+    With op determinism XLA on GPU refuses max-pool's gradient ("HLO instruction
+    select-and-scatter ... does not have a deterministic implementation"; TensorFlow
+    issue 69417). So on GPUs a model whose backward pass has one trains without XLA,
+    whose MaxPoolGrad kernels are deterministic. XLA on CPU has no such refusal.
+    """
+    if jit_compile and deterministic and num_gpus and max_pool_gradient:
+        return False, ("--deterministic with XLA on GPU: XLA has no deterministic max-pool "
+                       "gradient (select-and-scatter), so this model trains without XLA")
+    return jit_compile, None
+
+
 def gpu_compute_capability() -> tuple[int, int] | None:
     devices = gpus()
     if not devices:

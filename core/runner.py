@@ -130,6 +130,12 @@ class Run:
                 f"{self.image_shape[1]}: raise --image_size, or train with another loss")
         self._check_halvings()
         self.model = self._build_model()  # a user's factory can fail: before any write
+        if self.jit_compile and config.deterministic and distribute.gpus():
+            self.jit_compile, why = distribute.deterministic_jit(
+                True, True, len(distribute.gpus()),
+                distribute.has_max_pool_gradient(self.model, self.image_shape))
+            if why:
+                logging.info(why)
         # Every check has passed: only now does anything touch the disk.
         self.output_dir = config.model_dir
         if not self.is_chief:  # other workers' saves and summaries are thrown away

@@ -9,8 +9,8 @@ XLA cluster that contains `strategy.run` (and so the gradient all-reduce)
 fails with cross-device resource errors. So XLA compiles the per-replica
 forward and backward pass, `forward_backward`, and the optimizer update, which
 all-reduces the gradients across replicas, runs after it in the ordinary
-`tf.function` that loops over K steps. With a single replica there is no
-all-reduce, and XLA compiles the whole step, update included.
+`tf.function` that loops over K steps. With a single replica outside a mirrored
+strategy there is no all-reduce, and XLA compiles the whole step, update included.
 
 With `batch_shards` > 1 each replica's batch is split and `forward_backward`
 runs once per shard (one XLA cluster each with --jit_compile); nothing orders
@@ -49,8 +49,8 @@ class Trainer:
       noise_factor: if > 0, train to denoise: each input gets Gaussian noise times this
         (clipped to [0, 1]) and the target is the clean image.
       xla_update: with jit_compile, also compile the optimizer update into the XLA
-        cluster. None: only with one replica (under MirroredStrategy it cannot be, see
-        above). benchmarks/throughput.py measures both on one replica.
+        cluster. None: only with one replica outside a mirrored strategy (under one it
+        cannot be, see above). benchmarks/throughput.py measures both on one replica.
     """
 
     def __init__(
@@ -115,9 +115,14 @@ class Trainer:
             compile_loop = tf.function
             xla = tf.function(jit_compile=True) if jit_compile else (lambda f: f)
             compile_replica_step = xla
-            # One replica: no all-reduce, so the update can join the XLA cluster.
+            # One replica: no all-reduce, so the update can join the XLA cluster. Not under
+            # a mirrored strategy, even over one device (one GPU with --strategy=mirrored):
+            # its update is a merge_call, which cannot run inside a nested tf.function.
             if xla_update is None:
-                xla_update = strategy.num_replicas_in_sync == 1
+                mirrored = (tf.distribute.MirroredStrategy,
+                            tf.distribute.MultiWorkerMirroredStrategy)
+                xla_update = (strategy.num_replicas_in_sync == 1
+                              and not isinstance(strategy, mirrored))
             compile_step = xla if xla_update else (lambda f: f)
         self._forward_backward = compile_replica_step(self.forward_backward)
         self._train_step = compile_step(self.train_step)

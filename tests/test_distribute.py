@@ -215,6 +215,21 @@ def test_strategy_choice_on_cpu():
     assert isinstance(distribute.make_strategy("one_device", 1), tf.distribute.OneDeviceStrategy)
 
 
+def test_mirrored_over_one_device_with_xla_is_the_single_device_step(images, weights, reference):
+    """One GPU under --strategy=mirrored: a MirroredStrategy over one device, with XLA."""
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    with strategy.scope():
+        model = build_autoencoder("seed")
+        model.set_weights(weights)
+        trainer = Trainer(model, strategy, BATCH, 3e-3, jit_compile=True, seed=3)
+    iterator = iter(strategy.distribute_datasets_from_function(
+        lambda ctx: data.train_dataset(images, BATCH, 3, 0, ctx)))
+    losses = [trainer.train_loop(iterator, n) for n in (5, 5, 5, 5)]
+    np.testing.assert_allclose(losses, reference[0], rtol=2e-5)
+    for a, b in zip([v.numpy() for v in model.trainable_variables], reference[1]):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_multi_worker_all_reduce_is_nccl_with_gpus():
     implementation = tf.distribute.experimental.CommunicationImplementation
     assert distribute.communication_options(8).implementation == implementation.NCCL

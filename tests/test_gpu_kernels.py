@@ -13,7 +13,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.framework import kernels
 
-from core import data, losses
+from core import data, distribute, losses
 from core.trainer import Trainer
 from layers.autoencoders import build_autoencoder
 
@@ -134,3 +134,30 @@ def test_data_on_device_has_no_per_step_branch_and_no_int32_order():
                            if n.op in ("If", "StatelessIf")]
     images = np.zeros((64, 2, 2, 1), np.uint8)
     assert data.DeviceData(images, 8, 1, 0).order.dtype == tf.int64
+
+
+@pytest.mark.parametrize("name, shape, pools", [
+    ("seed", (28, 28, 1), True), ("denoiser", (28, 28, 1), True), ("vae", (28, 28, 1), False),
+    ("resnet", (16, 16, 3), False)])
+def test_deterministic_xla_on_gpu_is_off_only_for_a_max_pool_gradient(name, shape, pools):
+    """XLA on GPU with op determinism refuses select-and-scatter, max-pool's gradient. The
+    decision is the trace's (MaxPoolGrad in the backward pass); the HLO that XLA compiles
+    on this CPU shows the select-and-scatter exactly where the decision says so."""
+    model = build_autoencoder(name, shape)
+    found = distribute.has_max_pool_gradient(model, shape)
+    assert found == pools
+
+    @tf.function(jit_compile=True)
+    def grads(x):
+        with tf.GradientTape() as tape:
+            y = tf.reduce_sum(model(x, training=True))
+        return tape.gradient(y, model.trainable_variables)
+
+    hlo = grads.experimental_get_compiler_ir(tf.zeros((2, *shape)))(stage="hlo")
+    assert ("select-and-scatter" in hlo) == pools
+    jit, why = distribute.deterministic_jit(True, True, 1, found)
+    assert jit is not pools and (why is not None) == pools
+    # Not deterministic, no GPU, or no XLA asked for: nothing changes.
+    assert distribute.deterministic_jit(True, False, 1, found) == (True, None)
+    assert distribute.deterministic_jit(True, True, 0, found) == (True, None)
+    assert distribute.deterministic_jit(False, True, 1, found) == (False, None)
