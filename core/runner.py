@@ -76,6 +76,15 @@ def inherit_run_config(config: Config, saved: dict | None,
     return config.replace(**changes)
 
 
+def _devices(strategy: tf.distribute.Strategy) -> list[str]:
+    """The devices the replicas run on (the default strategy: the first GPU, else the CPU)."""
+    try:
+        return list(strategy.extended.worker_devices)
+    except RuntimeError:  # the default strategy has no worker devices
+        return [(tf.config.list_logical_devices("GPU") or
+                 tf.config.list_logical_devices("CPU"))[0].name]
+
+
 def _saved_image_shape(saved: dict | None) -> tuple[int, int, int] | None:
     shape = (saved or {}).get("image_shape")
     return tuple(int(d) for d in shape) if shape else None
@@ -136,6 +145,12 @@ class Run:
                 distribute.has_max_pool_gradient(self.model, self.image_shape))
             if why:
                 logging.info(why)
+        # What ran, beside what was asked (`precision: auto`, `jit_compile: null`, ...).
+        self.run_config.update(
+            resolved_precision=self.precision, resolved_jit_compile=self.jit_compile,
+            resolved_strategy=type(self.strategy).__name__,
+            resolved_replicas=self.strategy.num_replicas_in_sync,
+            resolved_devices=_devices(self.strategy))
         # Every check has passed: only now does anything touch the disk.
         self.output_dir = config.model_dir
         if not self.is_chief:  # other workers' saves and summaries are thrown away

@@ -9,6 +9,8 @@ import shutil
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import core
+from core.config import Config
 from helpers import checkpoint_files, event_tags, run_train
 
 
@@ -189,3 +191,26 @@ def test_ctrl_c_during_eval_is_one_line(denoiser, tmp_path):
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
     assert err.strip().splitlines()[-1].startswith("train.py: stopped: interrupted")
     assert sorted(os.listdir(run)) == before
+
+
+def test_config_json_records_what_ran_and_a_float16_run_evaluates_and_exports_in_float32(
+        tmp_path):
+    """A run trained in float16 (a V100's auto) is evaluated and exported on a machine whose
+    auto is float32 (a CPU, an H100's bfloat16), and config.json says what ran."""
+    model_dir = str(tmp_path / "run")
+    core.run(Config(dataset="fontdigits", train_split="train[:512]", eval_split="test[:64]",
+                    model_dir=model_dir, train_steps=4, epochs=None, batch_size=32,
+                    precision="mixed_float16", strategy="mirrored", num_cpu_devices=2))
+    saved = json.load(open(os.path.join(model_dir, "config.json")))
+    assert saved["precision"] == "mixed_float16" and saved["jit_compile"] is None
+    assert saved["resolved_precision"] == "mixed_float16"
+    assert saved["resolved_jit_compile"] is False  # the CPU default
+    assert saved["resolved_strategy"] == "MirroredStrategy" and saved["resolved_replicas"] == 2
+    assert [d.rsplit("/", 1)[-1] for d in saved["resolved_devices"]] == ["device:CPU:0",
+                                                                         "device:CPU:1"]
+    evaluated = core.run(Config(mode="eval", model_dir=model_dir, precision="float32"),
+                         given={"mode", "model_dir", "precision"})
+    assert evaluated["step"] == 4 and 0 < evaluated["bce"] < 1
+    exported = core.run(Config(mode="export", model_dir=model_dir, precision="mixed_bfloat16"),
+                        given={"mode", "model_dir", "precision"})
+    assert os.path.exists(os.path.join(exported["export_dir"], "saved_model.pb"))
