@@ -40,7 +40,8 @@ FIGURES = {
 # What eval and export take from the trained run's config.json unless given as flags.
 INHERITED = ("model", "encoder_filters", "decoder_filters", "kernel_size", "latent_dim",
              "kl_weight", "blocks_per_stage", "latent_channels", "noise_factor", "dataset",
-             "data_dir", "train_split", "eval_split", "synthetic_shape", "image_size", "channels", "resize", "seed", "loss", "loss_weights")
+             "data_dir", "train_split", "eval_split", "synthetic_shape", "image_size",
+             "channels", "resize", "seed", "loss", "loss_weights")
 _TUPLE_FIELDS = ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps",
                  "image_size", "loss_weights")
 SKIPPED_FILE = "skipped_images.txt"
