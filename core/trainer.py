@@ -106,6 +106,10 @@ class Trainer:
                 synchronization=tf.VariableSynchronization.ON_READ,
                 aggregation=tf.VariableAggregation.SUM)
             self.device_data = device_data
+        # float16 with several replicas: the finiteness check must see every replica's
+        # gradients (poison_unless_finite_everywhere).
+        self.check_finite_across_replicas = (precision == "mixed_float16"
+                                             and strategy.num_replicas_in_sync > 1)
         self.train_traces = 0  # how often the K-step loop was traced (a test reads it)
 
         # The one place where compilation is decided.
@@ -198,10 +202,28 @@ class Trainer:
         else:  # nothing random in this step: keep the seed ops off the hot path
             seeds = tf.zeros([2, 2], tf.int64)
         loss, grads = self.replica_forward_backward(images, seeds)
+        if self.check_finite_across_replicas:
+            grads = self.poison_unless_finite_everywhere(grads)
         # In replica context, apply_gradients all-reduces (sums) the gradients.
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         self.loss_sum.assign_add(loss)  # this replica's copy only
         return loss
+
+    def poison_unless_finite_everywhere(self, grads: list) -> list:
+        """This replica's gradients, made NaN if any replica's are not finite. Traced.
+
+        Keras' LossScaleOptimizer judges finiteness on the gradients it is given, each
+        replica's own before the all-reduce, and under a merge_call it trusts replica 0's
+        verdict: an overflow on replica 1 alone went into the update (and where it
+        does not merge, each replica would decide alone). One scalar all-reduce of the
+        count of replicas with a non-finite gradient makes the verdict every replica's:
+        the step is skipped and the loss scale halved, everywhere.
+        """
+        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+        bad = tf.distribute.get_replica_context().all_reduce(
+            SUM, tf.cast(tf.logical_not(finite), tf.float32))
+        poison = tf.where(bad > 0, tf.constant(float("nan")), tf.constant(1.0))
+        return [g * tf.cast(poison, g.dtype) for g in grads]
 
     def _train_loop_body(self, iterator, num_steps: tf.Tensor) -> tf.Tensor:
         """`num_steps` steps in one call; returns their mean loss (on the device). Traced once."""

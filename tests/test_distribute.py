@@ -230,6 +230,34 @@ def test_mirrored_over_one_device_with_xla_is_the_single_device_step(images, wei
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_float16_overflow_on_one_replica_skips_the_step_everywhere():
+    """Replica 1's inputs overflow float16, replica 0's do not: the step is skipped (the
+    weights stay as they were, and finite) and the loss scale halves. Keras'
+    LossScaleOptimizer alone trusted replica 0 and put the overflow into the weights."""
+    strategy = _strategy(2)
+    with strategy.scope():
+        model = build_autoencoder("seed", precision="mixed_float16")
+        trainer = Trainer(model, strategy, 16, 1e-3, precision="mixed_float16")
+    images = np.random.default_rng(0).random((8, 28, 28, 1)).astype(np.float32)
+    per_replica = strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.constant(images * (1e4 if ctx.replica_id_in_sync_group == 1 else 1.0)))
+
+    @tf.function
+    def step(x):
+        return strategy.run(lambda x: trainer._train_step(x), args=(x,))
+
+    before = [v.numpy() for v in model.trainable_variables]
+    scale = float(trainer.optimizer.dynamic_scale.numpy())
+    step(per_replica)
+    for old, var in zip(before, model.trainable_variables):
+        np.testing.assert_array_equal(var.numpy(), old)
+    assert float(trainer.optimizer.dynamic_scale.numpy()) == scale / 2
+    # Both replicas' inputs fine: the step is taken.
+    step(strategy.experimental_distribute_values_from_function(lambda ctx: tf.constant(images)))
+    assert not np.array_equal(model.trainable_variables[0].numpy(), before[0])
+    assert all(np.isfinite(v.numpy()).all() for v in model.trainable_variables)
+
+
 def test_multi_worker_all_reduce_is_nccl_with_gpus():
     implementation = tf.distribute.experimental.CommunicationImplementation
     assert distribute.communication_options(8).implementation == implementation.NCCL

@@ -105,7 +105,8 @@ def _loop(model="seed", precision="float32", device=False, shards=1, noise=0.0, 
     dict(), dict(device=True), dict(shards=2), dict(device=True, shards=2),
     dict(precision="mixed_bfloat16"), dict(precision="mixed_float16"),
     dict(model="vae"), dict(model="denoiser", noise=0.4), dict(jit=True, device=True),
-    dict(replicas=2, device=True), dict(loss="mse+l1+charbonnier"),
+    dict(replicas=2, device=True), dict(replicas=2, precision="mixed_float16"),
+    dict(loss="mse+l1+charbonnier"),
     dict(loss="ssim", precision="mixed_float16"),
 ], ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "tf.data")
 def test_every_op_of_the_training_loop_has_a_gpu_kernel(path):
