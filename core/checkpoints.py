@@ -29,7 +29,7 @@ from core.errors import CheckpointError, ConfigError
 
 # Fields that change the model's variables: a resume that changes one cannot restore.
 MODEL_FIELDS = ("model", "encoder_filters", "decoder_filters", "kernel_size", "image_shape",
-                "loss_scaling", "latent_dim", "blocks_per_stage", "latent_channels")
+                "latent_dim", "blocks_per_stage", "latent_channels")
 CONFIG_FILE = "config.json"
 STATE_FILE = "checkpoint"
 _CKPT_RE = re.compile(r"^ckpt-(\d+)(?:\.index|\.data-\d+-of-\d+)$")
@@ -221,7 +221,7 @@ class Checkpointer:
                 "them, or move the 'checkpoint' file away and the newest checkpoint left is "
                 "used, or use a fresh --model_dir")
         try:
-            status = self.checkpoint.restore(path)
+            status = self._matching(path).restore(path)
             # Every object of ours must get a saved value: a partial restore would silently
             # go on from a mix of old and fresh weights.
             status.assert_existing_objects_matched()
@@ -240,6 +240,34 @@ class Checkpointer:
         step = int(self.trainer.step.numpy())
         logging.info("restored %s (step %d)", path, step)
         return step
+
+    def _matching(self, path: str) -> tf.train.Checkpoint:
+        """The checkpoint object to restore `path` with: ours, or, where the precision
+        changed across float16 and another one, one that matches the file's layout.
+
+        Under mixed_float16 the optimizer is Keras' LossScaleOptimizer, which holds Adam as
+        `inner_optimizer`: a float16 checkpoint's Adam state lives under
+        `optimizer/inner_optimizer/`. Precision is not a property of the model (auto is
+        float16 on a V100, bfloat16 on an H100, float32 on a CPU), so Adam's state carries
+        over both ways; a run that starts loss scaling starts at the initial scale.
+        """
+        if self.read_only:
+            return self.checkpoint
+        saved_scaled = any(name.startswith("optimizer/inner_optimizer/")
+                           for name, _ in tf.train.list_variables(path))
+        optimizer = self.trainer.optimizer
+        scaled = isinstance(optimizer, tf.keras.optimizers.LossScaleOptimizer)
+        if saved_scaled == scaled:
+            return self.checkpoint
+        model, step = self.trainer.model, self.trainer.step
+        if saved_scaled:
+            logging.info("%s was trained in mixed_float16: resuming without loss scaling, "
+                         "with its Adam state", path)
+            return tf.train.Checkpoint(model=model, step=step,
+                                       optimizer=tf.train.Checkpoint(inner_optimizer=optimizer))
+        logging.info("%s was trained without loss scaling: resuming in mixed_float16 with its "
+                     "Adam state, from the initial loss scale", path)
+        return tf.train.Checkpoint(model=model, step=step, optimizer=optimizer.inner_optimizer)
 
     def save(self) -> str:
         """Saves at the current step (once per step); returns the checkpoint path.

@@ -268,7 +268,6 @@ class Run:
             checkpoints.check_compatible(self.config.model_dir, self.run_config)
             return
         differences = checkpoints.model_differences(self.saved or {}, self.run_config)
-        differences = [d for d in differences if not d.startswith("loss_scaling")]  # no optimizer
         if differences:
             raise ConfigError(
                 f"{self.checkpoint_path} holds a different model ({'; '.join(differences)}): drop "

@@ -214,3 +214,29 @@ def test_config_json_records_what_ran_and_a_float16_run_evaluates_and_exports_in
     exported = core.run(Config(mode="export", model_dir=model_dir, precision="mixed_bfloat16"),
                         given={"mode", "model_dir", "precision"})
     assert os.path.exists(os.path.join(exported["export_dir"], "saved_model.pb"))
+
+
+@pytest.mark.parametrize("first, then", [("mixed_float16", "float32"),
+                                         ("float32", "mixed_float16")])
+def test_resume_across_precisions_keeps_adams_state(tmp_path, first, then):
+    """A run trained where auto is float16 (a V100) resumes where it is not (a CPU, an
+    H100), and back: the weights, the step and Adam's moments carry over."""
+    import numpy as np
+    import tensorflow as tf
+
+    model_dir = str(tmp_path / "run")
+    config = Config(dataset="fontdigits", train_split="train[:512]", eval_split="test[:64]",
+                    model_dir=model_dir, train_steps=4, epochs=None, batch_size=32,
+                    mode="train", precision=first)
+    core.run(config)
+    path = os.path.join(model_dir, "ckpt-4")
+    names = [n for n, _ in tf.train.list_variables(path)]
+    assert any("inner_optimizer" in n for n in names) == (first == "mixed_float16")
+    resumed = core.run(config.replace(precision=then, train_steps=5))
+    assert resumed["step"] == 5 and [h["step"] for h in resumed["history"]] == [5]
+    # Adam's step count went on from 4 (not from 0): its state was restored.
+    adam = "optimizer/inner_optimizer/" if then == "mixed_float16" else "optimizer/"
+    assert int(tf.train.load_variable(os.path.join(model_dir, "ckpt-5"),
+                                      adam + "_iterations/.ATTRIBUTES/VARIABLE_VALUE")) == 5
+    saved = json.load(open(os.path.join(model_dir, "config.json")))
+    assert saved["resolved_precision"] == then and np.isfinite(resumed["history"][-1]["loss"])
