@@ -167,3 +167,20 @@ def test_image_files_and_resume_cost_smoke(tmp_path):
          "--batch_size=4", "--repeats=1")
     resume = json.loads((tmp_path / "resume_cost.json").read_text())
     assert resume["steps_per_epoch"] == 6 and resume["iterator_state"]["bytes"] > 0
+
+
+def test_gpu_check_without_a_gpu_and_simulated(tmp_path):
+    """Without a GPU it runs the CPU checks, says so and exits 0; --simulate_on_cpu runs
+    every GPU path (on 2 logical CPUs) and the Keras comparison, and reads the placement log."""
+    plain = _run("gpu_check.py", f"--output_dir={tmp_path / 'plain'}")
+    assert "No GPU found: only the checks above ran" in plain.stdout
+    report = json.loads((tmp_path / "plain" / "gpu_check.json").read_text())
+    assert report["gpus"] == 0 and report["ok"] and report["paths"] == []
+    assert len(report["checks"]) >= 9 and all(c["ok"] for c in report["checks"])
+    _run("gpu_check.py", f"--output_dir={tmp_path / 'sim'}", "--simulate_on_cpu", "--steps=4",
+         "--steps_per_loop=2", "--batch_size=16")
+    report = json.loads((tmp_path / "sim" / "gpu_check.json").read_text())
+    ran = [p for p in report["paths"] if "skipped" not in p]
+    assert report["simulated"] and report["ok"] and len(ran) == 7
+    assert all(p["placed"] > 0 and p["agrees"] and p["keras_steps_per_sec"] > 0 for p in ran)
+    assert "Simulated on 2 logical CPU devices" in (tmp_path / "sim" / "gpu_check.md").read_text()

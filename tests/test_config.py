@@ -5,7 +5,7 @@ from core.errors import ConfigError
 
 BAD = [
     (dict(dataset="imagenet"), r"--dataset='imagenet' is unknown: choose one of fontdigits"),
-    (dict(model="resnet"), r"--model='resnet' is unknown: choose one of seed"),
+    (dict(model="unet"), r"--model='unet' is unknown: choose one of seed"),
     (dict(batch_size=0), r"--batch_size=0: must be a positive"),
     (dict(batch_size=-4), r"--batch_size=-4: must be a positive"),
     (dict(epochs=0), r"--epochs=0: must be a positive"),
