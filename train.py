@@ -85,6 +85,13 @@ flags.DEFINE_integer("epochs", None, f"Epochs to train (default {_D.epochs} unle
 flags.DEFINE_integer("train_steps", None, "Total training steps (instead of --epochs).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size (over all replicas).")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Adam learning rate.")
+flags.DEFINE_enum("lr_schedule", _D.lr_schedule, config_lib.LR_SCHEDULES,
+                  "Learning rate as a function of the global step (README, Schedules).")
+flags.DEFINE_integer("warmup_steps", _D.warmup_steps, "Linear warm-up over this many steps.")
+flags.DEFINE_float("min_learning_rate", _D.min_learning_rate, "cosine, linear: the final rate.")
+flags.DEFINE_float("decay_rate", None, "exponential: the factor per epoch, e.g. 0.9.")
+flags.DEFINE_list("lr_boundaries", None, "piecewise: the steps where the rate changes.")
+flags.DEFINE_list("lr_values", None, "piecewise: the rates, one more than the boundaries.")
 flags.DEFINE_integer("seed", _D.seed, "Seed of the weight initialisation and the data order.")
 flags.DEFINE_bool("jit_compile", None, "XLA-compile the step (default: on with a GPU, off on CPU).")
 flags.DEFINE_bool("eager", _D.eager, "Run the loop eagerly, for debugging (slow).")
@@ -187,6 +194,8 @@ def config_from_flags(argv=None) -> config_lib.Config:
                  "image_size"):
         values[name] = _ints(name, values[name])
     values["loss_weights"] = _floats("loss_weights", values["loss_weights"])
+    values["lr_values"] = _floats("lr_values", values["lr_values"])
+    values["lr_boundaries"] = _ints("lr_boundaries", values["lr_boundaries"])
     shards = values["batch_shards"]
     if shards == "auto":
         values["batch_shards"] = None

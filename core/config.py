@@ -26,6 +26,7 @@ CACHES = ("none", "memory")  # or a folder: decoded once into TFRecord shards th
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LOSSES = ("bce", "mse", "l1", "charbonnier", "ssim")  # core/losses.py
+LR_SCHEDULES = ("constant", "cosine", "linear", "exponential", "piecewise")  # core/schedules.py
 _SPLIT_RE = re.compile(r"^(\w+)(\[(-?\d+%?)?:(-?\d+%?)?\])?$")
 
 
@@ -78,6 +79,12 @@ class Config:
     train_steps: int | None = None
     batch_size: int = 256
     learning_rate: float = 3e-3
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_learning_rate: float = 0.0  # cosine, linear: where they end
+    decay_rate: float | None = None  # exponential: the factor per epoch
+    lr_boundaries: tuple[int, ...] | None = None  # piecewise: steps where the rate changes
+    lr_values: tuple[float, ...] | None = None  # piecewise: one more than boundaries
     seed: int = 0
     # Execution.
     jit_compile: bool | None = None  # None: on where a GPU is present
@@ -144,6 +151,7 @@ class Config:
         if not is_user_model(self.model):
             _check_choice("model", self.model, model_names() + ("MODULE:FACTORY",))
         self._check_loss()
+        self._check_schedule()
         for name in ("epochs", "train_steps"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -217,6 +225,46 @@ class Config:
             raise ConfigError("--model_dir is empty: give a folder for checkpoints and summaries")
         if self.eager and self.jit_compile:
             raise ConfigError("--eager and --jit_compile exclude each other: drop one")
+
+    def _check_schedule(self) -> None:
+        _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
+        kind = self.lr_schedule
+        if self.warmup_steps < 0:
+            raise ConfigError(f"--warmup_steps={self.warmup_steps}: must be >= 0 (0 = none)")
+        if not 0 <= self.min_learning_rate < self.learning_rate:
+            raise ConfigError(f"--min_learning_rate={self.min_learning_rate}: must be >= 0 and "
+                              f"below --learning_rate={self.learning_rate}")
+        if self.min_learning_rate and kind not in ("cosine", "linear"):
+            raise ConfigError(f"--min_learning_rate is where cosine and linear end; "
+                              f"--lr_schedule={kind} has none: drop it")
+        if self.decay_rate is not None:
+            if kind != "exponential":
+                raise ConfigError(f"--decay_rate is the exponential schedule's; --lr_schedule="
+                                  f"{kind} has none: drop it, or use --lr_schedule=exponential")
+            if not 0 < self.decay_rate <= 1:
+                raise ConfigError(f"--decay_rate={self.decay_rate}: the factor per epoch must be "
+                                  "in (0, 1], e.g. 0.9")
+        elif kind == "exponential":
+            raise ConfigError("--lr_schedule=exponential needs --decay_rate, the factor per "
+                              "epoch, e.g. 0.9")
+        given = self.lr_boundaries is not None or self.lr_values is not None
+        if kind != "piecewise":
+            if given:
+                raise ConfigError(f"--lr_boundaries and --lr_values are the piecewise schedule's;"
+                                  f" --lr_schedule={kind} has none: drop them")
+            return
+        bounds, values = tuple(self.lr_boundaries or ()), tuple(self.lr_values or ())
+        if not bounds or len(values) != len(bounds) + 1:
+            raise ConfigError(
+                f"--lr_schedule=piecewise needs --lr_boundaries (steps) and one more "
+                f"--lr_values than boundaries; got {len(bounds)} boundaries and {len(values)} "
+                "values, e.g. --lr_boundaries=1000,2000 --lr_values=3e-3,1e-3,3e-4")
+        if any(b <= 0 for b in bounds) or any(b >= c for b, c in zip(bounds, bounds[1:])):
+            raise ConfigError(f"--lr_boundaries={','.join(map(str, bounds))}: steps must be "
+                              "positive and increasing")
+        if not all(v > 0 and math.isfinite(v) for v in values):
+            raise ConfigError(f"--lr_values={','.join(map(str, values))}: every rate must be "
+                              "positive and finite")
 
     def _check_loss(self) -> None:
         names = self.loss.split("+")

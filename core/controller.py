@@ -196,7 +196,7 @@ class Controller:
                 f"({last}) is untouched: {hint}")
         self.nan_retries += 1
         restored = self.checkpointer.restore(last)
-        lr = self.trainer.learning_rate * c.nan_lr_factor
+        lr = self.trainer.base_learning_rate * c.nan_lr_factor
         self.trainer.set_learning_rate(lr)
         logging.warning("rollback %d/%d: loss was %s %s; restored %s (step %d), learning rate now "
                         "%.3g", self.nan_retries, c.nan_max_retries, loss, where, last, restored,

@@ -34,6 +34,15 @@ class FusedAdam(keras.optimizers.Adam):
     """
 
     _scalars = None  # during an update: (dtype, device) -> the step's scalar inputs
+    # A learning-rate schedule: a zero-argument callable returning this step's factor on
+    # the learning-rate variable (core/schedules.py); None: constant.
+    lr_multiplier = None
+
+    def _get_current_learning_rate(self):
+        rate = super()._get_current_learning_rate()
+        if self.lr_multiplier is None:
+            return rate
+        return rate * tf.cast(self.lr_multiplier(), rate.dtype)
 
     def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
         # The scalars of the step (beta powers, casts) are computed once per dtype and

@@ -21,7 +21,8 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from core import checkpoints, data, distribute, losses, plots, process, summaries as summaries_lib
+from core import checkpoints, data, distribute, losses, plots, process, schedules
+from core import summaries as summaries_lib
 from core.checkpoints import Checkpointer, ModelDirLock
 from core.config import Config
 from core.controller import Cadence, Controller, format_line
@@ -306,6 +307,11 @@ class Run:
 
     def _build(self, inference: bool) -> None:
         config, model = self.config, self.model
+        self.schedule = None
+        if self.train_split is not None:
+            steps_per_epoch = self.train_split.num_examples // config.batch_size
+            total = config.train_steps or config.epochs * steps_per_epoch
+            self.schedule = schedules.from_config(config, total, steps_per_epoch)
         with self.strategy.scope():
             device_data = None
             if config.data_on_device and self.train_split is not None:
@@ -314,7 +320,9 @@ class Run:
             self.trainer = Trainer(
                 model, self.strategy, config.batch_size, config.learning_rate,
                 self.precision, self.jit_compile, config.eager, device_data, config.seed,
-                config.noise_factor, batch_shards=config.batch_shards, loss=self.loss)
+                config.noise_factor, batch_shards=config.batch_shards, loss=self.loss,
+                lr_multiplier=self.schedule if config.lr_schedule != "constant"
+                or config.warmup_steps else None)
         self.checkpointer = Checkpointer(self.output_dir, self.trainer, config.keep_checkpoints,
                                          restore_dir=config.model_dir, read_only=inference)
         self.summaries = Summaries(self.output_dir)
@@ -431,6 +439,7 @@ def train(run: Run) -> dict:
     start = run.checkpointer.restore()
     steps_per_epoch = run.train_split.num_examples // cfg.batch_size
     total = cfg.train_steps or cfg.epochs * steps_per_epoch
+    logging.info("learning rate: %s", run.schedule.describe(cfg.learning_rate))
     if start:
         logging.info("resuming from step %d towards %d", start, total)
         saved = checkpoints.saved_config(cfg.model_dir)

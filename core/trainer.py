@@ -68,6 +68,7 @@ class Trainer:
         xla_update: bool | None = None,
         batch_shards: int = 1,
         loss: losses.Weighted | None = None,
+        lr_multiplier=None,
     ):
         self.model = model
         self.loss = loss or losses.build("bce")
@@ -86,6 +87,8 @@ class Trainer:
         self.needs_seeds = bool(self.noise_factor) or hasattr(model, "moments")  # a VAE samples
         with strategy.scope():
             optimizer = optimizers.FusedAdam(learning_rate)
+            if lr_multiplier is not None:  # the factor of the global step, read when applied
+                optimizer.lr_multiplier = lambda: lr_multiplier(self.step)
             if precision == "mixed_float16":
                 # Dynamic loss scaling keeps float16 gradients from underflowing;
                 # bfloat16 has float32's exponent range and needs none.
@@ -300,8 +303,15 @@ class Trainer:
         return {name: float(value) / count for name, value in totals.items()}
 
     def set_learning_rate(self, value: float) -> None:
-        self.optimizer.learning_rate = value  # assigns the (checkpointed) variable
+        """Sets the base rate: the (checkpointed) variable a schedule multiplies."""
+        self.optimizer.learning_rate = value  # assigns the variable
+
+    @property
+    def base_learning_rate(self) -> float:
+        inner = getattr(self.optimizer, "inner_optimizer", self.optimizer)
+        return float(keras.ops.convert_to_numpy(inner._learning_rate))  # noqa: SLF001
 
     @property
     def learning_rate(self) -> float:
+        """The rate of the next step: the base rate times the schedule's factor."""
         return float(keras.ops.convert_to_numpy(self.optimizer.learning_rate))
