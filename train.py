@@ -85,6 +85,15 @@ flags.DEFINE_integer("epochs", None, f"Epochs to train (default {_D.epochs} unle
 flags.DEFINE_integer("train_steps", None, "Total training steps (instead of --epochs).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size (over all replicas).")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Adam learning rate.")
+flags.DEFINE_enum("optimizer", _D.optimizer, config_lib.OPTIMIZERS,
+                  "adam (fused), adamw (decoupled --weight_decay, not on biases and "
+                  "normalisation scales) or sgd (--momentum, --nesterov).")
+flags.DEFINE_float("weight_decay", None, "--optimizer=adamw: decoupled weight decay "
+                   "(default 0.004).")
+flags.DEFINE_float("momentum", None, "--optimizer=sgd: momentum (default 0.9).")
+flags.DEFINE_bool("nesterov", _D.nesterov, "--optimizer=sgd: Nesterov momentum.")
+flags.DEFINE_float("clip_norm", None, "Clip the step's gradient to this global norm.")
+flags.DEFINE_float("clip_value", None, "Clip every gradient element to [-v, v].")
 flags.DEFINE_enum("lr_schedule", _D.lr_schedule, config_lib.LR_SCHEDULES,
                   "Learning rate as a function of the global step (README, Schedules).")
 flags.DEFINE_integer("warmup_steps", _D.warmup_steps, "Linear warm-up over this many steps.")

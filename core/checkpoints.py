@@ -30,6 +30,9 @@ from core.errors import CheckpointError, ConfigError
 # Fields that change the model's variables: a resume that changes one cannot restore.
 MODEL_FIELDS = ("model", "encoder_filters", "decoder_filters", "kernel_size", "image_shape",
                 "latent_dim", "blocks_per_stage", "latent_channels")
+# Fields that change the optimizer's variables: a resume cannot restore across them either
+# (eval and export read no optimizer state and ignore them).
+OPTIMIZER_FIELDS = ("optimizer",)
 CONFIG_FILE = "config.json"
 STATE_FILE = "checkpoint"
 _CKPT_RE = re.compile(r"^ckpt-(\d+)(?:\.index|\.data-\d+-of-\d+)$")
@@ -451,7 +454,9 @@ def check_compatible(model_dir: str, current: dict, log_changes: bool = True) ->
     saved = saved_config(model_dir)
     if saved is None or (read_state(model_dir) is None and not checkpoints_on_disk(model_dir)):
         return  # nothing to restore: any model may start here
-    incompatible = model_differences(saved, current)
+    incompatible = model_differences(saved, current) + [
+        f"{k}: {_norm(saved.get(k))!r} -> {_norm(current.get(k))!r}" for k in OPTIMIZER_FIELDS
+        if k in saved and _norm(saved.get(k)) != _norm(current.get(k))]
     if incompatible:
         raise ConfigError(
             f"--model_dir={model_dir} holds a different model ({'; '.join(incompatible)}): use the "
@@ -459,6 +464,7 @@ def check_compatible(model_dir: str, current: dict, log_changes: bool = True) ->
     if not log_changes:
         return
     changed = sorted(k for k in set(saved) | set(current)
-                     if k not in MODEL_FIELDS and _norm(saved.get(k)) != _norm(current.get(k)))
+                     if k not in MODEL_FIELDS + OPTIMIZER_FIELDS
+                     and _norm(saved.get(k)) != _norm(current.get(k)))
     for key in changed:
         logging.info("resuming with %s changed: %r -> %r", key, saved.get(key), current.get(key))

@@ -26,6 +26,7 @@ CACHES = ("none", "memory")  # or a folder: decoded once into TFRecord shards th
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LOSSES = ("bce", "mse", "l1", "charbonnier", "ssim")  # core/losses.py
+OPTIMIZERS = ("adam", "adamw", "sgd")
 LR_SCHEDULES = ("constant", "cosine", "linear", "exponential", "piecewise")  # core/schedules.py
 _SPLIT_RE = re.compile(r"^(\w+)(\[(-?\d+%?)?:(-?\d+%?)?\])?$")
 
@@ -79,6 +80,12 @@ class Config:
     train_steps: int | None = None
     batch_size: int = 256
     learning_rate: float = 3e-3
+    optimizer: str = "adam"
+    weight_decay: float | None = None  # adamw; None: 0.004 (Keras' AdamW default)
+    momentum: float | None = None  # sgd; None: 0.9
+    nesterov: bool = False  # sgd
+    clip_norm: float | None = None  # clip the whole step's gradient to this global norm
+    clip_value: float | None = None  # clip every gradient element to [-v, v]
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     min_learning_rate: float = 0.0  # cosine, linear: where they end
@@ -152,6 +159,7 @@ class Config:
             _check_choice("model", self.model, model_names() + ("MODULE:FACTORY",))
         self._check_loss()
         self._check_schedule()
+        self._check_optimizer()
         for name in ("epochs", "train_steps"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -225,6 +233,25 @@ class Config:
             raise ConfigError("--model_dir is empty: give a folder for checkpoints and summaries")
         if self.eager and self.jit_compile:
             raise ConfigError("--eager and --jit_compile exclude each other: drop one")
+
+    def _check_optimizer(self) -> None:
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        if self.weight_decay is not None:
+            if self.optimizer != "adamw":
+                raise ConfigError(f"--weight_decay is AdamW's (decoupled); --optimizer="
+                                  f"{self.optimizer} has none: use --optimizer=adamw")
+            if not 0 <= self.weight_decay < 1:
+                raise ConfigError(f"--weight_decay={self.weight_decay}: must be in [0, 1), "
+                                  "e.g. 0.004")
+        if (self.momentum is not None or self.nesterov) and self.optimizer != "sgd":
+            raise ConfigError(f"--momentum and --nesterov are SGD's; --optimizer="
+                              f"{self.optimizer} has its own: drop them, or use --optimizer=sgd")
+        if self.momentum is not None and not 0 <= self.momentum < 1:
+            raise ConfigError(f"--momentum={self.momentum}: must be in [0, 1), e.g. 0.9")
+        for name in ("clip_norm", "clip_value"):
+            value = getattr(self, name)
+            if value is not None and not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"--{name}={value}: must be a positive, finite number")
 
     def _check_schedule(self) -> None:
         _check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)

@@ -25,17 +25,12 @@ def _handle(variable):
     return variable.handle
 
 
-@keras.utils.register_keras_serializable("tapeloop")
-class FusedAdam(keras.optimizers.Adam):
-    """`keras.optimizers.Adam` whose per-variable update is one `ResourceApplyAdam` op.
+class Scheduled:
+    """A learning-rate schedule on a Keras optimizer: `lr_multiplier`, a zero-argument
+    callable returning this step's factor on the learning-rate variable
+    (core/schedules.py), read wherever Keras reads the rate (the update, weight decay,
+    `optimizer.learning_rate`). None: constant."""
 
-    Falls back to Keras' update for what the fused kernel does not cover:
-    amsgrad and sparse (IndexedSlices) gradients.
-    """
-
-    _scalars = None  # during an update: (dtype, device) -> the step's scalar inputs
-    # A learning-rate schedule: a zero-argument callable returning this step's factor on
-    # the learning-rate variable (core/schedules.py); None: constant.
     lr_multiplier = None
 
     def _get_current_learning_rate(self):
@@ -43,6 +38,23 @@ class FusedAdam(keras.optimizers.Adam):
         if self.lr_multiplier is None:
             return rate
         return rate * tf.cast(self.lr_multiplier(), rate.dtype)
+
+
+@keras.utils.register_keras_serializable("tapeloop")
+class ScheduledSGD(Scheduled, keras.optimizers.SGD):
+    """Keras' SGD (momentum, Nesterov) with a schedule."""
+
+
+@keras.utils.register_keras_serializable("tapeloop")
+class FusedAdam(Scheduled, keras.optimizers.Adam):
+    """`keras.optimizers.Adam` whose per-variable update is one `ResourceApplyAdam` op.
+
+    Falls back to Keras' update for what the fused kernel does not cover:
+    amsgrad and sparse (IndexedSlices) gradients. With `weight_decay` it is AdamW: Keras
+    applies the decoupled decay (var -= lr * wd * var) before the fused update.
+    """
+
+    _scalars = None  # during an update: (dtype, device) -> the step's scalar inputs
 
     def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
         # The scalars of the step (beta powers, casts) are computed once per dtype and
@@ -82,3 +94,21 @@ class FusedAdam(keras.optimizers.Adam):
             grad=tf.cast(gradient, dtype),
             use_locking=False,
             **self._step_scalars(dtype, handle.device, learning_rate))
+
+
+# Normalisation scales and biases are not decayed (AdamW's usual rule): Keras matches
+# these against variable names.
+NO_DECAY = ("bias", "gamma", "beta")
+
+
+def make(name: str, learning_rate: float, weight_decay: float = 0.0, momentum: float = 0.0,
+         nesterov: bool = False):
+    """The optimizer `--optimizer` names: adam (fused), adamw (fused, decoupled weight decay
+    except biases and normalisation scales) or sgd (momentum, Nesterov)."""
+    if name == "sgd":
+        return ScheduledSGD(learning_rate, momentum=momentum, nesterov=nesterov)
+    if name == "adamw":
+        optimizer = FusedAdam(learning_rate, weight_decay=weight_decay)
+        optimizer.exclude_from_weight_decay(var_names=list(NO_DECAY))
+        return optimizer
+    return FusedAdam(learning_rate)

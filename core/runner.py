@@ -322,7 +322,11 @@ class Run:
                 self.precision, self.jit_compile, config.eager, device_data, config.seed,
                 config.noise_factor, batch_shards=config.batch_shards, loss=self.loss,
                 lr_multiplier=self.schedule if config.lr_schedule != "constant"
-                or config.warmup_steps else None)
+                or config.warmup_steps else None, optimizer=config.optimizer,
+                weight_decay=0.004 if config.weight_decay is None else config.weight_decay,
+                momentum=0.9 if config.momentum is None else config.momentum,
+                nesterov=config.nesterov, clip_norm=config.clip_norm,
+                clip_value=config.clip_value)
         self.checkpointer = Checkpointer(self.output_dir, self.trainer, config.keep_checkpoints,
                                          restore_dir=config.model_dir, read_only=inference)
         self.summaries = Summaries(self.output_dir)

@@ -69,6 +69,12 @@ class Trainer:
         batch_shards: int = 1,
         loss: losses.Weighted | None = None,
         lr_multiplier=None,
+        optimizer: str = "adam",
+        weight_decay: float = 0.0,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        clip_norm: float | None = None,
+        clip_value: float | None = None,
     ):
         self.model = model
         self.loss = loss or losses.build("bce")
@@ -86,7 +92,8 @@ class Trainer:
         self.noise_factor = float(noise_factor)
         self.needs_seeds = bool(self.noise_factor) or hasattr(model, "moments")  # a VAE samples
         with strategy.scope():
-            optimizer = optimizers.FusedAdam(learning_rate)
+            optimizer = optimizers.make(optimizer, learning_rate, weight_decay, momentum,
+                                        nesterov)
             if lr_multiplier is not None:  # the factor of the global step, read when applied
                 optimizer.lr_multiplier = lambda: lr_multiplier(self.step)
             if precision == "mixed_float16":
@@ -113,6 +120,7 @@ class Trainer:
         # gradients (poison_unless_finite_everywhere).
         self.check_finite_across_replicas = (precision == "mixed_float16"
                                              and strategy.num_replicas_in_sync > 1)
+        self.clip_norm, self.clip_value = clip_norm, clip_value
         self.train_traces = 0  # how often the K-step loop was traced (a test reads it)
 
         # The one place where compilation is decided.
@@ -207,10 +215,36 @@ class Trainer:
         loss, grads = self.replica_forward_backward(images, seeds)
         if self.check_finite_across_replicas:
             grads = self.poison_unless_finite_everywhere(grads)
+        if self.clip_norm or self.clip_value:
+            grads = self.clip(grads)
         # In replica context, apply_gradients all-reduces (sums) the gradients.
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         self.loss_sum.assign_add(loss)  # this replica's copy only
         return loss
+
+    def clip(self, grads: list) -> list:
+        """The step's gradient clipped, as one device would clip it. Traced, per replica.
+
+        Keras' optimizers clip the gradients they are given, each replica's own share
+        before the all-reduce, so a global norm would be each replica's, not the step's.
+        So with several replicas the gradients are all-reduced here first (an extra
+        all-reduce, only when clipping), clipped, and divided by the replica count: the
+        optimizer's own all-reduce sums the replicas' copies back to the clipped step.
+        Under float16 the gradients are still multiplied by the loss scale, and so are
+        the limits.
+        """
+        replicas = self.strategy.num_replicas_in_sync
+        if replicas > 1:
+            grads = tf.distribute.get_replica_context().all_reduce(SUM, grads)
+        scale = tf.constant(1.0)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            scale = tf.cast(self.optimizer.dynamic_scale, tf.float32)
+        if self.clip_value:
+            grads = [tf.clip_by_value(g, -self.clip_value * scale, self.clip_value * scale)
+                     for g in grads]
+        if self.clip_norm:
+            grads, _ = tf.clip_by_global_norm(grads, self.clip_norm * scale)
+        return [g / replicas for g in grads] if replicas > 1 else grads
 
     def poison_unless_finite_everywhere(self, grads: list) -> list:
         """This replica's gradients, made NaN if any replica's are not finite. Traced.

@@ -93,3 +93,108 @@ def test_checkpoints_are_interchangeable_with_keras_adam(tmp_path):
     assert int(fused.iterations.numpy()) == 3
     for a, b in zip(fused.variables, adam.variables):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+# ------------------------------------------------- --optimizer, clipping (Trainer)
+def _first_step(optimizer="adam", replicas=1, jit=False, precision="float32", **kw):
+    """(weights before, after) one Trainer step of the seed model on a fixed batch of 16."""
+    from core.trainer import Trainer
+    from layers.autoencoders import build_autoencoder
+
+    images = np.random.default_rng(0).random((16, 28, 28, 1)).astype(np.float32)
+    strategy = (distribute.make_strategy("mirrored", replicas) if replicas > 1
+                else tf.distribute.get_strategy())
+    tf.keras.utils.set_random_seed(0)
+    with strategy.scope():
+        model = build_autoencoder("seed", precision=precision)
+        trainer = Trainer(model, strategy, 16, 1e-2, precision, jit_compile=jit,
+                          optimizer=optimizer, **kw)
+    before = [v.numpy() for v in model.trainable_variables]
+    batches = strategy.experimental_distribute_values_from_function(
+        lambda ctx: tf.constant(np.split(images, replicas)[ctx.replica_id_in_sync_group]))
+
+    @tf.function
+    def step(x):
+        strategy.run(lambda x: trainer._train_step(x), args=(x,))
+
+    step(batches)
+    return model, before, [v.numpy() for v in model.trainable_variables]
+
+
+def _gradients():
+    """The seed model's gradient of the step's loss on that batch, from the same weights."""
+    from core import losses
+    from layers.autoencoders import build_autoencoder
+
+    images = np.random.default_rng(0).random((16, 28, 28, 1)).astype(np.float32)
+    tf.keras.utils.set_random_seed(0)
+    model = build_autoencoder("seed")
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_mean(losses.build("bce").per_example(images, model(images)))
+    return [g.numpy() for g in tape.gradient(loss, model.trainable_variables)]
+
+
+def test_adamw_decays_kernels_not_biases():
+    _, before, adam = _first_step("adam")
+    model, _, adamw = _first_step("adamw", weight_decay=0.1)
+    for var, b, a, w in zip(model.trainable_variables, before, adam, adamw):
+        decay = w - a  # decoupled: -lr * wd * var, applied before the same Adam update
+        if "bias" in var.path:
+            np.testing.assert_allclose(decay, 0, atol=1e-8)
+        else:
+            np.testing.assert_allclose(decay, -1e-2 * 0.1 * b, rtol=1e-3, atol=1e-8)
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_is_plain_gradient_descent_on_its_first_step(nesterov):
+    g = _gradients()
+    _, before, after = _first_step("sgd", momentum=0.9, nesterov=nesterov)
+    # The first step from zero velocity: v = -lr g; plain w += v, Nesterov w += 0.9 v - lr g.
+    factor = 1.9 if nesterov else 1.0
+    for b, a, grad in zip(before, after, g):
+        np.testing.assert_allclose(a - b, -1e-2 * factor * grad, rtol=1e-3, atol=1e-8)
+
+
+@pytest.mark.parametrize("replicas, jit, precision", [(1, False, "float32"), (1, True, "float32"),
+                                                      (2, False, "float32"),
+                                                      (2, False, "mixed_float16")])
+def test_clip_norm_clips_the_whole_steps_gradient(replicas, jit, precision):
+    """SGD without momentum shows the clipped gradient itself: after one step, w - w0 =
+    -lr * g * min(1, clip / |g|) with |g| the global norm of the whole step's gradient,
+    the same on 2 replicas (each holds half of it) as on one, and under loss scaling."""
+    g = _gradients()
+    norm = float(np.sqrt(sum(np.sum(x**2) for x in g)))
+    clip = norm / 4
+    _, before, after = _first_step("sgd", replicas=replicas, jit=jit, precision=precision,
+                                   momentum=0.0, clip_norm=clip)
+    tol = dict(rtol=2e-2, atol=1e-6) if precision == "mixed_float16" else dict(rtol=1e-3,
+                                                                                 atol=1e-8)
+    for b, a, grad in zip(before, after, g):
+        np.testing.assert_allclose(a - b, -1e-2 * grad * clip / norm, **tol)
+
+
+def test_clip_value_clips_each_element():
+    g = _gradients()
+    limit = float(np.median(np.abs(np.concatenate([x.ravel() for x in g]))))
+    _, before, after = _first_step("sgd", replicas=2, momentum=0.0, clip_value=limit)
+    for b, a, grad in zip(before, after, g):
+        np.testing.assert_allclose(a - b, -1e-2 * np.clip(grad, -limit, limit), rtol=1e-3,
+                                   atol=1e-8)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(weight_decay=0.01), "--weight_decay is AdamW's (decoupled); --optimizer=adam"),
+    (dict(optimizer="adamw", weight_decay=1.5), "--weight_decay=1.5: must be in [0, 1)"),
+    (dict(momentum=0.9), "--momentum and --nesterov are SGD's"),
+    (dict(optimizer="sgd", momentum=1.0), "--momentum=1.0: must be in [0, 1)"),
+    (dict(clip_norm=0.0), "--clip_norm=0.0: must be a positive, finite number"),
+    (dict(optimizer="lamb"), "--optimizer='lamb' is unknown"),
+])
+def test_bad_optimizer_flags(changes, message):
+    import re
+
+    from core.config import Config
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        Config(**changes)

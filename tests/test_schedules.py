@@ -2,7 +2,6 @@
 bad input."""
 
 import math
-import os
 import re
 
 import numpy as np
@@ -10,7 +9,6 @@ import pytest
 import tensorflow as tf
 
 import core
-from core import data
 from core.config import Config
 from core.errors import ConfigError
 from core.schedules import Multiplier
