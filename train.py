@@ -138,7 +138,12 @@ flags.DEFINE_integer("checkpoint_every_steps", _D.checkpoint_every_steps,
                      "Also checkpoint every N steps (0: only at evaluations and the end).")
 flags.DEFINE_float("checkpoint_every_secs", _D.checkpoint_every_secs,
                    "Also checkpoint when this many seconds passed since the last one (0: off).")
-flags.DEFINE_string("checkpoint", None, "--mode=eval/export: this checkpoint instead of the latest.")
+flags.DEFINE_string("checkpoint", None, "--mode=eval/export: this checkpoint instead of the "
+                    "latest, or best (the one --keep_best kept).")
+flags.DEFINE_string("keep_best", None, "Keep the best checkpoint by this metric in "
+                    f"<model_dir>/best/: one of {', '.join(config_lib.BEST_METRICS)}.")
+flags.DEFINE_integer("early_stopping_patience", 0, "Stop after N evaluations without a new "
+                     "best --keep_best (or eval/loss); 0 = off.")
 flags.DEFINE_list("profile_steps", None, "START,STOP: profiler trace of these steps into "
                   "<model_dir>/train (TensorBoard's Profile tab).")
 flags.DEFINE_enum("nan_policy", _D.nan_policy, config_lib.NAN_POLICIES,

@@ -34,6 +34,8 @@ MODEL_FIELDS = ("model", "encoder_filters", "decoder_filters", "kernel_size", "i
 # (eval and export read no optimizer state and ignore them).
 OPTIMIZER_FIELDS = ("optimizer",)
 CONFIG_FILE = "config.json"
+BEST_DIR = "best"  # --keep_best: the best checkpoint, apart from the rolling ones
+BEST_FILE = "best.json"  # in BEST_DIR: the metric, its best value and step, evals since
 STATE_FILE = "checkpoint"
 _CKPT_RE = re.compile(r"^ckpt-(\d+)(?:\.index|\.data-\d+-of-\d+)$")
 
@@ -148,6 +150,7 @@ class Checkpointer:
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, model_dir, max_to_keep=keep, step_counter=trainer.step)
         self._saved: str | None = None
+        self._best_manager = None
 
     @property
     def latest(self) -> str | None:
@@ -271,6 +274,32 @@ class Checkpointer:
         logging.info("%s was trained without loss scaling: resuming in mixed_float16 with its "
                      "Adam state, from the initial loss scale", path)
         return tf.train.Checkpoint(model=model, step=step, optimizer=optimizer.inner_optimizer)
+
+    # ------------------------------------------------------------------ best
+    def read_best(self) -> dict | None:
+        """The --keep_best record of the run ({metric, value, step, evals_since}), or None."""
+        path = os.path.join(self.restore_dir, BEST_DIR, BEST_FILE)
+        if not tf.io.gfile.exists(path):
+            return None
+        with tf.io.gfile.GFile(path) as f:
+            return json.loads(f.read())
+
+    def write_best(self, record: dict, save: bool) -> None:
+        """Writes the record; with `save`, first the current state as the best checkpoint
+        (one kept, in BEST_DIR), so the record never names a checkpoint not yet there."""
+        folder = os.path.join(self.model_dir, BEST_DIR)
+        if save:
+            if self._best_manager is None:
+                self._best_manager = tf.train.CheckpointManager(
+                    self.checkpoint, folder, max_to_keep=1, step_counter=self.trainer.step)
+            record["path"] = self._best_manager.save(checkpoint_number=record["step"])
+            logging.info("new best %s %.6g at step %d: saved %s", record["metric"],
+                         record["value"], record["step"], record["path"])
+        tf.io.gfile.makedirs(folder)
+        tmp = os.path.join(folder, BEST_FILE + ".tmp")
+        with tf.io.gfile.GFile(tmp, "w") as f:
+            f.write(json.dumps(record, indent=2))
+        tf.io.gfile.rename(tmp, os.path.join(folder, BEST_FILE), overwrite=True)
 
     def save(self) -> str:
         """Saves at the current step (once per step); returns the checkpoint path.

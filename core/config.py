@@ -27,6 +27,9 @@ STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LOSSES = ("bce", "mse", "l1", "charbonnier", "ssim")  # core/losses.py
 OPTIMIZERS = ("adam", "adamw", "sgd")
+# --keep_best metrics, and whether higher is better (kl and elbo: the VAE's only).
+BEST_METRICS = {"eval/loss": False, "eval/bce": False, "eval/mse": False, "eval/psnr": True,
+                "eval/ssim": True, "eval/kl": False, "eval/elbo": True}
 LR_SCHEDULES = ("constant", "cosine", "linear", "exponential", "piecewise")  # core/schedules.py
 _SPLIT_RE = re.compile(r"^(\w+)(\[(-?\d+%?)?:(-?\d+%?)?\])?$")
 
@@ -114,7 +117,9 @@ class Config:
     keep_checkpoints: int = 3
     checkpoint_every_steps: int = 0  # 0: only at evaluations and at the end
     checkpoint_every_secs: float = 600.0
-    checkpoint: str | None = None  # for --mode=eval/export: this checkpoint, not the latest
+    checkpoint: str | None = None  # for --mode=eval/export: this checkpoint, or "best"
+    keep_best: str | None = None  # a metric of BEST_METRICS: keep its best checkpoint in best/
+    early_stopping_patience: int = 0  # stop after N evaluations without a new best; 0 = off
     profile_steps: tuple[int, int] | None = None
     nan_policy: str = "stop"
     nan_max_retries: int = 3
@@ -160,6 +165,7 @@ class Config:
         self._check_loss()
         self._check_schedule()
         self._check_optimizer()
+        self._check_best()
         for name in ("epochs", "train_steps"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -233,6 +239,20 @@ class Config:
             raise ConfigError("--model_dir is empty: give a folder for checkpoints and summaries")
         if self.eager and self.jit_compile:
             raise ConfigError("--eager and --jit_compile exclude each other: drop one")
+
+    def _check_best(self) -> None:
+        if self.keep_best is not None:
+            metrics = [m for m in BEST_METRICS if self.model == "vae" or
+                       m not in ("eval/kl", "eval/elbo")]
+            if self.keep_best not in metrics:
+                raise ConfigError(f"--keep_best={self.keep_best} is unknown: choose one of "
+                                  f"{', '.join(metrics)}")
+        if self.early_stopping_patience < 0:
+            raise ConfigError(f"--early_stopping_patience={self.early_stopping_patience}: "
+                              "must be >= 0 (0 = off)")
+        if (self.keep_best or self.early_stopping_patience) and self.mode == "train":
+            raise ConfigError("--keep_best and --early_stopping_patience judge evaluations; "
+                              "--mode=train runs none: use --mode=train_and_eval")
 
     def _check_optimizer(self) -> None:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)

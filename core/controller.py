@@ -84,6 +84,10 @@ class Cadence:
       nan_policy: on a NaN/Inf loss, "stop" or "rollback" to the last checkpoint.
       nan_max_retries: rollbacks before giving up.
       nan_lr_factor: learning-rate factor per rollback.
+      keep_best, best_higher: the metric whose best checkpoint is kept (in best/), and
+        whether higher is better; None: none kept.
+      early_stopping_patience: stop after this many evaluations without a new best of
+        `keep_best` (eval/loss if None); 0 = off.
     """
 
     log_every: int = 100
@@ -92,6 +96,9 @@ class Cadence:
     checkpoint_every_steps: int = 0
     checkpoint_every_secs: float = 0.0
     profile_steps: tuple[int, int] | None = None
+    keep_best: str | None = None  # a metric ("eval/psnr"): keep its best checkpoint
+    best_higher: bool = False  # whether higher values of it are better
+    early_stopping_patience: int = 0  # stop after this many evaluations without a new best
     nan_policy: str = "stop"
     nan_max_retries: int = 3
     nan_lr_factor: float = 0.5
@@ -161,6 +168,9 @@ class Controller:
         self._window = [0.0, 0, 0.0]  # loss * steps, steps, seconds since the last log line
         self._last_save = time.monotonic()
         self._profiling = False
+        self.best = checkpointer.read_best() if (
+            cadence.keep_best or cadence.early_stopping_patience) else None
+        self.stopped_early = False
 
     def _next_boundary(self, step: int) -> int:
         """The first step after `step` at which something happens between loops."""
@@ -246,12 +256,35 @@ class Controller:
         due = step % c.eval_every == 0 or last
         if due and self.evaluate is not None:
             self.progress.clear()
-            self.evaluate(step)
+            results = self.evaluate(step)
+            if c.keep_best or c.early_stopping_patience:
+                self._judge(step, results)
         due = due or (c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0) or (
             c.checkpoint_every_secs and time.monotonic() - self._last_save >= c.checkpoint_every_secs)
         if due:
             self.checkpointer.save()
             self._last_save = time.monotonic()
+
+    def _judge(self, step: int, results: dict) -> None:
+        """Keeps the best checkpoint of `keep_best`, and stops early when it stopped improving."""
+        c = self.cadence
+        metric = c.keep_best or "eval/loss"
+        value = results[metric.split("/", 1)[1]]
+        best = self.best
+        higher = c.best_higher if c.keep_best else False
+        improved = best is None or best.get("metric") != metric or (
+            value > best["value"] if higher else value < best["value"])
+        if improved:
+            self.best = {"metric": metric, "value": value, "step": step, "evals_since": 0}
+        else:
+            self.best = {**best, "evals_since": best["evals_since"] + 1}
+        self.checkpointer.write_best(self.best, save=improved and bool(c.keep_best))
+        patience = c.early_stopping_patience
+        if patience and self.best["evals_since"] >= patience and step < self.total_steps:
+            logging.info("early stopping at step %d: %s has not improved on %.6g (step %d) for "
+                         "%d evaluations (--early_stopping_patience)", step, metric,
+                         self.best["value"], self.best["step"], patience)
+            self.stopped_early = True
 
     def _first_step(self, iterator, step: int) -> float:
         """Runs the first step alone: it traces (and compiles), which the throughput excludes."""
@@ -278,6 +311,12 @@ class Controller:
         step = int(self.trainer.step.numpy())
         if step >= self.total_steps:
             logging.info("already at step %d of %d: nothing to train", step, self.total_steps)
+            return step
+        patience = self.cadence.early_stopping_patience
+        if patience and self.best and self.best["evals_since"] >= patience:
+            logging.info("this run stopped early at step %d (no new best %s for %d evaluations): "
+                         "nothing to train; raise --early_stopping_patience to go on", step,
+                         self.best["metric"], self.best["evals_since"])
             return step
         iterator = self.make_iterator(step)
         first = True
@@ -317,6 +356,8 @@ class Controller:
             step += n
             first = False
             self._after_loop(step, n, loss, elapsed)
+            if self.stopped_early:
+                break
         if self._profiling:
             tf.profiler.experimental.stop()
         self.progress.clear()

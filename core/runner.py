@@ -24,6 +24,7 @@ import tensorflow as tf
 from core import checkpoints, data, distribute, losses, plots, process, schedules
 from core import summaries as summaries_lib
 from core.checkpoints import Checkpointer, ModelDirLock
+from core import config as config_lib
 from core.config import Config
 from core.controller import Cadence, Controller, format_line
 from core.errors import ConfigError, DataError
@@ -175,6 +176,14 @@ class Run:
     # ---------------------------------------------------------------- checks
     @staticmethod
     def _find_checkpoint(config: Config) -> str:
+        if config.checkpoint == "best":
+            folder = os.path.join(config.model_dir, checkpoints.BEST_DIR)
+            state = checkpoints.read_state(folder) if tf.io.gfile.isdir(folder) else None
+            if state is None:
+                raise ConfigError(f"--checkpoint=best: {config.model_dir} kept no best checkpoint"
+                                  ": train it with --keep_best=METRIC (e.g. eval/loss), or give "
+                                  "a checkpoint path")
+            return state.model_checkpoint_path
         if config.checkpoint:
             return checkpoints.resolve_path(config.checkpoint)
         state = checkpoints.read_state(config.model_dir) if tf.io.gfile.isdir(
@@ -467,7 +476,9 @@ def train(run: Run) -> dict:
         checkpoint_every_secs=cfg.checkpoint_every_secs,
         profile_steps=tuple(cfg.profile_steps) if cfg.profile_steps else None,
         nan_policy=cfg.nan_policy, nan_max_retries=cfg.nan_max_retries,
-        nan_lr_factor=cfg.nan_lr_factor)
+        nan_lr_factor=cfg.nan_lr_factor, keep_best=cfg.keep_best,
+        best_higher=bool(cfg.keep_best and config_lib.BEST_METRICS[cfg.keep_best]),
+        early_stopping_patience=cfg.early_stopping_patience)
     if cadence.profile_steps and cadence.profile_steps[0] >= total:
         logging.warning("--profile_steps=%d,%d starts after the run's last step (%d): no trace "
                         "will be written", *cadence.profile_steps, total)
