@@ -94,6 +94,10 @@ flags.DEFINE_float("momentum", None, "--optimizer=sgd: momentum (default 0.9).")
 flags.DEFINE_bool("nesterov", _D.nesterov, "--optimizer=sgd: Nesterov momentum.")
 flags.DEFINE_float("clip_norm", None, "Clip the step's gradient to this global norm.")
 flags.DEFINE_float("clip_value", None, "Clip every gradient element to [-v, v].")
+flags.DEFINE_float("ema_decay", None, "Keep an exponential moving average of the weights "
+                   "(e.g. 0.999), checkpointed; evaluation, figures and export use it.")
+flags.DEFINE_bool("ema", _D.ema, "With --ema_decay: evaluate, draw and export the average "
+                  "(--noema: the raw weights).")
 flags.DEFINE_enum("lr_schedule", _D.lr_schedule, config_lib.LR_SCHEDULES,
                   "Learning rate as a function of the global step (README, Schedules).")
 flags.DEFINE_integer("warmup_steps", _D.warmup_steps, "Linear warm-up over this many steps.")

@@ -140,12 +140,13 @@ class Checkpointer:
         self.model_dir = model_dir
         self.restore_dir = restore_dir or model_dir
         self.read_only = read_only
+        ema = {"ema": trainer.ema} if getattr(trainer, "ema", None) else {}
         if read_only:
-            self.checkpoint = tf.train.Checkpoint(model=trainer.model, step=trainer.step)
+            self.checkpoint = tf.train.Checkpoint(model=trainer.model, step=trainer.step, **ema)
             self.manager = None
             return
         self.checkpoint = tf.train.Checkpoint(
-            model=trainer.model, optimizer=trainer.optimizer, step=trainer.step)
+            model=trainer.model, optimizer=trainer.optimizer, step=trainer.step, **ema)
         self.remove_orphans()  # before the manager reads the state
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, model_dir, max_to_keep=keep, step_counter=trainer.step)
@@ -243,37 +244,49 @@ class Checkpointer:
                 "flags it was trained with, or another --checkpoint") from None
         if self.read_only:
             status.expect_partial()  # the optimizer's slots are not needed to evaluate
+        if self.ema_missing:
+            logging.info("%s holds no weight average: --ema_decay starts it from its weights",
+                         path)
+            self.trainer.reset_ema()
         step = int(self.trainer.step.numpy())
         logging.info("restored %s (step %d)", path, step)
         return step
 
     def _matching(self, path: str) -> tf.train.Checkpoint:
-        """The checkpoint object to restore `path` with: ours, or, where the precision
-        changed across float16 and another one, one that matches the file's layout.
+        """The checkpoint object to restore `path` with: ours, or one that matches the
+        file's layout where the run changed what it keeps.
 
         Under mixed_float16 the optimizer is Keras' LossScaleOptimizer, which holds Adam as
         `inner_optimizer`: a float16 checkpoint's Adam state lives under
         `optimizer/inner_optimizer/`. Precision is not a property of the model (auto is
         float16 on a V100, bfloat16 on an H100, float32 on a CPU), so Adam's state carries
         over both ways; a run that starts loss scaling starts at the initial scale.
+        A run that turns on --ema_decay over a checkpoint without an average starts the
+        average from the restored weights (`self.ema_missing`).
         """
+        names = [name for name, _ in tf.train.list_variables(path)]
+        trainer = self.trainer
+        parts = {"model": trainer.model, "step": trainer.step}
+        ema = getattr(trainer, "ema", None)
+        self.ema_missing = bool(ema) and not any(n.startswith("ema/") for n in names)
+        if ema and not self.ema_missing:
+            parts["ema"] = ema
         if self.read_only:
-            return self.checkpoint
-        saved_scaled = any(name.startswith("optimizer/inner_optimizer/")
-                           for name, _ in tf.train.list_variables(path))
-        optimizer = self.trainer.optimizer
+            return tf.train.Checkpoint(**parts)
+        saved_scaled = any(n.startswith("optimizer/inner_optimizer/") for n in names)
+        optimizer = trainer.optimizer
         scaled = isinstance(optimizer, tf.keras.optimizers.LossScaleOptimizer)
         if saved_scaled == scaled:
-            return self.checkpoint
-        model, step = self.trainer.model, self.trainer.step
-        if saved_scaled:
+            parts["optimizer"] = optimizer
+        elif saved_scaled:
             logging.info("%s was trained in mixed_float16: resuming without loss scaling, "
                          "with its Adam state", path)
-            return tf.train.Checkpoint(model=model, step=step,
-                                       optimizer=tf.train.Checkpoint(inner_optimizer=optimizer))
-        logging.info("%s was trained without loss scaling: resuming in mixed_float16 with its "
-                     "Adam state, from the initial loss scale", path)
-        return tf.train.Checkpoint(model=model, step=step, optimizer=optimizer.inner_optimizer)
+            parts["optimizer"] = tf.train.Checkpoint(inner_optimizer=optimizer)
+        else:
+            logging.info("%s was trained without loss scaling: resuming in mixed_float16 with "
+                         "its Adam state, from the initial loss scale", path)
+            parts["optimizer"] = optimizer.inner_optimizer
+        return tf.train.Checkpoint(**parts)
 
     # ------------------------------------------------------------------ best
     def read_best(self) -> dict | None:

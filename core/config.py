@@ -89,6 +89,8 @@ class Config:
     nesterov: bool = False  # sgd
     clip_norm: float | None = None  # clip the whole step's gradient to this global norm
     clip_value: float | None = None  # clip every gradient element to [-v, v]
+    ema_decay: float | None = None  # keep an exponential moving average of the weights
+    ema: bool = True  # with ema_decay: evaluate, draw and export the average
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     min_learning_rate: float = 0.0  # cosine, linear: where they end
@@ -166,6 +168,9 @@ class Config:
         self._check_schedule()
         self._check_optimizer()
         self._check_best()
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"--ema_decay={self.ema_decay}: must be between 0 and 1 "
+                              "(exclusive), e.g. 0.999")
         for name in ("epochs", "train_steps"):
             value = getattr(self, name)
             if value is not None and value <= 0:

@@ -43,7 +43,7 @@ FIGURES = {
 INHERITED = ("model", "encoder_filters", "decoder_filters", "kernel_size", "latent_dim",
              "kl_weight", "blocks_per_stage", "latent_channels", "noise_factor", "dataset",
              "data_dir", "train_split", "eval_split", "synthetic_shape", "image_size",
-             "channels", "resize", "seed", "loss", "loss_weights")
+             "channels", "resize", "seed", "loss", "loss_weights", "ema_decay")
 _TUPLE_FIELDS = ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps",
                  "image_size", "loss_weights")
 SKIPPED_FILE = "skipped_images.txt"
@@ -335,7 +335,7 @@ class Run:
                 weight_decay=0.004 if config.weight_decay is None else config.weight_decay,
                 momentum=0.9 if config.momentum is None else config.momentum,
                 nesterov=config.nesterov, clip_norm=config.clip_norm,
-                clip_value=config.clip_value)
+                clip_value=config.clip_value, ema_decay=config.ema_decay)
         self.checkpointer = Checkpointer(self.output_dir, self.trainer, config.keep_checkpoints,
                                          restore_dir=config.model_dir, read_only=inference)
         self.summaries = Summaries(self.output_dir)
@@ -360,15 +360,31 @@ class Run:
             logging.info("removed this worker's temporary dir %s", self.output_dir)
 
     # ------------------------------------------------------------------ eval
+    @property
+    def uses_ema(self) -> bool:
+        return bool(self.config.ema_decay and self.config.ema)
+
+    def weights(self):
+        """Where evaluation, figures and export read the model: inside, the EMA weights when
+        --ema_decay is on (unless --ema=false), the model's own otherwise."""
+        import contextlib
+
+        return self.trainer.ema_weights() if self.uses_ema else contextlib.nullcontext()
+
     def evaluate(self, step: int, writer: str = "eval") -> dict[str, float]:
         """Metrics over the whole eval split, written to TensorBoard (run `writer`) with an
         image grid."""
+        with self.weights():
+            return self._evaluate(step, writer)
+
+    def _evaluate(self, step: int, writer: str = "eval") -> dict[str, float]:
         cfg = self.config
         dist = self.strategy.distribute_datasets_from_function(
             lambda ctx: data.eval_dataset(self.eval_split, cfg.batch_size, ctx, cfg.noise_factor,
                                           cfg.seed, skip_bad=cfg.bad_images == "skip"))
         results = self.trainer.evaluate(dist)
-        logging.info(format_line("eval", step=step, **results))
+        logging.info(format_line("eval (EMA weights)" if self.uses_ema else "eval", step=step,
+                                 **results))
         self.summaries.scalars(writer, step, results)
         rows, labels = self.examples()
         self.summaries.image_rows(writer, step, "reconstructions", rows,
@@ -398,8 +414,13 @@ class Run:
 
     def figures(self, step: int, out_dir: str, curves: bool = True) -> list[str]:
         """Writes every figure into `out_dir`; returns their paths."""
+        with self.weights():
+            return self._figures(step, out_dir, curves)
+
+    def _figures(self, step: int, out_dir: str, curves: bool = True) -> list[str]:
         cfg, model = self.config, self.trainer.model
-        where = f"{cfg.model} on {cfg.dataset} {cfg.eval_split}, step {step}"
+        where = f"{cfg.model} on {cfg.dataset} {cfg.eval_split}, step {step}" + (
+            " (EMA weights)" if self.uses_ema else "")
         out = os.path.join(out_dir, "{}")
         rows, labels = self.examples()
         paths = [plots.reconstruction_grid(out.format(FIGURES["reconstructions"]), rows, labels,
@@ -537,8 +558,10 @@ def export(run: Run) -> dict:
     path = os.path.join(run.config.model_dir, "export", str(step))
     if tf.io.gfile.exists(path):
         tf.io.gfile.rmtree(path)
-    export_saved_model(run.trainer.model, run.image_shape, path)
-    logging.info("exported SavedModel with signatures encode, decode, reconstruct to %s", path)
+    with run.weights():
+        export_saved_model(run.trainer.model, run.image_shape, path)
+    logging.info("exported SavedModel%s with signatures encode, decode, reconstruct to %s",
+                 " of the EMA weights" if run.uses_ema else "", path)
     return {"step": step, "export_dir": path}
 
 

@@ -19,6 +19,8 @@ the shards, so with one thread per op they run on different cores at once.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import tensorflow as tf
 
@@ -75,6 +77,7 @@ class Trainer:
         nesterov: bool = False,
         clip_norm: float | None = None,
         clip_value: float | None = None,
+        ema_decay: float | None = None,
     ):
         self.model = model
         self.loss = loss or losses.build("bce")
@@ -121,6 +124,16 @@ class Trainer:
         self.check_finite_across_replicas = (precision == "mixed_float16"
                                              and strategy.num_replicas_in_sync > 1)
         self.clip_norm, self.clip_value = clip_norm, clip_value
+        self.ema_decay, self.ema = ema_decay, None
+        if ema_decay:
+            with strategy.scope():
+                # Every replica updates its own copy from the same (all-reduced) weights, so
+                # the copies agree without communication; a read gives the first replica's.
+                self.ema = [tf.Variable(
+                    keras.ops.convert_to_numpy(v.value).astype(np.float32), trainable=False,
+                    name=f"ema_{i}", synchronization=tf.VariableSynchronization.ON_READ,
+                    aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+                    for i, v in enumerate(model.trainable_variables)]
         self.train_traces = 0  # how often the K-step loop was traced (a test reads it)
 
         # The one place where compilation is decided.
@@ -219,6 +232,10 @@ class Trainer:
             grads = self.clip(grads)
         # In replica context, apply_gradients all-reduces (sums) the gradients.
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+        if self.ema is not None:
+            d = self.ema_decay
+            for average, var in zip(self.ema, self.model.trainable_variables):
+                average.assign(d * average + (1.0 - d) * tf.cast(var.value, tf.float32))
         self.loss_sum.assign_add(loss)  # this replica's copy only
         return loss
 
@@ -335,6 +352,31 @@ class Trainer:
                 totals[name] = totals.get(name, 0.0) + value
         count = float(totals.pop("count"))  # host sync, once per evaluation
         return {name: float(value) / count for name, value in totals.items()}
+
+    def reset_ema(self) -> None:
+        """The average starts again from the current weights."""
+        for average, var in zip(self.ema or [], self.model.trainable_variables):
+            value = keras.ops.convert_to_numpy(var.value).astype(np.float32)
+            self.strategy.run(lambda a=average, x=value: a.assign(x))
+
+    def load_ema(self) -> None:
+        """Puts the average into the model's weights (eval and export)."""
+        for average, var in zip(self.ema or [], self.model.trainable_variables):
+            var.assign(tf.cast(average.read_value(), var.dtype))
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """The model holds the average inside the block, its own weights again after it."""
+        if self.ema is None:
+            yield
+            return
+        raw = [keras.ops.convert_to_numpy(v.value) for v in self.model.trainable_variables]
+        self.load_ema()
+        try:
+            yield
+        finally:
+            for var, value in zip(self.model.trainable_variables, raw):
+                var.assign(value)
 
     def set_learning_rate(self, value: float) -> None:
         """Sets the base rate: the (checkpointed) variable a schedule multiplies."""
