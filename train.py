@@ -84,6 +84,8 @@ flags.DEFINE_list("loss_weights", None, "One weight per loss of --loss, e.g. 0.1
 flags.DEFINE_integer("epochs", None, f"Epochs to train (default {_D.epochs} unless --train_steps).")
 flags.DEFINE_integer("train_steps", None, "Total training steps (instead of --epochs).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size (over all replicas).")
+flags.DEFINE_integer("grad_accum_steps", _D.grad_accum_steps, "Micro-batches of --batch_size "
+                     "per update (gradient accumulation: an effective batch N times larger).")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Adam learning rate.")
 flags.DEFINE_enum("optimizer", _D.optimizer, config_lib.OPTIMIZERS,
                   "adam (fused), adamw (decoupled --weight_decay, not on biases and "

@@ -82,6 +82,7 @@ class Config:
     epochs: int | None = 5
     train_steps: int | None = None
     batch_size: int = 256
+    grad_accum_steps: int = 1  # micro-batches of batch_size per update
     learning_rate: float = 3e-3
     optimizer: str = "adam"
     weight_decay: float | None = None  # adamw; None: 0.004 (Keras' AdamW default)
@@ -178,7 +179,7 @@ class Config:
         if (self.epochs is None) == (self.train_steps is None):
             raise ConfigError("give exactly one of --epochs and --train_steps")
         for name in ("batch_size", "steps_per_loop", "log_every", "keep_checkpoints",
-                     "num_images"):
+                     "num_images", "grad_accum_steps"):
             value = getattr(self, name)
             if value <= 0:
                 raise ConfigError(f"--{name}={value}: must be a positive whole number")
@@ -362,6 +363,11 @@ class Config:
                               f"same number of stages, e.g. --encoder_filters="
                               f"{','.join(map(str, encoder))} --decoder_filters="
                               f"{','.join(map(str, reversed(encoder)))}")
+
+    @property
+    def step_batch(self) -> int:
+        """Examples per update: --batch_size times --grad_accum_steps."""
+        return self.batch_size * self.grad_accum_steps
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)

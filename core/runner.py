@@ -238,8 +238,8 @@ class Run:
         if not training:
             return
         n = self.train_split.num_examples
-        if n < config.batch_size:
-            raise ConfigError(f"--batch_size={config.batch_size} is larger than the training "
+        if n < config.step_batch:
+            raise ConfigError(f"--batch_size={config.step_batch} is larger than the training "
                               f"split ({n} examples of {config.train_split!r}): lower it, or "
                               "widen the split")
         size_mb = n * int(np.prod(self.image_shape)) / 2**20
@@ -318,16 +318,16 @@ class Run:
         config, model = self.config, self.model
         self.schedule = None
         if self.train_split is not None:
-            steps_per_epoch = self.train_split.num_examples // config.batch_size
+            steps_per_epoch = self.train_split.num_examples // config.step_batch
             total = config.train_steps or config.epochs * steps_per_epoch
             self.schedule = schedules.from_config(config, total, steps_per_epoch)
         with self.strategy.scope():
             device_data = None
             if config.data_on_device and self.train_split is not None:
-                device_data = data.DeviceData(self.train_split.images, config.batch_size,
+                device_data = data.DeviceData(self.train_split.images, config.step_batch,
                                               self.strategy.num_replicas_in_sync, config.seed)
             self.trainer = Trainer(
-                model, self.strategy, config.batch_size, config.learning_rate,
+                model, self.strategy, config.step_batch, config.learning_rate,
                 self.precision, self.jit_compile, config.eager, device_data, config.seed,
                 config.noise_factor, batch_shards=config.batch_shards, loss=self.loss,
                 lr_multiplier=self.schedule if config.lr_schedule != "constant"
@@ -335,7 +335,8 @@ class Run:
                 weight_decay=0.004 if config.weight_decay is None else config.weight_decay,
                 momentum=0.9 if config.momentum is None else config.momentum,
                 nesterov=config.nesterov, clip_norm=config.clip_norm,
-                clip_value=config.clip_value, ema_decay=config.ema_decay)
+                clip_value=config.clip_value, ema_decay=config.ema_decay,
+                accum_steps=config.grad_accum_steps)
         self.checkpointer = Checkpointer(self.output_dir, self.trainer, config.keep_checkpoints,
                                          restore_dir=config.model_dir, read_only=inference)
         self.summaries = Summaries(self.output_dir)
@@ -348,6 +349,10 @@ class Run:
             self.precision, self.jit_compile,
             tf.config.threading.get_intra_op_parallelism_threads() or "auto",
             tf.config.threading.get_inter_op_parallelism_threads() or "auto")
+        if config.grad_accum_steps > 1:
+            logging.info("gradient accumulation: %d micro-batches of %d per update, an effective "
+                         "batch of %d", config.grad_accum_steps, config.batch_size,
+                         config.step_batch)
 
     def close(self) -> None:
         summaries = getattr(self, "summaries", None)
@@ -471,7 +476,7 @@ def train(run: Run) -> dict:
     final step and the logged history."""
     cfg = run.config
     start = run.checkpointer.restore()
-    steps_per_epoch = run.train_split.num_examples // cfg.batch_size
+    steps_per_epoch = run.train_split.num_examples // cfg.step_batch
     total = cfg.train_steps or cfg.epochs * steps_per_epoch
     logging.info("learning rate: %s", run.schedule.describe(cfg.learning_rate))
     if start:
@@ -487,7 +492,7 @@ def train(run: Run) -> dict:
         if run.trainer.device_data is not None:
             return None
         return iter(run.strategy.distribute_datasets_from_function(
-            lambda ctx: data.train_dataset(run.train_split, cfg.batch_size, cfg.seed, step, ctx,
+            lambda ctx: data.train_dataset(run.train_split, cfg.step_batch, cfg.seed, step, ctx,
                                            skip_bad=cfg.bad_images == "skip",
                                            service=cfg.tf_data_service)))
 
@@ -521,10 +526,10 @@ def _data_error(run: Run, step: int, error: Exception, saved: str) -> DataError:
     reason = str(getattr(error, "message", error)).strip().splitlines()[0][:200]
     where = f"a record of {source.name}'s shards ({reason})"
     if hasattr(source, "find_bad"):
-        steps_per_epoch = source.num_examples // cfg.batch_size
+        steps_per_epoch = source.num_examples // cfg.step_batch
         epoch, k = divmod(step, steps_per_epoch)
         order = data.epoch_permutation(source.num_examples, cfg.seed, epoch).numpy()
-        found = source.find_bad(order[k * cfg.batch_size:(k + 1) * cfg.batch_size])
+        found = source.find_bad(order[k * cfg.step_batch:(k + 1) * cfg.step_batch])
         if found:
             where = f"{found[0]} ({found[1]})"
     return DataError(f"{where} failed to load at step {step}; saved {saved}: replace or remove "

@@ -78,6 +78,7 @@ class Trainer:
         clip_norm: float | None = None,
         clip_value: float | None = None,
         ema_decay: float | None = None,
+        accum_steps: int = 1,
     ):
         self.model = model
         self.loss = loss or losses.build("bce")
@@ -85,9 +86,14 @@ class Trainer:
         self.global_batch_size = int(global_batch_size)
         self.per_replica_batch = self.global_batch_size // strategy.num_replicas_in_sync
         self.batch_shards = int(batch_shards)
-        if self.batch_shards < 1 or self.per_replica_batch % self.batch_shards:
-            raise ValueError(f"batch_shards={batch_shards} must be >= 1 and divide the per-replica "
+        self.accum_steps = int(accum_steps)
+        micro = self.per_replica_batch // max(self.accum_steps, 1)
+        if self.accum_steps < 1 or self.per_replica_batch % self.accum_steps:
+            raise ValueError(f"accum_steps={accum_steps} must be >= 1 and divide the per-replica "
                              f"batch ({self.per_replica_batch})")
+        if self.batch_shards < 1 or micro % self.batch_shards:
+            raise ValueError(f"batch_shards={batch_shards} must be >= 1 and divide the per-replica "
+                             f"micro-batch ({micro})")
         self.precision = precision
         self.jit_compile = jit_compile
         self.eager = eager
@@ -205,16 +211,35 @@ class Trainer:
 
     def replica_forward_backward(self, images: tf.Tensor,
                                  seeds: tf.Tensor) -> tuple[tf.Tensor, list]:
-        """The replica's loss and gradients: one pass, or the sum over `batch_shards` shards."""
+        """The replica's loss and gradients: the sum over `accum_steps` micro-batches, one
+        after another, each one pass or the sum over `batch_shards` shards side by side."""
         inputs = self.corrupt(images, seeds[0]) if self.noise_factor else images
+        if self.accum_steps == 1:
+            return self._shards_forward_backward(inputs, images, seeds[1])
+        loss, grads = None, None
+        for i, (x, y) in enumerate(zip(tf.split(inputs, self.accum_steps),
+                                       tf.split(images, self.accum_steps))):
+            seed = tf.random.experimental.stateless_fold_in(seeds[1], 1000 + i) \
+                if self.needs_seeds else seeds[1]
+            # One micro-batch after another: each starts when the previous one's gradients
+            # exist, so only one micro-batch's activations are alive at a time.
+            with tf.control_dependencies(grads or []):
+                x, y = tf.identity(x), tf.identity(y)
+            micro_loss, micro_grads = self._shards_forward_backward(x, y, seed)
+            loss = micro_loss if loss is None else loss + micro_loss
+            grads = micro_grads if grads is None else [a + b for a, b in zip(grads, micro_grads)]
+        return loss, grads
+
+    def _shards_forward_backward(self, inputs, images, seed) -> tuple[tf.Tensor, list]:
+        """One micro-batch: one pass, or the sum over `batch_shards` shards."""
         if self.batch_shards == 1:
-            return self._forward_backward(inputs, images, seeds[1])
+            return self._forward_backward(inputs, images, seed)
         losses, shard_grads = [], []
         for i, (x, y) in enumerate(zip(tf.split(inputs, self.batch_shards),
                                        tf.split(images, self.batch_shards))):
-            seed = tf.random.experimental.stateless_fold_in(seeds[1], i) if self.needs_seeds \
-                else seeds[1]
-            loss, grads = self._forward_backward(x, y, seed)
+            shard_seed = tf.random.experimental.stateless_fold_in(seed, i) \
+                if self.needs_seeds else seed
+            loss, grads = self._forward_backward(x, y, shard_seed)
             losses.append(loss)
             shard_grads.append(grads)
         return tf.add_n(losses), [tf.add_n(list(g)) for g in zip(*shard_grads)]

@@ -198,3 +198,45 @@ def test_bad_optimizer_flags(changes, message):
 
     with pytest.raises(ConfigError, match=re.escape(message)):
         Config(**changes)
+
+
+@pytest.mark.parametrize("replicas, jit, shards", [(1, False, 1), (1, True, 2), (2, True, 1),
+                                                   (2, False, 2)])
+def test_grad_accumulation_is_one_update_on_the_larger_batch(replicas, jit, shards):
+    """4 micro-batches of 8 per update = one update on the batch of 32 (Adam, 3 updates)."""
+    from core import data
+    from core.trainer import Trainer
+    from layers.autoencoders import build_autoencoder
+
+    images = np.random.default_rng(0).integers(0, 256, (256, 28, 28, 1), dtype=np.uint8)
+    strategy = (distribute.make_strategy("mirrored", replicas) if replicas > 1
+                else tf.distribute.get_strategy())
+    finals = []
+    for accum in (1, 4):
+        tf.keras.utils.set_random_seed(0)
+        with strategy.scope():
+            model = build_autoencoder("seed")
+            trainer = Trainer(model, strategy, 32, 3e-3, jit_compile=jit, accum_steps=accum,
+                              batch_shards=shards)
+        iterator = iter(strategy.distribute_datasets_from_function(
+            lambda ctx: data.train_dataset(images, 32, 0, 0, ctx)))
+        losses = trainer.train_loop(iterator, 3)
+        finals.append((losses, [v.numpy() for v in model.trainable_variables]))
+    (one_loss, one), (acc_loss, acc) = finals
+    assert acc_loss == pytest.approx(one_loss, rel=1e-5)
+    for a, b in zip(acc, one):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_grad_accumulation_runs_its_micro_batches_one_after_another():
+    """Each micro-batch's forward pass waits for the previous one's gradients."""
+    from core.trainer import Trainer
+    from layers.autoencoders import build_autoencoder
+
+    trainer = Trainer(build_autoencoder("seed"), tf.distribute.get_strategy(), 32, 1e-3,
+                      accum_steps=4)
+    fn = tf.function(trainer.replica_forward_backward).get_concrete_function(
+        tf.TensorSpec([32, 28, 28, 1], tf.float32), tf.TensorSpec([2, 2], tf.int64))
+    identities = [op for op in fn.graph.get_operations()
+                  if op.type == "Identity" and op.control_inputs]
+    assert len(identities) >= 2 * 3  # micro-batches 2, 3 and 4 (inputs and targets) wait
