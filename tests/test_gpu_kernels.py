@@ -7,12 +7,19 @@ import tensorflow as tf
 
 from core import data, distribute, losses
 from core.gpu_kernels import ops_without_gpu_kernel
+from core.schedules import Multiplier
 from core.trainer import Trainer
 from layers.autoencoders import build_autoencoder
 
 
+# The training recipe's options together: a schedule, AdamW, clipping, accumulation, EMA.
+RECIPE = dict(lr_multiplier=Multiplier("cosine", total_steps=100, warmup_steps=10),
+              optimizer="adamw", weight_decay=0.01, clip_norm=1.0, clip_value=0.5,
+              accum_steps=2, ema_decay=0.99)
+
+
 def _loop(model="seed", precision="float32", device=False, shards=1, noise=0.0, jit=False,
-          replicas=1, loss="bce"):
+          replicas=1, loss="bce", recipe=False):
     strategy = (tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
                 if replicas > 1 else tf.distribute.get_strategy())
     images = np.random.default_rng(0).integers(0, 256, (256, 28, 28, 1), dtype=np.uint8)
@@ -21,7 +28,7 @@ def _loop(model="seed", precision="float32", device=False, shards=1, noise=0.0, 
         device_data = data.DeviceData(images, 32, replicas, 0) if device else None
         trainer = Trainer(net, strategy, 32, 1e-3, precision, jit_compile=jit,
                           device_data=device_data, noise_factor=noise, batch_shards=shards,
-                          loss=losses.build(loss))
+                          loss=losses.build(loss), **(RECIPE if recipe else {}))
     if device:
         return trainer._train_loop.get_concrete_function(None, tf.TensorSpec([], tf.int32))
     dist = iter(strategy.distribute_datasets_from_function(
@@ -35,7 +42,8 @@ def _loop(model="seed", precision="float32", device=False, shards=1, noise=0.0, 
     dict(model="vae"), dict(model="denoiser", noise=0.4), dict(jit=True, device=True),
     dict(replicas=2, device=True), dict(replicas=2, precision="mixed_float16"),
     dict(loss="mse+l1+charbonnier"),
-    dict(loss="ssim", precision="mixed_float16"),
+    dict(loss="ssim", precision="mixed_float16"), dict(recipe=True, replicas=2),
+    dict(recipe=True, jit=True, precision="mixed_float16"),
 ], ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "tf.data")
 def test_every_op_of_the_training_loop_has_a_gpu_kernel(path):
     assert ops_without_gpu_kernel(_loop(**path)) == []
