@@ -166,12 +166,6 @@ class Config:
         if not is_user_model(self.model):
             _check_choice("model", self.model, model_names() + ("MODULE:FACTORY",))
         self._check_loss()
-        self._check_schedule()
-        self._check_optimizer()
-        self._check_best()
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
-            raise ConfigError(f"--ema_decay={self.ema_decay}: must be between 0 and 1 "
-                              "(exclusive), e.g. 0.999")
         for name in ("epochs", "train_steps"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -245,6 +239,13 @@ class Config:
             raise ConfigError("--model_dir is empty: give a folder for checkpoints and summaries")
         if self.eager and self.jit_compile:
             raise ConfigError("--eager and --jit_compile exclude each other: drop one")
+        # The recipe's options, after --learning_rate itself was checked.
+        self._check_schedule()
+        self._check_optimizer()
+        self._check_best()
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ConfigError(f"--ema_decay={self.ema_decay}: must be between 0 and 1 "
+                              "(exclusive), e.g. 0.999")
 
     def _check_best(self) -> None:
         if self.keep_best is not None:
