@@ -264,7 +264,9 @@ class Checkpointer:
         A run that turns on --ema_decay over a checkpoint without an average starts the
         average from the restored weights (`self.ema_missing`).
         """
-        names = [name for name, _ in tf.train.list_variables(path)]
+        # The reader itself, not tf.train.list_variables: on ram:// (and object stores) a
+        # checkpoint prefix also counts as a folder, which list_variables would search.
+        names = list(tf.compat.v1.train.NewCheckpointReader(path).get_variable_to_shape_map())
         trainer = self.trainer
         parts = {"model": trainer.model, "step": trainer.step}
         ema = getattr(trainer, "ema", None)
