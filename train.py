@@ -161,24 +161,16 @@ flags.DEFINE_integer("num_images", _D.num_images, "Test images shown in the figu
 flags.DEFINE_bool("verbose", False, "Print tracebacks for errors.")
 
 
-def _ints(name, values):
+def _numbers(name, values, kind=int):
+    """A list flag as a tuple of `kind` (None if not given)."""
     if not values:
         return None
     try:
-        return tuple(int(v) for v in values)
+        return tuple(kind(v) for v in values)
     except ValueError:
-        raise config_lib.ConfigError(f"--{name}={','.join(values)}: give whole numbers separated "
-                                     "by commas") from None
-
-
-def _floats(name, values):
-    if not values:
-        return None
-    try:
-        return tuple(float(v) for v in values)
-    except ValueError:
-        raise config_lib.ConfigError(f"--{name}={','.join(values)}: give numbers separated "
-                                     "by commas, e.g. 0.16,0.84") from None
+        what = "whole numbers" if kind is int else "numbers"
+        raise config_lib.ConfigError(f"--{name}={','.join(values)}: give {what} separated by "
+                                     "commas") from None
 
 
 def _last_given(names, argv) -> str | None:
@@ -212,10 +204,10 @@ def config_from_flags(argv=None) -> config_lib.Config:
         values["epochs"] = _D.epochs
     for name in ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps",
                  "image_size"):
-        values[name] = _ints(name, values[name])
-    values["loss_weights"] = _floats("loss_weights", values["loss_weights"])
-    values["lr_values"] = _floats("lr_values", values["lr_values"])
-    values["lr_boundaries"] = _ints("lr_boundaries", values["lr_boundaries"])
+        values[name] = _numbers(name, values[name])
+    values["loss_weights"] = _numbers("loss_weights", values["loss_weights"], float)
+    values["lr_values"] = _numbers("lr_values", values["lr_values"], float)
+    values["lr_boundaries"] = _numbers("lr_boundaries", values["lr_boundaries"])
     shards = values["batch_shards"]
     if shards == "auto":
         values["batch_shards"] = None

@@ -60,6 +60,22 @@ class ResidualBlock(keras.layers.Layer):
         return {**super().get_config(), "filters": self.filters, "in_filters": self.in_filters}
 
 
+def _stages(filters, blocks_per_stage, policy, resample, out_channels, out_dtype, out_name):
+    """The layers of either half: a 3x3 conv in; per stage, residual blocks then
+    `resample(i, filters)` (down or up); GroupNorm, SiLU and a 3x3 conv out."""
+    layers = [keras.layers.Conv2D(filters[0], 3, padding="same", dtype=policy, name="conv_in")]
+    width = filters[0]
+    for i, f in enumerate(filters):
+        for j in range(blocks_per_stage):
+            layers.append(ResidualBlock(f, width, dtype=policy, name=f"stage{i}_block{j}"))
+            width = f
+        layers += resample(i, f)
+    return layers + [
+        keras.layers.GroupNormalization(_groups(width), dtype=policy, name="norm_out"),
+        keras.layers.Activation("silu", dtype=policy, name="silu_out"),
+        keras.layers.Conv2D(out_channels, 3, padding="same", dtype=out_dtype, name=out_name)]
+
+
 class _Stages(keras.Model):
     """Holds layers as attributes `layer0`, `layer1`, ...: TensorFlow checkpoints track
     attributes, not the lists Keras 3 wraps."""
@@ -86,20 +102,13 @@ class ResnetEncoder(_Stages):
         self.blocks_per_stage = int(blocks_per_stage)
         self.latent_channels = int(latent_channels)
         policy = self.dtype_policy
-        layers = [keras.layers.Conv2D(self.filters[0], 3, padding="same", dtype=policy,
-                                      name="conv_in")]
-        width = self.filters[0]
-        for i, f in enumerate(self.filters):
-            for j in range(self.blocks_per_stage):
-                layers.append(ResidualBlock(f, width, dtype=policy, name=f"stage{i}_block{j}"))
-                width = f
-            layers.append(keras.layers.Conv2D(f, 3, strides=2, padding="same", dtype=policy,
-                                              name=f"stage{i}_down"))
-        layers += [keras.layers.GroupNormalization(_groups(width), dtype=policy, name="norm_out"),
-                   keras.layers.Activation("silu", dtype=policy, name="silu_out"),
-                   keras.layers.Conv2D(self.latent_channels, 3, padding="same", dtype=policy,
-                                       name="to_code")]
-        self._set_layers(layers)
+
+        def down(i, f):
+            return [keras.layers.Conv2D(f, 3, strides=2, padding="same", dtype=policy,
+                                        name=f"stage{i}_down")]
+
+        self._set_layers(_stages(self.filters, self.blocks_per_stage, policy, down,
+                                 self.latent_channels, policy, "to_code"))
 
     def get_config(self) -> dict:
         return {**super().get_config(), "filters": self.filters,
@@ -118,21 +127,13 @@ class ResnetDecoder(_Stages):
         self.blocks_per_stage = int(blocks_per_stage)
         self.channels = int(channels)
         policy = self.dtype_policy
-        layers = [keras.layers.Conv2D(self.filters[0], 3, padding="same", dtype=policy,
-                                      name="conv_in")]
-        width = self.filters[0]
-        for i, f in enumerate(self.filters):
-            for j in range(self.blocks_per_stage):
-                layers.append(ResidualBlock(f, width, dtype=policy, name=f"stage{i}_block{j}"))
-                width = f
-            layers += [keras.layers.UpSampling2D(2, dtype=policy, name=f"stage{i}_upsample"),
-                       keras.layers.Conv2D(f, 3, padding="same", dtype=policy,
-                                           name=f"stage{i}_up")]
-        layers += [keras.layers.GroupNormalization(_groups(width), dtype=policy, name="norm_out"),
-                   keras.layers.Activation("silu", dtype=policy, name="silu_out"),
-                   keras.layers.Conv2D(self.channels, 3, padding="same", dtype="float32",
-                                       name="logits")]
-        self._set_layers(layers)
+
+        def up(i, f):
+            return [keras.layers.UpSampling2D(2, dtype=policy, name=f"stage{i}_upsample"),
+                    keras.layers.Conv2D(f, 3, padding="same", dtype=policy, name=f"stage{i}_up")]
+
+        self._set_layers(_stages(self.filters, self.blocks_per_stage, policy, up,
+                                 self.channels, "float32", "logits"))
 
     def get_config(self) -> dict:
         return {**super().get_config(), "filters": self.filters,
