@@ -86,6 +86,8 @@ flags.DEFINE_integer("train_steps", None, "Total training steps (instead of --ep
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size (over all replicas).")
 flags.DEFINE_integer("grad_accum_steps", _D.grad_accum_steps, "Micro-batches of --batch_size "
                      "per update (gradient accumulation: an effective batch N times larger).")
+flags.DEFINE_integer("eval_batch_size", None, "Examples per evaluation step (default: "
+                     "--batch_size); evaluation has no gradients, so it can be larger.")
 flags.DEFINE_float("learning_rate", _D.learning_rate, "Adam learning rate.")
 flags.DEFINE_enum("optimizer", _D.optimizer, config_lib.OPTIMIZERS,
                   "adam (fused), adamw (decoupled --weight_decay, not on biases and "

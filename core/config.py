@@ -83,6 +83,7 @@ class Config:
     train_steps: int | None = None
     batch_size: int = 256
     grad_accum_steps: int = 1  # micro-batches of batch_size per update
+    eval_batch_size: int | None = None  # None: batch_size
     learning_rate: float = 3e-3
     optimizer: str = "adam"
     weight_decay: float | None = None  # adamw; None: 0.004 (Keras' AdamW default)
@@ -173,9 +174,9 @@ class Config:
         if (self.epochs is None) == (self.train_steps is None):
             raise ConfigError("give exactly one of --epochs and --train_steps")
         for name in ("batch_size", "steps_per_loop", "log_every", "keep_checkpoints",
-                     "num_images", "grad_accum_steps"):
+                     "num_images", "grad_accum_steps", "eval_batch_size"):
             value = getattr(self, name)
-            if value <= 0:
+            if value is not None and value <= 0:
                 raise ConfigError(f"--{name}={value}: must be a positive whole number")
         if self.num_images > MAX_NUM_IMAGES:
             raise ConfigError(f"--num_images={self.num_images}: at most {MAX_NUM_IMAGES} (the "
@@ -369,6 +370,11 @@ class Config:
     def step_batch(self) -> int:
         """Examples per update: --batch_size times --grad_accum_steps."""
         return self.batch_size * self.grad_accum_steps
+
+    @property
+    def eval_batch(self) -> int:
+        """Examples per evaluation step: --eval_batch_size, or --batch_size."""
+        return self.eval_batch_size or self.batch_size
 
     def replace(self, **changes) -> Config:
         return dataclasses.replace(self, **changes)

@@ -234,6 +234,8 @@ def open_split(spec: str, dataset: str, data_dir: str | None = None, verify: boo
         return Opened(split)
     h, w, c = split.image_shape
     size = tuple(image_size) if image_size else (h, w)
+    if size == (h, w) and (channels or c) == c:
+        return Opened(split)  # already as asked: no copy, no resize pipeline
     upscaled = split.num_examples if (h < size[0] or w < size[1]) else 0
     return Opened(Split(resize_array(split.images, size, channels or c, resize), split.labels,
                         split.name), upscaled=upscaled)

@@ -121,6 +121,10 @@ class Run:
             config = inherit_run_config(config, self.saved, given)
         self.config = config
         distribute.check_batch(self.strategy, config.batch_size, config.batch_shards)
+        replicas = self.strategy.num_replicas_in_sync
+        if config.eval_batch % replicas:
+            raise ConfigError(f"--eval_batch_size={config.eval_batch} does not divide evenly over "
+                              f"{replicas} replicas: use a multiple of {replicas}")
         self.is_chief = distribute.is_chief(self.strategy)
         self.precision = (config.precision if config.precision != "auto" else
                           distribute.default_precision(distribute.gpu_compute_capability()))
@@ -385,7 +389,7 @@ class Run:
     def _evaluate(self, step: int, writer: str = "eval") -> dict[str, float]:
         cfg = self.config
         dist = self.strategy.distribute_datasets_from_function(
-            lambda ctx: data.eval_dataset(self.eval_split, cfg.batch_size, ctx, cfg.noise_factor,
+            lambda ctx: data.eval_dataset(self.eval_split, cfg.eval_batch, ctx, cfg.noise_factor,
                                           cfg.seed, skip_bad=cfg.bad_images == "skip"))
         results = self.trainer.evaluate(dist)
         logging.info(format_line("eval (EMA weights)" if self.uses_ema else "eval", step=step,

@@ -47,6 +47,18 @@ def test_eval_takes_the_runs_settings(denoiser):
         "eval wrote a root events file (an HParams session) of its own"
 
 
+def test_a_larger_eval_batch_gives_the_same_metrics(denoiser, tmp_path):
+    """--eval_batch_size only changes how many examples an eval step takes: 200 examples in
+    batches of 96 (the last one padded) give the training run's evaluation at batch 32."""
+    trained = dict(_scalars(os.path.join(denoiser, "eval"), "loss"))
+    out = tmp_path / "run"
+    shutil.copytree(denoiser, out)
+    proc = run_train("--mode=eval", f"--model_dir={out}", "--eval_batch_size=96")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    results = json.load(open(out / "eval_results.json"))
+    assert results["bce"] == pytest.approx(trained[30], abs=1e-5)
+
+
 def test_an_explicit_flag_overrides_the_run_with_a_log_line(denoiser):
     proc = run_train("--mode=eval", f"--model_dir={denoiser}", "--noise_factor=0",
                      "--eval_split=test[:200]", "--checkpoint=" + os.path.join(denoiser, "ckpt-30"))
