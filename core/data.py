@@ -570,7 +570,7 @@ class DeviceData:
                 self.order.assign(tf.cast(epoch_permutation(self.num_examples, self.seed, e),
                                           tf.int64))
 
-            self._reorder = tf.function(lambda e: strategy.run(assign, args=(e,)))
+            self._reorder = tf.function(lambda e: strategy.run(assign, args=(e,)), autograph=False)
         self._reorder(tf.constant(epoch, tf.int64))
         self.epoch_on_device = epoch
 
