@@ -37,11 +37,26 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def matmul_peak(dtype: tf.DType, n: int = 2048, repeats: int = 7) -> float:
-    """Measured FLOP/s of an n x n matmul on the default device (median of `repeats`)."""
+def matmul_shape() -> tuple[int, int]:
+    """(n, matmuls per timed call) of the peak measurement: on a GPU, 8192x8192 (a 2048 one
+    leaves tensor cores idle) and 16 chained matmuls per sync (~0.2 s of work at 100 TFLOP/s,
+    so the one host sync per call is under 0.1% of it); on a CPU, 2048 and 4."""
+    return (8192, 16) if tf.config.list_physical_devices("GPU") else (2048, 4)
+
+
+def tf32_enabled() -> bool:
+    """Whether float32 matmuls and convolutions may run as TF32 on Ampere and later GPUs
+    (TensorFlow's default): a float32 "peak" on those GPUs is then TF32's."""
+    return bool(tf.config.experimental.tensor_float_32_execution_enabled())
+
+
+def matmul_peak(dtype: tf.DType, n: int | None = None, repeats: int = 7) -> float:
+    """Measured FLOP/s of n x n matmuls on the default device (median of `repeats` timed
+    calls, each `inner` chained matmuls ended by one host sync; see matmul_shape)."""
+    default_n, inner = matmul_shape()
+    n = n or default_n
     a = tf.random.uniform((n, n), dtype=tf.float32)
     a = tf.cast(a, dtype)
-    inner = 4
 
     @tf.function
     def run(x):
@@ -53,7 +68,7 @@ def matmul_peak(dtype: tf.DType, n: int = 2048, repeats: int = 7) -> float:
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        float(run(a))  # forces the result to the host
+        float(run(a))  # forces the result to the host: the call's one sync
         times.append(time.perf_counter() - start)
     return 2 * n**3 * inner / statistics.median(times)
 
@@ -88,6 +103,9 @@ def machine_context(with_peaks: bool = True) -> dict:
         "date": time.strftime("%Y-%m-%d"),
     }
     if with_peaks:
+        n, inner = matmul_shape()
+        context["matmul_peak_method"] = {"n": n, "matmuls_per_sync": inner,
+                                         "tf32": tf32_enabled() if gpus else None}
         context["matmul_peak_flops"] = {
             "float32": matmul_peak(tf.float32),
             "bfloat16": matmul_peak(tf.bfloat16),
@@ -213,6 +231,9 @@ def context_markdown(context: dict) -> str:
              f"TensorFlow {context['tensorflow']}, Keras {context['keras']}, {context['date']}."]
     peaks = context.get("matmul_peak_flops")
     if peaks:
-        lines.append("Measured matmul peak (2048x2048): " + ", ".join(
-            f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()) + ".")
+        method = context.get("matmul_peak_method", {"n": 2048, "tf32": None})
+        tf32 = {True: " (float32 as TF32: TensorFlow's default on Ampere and later)",
+                False: " (TF32 off)", None: ""}[method.get("tf32")]
+        lines.append(f"Measured matmul peak ({method['n']}x{method['n']}): " + ", ".join(
+            f"{k} {v / 1e9:,.0f} GFLOP/s" for k, v in peaks.items()) + tf32 + ".")
     return "\n".join(lines) + "\n"

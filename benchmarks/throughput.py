@@ -115,11 +115,53 @@ KERAS = {
         steps_per_execution=32, jit_compile=False, replicas=CORES, threads="per_core",
         ungrouped=True),
 }
+
+
+def _gpu_variants() -> tuple[dict, dict]:
+    """On a GPU machine, what train.py runs there by default: XLA and the GPU's mixed
+    precision (bfloat16 from Ampere, float16 with loss scaling on Volta/Turing), the tf.data
+    path or the data on the device, one GPU or all of them; and Keras fit the same way."""
+    from core import distribute
+
+    gpus = distribute.gpus()
+    if not gpus:
+        return {}, {}
+    precision = distribute.default_precision(distribute.gpu_compute_capability())
+    ours = dict(steps_per_loop=32, jit_compile=True, precision=precision)
+    keras = dict(steps_per_execution=32, jit_compile=True, precision=precision)
+    our_variants = {"gpu_defaults_32": ours, "gpu_defaults_device_32": {**ours,
+                                                                        "data_on_device": True}}
+    keras_variants = {"keras_fit_gpu_defaults_spe32": keras}
+    if len(gpus) > 1:
+        our_variants["gpu_defaults_mirrored_32"] = {**ours, "replicas": len(gpus)}
+        keras_variants["keras_fit_gpu_defaults_mirrored_spe32"] = {**keras, "replicas": len(gpus)}
+    return our_variants, keras_variants
+
+
+_GPU_OURS, _GPU_KERAS = _gpu_variants()
+OURS.update(_GPU_OURS)
+KERAS.update(_GPU_KERAS)
 VARIANTS = {**OURS, **KERAS}
 
 
 def precision_of(spec: dict) -> str:
     return spec.get("precision", "float32")
+
+
+def replicas_of(spec: dict, num_gpus: int) -> int:
+    """Replicas of a variant: its mirrored variants run over every GPU where there are any."""
+    replicas = spec.get("replicas", 1)
+    return num_gpus if num_gpus and replicas > 1 else replicas
+
+
+def cannot_run(spec: dict, batch: int, num_gpus: int) -> str | None:
+    """Why a variant cannot run with this batch on this machine, or None."""
+    replicas, shards = replicas_of(spec, num_gpus), spec.get("batch_shards", 1)
+    if batch % (replicas * shards):
+        over = f"{replicas} replica(s)" + (f" x {shards} shards" if shards > 1 else "")
+        return (f"--batch_size={batch} does not divide evenly over {over}: use a multiple of "
+                f"{replicas * shards}")
+    return None
 
 
 def _strategy(spec):
@@ -317,10 +359,19 @@ def main(argv):
         return
     import tensorflow as tf
 
-    if not FLAGS.variants and tf.config.list_physical_devices("GPU"):
+    num_gpus = len(tf.config.list_physical_devices("GPU"))
+    if not FLAGS.variants and num_gpus:
         # Shards and one thread per op are a CPU recipe: on GPUs they only add rounds.
         chosen = {k: v for k, v in chosen.items()
                   if v.get("threads") != "per_core" and "batch_shards" not in v}
+    skipped = {name: why for name, spec in chosen.items()
+               if (why := cannot_run(spec, FLAGS.batch_size, num_gpus))}
+    for name, why in skipped.items():
+        print(f"skipping {name}: {why}", flush=True)
+    chosen = {k: v for k, v in chosen.items() if k not in skipped}
+    if not chosen:
+        raise app.UsageError("no variant can run: " + "; ".join(f"{k}: {v}"
+                                                                for k, v in skipped.items()))
 
     # The machine context and the matmul peaks, measured with every core (default threads).
     context = common.machine_context(with_peaks=FLAGS.peaks)
@@ -346,13 +397,13 @@ def main(argv):
                     step_times[name].append(measured["step_times"][name])
             print(f"round {r + 1}/{FLAGS.rounds}: " + ", ".join(
                 f"{n} {rates[n][-1]:,.0f}" for n in chosen), flush=True)
-        report(context, chosen, rates, step_times, compile_s)
+        report(context, chosen, rates, step_times, compile_s, skipped)
     finally:
         for worker in workers:
             worker.close()
 
 
-def report(context, chosen, rates, step_times, compile_s) -> None:
+def report(context, chosen, rates, step_times, compile_s, skipped) -> None:
     from core import data
     from layers.autoencoders import build_autoencoder
 
@@ -374,7 +425,7 @@ def report(context, chosen, rates, step_times, compile_s) -> None:
         results[name] = summary
 
     headline = {}
-    for precision in ("float32", BF16):
+    for precision in ("float32", BF16, "mixed_float16"):
         ours = {n: r for n, r in results.items()
                 if r["loop"] == "tapeloop" and r["precision"] == precision}
         theirs = {n: r for n, r in results.items()
@@ -388,7 +439,7 @@ def report(context, chosen, rates, step_times, compile_s) -> None:
         "model": FLAGS.model, "dataset": FLAGS.dataset, "train_split": FLAGS.train_split,
         "batch_size": batch, "steps": FLAGS.steps, "rounds": FLAGS.rounds,
         "warmup_steps": FLAGS.warmup_steps, "train_flops_per_example": flops},
-        "results": results, "headline": headline}
+        "results": results, "headline": headline, "skipped": skipped}
     intra, inter = THREADS["per_core"]
     lines = ["# Training throughput\n", common.context_markdown(payload["context"]),
              f"Model `{FLAGS.model}` ({flops / 1e6:.2f} MFLOP per training example, "
@@ -410,6 +461,8 @@ def report(context, chosen, rates, step_times, compile_s) -> None:
         lines.append(f"| `{name}` | {r['precision']} | {r['threads']} | {r['median']:,.0f} | "
                      f"{r['stderr']:,.0f} | {r['jitter']:,.0f} | {r['step_ms_p50']:.1f} / "
                      f"{r['step_ms_p90']:.1f} | {r['compile_seconds']:.1f} | {pct} |")
+    for name, why in skipped.items():
+        lines.append(f"\nSkipped `{name}`: {why}.")
     common.write_report(FLAGS.output_dir, "throughput", payload, lines)
 
 
