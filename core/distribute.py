@@ -325,3 +325,35 @@ def default_precision(compute_capability: tuple[int, int] | None) -> str:
     if tuple(compute_capability) >= (7, 0):
         return "mixed_float16"
     return "float32"
+
+
+class AgreedStop:
+    """Whether to stop now, agreed by every worker: `local()` is this process's own answer
+    (the name of a stop signal it received, or None).
+
+    Under MultiWorkerMirroredStrategy a worker that stops alone leaves the others blocked
+    in the next all-reduce, which then fails ("the tasks have crashed") and loses the steps
+    since the last checkpoint. So at every loop boundary, where all workers are at the same
+    step, they all-reduce one flag: if any received a signal, all save that step (the chief
+    into the model dir) and exit 75 together. One scalar all-reduce per loop, through the
+    strategy's own collectives; nothing where there is one worker.
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, local):
+        self.local = local
+        workers = getattr(strategy.extended, "_num_workers", 1)
+        self._count = None
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and workers > 1:
+            @tf.function(autograph=False)
+            def count(flag):
+                per_replica = strategy.run(lambda: tf.identity(flag))
+                return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+            self._count = count
+
+    def __call__(self) -> str | None:
+        name = self.local()
+        if self._count is None:
+            return name
+        anyone = float(self._count(tf.constant(1.0 if name else 0.0))) > 0
+        return name or ("a stop signal on another worker" if anyone else None)

@@ -517,7 +517,8 @@ def train(run: Run) -> dict:
             run.trainer, make_iterator, total, steps_per_epoch, cfg.steps_per_loop, cadence,
             run.evaluate if cfg.mode == "train_and_eval" else None, run.checkpointer,
             run.summaries, profile_dir=os.path.join(run.output_dir, "train"),
-            stop_requested=stop, data_error=functools.partial(_data_error, run))
+            stop_requested=distribute.AgreedStop(run.strategy, stop),
+            data_error=functools.partial(_data_error, run))
         step = controller.train()
     if run.is_chief:
         run.figures(step, cfg.model_dir)

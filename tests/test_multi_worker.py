@@ -3,9 +3,14 @@
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
+
+import pytest
 
 from helpers import ROOT, run_train
 
@@ -61,6 +66,79 @@ def test_two_workers_train_together(tmp_path, idx_dir):
     single = run_train(f"--model_dir={tmp_path / 'single'}", "--strategy=default", *flags)
     assert single.returncode == 0, single.stderr[-3000:]
     assert abs(_last_loss(single.stderr) - _last_loss(logs[0])) <= 1e-4 * _last_loss(logs[0])
+
+
+class _Workers:
+    """Two train.py workers on 127.0.0.1; their stderr is collected as it comes."""
+
+    def __init__(self, model_dir, flags):
+        workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+        self.procs, self.logs = [], [[], []]
+        for index in range(2):
+            env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
+                {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
+            proc = subprocess.Popen(
+                [sys.executable, os.path.join(ROOT, "train.py"), "--strategy=multi_worker",
+                 f"--model_dir={model_dir}", *flags],
+                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+            threading.Thread(target=lambda p=proc, log=self.logs[index]: log.extend(p.stderr),
+                             daemon=True).start()
+            self.procs.append(proc)
+
+    def log(self, index):
+        return "".join(self.logs[index])
+
+    def wait(self, timeout):
+        deadline = time.monotonic() + timeout
+        codes = [proc.wait(timeout=max(1, deadline - time.monotonic())) for proc in self.procs]
+        time.sleep(0.5)  # the readers catch the last lines
+        return codes
+
+    def kill(self):
+        for proc in self.procs:
+            proc.kill()
+
+
+@pytest.mark.parametrize("victim", [0, 1], ids=["sigterm_to_chief", "sigterm_to_worker1"])
+def test_a_stop_signal_to_either_worker_stops_both_at_one_saved_step(tmp_path, idx_dir, victim):
+    """SIGTERM to one worker: both stop at the same step, the chief's checkpoint holds it,
+    both exit 75 within 60 s, and restarting both resumes there."""
+    flags = ["--dataset=mnist", f"--data_dir={idx_dir}", "--train_split=test[:2000]",
+             "--eval_split=test[9000:]", "--log_every=5", "--steps_per_loop=5",
+             "--batch_size=64"]
+    model_dir = tmp_path / "run"
+    workers = _Workers(model_dir, [*flags, "--train_steps=100000"])
+    try:
+        deadline = time.monotonic() + 240
+        while not re.search(r"train \| step [1-9]\d*/", workers.log(0)):
+            assert time.monotonic() < deadline, workers.log(0)[-3000:]
+            assert all(p.poll() is None for p in workers.procs), workers.log(0)[-3000:]
+            time.sleep(0.2)
+        os.kill(workers.procs[victim].pid, signal.SIGTERM)
+        signalled = time.monotonic()
+        codes = workers.wait(timeout=60)
+        assert time.monotonic() - signalled < 60
+    finally:
+        workers.kill()
+    logs = [workers.log(0), workers.log(1)]
+    assert codes == [75, 75], logs[0][-2000:] + logs[1][-2000:]
+    stops = [re.search(r"stopped by (.+?) at step (\d+) after saving", log) for log in logs]
+    assert stops[victim].group(1) == "SIGTERM"
+    assert stops[1 - victim].group(1) == "a stop signal on another worker"
+    step = int(stops[0].group(2))
+    assert int(stops[1].group(2)) == step > 0
+    assert (model_dir / f"ckpt-{step}.index").exists()
+    assert "Traceback" not in logs[0] + logs[1]
+
+    again = _Workers(model_dir, [*flags, f"--train_steps={step + 10}"])
+    try:
+        codes = again.wait(timeout=240)
+    finally:
+        again.kill()
+    assert codes == [0, 0], again.log(0)[-2000:] + again.log(1)[-2000:]
+    for index in range(2):
+        assert f"resuming from step {step} towards {step + 10}" in again.log(index)
+    assert (model_dir / f"ckpt-{step + 10}.index").exists()
 
 
 def test_malformed_tf_config_is_one_line(tmp_path):
