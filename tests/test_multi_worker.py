@@ -141,6 +141,29 @@ def test_a_stop_signal_to_either_worker_stops_both_at_one_saved_step(tmp_path, i
     assert (model_dir / f"ckpt-{step + 10}.index").exists()
 
 
+def test_a_nan_rolls_both_workers_back_together(tmp_path, idx_dir):
+    """--nan_policy=rollback with two workers: a learning rate of 1e30 from step 20 on blows
+    the loss up; the loss each worker checks is the global one, so both roll back to
+    ckpt-20 at the same step, lower the rate alike, and finish the run together."""
+    flags = ["--dataset=mnist", f"--data_dir={idx_dir}", "--train_split=test[:1024]",
+             "--eval_split=test[9900:]", "--batch_size=32", "--steps_per_loop=5",
+             "--log_every=5", "--checkpoint_every_steps=10", "--eval_every=100000"]
+    model_dir = tmp_path / "run"
+    for extra in (["--train_steps=20", "--learning_rate=0.004"],
+                  ["--train_steps=60", "--learning_rate=1e30", "--nan_policy=rollback",
+                   "--nan_lr_factor=0.5"]):
+        workers = _Workers(model_dir, [*flags, *extra])
+        try:
+            codes = workers.wait(timeout=240)
+        finally:
+            workers.kill()
+        assert codes == [0, 0], workers.log(0)[-2000:] + workers.log(1)[-2000:]
+    rollbacks = [re.findall(r"rollback \d+/\d+.*", workers.log(i)) for i in range(2)]
+    assert rollbacks[0] and rollbacks[0] == rollbacks[1]  # same step, checkpoint and rate
+    assert [_last_loss(workers.log(i)) for i in range(2)] == [_last_loss(workers.log(0))] * 2
+    assert (model_dir / "ckpt-60.index").exists()
+
+
 def test_malformed_tf_config_is_one_line(tmp_path):
     proc = run_train("--strategy=multi_worker", f"--model_dir={tmp_path}", "--train_steps=1",
                      env={"TF_CONFIG": "{cluster: oops"})
