@@ -122,6 +122,20 @@ def test_op_profile_smoke(tmp_path):
     assert "| op type | per step | ms per step |" in (tmp_path / "profile.md").read_text()
 
 
+def test_throughput_skips_a_variant_the_batch_cannot_divide_over(tmp_path, mnist_flags):
+    """A batch of 31 cannot be split over the 2 replicas of a mirrored variant: it is skipped
+    with the reason in the log and the report, and the others run."""
+    proc = _run("throughput.py", *mnist_flags, f"--output_dir={tmp_path}", "--rounds=1",
+                "--steps=2", "--warmup_steps=1", "--batch_size=31", "--peaks=false",
+                "--variants=tf_function,mirrored_2cpu_32")
+    why = "--batch_size=31 does not divide evenly over 2 replica(s): use a multiple of 2"
+    assert f"skipping mirrored_2cpu_32: {why}" in proc.stdout
+    report = json.loads((tmp_path / "throughput.json").read_text())
+    assert set(report["results"]) == {"tf_function"}
+    assert report["skipped"] == {"mirrored_2cpu_32": why}
+    assert f"Skipped `mirrored_2cpu_32`: {why}." in (tmp_path / "throughput.md").read_text()
+
+
 def test_input_pipeline_smoke(tmp_path, mnist_flags):
     _run("input_pipeline.py", *mnist_flags, f"--output_dir={tmp_path}", "--batches=3",
          "--train_steps=2", "--rounds=2", "--batch_size=32")
@@ -131,13 +145,43 @@ def test_input_pipeline_smoke(tmp_path, mnist_flags):
 
 
 def test_time_to_quality_smoke(tmp_path, idx_dir):
+    """Both recipes as whole processes on two splits: tapeloop's through train.py with the
+    flag file (an extra flag reaches it: the first evaluation is at step 7), the tutorial's
+    through Keras fit; each stops at the first evaluation at or under the target."""
     _run("time_to_quality.py", f"--data_dir={idx_dir}", f"--output_dir={tmp_path}",
-         "--target=0.6", "--max_seconds=20", "--ours_eval_every=20")
+         "--target=0.6", "--max_seconds=150", "--seeds=1", "--extra_flags=--eval_every=7",
+         "--splits=test[:2000]:test[9000:],test[2000:4000]:test[:500]")
     report = json.loads((tmp_path / "time_to_quality.json").read_text())
-    for name in ("tapeloop", "tutorial_keras_fit"):
-        assert report["results"][name]["seconds_to_target"] > 0
-        assert report["results"][name]["curves"][0][-1][1] <= 0.6
+    assert "--eval_every=7" in report["config"]["recipe_flags"]
+    roles = {}
+    for key, entry in report["results"].items():
+        roles[entry["role"]] = key
+        for name in ("tapeloop", "tutorial"):
+            run = entry["runs"][name][0]
+            assert 0 < run["seconds"] < 150 and run["final_bce"] <= 0.6
+            assert entry["summary"][name]["reached"] == 1
+        assert entry["runs"]["tapeloop"][0]["curve"][0][1] == 7  # steps, from the log line
+        assert entry["runs"]["tutorial"][0]["curve"][0][1] == 1  # epochs
+        assert entry["median_fraction"] > 0
+    assert roles == {"tuning": "test[:2000] -> test[9000:]",
+                     "held_out": "test[2000:4000] -> test[:500]"}
     assert (tmp_path / "time_to_quality.png").stat().st_size > 10_000
+    assert "| held_out: test[2000:4000] -> test[:500] |" in (
+        tmp_path / "time_to_quality.md").read_text()
+
+
+def test_time_to_quality_reports_a_recipe_that_cannot_run(tmp_path, idx_dir):
+    """A recipe train.py refuses (a batch that does not divide over the replicas, as on 3
+    GPUs) is reported with train.py's own reason, not a crash."""
+    _run("time_to_quality.py", f"--data_dir={idx_dir}", f"--output_dir={tmp_path}",
+         "--seeds=1", "--contenders=tapeloop", "--splits=test[:2000]:test[9000:]",
+         "--extra_flags=--strategy=mirrored,--num_cpu_devices=2,--batch_size=31")
+    report = json.loads((tmp_path / "time_to_quality.json").read_text())
+    summary = report["results"]["test[:2000] -> test[9000:]"]["summary"]["tapeloop"]
+    assert summary["reached"] == 0 and len(summary["errors"]) == 1
+    assert "--batch_size=31 does not divide evenly over 2 replicas" in summary["errors"][0]
+    assert "could not run: train.py: error: --batch_size=31" in (
+        tmp_path / "time_to_quality.md").read_text()
 
 
 def test_quality_smoke(tmp_path, idx_dir):
@@ -184,3 +228,18 @@ def test_gpu_check_without_a_gpu_and_simulated(tmp_path):
     assert report["simulated"] and report["ok"] and len(ran) == 7
     assert all(p["placed"] > 0 and p["agrees"] and p["keras_steps_per_sec"] > 0 for p in ran)
     assert "Simulated on 2 logical CPU devices" in (tmp_path / "sim" / "gpu_check.md").read_text()
+
+
+def test_the_peak_says_how_it_was_measured():
+    """A float32 'peak' on Ampere GPUs is TF32's unless TF32 is off: the report says which,
+    and the matrix size."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from benchmarks import common
+
+    context = {"device": "NVIDIA A100", "device_type": "GPU", "cpu_cores": 8, "tensorflow": "2.21",
+               "keras": "3", "date": "2026-11-29", "matmul_peak_flops": {"float32": 1.5e14},
+               "matmul_peak_method": {"n": 8192, "matmuls_per_sync": 16, "tf32": True}}
+    text = common.context_markdown(context)
+    assert "Measured matmul peak (8192x8192): float32 150,000 GFLOP/s (float32 as TF32" in text
+    context["matmul_peak_method"]["tf32"] = False
+    assert "(TF32 off)" in common.context_markdown(context)

@@ -39,6 +39,23 @@ def test_a_later_flag_overrides_the_flag_file(parse, config_file):
     assert (plain.epochs is None) != (plain.train_steps is None)
 
 
+@pytest.mark.parametrize("config_file", CONFIGS, ids=os.path.basename)
+def test_a_flag_file_opens_with_its_command_and_what_it_reaches(config_file):
+    with open(config_file) as f:
+        header = "".join(line for line in iter(f.readline, "") if line.startswith("#"))
+    assert f"python train.py --flagfile=configs/{os.path.basename(config_file)}" in header
+    assert "# Expect" in header, "say what the run reaches (measured), or why it was not"
+
+
+def test_the_fast_recipe_takes_the_data_splits_and_seed_from_the_command_line(parse):
+    config = parse("--flagfile=" + os.path.join(ROOT, "configs", "fast_mnist.cfg"),
+                   "--data_dir=/data/mnist", "--train_split=test[2000:]",
+                   "--eval_split=test[:2000]", "--seed=3")
+    assert (config.data_dir, config.train_split, config.eval_split, config.seed) == (
+        "/data/mnist", "test[2000:]", "test[:2000]", 3)
+    assert config.dataset == "mnist" and config.model == "seed"
+
+
 def test_the_last_of_epochs_and_train_steps_wins_on_the_command_line(parse):
     assert parse("--epochs=3", "--train_steps=7").train_steps == 7
     assert parse("--train_steps=7", "--epochs=3").epochs == 3
