@@ -388,10 +388,12 @@ class Run:
 
     def _evaluate(self, step: int, writer: str = "eval") -> dict[str, float]:
         cfg = self.config
-        dist = self.strategy.distribute_datasets_from_function(
-            lambda ctx: data.eval_dataset(self.eval_split, cfg.eval_batch, ctx, cfg.noise_factor,
-                                          cfg.seed, skip_bad=cfg.bad_images == "skip"))
-        results = self.trainer.evaluate(dist)
+        if getattr(self, "_eval_data", None) is None:  # built once: each evaluation iterates it
+            self._eval_data = self.strategy.distribute_datasets_from_function(
+                lambda ctx: data.eval_dataset(self.eval_split, cfg.eval_batch, ctx,
+                                              cfg.noise_factor, cfg.seed,
+                                              skip_bad=cfg.bad_images == "skip"))
+        results = self.trainer.evaluate(self._eval_data)
         logging.info(format_line("eval (EMA weights)" if self.uses_ema else "eval", step=step,
                                  **results))
         self.summaries.scalars(writer, step, results)
