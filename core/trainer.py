@@ -321,7 +321,7 @@ class Trainer:
                 # jit-compiled tf.function around all replicas (the failure above).
                 self.strategy.run(lambda x: self._train_step(x), args=(next(iterator),))
             with tf.control_dependencies([self.step.assign_add(1)]):
-                return i + 1
+                return [i + 1]  # the loop variables' structure (eager mode checks it)
 
         tf.while_loop(lambda i: i < num_steps, step, [tf.constant(0, num_steps.dtype)])
         # Reading the on-read variable sums the replicas' copies: the loop's one reduce.
