@@ -73,7 +73,7 @@ class _Workers:
 
     def __init__(self, model_dir, flags):
         workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
-        self.procs, self.logs = [], [[], []]
+        self.procs, self.logs, self.readers = [], [[], []], []
         for index in range(2):
             env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
                 {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
@@ -81,8 +81,10 @@ class _Workers:
                 [sys.executable, os.path.join(ROOT, "train.py"), "--strategy=multi_worker",
                  f"--model_dir={model_dir}", *flags],
                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-            threading.Thread(target=lambda p=proc, log=self.logs[index]: log.extend(p.stderr),
-                             daemon=True).start()
+            reader = threading.Thread(
+                target=lambda p=proc, log=self.logs[index]: log.extend(p.stderr), daemon=True)
+            reader.start()
+            self.readers.append(reader)
             self.procs.append(proc)
 
     def log(self, index):
@@ -91,7 +93,8 @@ class _Workers:
     def wait(self, timeout):
         deadline = time.monotonic() + timeout
         codes = [proc.wait(timeout=max(1, deadline - time.monotonic())) for proc in self.procs]
-        time.sleep(0.5)  # the readers catch the last lines
+        for reader in self.readers:  # every line, up to the end of each stream
+            reader.join(timeout=30)
         return codes
 
     def kill(self):
