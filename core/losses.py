@@ -91,7 +91,7 @@ class SSIM(Loss):
     min_size = 11
 
     def per_example(self, targets, logits):
-        return 1.0 - tf.image.ssim(targets, tf.sigmoid(logits), max_val=1.0, filter_size=11)
+        return 1.0 - metrics.ssim(targets, tf.sigmoid(logits))
 
 
 LOSSES = {cls.name: cls for cls in (BCE, MSE, L1, Charbonnier, SSIM)}

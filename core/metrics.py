@@ -66,14 +66,48 @@ def psnr(targets: tf.Tensor, images: tf.Tensor, max_value: float = 1.0) -> tf.Te
     return 10.0 * tf.math.log(max_value**2 / err) / tf.math.log(10.0)
 
 
+def _gaussian_band(size: int, window: int, sigma: float = 1.5) -> np.ndarray:
+    """The (size - window + 1, size) matrix whose row i is the normalised 1-D Gaussian
+    over positions i .. i + window - 1: a VALID 1-D Gaussian filter as a matmul."""
+    coords = np.arange(window, dtype=np.float64) - (window - 1) / 2.0
+    g = np.exp(-0.5 * coords**2 / sigma**2)
+    band = np.zeros((size - window + 1, size), np.float32)
+    for i in range(size - window + 1):
+        band[i, i:i + window] = g / g.sum()
+    return band
+
+
 def ssim(targets: tf.Tensor, images: tf.Tensor) -> tf.Tensor:
-    """Structural similarity per example (11x11 Gaussian window, sigma 1.5), (B,).
+    """Structural similarity per example (11x11 Gaussian window, sigma 1.5), (B,): the
+    mean over channels of tf.image.ssim's value (max_val 1, k1 0.01, k2 0.03).
 
     Images smaller than the window get a window of their own size (down to 1x1), so
     the metric is defined for every image size; for 11x11 and up it is the standard one.
+
+    The Gaussian window is the outer product of two 1-D ones, so the four local means
+    SSIM needs are two matmuls with banded matrices (rows, then columns), not
+    tf.image.ssim's 11x11 depthwise convolution: about 5x faster on CPU at 28x28 and 2x
+    at 64x64x3 (benchmarks/NOTES.md), equal to tf.image.ssim within 2e-6 (tested).
     """
-    window = min(11, *targets.shape[1:3])
-    return tf.image.ssim(targets, images, max_val=1.0, filter_size=window)
+    batch, height, width, channels = targets.shape
+    window = min(11, height, width)
+    x, y = tf.cast(targets, tf.float32), tf.cast(images, tf.float32)
+    maps = tf.stack([x, y, x * y, tf.square(x) + tf.square(y)])       # [4, B, H, W, C]
+    maps = tf.transpose(maps, [0, 1, 4, 2, 3])                         # [4, B, C, H, W]
+    rows = tf.constant(_gaussian_band(width, window))                  # [W', W]
+    cols = tf.constant(_gaussian_band(height, window))                 # [H', H]
+    out_w = width - window + 1
+    t = tf.matmul(tf.reshape(maps, [-1, width]), rows, transpose_b=True)
+    t = tf.transpose(tf.reshape(t, [-1, height, out_w]), [0, 2, 1])   # [4BC, W', H]
+    t = tf.matmul(tf.reshape(t, [-1, height]), cols, transpose_b=True)
+    mean_x, mean_y, mean_xy, mean_sq = tf.unstack(tf.reshape(t, [4, -1, channels, out_w *
+                                                                  (height - window + 1)]))
+    c1, c2 = 0.01**2, 0.03**2
+    num0 = 2.0 * mean_x * mean_y
+    den0 = tf.square(mean_x) + tf.square(mean_y)
+    luminance = (num0 + c1) / (den0 + c1)
+    contrast_structure = (2.0 * mean_xy - num0 + c2) / (mean_sq - den0 + c2)
+    return tf.reduce_mean(luminance * contrast_structure, axis=[1, 2])
 
 
 def reconstruction_metrics(targets: tf.Tensor, logits: tf.Tensor) -> dict[str, tf.Tensor]:

@@ -417,11 +417,17 @@ class Run:
         raw = self.head(cfg.num_images)[0]
         clean = data.to_float(raw).numpy()
         if not cfg.noise_factor:
-            recon = self.trainer.model.reconstruct(clean, training=False)
-            return [clean, np.asarray(recon, np.float32)], ["input", "reconstruction"]
+            return [clean, self.reconstruct(clean)], ["input", "reconstruction"]
         noisy = data.noisy_copy(raw, cfg.noise_factor, cfg.seed)
-        denoised = np.asarray(self.trainer.model.reconstruct(noisy, training=False), np.float32)
-        return [noisy, denoised, clean], ["noisy input", "denoised", "clean"]
+        return [noisy, self.reconstruct(noisy), clean], ["noisy input", "denoised", "clean"]
+
+    def reconstruct(self, images: np.ndarray) -> np.ndarray:
+        """The model's reconstructions of float `images`, float32 in [0, 1], through one
+        traced function: the eager Keras call it replaces took ~30 ms, at every evaluation."""
+        if getattr(self, "_reconstruct", None) is None:
+            model = self.trainer.model
+            self._reconstruct = tf.function(lambda x: model.reconstruct(x, training=False))
+        return np.asarray(self._reconstruct(tf.constant(images, tf.float32)), np.float32)
 
     def figures(self, step: int, out_dir: str, curves: bool = True) -> list[str]:
         """Writes every figure into `out_dir`; returns their paths."""

@@ -333,7 +333,20 @@ class Trainer:
 
         `inputs` are the (possibly noisy) images the model sees, `targets` the
         clean ones it should return. A VAE adds its KL and the ELBO (nats per example).
+        With `batch_shards` > 1 the batch is split into that many shards side by side, as
+        the training step does: on a CPU with one thread per op, that keeps every core
+        busy during evaluation too.
         """
+        shards = self.batch_shards if inputs.shape[0] and inputs.shape[0] % self.batch_shards == 0 \
+            else 1
+        if shards == 1:
+            return self._eval_sums(inputs, targets, weights)
+        parts = [self._eval_sums(*part) for part in zip(*(tf.split(t, shards) for t in
+                                                          (inputs, targets, weights)))]
+        return {name: tf.add_n([part[name] for part in parts]) for name in parts[0]}
+
+    def _eval_sums(self, inputs: tf.Tensor, targets: tf.Tensor,
+                   weights: tf.Tensor) -> dict[str, tf.Tensor]:
         logits, extra_loss, extra = self.model.forward(inputs, training=False)
         per_example = metrics.reconstruction_metrics(targets, logits)
         # The training loss, as the training step computes it (with the VAE's weighted KL).

@@ -88,3 +88,23 @@ def test_mse_psnr_ssim_values():
     np.testing.assert_allclose(metrics.psnr(a, a).numpy(), [100.0, 100.0], rtol=1e-4)  # not inf
     x = tf.random.uniform((2, 16, 16, 1), seed=1)
     np.testing.assert_allclose(metrics.ssim(x, x).numpy(), [1.0, 1.0], rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(3, 28, 28, 1), (2, 64, 48, 3), (2, 8, 9, 1), (2, 11, 30, 3)])
+def test_ssim_equals_tensorflows(shape):
+    """The separable (matmul) SSIM is tf.image.ssim's value, also for rectangular images,
+    colour, and images smaller than the 11x11 window (a window of their size)."""
+    rng = np.random.default_rng(0)
+    x = rng.random(shape, dtype=np.float32)
+    y = np.clip(x + 0.2 * rng.standard_normal(shape).astype(np.float32), 0, 1)
+    window = min(11, shape[1], shape[2])
+    ref = tf.image.ssim(tf.constant(x), tf.constant(y), max_val=1.0, filter_size=window)
+    np.testing.assert_allclose(metrics.ssim(tf.constant(x), tf.constant(y)).numpy(), ref.numpy(),
+                               atol=2e-6)
+    # Its gradient too (the ssim loss trains through it).
+    xt, yt = tf.constant(x), tf.Variable(y)
+    with tf.GradientTape(persistent=True) as tape:
+        ours = tf.reduce_sum(metrics.ssim(xt, yt))
+        theirs = tf.reduce_sum(tf.image.ssim(xt, yt, max_val=1.0, filter_size=window))
+    np.testing.assert_allclose(tape.gradient(ours, yt).numpy(), tape.gradient(theirs, yt).numpy(),
+                               atol=1e-6)
