@@ -243,3 +243,13 @@ def test_the_peak_says_how_it_was_measured():
     assert "Measured matmul peak (8192x8192): float32 150,000 GFLOP/s (float32 as TF32" in text
     context["matmul_peak_method"]["tf32"] = False
     assert "(TF32 off)" in common.context_markdown(context)
+
+
+def test_ssim_forms_smoke(tmp_path):
+    """The script checks that both SSIM forms agree before timing them."""
+    _run("ssim_forms.py", f"--output_dir={tmp_path}", "--shapes=4x28x28x1,2x16x12x3", "--rounds=1")
+    rows = json.loads((tmp_path / "ssim_forms.json").read_text())["results"]
+    assert len(rows) == 8 and {r["form"] for r in rows} == {"tf.image.ssim", "core.metrics.ssim"}
+    assert all(r["min_ms"] <= r["ms"] <= r["max_ms"] for r in rows)
+    assert "| 2x16x12x3 | value and gradient | `core.metrics.ssim` |" in \
+        (tmp_path / "ssim_forms.md").read_text()
