@@ -2,7 +2,7 @@
 """Whole-process seconds until a held-out BCE target: tapeloop's recipe against the tutorial's,
 for several seeds on two disjoint splits.
 
-    python benchmarks/time_to_quality.py --data_dir=../shared/data/mnist    # ~12 min here
+    python benchmarks/time_to_quality.py --data_dir=../shared/data/mnist    # ~8 min here
 
 Each run is one process, timed from its launch to the log line that reports the target
 reached (so imports, data loading, compilation and evaluation all count), then stopped:
