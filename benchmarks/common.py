@@ -174,6 +174,39 @@ def conv_layers(model, input_shape) -> list[dict]:
         return layer(inputs)
 
     walk(model, x)
+    if not convs:  # not built from layers/blocks.py (the resnet, your own): record the calls
+        convs = _recorded_convs(model, x)
+    return convs
+
+
+def _recorded_convs(model, x) -> list[dict]:
+    """Every Conv2D (and Conv2DTranspose) `model(x)` calls, wherever it is nested,
+    with the grid it ran on: each layer's `call` wrapped for one forward pass."""
+    convs, originals = [], {}
+
+    def recorder(layer, call):
+        def recorded(inputs, *args, **kwargs):
+            out = call(inputs, *args, **kwargs)
+            k = layer.kernel_size[0]
+            cin, cout = int(inputs.shape[-1]), int(out.shape[-1])
+            transposed = isinstance(layer, tf.keras.layers.Conv2DTranspose)
+            grid = inputs if transposed else out
+            h, w = int(grid.shape[1]), int(grid.shape[2])
+            convs.append({"name": layer.path if hasattr(layer, "path") else layer.name,
+                          "input": [h, w, cin], "filters": cout, "kernel": int(k),
+                          "transposed": transposed, "flops": 2 * h * w * k * k * cin * cout})
+            return out
+        return recorded
+
+    for layer in model._flatten_layers(include_self=False):  # noqa: SLF001
+        if isinstance(layer, tf.keras.layers.Conv2D):
+            originals[id(layer)] = (layer, layer.call)
+            layer.call = recorder(layer, layer.call)
+    try:
+        model(x)
+    finally:
+        for layer, call in originals.values():
+            layer.call = call
     return convs
 
 

@@ -1,16 +1,22 @@
 #!/usr/bin/env python3
-"""The quality table: every `configs/quality_*.cfg`, trained and evaluated, next to the
-published numbers.
+"""The quality tables: every `configs/quality_*.cfg`, trained and evaluated; MNIST rows
+next to the published numbers, colour rows next to JPEG at the same size.
 
-    python benchmarks/quality.py --data_dir=FOLDER      # all rows, ~10 minutes on 2 CPU cores
+    python benchmarks/quality.py --data_dir=FOLDER      # all rows
     python benchmarks/quality.py --data_dir=FOLDER --rows=seed,vae
+    python benchmarks/quality.py --rows=colour_seed,colour_resnet   # colour only, offline
 
 FOLDER holds MNIST's test-split files (t10k-*-ubyte.gz); this repo's machines have them
-at ../shared/data/mnist. Without --data_dir, train.py downloads MNIST.
+at ../shared/data/mnist. Without --data_dir, train.py downloads MNIST. Colour rows
+(`quality_colour_*.cfg`) train on the offline `shapes` set and need no data.
 
 Each row runs `train.py --flagfile=configs/quality_ROW.cfg` in a fresh model dir (wall
 time measured around it), then `--mode=eval` for BCE, MSE, PSNR and SSIM on the held-out
-split. Writes results/quality.{json,md}.
+split. A colour row also gets its code's size (float32: 32 bits a number, from the
+`code (...)` the run logs) and the reference users know: each held-out image saved as a
+JPEG (tf.io.encode_jpeg, 4:2:0) at the highest quality whose file is not larger than the
+code, and that JPEG's MSE, PSNR and SSIM. Writes results/quality.{json,md} (MNIST rows)
+and results/quality_colour.{json,md} (colour rows), each only when such rows ran.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,8 +59,78 @@ def _flagfile_value(path, name):
     return None
 
 
+def jpeg_at_size(images, budget_bytes: int) -> dict:
+    """JPEG as the reference codec: each uint8 image (N, H, W, C) encoded at the highest
+    quality (1-100) whose file is at most `budget_bytes`, decoded, and scored with the
+    metrics evaluation uses (means over the images that fit). Images that do not fit
+    even at quality 1 are counted, not scored."""
+    import numpy as np
+    import tensorflow as tf
+
+    from core import metrics
+
+    def encoded(image, quality):
+        return tf.io.encode_jpeg(image, quality=quality).numpy()
+
+    chosen, sizes, decoded, kept = [], [], [], []
+    for i, image in enumerate(images):
+        if len(encoded(image, 1)) > budget_bytes:
+            continue
+        lo, hi = 1, 100  # the largest quality that fits: sizes grow with quality
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if len(encoded(image, mid)) <= budget_bytes else (lo, mid - 1)
+        data = encoded(image, lo)
+        chosen.append(lo)
+        sizes.append(len(data))
+        decoded.append(tf.io.decode_jpeg(data, channels=image.shape[-1]).numpy())
+        kept.append(i)
+    out = {"budget_bytes": budget_bytes, "images": len(images), "fit": len(kept)}
+    if kept:
+        targets = tf.constant(images[kept], tf.float32) / 255.0
+        jpegs = tf.constant(np.stack(decoded), tf.float32) / 255.0
+        out.update(mse=float(tf.reduce_mean(metrics.mse(targets, jpegs))),
+                   psnr=float(tf.reduce_mean(metrics.psnr(targets, jpegs))),
+                   ssim=float(tf.reduce_mean(metrics.ssim(targets, jpegs))),
+                   mean_bytes=float(np.mean(sizes)), quality_min=min(chosen),
+                   quality_median=float(np.median(chosen)), quality_max=max(chosen))
+    return out
+
+
+def code_shape(log: str) -> tuple[int, ...]:
+    """One image's code shape, from the `code (8, 8, 4)` that train.py logs."""
+    match = re.search(r"code \(([\d, ]+?),?\)", log)
+    if not match:
+        raise RuntimeError("the run's log names no code shape")
+    return tuple(int(d) for d in match.group(1).split(","))
+
+
+def _colour_lines(results: dict) -> list[str]:
+    lines = ["The offline shapes set, 64x64x3, against JPEG at the same size.\n",
+             "Trained on `shapes` train (10,000 generated images), evaluated on its held-out "
+             "test split (1,000). The code is float32 (32 bits a number). JPEG: each held-out "
+             "image at the highest quality whose file fits in the code's bytes.\n",
+             "| row | model | loss | epochs | code | bits | PSNR dB | SSIM | MSE | JPEG PSNR dB "
+             "| JPEG SSIM | JPEG MSE | JPEG bytes (quality) | wall s |",
+             "| --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+             "| --- | ---: |"]
+    for name, r in results.items():
+        j = r["jpeg"]
+        jpeg = (f"{j['psnr']:.2f} | {j['ssim']:.3f} | {j['mse']:.4f} | {j['mean_bytes']:.0f} "
+                f"(q {j['quality_min']}-{j['quality_max']}, median {j['quality_median']:g})"
+                if j["fit"] else "none fits | - | - | -")
+        if j["fit"] and j["fit"] < j["images"]:
+            jpeg += f", {j['fit']}/{j['images']} images fit"
+        lines.append(f"| [{name}]({r['config']}) | {r['model']} | {r['loss']} | {r['epochs']} | "
+                     f"{r['code']} | {r['code_bits']:,} | {r['psnr']:.2f} | {r['ssim']:.3f} | "
+                     f"{r['mse']:.4f} | {jpeg} | {r['seconds']:.0f} |")
+    return lines
+
+
 def main(argv):
     del argv
+    import numpy as np
+
     configs = sorted(glob.glob(os.path.join(common.ROOT, "configs", "quality_*.cfg")))
     rows = {os.path.basename(c)[len("quality_"):-len(".cfg")]: c for c in configs}
     if FLAGS.rows:
@@ -66,8 +143,9 @@ def main(argv):
     for name, cfg in rows.items():
         model_dir = os.path.join(FLAGS.runs_dir, name)
         shutil.rmtree(model_dir, ignore_errors=True)
+        dataset = _flagfile_value(cfg, "dataset")
         common_flags = [f"--flagfile={cfg}", f"--model_dir={model_dir}", *FLAGS.extra_flags]
-        if FLAGS.data_dir:
+        if FLAGS.data_dir and dataset in ("mnist", "fashion_mnist"):
             common_flags.append(f"--data_dir={FLAGS.data_dir}")
         print(f"training {name}...", flush=True)
         start = time.perf_counter()
@@ -85,23 +163,43 @@ def main(argv):
         results[name] = {**metrics, "seconds": seconds, "config": os.path.relpath(cfg, common.ROOT),
                          "model": _flagfile_value(cfg, "model"),
                          "epochs": _flagfile_value(cfg, "epochs"),
+                         "dataset": dataset, "loss": _flagfile_value(cfg, "loss") or "bce",
                          "noise_factor": float(_flagfile_value(cfg, "noise_factor") or 0),
                          "published": PUBLISHED.get(name, "-")}
-        print(f"{name}: bce {metrics['bce']:.4f} in {seconds:.0f} s", flush=True)
-    context = common.machine_context(with_peaks=False)
-    lines = ["# Quality on real MNIST\n", common.context_markdown(context),
-             "Trained on MNIST `test[:8000]`, evaluated on the held-out `test[8000:]` (2,000 "
-             "images); the published numbers train on the 60,000-image training set and "
-             "evaluate on the 10,000-image test set.\n",
-             "| row | model | noise | epochs | held-out BCE | MSE | PSNR dB | SSIM | wall s "
-             "| published |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
-    for name, r in results.items():
-        lines.append(f"| [{name}]({r['config']}) | {r['model']} | {r['noise_factor']:g} | "
-                     f"{r['epochs']} | {r['bce']:.4f} | {r['mse']:.4f} | {r['psnr']:.2f} | "
-                     f"{r['ssim']:.3f} | {r['seconds']:.0f} | {r['published']} |")
-    common.write_report(FLAGS.output_dir, "quality", {"context": context, "results": results}, lines)
+        if dataset != "mnist":  # colour: the code's size and JPEG at that size
+            from core import data
 
+            shape = code_shape(proc.stderr)
+            numbers = int(np.prod(shape))
+            given = [f.split("=", 1)[1] for f in FLAGS.extra_flags
+                     if f.startswith("--eval_split=")]
+            eval_split = (given or [_flagfile_value(cfg, "eval_split") or "test"])[-1]
+            split = data.load_split(eval_split, dataset)
+            results[name].update(code="x".join(map(str, shape)), code_bits=32 * numbers,
+                                 jpeg=jpeg_at_size(split.images, 4 * numbers))
+        print(f"{name}: bce {metrics['bce']:.4f}, psnr {metrics['psnr']:.2f} in {seconds:.0f} s",
+              flush=True)
+    context = common.machine_context(with_peaks=False)
+    colour = {k: v for k, v in results.items() if v["dataset"] != "mnist"}
+    results_mnist = {k: v for k, v in results.items() if v["dataset"] == "mnist"}
+    if results_mnist:
+        lines = ["# Quality on real MNIST\n", common.context_markdown(context),
+                 "Trained on MNIST `test[:8000]`, evaluated on the held-out `test[8000:]` (2,000 "
+                 "images); the published numbers train on the 60,000-image training set and "
+                 "evaluate on the 10,000-image test set.\n",
+                 "| row | model | noise | epochs | held-out BCE | MSE | PSNR dB | SSIM | wall s "
+                 "| published |",
+                 "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+        for name, r in results_mnist.items():
+            lines.append(f"| [{name}]({r['config']}) | {r['model']} | {r['noise_factor']:g} | "
+                         f"{r['epochs']} | {r['bce']:.4f} | {r['mse']:.4f} | {r['psnr']:.2f} | "
+                         f"{r['ssim']:.3f} | {r['seconds']:.0f} | {r['published']} |")
+        common.write_report(FLAGS.output_dir, "quality",
+                            {"context": context, "results": results_mnist}, lines)
+    if colour:
+        lines = ["# Quality in colour\n", common.context_markdown(context), *_colour_lines(colour)]
+        common.write_report(FLAGS.output_dir, "quality_colour",
+                            {"context": context, "results": colour}, lines)
 
 if __name__ == "__main__":
     app.run(main)

@@ -253,3 +253,40 @@ def test_ssim_forms_smoke(tmp_path):
     assert all(r["min_ms"] <= r["ms"] <= r["max_ms"] for r in rows)
     assert "| 2x16x12x3 | value and gradient | `core.metrics.ssim` |" in \
         (tmp_path / "ssim_forms.md").read_text()
+
+
+def test_jpeg_at_size_picks_the_highest_quality_that_fits():
+    """The reference codec of the colour table, on real JPEG encodes of shapes images."""
+    import numpy as np
+    import tensorflow as tf
+
+    from benchmarks import quality
+    from core import shapes
+
+    images = shapes.build(seed=3, sizes={"train": 1, "test": 6})["test"][0]
+    small, large = quality.jpeg_at_size(images, 900), quality.jpeg_at_size(images, 3000)
+    assert small["fit"] == large["fit"] == 6
+    assert small["mean_bytes"] <= 900 and large["mean_bytes"] <= 3000
+    assert large["psnr"] > small["psnr"] + 2 and large["quality_min"] > small["quality_max"]
+    # "Highest": one quality step more would not fit, for every image.
+    for image in images:
+        fits = [q for q in range(1, 101) if len(tf.io.encode_jpeg(image, quality=q).numpy()) <= 900]
+        over = len(tf.io.encode_jpeg(image, quality=max(fits) + 1).numpy())
+        assert over > 900 and small["quality_min"] <= max(fits) <= small["quality_max"]
+    assert np.isfinite(small["ssim"]) and 0 < small["mse"] < large["mse"] * 10
+    nothing = quality.jpeg_at_size(images, 100)  # below any JPEG's headers
+    assert nothing["fit"] == 0 and "psnr" not in nothing
+
+
+def test_quality_colour_row_smoke(tmp_path):
+    """A colour row: trained on shapes, its code size parsed from the run, JPEG beside it."""
+    _run("quality.py", "--rows=colour_seed", f"--runs_dir={tmp_path / 'runs'}",
+         f"--output_dir={tmp_path}", "--extra_flags=--epochs=1,--train_split=train[:256],"
+         "--eval_split=test[:32]")
+    assert not (tmp_path / "quality.json").exists()  # no MNIST row ran: that report is untouched
+    row = json.loads((tmp_path / "quality_colour.json").read_text())["results"]["colour_seed"]
+    assert row["code"] == "8x8x4" and row["code_bits"] == 8 * 8 * 4 * 32
+    assert row["jpeg"]["images"] == 32 and row["jpeg"]["budget_bytes"] == 1024
+    assert row["jpeg"]["fit"] > 0 and row["jpeg"]["mean_bytes"] <= 1024
+    text = (tmp_path / "quality_colour.md").read_text()
+    assert "against JPEG" in text and "| [colour_seed](configs/quality_colour_seed.cfg) | seed |" in text
