@@ -290,3 +290,26 @@ def test_quality_colour_row_smoke(tmp_path):
     assert row["jpeg"]["fit"] > 0 and row["jpeg"]["mean_bytes"] <= 1024
     text = (tmp_path / "quality_colour.md").read_text()
     assert "against JPEG" in text and "| [colour_seed](configs/quality_colour_seed.cfg) | seed |" in text
+
+
+def test_flop_count_finds_the_resnets_nested_convolutions():
+    """The resnet is not built from layers/blocks.py: its Conv2Ds are found by recording
+    one forward pass, each on the grid it ran on."""
+    import tensorflow as tf
+
+    from benchmarks import common
+    from layers.autoencoders import build_autoencoder
+
+    model = build_autoencoder("resnet", (32, 32, 3))
+    convs = common.conv_layers(model, (32, 32, 3))
+    expected = [layer for layer in model._flatten_layers(include_self=False)  # noqa: SLF001
+                if isinstance(layer, tf.keras.layers.Conv2D)]
+    assert len(convs) == len(expected) > 10
+    first = convs[0]
+    assert first["input"] == [32, 32, 3] and first["kernel"] == 3
+    assert first["flops"] == 2 * 32 * 32 * 3 * 3 * 3 * first["filters"]
+    down = next(c for c in convs if c["name"].endswith("stage0_down"))
+    assert down["input"][:2] == [16, 16]  # a stride-2 conv counts on its output grid
+    total = sum(c["flops"] for c in convs)
+    assert common.train_flops_per_example(model, (32, 32, 3)) == 3 * total - first["flops"]
+    assert model(tf.zeros((1, 32, 32, 3))).shape == (1, 32, 32, 3)  # the calls are restored
