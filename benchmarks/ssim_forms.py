@@ -57,10 +57,10 @@ def main(argv):
         x = tf.constant(rng.random(shape, dtype=np.float32))
         y = tf.constant(np.clip(x.numpy() + 0.2 * rng.standard_normal(shape), 0, 1), tf.float32)
 
-        def value(fn):
+        def value(fn, x=x, y=y):
             return tf.function(lambda: tf.reduce_sum(fn(x, y)))
 
-        def gradient(fn):
+        def gradient(fn, x=x, y=y):
             def both():
                 with tf.GradientTape() as tape:
                     tape.watch(y)
