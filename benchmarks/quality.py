@@ -59,44 +59,6 @@ def _flagfile_value(path, name):
     return None
 
 
-def jpeg_at_size(images, budget_bytes: int) -> dict:
-    """JPEG as the reference codec: each uint8 image (N, H, W, C) encoded at the highest
-    quality (1-100) whose file is at most `budget_bytes`, decoded, and scored with the
-    metrics evaluation uses (means over the images that fit). Images that do not fit
-    even at quality 1 are counted, not scored."""
-    import numpy as np
-    import tensorflow as tf
-
-    from core import metrics
-
-    def encoded(image, quality):
-        return tf.io.encode_jpeg(image, quality=quality).numpy()
-
-    chosen, sizes, decoded, kept = [], [], [], []
-    for i, image in enumerate(images):
-        if len(encoded(image, 1)) > budget_bytes:
-            continue
-        lo, hi = 1, 100  # the largest quality that fits: sizes grow with quality
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if len(encoded(image, mid)) <= budget_bytes else (lo, mid - 1)
-        data = encoded(image, lo)
-        chosen.append(lo)
-        sizes.append(len(data))
-        decoded.append(tf.io.decode_jpeg(data, channels=image.shape[-1]).numpy())
-        kept.append(i)
-    out = {"budget_bytes": budget_bytes, "images": len(images), "fit": len(kept)}
-    if kept:
-        targets = tf.constant(images[kept], tf.float32) / 255.0
-        jpegs = tf.constant(np.stack(decoded), tf.float32) / 255.0
-        out.update(mse=float(tf.reduce_mean(metrics.mse(targets, jpegs))),
-                   psnr=float(tf.reduce_mean(metrics.psnr(targets, jpegs))),
-                   ssim=float(tf.reduce_mean(metrics.ssim(targets, jpegs))),
-                   mean_bytes=float(np.mean(sizes)), quality_min=min(chosen),
-                   quality_median=float(np.median(chosen)), quality_max=max(chosen))
-    return out
-
-
 def code_shape(log: str) -> tuple[int, ...]:
     """One image's code shape, from the `code (8, 8, 4)` that train.py logs."""
     match = re.search(r"code \(([\d, ]+?),?\)", log)
@@ -176,7 +138,7 @@ def main(argv):
             eval_split = (given or [_flagfile_value(cfg, "eval_split") or "test"])[-1]
             split = data.load_split(eval_split, dataset)
             results[name].update(code="x".join(map(str, shape)), code_bits=32 * numbers,
-                                 jpeg=jpeg_at_size(split.images, 4 * numbers))
+                                 jpeg=common.jpeg_at_size(split.images, 4 * numbers))
         print(f"{name}: bce {metrics['bce']:.4f}, psnr {metrics['psnr']:.2f} in {seconds:.0f} s",
               flush=True)
     context = common.machine_context(with_peaks=False)

@@ -260,11 +260,11 @@ def test_jpeg_at_size_picks_the_highest_quality_that_fits():
     import numpy as np
     import tensorflow as tf
 
-    from benchmarks import quality
+    from benchmarks import common
     from core import shapes
 
     images = shapes.build(seed=3, sizes={"train": 1, "test": 6})["test"][0]
-    small, large = quality.jpeg_at_size(images, 900), quality.jpeg_at_size(images, 3000)
+    small, large = common.jpeg_at_size(images, 900), common.jpeg_at_size(images, 3000)
     assert small["fit"] == large["fit"] == 6
     assert small["mean_bytes"] <= 900 and large["mean_bytes"] <= 3000
     assert large["psnr"] > small["psnr"] + 2 and large["quality_min"] > small["quality_max"]
@@ -274,7 +274,7 @@ def test_jpeg_at_size_picks_the_highest_quality_that_fits():
         over = len(tf.io.encode_jpeg(image, quality=max(fits) + 1).numpy())
         assert over > 900 and small["quality_min"] <= max(fits) <= small["quality_max"]
     assert np.isfinite(small["ssim"]) and 0 < small["mse"] < large["mse"] * 10
-    nothing = quality.jpeg_at_size(images, 100)  # below any JPEG's headers
+    nothing = common.jpeg_at_size(images, 100)  # below any JPEG's headers
     assert nothing["fit"] == 0 and "psnr" not in nothing
 
 
