@@ -142,16 +142,7 @@ def conv_layers(model, input_shape) -> list[dict]:
 
     def visit(layer, inputs, name=None):
         out = layer(inputs)
-        kernel = layer.kernel_size
-        k = kernel if isinstance(kernel, int) else kernel[0]
-        cin, cout = int(inputs.shape[-1]), int(out.shape[-1])
-        transposed = isinstance(layer, tf.keras.layers.Conv2DTranspose)
-        # A transposed conv counts on its input grid, every other conv on its output grid
-        # (for an UpsampleConv: the upsampled map the equivalent 'same' conv runs on).
-        grid = inputs if transposed else out
-        h, w = int(grid.shape[1]), int(grid.shape[2])
-        convs.append({"name": name or layer.name, "input": [h, w, cin], "filters": cout, "kernel": int(k),
-                      "transposed": transposed, "flops": 2 * h * w * k * k * cin * cout})
+        convs.append(_conv_record(layer, inputs, out, name or layer.name))
         return out
 
     def walk(layer, inputs):
@@ -179,6 +170,20 @@ def conv_layers(model, input_shape) -> list[dict]:
     return convs
 
 
+def _conv_record(layer, inputs, out, name: str) -> dict:
+    """One convolution as `conv_layers` lists it. A transposed conv counts on its input
+    grid, every other conv on its output grid (for an UpsampleConv: the upsampled map the
+    equivalent 'same' conv runs on)."""
+    kernel = layer.kernel_size
+    k = kernel if isinstance(kernel, int) else kernel[0]
+    cin, cout = int(inputs.shape[-1]), int(out.shape[-1])
+    transposed = isinstance(layer, tf.keras.layers.Conv2DTranspose)
+    grid = inputs if transposed else out
+    h, w = int(grid.shape[1]), int(grid.shape[2])
+    return {"name": name, "input": [h, w, cin], "filters": cout, "kernel": int(k),
+            "transposed": transposed, "flops": 2 * h * w * k * k * cin * cout}
+
+
 def _recorded_convs(model, x) -> list[dict]:
     """Every Conv2D (and Conv2DTranspose) `model(x)` calls, wherever it is nested,
     with the grid it ran on: each layer's `call` wrapped for one forward pass."""
@@ -187,14 +192,7 @@ def _recorded_convs(model, x) -> list[dict]:
     def recorder(layer, call):
         def recorded(inputs, *args, **kwargs):
             out = call(inputs, *args, **kwargs)
-            k = layer.kernel_size[0]
-            cin, cout = int(inputs.shape[-1]), int(out.shape[-1])
-            transposed = isinstance(layer, tf.keras.layers.Conv2DTranspose)
-            grid = inputs if transposed else out
-            h, w = int(grid.shape[1]), int(grid.shape[2])
-            convs.append({"name": layer.path if hasattr(layer, "path") else layer.name,
-                          "input": [h, w, cin], "filters": cout, "kernel": int(k),
-                          "transposed": transposed, "flops": 2 * h * w * k * k * cin * cout})
+            convs.append(_conv_record(layer, inputs, out, getattr(layer, "path", layer.name)))
             return out
         return recorded
 
@@ -245,20 +243,30 @@ def jpeg_at_size(images, budget_bytes: int) -> dict:
     return out
 
 
-def interleaved_ms(loops: dict, rounds: int, per_call: int) -> dict[str, float]:
-    """Median milliseconds per unit of work of each zero-argument callable in `loops`
-    (each returns a tensor; a call does `per_call` units): every one is called once
-    untimed (trace, compile, warm-up), then `rounds` times, interleaved round by round;
-    each timed call ends with its result on the host."""
-    for loop in loops.values():
-        float(loop())
-    times = {name: [] for name in loops}
+def interleaved_times(calls: dict, rounds: int) -> dict[str, list[float]]:
+    """Seconds of each timed call of each zero-argument callable in `calls` (each returns
+    a tensor or a structure of them): every one is called once untimed (trace, compile,
+    warm-up), then `rounds` times, interleaved round by round; each timed call ends with
+    its results on the host."""
+    def host(result):
+        tf.nest.map_structure(lambda t: t.numpy(), result)
+
+    for call in calls.values():
+        host(call())
+    times = {name: [] for name in calls}
     for _ in range(rounds):
-        for name, loop in loops.items():
+        for name, call in calls.items():
             start = time.perf_counter()
-            float(loop())
-            times[name].append((time.perf_counter() - start) / per_call)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+            host(call())
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def interleaved_ms(loops: dict, rounds: int, per_call: int) -> dict[str, float]:
+    """Median milliseconds per unit of work of each callable in `loops` (a call does
+    `per_call` units), timed by `interleaved_times`."""
+    times = interleaved_times(loops, rounds)
+    return {name: 1e3 * statistics.median(t) / per_call for name, t in times.items()}
 
 
 def summarize(rates: list[float], step_times: list[float] | None = None) -> dict:

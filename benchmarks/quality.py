@@ -52,6 +52,9 @@ PUBLISHED = {
 }
 
 
+GREY = ("mnist", "fashion_mnist")  # rows of the MNIST table; every other dataset is colour
+
+
 def _flagfile_value(path, name):
     for line in open(path):
         if line.startswith(f"--{name}="):
@@ -107,7 +110,7 @@ def main(argv):
         shutil.rmtree(model_dir, ignore_errors=True)
         dataset = _flagfile_value(cfg, "dataset")
         common_flags = [f"--flagfile={cfg}", f"--model_dir={model_dir}", *FLAGS.extra_flags]
-        if FLAGS.data_dir and dataset in ("mnist", "fashion_mnist"):
+        if FLAGS.data_dir and dataset in GREY:
             common_flags.append(f"--data_dir={FLAGS.data_dir}")
         print(f"training {name}...", flush=True)
         start = time.perf_counter()
@@ -128,7 +131,7 @@ def main(argv):
                          "dataset": dataset, "loss": _flagfile_value(cfg, "loss") or "bce",
                          "noise_factor": float(_flagfile_value(cfg, "noise_factor") or 0),
                          "published": PUBLISHED.get(name, "-")}
-        if dataset != "mnist":  # colour: the code's size and JPEG at that size
+        if dataset not in GREY:  # colour: the code's size and JPEG at that size
             from core import data
 
             shape = code_shape(proc.stderr)
@@ -142,8 +145,8 @@ def main(argv):
         print(f"{name}: bce {metrics['bce']:.4f}, psnr {metrics['psnr']:.2f} in {seconds:.0f} s",
               flush=True)
     context = common.machine_context(with_peaks=False)
-    colour = {k: v for k, v in results.items() if v["dataset"] != "mnist"}
-    results_mnist = {k: v for k, v in results.items() if v["dataset"] == "mnist"}
+    colour = {k: v for k, v in results.items() if v["dataset"] not in GREY}
+    results_mnist = {k: v for k, v in results.items() if v["dataset"] in GREY}
     if results_mnist:
         lines = ["# Quality on real MNIST\n", common.context_markdown(context),
                  "Trained on MNIST `test[:8000]`, evaluated on the held-out `test[8000:]` (2,000 "

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -72,15 +71,9 @@ def main(argv):
         np.testing.assert_allclose(ours[0].numpy(), ref[0].numpy(), atol=2e-6 * shape[0])
         np.testing.assert_allclose(ours[1].numpy(), ref[1].numpy(), atol=1e-6)
         for task, make in (("value", value), ("value and gradient", gradient)):
-            calls = {name: make(fn) for name, fn in forms.items()}
-            times = {name: [] for name in calls}
-            for call in calls.values():
-                tf.nest.map_structure(lambda t: t.numpy(), call())  # trace and warm up
-            for _ in range(FLAGS.rounds):
-                for name, call in calls.items():
-                    start = time.perf_counter()
-                    tf.nest.map_structure(lambda t: t.numpy(), call())
-                    times[name].append(1e3 * (time.perf_counter() - start))
+            seconds = common.interleaved_times({name: make(fn) for name, fn in forms.items()},
+                                               FLAGS.rounds)
+            times = {name: [1e3 * t for t in ts] for name, ts in seconds.items()}
             base = statistics.median(times["tf.image.ssim"])
             for name, t in times.items():
                 rows.append({"shape": spec, "task": task, "form": name,
