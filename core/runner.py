@@ -30,6 +30,7 @@ from core.controller import Cadence, Controller, format_line
 from core.errors import ConfigError, DataError
 from core.summaries import Summaries
 from core.trainer import Trainer
+from layers import fast_forms
 from layers.autoencoders import ModelError, build_autoencoder
 
 FIGURES = {
@@ -152,12 +153,20 @@ class Run:
                 distribute.has_max_pool_gradient(self.model, self.image_shape))
             if why:
                 logging.info(why)
+        # The faster forms of the model's functions (layers/fast_forms.py), once, for this run.
+        forms, why = fast_forms.choose(self.jit_compile, self.precision)
+        if config.mode == "export":  # the SavedModel may be served on any device
+            forms, why = fast_forms.portable(forms), "an export runs on any device"
+        self.forms = forms if fast_forms.install(self.model, forms) else None
+        if self.forms:
+            logging.info("computation forms: %s (%s)", forms.describe(), why)
         # What ran, beside what was asked (`precision: auto`, `jit_compile: null`, ...).
         self.run_config.update(
             resolved_precision=self.precision, resolved_jit_compile=self.jit_compile,
             resolved_strategy=type(self.strategy).__name__,
             resolved_replicas=self.strategy.num_replicas_in_sync,
-            resolved_devices=_devices(self.strategy))
+            resolved_devices=_devices(self.strategy),
+            resolved_forms=self.forms.describe() if self.forms else None)
         # Every check has passed: only now does anything touch the disk.
         self.output_dir = config.model_dir
         if not self.is_chief:  # other workers' saves and summaries are thrown away

@@ -37,48 +37,9 @@ class _Stack(keras.Model):
     def blocks(self) -> list:
         return [getattr(self, f"block{i}") for i in range(self._num_blocks)]
 
-    # Largest `filters` of a block for which the stack computes in the images-as-channels
-    # layout (blocks.to_image_groups); measured in benchmarks/NOTES.md section 10.
-    GROUPED_MAX_FILTERS = 16
-    GROUPED_DTYPES = ("float32", "bfloat16")
-
-    def image_groups(self, inputs, layers) -> int:
-        """How many images per group `layers` compute with: blocks.IMAGE_GROUP, or 1
-        for the ordinary layout.
-
-        Grouped only where it was measured faster: float32 and bfloat16 on oneDNN's
-        CPU kernels (`blocks.onednn_convolutions`: not on GPUs, not with oneDNN off or
-        absent, not when XLA compiles the stack: its CPU convolutions are not
-        oneDNN's), blocks of few filters that all have a grouped form, and a batch
-        that divides into groups (an unknown one, as Keras fit's mirrored step
-        traces, is padded).
-        `grouped = False` on the stack turns it off.
-        """
-        batch, g = inputs.shape[0], blocks.IMAGE_GROUP
-        ok = (getattr(self, "grouped", True) and self.compute_dtype in self.GROUPED_DTYPES
-              and all(hasattr(layer, "call_grouped") and layer.built
-                      and layer.filters <= self.GROUPED_MAX_FILTERS for layer in layers)
-              and None not in inputs.shape[1:] and (batch is None or batch % g == 0)
-              and blocks.onednn_convolutions() and not blocks._xla_compiling())
-        return g if ok else 1
-
-    def _call_grouped(self, inputs, layers, groups, ungroup_last=False):
-        """`layers` one after the other on the images-as-channels layout; the result in
-        the ordinary layout (the last layer ungroups it itself with `ungroup_last`)."""
-        n = tf.shape(inputs)[0]
-        x = inputs
-        if inputs.shape[0] is None:  # pad to whole groups; the padding's rows are dropped
-            x = tf.pad(x, [[0, (-n) % groups]] + [[0, 0]] * (len(x.shape) - 1))
-        x = blocks.to_image_groups(x, groups)
-        for i, layer in enumerate(layers):
-            with tf.name_scope(layer.name):
-                if ungroup_last and i == len(layers) - 1:
-                    x = layer.call_grouped(x, groups, ungroup=True)
-                else:
-                    x = layer.call_grouped(x, groups)
-        if not ungroup_last:
-            x = blocks.from_image_groups(x, groups)
-        return x if inputs.shape[0] is not None else x[:n]
+    # How the stack computes: None, as its layers say; or faster forms of the same
+    # function, chosen once by the runner (layers/fast_forms.py).
+    forms = None
 
 
 def downsampled_size(size: int, times: int) -> int:
@@ -108,9 +69,8 @@ class Encoder(_Stack):
         ])
 
     def call(self, inputs, training=None):
-        groups = self.image_groups(inputs, self.blocks)
-        if groups > 1:
-            return self._call_grouped(inputs, self.blocks, groups)
+        if self.forms is not None:
+            return self.forms(self.blocks, inputs)
         x = inputs
         for block in self.blocks:
             x = block(x, training=training)  # each halves H and W, rounding up
@@ -167,10 +127,8 @@ class Decoder(_Stack):
         self._set_blocks(stages)
 
     def call(self, inputs, training=None):
-        layers = [*self.blocks, self.to_logits]
-        groups = self.image_groups(inputs, layers)
-        if groups > 1:  # the logits layer's interleave ungroups at no extra cost
-            return self._call_grouped(inputs, layers, groups, ungroup_last=True)
+        if self.forms is not None:
+            return self.forms([*self.blocks, self.to_logits], inputs)
         x = inputs
         for block in self.blocks:
             x = block(x, training=training)  # (B, 7, 7, 4), (B, 14, 14, 8) for the seed model

@@ -1,11 +1,9 @@
-import os
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 from conftest import random_images
-from layers import blocks
 from layers.autoencoders import MODELS, build_autoencoder, kl_divergence
 
 # The models built from layers.blocks (the resnet has its own tests, test_resnet.py).
@@ -166,116 +164,3 @@ def test_a_model_only_checkpoint_holds_every_weight(name, tmp_path):
     tf.train.Checkpoint(model=clone).restore(path).assert_consumed()
     for a, b in zip(model.weights, clone.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
-
-
-def _grouped_convs(fn, x) -> int:
-    """Convolutions in fn's traced graph whose input has more channels than their kernel
-    reads: grouped ones, which only the images-as-channels layout makes."""
-    graph = fn.get_concrete_function(x).graph
-    return sum(1 for op in graph.get_operations() if op.type == "Conv2D"
-               and op.inputs[0].shape[-1] != op.inputs[1].shape[2])
-
-
-def _output_and_gradients(model, x):
-    with tf.GradientTape() as tape:
-        tape.watch(x)
-        y = model(x)
-        # A weighted sum, so every output position has its own gradient.
-        loss = tf.reduce_sum(tf.random.stateless_uniform(tf.shape(y), seed=[3, 4]) * y)
-    return y, tape.gradient(loss, [x, *model.trainable_variables])
-
-
-def _set_grouped(model, grouped: bool) -> None:
-    model.encoder.grouped = model.decoder.grouped = grouped
-
-
-@pytest.mark.parametrize("name", ["seed", "keras_blog"])
-@pytest.mark.parametrize("batch", [16, 13])
-def test_image_groups_compute_the_same_function(name, batch):
-    """On a CPU the few-filter models compute in the images-as-channels layout: the same
-    outputs and gradients as the ordinary layout, with the batch size known when traced
-    (16; 13 does not divide into groups of 4 and stays ordinary) and unknown (padded)."""
-    model = build_autoencoder(name)
-    x = random_images(batch)
-    g = blocks.IMAGE_GROUP
-    assert model.encoder.image_groups(x, model.encoder.blocks) == (g if batch % g == 0 else 1)
-    y, grads = _output_and_gradients(model, x)
-    known = tf.function(lambda x: _output_and_gradients(model, x))
-    unknown = tf.function(lambda x: _output_and_gradients(model, x),
-                          input_signature=[tf.TensorSpec((None, 28, 28, 1))])
-    # Seven forward convolutions (3 encoder blocks, 3 decoder blocks, the logits).
-    assert _grouped_convs(known, x) == (7 if batch % g == 0 else 0)
-    assert _grouped_convs(unknown, x) == 7  # padded to whole groups
-    y_unknown, grads_unknown = unknown(x)
-    _set_grouped(model, False)
-    assert _grouped_convs(tf.function(lambda x: _output_and_gradients(model, x)), x) == 0
-    y_ref, grads_ref = _output_and_gradients(model, x)
-    for out, gs in ((y, grads), (y_unknown, grads_unknown)):
-        np.testing.assert_allclose(out.numpy(), y_ref.numpy(), rtol=1e-5, atol=1e-5)
-        for a, b in zip(gs, grads_ref):
-            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
-
-
-def test_image_groups_only_where_measured_faster(monkeypatch):
-    """Grouped: float32 and bfloat16 on oneDNN's CPU kernels, blocks of <= 16 filters.
-    Ordinary: wider blocks, blocks without a grouped form, GPUs, float16, and XLA."""
-    x = random_images(16)
-
-    def groups(model):
-        return model.encoder.image_groups(x, model.encoder.blocks)
-
-    assert groups(build_autoencoder("seed", precision="mixed_bfloat16")) == blocks.IMAGE_GROUP > 1
-    assert groups(build_autoencoder("seed", precision="mixed_float16")) == 1
-    assert groups(build_autoencoder("seed", encoder_filters=(32, 4, 4))) == 1
-    assert groups(build_autoencoder("denoiser")) == 1  # 32 filters
-    assert groups(build_autoencoder("vae")) == 1  # strided convs: no grouped form
-    seed = build_autoencoder("seed")
-    compiled = tf.function(lambda x: seed(x), jit_compile=True)
-    assert _grouped_convs(compiled, x) == 0  # XLA's CPU convolutions are not oneDNN's
-    np.testing.assert_allclose(compiled(x).numpy(), seed(x).numpy(), rtol=1e-5, atol=1e-5)
-    assert blocks.onednn_convolutions()  # the x86 Linux wheel, no GPU: oneDNN runs them
-    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")  # read at each trace
-    assert groups(seed) == 1
-
-
-def test_with_onednn_off_the_layout_is_not_used_and_a_step_runs():
-    """A process that starts with oneDNN off (TF_ENABLE_ONEDNN_OPTS=0, as on builds
-    without it): ordinary convolutions only, and a training step runs."""
-    import subprocess
-    import sys
-
-    from helpers import ROOT
-
-    script = (
-        "import numpy as np, tensorflow as tf\n"
-        "from layers import blocks\n"
-        "from layers.autoencoders import build_autoencoder\n"
-        "from core.trainer import Trainer\n"
-        "m = build_autoencoder('seed')\n"
-        "x = tf.random.uniform([8, 28, 28, 1])\n"
-        "m(x)\n"
-        "t = Trainer(m, tf.distribute.get_strategy(), 8, 1e-3)\n"
-        "it = iter(tf.data.Dataset.from_tensors(x).repeat())\n"
-        "loss = t.train_loop(it, 2)\n"
-        "print('onednn', blocks.onednn_convolutions(), 'groups',\n"
-        "      m.encoder.image_groups(x, m.encoder.blocks), 'loss', np.isfinite(loss))\n")
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          cwd=ROOT, timeout=300,
-                          env=dict(os.environ, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="2"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "onednn False groups 1 loss True" in proc.stdout
-
-
-def test_image_groups_in_bfloat16():
-    """The grouped layout computes the bfloat16 model too, within bfloat16's precision:
-    outputs to 2% of their range, every gradient in the same direction."""
-    model = build_autoencoder("seed", precision="mixed_bfloat16")
-    x = random_images(16)
-    y, grads = _output_and_gradients(model, x)
-    _set_grouped(model, False)
-    y_ref, grads_ref = _output_and_gradients(model, x)
-    scale = float(tf.reduce_max(tf.abs(y_ref)))
-    np.testing.assert_allclose(y.numpy(), y_ref.numpy(), atol=0.02 * scale)
-    for a, b in zip(grads, grads_ref):  # sums of many bfloat16 terms: compare directions
-        a, b = a.numpy().ravel(), b.numpy().ravel()
-        assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.98

@@ -1,0 +1,332 @@
+"""Faster forms of the same functions: the one room where speed tricks live.
+
+The models in `layers/` compute what their layers say (`layers/blocks.py`). Given
+`Forms`, an `Encoder` or `Decoder` computes the same function (same weights, the
+same outputs and gradients up to float rounding) in faster forms:
+
+- act_after_pool: conv+pool applies a non-decreasing activation after the 2x2
+  max-pool instead of before it (they commute): 4x fewer values to activate.
+- subpixel: upsample+conv without a crop is computed on the small map, with the
+  kernel folded into one with 4x the output channels (one per output phase), and the
+  phases interleaved: no upsampled map, fewer FLOPs.
+- crop_grad_as_pad: a centred crop's gradient is a zero padding, instead of
+  TensorFlow's StridedSliceGrad (0.5 ms per step for the seed model's 8x8 -> 7x7
+  crop; a pad takes a tenth of that).
+- image_groups: groups of 4 images become the channels of one and every convolution
+  a grouped one with the same kernel (`to_image_groups`), so the few-channel layers
+  write 4x more output channels per call: what oneDNN's CPU kernels need
+  (benchmarks/NOTES.md section 10). Only where it was measured faster: oneDNN running
+  the convolutions, no XLA, float32 or bfloat16, and stacks whose blocks have
+  <= 16 filters.
+
+The runner chooses the forms once (`choose`: from the device, XLA, precision and
+oneDNN), logs the choice, records it in config.json and `install`s it. Models never
+inspect their environment while they are traced. `tests/test_fast_forms.py` is this
+seam's contract: each form against the plain layers, values and gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from layers import blocks
+
+keras = tf.keras
+
+# Images per group in the images-as-channels layout.
+IMAGE_GROUP = 4
+# The widest block, and the compute dtypes, the layout was measured faster for
+# (benchmarks/NOTES.md section 10).
+GROUPED_MAX_FILTERS = 16
+GROUPED_DTYPES = ("float32", "bfloat16")
+# Activations that never decrease: they commute with max-pooling.
+MONOTONE = ("relu", "relu6", "elu", "selu", "leaky_relu", "sigmoid", "tanh", "softplus",
+            "linear", None)
+
+
+def onednn_convolutions() -> bool:
+    """Whether oneDNN runs this process's convolutions, the only kernels the grouped
+    layout was measured faster on: TensorFlow built with it (the x86 Linux wheels; not
+    ARM or macOS builds), not turned off with TF_ENABLE_ONEDNN_OPTS=0, and no GPU
+    (which would run the convolutions instead)."""
+    from tensorflow.python.util import _pywrap_util_port  # how TensorFlow itself asks
+
+    if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower() in ("0", "false", "off"):
+        return False
+    return bool(_pywrap_util_port.IsMklEnabled()) and not tf.config.list_physical_devices("GPU")
+
+
+@dataclasses.dataclass(frozen=True)
+class Forms:
+    """Which faster forms a stack computes in; `Forms()` is every form that is faster on
+    any device, in the ordinary layout."""
+
+    act_after_pool: bool = True
+    subpixel: bool = True
+    crop_grad_as_pad: bool = True
+    image_groups: int = 1  # images per group; 1: the ordinary layout
+
+    def describe(self) -> str:
+        names = [name for name, on in (("activation after the pool", self.act_after_pool),
+                                       ("sub-pixel upsample+conv", self.subpixel),
+                                       ("crop gradient as a pad", self.crop_grad_as_pad)) if on]
+        names.append(f"images-as-channels groups of {self.image_groups}"
+                     if self.image_groups > 1 else "ordinary layout")
+        return ", ".join(names)
+
+    def __call__(self, layers, inputs):
+        """`layers` (a stack's blocks, in order) applied to `inputs`, in these forms."""
+        if not all(layer.built for layer in layers):  # the first call builds them
+            return _plain(layers, inputs)
+        groups = self._groups(layers, inputs)
+        if groups > 1:
+            return self._grouped(layers, inputs, groups)
+        x = inputs
+        for layer in layers:
+            with tf.name_scope(layer.name):
+                x = self._one(layer, x)
+        return x
+
+    def _one(self, layer, x, groups=1, ungroup=False):
+        if isinstance(layer, blocks.ConvPool):
+            return conv_pool(layer, x, groups, self.act_after_pool)
+        if isinstance(layer, blocks.UpsampleConv):
+            return upsample_conv(layer, x, groups, ungroup, self.subpixel, self.crop_grad_as_pad)
+        if isinstance(layer, blocks.ConvTransposeUp) and self.crop_grad_as_pad:
+            return crop_to(layer.conv(x), layer.target_size)
+        return layer(x)
+
+    def _groups(self, layers, inputs) -> int:
+        """self.image_groups where every block has a grouped form and few filters, the
+        dtype was measured, and the batch divides into groups (an unknown one, as Keras
+        fit's mirrored step and serving signatures trace, is padded); 1 otherwise."""
+        batch, g = inputs.shape[0], self.image_groups
+        ok = (g > 1 and None not in inputs.shape[1:] and (batch is None or batch % g == 0)
+              and all(isinstance(layer, (blocks.ConvPool, blocks.UpsampleConv))
+                      and layer.filters <= GROUPED_MAX_FILTERS for layer in layers)
+              and layers[0].compute_dtype in GROUPED_DTYPES)
+        return g if ok else 1
+
+    def _grouped(self, layers, inputs, groups):
+        """`layers` on the images-as-channels layout; the result in the ordinary layout
+        (a last UpsampleConv's interleave ungroups it at no extra cost)."""
+        n = tf.shape(inputs)[0]
+        x = inputs
+        if inputs.shape[0] is None:  # pad to whole groups; the padding's rows are dropped
+            x = tf.pad(x, [[0, (-n) % groups]] + [[0, 0]] * (len(x.shape) - 1))
+        x = to_image_groups(x, groups)
+        ungroup_last = isinstance(layers[-1], blocks.UpsampleConv)
+        for i, layer in enumerate(layers):
+            with tf.name_scope(layer.name):
+                x = self._one(layer, x, groups, ungroup=ungroup_last and i == len(layers) - 1)
+        if not ungroup_last:
+            x = from_image_groups(x, groups)
+        return x if inputs.shape[0] is not None else x[:n]
+
+
+def _plain(layers, x):
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def choose(jit_compile: bool, precision: str, onednn: bool | None = None) -> tuple[Forms, str]:
+    """The forms for a run, and why: every device-neutral form, and the images-as-channels
+    layout where oneDNN runs the convolutions (`onednn_convolutions()` unless given), XLA
+    does not compile them (its CPU convolutions are not oneDNN's: grouped ones run several
+    times slower there) and the compute dtype is float32 or bfloat16 (`precision`: a Keras
+    dtype policy name)."""
+    onednn = onednn_convolutions() if onednn is None else onednn
+    dtype = keras.DTypePolicy(precision).compute_dtype
+    if not onednn:
+        why = "oneDNN does not run the convolutions (a GPU, or oneDNN off or absent)"
+    elif jit_compile:
+        why = "XLA compiles the step, and its CPU convolutions are not oneDNN's"
+    elif dtype not in GROUPED_DTYPES:
+        why = f"{dtype} was not measured"
+    else:
+        return (Forms(image_groups=IMAGE_GROUP),
+                f"images as channels: oneDNN runs the convolutions, without XLA, in {dtype}")
+    return Forms(), f"ordinary layout: {why}"
+
+
+def portable(forms: Forms | None) -> Forms | None:
+    """`forms` for a graph that may run on any device (an exported SavedModel): without
+    the images-as-channels layout, which is faster only on oneDNN's CPU kernels."""
+    return None if forms is None else dataclasses.replace(forms, image_groups=1)
+
+
+def install(model, forms: Forms | None) -> bool:
+    """Makes `model`'s encoder and decoder compute in `forms` (None: as their layers
+    say), before anything traces them; returns whether the model has such stacks. Models
+    without them (the resnet, your own) are left as they are."""
+    stacks = [stack for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None))
+              if hasattr(stack, "forms")]
+    for stack in stacks:
+        stack.forms = forms
+    return bool(stacks)
+
+
+# ---------------------------------------------------------------- the forms, block by block
+
+
+def conv_pool(block, x, groups=1, act_after_pool=True):
+    """`block` (a ConvPool) on x, in the images-as-channels layout when groups > 1:
+    (B/g, H, W, g*C_in) -> (B/g, h, w, g*filters)."""
+    after = act_after_pool and block.pool and block.activation in MONOTONE
+    if groups == 1 and not after:
+        return block(x)
+    dtype = block.compute_dtype
+    kernel = _grouped_kernel(tf.cast(block.conv.kernel, dtype), groups)
+    bias = tf.tile(tf.cast(block.conv.bias, dtype), [groups])
+    act = keras.activations.get(block.activation)
+    y = tf.nn.conv2d(tf.cast(x, dtype), kernel, 1, "SAME")
+    if after:  # the bias commutes with the max as well
+        return act(tf.nn.bias_add(tf.nn.max_pool2d(y, 2, 2, "SAME"), bias))
+    y = act(tf.nn.bias_add(y, bias))
+    return tf.nn.max_pool2d(y, 2, 2, "SAME") if block.pool else y
+
+
+def upsample_conv(block, x, groups=1, ungroup=False, subpixel=True, crop_grad_as_pad=True):
+    """`block` (an UpsampleConv) on x, in the images-as-channels layout when groups > 1:
+    (B/g, h, w, g*C_in) -> (B/g, H, W, g*filters), or with `ungroup` (B, H, W, filters).
+
+    Sub-pixel where no crop is needed: the kernel folded for the small map (4x the
+    output channels, one per output phase), then the phases interleaved.
+    """
+    dtype = block.compute_dtype
+    x = tf.cast(x, dtype)
+    h, w = x.shape[1], x.shape[2]
+    uncropped = block.target_size is None or tuple(block.target_size) == (2 * h, 2 * w)
+    act = keras.activations.get(block.activation)
+    bias = tf.cast(block.conv.bias, dtype)
+    if subpixel and uncropped:
+        taps, pad_before, pad_after = _subpixel_taps(block.kernel_size)
+        folded = _folded_kernel(block.conv.kernel, taps, block.filters, dtype)
+        o = folded.shape[0]
+        if pad_before == pad_after == (o - 1) // 2:
+            padding = "SAME"  # the oneDNN kernels take this form (k = 3, 4)
+        else:
+            pad = [pad_before, pad_after]
+            x, padding = tf.pad(x, [[0, 0], pad, pad, [0, 0]]), "VALID"
+        y = tf.nn.conv2d(x, _grouped_kernel(folded, groups), 1, padding)  # (B/g, h, w, g*4*f)
+        # The bias of each of the 4 phases, added on the small map: its gradient is then
+        # a reduction over 4x fewer, 4x wider rows.
+        y = tf.nn.bias_add(y, tf.tile(bias, [4 * groups]))
+        # An element-wise activation commutes with the interleaving; before it,
+        # TensorFlow fuses it into the convolution.
+        return _depth_to_space(act(y), block.filters, groups, ungroup)
+    if groups == 1 and not crop_grad_as_pad:
+        return block(x)
+    x = tf.repeat(tf.repeat(x, 2, axis=1), 2, axis=2)
+    x = (crop_to if crop_grad_as_pad else blocks.crop_to)(x, block.target_size)
+    kernel = _grouped_kernel(tf.cast(block.conv.kernel, dtype), groups)
+    y = act(tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"), tf.tile(bias, [groups])))
+    return from_image_groups(y, groups) if ungroup and groups > 1 else y
+
+
+def crop_to(x, target_size):
+    """`blocks.crop_to` (a centred crop), whose gradient is a zero padding."""
+    if target_size is None or tuple(x.shape[1:3]) == tuple(target_size):
+        return x
+    h, w = x.shape[1], x.shape[2]
+    th, tw = target_size
+    top, left = (h - th) // 2, (w - tw) // 2
+    pads = [[0, 0], [top, h - th - top], [left, w - tw - left], [0, 0]]
+
+    @tf.custom_gradient
+    def crop(x):
+        def grad(upstream):
+            return tf.pad(upstream, pads)
+
+        return x[:, top:top + th, left:left + tw, :], grad
+
+    return crop(x)
+
+
+# ---------------------------------------------------------------- the images-as-channels layout
+
+
+def to_image_groups(x, groups: int):
+    """(B, H, W, C) -> (B/groups, H, W, groups*C): each run of `groups` consecutive
+    images becomes the channels of one, channel index image*C + c.
+
+    In this layout a convolution whose kernel is tiled `groups` times along its output
+    axis is a grouped convolution computing every image with the same weights, and
+    pooling, bias, activations, upsampling and crops act per channel, so per image.
+    """
+    h, w, c = x.shape[1], x.shape[2], x.shape[3]
+    x = tf.transpose(tf.reshape(x, (-1, groups, h, w, c)), (0, 2, 3, 1, 4))
+    return tf.reshape(x, (-1, h, w, groups * c))
+
+
+def from_image_groups(x, groups: int):
+    """The inverse of `to_image_groups`: (B/groups, H, W, groups*C) -> (B, H, W, C)."""
+    h, w, c = x.shape[1], x.shape[2], x.shape[3] // groups
+    x = tf.transpose(tf.reshape(x, (-1, h, w, groups, c)), (0, 3, 1, 2, 4))
+    return tf.reshape(x, (-1, h, w, c))
+
+
+def _grouped_kernel(kernel, groups: int):
+    """(k, k, C_in, C_out) -> (k, k, C_in, groups*C_out): with an input of groups*C_in
+    channels, tf.nn.conv2d computes a grouped convolution, each image with `kernel`."""
+    return kernel if groups == 1 else tf.tile(kernel, [1, 1, 1, groups])
+
+
+# ---------------------------------------------------------------- the sub-pixel upsample+conv
+
+
+@functools.cache
+def _subpixel_taps(kernel_size: int) -> tuple[np.ndarray, int, int]:
+    """How a 'same' convolution of an image upsampled 2x (nearest) reads the small image.
+
+    Output pixel 2i+a of the upsampled conv reads upsampled pixel 2i+a+d-p for tap d
+    (p = TensorFlow's 'same' padding before), which is small pixel
+    i + floor((a+d-p)/2). Returns M (2 phases, n offsets, kernel_size taps) with
+    M[a, o, d] = 1 where tap d of phase a reads offset lo + o, and the small image's
+    padding (before, after) = (-lo, hi).
+    """
+    pad_before = (kernel_size - 1) // 2
+    offsets = [[(a + d - pad_before) // 2 for d in range(kernel_size)] for a in (0, 1)]
+    lo, hi = min(map(min, offsets)), max(map(max, offsets))
+    taps = np.zeros((2, hi - lo + 1, kernel_size), np.float32)
+    for a in (0, 1):
+        for d, o in enumerate(offsets[a]):
+            taps[a, o - lo, d] = 1.0
+    return taps, -lo, hi
+
+
+def _folded_kernel(kernel, taps, filters: int, dtype):
+    """The kernel for the small map: (o, o, C_in, 4*filters), one output channel per
+    (output phase, filter)."""
+    taps = tf.constant(taps)  # (phase, offset, tap)
+    folded = tf.einsum("aoh,bpw,hwcf->opcabf", taps, taps, tf.cast(kernel, tf.float32))
+    o = folded.shape[0]
+    return tf.cast(tf.reshape(folded, (o, o, -1, 4 * filters)), dtype)
+
+
+def _depth_to_space(x, channels, groups=1, ungroup=False):
+    """tf.nn.depth_to_space(x, 2) as reshape -> transpose -> reshape: the same values in
+    the same order; TensorFlow's DepthToSpace kernel (and its gradient, SpaceToDepth)
+    is slower on CPU for these few channels (benchmarks/NOTES.md).
+
+    With groups > 1, x is in the images-as-channels layout, (B/g, h, w, g*4*channels)
+    with channels (image, phase_h, phase_w, c); the result is in that layout too, or
+    with `ungroup`, in the ordinary one: the same one transpose either way.
+    """
+    h, w = x.shape[1], x.shape[2]
+    if groups == 1:
+        x = tf.reshape(x, (-1, h, w, 2, 2, channels))  # (B, h, w, phase_h, phase_w, C)
+        x = tf.transpose(x, (0, 1, 3, 2, 4, 5))  # (B, h, phase_h, w, phase_w, C)
+        return tf.reshape(x, (-1, 2 * h, 2 * w, channels))
+    x = tf.reshape(x, (-1, h, w, groups, 2, 2, channels))
+    if ungroup:
+        x = tf.transpose(x, (0, 3, 1, 4, 2, 5, 6))  # (B/g, g, h, phase_h, w, phase_w, C)
+        return tf.reshape(x, (-1, 2 * h, 2 * w, channels))
+    x = tf.transpose(x, (0, 1, 4, 2, 5, 3, 6))  # (B/g, h, phase_h, w, phase_w, g, C)
+    return tf.reshape(x, (-1, 2 * h, 2 * w, groups * channels))

@@ -1,0 +1,270 @@
+"""The contract of layers/fast_forms.py: every faster form computes what the plain
+layers compute (values, and gradients to the input and every weight), only where it was
+chosen, and the runner chooses, logs and records the forms once."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import core
+from conftest import random_images
+from core.config import Config
+from helpers import run_train
+from layers import blocks, fast_forms
+from layers.autoencoders import build_autoencoder
+
+GROUP = fast_forms.IMAGE_GROUP
+
+
+def _value_and_gradients(fn, x, variables):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = fn(x)
+        # A weighted sum, so every output position has its own gradient.
+        loss = tf.reduce_sum(tf.random.stateless_uniform(tf.shape(y), seed=[1, 2]) * y)
+    return y, tape.gradient(loss, [x, *variables])
+
+
+def _assert_same(fast, plain, x, variables, tol=1e-5):
+    y, grads = _value_and_gradients(fast, x, variables)
+    y_ref, grads_ref = _value_and_gradients(plain, x, variables)
+    assert y.shape == y_ref.shape
+    np.testing.assert_allclose(y.numpy(), y_ref.numpy(), rtol=tol, atol=tol)
+    for a, b in zip(grads, grads_ref):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def _built(block, shape, seed=7):
+    """`block` built on inputs of `shape`, with random weights (a nonzero bias catches
+    where it is added)."""
+    block(tf.zeros(shape))
+    for v in block.trainable_variables:
+        v.assign(tf.random.normal(v.shape, seed=seed))
+    return block
+
+
+def _conv_inputs(fn, x) -> list[tuple]:
+    """The input shapes of the forward Conv2Ds in fn's traced graph."""
+    graph = tf.function(fn).get_concrete_function(x).graph
+    return [tuple(op.inputs[0].shape) for op in graph.get_operations() if op.type == "Conv2D"]
+
+
+@pytest.mark.parametrize("kernel_size", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("activation", [None, "relu"])
+def test_subpixel_upsample_conv_is_the_plain_block(kernel_size, activation):
+    """Sub-pixel: the convolution runs on the small map (4x fewer positions), and computes
+    exactly UpSampling2D -> Conv2D."""
+    x = tf.random.uniform((3, 7, 5, 4), seed=3)
+    block = _built(blocks.UpsampleConv(6, kernel_size, activation), x.shape)
+    fast = lambda x: fast_forms.upsample_conv(block, x)  # noqa: E731
+    small = _conv_inputs(fast, x)  # the small map (padded by a row or two for some kernels)
+    assert len(small) == 1 and small[0][1] <= 7 + 2 and small[0][2] <= 5 + 2
+    assert [s[1:3] for s in _conv_inputs(block, x)] == [(14, 10)]
+    _assert_same(fast, block, x, block.trainable_variables)
+
+
+def test_crop_gradient_as_a_pad():
+    """The crop's hand-written gradient (a zero padding) is the slice's; no StridedSliceGrad."""
+    x = tf.random.normal((2, 8, 9, 3), seed=1)
+    fast = lambda x: fast_forms.crop_to(x, (7, 6))  # noqa: E731
+    _assert_same(fast, lambda x: blocks.crop_to(x, (7, 6)), x, [])
+
+    def gradient_ops(crop):
+        def grad(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = crop(x, (7, 6))
+            return tape.gradient(y, x)
+        graph = tf.function(grad).get_concrete_function(x).graph
+        return {op.type for op in graph.get_operations()}
+
+    assert "StridedSliceGrad" in gradient_ops(blocks.crop_to)
+    assert "StridedSliceGrad" not in gradient_ops(fast_forms.crop_to)
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh", None, "gelu"])
+def test_activation_after_the_pool(activation):
+    """A non-decreasing activation commutes with the max: applied after the pool, the same
+    function. A non-monotone one (gelu) stays before it."""
+    x = tf.random.normal((3, 9, 10, 2), seed=5)
+    block = _built(blocks.ConvPool(4, 3, activation), x.shape)
+    _assert_same(lambda x: fast_forms.conv_pool(block, x), block, x, block.trainable_variables)
+
+
+def test_transposed_up_block_crops_with_a_pad_gradient():
+    x = tf.random.normal((2, 4, 4, 3), seed=2)
+    block = _built(blocks.ConvTransposeUp(5, 3, target_size=(7, 7)), x.shape)
+    forms = fast_forms.Forms()
+    _assert_same(lambda x: forms([block], x), block, x, block.trainable_variables)
+
+
+def test_image_groups_round_trip():
+    """Image i's channel c lands at channel (i % g) * C + c of grouped image i // g."""
+    x = tf.reshape(tf.range(16 * 3 * 2 * 5, dtype=tf.float32), (16, 3, 2, 5))
+    grouped = fast_forms.to_image_groups(x, 8)
+    assert tuple(grouped.shape) == (2, 3, 2, 40)
+    np.testing.assert_array_equal(grouped[1, 2, 0, 3 * 5 + 4], x[8 + 3, 2, 0, 4])
+    np.testing.assert_array_equal(fast_forms.from_image_groups(grouped, 8), x)
+
+
+# Blocks with a grouped form: (block, its input shape).
+GROUPED = [
+    (lambda: blocks.ConvPool(8, 4), (28, 28, 1)),  # the seed model's down0
+    (lambda: blocks.ConvPool(4, 4), (14, 14, 8)),
+    (lambda: blocks.ConvPool(4, 4), (7, 7, 4)),  # an odd size: 'same' pooling pads
+    (lambda: blocks.ConvPool(3, 3, "gelu"), (6, 6, 2)),  # a non-monotone activation pools last
+    (lambda: blocks.ConvPool(4, 4, pool=False), (4, 4, 4)),
+    (lambda: blocks.UpsampleConv(4, 4, target_size=(7, 7)), (4, 4, 4)),  # upsample, crop, conv
+    (lambda: blocks.UpsampleConv(8, 4), (7, 7, 4)),  # sub-pixel
+    (lambda: blocks.UpsampleConv(2, 5, None), (5, 6, 3)),  # sub-pixel with explicit padding
+]
+
+
+def _grouped_call(block, g, ungroup):
+    def call(x):
+        grouped = fast_forms.to_image_groups(x, g)
+        if isinstance(block, blocks.UpsampleConv):
+            y = fast_forms.upsample_conv(block, grouped, g, ungroup=ungroup)
+        else:
+            y = fast_forms.conv_pool(block, grouped, g)
+        return y if ungroup else fast_forms.from_image_groups(y, g)
+    return call
+
+
+@pytest.mark.parametrize("make,shape,ungroup", [(*g, False) for g in GROUPED] + [
+    (make, shape, True) for make, shape in GROUPED[-3:]])  # the UpsampleConvs
+def test_grouped_blocks_are_the_plain_ones(make, shape, ungroup):
+    """A block on images as the channels of one is the plain block on the images, values
+    and gradients; UpsampleConv can also ungroup its output."""
+    x = tf.random.normal((16, *shape), seed=6)
+    block = _built(make(), x.shape)
+    _assert_same(_grouped_call(block, GROUP, ungroup), block, x, block.trainable_variables)
+
+
+def _grouped_convs(fn, x) -> int:
+    """Convolutions in fn's traced graph whose input has more channels than their kernel
+    reads: grouped ones, which only the images-as-channels layout makes."""
+    graph = fn.get_concrete_function(x).graph
+    return sum(1 for op in graph.get_operations() if op.type == "Conv2D"
+               and op.inputs[0].shape[-1] != op.inputs[1].shape[2])
+
+
+def _model_fn(model):
+    return lambda x: _value_and_gradients(model, x, model.trainable_variables)
+
+
+@pytest.mark.parametrize("name", ["seed", "keras_blog", "denoiser", "vae"])
+@pytest.mark.parametrize("batch", [16, 13])
+def test_models_in_fast_forms_compute_the_plain_function(name, batch):
+    """Every registered conv model, in the forms with images as channels, against its plain
+    layers: the same outputs and gradients, batch size known when traced (13 does not
+    divide into groups and stays ordinary) and unknown (padded to whole groups). Only the
+    few-filter models (seed, keras_blog) are grouped: the others have wide or strided
+    blocks."""
+    model = build_autoencoder(name)
+    x = random_images(batch)
+    y_ref, grads_ref = _value_and_gradients(model, x, model.trainable_variables)
+    plain_convs = _grouped_convs(tf.function(_model_fn(model)), x)
+    assert plain_convs == 0
+    assert fast_forms.install(model, fast_forms.Forms(image_groups=GROUP))
+    known = tf.function(_model_fn(model))
+    unknown = tf.function(_model_fn(model), input_signature=[tf.TensorSpec((None, 28, 28, 1))])
+    grouped = name in ("seed", "keras_blog")
+    convs = 7  # 3 encoder blocks, 3 decoder blocks, the logits
+    assert _grouped_convs(known, x) == (convs if grouped and batch % GROUP == 0 else 0)
+    assert _grouped_convs(unknown, x) == (convs if grouped else 0)
+    for y, grads in (known(x), unknown(x), _value_and_gradients(model, x,
+                                                                model.trainable_variables)):
+        np.testing.assert_allclose(y.numpy(), y_ref.numpy(), rtol=1e-5, atol=1e-5)
+        for a, b in zip(grads, grads_ref):
+            np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_image_groups_in_bfloat16():
+    """The grouped layout computes the bfloat16 model too: against the float32 model with
+    the same weights, outputs to 5% of their range (bfloat16 keeps 8 bits through seven
+    layers), every gradient in the same direction
+    (a weight's gradient sums 12,544 bfloat16 products: compare directions; the plain
+    bfloat16 layers land within 0.95 of float32 too)."""
+    reference = build_autoencoder("seed")
+    model = build_autoencoder("seed", precision="mixed_bfloat16")
+    model.set_weights(reference.get_weights())
+    x = random_images(16)
+    y_ref, grads_ref = _value_and_gradients(reference, x, reference.trainable_variables)
+    fast_forms.install(model, fast_forms.Forms(image_groups=GROUP))
+    assert _grouped_convs(tf.function(_model_fn(model)), x) == 7
+    y, grads = _value_and_gradients(model, x, model.trainable_variables)
+    scale = float(tf.reduce_max(tf.abs(y_ref)))
+    np.testing.assert_allclose(y.numpy(), y_ref.numpy(), atol=0.05 * scale)
+    for a, b in zip(grads[1:], grads_ref[1:]):
+        a, b = a.numpy().ravel(), b.numpy().ravel()
+        assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.95
+
+
+def test_choose_groups_only_where_measured_faster(monkeypatch):
+    """Images as channels: float32 and bfloat16 on oneDNN's CPU kernels, without XLA.
+    Ordinary: GPUs (oneDNN does not run the convolutions), float16, XLA, oneDNN off."""
+    def groups(*args, **kwargs):
+        return fast_forms.choose(*args, **kwargs)[0].image_groups
+
+    assert fast_forms.onednn_convolutions()  # the x86 Linux wheel, no GPU: oneDNN runs them
+    assert groups(False, "float32") == groups(False, "mixed_bfloat16") == GROUP
+    assert groups(False, "mixed_float16") == 1
+    assert groups(True, "float32") == 1
+    assert groups(False, "float32", onednn=False) == 1  # a GPU
+    assert fast_forms.choose(True, "float32")[1].startswith("ordinary layout: XLA")
+    for forms, _ in (fast_forms.choose(True, "float32"), fast_forms.choose(False, "float32")):
+        assert forms.act_after_pool and forms.subpixel and forms.crop_grad_as_pad
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    assert not fast_forms.onednn_convolutions() and groups(False, "float32") == 1
+
+
+def test_xla_compiles_the_ordinary_layout():
+    """What choose gives under XLA computes the seed model's function inside jit_compile."""
+    model = build_autoencoder("seed")
+    x = random_images(16)
+    y_ref = model(x)
+    forms, _ = fast_forms.choose(True, "float32")
+    fast_forms.install(model, forms)
+    compiled = tf.function(lambda x: model(x), jit_compile=True)
+    assert _grouped_convs(compiled, x) == 0
+    np.testing.assert_allclose(compiled(x).numpy(), y_ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_with_onednn_off_the_runner_keeps_the_ordinary_layout(tmp_path):
+    """A process that starts with oneDNN off (TF_ENABLE_ONEDNN_OPTS=0, as on builds
+    without it) trains in the ordinary layout, says why in its log and records it."""
+    model_dir = tmp_path / "run"
+    proc = run_train("--dataset=fontdigits", "--train_split=train[:256]",
+                     "--eval_split=test[:64]", f"--model_dir={model_dir}", "--train_steps=2",
+                     "--batch_size=32", env={"TF_ENABLE_ONEDNN_OPTS": "0"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.load(open(model_dir / "config.json"))
+    assert saved["resolved_forms"].endswith("ordinary layout")
+    assert "computation forms: " in proc.stderr and "oneDNN does not run" in proc.stderr
+
+
+def test_the_runner_records_the_forms_and_exports_the_portable_ones(tmp_path):
+    """A CPU run trains with images as channels (config.json says so); its SavedModel has
+    no grouped convolution, and reconstructs what the run's model reconstructs."""
+    model_dir = str(tmp_path / "run")
+    config = Config(dataset="fontdigits", train_split="train[:256]", eval_split="test[:64]",
+                    model_dir=model_dir, train_steps=2, epochs=None, batch_size=32, mode="train")
+    core.run(config)
+    saved = json.load(open(os.path.join(model_dir, "config.json")))
+    assert saved["resolved_forms"] == fast_forms.Forms(image_groups=GROUP).describe()
+    exported = core.run(Config(mode="export", model_dir=model_dir), given={"mode", "model_dir"})
+    loaded = tf.saved_model.load(exported["export_dir"])
+    x = random_images(8)
+    reconstruct = loaded.signatures["reconstruct"]
+    graph = reconstruct.graph
+    convs = [op for op in graph.get_operations() if op.type == "Conv2D"]
+    for f in graph._functions.values():  # noqa: SLF001 - the signature's nested functions
+        convs += [op for op in f.graph.get_operations() if op.type == "Conv2D"]
+    assert convs and all(op.inputs[0].shape[-1] == op.inputs[1].shape[2] for op in convs)
+    evaluated = core.run(Config(mode="eval", model_dir=model_dir), given={"mode", "model_dir"})
+    assert np.isfinite(evaluated["bce"])
+    assert tuple(reconstruct(images=x)["images"].shape) == (8, 28, 28, 1)
