@@ -266,9 +266,10 @@ class Checkpointer:
         """
         # The reader itself, not tf.train.list_variables: on ram:// (and object stores) a
         # checkpoint prefix also counts as a folder, which list_variables would search.
-        names = list(tf.compat.v1.train.NewCheckpointReader(path).get_variable_to_shape_map())
+        reader = tf.compat.v1.train.NewCheckpointReader(path)
+        names = list(reader.get_variable_to_shape_map())
         trainer = self.trainer
-        parts = {"model": trainer.model, "step": trainer.step}
+        parts = {"model": _model_as_saved(trainer.model, reader), "step": trainer.step}
         ema = getattr(trainer, "ema", None)
         self.ema_missing = bool(ema) and not any(n.startswith("ema/") for n in names)
         if ema and not self.ema_missing:
@@ -448,6 +449,47 @@ class ModelDirLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+def _saved_children(reader, *path: str) -> set[str]:
+    """The names of the children of the object at `path` in a checkpoint's object graph
+    (empty if there is none)."""
+    from tensorflow.core.protobuf.trackable_object_graph_pb2 import TrackableObjectGraph
+
+    graph = TrackableObjectGraph.FromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    node = 0
+    for name in path:
+        ids = [c.node_id for c in graph.nodes[node].children if c.local_name == name]
+        if not ids:
+            return set()
+        node = ids[0]
+    return {c.local_name for c in graph.nodes[node].children}
+
+
+def _model_as_saved(model, reader):
+    """`model`, or a view of it in the checkpoint's older layout.
+
+    Checkpoints written before layers/blocks.py's UpsampleConv held a Conv2D keep its
+    kernel and bias on the block itself (model/decoder/block1/kernel, not
+    .../block1/conv/_kernel). The view holds the same variables, in the same order, so
+    the optimizer's state matches them as before.
+    """
+    from layers.blocks import UpsampleConv
+
+    decoder = getattr(model, "decoder", None)
+    if not hasattr(decoder, "blocks"):
+        return model
+    layers = {f"block{i}": block for i, block in enumerate(decoder.blocks)}
+    layers["to_logits"] = decoder.to_logits
+    old = {name for name, layer in layers.items() if isinstance(layer, UpsampleConv)
+           and "kernel" in _saved_children(reader, "model", "decoder", name)}
+    if not old or not _saved_children(reader, "model") <= {"encoder", "decoder"}:
+        return model
+    logging.info("the checkpoint was written before UpsampleConv held a Conv2D: reading its "
+                 "kernel and bias from the block")
+    view = {name: tf.train.Checkpoint(kernel=layer.conv.kernel, bias=layer.conv.bias)
+            if name in old else layer for name, layer in layers.items()}
+    return tf.train.Checkpoint(encoder=model.encoder, decoder=tf.train.Checkpoint(**view))
 
 
 def saved_config(model_dir: str) -> dict | None:

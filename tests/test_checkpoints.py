@@ -207,3 +207,56 @@ def test_a_config_json_that_is_not_an_object_is_one_line(copy):
         assert "config.json holds a JSON list, not the run's config object" in proc.stderr
         assert "Traceback" not in proc.stderr
         assert checkpoint_files(copy) == before
+
+
+def _rewrite_in_the_layout_before_upsample_conv_held_a_conv2d(prefix):
+    """Rewrites checkpoint `prefix` (a seed model's) as tapeloop wrote it while UpsampleConv
+    held its kernel and bias itself: in the object graph, model/decoder/block1 has the
+    children kernel and bias, not conv (with _kernel and bias) and upsample. Every tensor
+    keeps its key and value."""
+    from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+    reader = tf.train.load_checkpoint(prefix)
+    key = "_CHECKPOINTABLE_OBJECT_GRAPH"
+    graph = trackable_object_graph_pb2.TrackableObjectGraph.FromString(reader.get_tensor(key))
+
+    def child(node_id, name):
+        return next(c.node_id for c in graph.nodes[node_id].children if c.local_name == name)
+
+    decoder = child(child(0, "model"), "decoder")
+    for block in ("block1", "block2", "to_logits"):
+        node = graph.nodes[child(decoder, block)]
+        conv = child(child(decoder, block), "conv")
+        kernel, bias = child(conv, "_kernel"), child(conv, "bias")
+        del node.children[:]
+        node.children.add(node_id=kernel, local_name="kernel")
+        node.children.add(node_id=bias, local_name="bias")
+    names = sorted(n for n in reader.get_variable_to_shape_map() if n != key)
+    tensors = [reader.get_tensor(n) for n in names]
+    for f in tf.io.gfile.glob(prefix + ".*"):
+        tf.io.gfile.remove(f)
+    tf.raw_ops.SaveV2(prefix=prefix, tensor_names=[*names, key],
+                      shape_and_slices=[""] * (len(names) + 1),
+                      tensors=[*tensors, tf.constant(graph.SerializeToString())])
+
+
+def test_a_checkpoint_from_before_upsample_conv_held_a_conv2d_evaluates_and_resumes(tmp_path):
+    """Checkpoints written before the blocks became the Keras layers they name keep their
+    weights and Adam's state: eval gives the same numbers, training resumes from them."""
+    import core
+    from core.config import Config
+
+    model_dir = str(tmp_path / "run")
+    config = Config(dataset="fontdigits", train_split="train[:256]", eval_split="test[:64]",
+                    model_dir=model_dir, train_steps=4, epochs=None, batch_size=32, mode="train")
+    core.run(config)
+    evaluate = Config(mode="eval", model_dir=model_dir)
+    before = core.run(evaluate, given={"mode", "model_dir"})
+    path = os.path.join(model_dir, "ckpt-4")
+    _rewrite_in_the_layout_before_upsample_conv_held_a_conv2d(path)
+    after = core.run(evaluate, given={"mode", "model_dir"})
+    assert after["step"] == 4 and after["bce"] == before["bce"] and after["ssim"] == before["ssim"]
+    resumed = core.run(config.replace(train_steps=5))
+    assert resumed["step"] == 5 and [h["step"] for h in resumed["history"]] == [5]
+    assert int(tf.train.load_variable(os.path.join(model_dir, "ckpt-5"),
+                                      "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")) == 5
