@@ -113,6 +113,20 @@ def machine_context(with_peaks: bool = True) -> dict:
     return context
 
 
+def build_model(name, image_shape, precision="float32", jit_compile=False, grouped=True,
+                onednn=None):
+    """`build_autoencoder`, computing in the forms the runner chooses for this setting
+    (`layers.fast_forms.choose`): what train.py runs. grouped=False: without the
+    images-as-channels layout; onednn=False: the forms of a GPU run."""
+    from layers import fast_forms
+    from layers.autoencoders import build_autoencoder
+
+    model = build_autoencoder(name, image_shape, precision)
+    forms, _ = fast_forms.choose(jit_compile, precision, onednn)
+    fast_forms.install(model, forms if grouped else fast_forms.portable(forms))
+    return model
+
+
 def conv_flops_per_example(model, input_shape) -> int:
     """Forward FLOPs of one example: 2 * H_out * W_out * k_h * k_w * C_in * C_out per conv.
 

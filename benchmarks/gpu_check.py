@@ -137,7 +137,6 @@ def run_path(path: dict, images, on_gpu: bool) -> dict:
 
     from core import data
     from core.trainer import Trainer
-    from layers.autoencoders import build_autoencoder
 
     if path.get("deterministic"):
         tf.config.experimental.enable_op_determinism()
@@ -148,7 +147,8 @@ def run_path(path: dict, images, on_gpu: bool) -> dict:
     batch = FLAGS.batch_size
     tf.keras.utils.set_random_seed(0)
     with strategy.scope():
-        model = build_autoencoder("seed", images.shape[1:], precision)
+        model = common.build_model("seed", images.shape[1:], precision, path.get("jit", False),
+                                   onednn=False)
         device_data = (data.DeviceData(images, batch, strategy.num_replicas_in_sync, 0)
                        if path.get("device_data") else None)
         trainer = Trainer(model, strategy, batch, 3e-3, precision, path.get("jit", False),
@@ -184,12 +184,12 @@ def keras_rate(strategy, images, precision, path) -> tuple[float, int]:
     import tensorflow as tf
 
     from core import data
-    from layers.autoencoders import build_autoencoder
 
     dataset = data.train_dataset(images, FLAGS.batch_size, 0).map(lambda x: (x, x))
     for spe in (min(32, FLAGS.steps_per_loop), 1):
         with strategy.scope():
-            model = build_autoencoder("seed", images.shape[1:], precision)
+            model = common.build_model("seed", images.shape[1:], precision, bool(path.get("jit")),
+                                       onednn=False)
             model.compile(optimizer=tf.keras.optimizers.Adam(3e-3),
                           loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
                           steps_per_execution=spe,
@@ -228,7 +228,8 @@ def cpu_checks() -> list[dict]:
         precision = kw.get("precision", "float32")
         with strategy.scope():
             device_data = data.DeviceData(images, 32, 1, 0) if kw.get("device") else None
-            trainer = Trainer(build_autoencoder("seed", (28, 28, 1), precision), strategy, 32,
+            trainer = Trainer(common.build_model("seed", (28, 28, 1), precision,
+                                                 kw.get("jit", False), onednn=False), strategy, 32,
                               1e-3, precision, jit_compile=kw.get("jit", False),
                               device_data=device_data)
         iterator = None if device_data else iter(strategy.distribute_datasets_from_function(

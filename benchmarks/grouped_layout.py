@@ -3,11 +3,11 @@
 
     python benchmarks/grouped_layout.py              # ~30 seconds
 
-On a CPU, `layers.autoencoders.Encoder` and `Decoder` compute their blocks on
-the images-as-channels layout (`layers.blocks.to_image_groups`: 4 images as
-the channels of one, every convolution a grouped one with the same weights)
-when every block has <= `GROUPED_MAX_FILTERS` filters. This script times one
-block of each `--blocks` entry in both layouts, a training step's work
+Where the runner chooses it (`layers.fast_forms.choose`), `Encoder` and `Decoder`
+compute their blocks on the images-as-channels layout (`fast_forms.to_image_groups`:
+4 images as the channels of one, every convolution a grouped one with the same
+weights) when every block has <= `GROUPED_MAX_FILTERS` filters. This script times one
+block of each `--blocks` entry in both layouts (each in the other faster forms), a training step's work
 (forward, gradient to the weights, and to the input unless it has 1 channel:
 nothing needs the images' gradient), on one thread at one core's share of the
 batch, layouts interleaved round by round. Converting into and out of the
@@ -74,6 +74,15 @@ def _block(kind: str, filters: int, kernel: int, size: int):
     return blocks.UpsampleConv(filters, kernel, target_size=target)
 
 
+def _fast(block, groups: int):
+    """The block in layers/fast_forms.py's forms, on `groups` images per group."""
+    from layers import blocks, fast_forms
+
+    if isinstance(block, blocks.ConvPool):
+        return functools.partial(fast_forms.conv_pool, block, groups=groups)
+    return functools.partial(fast_forms.upsample_conv, block, groups=groups)
+
+
 def _training_pass(fn, x, variables, with_input_grad: bool):
     """A tf.function running FLAGS.iterations forward + backward passes of `fn`."""
     import tensorflow as tf
@@ -98,24 +107,24 @@ def main(argv):
     entries = [_parse(entry) for entry in FLAGS.blocks]
     import tensorflow as tf
 
-    from layers import autoencoders, blocks
+    from layers import fast_forms
 
     cores, batch = common.one_core(FLAGS.batch_size)  # before any op runs
-    groups = blocks.IMAGE_GROUP
+    groups = fast_forms.IMAGE_GROUP
     if batch % groups:
         raise app.UsageError(f"--batch_size={FLAGS.batch_size}: each core's share ({batch}) must "
                              f"be a multiple of {groups} images per group")
-    limit = autoencoders._Stack.GROUPED_MAX_FILTERS
+    limit = fast_forms.GROUPED_MAX_FILTERS
     rows = []
     for kind, cin, size, filters, kernel in entries:
         x = tf.random.uniform((batch, size, size, cin), seed=1)
         block = _block(kind, filters, kernel, size)
         block(x)  # builds the weights
-        grouped_x = blocks.to_image_groups(x, groups)
+        grouped_x = fast_forms.to_image_groups(x, groups)
         loops = {
-            "ordinary": _training_pass(block, x, block.trainable_variables, cin > 1),
-            "grouped": _training_pass(functools.partial(block.call_grouped, groups=groups), grouped_x,
-                                      block.trainable_variables, cin > 1),
+            "ordinary": _training_pass(_fast(block, 1), x, block.trainable_variables, cin > 1),
+            "grouped": _training_pass(_fast(block, groups), grouped_x, block.trainable_variables,
+                                      cin > 1),
         }
         ms = common.interleaved_ms(loops, FLAGS.rounds, FLAGS.iterations)
         row = {"kind": kind, "input_channels": cin, "size": size, "filters": filters,
@@ -135,7 +144,7 @@ def main(argv):
              f"input has 1 channel), one thread, batch {batch} (one core's share of "
              f"{FLAGS.batch_size}), float32; ms per pass, median of {FLAGS.rounds} interleaved "
              f"rounds. `grouped` is the same block on {groups} images as the channels of one "
-             "(`layers.blocks.to_image_groups`, converting excluded). A stack computes grouped "
+             "(`layers.fast_forms.to_image_groups`, converting excluded). A stack computes grouped "
              f"when all its blocks have <= {limit} filters (`rule`).\n",
              "| block | input | filters | kernel | ordinary ms | grouped ms | grouped speedup "
              "| rule |",

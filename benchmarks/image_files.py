@@ -142,7 +142,6 @@ def main(argv):
 
     from core import data, distribute
     from core.trainer import Trainer
-    from layers.autoencoders import build_autoencoder
 
     n, batch = FLAGS.num_images, FLAGS.batch_size
     # The CPU recipe, as train.py picks it on this machine (core.distribute.cpu_defaults).
@@ -185,7 +184,7 @@ def main(argv):
 
     def trainer_for(device_data=None):
         with strategy.scope():
-            model = build_autoencoder("seed", (*OUT, 3))
+            model = common.build_model("seed", (*OUT, 3))
             dd = data.DeviceData(memory.images, batch, 1, 0) if device_data else None
             return Trainer(model, strategy, batch, 3e-3, device_data=dd,
                            batch_shards=config_like["batch_shards"])

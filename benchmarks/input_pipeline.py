@@ -39,7 +39,6 @@ def main(argv):
 
     from core import data
     from core.trainer import Trainer
-    from layers.autoencoders import build_autoencoder
 
     images = data.load_split(FLAGS.train_split, FLAGS.dataset, FLAGS.data_dir).images
     batch = FLAGS.batch_size
@@ -49,7 +48,7 @@ def main(argv):
         lambda ctx: data.train_dataset(images, batch, 0, 0, ctx)))
     with strategy.scope():
         device_data = data.DeviceData(images, batch, strategy.num_replicas_in_sync, 0)
-        trainer = Trainer(build_autoencoder("seed", images.shape[1:]), strategy, batch, 1e-3)
+        trainer = Trainer(common.build_model("seed", images.shape[1:]), strategy, batch, 1e-3)
     step = tf.Variable(0, dtype=tf.int64)
     device_data.reorder(strategy, 0)  # epoch 0's order; the draws below wrap around it
 

@@ -118,13 +118,12 @@ def main(argv):
 
     from core import data, distribute
     from core.trainer import Trainer
-    from layers.autoencoders import build_autoencoder
 
     distribute.set_cpu_threads(FLAGS.num_intra_threads, FLAGS.num_inter_threads)
     images = data.load_split("train", FLAGS.dataset, FLAGS.data_dir).images
     strategy = tf.distribute.get_strategy()
     tf.keras.utils.set_random_seed(0)
-    model = build_autoencoder(FLAGS.model, images.shape[1:], FLAGS.precision)
+    model = common.build_model(FLAGS.model, images.shape[1:], FLAGS.precision)
     trainer = Trainer(model, strategy, FLAGS.batch_size, 1e-3, FLAGS.precision,
                       device_data=data.DeviceData(images, FLAGS.batch_size,
                                                   strategy.num_replicas_in_sync, 0),

@@ -174,11 +174,6 @@ def _strategy(spec):
             else tf.distribute.get_strategy())
 
 
-def ungrouped(model) -> None:
-    """Makes `model` compute in the ordinary layout (before anything traces it)."""
-    model.encoder.grouped = model.decoder.grouped = False
-
-
 class OurVariant:
     """A tapeloop Trainer; `run(n)` trains n steps and returns when the loss is on the host."""
 
@@ -187,15 +182,14 @@ class OurVariant:
 
         from core import data
         from core.trainer import Trainer
-        from layers.autoencoders import build_autoencoder
 
         strategy = _strategy(spec)
         precision = precision_of(spec)
         tf.keras.utils.set_random_seed(0)
         with strategy.scope():
-            model = build_autoencoder(model_name, images.shape[1:], precision)
-            if spec.get("ungrouped"):
-                ungrouped(model)
+            model = common.build_model(model_name, images.shape[1:], precision,
+                                       spec.get("jit_compile", False),
+                                       grouped=not spec.get("ungrouped"))
             self.trainer = Trainer(model, strategy, batch, 1e-3, precision,
                                    spec.get("jit_compile", False), spec.get("eager", False),
                                    data.DeviceData(images, batch, strategy.num_replicas_in_sync, 0)
@@ -230,13 +224,11 @@ class KerasVariant:
         import tensorflow as tf
 
         from core import data
-        from layers.autoencoders import build_autoencoder
 
         tf.keras.utils.set_random_seed(0)
         with _strategy(spec).scope():
-            self.model = build_autoencoder(model_name, images.shape[1:], precision_of(spec))
-            if spec.get("ungrouped"):
-                ungrouped(self.model)
+            self.model = common.build_model(model_name, images.shape[1:], precision_of(spec),
+                                            spec["jit_compile"], grouped=not spec.get("ungrouped"))
             self.model.compile(optimizer=tf.keras.optimizers.Adam(1e-3),
                                loss=tf.keras.losses.BinaryCrossentropy(from_logits=True),
                                steps_per_execution=spec["steps_per_execution"],
