@@ -151,8 +151,8 @@ def choose(jit_compile: bool, precision: str, onednn: bool | None = None) -> tup
         why = f"{dtype} was not measured"
     else:
         return (Forms(image_groups=IMAGE_GROUP),
-                f"images as channels: oneDNN runs the convolutions, without XLA, in {dtype}")
-    return Forms(), f"ordinary layout: {why}"
+                f"oneDNN runs the convolutions, without XLA, in {dtype}")
+    return Forms(), why
 
 
 def portable(forms: Forms | None) -> Forms | None:

@@ -215,7 +215,7 @@ def test_choose_groups_only_where_measured_faster(monkeypatch):
     assert groups(False, "mixed_float16") == 1
     assert groups(True, "float32") == 1
     assert groups(False, "float32", onednn=False) == 1  # a GPU
-    assert fast_forms.choose(True, "float32")[1].startswith("ordinary layout: XLA")
+    assert fast_forms.choose(True, "float32")[1].startswith("XLA compiles the step")
     for forms, _ in (fast_forms.choose(True, "float32"), fast_forms.choose(False, "float32")):
         assert forms.act_after_pool and forms.subpixel and forms.crop_grad_as_pad
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
