@@ -257,6 +257,40 @@ def jpeg_at_size(images, budget_bytes: int) -> dict:
     return out
 
 
+def jpeg_smallest(images) -> dict:
+    """JPEG's smallest files: each uint8 image (N, H, W, C) at quality 1 with optimised
+    Huffman tables (`optimize_size`), scored like `jpeg_at_size`. Below this size JPEG has
+    no setting at all."""
+    from core import metrics
+
+    files = [tf.io.encode_jpeg(image, quality=1, optimize_size=True).numpy() for image in images]
+    decoded = np.stack([tf.io.decode_jpeg(f, channels=images.shape[-1]).numpy() for f in files])
+    targets = tf.constant(images, tf.float32) / 255.0
+    jpegs = tf.constant(decoded, tf.float32) / 255.0
+    return {"images": len(images), "mean_bytes": float(np.mean([len(f) for f in files])),
+            "min_bytes": min(len(f) for f in files),
+            "mse": float(tf.reduce_mean(metrics.mse(targets, jpegs))),
+            "psnr": float(tf.reduce_mean(metrics.psnr(targets, jpegs))),
+            "ssim": float(tf.reduce_mean(metrics.ssim(targets, jpegs)))}
+
+
+def code_ranges(codes) -> tuple[np.ndarray, np.ndarray]:
+    """Each code channel's (last axis) minimum and maximum over `codes` (N, ..., C)."""
+    axes = tuple(range(codes.ndim - 1))
+    return codes.min(axis=axes), codes.max(axis=axes)
+
+
+def quantize(codes, low, high, bits: int = 8) -> np.ndarray:
+    """`codes` (N, ..., C) as a decoder receives them after storing each number in `bits`
+    bits: clipped to its channel's [low, high] (from training codes: `code_ranges`), cut
+    into 2^bits - 1 equal steps, rounded, and mapped back to floats. The ranges are the
+    codec's constants (2 floats a channel), not part of each image's code."""
+    levels = 2 ** bits - 1
+    scale = np.maximum(high - low, np.finfo(np.float32).tiny)
+    steps = np.round((np.clip(codes, low, high) - low) / scale * levels)
+    return (steps / levels * scale + low).astype(np.float32)
+
+
 def interleaved_times(calls: dict, rounds: int) -> dict[str, list[float]]:
     """Seconds of each timed call of each zero-argument callable in `calls` (each returns
     a tensor or a structure of them): every one is called once untimed (trace, compile,

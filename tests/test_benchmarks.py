@@ -278,6 +278,46 @@ def test_jpeg_at_size_picks_the_highest_quality_that_fits():
     assert nothing["fit"] == 0 and "psnr" not in nothing
 
 
+def test_quantize_stores_each_number_in_the_given_bits():
+    """Each channel's range in 2^bits - 1 steps: at most half a step from the float inside
+    the range, clipped outside it, the range's ends exact, at most 2^bits values a channel."""
+    import numpy as np
+
+    from benchmarks import common
+
+    rng = np.random.default_rng(0)
+    train = rng.normal(size=(500, 4, 4, 3)).astype(np.float32) * [1.0, 5.0, 0.1]
+    low, high = common.code_ranges(train)
+    np.testing.assert_allclose(low, train.min(axis=(0, 1, 2)))
+    codes = rng.normal(size=(50, 4, 4, 3)).astype(np.float32) * [1.0, 5.0, 0.1]
+    inside = np.clip(codes, low, high)
+    for bits in (8, 4):
+        q = common.quantize(codes, low, high, bits)
+        step = (high - low) / (2 ** bits - 1)
+        assert np.all(np.abs(q - inside) <= step / 2 + 1e-6)
+        for c in range(3):
+            assert len(np.unique(q[..., c])) <= 2 ** bits
+    ends = common.quantize(np.stack([low, high])[:, None, None, :], low, high)
+    np.testing.assert_allclose(ends[:, 0, 0], np.stack([low, high]), rtol=1e-6)
+
+
+def test_jpeg_smallest_is_quality_1_with_optimised_tables():
+    """Real encodes: the smallest files are no larger than quality 1's standard ones, and
+    decode to a worse image than a larger budget gives."""
+    import numpy as np
+    import tensorflow as tf
+
+    from benchmarks import common
+    from core import shapes
+
+    images = shapes.build(seed=3, sizes={"train": 1, "test": 6})["test"][0]
+    smallest = common.jpeg_smallest(images)
+    standard = [len(tf.io.encode_jpeg(image, quality=1).numpy()) for image in images]
+    assert smallest["images"] == 6 and smallest["mean_bytes"] < np.mean(standard)
+    assert smallest["min_bytes"] > 100  # headers and tables
+    assert 10 < smallest["psnr"] < common.jpeg_at_size(images, 3000)["psnr"]
+
+
 def test_quality_colour_row_smoke(tmp_path):
     """A colour row: trained on shapes, its code size parsed from the run, JPEG beside it."""
     _run("quality.py", "--rows=colour_seed", f"--runs_dir={tmp_path / 'runs'}",
@@ -288,6 +328,13 @@ def test_quality_colour_row_smoke(tmp_path):
     assert row["code"] == "8x8x4" and row["code_bits"] == 8 * 8 * 4 * 32
     assert row["jpeg"]["images"] == 32 and row["jpeg"]["budget_bytes"] == 1024
     assert row["jpeg"]["fit"] > 0 and row["jpeg"]["mean_bytes"] <= 1024
+    # 8-bit codes through the exported SavedModel: 256 bytes, about the float32 quality;
+    # no JPEG file is that small, even at quality 1 with optimised tables.
+    eight = row["eight_bit"]
+    assert eight["bytes"] == 256 and eight["bits"] == 8 * 256
+    assert abs(eight["psnr"] - row["psnr"]) < 1.0 and 0 < eight["ssim"] <= 1
+    assert eight["jpeg"]["fit"] == 0 and eight["jpeg_smallest"]["min_bytes"] > 256
+    assert "| colour_seed | 256 |" in (tmp_path / "quality_colour.md").read_text()
     text = (tmp_path / "quality_colour.md").read_text()
     assert "against JPEG" in text and "| [colour_seed](configs/quality_colour_seed.cfg) | seed |" in text
 
