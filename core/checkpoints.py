@@ -451,12 +451,16 @@ class ModelDirLock:
             self.fd = None
 
 
-def _saved_children(reader, *path: str) -> set[str]:
-    """The names of the children of the object at `path` in a checkpoint's object graph
-    (empty if there is none)."""
+def _object_graph(reader):
+    """A checkpoint's object graph (TrackableObjectGraph), read once."""
     from tensorflow.core.protobuf.trackable_object_graph_pb2 import TrackableObjectGraph
 
-    graph = TrackableObjectGraph.FromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+    return TrackableObjectGraph.FromString(reader.get_tensor("_CHECKPOINTABLE_OBJECT_GRAPH"))
+
+
+def _saved_children(graph, *path: str) -> set[str]:
+    """The names of the children of the object at `path` in a checkpoint's object graph
+    (empty if there is none)."""
     node = 0
     for name in path:
         ids = [c.node_id for c in graph.nodes[node].children if c.local_name == name]
@@ -479,11 +483,12 @@ def _model_as_saved(model, reader):
     decoder = getattr(model, "decoder", None)
     if not hasattr(decoder, "blocks"):
         return model
+    graph = _object_graph(reader)
     layers = {f"block{i}": block for i, block in enumerate(decoder.blocks)}
     layers["to_logits"] = decoder.to_logits
     old = {name for name, layer in layers.items() if isinstance(layer, UpsampleConv)
-           and "kernel" in _saved_children(reader, "model", "decoder", name)}
-    if not old or not _saved_children(reader, "model") <= {"encoder", "decoder"}:
+           and "kernel" in _saved_children(graph, "model", "decoder", name)}
+    if not old or not _saved_children(graph, "model") <= {"encoder", "decoder"}:
         return model
     logging.info("the checkpoint was written before UpsampleConv held a Conv2D: reading its "
                  "kernel and bias from the block")

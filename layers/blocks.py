@@ -23,14 +23,20 @@ import tensorflow as tf
 keras = tf.keras
 
 
+def crop_margins(size, target_size) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) rows and columns a centred crop of a (h, w) map to
+    `target_size` removes (an odd surplus loses its last row/column)."""
+    (h, w), (th, tw) = size, target_size
+    top, left = (h - th) // 2, (w - tw) // 2
+    return top, h - th - top, left, w - tw - left
+
+
 def crop_to(x, target_size):
-    """Crops (B, H, W, C) to target (h, w), centred (an odd surplus loses its last row/column)."""
+    """Crops (B, H, W, C) to target (h, w), centred."""
     if target_size is None:
         return x
-    h, w = x.shape[1], x.shape[2]
-    th, tw = target_size
-    top, left = (h - th) // 2, (w - tw) // 2
-    return x[:, top:top + th, left:left + tw, :]
+    top, _, left, _ = crop_margins(x.shape[1:3], target_size)
+    return x[:, top:top + target_size[0], left:left + target_size[1], :]
 
 
 class _Block(keras.layers.Layer):

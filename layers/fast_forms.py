@@ -234,17 +234,14 @@ def crop_to(x, target_size):
     """`blocks.crop_to` (a centred crop), whose gradient is a zero padding."""
     if target_size is None or tuple(x.shape[1:3]) == tuple(target_size):
         return x
-    h, w = x.shape[1], x.shape[2]
-    th, tw = target_size
-    top, left = (h - th) // 2, (w - tw) // 2
-    pads = [[0, 0], [top, h - th - top], [left, w - tw - left], [0, 0]]
+    top, bottom, left, right = blocks.crop_margins(x.shape[1:3], target_size)
 
     @tf.custom_gradient
     def crop(x):
         def grad(upstream):
-            return tf.pad(upstream, pads)
+            return tf.pad(upstream, [[0, 0], [top, bottom], [left, right], [0, 0]])
 
-        return x[:, top:top + th, left:left + tw, :], grad
+        return blocks.crop_to(x, target_size), grad
 
     return crop(x)
 
