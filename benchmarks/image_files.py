@@ -8,19 +8,21 @@
 Generates (once, into --work_dir) N colour JPEGs of 256x256 (the `shapes` images,
 upscaled with a little noise), the same images as PNG, and the same JPEG bytes as
 TFRecord shards (Model Garden's keys); also `core.prepare`'s shards of them at 64x64
-(PNG, resized once). Then, interleaved round by round in one process, measures
-images/s delivering 64x64x3 batches of 256 (float32, [0, 1]) from:
+(resized once), as PNG and as raw pixels (`--encoding=raw`). Then, interleaved round
+by round in one process, measures images/s delivering 64x64x3 batches of 256 (float32, [0, 1]) from:
 
   folder_jpeg, folder_png  our FolderSource pipeline (`data.train_dataset`)
   tfrecord_jpeg            our TFRecordSource over the 256x256 JPEG shards
-  tfrecord_prepared        our TFRecordSource over core.prepare's 64x64 shards
+  tfrecord_prepared        our TFRecordSource over core.prepare's 64x64 PNG shards
+  tfrecord_prepared_raw    the same over its raw-pixel shards
   keras_jpeg, keras_png    keras.utils.image_dataset_from_directory(image_size=(64, 64),
                            crop_to_aspect_ratio=True, shuffle=True), divided by 255,
                            with prefetch: its recommended use
 
 and the `seed` model's training rate at 64x64x3 on the same images held in memory
-(data on device) and fed from the folder and from the prepared shards, in the same
-run. Also the JPEG decoder's own downscaling (decode_jpeg's `ratio`) against decoding
+(data on device) and fed from the folder, from the folder through `--cache=DIR` (its
+epochs after the first: raw pixels written by the first), and from both prepared
+shard sets, in the same run. Also the JPEG decoder's own downscaling (decode_jpeg's `ratio`) against decoding
 whole: the difference in pixels and the speed. Writes results/image_files.{json,md}.
 """
 
@@ -40,8 +42,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_integer("num_images", 20_000, "Images to generate (256x256).")
 flags.DEFINE_string("work_dir", "/tmp/tapeloop-image-files", "Generated files go here (reused).")
 flags.DEFINE_integer("batch_size", 256, "Batch size.")
-flags.DEFINE_integer("batches", 12, "Batches per timed round of each input path.")
-flags.DEFINE_integer("train_steps", 12, "Steps per timed round of each training variant.")
+flags.DEFINE_integer("batches", 40, "Batches per timed round of each input path.")
+flags.DEFINE_integer("train_steps", 40, "Steps per timed round of each training variant.")
 flags.DEFINE_integer("rounds", 3, "Timed rounds.")
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"),
                     "Reports go here.")
@@ -55,7 +57,7 @@ def generate(work_dir: str, n: int) -> dict[str, str]:
     from core import prepare
 
     paths = {k: os.path.join(work_dir, f"{k}-{n}") for k in
-             ("jpeg", "png", "tfrecord_jpeg", "tfrecord_prepared")}
+             ("jpeg", "png", "tfrecord_jpeg", "tfrecord_prepared", "tfrecord_prepared_raw")}
     done = os.path.join(work_dir, f"done-{n}")
     if not os.path.exists(done):
         _generate_files(paths, n)
@@ -63,6 +65,9 @@ def generate(work_dir: str, n: int) -> dict[str, str]:
     if not os.path.exists(os.path.join(paths["tfrecord_prepared"], "dataset_info.json")):
         prepare.convert("folder", paths["tfrecord_prepared"], paths["jpeg"], image_size=OUT,
                         shards=16, overwrite=True, progress=None)
+    if not os.path.exists(os.path.join(paths["tfrecord_prepared_raw"], "dataset_info.json")):
+        prepare.convert("folder", paths["tfrecord_prepared_raw"], paths["jpeg"], image_size=OUT,
+                        shards=16, overwrite=True, progress=None, encoding="raw")
     return paths
 
 
@@ -160,6 +165,15 @@ def main(argv):
     _, ds_fp = ours("folder", paths["png"])
     _, ds_tj = ours("tfrecord", paths["tfrecord_jpeg"])
     prepared, ds_tp = ours("tfrecord", paths["tfrecord_prepared"])
+    prepared_raw, ds_tr = ours("tfrecord", paths["tfrecord_prepared_raw"])
+    # --cache=DIR: the first epoch writes the decoded folder as raw shards (timed here
+    # once, as a whole pass); every later epoch reads them.
+    cache_dir = os.path.join(FLAGS.work_dir, f"cache-{n}")
+    if tf.io.gfile.exists(cache_dir):  # time a first pass, not a reuse
+        tf.io.gfile.rmtree(cache_dir)
+    start = time.perf_counter()
+    folder_cached = data.cache_to_dir(folder_jpeg, cache_dir)
+    cache_seconds = time.perf_counter() - start
 
     def keras_ds(where):
         ds = tf.keras.utils.image_dataset_from_directory(
@@ -170,13 +184,26 @@ def main(argv):
     ds_kj, ds_kp = keras_ds(paths["jpeg"]), keras_ds(paths["png"])
 
     def drain(ds, k):
-        # A fresh iterator every round, timed from its start: no contender gets batches
-        # its prefetch threads made while another was being timed.
+        # A fresh iterator every round (no contender gets batches its prefetch threads
+        # made while another was being timed); its first batch, the pipeline's start, is
+        # timed apart: a training run starts its pipeline once.
+        start = time.perf_counter()
         iterator = iter(ds)
+        float(tf.reduce_sum(next(iterator)[:, 0, 0, 0]))
+        started = time.perf_counter()
         for _ in range(k):
             x = next(iterator)
         float(tf.reduce_sum(x[:, 0, 0, 0]))
-        return k
+        return k, started - start, time.perf_counter() - started
+
+    def train(trainer, ds, k):
+        """The same for training: one untimed step starts the iterator."""
+        start = time.perf_counter()
+        iterator = iter(ds) if ds is not None else None
+        trainer.train_loop(iterator, 1)
+        started = time.perf_counter()
+        trainer.train_loop(iterator, k)
+        return k, started - start, time.perf_counter() - started
 
     # Training the seed model at 64x64x3: from memory (on device), the folder, the shards.
     memory = data.materialize(prepared)
@@ -190,68 +217,79 @@ def main(argv):
                            batch_shards=config_like["batch_shards"])
 
     t_mem, t_folder, t_tfr = trainer_for(True), trainer_for(), trainer_for()
+    t_raw, t_cached = trainer_for(), trainer_for()
     ds_train_folder = data.train_dataset(folder_jpeg, batch, 1)
     ds_train_tfr = data.train_dataset(prepared, batch, 1)
+    ds_train_raw = data.train_dataset(prepared_raw, batch, 1)
+    ds_train_cached = data.train_dataset(folder_cached, batch, 1)
     steps = FLAGS.train_steps
     contenders = {
         "folder_jpeg": lambda: drain(ds_fj, FLAGS.batches),
         "folder_png": lambda: drain(ds_fp, FLAGS.batches),
         "tfrecord_jpeg": lambda: drain(ds_tj, FLAGS.batches),
         "tfrecord_prepared": lambda: drain(ds_tp, FLAGS.batches),
+        "tfrecord_prepared_raw": lambda: drain(ds_tr, FLAGS.batches),
         "keras_jpeg": lambda: drain(ds_kj, FLAGS.batches),
         "keras_png": lambda: drain(ds_kp, FLAGS.batches),
-        "train_in_memory": lambda: t_mem.train_loop(None, steps) * 0 + steps,
-        "train_from_folder_jpeg": lambda: t_folder.train_loop(
-            iter(ds_train_folder), steps) * 0 + steps,
-        "train_from_tfrecord_prepared": lambda: t_tfr.train_loop(
-            iter(ds_train_tfr), steps) * 0 + steps,
+        "train_in_memory": lambda: train(t_mem, None, steps),
+        "train_from_folder_jpeg": lambda: train(t_folder, ds_train_folder, steps),
+        "train_from_tfrecord_prepared": lambda: train(t_tfr, ds_train_tfr, steps),
+        "train_from_tfrecord_prepared_raw": lambda: train(t_raw, ds_train_raw, steps),
+        "train_from_folder_jpeg_cached": lambda: train(t_cached, ds_train_cached, steps),
     }
     for fn in contenders.values():  # warm-up, compile, fill the prefetch buffers
         fn()
     rates = {name: [] for name in contenders}
+    starts = {name: [] for name in contenders}
     for r in range(FLAGS.rounds):
         for name, fn in contenders.items():
-            start = time.perf_counter()
-            k = fn()
-            rates[name].append(k * batch / (time.perf_counter() - start))
+            k, start_s, seconds = fn()
+            rates[name].append(k * batch / seconds)
+            starts[name].append(start_s)
         print(f"round {r + 1}/{FLAGS.rounds}: " + ", ".join(
             f"{k} {v[-1]:,.0f}" for k, v in rates.items()), flush=True)
     results = {name: common.summarize(v) for name, v in rates.items()}
+    for name, res in results.items():
+        res["start_s"] = float(sorted(starts[name])[len(starts[name]) // 2])
     train_rate = results["train_in_memory"]["median"]
     for res in results.values():
         res["x_training_in_memory"] = res["median"] / train_rate
     pairs = [("folder_jpeg", "keras_jpeg"), ("folder_png", "keras_png"),
              ("tfrecord_jpeg", "keras_jpeg"), ("tfrecord_prepared", "keras_jpeg"),
+             ("tfrecord_prepared_raw", "keras_jpeg"),
              ("train_from_folder_jpeg", "train_in_memory"),
-             ("train_from_tfrecord_prepared", "train_in_memory")]
+             ("train_from_tfrecord_prepared", "train_in_memory"),
+             ("train_from_tfrecord_prepared_raw", "train_in_memory"),
+             ("train_from_folder_jpeg_cached", "train_in_memory")]
     ratios = {f"{a} / {b}": results[a]["median"] / results[b]["median"] for a, b in pairs}
     # Per-round ratios (each round's two numbers measured back to back), for the range.
-    round_ratios = {
-        "folder_jpeg / keras_jpeg": [a / b for a, b in zip(rates["folder_jpeg"], rates["keras_jpeg"])],
-        "tfrecord_jpeg / keras_jpeg": [a / b for a, b in zip(rates["tfrecord_jpeg"], rates["keras_jpeg"])],
-        "train_from_folder_jpeg / train_in_memory": [
-            a / b for a, b in zip(rates["train_from_folder_jpeg"], rates["train_in_memory"])],
-    }
+    round_ratios = {f"{a} / {b}": [x / y for x, y in zip(rates[a], rates[b])] for a, b in pairs}
     context = common.machine_context(with_peaks=False)
     payload = {"context": context, "config": {"num_images": n, "batch_size": batch,
                                               "image": f"{SIZE}x{SIZE} -> 64x64x3",
                                               "rounds": FLAGS.rounds},
                "results": results, "ratios": ratios, "round_ratios": round_ratios,
+               "cache_first_pass_s": cache_seconds,
                "jpeg_downscale": quality}
     lines = ["# Image files: folder, TFRecord and Keras\n", common.context_markdown(context),
              f"{n:,} colour images of {SIZE}x{SIZE} delivered as 64x64x3 float batches of "
              f"{batch}; median of {FLAGS.rounds} interleaved rounds "
-             f"(`python benchmarks/image_files.py --num_images={n}`).\n",
-             "| path | images/s | jitter | x training in memory |",
-             "| --- | ---: | ---: | ---: |"]
+             f"(`python benchmarks/image_files.py --num_images={n}`). Each round starts a "
+             f"fresh iterator and times its {FLAGS.batches} batches ({FLAGS.train_steps} "
+             "training steps) after the first; the first's wait, the pipeline's start, is "
+             "its own column (a median).\n",
+             "| path | images/s | jitter | x training in memory | start s |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     for name, res in results.items():
         lines.append(f"| {name} | {res['median']:,.0f} | {res['jitter']:,.0f} | "
-                     f"{res['x_training_in_memory']:.2f} |")
+                     f"{res['x_training_in_memory']:.2f} | {res['start_s']:.2f} |")
     lines += ["", "| ratio | median | per-round range |", "| --- | ---: | --- |"]
     for name, value in ratios.items():
         rr = round_ratios.get(name)
         span = f"{min(rr):.2f}-{max(rr):.2f}" if rr else ""
         lines.append(f"| {name} | {value:.2f}x | {span} |")
+    lines += ["", f"`--cache=DIR`'s first pass (decoding the {n:,} JPEGs into raw shards, "
+              f"before the timed rounds): {cache_seconds:.1f} s."]
     q = quality
     lines += ["", f"JPEG decoded by libjpeg at 1/4 scale then resized, against decoded whole "
               f"then resized (crop to 64x64, {q['images']} images): mean |difference| "

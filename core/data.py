@@ -270,7 +270,7 @@ def materialize(source) -> Split:
 
 def cache_to_dir(source, cache_dir: str):
     """A file source decoded once into TFRecord shards under `cache_dir` (--cache=DIR) and
-    streamed from there: small PNGs at the output size instead of the original files.
+    streamed from there: raw pixels at the output size instead of the original files.
     Reused by every run with the same files and decoding (the folder's name is a hash
     of both). In-memory datasets are returned as they are.
     """
@@ -292,7 +292,8 @@ def cache_to_dir(source, cache_dir: str):
         staging = folder if "://" in folder else f"{folder}.tmp-{uuid.uuid4().hex[:8]}"
         tf.io.gfile.makedirs(staging)
         shards = max(1, min(64, source.num_examples // 2000))
-        written = prepare.write_split(source, "train", staging, shards, gzip=False)
+        written = prepare.write_split(source, "train", staging, shards, gzip=False,
+                                      encoding="raw")
         info = {"from": source.name, "image_shape": list(source.image_shape),
                 "class_names": list(source.class_names), "shards": written["shards"]}
         with tf.io.gfile.GFile(os.path.join(staging, sources.INFO_FILE), "w") as f:
@@ -526,8 +527,13 @@ def _stream_train(source, per_replica: int, local: int, seed: int, start_step: i
     ds = ds.skip(skip * local_batch)  # raw records: resuming decodes nothing it skips
     if service:
         ds = _service_shard(ds.batch(per_replica, drop_remainder=True), service).unbatch()
-    ds = _decoded(ds, source.decode_record, skip_bad)
-    ds = ds.batch(per_replica, drop_remainder=True).map(to_float)
+    if source.batch_decodable and not skip_bad:  # raw pixels: decode whole batches
+        ds = ds.batch(per_replica, drop_remainder=True).map(
+            lambda records: to_float(source.decode_records(records)),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    else:
+        ds = _decoded(ds, source.decode_record, skip_bad)
+        ds = ds.batch(per_replica, drop_remainder=True).map(to_float)
     return _via_service(ds, service).prefetch(tf.data.AUTOTUNE)
 
 

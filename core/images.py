@@ -153,6 +153,24 @@ def decode(contents: tf.Tensor, size: tuple[int, int], channels: int,
     return fit(image, size, resize)
 
 
+def decode_raw(contents: tf.Tensor, height: tf.Tensor, width: tf.Tensor, stored_channels: int,
+               size: tuple[int, int], channels: int, resize: str = "crop") -> tf.Tensor:
+    """Raw pixel bytes (TF-slim's `image/format` "raw": uint8, height x width x
+    stored_channels) -> uint8 [size[0], size[1], channels]. Traced. A record whose byte
+    count is not height * width * stored_channels fails (InvalidArgumentError), like a
+    damaged PNG."""
+    image = tf.reshape(tf.io.decode_raw(contents, tf.uint8),
+                       tf.stack([tf.cast(height, tf.int32), tf.cast(width, tf.int32),
+                                 stored_channels]))
+    if stored_channels in (2, 4):  # drop the alpha channel
+        image = image[..., :stored_channels - 1]
+    if image.shape[-1] == 1 and channels == 3:
+        image = tf.image.grayscale_to_rgb(image)
+    elif image.shape[-1] == 3 and channels == 1:
+        image = tf.image.rgb_to_grayscale(image)
+    return fit(image, size, resize)
+
+
 def fit(image: tf.Tensor, size: tuple[int, int], resize: str = "crop") -> tf.Tensor:
     """uint8 [h, w, c] -> uint8 [H, W, c] by `resize` (crop, pad or stretch). Traced."""
     height, width = int(size[0]), int(size[1])

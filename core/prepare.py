@@ -11,6 +11,11 @@ bytes per shard, the image shape, class names), which lets `--dataset=tfrecord`
 start without counting records and find truncated shards. Images are stored as
 decoded and resized (PNG, lossless, uncompressed by default: decoding is what a
 training input pipeline spends its time on), so training decodes small images.
+
+`--encoding=raw` stores the pixels themselves (`image/format` "raw", TF-slim's
+convention: uint8 bytes in height, width, channels order): the same size as
+uncompressed PNG, and reading them costs a reshape instead of a PNG decode
+(benchmarks/NOTES.md section 13). Tools that only decode JPEG or PNG cannot read them.
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import sys
 import time
 
 from absl import app, flags, logging
+
+ENCODINGS = ("png", "raw")
 
 def define_flags() -> None:
     """The command line's flags (defined only when run as a program, so importing this
@@ -37,6 +44,8 @@ def define_flags() -> None:
     flags.DEFINE_string("output_dir", None, "Where the shards go (created; gs:// works).")
     flags.DEFINE_integer("shards", 4, "Shards per split (at least one per worker you will train on).")
     flags.DEFINE_bool("gzip", False, "GZIP-compress the shards.")
+    flags.DEFINE_enum("encoding", "png", ENCODINGS, "How images are stored: png (any reader "
+                      "decodes it) or raw (uint8 pixels: the fastest to read; README).")
     flags.DEFINE_integer("png_compression", 0, "PNG compression level of the stored images: 0 "
                          "(none: ~2.4x faster to decode, ~1.5x the bytes; README) to 9.")
     flags.DEFINE_bool("overwrite", False, "Replace shards already in --output_dir.")
@@ -62,8 +71,9 @@ def example(encoded: bytes, shape, label: int, fmt: str = "png"):
 
 
 def write_split(source, split: str, output_dir: str, shards: int, gzip: bool,
-                progress=None, png_compression: int = 0) -> dict:
-    """Writes `source` (any tapeloop source) as `shards` TFRecord files, in order.
+                progress=None, png_compression: int = 0, encoding: str = "png") -> dict:
+    """Writes `source` (any tapeloop source) as `shards` TFRecord files, in order, each
+    image as PNG or, with encoding="raw", as its uint8 pixels.
 
     Returns:
       {"split", "examples", "bytes", "shards": [{"file", "examples", "bytes"}]}.
@@ -87,9 +97,12 @@ def write_split(source, split: str, output_dir: str, shards: int, gzip: bool,
                                                    num_parallel_calls=tf.data.AUTOTUNE,
                                                    deterministic=True)
     labels = source.labels if source.labels is not None else np.full(n, -1, np.int64)
-    encoded = images.map(lambda x: tf.io.encode_png(x, compression=png_compression),
-                         num_parallel_calls=tf.data.AUTOTUNE,
-                         deterministic=True).prefetch(64).as_numpy_iterator()
+    if encoding == "raw":
+        encoded = (x.tobytes() for x in images.prefetch(64).as_numpy_iterator())
+    else:
+        encoded = images.map(lambda x: tf.io.encode_png(x, compression=png_compression),
+                             num_parallel_calls=tf.data.AUTOTUNE,
+                             deterministic=True).prefetch(64).as_numpy_iterator()
     options = tf.io.TFRecordOptions(compression_type="GZIP" if gzip else "")
     written = []
     done = 0
@@ -99,8 +112,8 @@ def write_split(source, split: str, output_dir: str, shards: int, gzip: bool,
         tmp = path + ".tmp"
         with tf.io.TFRecordWriter(tmp, options) as writer:
             for j in range(bounds[i], bounds[i + 1]):
-                writer.write(example(next(encoded), source.image_shape,
-                                     labels[j]).SerializeToString())
+                writer.write(example(next(encoded), source.image_shape, labels[j],
+                                     encoding).SerializeToString())
                 done += 1
                 if progress:
                     progress(split, done, n)
@@ -135,7 +148,7 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
             splits: list[str] | None = None, image_size=None, channels: int | None = None,
             resize: str = "crop", bad_images: str = "error", shards: int = 4,
             gzip: bool = False, overwrite: bool = False, progress=_bar,
-            png_compression: int = 0) -> dict:
+            png_compression: int = 0, encoding: str = "png") -> dict:
     """Writes every split of `dataset` (or `splits`) as TFRecord shards in `output_dir`,
     checking every split before writing anything; returns dataset_info.json's content.
 
@@ -155,6 +168,8 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
         raise ConfigError("--output_dir is required: the folder the shards go to")
     if shards < 1:
         raise ConfigError(f"--shards={shards}: must be >= 1")
+    if encoding not in ENCODINGS:
+        raise ConfigError(f"--encoding={encoding}: choose one of {', '.join(ENCODINGS)}")
     size = tuple(int(v) for v in image_size) if image_size else None
     specs = list(splits or _split_names(dataset, data_dir))
     names = [s.split("[")[0] for s in specs]
@@ -176,12 +191,12 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
     tf.io.gfile.makedirs(output_dir)
     if not -1 <= png_compression <= 9:
         raise ConfigError(f"--png_compression={png_compression}: 0 (none) to 9, or -1 (zlib's)")
-    results = [write_split(o.source, name, output_dir, shards, gzip, progress, png_compression)
-               for o, name in zip(opened, names)]
+    results = [write_split(o.source, name, output_dir, shards, gzip, progress, png_compression,
+                           encoding) for o, name in zip(opened, names)]
     info = {"dataset": dataset, "data_dir": data_dir,
             "image_shape": list(opened[0].source.image_shape),
             "class_names": list(getattr(opened[0].source, "class_names", ()) or ()),
-            "compression": "GZIP" if gzip else "",
+            "compression": "GZIP" if gzip else "", "encoding": encoding,
             "splits": {name: {"from": spec, "examples": r["examples"], "bytes": r["bytes"]}
                        for name, spec, r in zip(names, specs, results)},
             "shards": [s for r in results for s in r["shards"]],
@@ -200,7 +215,8 @@ def main(argv) -> int:
     try:
         info = convert(flag.dataset, flag.output_dir, flag.data_dir, flag.splits,
                        flag.image_size, flag.channels, flag.resize, flag.bad_images, flag.shards,
-                       flag.gzip, flag.overwrite, png_compression=flag.png_compression)
+                       flag.gzip, flag.overwrite, png_compression=flag.png_compression,
+                       encoding=flag.encoding)
     except TapeloopError as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return e.exit_code

@@ -272,7 +272,9 @@ class TFRecordSource:
 
     Each shard contributes `counts[i]` records after skipping `skips[i]` (TFDS slices);
     `image_key` and `label_key` name the features (Model Garden's, or a TFDS
-    dataset's).
+    dataset's). `raw_channels`: the images are raw pixels with this many channels
+    (`image/format` "raw", with `image/height` and `image/width`), not encoded files;
+    `fixed_shape`: every raw image has this (H, W, C) (`dataset_info.json` says so).
     """
 
     kind = "tfrecord"
@@ -281,7 +283,7 @@ class TFRecordSource:
     def __init__(self, name: str, files: list[str], counts: list[int], compression: str,
                  decoding: Decoding, skips: list[int] | None = None,
                  image_key: str = "image/encoded", label_key: str | None = "image/class/label",
-                 class_names=()):
+                 class_names=(), raw_channels: int | None = None, fixed_shape=None):
         self.name = name
         self.files = files
         self.counts = counts
@@ -293,13 +295,19 @@ class TFRecordSource:
         self.labels = None  # read with the records (head)
         self.class_names = list(class_names)
         self.features = {image_key: tf.io.FixedLenFeature([], tf.string)}
+        self.raw_channels = raw_channels
+        self.fixed_shape = tuple(fixed_shape) if raw_channels and fixed_shape else None
+        if raw_channels:
+            self.features.update({k: tf.io.FixedLenFeature([], tf.int64)
+                                  for k in ("image/height", "image/width")})
         if label_key:
             self.features[label_key] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
         self.image_key, self.label_key = image_key, label_key
 
     def describe(self) -> str:
         gz = ", GZIP" if self.compression else ""
-        return f"{self.num_examples:,} examples in {len(self.files)} TFRecord shard(s){gz}"
+        raw = ", raw pixels" if self.raw_channels else ""
+        return f"{self.num_examples:,} examples in {len(self.files)} TFRecord shard(s){gz}{raw}"
 
     def shard_records(self, path, skip, take) -> tf.data.Dataset:
         """The records one shard contributes. Traced (interleave) or eager."""
@@ -316,10 +324,35 @@ class TFRecordSource:
         """A serialized Example -> (uint8 [H, W, C], label or -1). Traced."""
         features = tf.io.parse_single_example(record, self.features)
         label = features[self.label_key] if self.label_key else tf.constant(-1, tf.int64)
+        if self.raw_channels:
+            d = self.decoding
+            return images_lib.decode_raw(features[self.image_key], features["image/height"],
+                                         features["image/width"], self.raw_channels, d.size,
+                                         d.channels, d.resize), label
         return self.decoding(features[self.image_key]), label
 
     def decode_record(self, record: tf.Tensor) -> tf.Tensor:
         return self.parse(record)[0]
+
+    @property
+    def batch_decodable(self) -> bool:
+        """Whether a batch of records decodes at once (`decode_records`): raw pixels all
+        of the output's shape, so decoding is one parse and one reshape per batch."""
+        return self.fixed_shape is not None and self.fixed_shape == self.image_shape
+
+    def decode_records(self, records: tf.Tensor) -> tf.Tensor:
+        """A batch of records -> uint8 [N, H, W, C], for `batch_decodable` sources: a
+        record of another byte count fails (InvalidArgumentError), as a damaged PNG does."""
+        encoded = tf.io.parse_example(records, {self.image_key: self.features[self.image_key]})[
+            self.image_key]
+        size = int(np.prod(self.fixed_shape))
+        check = tf.debugging.assert_equal(
+            tf.strings.length(encoded), size,
+            message=f"a raw image of {self.name} does not hold {size} bytes "
+                    f"({'x'.join(map(str, self.fixed_shape))})")
+        with tf.control_dependencies([check]):
+            pixels = tf.io.decode_raw(encoded, tf.uint8, fixed_length=size)
+        return tf.reshape(pixels, (-1, *self.fixed_shape))
 
     def head(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
         pairs = [self.parse(r) for r in self.records().take(k)]
@@ -418,13 +451,33 @@ def open_tfrecord(data_dir: str, spec: str, split: str, sl: slice, image_size, c
         first = first or example
     if first is None or not sum(counts):
         raise DataError(f"the {split}-* shards in {data_dir} hold no examples")
-    decoded = tf.io.decode_image(first.features.feature["image/encoded"].bytes_list.value[0],
-                                 channels=0, expand_animations=False)
-    h, w, c = decoded.shape
+    h, w, c, raw = _first_image_shape(first, files[0])
     size = tuple(image_size) if image_size else (h, w)
     decoding = Decoding(size, channels or (1 if c in (1, 2) else 3), resize)
     info_names = (info or {}).get("class_names", ())
-    return TFRecordSource(spec, files, counts, compression, decoding, class_names=info_names)
+    fixed = (info or {}).get("image_shape") if raw else None  # prepare's: one shape for all
+    return TFRecordSource(spec, files, counts, compression, decoding, class_names=info_names,
+                          raw_channels=c if raw else None,
+                          fixed_shape=fixed if fixed and list(fixed) == [h, w, c] else None)
+
+
+def _first_image_shape(example, path: str) -> tuple[int, int, int, bool]:
+    """(height, width, channels, raw) of a shard set's first image: decoded, or for raw
+    pixels (`image/format` "raw") read from its `image/height`, `image/width` and
+    `image/channels`, whose product must be its byte count."""
+    feature = example.features.feature
+    encoded = feature["image/encoded"].bytes_list.value[0]
+    fmt = feature["image/format"].bytes_list.value[:1] if "image/format" in feature else []
+    if fmt and fmt[0].lower() == b"raw":
+        shape = [feature[k].int64_list.value[:1] for k in
+                 ("image/height", "image/width", "image/channels")]
+        if not all(shape) or shape[0][0] * shape[1][0] * shape[2][0] != len(encoded):
+            raise DataError(f"{path}: its raw images need image/height, image/width and "
+                            f"image/channels whose product is the {len(encoded):,} bytes of "
+                            "image/encoded: write them with python -m core.prepare")
+        return int(shape[0][0]), int(shape[1][0]), int(shape[2][0]), True
+    h, w, c = tf.io.decode_image(encoded, channels=0, expand_animations=False).shape
+    return h, w, c, False
 
 
 # -------------------------------------------------------------------- tfds

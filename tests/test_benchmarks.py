@@ -201,7 +201,10 @@ def test_image_files_and_resume_cost_smoke(tmp_path):
          "--num_images=24", "--batch_size=4", "--batches=1", "--train_steps=1", "--rounds=1")
     report = json.loads((tmp_path / "image_files.json").read_text())
     assert {"folder_jpeg", "folder_png", "tfrecord_jpeg", "tfrecord_prepared", "keras_jpeg",
-            "keras_png", "train_in_memory", "train_from_folder_jpeg"} <= set(report["results"])
+            "keras_png", "train_in_memory", "train_from_folder_jpeg", "tfrecord_prepared_raw",
+            "train_from_tfrecord_prepared_raw", "train_from_folder_jpeg_cached"
+            } <= set(report["results"])
+    assert report["cache_first_pass_s"] > 0
     assert all(r["median"] > 0 for r in report["results"].values())
     quality = report["jpeg_downscale"]
     assert 0 < quality["mean_abs_diff"] < 10 and quality["psnr_db"] > 25

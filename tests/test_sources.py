@@ -211,6 +211,83 @@ def test_prepare_writes_model_garden_examples_that_read_back_exactly(tmp_path):
     assert pattern.num_examples == 12
 
 
+def test_raw_shards_read_back_as_the_png_ones_and_convert_like_them(tmp_path):
+    """--encoding=raw: TF-slim's image/format "raw" (uint8 pixels), read without a decoder,
+    resized and converted to the requested channels like the PNG shards of the same images."""
+    png_tree(str(tmp_path / "imgs"))
+    info = prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "raw"), shards=2,
+                          encoding="raw")
+    prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "png"), shards=2)
+    assert info["encoding"] == "raw"
+    record = next(iter(tf.data.TFRecordDataset(str(tmp_path / "raw" / "train-00000-of-00002"))))
+    feature = tf.train.Example.FromString(record.numpy()).features.feature
+    assert feature["image/format"].bytes_list.value == [b"raw"]
+    assert len(feature["image/encoded"].bytes_list.value[0]) == 24 * 32 * 3
+    for kw in ({}, {"image_size": (12, 20)}, {"image_size": (16, 16), "channels": 1}):
+        raw = data.open_split("train", "tfrecord", str(tmp_path / "raw"), **kw).source
+        png = data.open_split("train", "tfrecord", str(tmp_path / "png"), **kw).source
+        assert raw.raw_channels == 3 and not png.raw_channels and "raw pixels" in raw.describe()
+        assert raw.image_shape == png.image_shape
+        a, b = data.materialize(raw), data.materialize(png)
+        np.testing.assert_array_equal(a.images, b.images)
+        np.testing.assert_array_equal(a.labels, b.labels)
+    # Raw shards of the output's shape decode a batch at once, into the same batches.
+    raw = data.open_split("train", "tfrecord", str(tmp_path / "raw")).source
+    png = data.open_split("train", "tfrecord", str(tmp_path / "png")).source
+    assert raw.batch_decodable and not png.batch_decodable
+    assert not data.open_split("train", "tfrecord", str(tmp_path / "raw"),
+                               image_size=(12, 20)).source.batch_decodable
+    for x, y in zip(_first_batches(data.train_dataset(raw, 8, seed=3, start_step=2), 7),
+                    _first_batches(data.train_dataset(png, 8, seed=3, start_step=2), 7)):
+        np.testing.assert_array_equal(x, y)
+    # Greyscale raw shards, asked for RGB: the grey value in every channel.
+    grey = data.open_split("train", "tfrecord", str(tmp_path / "png"), channels=1).source
+    (tmp_path / "grey").mkdir()
+    prepare.write_split(grey, "train", str(tmp_path / "grey"), 1, gzip=False, encoding="raw")
+    rgb = data.open_split("train", "tfrecord", str(tmp_path / "grey"), channels=3).source
+    assert rgb.raw_channels == 1 and rgb.image_shape == (24, 32, 3)
+    np.testing.assert_array_equal(data.materialize(rgb).images,
+                                  np.repeat(data.materialize(grey).images, 3, axis=-1))
+    # A first record whose byte count is not its height x width x channels is refused.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    with tf.io.TFRecordWriter(str(bad / "train-00000-of-00001")) as w:
+        w.write(prepare.example(b"\0" * 100, (24, 32, 3), 0, "raw").SerializeToString())
+    with pytest.raises(DataError, match=r"train-00000-of-00001: its raw images need image/height,"
+                                        r" image/width and image/channels whose product is the "
+                                        r"100 bytes"):
+        data.open_split("train", "tfrecord", str(bad))
+    # A damaged record further in fails when read, like a damaged PNG, or is skipped.
+    good = list(tf.data.TFRecordDataset(str(tmp_path / "raw" / "train-00000-of-00002")))
+    with tf.io.TFRecordWriter(str(bad / "train-00000-of-00001")) as w:
+        for i, r in enumerate(good[:8]):
+            w.write(r.numpy() if i != 5 else prepare.example(
+                b"\0" * 100, (24, 32, 3), 0, "raw").SerializeToString())
+    src = data.open_split("train", "tfrecord", str(bad)).source
+    with pytest.raises(tf.errors.InvalidArgumentError):
+        _first_batches(data.train_dataset(src, 7, seed=0), 1)
+    skipped = _first_batches(data.train_dataset(src, 7, seed=0, skip_bad=True), 2)
+    assert all(b.shape == (7, 24, 32, 3) for b in skipped)
+    # The same in shards whose dataset_info.json promises one shape (batches decoded at once).
+    shard = tmp_path / "raw" / "train-00000-of-00002"
+    records = list(tf.data.TFRecordDataset(str(shard)))
+    with tf.io.TFRecordWriter(str(shard)) as w:
+        for i, r in enumerate(records):
+            w.write(r.numpy() if i != 5 else prepare.example(
+                b"\0" * 100, (24, 32, 3), 0, "raw").SerializeToString())
+    info_path = tmp_path / "raw" / "dataset_info.json"
+    info = json.loads(info_path.read_text())
+    next(s for s in info["shards"] if s["file"] == shard.name)["bytes"] = shard.stat().st_size
+    info_path.write_text(json.dumps(info))
+    src = data.open_split("train", "tfrecord", str(tmp_path / "raw")).source
+    assert src.batch_decodable
+    with pytest.raises(tf.errors.InvalidArgumentError, match="does not hold 2304 bytes"):
+        _first_batches(data.train_dataset(src, 40, seed=0), 1)
+    assert len(_first_batches(data.train_dataset(src, 13, seed=0, skip_bad=True), 4)) == 4
+    with pytest.raises(ConfigError, match="--encoding=jpeg: choose one of png, raw"):
+        prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "x"), encoding="jpeg")
+
+
 def test_tfrecord_order_is_a_function_of_seed_and_epoch_and_resumes_exactly(tmp_path):
     png_tree(str(tmp_path / "imgs"), splits=(("train", 48), ("test", 4)), classes=("a",))
     prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "out"), shards=4)
@@ -482,6 +559,7 @@ def test_cache_dir_decodes_once_into_shards_and_reuses_them(tmp_path):
     assert cached.image_shape == (12, 16, 3)
     np.testing.assert_array_equal(data.materialize(cached).images, data.materialize(src).images)
     np.testing.assert_array_equal(cached.head(32)[1], src.labels)  # labels travel along
+    assert cached.raw_channels == 3  # raw pixels: reading them decodes nothing
     folders = os.listdir(tmp_path / "cache")
     assert len(folders) == 1 and folders[0].startswith("folder-")
     stamp = os.stat(tmp_path / "cache" / folders[0] / "dataset_info.json").st_mtime_ns
