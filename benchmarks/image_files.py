@@ -9,7 +9,8 @@ Generates (once, into --work_dir) N colour JPEGs of 256x256 (the `shapes` images
 upscaled with a little noise), the same images as PNG, and the same JPEG bytes as
 TFRecord shards (Model Garden's keys); also `core.prepare`'s shards of them at 64x64
 (resized once), as PNG and as raw pixels (`--encoding=raw`). Then, interleaved round
-by round in one process, measures images/s delivering 64x64x3 batches of 256 (float32, [0, 1]) from:
+by round in one process, measures images/s delivering 64x64x3 batches of 256 (float32,
+[0, 1]) from:
 
   folder_jpeg, folder_png  our FolderSource pipeline (`data.train_dataset`)
   tfrecord_jpeg            our TFRecordSource over the 256x256 JPEG shards
