@@ -114,14 +114,17 @@ def machine_context(with_peaks: bool = True) -> dict:
 
 
 def build_model(name, image_shape, precision="float32", jit_compile=False, grouped=True,
-                onednn=None):
+                onednn=None, as_written=False):
     """`build_autoencoder`, computing in the forms the runner chooses for this setting
     (`layers.fast_forms.choose`): what train.py runs. grouped=False: without the
-    images-as-channels layout; onednn=False: the forms of a GPU run."""
+    images-as-channels layout; onednn=False: the forms of a GPU run; as_written: no
+    forms, the model's layers as they read (what a Keras user of the same layers runs)."""
     from layers import fast_forms
     from layers.autoencoders import build_autoencoder
 
     model = build_autoencoder(name, image_shape, precision)
+    if as_written:
+        return model
     forms, _ = fast_forms.choose(jit_compile, precision, onednn)
     fast_forms.install(model, forms if grouped else fast_forms.portable(forms))
     return model

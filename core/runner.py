@@ -157,9 +157,11 @@ class Run:
         forms, why = fast_forms.choose(self.jit_compile, self.precision)
         if config.mode == "export":  # the SavedModel may be served on any device
             forms, why = fast_forms.portable(forms), "an export runs on any device"
-        self.forms = forms if fast_forms.install(self.model, forms) else None
+        self.forms = fast_forms.install(self.model, forms)
         if self.forms:
-            logging.info("computation forms: %s (%s)", forms.describe(), why)
+            if self.forms.image_groups != forms.image_groups:
+                why = "the model's layers have no images-as-channels form"
+            logging.info("computation forms: %s (%s)", self.forms.describe(), why)
         # What ran, beside what was asked (`precision: auto`, `jit_compile: null`, ...).
         self.run_config.update(
             resolved_precision=self.precision, resolved_jit_compile=self.jit_compile,

@@ -8,10 +8,14 @@ same outputs and gradients up to float rounding) in faster forms:
   max-pool instead of before it (they commute): 4x fewer values to activate.
 - subpixel: upsample+conv without a crop is computed on the small map, with the
   kernel folded into one with 4x the output channels (one per output phase), and the
-  phases interleaved: no upsampled map, fewer FLOPs.
+  phases interleaved: no upsampled map, fewer FLOPs. (Not for the resnet's
+  UpSampling2D + Conv2D pairs, 16-64 channels: no faster over a whole step there.)
 - crop_grad_as_pad: a centred crop's gradient is a zero padding, instead of
   TensorFlow's StridedSliceGrad (0.5 ms per step for the seed model's 8x8 -> 7x7
   crop; a pad takes a tenth of that).
+- norm_act: GroupNorm followed by SiLU (the resnet's pairs) as one function with a
+  hand-written gradient: the gradient in a dozen element-wise passes over the
+  activations instead of the tape's ~30 (benchmarks/NOTES.md section 15).
 - image_groups: groups of 4 images become the channels of one and every convolution
   a grouped one with the same kernel (`to_image_groups`), so the few-channel layers
   write 4x more output channels per call: what oneDNN's CPU kernels need
@@ -34,7 +38,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from layers import blocks
+from layers import blocks, resnet
 
 keras = tf.keras
 
@@ -69,12 +73,14 @@ class Forms:
     act_after_pool: bool = True
     subpixel: bool = True
     crop_grad_as_pad: bool = True
+    norm_act: bool = True
     image_groups: int = 1  # images per group; 1: the ordinary layout
 
     def describe(self) -> str:
         names = [name for name, on in (("activation after the pool", self.act_after_pool),
                                        ("sub-pixel upsample+conv", self.subpixel),
-                                       ("crop gradient as a pad", self.crop_grad_as_pad)) if on]
+                                       ("crop gradient as a pad", self.crop_grad_as_pad),
+                                       ("GroupNorm+SiLU by hand", self.norm_act)) if on]
         names.append(f"images-as-channels groups of {self.image_groups}"
                      if self.image_groups > 1 else "ordinary layout")
         return ", ".join(names)
@@ -86,13 +92,20 @@ class Forms:
         groups = self._groups(layers, inputs)
         if groups > 1:
             return self._grouped(layers, inputs, groups)
-        x = inputs
-        for layer in layers:
+        x, i = inputs, 0
+        while i < len(layers):
+            layer, after = layers[i], (layers[i + 1] if i + 1 < len(layers) else None)
             with tf.name_scope(layer.name):
+                if self.norm_act and _norm_then_silu(layer, after):
+                    x, i = norm_silu(layer, x), i + 2
+                    continue
                 x = self._one(layer, x)
+            i += 1
         return x
 
     def _one(self, layer, x, groups=1, ungroup=False):
+        if isinstance(layer, resnet.ResidualBlock):
+            return residual_block(layer, x, self.norm_act)
         if isinstance(layer, blocks.ConvPool):
             return conv_pool(layer, x, groups, self.act_after_pool)
         if isinstance(layer, blocks.UpsampleConv):
@@ -129,6 +142,13 @@ class Forms:
         return x if inputs.shape[0] is not None else x[:n]
 
 
+def _norm_then_silu(layer, after) -> bool:
+    """A GroupNormalization over the last axis, with scale and offset, then SiLU."""
+    return (isinstance(layer, keras.layers.GroupNormalization) and layer.axis in (-1, 3)
+            and layer.scale and layer.center and isinstance(after, keras.layers.Activation)
+            and keras.activations.serialize(after.activation) in ("silu", "swish"))
+
+
 def _plain(layers, x):
     for layer in layers:
         x = layer(x)
@@ -161,15 +181,34 @@ def portable(forms: Forms | None) -> Forms | None:
     return None if forms is None else dataclasses.replace(forms, image_groups=1)
 
 
-def install(model, forms: Forms | None) -> bool:
+def install(model, forms: Forms | None) -> Forms | None:
     """Makes `model`'s encoder and decoder compute in `forms` (None: as their layers
-    say), before anything traces them; returns whether the model has such stacks. Models
-    without them (the resnet, your own) are left as they are."""
+    say), before anything traces them. Returns the forms that apply to its layers (the
+    others turned off, so the log and config.json say what runs), or None for a model
+    without such stacks: your own models are left as they are."""
     stacks = [stack for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None))
               if hasattr(stack, "forms")]
+    if not stacks:
+        return None
+    if forms is not None:
+        kinds = tuple({type(layer) for stack in stacks
+                       for layer in stack._flatten_layers(include_self=False)})
+
+        def has(*types):
+            return any(issubclass(k, types) for k in kinds)
+
+        grouped = all(isinstance(b, (blocks.ConvPool, blocks.UpsampleConv))
+                      for stack in stacks for b in getattr(stack, "blocks", [None]))
+        forms = dataclasses.replace(
+            forms, act_after_pool=forms.act_after_pool and has(blocks.ConvPool),
+            subpixel=forms.subpixel and has(blocks.UpsampleConv),
+            crop_grad_as_pad=forms.crop_grad_as_pad and has(blocks.UpsampleConv,
+                                                            blocks.ConvTransposeUp),
+            norm_act=forms.norm_act and has(keras.layers.GroupNormalization),
+            image_groups=forms.image_groups if grouped else 1)
     for stack in stacks:
         stack.forms = forms
-    return bool(stacks)
+    return forms
 
 
 # ---------------------------------------------------------------- the forms, block by block
@@ -228,6 +267,74 @@ def upsample_conv(block, x, groups=1, ungroup=False, subpixel=True, crop_grad_as
     kernel = _grouped_kernel(tf.cast(block.conv.kernel, dtype), groups)
     y = act(tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"), tf.tile(bias, [groups])))
     return from_image_groups(y, groups) if ungroup and groups > 1 else y
+
+
+def residual_block(block, x, norm_act=True):
+    """`block` (a resnet.ResidualBlock) on x, its GroupNorm+SiLU pairs by hand."""
+    act = (lambda norm, h: norm_silu(norm, h)) if norm_act else (
+        lambda norm, h: tf.nn.silu(norm(h)))
+    h = block.conv1(act(block.norm1, x))
+    h = block.conv2(act(block.norm2, h))
+    return h + (block.skip(x) if block.skip is not None else x)
+
+
+def norm_silu(norm, x):
+    """silu(norm(x)) for a GroupNormalization `norm`, with a hand-written gradient.
+
+    Forward as Keras computes it (float32 statistics, two passes: mean, then the mean
+    squared difference), folded into one scale and one offset per (image, channel).
+    Backward, with g = dL/dz, s = sigmoid(y), y = x * a + b:
+      dy = g * (s + y * s * (1 - s))
+      dbeta = sum dy, dgamma = sum dy * xhat   (per channel, from per-(image, channel)
+      sums of dy and dy * x)
+      dx = a * dy + c1 * x + c2               (c1, c2 per (image, group))
+    """
+    if None in x.shape[1:]:  # a graph traced for any image size: as the layers say
+        return tf.nn.silu(norm(x))
+    groups, eps = int(norm.groups), float(norm.epsilon)
+    h, w, c = x.shape[1], x.shape[2], x.shape[3]
+    k = c // groups
+    count = float(h * w * k)
+
+    def per_group(sums):  # (B, C) sums over H and W -> (B, G, 1) means over each group
+        return tf.reduce_sum(tf.reshape(sums, (-1, groups, k)), -1, keepdims=True) / count
+
+    def per_channel(t):  # (B, G, 1) or (B, G, K) -> (B, 1, 1, C)
+        return tf.reshape(t * tf.ones((1, 1, k)), (-1, 1, 1, c))
+
+    @tf.custom_gradient
+    def fn(x, gamma, beta):
+        # Sums over H and W first (contiguous rows), then over each group's channels.
+        mean = per_group(tf.reduce_sum(x, (1, 2)))  # (B, G, 1)
+        var = per_group(tf.reduce_sum(tf.math.squared_difference(x, per_channel(mean)), (1, 2)))
+        rstd = tf.math.rsqrt(var + eps)
+        scale = rstd * tf.reshape(gamma, (1, groups, k))  # (B, G, K)
+        offset = tf.reshape(beta, (1, groups, k)) - mean * scale
+        y = x * per_channel(scale) + per_channel(offset)
+        s = tf.sigmoid(y)
+        z = y * s
+
+        def grad(g):
+            g = tf.cast(g, tf.float32)
+            dy = g * (s + z * (1.0 - s))
+            s1 = tf.reshape(tf.reduce_sum(dy, (1, 2)), (-1, groups, k))  # sum dy
+            s2 = tf.reshape(tf.reduce_sum(dy * x, (1, 2)), (-1, groups, k))  # sum dy * x
+            m, r = mean, rstd
+            sx = (s2 - m * s1) * r  # sum dy * xhat
+            gk = tf.reshape(gamma, (1, groups, k))
+            m1 = tf.reduce_sum(gk * s1, -1, keepdims=True) / count  # mean of dxhat
+            m2 = tf.reduce_sum(gk * sx, -1, keepdims=True) / count  # mean of dxhat * xhat
+            c1 = -r * r * m2
+            c2 = -r * m1 - m * c1
+            dx = dy * per_channel(r * gk) + (x * per_channel(c1) + per_channel(c2))
+            return dx, tf.reshape(tf.reduce_sum(sx, 0), (c,)), tf.reshape(
+                tf.reduce_sum(s1, 0), (c,))
+
+        return z, grad
+
+    z = fn(tf.cast(x, tf.float32), tf.cast(norm.gamma, tf.float32),
+           tf.cast(norm.beta, tf.float32))
+    return tf.cast(z, norm.compute_dtype)
 
 
 def crop_to(x, target_size):

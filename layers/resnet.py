@@ -80,14 +80,21 @@ class _Stages(keras.Model):
     """Holds layers as attributes `layer0`, `layer1`, ...: TensorFlow checkpoints track
     attributes, not the lists Keras 3 wraps."""
 
+    # How the stack computes: None, as its layers say; or faster forms of the same
+    # function, chosen once by the runner (layers/fast_forms.py).
+    forms = None
+
     def _set_layers(self, layers) -> None:
         self._num_layers = len(layers)
         for i, layer in enumerate(layers):
             setattr(self, f"layer{i}", layer)
 
     def call(self, x, training=None):
-        for i in range(self._num_layers):
-            x = getattr(self, f"layer{i}")(x)
+        layers = [getattr(self, f"layer{i}") for i in range(self._num_layers)]
+        if self.forms is not None:
+            return self.forms(layers, x)
+        for layer in layers:
+            x = layer(x)
         return x
 
 

@@ -27,7 +27,8 @@ def mnist_flags(idx_dir):
 def test_throughput_smoke(tmp_path, mnist_flags):
     """Variants of both thread settings: two worker processes taking turns."""
     names = {"tf_function", "steps_per_loop_8", "mirrored_2cpu_32", "keras_fit_spe1",
-             "sharded_device_32", "sharded_device_32_ungrouped", "keras_fit_spe32_per_core"}
+             "sharded_device_32", "sharded_device_32_ungrouped", "keras_fit_spe32_per_core",
+             "keras_fit_spe32_mirrored_per_core_as_written"}
     proc = _run("throughput.py", *mnist_flags, f"--output_dir={tmp_path}", "--rounds=2",
                 "--steps=2", "--warmup_steps=1", "--batch_size=32", "--peaks=false",
                 f"--variants={','.join(sorted(names))}")
@@ -41,7 +42,13 @@ def test_throughput_smoke(tmp_path, mnist_flags):
         assert result["median"] > 0 and result["rounds"] == 2
     assert report["results"]["sharded_device_32"]["threads"] == "per_core"
     assert report["results"]["keras_fit_spe1"]["threads"] == "default"
-    assert report["headline"]["float32"]["keras"] in {"keras_fit_spe1", "keras_fit_spe32_per_core"}
+    assert report["headline"]["float32"]["keras"] in {
+        "keras_fit_spe1", "keras_fit_spe32_per_core", "keras_fit_spe32_mirrored_per_core_as_written"}
+    headline = report["headline"]["float32"]
+    assert headline["keras_as_written"] == "keras_fit_spe32_mirrored_per_core_as_written"
+    assert headline["ratio_as_written"] == pytest.approx(
+        report["results"][headline["ours"]]["median"]
+        / report["results"]["keras_fit_spe32_mirrored_per_core_as_written"]["median"])
     # 3x the forward convolutions (861,184 FLOPs), less the first one's input gradient.
     assert report["config"]["train_flops_per_example"] == 3 * 861_184 - 200_704
     assert "| `sharded_device_32` | float32 | per_core |" in (tmp_path / "throughput.md").read_text()
@@ -258,6 +265,15 @@ def test_ssim_forms_smoke(tmp_path):
         (tmp_path / "ssim_forms.md").read_text()
 
 
+def test_norm_forms_smoke(tmp_path):
+    """The script checks that both GroupNorm+SiLU forms agree before timing them."""
+    _run("norm_forms.py", f"--output_dir={tmp_path}", "--shapes=2x8x6x16,3x4x4x8", "--rounds=1")
+    rows = json.loads((tmp_path / "norm_forms.json").read_text())["results"]
+    assert len(rows) == 4 and {r["form"] for r in rows} == {"plain", "fast_forms.norm_silu"}
+    assert all(r["min_ms"] <= r["ms"] <= r["max_ms"] for r in rows)
+    assert "| 3x4x4x8 | `fast_forms.norm_silu` |" in (tmp_path / "norm_forms.md").read_text()
+
+
 def test_jpeg_at_size_picks_the_highest_quality_that_fits():
     """The reference codec of the colour table, on real JPEG encodes of shapes images."""
     import numpy as np
@@ -363,3 +379,12 @@ def test_flop_count_finds_the_resnets_nested_convolutions():
     total = sum(c["flops"] for c in convs)
     assert common.train_flops_per_example(model, (32, 32, 3)) == 3 * total - first["flops"]
     assert model(tf.zeros((1, 32, 32, 3))).shape == (1, 32, 32, 3)  # the calls are restored
+
+
+def test_as_written_models_compute_in_no_faster_form():
+    """The benchmarks' `as_written` model is the layers as they read; the default one is in
+    the forms train.py chooses."""
+    from benchmarks import common
+
+    assert common.build_model("resnet", (32, 32, 3), as_written=True).encoder.forms is None
+    assert common.build_model("resnet", (32, 32, 3)).encoder.forms.norm_act

@@ -183,6 +183,74 @@ def test_models_in_fast_forms_compute_the_plain_function(name, batch):
             np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("groups,channels", [(8, 32), (4, 4), (1, 3)])
+def test_group_norm_silu_by_hand_is_the_plain_pair(groups, channels):
+    """GroupNorm then SiLU with its hand-written gradient, against Keras' layer and
+    tf.nn.silu differentiated by the tape: values, and gradients to the input, gamma and
+    beta; inputs far from zero mean (the two-pass variance), batch known and unknown."""
+    norm = keras_norm = tf.keras.layers.GroupNormalization(groups)
+    x = 3.0 + 2.0 * tf.random.stateless_normal((3, 8, 6, channels), seed=[4, 2])
+    _built(keras_norm, x.shape)
+    fast = lambda t: fast_forms.norm_silu(norm, t)  # noqa: E731
+    _assert_same(fast, lambda t: tf.nn.silu(norm(t)), x, norm.trainable_variables)
+    unknown = tf.function(fast, input_signature=[tf.TensorSpec((None, 8, 6, channels))])
+    np.testing.assert_allclose(unknown(x).numpy(), tf.nn.silu(norm(x)).numpy(), atol=1e-5)
+
+
+def _resnet_with_norms_moved(precision):
+    model = build_autoencoder("resnet", (16, 24, 3), precision,
+                              encoder_filters=(8, 16), decoder_filters=(16, 8))
+    model(random_images(1, (16, 24, 3)))
+    for v in model.trainable_variables:  # gamma and beta away from 1 and 0
+        if "gamma" in v.path or "beta" in v.path:
+            v.assign(v + tf.random.stateless_normal(v.shape, seed=[3, 3]) * 0.3)
+    return model
+
+
+def test_resnet_in_fast_forms_computes_the_plain_function():
+    """The resnet with its GroupNorm+SiLU pairs by hand (in its residual blocks and before
+    each half's last conv) against its plain layers: outputs and every gradient."""
+    model = _resnet_with_norms_moved("float32")
+    x = random_images(5, (16, 24, 3))
+    y_ref, grads_ref = _value_and_gradients(model, x, model.trainable_variables)
+    def means():  # Keras' GroupNorm computes its statistics with Mean ops; the form sums
+        graph = tf.function(_model_fn(model)).get_concrete_function(x).graph
+        return sum(op.type == "Mean" for op in graph.get_operations())
+
+    assert means() == 2 * 10  # mean and variance of 10 GroupNorms
+    assert fast_forms.install(model, fast_forms.Forms())
+    assert means() == 0
+    y, grads = _value_and_gradients(model, x, model.trainable_variables)
+    np.testing.assert_allclose(y.numpy(), y_ref.numpy(), rtol=1e-4, atol=1e-4)
+    for a, b in zip(grads, grads_ref):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_resnet_in_fast_forms_in_bfloat16():
+    """In bfloat16 the hand-written pair computes SiLU in float32 before rounding, Keras'
+    layers after: against the float32 model with the same weights, the forms are as close
+    as the plain bfloat16 layers. (A conv bias feeding a GroupNorm has a gradient near
+    zero, all rounding in bfloat16 for both: hence error against the plain layers' error,
+    not directions.)"""
+    reference = _resnet_with_norms_moved("float32")
+    model = build_autoencoder("resnet", (16, 24, 3), "mixed_bfloat16",
+                              encoder_filters=(8, 16), decoder_filters=(16, 8))
+    x = random_images(5, (16, 24, 3))
+    model(x)
+    model.set_weights(reference.get_weights())
+    y_ref, grads_ref = _value_and_gradients(reference, x, reference.trainable_variables)
+    y_plain, grads_plain = _value_and_gradients(model, x, model.trainable_variables)
+    fast_forms.install(model, fast_forms.Forms())
+    y, grads = _value_and_gradients(model, x, model.trainable_variables)
+
+    def err(a, b):
+        return float(np.linalg.norm(a.numpy() - b.numpy()))
+
+    assert err(y, y_ref) <= 1.5 * err(y_plain, y_ref)
+    for a, p, r in zip(grads, grads_plain, grads_ref):
+        assert err(a, r) <= max(2 * err(p, r), 0.01 * float(np.linalg.norm(r.numpy())))
+
+
 def test_image_groups_in_bfloat16():
     """The grouped layout computes the bfloat16 model too: against the float32 model with
     the same weights, outputs to 5% of their range (bfloat16 keeps 8 bits through seven
@@ -255,7 +323,8 @@ def test_the_runner_records_the_forms_and_exports_the_portable_ones(tmp_path):
                     model_dir=model_dir, train_steps=2, epochs=None, batch_size=32, mode="train")
     core.run(config)
     saved = json.load(open(os.path.join(model_dir, "config.json")))
-    assert saved["resolved_forms"] == fast_forms.Forms(image_groups=GROUP).describe()
+    assert saved["resolved_forms"] == fast_forms.Forms(image_groups=GROUP,
+                                                       norm_act=False).describe()
     exported = core.run(Config(mode="export", model_dir=model_dir), given={"mode", "model_dir"})
     loaded = tf.saved_model.load(exported["export_dir"])
     x = random_images(8)
@@ -268,3 +337,25 @@ def test_the_runner_records_the_forms_and_exports_the_portable_ones(tmp_path):
     evaluated = core.run(Config(mode="eval", model_dir=model_dir), given={"mode", "model_dir"})
     assert np.isfinite(evaluated["bce"])
     assert tuple(reconstruct(images=x)["images"].shape) == (8, 28, 28, 1)
+
+
+def test_a_resnet_run_records_the_forms_its_layers_have(tmp_path):
+    """The resnet trains with its GroupNorm+SiLU pairs by hand and nothing else (it has no
+    blocks for the other forms: the log and config.json say only what runs), and its
+    export, which holds the hand-written pair, loads and reconstructs in plain TensorFlow."""
+    model_dir = tmp_path / "run"
+    proc = run_train("--dataset=shapes", "--image_size=32,32", "--model=resnet",
+                     "--encoder_filters=8,16", "--decoder_filters=16,8",
+                     "--train_split=train[:128]", "--eval_split=test[:32]",
+                     f"--model_dir={model_dir}", "--train_steps=2", "--batch_size=16")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.load(open(model_dir / "config.json"))
+    assert saved["resolved_forms"] == "GroupNorm+SiLU by hand, ordinary layout"
+    assert ("computation forms: GroupNorm+SiLU by hand, ordinary layout (the model's layers "
+            "have no images-as-channels form)") in proc.stderr
+    exported = core.run(Config(mode="export", model_dir=str(model_dir)),
+                        given={"mode", "model_dir"})
+    loaded = tf.saved_model.load(exported["export_dir"])
+    x = random_images(4, (32, 32, 3))
+    out = loaded.signatures["reconstruct"](images=x)["images"]
+    assert out.shape == (4, 32, 32, 3) and np.isfinite(out.numpy()).all()
