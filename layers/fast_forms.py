@@ -197,8 +197,14 @@ def install(model, forms: Forms | None) -> Forms | None:
         def has(*types):
             return any(issubclass(k, types) for k in kinds)
 
-        grouped = all(isinstance(b, (blocks.ConvPool, blocks.UpsampleConv))
-                      for stack in stacks for b in getattr(stack, "blocks", [None]))
+        def groupable(stack):  # what `_groups` asks of a stack's layers, but the batch
+            layers = [*getattr(stack, "blocks", []), *filter(None, [getattr(stack, "to_logits",
+                                                                            None)])]
+            return bool(layers) and all(
+                isinstance(b, (blocks.ConvPool, blocks.UpsampleConv))
+                and b.filters <= GROUPED_MAX_FILTERS for b in layers)
+
+        grouped = any(groupable(stack) for stack in stacks)
         forms = dataclasses.replace(
             forms, act_after_pool=forms.act_after_pool and has(blocks.ConvPool),
             subpixel=forms.subpixel and has(blocks.UpsampleConv),
