@@ -295,7 +295,8 @@ def cache_to_dir(source, cache_dir: str):
         written = prepare.write_split(source, "train", staging, shards, gzip=False,
                                       encoding="raw")
         info = {"from": source.name, "image_shape": list(source.image_shape),
-                "class_names": list(source.class_names), "shards": written["shards"]}
+                "class_names": list(source.class_names), "encoding": "raw",
+                "shards": written["shards"]}
         with tf.io.gfile.GFile(os.path.join(staging, sources.INFO_FILE), "w") as f:
             f.write(json.dumps(info, indent=2))  # last: its presence means complete
         if staging != folder:

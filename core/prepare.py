@@ -29,6 +29,7 @@ from absl import app, flags, logging
 
 ENCODINGS = ("png", "raw")
 
+
 def define_flags() -> None:
     """The command line's flags (defined only when run as a program, so importing this
     module beside train.py defines nothing)."""
@@ -170,6 +171,8 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
         raise ConfigError(f"--shards={shards}: must be >= 1")
     if encoding not in ENCODINGS:
         raise ConfigError(f"--encoding={encoding}: choose one of {', '.join(ENCODINGS)}")
+    if not -1 <= png_compression <= 9:
+        raise ConfigError(f"--png_compression={png_compression}: 0 (none) to 9, or -1 (zlib's)")
     size = tuple(int(v) for v in image_size) if image_size else None
     specs = list(splits or _split_names(dataset, data_dir))
     names = [s.split("[")[0] for s in specs]
@@ -189,8 +192,6 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
         channels = channels or o.source.image_shape[2]
         opened.append(o)
     tf.io.gfile.makedirs(output_dir)
-    if not -1 <= png_compression <= 9:
-        raise ConfigError(f"--png_compression={png_compression}: 0 (none) to 9, or -1 (zlib's)")
     results = [write_split(o.source, name, output_dir, shards, gzip, progress, png_compression,
                            encoding) for o, name in zip(opened, names)]
     info = {"dataset": dataset, "data_dir": data_dir,

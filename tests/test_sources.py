@@ -286,6 +286,9 @@ def test_raw_shards_read_back_as_the_png_ones_and_convert_like_them(tmp_path):
     assert len(_first_batches(data.train_dataset(src, 13, seed=0, skip_bad=True), 4)) == 4
     with pytest.raises(ConfigError, match="--encoding=jpeg: choose one of png, raw"):
         prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "x"), encoding="jpeg")
+    with pytest.raises(ConfigError, match="--png_compression=12: 0"):
+        prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "x"), png_compression=12)
+    assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
 def test_tfrecord_order_is_a_function_of_seed_and_epoch_and_resumes_exactly(tmp_path):
