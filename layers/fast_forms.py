@@ -104,8 +104,8 @@ class Forms:
         return x
 
     def _one(self, layer, x, groups=1, ungroup=False):
-        if isinstance(layer, resnet.ResidualBlock):
-            return residual_block(layer, x, self.norm_act)
+        if isinstance(layer, resnet.ResidualBlock) and self.norm_act:
+            return residual_block(layer, x)
         if isinstance(layer, blocks.ConvPool):
             return conv_pool(layer, x, groups, self.act_after_pool)
         if isinstance(layer, blocks.UpsampleConv):
@@ -275,12 +275,10 @@ def upsample_conv(block, x, groups=1, ungroup=False, subpixel=True, crop_grad_as
     return from_image_groups(y, groups) if ungroup and groups > 1 else y
 
 
-def residual_block(block, x, norm_act=True):
+def residual_block(block, x):
     """`block` (a resnet.ResidualBlock) on x, its GroupNorm+SiLU pairs by hand."""
-    act = (lambda norm, h: norm_silu(norm, h)) if norm_act else (
-        lambda norm, h: tf.nn.silu(norm(h)))
-    h = block.conv1(act(block.norm1, x))
-    h = block.conv2(act(block.norm2, h))
+    h = block.conv1(norm_silu(block.norm1, x))
+    h = block.conv2(norm_silu(block.norm2, h))
     return h + (block.skip(x) if block.skip is not None else x)
 
 
