@@ -20,7 +20,9 @@ code, and that JPEG's MSE, PSNR and SSIM. Then 8-bit codes: the run's SavedModel
 channel's range and the held-out images, whose codes are stored in 8 bits a number
 (`common.quantize`) and decoded; beside them JPEG at that many bytes, and JPEG's smallest
 files (quality 1, optimised tables). Writes results/quality.{json,md} (MNIST rows) and
-results/quality_colour.{json,md} (colour rows), each only when such rows ran.
+results/quality_colour.{json,md} (colour rows), each only when such rows ran. A report
+keeps the rows of an earlier run that this run did not train (each row carries the date
+it ran and any --extra_flags), so `--rows=NAME` updates one row of the table.
 """
 
 from __future__ import annotations
@@ -145,6 +147,30 @@ def _colour_lines(results: dict) -> list[str]:
     return lines
 
 
+def _merged(output_dir: str, name: str, results: dict) -> tuple[dict, list[str]]:
+    """`results` over the rows an earlier run wrote to NAME.json; and a note naming the
+    rows kept from it, with their dates (empty when every row ran now)."""
+    path = os.path.join(output_dir, f"{name}.json")
+    if not os.path.exists(path):
+        return results, []
+    with open(path) as f:
+        earlier = json.load(f)
+    kept = {k: {"date": earlier["context"]["date"], **v}
+            for k, v in earlier["results"].items() if k not in results}
+    if not kept:
+        return results, []
+    note = ("Rows kept from an earlier run of this script: " + ", ".join(
+        f"{k} ({v['date']})" for k, v in kept.items()) + ".\n")
+    return dict(sorted({**kept, **results}.items())), [note]
+
+
+def _extra_flags_note(results: dict) -> list[str]:
+    flagged = [f"{k} ({' '.join(v['extra_flags'])})" for k, v in results.items()
+               if v.get("extra_flags")]
+    return [f"Rows run with --extra_flags, not as their config reads: {', '.join(flagged)}.\n"
+            ] if flagged else []
+
+
 def main(argv):
     del argv
     import numpy as np
@@ -183,7 +209,8 @@ def main(argv):
                          "epochs": _flagfile_value(cfg, "epochs"),
                          "dataset": dataset, "loss": _flagfile_value(cfg, "loss") or "bce",
                          "noise_factor": float(_flagfile_value(cfg, "noise_factor") or 0),
-                         "published": PUBLISHED.get(name, "-")}
+                         "published": PUBLISHED.get(name, "-"),
+                         "date": time.strftime("%Y-%m-%d"), "extra_flags": FLAGS.extra_flags}
         if dataset not in GREY:  # colour: the code's size and JPEG at that size
             from core import data
 
@@ -207,7 +234,9 @@ def main(argv):
     colour = {k: v for k, v in results.items() if v["dataset"] not in GREY}
     results_mnist = {k: v for k, v in results.items() if v["dataset"] in GREY}
     if results_mnist:
-        lines = ["# Quality on real MNIST\n", common.context_markdown(context),
+        results_mnist, kept = _merged(FLAGS.output_dir, "quality", results_mnist)
+        lines = ["# Quality on real MNIST\n", common.context_markdown(context), *kept,
+                 *_extra_flags_note(results_mnist),
                  "Trained on MNIST `test[:8000]`, evaluated on the held-out `test[8000:]` (2,000 "
                  "images); the published numbers train on the 60,000-image training set and "
                  "evaluate on the 10,000-image test set.\n",
@@ -221,7 +250,9 @@ def main(argv):
         common.write_report(FLAGS.output_dir, "quality",
                             {"context": context, "results": results_mnist}, lines)
     if colour:
-        lines = ["# Quality in colour\n", common.context_markdown(context), *_colour_lines(colour)]
+        colour, kept = _merged(FLAGS.output_dir, "quality_colour", colour)
+        lines = ["# Quality in colour\n", common.context_markdown(context), *kept,
+                 *_extra_flags_note(colour), *_colour_lines(colour)]
         common.write_report(FLAGS.output_dir, "quality_colour",
                             {"context": context, "results": colour}, lines)
 

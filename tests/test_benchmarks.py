@@ -192,6 +192,12 @@ def test_time_to_quality_reports_a_recipe_that_cannot_run(tmp_path, idx_dir):
 
 
 def test_quality_smoke(tmp_path, idx_dir):
+    """One row trained; a row of an earlier report that did not run now stays, dated."""
+    earlier = {"config": "configs/quality_vae.cfg", "model": "vae", "noise_factor": 0.0,
+               "epochs": "30", "bce": 0.0951, "mse": 0.0104, "psnr": 20.62, "ssim": 0.884,
+               "seconds": 94.0, "published": "-", "dataset": "mnist"}
+    (tmp_path / "quality.json").write_text(json.dumps(
+        {"context": {"date": "2026-01-02"}, "results": {"vae": earlier, "seed": earlier}}))
     _run("quality.py", "--rows=seed", f"--data_dir={idx_dir}", "--extra_flags=--epochs=1",
          f"--runs_dir={tmp_path / 'runs'}",
          f"--output_dir={tmp_path}")
@@ -199,7 +205,13 @@ def test_quality_smoke(tmp_path, idx_dir):
     row = report["results"]["seed"]
     assert row["config"] == "configs/quality_seed.cfg" and row["model"] == "seed"
     assert 0 < row["bce"] < 0.7 and row["psnr"] > 5 and row["seconds"] > 0
-    assert "| [seed](configs/quality_seed.cfg) |" in (tmp_path / "quality.md").read_text()
+    assert row["date"] != "2026-01-02" and row["extra_flags"] == ["--epochs=1"]
+    assert report["results"]["vae"] == {**earlier, "date": "2026-01-02"}
+    markdown = (tmp_path / "quality.md").read_text()
+    assert "| [seed](configs/quality_seed.cfg) |" in markdown
+    assert "| [vae](configs/quality_vae.cfg) | vae | 0 | 30 | 0.0951 |" in markdown
+    assert "Rows kept from an earlier run of this script: vae (2026-01-02)." in markdown
+    assert "Rows run with --extra_flags, not as their config reads: seed (--epochs=1)." in markdown
 
 
 def test_image_files_and_resume_cost_smoke(tmp_path):
