@@ -129,16 +129,17 @@ def _colour_lines(results: dict) -> list[str]:
                      f"{r['mse']:.4f} | {jpeg} | {r['seconds']:.0f} |")
     lines += ["\nThe same codes stored in 8 bits a number (each channel's range from 2,000 "
               "training codes: 2 floats a channel, constants of the codec), decoded by the "
-              "exported SavedModel. JPEG has no file that small (its headers alone are larger), "
-              "so beside each row is JPEG's smallest file: quality 1 with optimised Huffman "
-              "tables.\n",
+              "exported SavedModel. Beside each row, JPEG at the code's bytes where its files "
+              "fit, and JPEG's smallest file (quality 1, optimised Huffman tables) for codes "
+              "smaller than any JPEG.\n",
               "| row | code bytes | PSNR dB | SSIM | MSE | JPEG at the code's bytes "
               "| JPEG smallest: mean bytes | JPEG smallest: PSNR dB | SSIM |",
               "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |"]
     for name, r in results.items():
         e = r["eight_bit"]
         j, smallest = e["jpeg"], e["jpeg_smallest"]
-        at_size = (f"{j['psnr']:.2f} dB, {j['fit']}/{j['images']} images fit" if j["fit"]
+        at_size = (f"{j['psnr']:.2f} dB, SSIM {j['ssim']:.3f}, MSE {j['mse']:.4f}, "
+                   f"{j['fit']}/{j['images']} images fit" if j["fit"]
                    else "none fits")
         lines.append(f"| {name} | {e['bytes']:,} | {e['psnr']:.2f} | {e['ssim']:.3f} | "
                      f"{e['mse']:.4f} | {at_size} | {smallest['mean_bytes']:.0f} "
