@@ -18,7 +18,7 @@ train: $(STAMP)
 	$(BIN)/python train.py --flagfile=configs/default.cfg
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n auto --dist loadfile tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
