@@ -149,15 +149,16 @@ def _colour_lines(results: dict) -> list[str]:
 
 
 def _merged(output_dir: str, name: str, results: dict) -> tuple[dict, list[str]]:
-    """`results` over the rows an earlier run wrote to NAME.json; and a note naming the
-    rows kept from it, with their dates (empty when every row ran now)."""
+    """`results` over the rows an earlier run wrote to NAME.json whose configs still exist;
+    and a note naming the rows kept from it, with their dates (empty when none is kept)."""
     path = os.path.join(output_dir, f"{name}.json")
     if not os.path.exists(path):
         return results, []
     with open(path) as f:
         earlier = json.load(f)
     kept = {k: {"date": earlier["context"]["date"], **v}
-            for k, v in earlier["results"].items() if k not in results}
+            for k, v in earlier["results"].items()
+            if k not in results and os.path.exists(os.path.join(common.ROOT, v["config"]))}
     if not kept:
         return results, []
     note = ("Rows kept from an earlier run of this script: " + ", ".join(

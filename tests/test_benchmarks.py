@@ -197,7 +197,9 @@ def test_quality_smoke(tmp_path, idx_dir):
                "epochs": "30", "bce": 0.0951, "mse": 0.0104, "psnr": 20.62, "ssim": 0.884,
                "seconds": 94.0, "published": "-", "dataset": "mnist"}
     (tmp_path / "quality.json").write_text(json.dumps(
-        {"context": {"date": "2026-01-02"}, "results": {"vae": earlier, "seed": earlier}}))
+        {"context": {"date": "2026-01-02"}, "results": {
+            "vae": earlier, "seed": earlier,
+            "gone": {**earlier, "config": "configs/quality_gone.cfg"}}}))
     _run("quality.py", "--rows=seed", f"--data_dir={idx_dir}", "--extra_flags=--epochs=1",
          f"--runs_dir={tmp_path / 'runs'}",
          f"--output_dir={tmp_path}")
@@ -207,6 +209,7 @@ def test_quality_smoke(tmp_path, idx_dir):
     assert 0 < row["bce"] < 0.7 and row["psnr"] > 5 and row["seconds"] > 0
     assert row["date"] != "2026-01-02" and row["extra_flags"] == ["--epochs=1"]
     assert report["results"]["vae"] == {**earlier, "date": "2026-01-02"}
+    assert "gone" not in report["results"]  # its config no longer exists
     markdown = (tmp_path / "quality.md").read_text()
     assert "| [seed](configs/quality_seed.cfg) |" in markdown
     assert "| [vae](configs/quality_vae.cfg) | vae | 0 | 30 | 0.0951 |" in markdown
