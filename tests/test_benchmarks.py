@@ -224,13 +224,14 @@ def test_image_files_and_resume_cost_smoke(tmp_path):
     report = json.loads((tmp_path / "image_files.json").read_text())
     assert {"folder_jpeg", "folder_png", "tfrecord_jpeg", "tfrecord_prepared", "keras_jpeg",
             "keras_png", "train_in_memory", "train_from_folder_jpeg", "tfrecord_prepared_raw",
-            "train_from_tfrecord_prepared_raw", "train_from_folder_jpeg_cached"
-            } <= set(report["results"])
+            "train_from_tfrecord_prepared_raw", "train_from_folder_jpeg_cached",
+            "jpeg_decode_only"} <= set(report["results"])
     assert report["cache_first_pass_s"] > 0
     assert all(r["median"] > 0 for r in report["results"].values())
     quality = report["jpeg_downscale"]
     assert 0 < quality["mean_abs_diff"] < 10 and quality["psnr_db"] > 25
     assert "folder_jpeg / keras_jpeg" in (tmp_path / "image_files.md").read_text()
+    assert "jpeg_decode_only / keras_jpeg" in report["ratios"]
     shards = tmp_path / "files" / "tfrecord_prepared-24"
     _run("resume_cost.py", f"--output_dir={tmp_path}", f"--data_dir={shards}",
          "--batch_size=4", "--repeats=1")
