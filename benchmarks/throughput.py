@@ -12,7 +12,8 @@ compile + one step) is reported as compile time, then `--warmup_steps` more
 steps run untimed. In every round each variant first runs one untimed
 execution (32 steps for `steps_per_execution`/`steps_per_loop` 32): for Keras
 that skips fit's per-call setup, for both loops the caches the other variants
-just used. Writes results/throughput.{json,md}.
+just used. Writes results/throughput.{json,md} for the `seed` model and
+results/throughput_MODEL.{json,md} for any other (`--report_name` overrides).
 
 Thread settings are fixed when TensorFlow starts, once per process, so the
 variants run in one worker process per setting ('default': TensorFlow's
@@ -49,6 +50,8 @@ flags.DEFINE_integer("warmup_steps", 96, "Untimed steps after compilation.")
 flags.DEFINE_integer("num_cpu_devices", 2, "Logical CPU devices for the mirrored variants.")
 flags.DEFINE_list("variants", [], "Run only these variants (default: all).")
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"), "Reports go here.")
+flags.DEFINE_string("report_name", None, "Report file name without extension (default: "
+                    "'throughput' for the seed model, 'throughput_MODEL' for another).")
 flags.DEFINE_bool("peaks", True, "Measure the matmul peaks (a few seconds).")
 flags.DEFINE_string("worker", None, "Internal: run as the worker of this thread setting.")
 
@@ -476,7 +479,8 @@ def report(context, chosen, rates, step_times, compile_s, skipped) -> None:
                      f"{r['step_ms_p90']:.1f} | {r['compile_seconds']:.1f} | {pct} |")
     for name, why in skipped.items():
         lines.append(f"\nSkipped `{name}`: {why}.")
-    common.write_report(FLAGS.output_dir, "throughput", payload, lines)
+    name = FLAGS.report_name or ("throughput" if FLAGS.model == "seed" else f"throughput_{FLAGS.model}")
+    common.write_report(FLAGS.output_dir, name, payload, lines)
 
 
 if __name__ == "__main__":

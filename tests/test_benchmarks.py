@@ -143,6 +143,15 @@ def test_throughput_skips_a_variant_the_batch_cannot_divide_over(tmp_path, mnist
     assert f"Skipped `mirrored_2cpu_32`: {why}." in (tmp_path / "throughput.md").read_text()
 
 
+def test_throughput_names_its_report_by_the_model(tmp_path, mnist_flags):
+    """Another model's run writes throughput_MODEL, not over the seed model's report."""
+    _run("throughput.py", *mnist_flags, f"--output_dir={tmp_path}", "--rounds=1", "--steps=2",
+         "--warmup_steps=1", "--peaks=false", "--model=keras_blog", "--variants=tf_function")
+    report = json.loads((tmp_path / "throughput_keras_blog.json").read_text())
+    assert report["config"]["model"] == "keras_blog" and set(report["results"]) == {"tf_function"}
+    assert not (tmp_path / "throughput.json").exists()
+
+
 def test_input_pipeline_smoke(tmp_path, mnist_flags):
     _run("input_pipeline.py", *mnist_flags, f"--output_dir={tmp_path}", "--batches=3",
          "--train_steps=2", "--rounds=2", "--batch_size=32")
