@@ -114,9 +114,17 @@ def static_jpeg_ratio(height: int, width: int, size: tuple[int, int]) -> int:
     return max(r for r in JPEG_RATIOS if r <= max(room, 1))
 
 
+def decoded_size(info: FileInfo, jpeg_ratio: int | None) -> tuple[int, int]:
+    """(height, width) that `decode`'s decoder returns for this file, before resizing:
+    libjpeg at 1/ratio scale rounds up."""
+    if info.format == "JPEG" and jpeg_ratio:
+        return -(-info.height // jpeg_ratio), -(-info.width // jpeg_ratio)
+    return info.height, info.width
+
+
 def decode(contents: tf.Tensor, size: tuple[int, int], channels: int,
            resize: str = "crop", downscale_jpeg: bool = True,
-           fixed_ratio: int | None = None) -> tf.Tensor:
+           fixed_ratio: int | None = None, exact: bool = False) -> tf.Tensor:
     """Image bytes -> uint8 [size[0], size[1], channels]. Traced (tf.data map).
 
     A JPEG at least twice the output size on both sides is decoded at 1/2, 1/4 or 1/8
@@ -124,7 +132,17 @@ def decode(contents: tf.Tensor, size: tuple[int, int], channels: int,
     work, and within a few grey levels of decoding it whole (benchmarks/NOTES.md).
     `fixed_ratio`: every input is a JPEG to decode at this ratio (known up front): no
     header read, no branch.
+    `exact`: every input decodes to exactly `size` (at `fixed_ratio` if given; known up
+    front): no resize and no branch, only a check of the shape (benchmarks/NOTES.md 13:
+    the branch alone costs ~9% of the folder path).
     """
+    if exact:
+        if fixed_ratio is not None and downscale_jpeg:
+            image = tf.io.decode_jpeg(contents, channels=3, ratio=fixed_ratio)
+        else:
+            image = tf.io.decode_image(contents, channels=3, expand_animations=False)
+        image = tf.ensure_shape(image, [*size, 3])
+        return tf.image.rgb_to_grayscale(image) if channels == 1 else image
     if fixed_ratio is not None and downscale_jpeg:
         image = tf.io.decode_jpeg(contents, channels=3, ratio=fixed_ratio)
         image.set_shape([None, None, 3])

@@ -45,20 +45,32 @@ class Decoding:
 
     jpeg_ratio: when the up-front check found every file a JPEG that libjpeg can decode
     at the same 1/ratio scale, that ratio, fixed (no per-file header read or branch).
+    exact: the up-front check found every file a JPEG (at `jpeg_ratio`) or every file a
+    PNG that decodes to exactly `size`: nothing to resize, no branch.
     """
 
     size: tuple[int, int]
     channels: int
     resize: str = "crop"
     jpeg_ratio: int | None = None
+    exact: bool = False
 
     def __call__(self, contents: tf.Tensor) -> tf.Tensor:
         return images_lib.decode(contents, self.size, self.channels, self.resize,
-                                 fixed_ratio=self.jpeg_ratio)
+                                 fixed_ratio=self.jpeg_ratio, exact=self.exact)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return (*self.size, self.channels)
+
+    def describe(self) -> str:
+        """How files become examples, for the log."""
+        size = "x".join(map(str, self.size))
+        scaled = f"JPEGs decoded by libjpeg at 1/{self.jpeg_ratio} scale" \
+            if self.jpeg_ratio and self.jpeg_ratio > 1 else "decoded"
+        if self.exact:
+            return f"{scaled} straight to {size}, no resize"
+        return f"{scaled}, then resized to {size} (--resize={self.resize})"
 
 
 # ------------------------------------------------------------------ folder
@@ -216,8 +228,11 @@ def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
     size = tuple(image_size) if image_size else (first.height, first.width)
     ratios = {images_lib.static_jpeg_ratio(i.height, i.width, size) if i.format == "JPEG"
               else None for i in infos}
-    decoding = Decoding(size, channels or first.channels, resize,
-                        jpeg_ratio=ratios.pop() if len(ratios) == 1 else None)
+    ratio = ratios.pop() if len(ratios) == 1 else None
+    formats = {i.format for i in infos}
+    exact = (formats in ({"JPEG"}, {"PNG"}) and (ratio is not None or formats == {"PNG"})
+             and {images_lib.decoded_size(i, ratio) for i in infos} == {size})
+    decoding = Decoding(size, channels or first.channels, resize, jpeg_ratio=ratio, exact=exact)
     smaller = sum(1 for i in infos if i.height < size[0] or i.width < size[1])
     return FolderSource(spec, paths, labels, class_names, decoding), bad, smaller
 

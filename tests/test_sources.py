@@ -125,6 +125,43 @@ def test_folder_images_are_resized_and_smaller_ones_counted(tmp_path):
     assert head.shape == (2, 32, 32, 1)
 
 
+def test_files_that_decode_to_the_size_skip_the_resize(tmp_path):
+    """Every JPEG 4x the output (or every PNG at it): decoded straight to the size, the
+    same pixels as decoding and then fitting; one file of another size, or mixed formats,
+    and every file is fitted again. A file that is not the size it was checked at fails."""
+    arrays = colour_images(6, 96, 128)
+    for i, a in enumerate(arrays):
+        save(str(tmp_path / "jpg" / f"{i}.jpg"), a)
+    src = data.open_split("train", "folder", str(tmp_path / "jpg"), image_size=(24, 32)).source
+    assert src.decoding.exact and src.decoding.jpeg_ratio == 4
+    assert src.decoding.describe() == "JPEGs decoded by libjpeg at 1/4 scale straight to 24x32, no resize"
+    fitted = sources.Decoding((24, 32), 3, jpeg_ratio=4)  # decode at 1/4, then images.fit
+    head, _ = src.head(6)
+    for i, got in enumerate(head):
+        want = fitted(tf.io.read_file(str(tmp_path / "jpg" / f"{i}.jpg"))).numpy()
+        np.testing.assert_array_equal(got, want)
+    grey = data.open_split("train", "folder", str(tmp_path / "jpg"), image_size=(24, 32),
+                           channels=1).source
+    assert grey.decoding.exact and grey.head(2)[0].shape == (2, 24, 32, 1)
+
+    save(str(tmp_path / "jpg" / "odd.jpg"), colour_images(1, 100, 128)[0])  # 25x32 at 1/4
+    src = data.open_split("train", "folder", str(tmp_path / "jpg"), image_size=(24, 32)).source
+    assert not src.decoding.exact and src.decoding.jpeg_ratio == 4
+    assert "then resized to 24x32 (--resize=crop)" in src.decoding.describe()
+    assert src.head(7)[0].shape == (7, 24, 32, 3)
+    lying = sources.Decoding((24, 32), 3, jpeg_ratio=4, exact=True)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="25,32,3"):
+        lying(tf.io.read_file(str(tmp_path / "jpg" / "odd.jpg")))
+
+    png_tree(str(tmp_path / "png"), splits=(("train", 4),), classes=("only",))
+    src = data.open_split("train", "folder", str(tmp_path / "png")).source
+    assert src.decoding.exact and src.decoding.describe() == "decoded straight to 24x32, no resize"
+    save(str(tmp_path / "png" / "train" / "only" / "x.jpg"), colour_images(1)[0])
+    src = data.open_split("train", "folder", str(tmp_path / "png")).source
+    assert not src.decoding.exact  # a JPEG among the PNGs: decoded by the general path
+    assert src.head(5)[0].shape == (5, 24, 32, 3)
+
+
 def test_folder_pipeline_is_the_in_memory_pipeline_batch_for_batch(tmp_path):
     """Order = f(seed, epoch) for files too: the same batches as the same images held in
     memory, from the start and resumed mid-epoch, and under 2 pipelines of 2 replicas."""
