@@ -152,7 +152,8 @@ class FolderSource:
         self.num_examples = len(paths)
 
     def describe(self) -> str:
-        classes = f"{len(self.class_names)} classes" if self.class_names else "unlabelled"
+        n = len(self.class_names)
+        classes = f"{n} class{'es' if n != 1 else ''}" if n else "unlabelled"
         return f"{self.num_examples:,} image files ({classes})"
 
     def decode_index(self, index: tf.Tensor) -> tf.Tensor:

@@ -156,6 +156,7 @@ def test_files_that_decode_to_the_size_skip_the_resize(tmp_path):
     png_tree(str(tmp_path / "png"), splits=(("train", 4),), classes=("only",))
     src = data.open_split("train", "folder", str(tmp_path / "png")).source
     assert src.decoding.exact and src.decoding.describe() == "decoded straight to 24x32, no resize"
+    assert src.describe() == "4 image files (1 class)"
     save(str(tmp_path / "png" / "train" / "only" / "x.jpg"), colour_images(1)[0])
     src = data.open_split("train", "folder", str(tmp_path / "png")).source
     assert not src.decoding.exact  # a JPEG among the PNGs: decoded by the general path
