@@ -134,7 +134,7 @@ def decode(contents: tf.Tensor, size: tuple[int, int], channels: int,
     header read, no branch.
     `exact`: every input decodes to exactly `size` (at `fixed_ratio` if given; known up
     front): no resize and no branch, only a check of the shape (benchmarks/NOTES.md 13:
-    the branch alone costs ~9% of the folder path).
+    the branch alone costs 5-8% of the folder path).
     """
     if exact:
         if fixed_ratio is not None and downscale_jpeg:

@@ -70,7 +70,7 @@ class Decoding:
             if self.jpeg_ratio and self.jpeg_ratio > 1 else "decoded"
         if self.exact:
             return f"{scaled} straight to {size}, no resize"
-        return f"{scaled}, then resized to {size} (--resize={self.resize})"
+        return f"{scaled}, then resized to {size} where they differ (--resize={self.resize})"
 
 
 # ------------------------------------------------------------------ folder

@@ -147,7 +147,7 @@ def test_files_that_decode_to_the_size_skip_the_resize(tmp_path):
     save(str(tmp_path / "jpg" / "odd.jpg"), colour_images(1, 100, 128)[0])  # 25x32 at 1/4
     src = data.open_split("train", "folder", str(tmp_path / "jpg"), image_size=(24, 32)).source
     assert not src.decoding.exact and src.decoding.jpeg_ratio == 4
-    assert "then resized to 24x32 (--resize=crop)" in src.decoding.describe()
+    assert "then resized to 24x32 where they differ (--resize=crop)" in src.decoding.describe()
     assert src.head(7)[0].shape == (7, 24, 32, 3)
     lying = sources.Decoding((24, 32), 3, jpeg_ratio=4, exact=True)
     with pytest.raises(tf.errors.InvalidArgumentError, match="25,32,3"):
