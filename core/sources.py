@@ -469,9 +469,13 @@ def open_tfrecord(data_dir: str, spec: str, split: str, sl: slice, image_size, c
         raise DataError(f"the {split}-* shards in {data_dir} hold no examples")
     h, w, c, raw = _first_image_shape(first, files[0])
     size = tuple(image_size) if image_size else (h, w)
-    decoding = Decoding(size, channels or (1 if c in (1, 2) else 3), resize)
+    shape = (info or {}).get("image_shape")  # core.prepare's: one shape for every record
+    # PNGs that core.prepare wrote at the output size: decoded straight to it (no resize)
+    exact = ((info or {}).get("encoding") == "png" and not raw and shape == [h, w, c]
+             and (h, w) == size)
+    decoding = Decoding(size, channels or (1 if c in (1, 2) else 3), resize, exact=exact)
     info_names = (info or {}).get("class_names", ())
-    fixed = (info or {}).get("image_shape") if raw else None  # prepare's: one shape for all
+    fixed = shape if raw else None
     return TFRecordSource(spec, files, counts, compression, decoding, class_names=info_names,
                           raw_channels=c if raw else None,
                           fixed_shape=fixed if fixed and list(fixed) == [h, w, c] else None)

@@ -235,14 +235,17 @@ def test_prepare_writes_model_garden_examples_that_read_back_exactly(tmp_path):
     folder = data.open_split("train", "folder", str(tmp_path / "imgs")).source
     shards = data.open_split("train", "tfrecord", str(tmp_path / "out")).source
     assert shards.num_examples == 40 and shards.image_shape == (24, 32, 3)
+    assert shards.decoding.exact  # dataset_info.json: PNGs at the size, no resize
     back = data.materialize(shards)
     np.testing.assert_array_equal(back.images, data.materialize(folder).images)
     np.testing.assert_array_equal(back.labels, folder.labels)
+    smaller = data.open_split("train", "tfrecord", str(tmp_path / "out"), image_size=(12, 16))
+    assert not smaller.source.decoding.exact and smaller.source.head(2)[0].shape == (2, 12, 16, 3)
     # Without dataset_info.json the shards are counted; gzip is found by its magic bytes.
     prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "gz"), 2, gzip=True)
     os.remove(tmp_path / "gz" / "dataset_info.json")
     gz = data.open_split("train", "tfrecord", str(tmp_path / "gz")).source
-    assert gz.compression == "GZIP" and gz.num_examples == 40
+    assert gz.compression == "GZIP" and gz.num_examples == 40 and not gz.decoding.exact
     np.testing.assert_array_equal(data.materialize(gz).images, back.images)
     # A pattern as --data_dir.
     pattern = data.open_split("test", "tfrecord", str(tmp_path / "out" / "*-of-*")).source
