@@ -136,24 +136,12 @@ def decode(contents: tf.Tensor, size: tuple[int, int], channels: int,
     front): no resize and no branch, only a check of the shape (benchmarks/NOTES.md 13:
     the branch alone costs 5-8% of the folder path).
     """
-    if exact:
-        if fixed_ratio is not None and downscale_jpeg:
-            image = tf.io.decode_jpeg(contents, channels=3, ratio=fixed_ratio)
-        else:
-            image = tf.io.decode_image(contents, channels=3, expand_animations=False)
-        image = tf.ensure_shape(image, [*size, 3])
-        return tf.image.rgb_to_grayscale(image) if channels == 1 else image
-    if fixed_ratio is not None and downscale_jpeg:
-        image = tf.io.decode_jpeg(contents, channels=3, ratio=fixed_ratio)
-        image.set_shape([None, None, 3])
-        if channels == 1:
-            image = tf.image.rgb_to_grayscale(image)
-        return fit(image, size, resize)
-
     def whole():
         return tf.io.decode_image(contents, channels=3, expand_animations=False)
 
-    if downscale_jpeg:
+    if fixed_ratio is not None and downscale_jpeg:
+        image = tf.io.decode_jpeg(contents, channels=3, ratio=fixed_ratio)
+    elif downscale_jpeg and not exact:
         def smaller():
             shape = tf.io.extract_jpeg_shape(contents)
             index = jpeg_ratio(shape[0], shape[1], size)
@@ -165,10 +153,11 @@ def decode(contents: tf.Tensor, size: tuple[int, int], channels: int,
         image = tf.cond(is_jpeg, smaller, whole)
     else:
         image = whole()
+    image = tf.ensure_shape(image, [*size, 3]) if exact else image
     image.set_shape([None, None, 3])
     if channels == 1:
         image = tf.image.rgb_to_grayscale(image)
-    return fit(image, size, resize)
+    return image if exact else fit(image, size, resize)
 
 
 def decode_raw(contents: tf.Tensor, height: tf.Tensor, width: tf.Tensor, stored_channels: int,

@@ -283,8 +283,8 @@ class Run:
         self.skipped.update(opened.skipped)
         logging.info("%s %s: %s of %s", self.config.dataset, spec, source.describe(),
                      "x".join(map(str, source.image_shape)))
-        if source.kind == "folder":
-            logging.info("%s %s: %s", self.config.dataset, spec, source.decoding.describe())
+        if source.kind != "memory":
+            logging.info("%s %s: %s", self.config.dataset, spec, source.describe_decoding())
         if opened.upscaled:
             logging.info("%d images of %s are smaller than %s and are upscaled", opened.upscaled,
                          spec, "x".join(map(str, source.image_shape[:2])))

@@ -156,6 +156,9 @@ class FolderSource:
         classes = f"{n} class{'es' if n != 1 else ''}" if n else "unlabelled"
         return f"{self.num_examples:,} image files ({classes})"
 
+    def describe_decoding(self) -> str:
+        return self.decoding.describe()
+
     def decode_index(self, index: tf.Tensor) -> tf.Tensor:
         """Example `index` -> uint8 [H, W, C]. Traced."""
         return self.decoding(tf.io.read_file(tf.gather(tf.constant(self.paths), index)))
@@ -231,8 +234,8 @@ def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
               else None for i in infos}
     ratio = ratios.pop() if len(ratios) == 1 else None
     formats = {i.format for i in infos}
-    exact = (formats in ({"JPEG"}, {"PNG"}) and (ratio is not None or formats == {"PNG"})
-             and {images_lib.decoded_size(i, ratio) for i in infos} == {size})
+    exact = bool((formats == {"PNG"} or (formats == {"JPEG"} and ratio))
+                 and {images_lib.decoded_size(i, ratio) for i in infos} == {size})
     decoding = Decoding(size, channels or first.channels, resize, jpeg_ratio=ratio, exact=exact)
     smaller = sum(1 for i in infos if i.height < size[0] or i.width < size[1])
     return FolderSource(spec, paths, labels, class_names, decoding), bad, smaller
@@ -324,6 +327,13 @@ class TFRecordSource:
         gz = ", GZIP" if self.compression else ""
         raw = ", raw pixels" if self.raw_channels else ""
         return f"{self.num_examples:,} examples in {len(self.files)} TFRecord shard(s){gz}{raw}"
+
+    def describe_decoding(self) -> str:
+        if not self.raw_channels:
+            return self.decoding.describe()
+        if self.batch_decodable:
+            return "raw pixels at the output size, a batch at a time"
+        return f"raw pixels, resized to {'x'.join(map(str, self.decoding.size))} where they differ"
 
     def shard_records(self, path, skip, take) -> tf.data.Dataset:
         """The records one shard contributes. Traced (interleave) or eager."""
@@ -471,8 +481,7 @@ def open_tfrecord(data_dir: str, spec: str, split: str, sl: slice, image_size, c
     size = tuple(image_size) if image_size else (h, w)
     shape = (info or {}).get("image_shape")  # core.prepare's: one shape for every record
     # PNGs that core.prepare wrote at the output size: decoded straight to it (no resize)
-    exact = ((info or {}).get("encoding") == "png" and not raw and shape == [h, w, c]
-             and (h, w) == size)
+    exact = (info or {}).get("encoding") == "png" and shape == [h, w, c] and (h, w) == size
     decoding = Decoding(size, channels or (1 if c in (1, 2) else 3), resize, exact=exact)
     info_names = (info or {}).get("class_names", ())
     fixed = shape if raw else None

@@ -51,6 +51,7 @@ def test_train_on_a_folder_then_on_its_shards(tmp_path, photo_dir):
     assert folder.returncode == 0, folder.stderr[-2000:]
     assert "folder train: 96 image files (2 classes) of 32x32x3" in folder.stderr
     assert "skipping 2 of 98 files" in folder.stderr
+    assert "folder train: decoded, then resized to 32x32 where they differ" in folder.stderr
     listed = (tmp_path / "folder" / "skipped_images.txt").read_text().splitlines()
     assert [line.split("\t")[0] for line in listed] == [
         str(photo_dir / "train" / "blue" / "notes.png"), str(photo_dir / "train" / "red" / "zero.jpg")]
@@ -71,6 +72,7 @@ def test_train_on_a_folder_then_on_its_shards(tmp_path, photo_dir):
                         f"--model_dir={tmp_path / 'records'}", *common[1:-1])
     assert records.returncode == 0, records.stderr[-2000:]
     assert "96 examples in 3 TFRecord shard(s) of 32x32x3" in records.stderr
+    assert "tfrecord train: decoded straight to 32x32, no resize" in records.stderr
     # Eval takes the data, size and model from the run's config.json (in-process: no
     # second TensorFlow start-up).
     evaluated = core.run(Config(mode="eval", model_dir=str(tmp_path / "records")))

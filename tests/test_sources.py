@@ -269,6 +269,11 @@ def test_raw_shards_read_back_as_the_png_ones_and_convert_like_them(tmp_path):
         png = data.open_split("train", "tfrecord", str(tmp_path / "png"), **kw).source
         assert raw.raw_channels == 3 and not png.raw_channels and "raw pixels" in raw.describe()
         assert raw.image_shape == png.image_shape
+        assert raw.describe_decoding() == ("raw pixels at the output size, a batch at a time"
+                                           if not kw else "raw pixels, resized to "
+                                           f"{'x'.join(map(str, kw['image_size']))} where they differ")
+        assert png.describe_decoding().endswith(
+            "no resize" if not kw else "where they differ (--resize=crop)")
         a, b = data.materialize(raw), data.materialize(png)
         np.testing.assert_array_equal(a.images, b.images)
         np.testing.assert_array_equal(a.labels, b.labels)
