@@ -20,6 +20,7 @@ byte sizes per shard; without it the shards are counted once at start-up).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import json
@@ -98,17 +99,17 @@ def default_splits(dataset: str, data_dir: str | None) -> tuple[str, str]:
     return "train", "test"
 
 
-def list_images(root: str) -> tuple[list[str], list[str]]:
-    """(sorted image paths under `root`, sorted other file names seen), recursively."""
-    found, others = [], set()
+def list_images(root: str) -> tuple[list[str], dict[str, int]]:
+    """(sorted image paths under `root`, {other extension or name: count}), recursively."""
+    found, others = [], collections.Counter()
     for folder, _, files in tf.io.gfile.walk(root):
         for name in files:
             ext = os.path.splitext(name)[1].lower()
             if ext in images_lib.EXTENSIONS:
                 found.append(os.path.join(folder, name))
             else:
-                others.add(ext or name)
-    return sorted(found), sorted(others)
+                others[ext or name] += 1
+    return sorted(found), dict(sorted(others.items()))
 
 
 def class_labels(root: str, paths: list[str]) -> tuple[np.ndarray | None, list[str]]:
@@ -201,9 +202,15 @@ def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
     split_root = roots[name]
     paths, others = list_images(split_root)
     if not paths:
-        what = (f"only files ending {', '.join(others[:8])}" if others else "no files at all")
+        what = (f"only files ending {', '.join(list(others)[:8])}" if others else "no files at all")
         raise DataError(f"--data_dir={data_dir}: {split_root} holds no images ({what}); "
                         f"tapeloop reads {', '.join(images_lib.EXTENSIONS)} files, recursively")
+    if others:  # what a user may have expected to be read (.webp, .tif, ...)
+        n = sum(others.values())
+        logging.info("%s: not reading %d file%s of other types (%s); tapeloop reads %s",
+                     split_root, n, "s" if n != 1 else "",
+                     ", ".join(f"{k} {v}" for k, v in list(others.items())[:8]),
+                     " ".join(images_lib.EXTENSIONS))
     labels, class_names = class_labels(split_root, paths)
     _, sl = parse_split(spec, {name: len(paths)})
     picked = range(len(paths))[sl]

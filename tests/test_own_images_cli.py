@@ -40,6 +40,7 @@ def photo_dir(tmp_path_factory):
             save(str(root / split / ("red" if i % 2 else "blue") / f"{i:03d}.{ext}"), a)
     (root / "train" / "red" / "zero.jpg").write_bytes(b"")  # two files to skip
     (root / "train" / "blue" / "notes.png").write_text("not a picture")
+    (root / "train" / "red" / "scan.tif").write_bytes(b"II*\0")  # not read, but said so
     return root
 
 
@@ -51,6 +52,7 @@ def test_train_on_a_folder_then_on_its_shards(tmp_path, photo_dir):
     assert folder.returncode == 0, folder.stderr[-2000:]
     assert "folder train: 96 image files (2 classes) of 32x32x3" in folder.stderr
     assert "skipping 2 of 98 files" in folder.stderr
+    assert "not reading 1 file of other types (.tif 1)" in folder.stderr
     assert "folder train: decoded, then resized to 32x32 where they differ" in folder.stderr
     listed = (tmp_path / "folder" / "skipped_images.txt").read_text().splitlines()
     assert [line.split("\t")[0] for line in listed] == [
