@@ -23,9 +23,10 @@ by round in one process, measures images/s delivering 64x64x3 batches of 256 (fl
                            resize's branch), which a folder of mixed sizes takes: what
                            decoding straight to the size saves
   jpeg_decode_only         the ceiling of any path that decodes every JPEG: 4,096 of the
-                           files' bytes held in memory, decode_jpeg at 1/4 scale (64x64)
-                           in a parallel map, batched as uint8, and nothing else (no
-                           reads, no shuffle, no float)
+                           files' bytes held in memory, decode_jpeg at 1/4 scale (64x64),
+                           16 per call of a parallel map (as ours, data.DECODE_CHUNK),
+                           batched as uint8, and nothing else (no reads, no shuffle, no float)
+  jpeg_decode_only_per_file  the same, one JPEG per map call: what a map call costs
 
 and the `seed` model's training rate at 64x64x3 on the same images held in memory
 (data on device) and fed from the folder, from the folder through `--cache=DIR` (its
@@ -199,9 +200,16 @@ def main(argv):
     jpeg_dir = os.path.join(paths["jpeg"], "train", "all")
     jpeg_bytes = [tf.io.gfile.GFile(os.path.join(jpeg_dir, f), "rb").read()
                   for f in sorted(tf.io.gfile.listdir(jpeg_dir))[:4096]]
-    ds_decode_only = tf.data.Dataset.from_tensor_slices(jpeg_bytes).repeat().map(
-        lambda c: tf.io.decode_jpeg(c, channels=3, ratio=SIZE // OUT[0]),
-        num_parallel_calls=tf.data.AUTOTUNE).batch(batch).prefetch(tf.data.AUTOTUNE)
+    def decode_jpeg(c):
+        return tf.ensure_shape(tf.io.decode_jpeg(c, channels=3, ratio=SIZE // OUT[0]), (*OUT, 3))
+
+    k = data.decode_chunk_size(batch)
+    ds_decode_only = tf.data.Dataset.from_tensor_slices(jpeg_bytes).repeat().batch(
+        k, drop_remainder=True).map(lambda cs: tf.stack([decode_jpeg(cs[j]) for j in range(k)]),
+                                    num_parallel_calls=tf.data.AUTOTUNE).rebatch(
+        batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds_decode_only_per_file = tf.data.Dataset.from_tensor_slices(jpeg_bytes).repeat().map(
+        decode_jpeg, num_parallel_calls=tf.data.AUTOTUNE).batch(batch).prefetch(tf.data.AUTOTUNE)
 
     def drain(ds, k):
         # A fresh iterator every round (no contender gets batches its prefetch threads
@@ -253,6 +261,7 @@ def main(argv):
         "keras_jpeg": lambda: drain(ds_kj, FLAGS.batches),
         "keras_png": lambda: drain(ds_kp, FLAGS.batches),
         "jpeg_decode_only": lambda: drain(ds_decode_only, FLAGS.batches),
+        "jpeg_decode_only_per_file": lambda: drain(ds_decode_only_per_file, FLAGS.batches),
         "train_in_memory": lambda: train(t_mem, None, steps),
         "train_from_folder_jpeg": lambda: train(t_folder, ds_train_folder, steps),
         "train_from_tfrecord_prepared": lambda: train(t_tfr, ds_train_tfr, steps),
@@ -281,6 +290,8 @@ def main(argv):
              ("tfrecord_jpeg", "keras_jpeg"), ("tfrecord_prepared", "keras_jpeg"),
              ("tfrecord_prepared_raw", "keras_jpeg"),
              ("jpeg_decode_only", "keras_jpeg"),
+             ("jpeg_decode_only", "jpeg_decode_only_per_file"),
+             ("folder_jpeg", "jpeg_decode_only"),
              ("train_from_folder_jpeg", "train_in_memory"),
              ("train_from_tfrecord_prepared", "train_in_memory"),
              ("train_from_tfrecord_prepared_raw", "train_in_memory"),

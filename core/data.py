@@ -404,6 +404,27 @@ def window_shuffle(ds: tf.data.Dataset, seed, epoch, window: int) -> tf.data.Dat
     return ds.batch(window).enumerate().flat_map(mix)
 
 
+# Files decoded per tf.data map call. Each call of a map function costs tens of
+# microseconds of the pipeline's threads whatever it does; one JPEG of 256x256 at 1/4
+# scale takes ~200. Decoding 16 per call took the JPEG folder from 1.71x to 2.23x
+# Keras' rate (benchmarks/NOTES.md 13). --bad_images=skip decodes one per call: it
+# drops what fails, and a chunk would drop its good files with its bad one.
+DECODE_CHUNK = 16
+
+
+def decode_chunk_size(per_replica: int) -> int:
+    """The largest chunk up to DECODE_CHUNK that divides a replica's batch: chunks never
+    straddle two batches, so a file that fails is found in the step that read it."""
+    return max(k for k in range(1, DECODE_CHUNK + 1) if per_replica % k == 0)
+
+
+def _decoded_chunks(ds: tf.data.Dataset, decode_chunk, per_replica: int) -> tf.data.Dataset:
+    """Chunks of a replica's batch (indices or records, k each) -> uint8 batches of
+    `per_replica`, decoded k at a time, in order."""
+    ds = ds.map(decode_chunk, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.rebatch(per_replica, drop_remainder=True)
+
+
 def _decoded(ds: tf.data.Dataset, decode, skip_bad: bool) -> tf.data.Dataset:
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.ignore_errors() if skip_bad else ds
@@ -486,9 +507,14 @@ def train_dataset(images, global_batch_size: int, seed: int, start_step: int = 0
         host_images = tf.constant(source.images)
         ds = ds.map(lambda rows: to_float(tf.gather(host_images, rows)),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    else:
+    elif skip_bad:
         ds = _decoded(_service_shard(ds, service).unbatch(), source.decode_index, skip_bad)
         ds = _via_service(ds.batch(per_replica, drop_remainder=True).map(to_float), service)
+    else:
+        k = decode_chunk_size(per_replica)
+        chunks = _service_shard(ds, service).map(lambda row: tf.reshape(row, [-1, k])).unbatch()
+        ds = _decoded_chunks(chunks, source.decode_chunk, per_replica)
+        ds = _via_service(ds.map(to_float), service)
     return ds.prefetch(tf.data.AUTOTUNE)
 
 
@@ -532,9 +558,13 @@ def _stream_train(source, per_replica: int, local: int, seed: int, start_step: i
         ds = ds.batch(per_replica, drop_remainder=True).map(
             lambda records: to_float(source.decode_records(records)),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    else:
+    elif skip_bad:
         ds = _decoded(ds, source.decode_record, skip_bad)
         ds = ds.batch(per_replica, drop_remainder=True).map(to_float)
+    else:
+        k = decode_chunk_size(per_replica)
+        ds = _decoded_chunks(ds.batch(k, drop_remainder=True), source.decode_chunk, per_replica)
+        ds = ds.map(to_float)
     return _via_service(ds, service).prefetch(tf.data.AUTOTUNE)
 
 
@@ -641,12 +671,14 @@ def eval_dataset(images, global_batch_size: int,
         if isinstance(source, Split):
             host_images = tf.constant(source.images)
             ds = ds.map(lambda r, w: (r, tf.gather(host_images, r), w))
-        else:
+        elif skip_bad:
             ds = ds.unbatch().map(lambda i, w: (i, source.decode_index(i), w),
                                   num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            if skip_bad:
-                ds = ds.ignore_errors()
-            ds = ds.batch(per_replica, drop_remainder=True)
+            ds = ds.ignore_errors().batch(per_replica, drop_remainder=True)
+        else:
+            k = decode_chunk_size(per_replica)
+            ds = ds.map(lambda r, w: (tf.reshape(r, [-1, k]), tf.reshape(w, [-1, k]))).unbatch()
+            ds = _decoded_chunks(ds, lambda i, w: (i, source.decode_chunk(i), w), per_replica)
     else:  # streamed in shard order; this pipeline keeps its replicas' positions
         records = source.records().enumerate()
         pad = records.take(1).map(lambda i, r: (i, r)).repeat(padded - n)
@@ -658,11 +690,14 @@ def eval_dataset(images, global_batch_size: int,
             replica = (position % global_batch_size) // per_replica
             return tf.logical_and(replica >= first, replica < first + local)
 
-        ds = ds.filter(mine).map(lambda _, e: (e[0][0], source.decode_record(e[0][1]), e[1]),
-                                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.filter(mine).map(lambda _, e: (e[0][0], e[0][1], e[1]))  # (index, record, w)
         if skip_bad:
-            ds = ds.ignore_errors()
-        ds = ds.batch(per_replica, drop_remainder=True)
+            ds = ds.map(lambda i, r, w: (i, source.decode_record(r), w),
+                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+            ds = ds.ignore_errors().batch(per_replica, drop_remainder=True)
+        else:
+            ds = _decoded_chunks(ds.batch(decode_chunk_size(per_replica), drop_remainder=True),
+                                 lambda i, r, w: (i, source.decode_chunk(r), w), per_replica)
 
     def finish(index, image, w):
         targets = to_float(image)

@@ -234,7 +234,8 @@ def test_image_files_and_resume_cost_smoke(tmp_path):
     assert {"folder_jpeg", "folder_png", "tfrecord_jpeg", "tfrecord_prepared", "keras_jpeg",
             "keras_png", "train_in_memory", "train_from_folder_jpeg", "tfrecord_prepared_raw",
             "train_from_tfrecord_prepared_raw", "train_from_folder_jpeg_cached",
-            "jpeg_decode_only", "folder_jpeg_resized"} <= set(report["results"])
+            "jpeg_decode_only", "jpeg_decode_only_per_file",
+            "folder_jpeg_resized"} <= set(report["results"])
     assert report["cache_first_pass_s"] > 0
     assert all(r["median"] > 0 for r in report["results"].values())
     quality = report["jpeg_downscale"]

@@ -184,6 +184,35 @@ def test_folder_pipeline_is_the_in_memory_pipeline_batch_for_batch(tmp_path):
         assert x.shape == (2, 24, 32, 3)
 
 
+def test_files_decode_in_chunks_of_a_replica_batch_with_the_same_batches(tmp_path):
+    """Several files per map call (data.DECODE_CHUNK): chunks divide a replica's batch
+    (so a failing file is in the step that read it), and the batches are those of one
+    file per call (--bad_images=skip's path) and of the same images in memory."""
+    assert [data.decode_chunk_size(n) for n in (256, 36, 18, 17, 8)] == [16, 12, 9, 1, 8]
+    png_tree(str(tmp_path / "imgs"), splits=(("train", 40), ("test", 13)))
+    prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "shards"), shards=3)
+    cases = (("folder", "imgs", None), ("folder", "imgs", (16, 20)),  # straight, resized
+             ("tfrecord", "shards", None))
+    for kind, where, size in cases:
+        src = data.open_split("train", kind, str(tmp_path / where), image_size=size).source
+        memory = data.materialize(src).images
+        for batch in (36, 18, 17):  # chunks of 12 (3 a batch), 9 (2) and 1
+            chunked = _first_batches(data.train_dataset(src, batch, seed=5), 3)
+            single = _first_batches(data.train_dataset(src, batch, seed=5, skip_bad=True), 3)
+            for x, y in zip(chunked, single):
+                np.testing.assert_array_equal(x, y)
+                assert x.shape == (batch, *(size or (24, 32)), 3)
+            if kind == "folder":
+                in_memory = _first_batches(data.train_dataset(memory, batch, seed=5), 3)
+                for x, y in zip(chunked, in_memory):
+                    np.testing.assert_array_equal(x, y)
+        test = data.open_split("test", kind, str(tmp_path / where), image_size=size).source
+        for batch in (9, 6):  # 13 examples: chunks of 9 and 6, the last batch padded
+            chunked = [t.numpy() for _, t, _ in data.eval_dataset(test, batch)]
+            single = [t.numpy() for _, t, _ in data.eval_dataset(test, batch, skip_bad=True)]
+            np.testing.assert_array_equal(np.concatenate(chunked), np.concatenate(single))
+
+
 @pytest.mark.parametrize("kind", ["folder", "tfrecord"])
 def test_eval_sees_every_example_once_with_padding_and_noise(tmp_path, kind):
     arrays = png_tree(str(tmp_path / "imgs"), splits=(("train", 8), ("test", 13)))
