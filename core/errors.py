@@ -35,3 +35,20 @@ class CheckpointError(TapeloopError):
     """A checkpoint cannot be read or written, or the model dir is held by another run."""
 
     exit_code = 5
+
+
+def op_error_reason(error: Exception) -> str:
+    """The line of a TensorFlow error that says what went wrong (e.g. "Invalid PNG data,
+    size 4752"), without what wraps it: "Graph execution error:", "Detected at node ...",
+    tf.data's "Error in user-defined function ... with iterator: ...:", "{{node ...}}"
+    and "[Op:...]"."""
+    import re
+
+    text = str(getattr(error, "message", error))
+    for line in text.splitlines():
+        line = re.sub(r"\{\{[^}]*\}\}|\s*\[\[.*|\s*\[Op:.*", "", line).strip()
+        line = re.sub(r"^Error in user-defined function .*? with iterator: \S+: ", "", line)
+        if line and not line.startswith(("Graph execution error", "Detected at node", "<stack",
+                                         "File ", "Defined at")):
+            return line[:200]
+    return type(error).__name__

@@ -27,7 +27,7 @@ from core.checkpoints import Checkpointer, ModelDirLock
 from core import config as config_lib
 from core.config import Config
 from core.controller import Cadence, Controller, format_line
-from core.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError, op_error_reason
 from core.summaries import Summaries
 from core.trainer import Trainer
 from layers import fast_forms
@@ -549,8 +549,9 @@ def train(run: Run) -> dict:
 def _data_error(run: Run, step: int, error: Exception, saved: str) -> DataError:
     """The one-line error for an input that failed mid-run, naming the file where it can."""
     cfg, source = run.config, run.train_split
-    reason = str(getattr(error, "message", error)).strip().splitlines()[0][:200]
-    where = f"a record of {source.name}'s shards ({reason})"
+    reason = op_error_reason(error)
+    where = (f"a file of {source.name}" if source.kind == "folder"
+             else f"a record of {source.name}'s shards") + f" ({reason})"
     if hasattr(source, "find_bad"):
         steps_per_epoch = source.num_examples // cfg.step_batch
         epoch, k = divmod(step, steps_per_epoch)

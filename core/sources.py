@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from core import images as images_lib
-from core.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError, op_error_reason
 
 INFO_FILE = "dataset_info.json"
 SPLIT_FOLDERS = ("train", "test", "validation")
@@ -185,7 +185,7 @@ class FolderSource:
             try:
                 self.decoding(tf.io.read_file(path))
             except (tf.errors.OpError, ValueError) as e:
-                return path, str(getattr(e, "message", e)).splitlines()[0]
+                return path, op_error_reason(e)
         return None
 
 

@@ -314,13 +314,18 @@ class Trainer:
 
         def step(i):
             if self.device_data is not None:
-                self.strategy.run(
+                losses = self.strategy.run(
                     lambda: self._train_step(self.device_data.batch(self.step.read_value())))
             else:
                 # A lambda, never the tf.function itself: strategy.run would lift a
                 # jit-compiled tf.function around all replicas (the failure above).
-                self.strategy.run(lambda x: self._train_step(x), args=(next(iterator),))
-            with tf.control_dependencies([self.step.assign_add(1)]):
+                losses = self.strategy.run(lambda x: self._train_step(x), args=(next(iterator),))
+            # The count follows the step: automatic control dependencies order only ops on
+            # the same resource, so without this a batch that fails to load (a bad file)
+            # was counted as a step, and the run resumed past it.
+            with tf.control_dependencies(self.strategy.experimental_local_results(losses)):
+                counted = self.step.assign_add(1)
+            with tf.control_dependencies([counted]):
                 return [i + 1]  # the loop variables' structure (eager mode checks it)
 
         tf.while_loop(lambda i: i < num_steps, step, [tf.constant(0, num_steps.dtype)])
