@@ -191,8 +191,9 @@ def test_files_decode_in_chunks_of_a_replica_batch_with_the_same_batches(tmp_pat
     assert [data.decode_chunk_size(n) for n in (256, 36, 18, 17, 8)] == [16, 12, 9, 1, 8]
     png_tree(str(tmp_path / "imgs"), splits=(("train", 40), ("test", 13)))
     prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "shards"), shards=3)
+    prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "raw"), shards=2, encoding="raw")
     cases = (("folder", "imgs", None), ("folder", "imgs", (16, 20)),  # straight, resized
-             ("tfrecord", "shards", None))
+             ("tfrecord", "shards", None), ("tfrecord", "raw", (16, 20)))  # PNG, raw resized
     for kind, where, size in cases:
         src = data.open_split("train", kind, str(tmp_path / where), image_size=size).source
         memory = data.materialize(src).images
