@@ -425,9 +425,10 @@ def _decoded_chunks(ds: tf.data.Dataset, decode_chunk, per_replica: int) -> tf.d
     return ds.rebatch(per_replica, drop_remainder=True)
 
 
-def _decoded(ds: tf.data.Dataset, decode, skip_bad: bool) -> tf.data.Dataset:
+def _decoded_skipping_bad(ds: tf.data.Dataset, decode) -> tf.data.Dataset:
+    """One example per map call, those that fail dropped (--bad_images=skip)."""
     ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return ds.ignore_errors() if skip_bad else ds
+    return ds.ignore_errors()
 
 
 def _service_shard(ds: tf.data.Dataset, service: str | None) -> tf.data.Dataset:
@@ -508,7 +509,7 @@ def train_dataset(images, global_batch_size: int, seed: int, start_step: int = 0
         ds = ds.map(lambda rows: to_float(tf.gather(host_images, rows)),
                     num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     elif skip_bad:
-        ds = _decoded(_service_shard(ds, service).unbatch(), source.decode_index, skip_bad)
+        ds = _decoded_skipping_bad(_service_shard(ds, service).unbatch(), source.decode_index)
         ds = _via_service(ds.batch(per_replica, drop_remainder=True).map(to_float), service)
     else:
         k = decode_chunk_size(per_replica)
@@ -559,7 +560,7 @@ def _stream_train(source, per_replica: int, local: int, seed: int, start_step: i
             lambda records: to_float(source.decode_records(records)),
             num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     elif skip_bad:
-        ds = _decoded(ds, source.decode_record, skip_bad)
+        ds = _decoded_skipping_bad(ds, source.decode_record)
         ds = ds.batch(per_replica, drop_remainder=True).map(to_float)
     else:
         k = decode_chunk_size(per_replica)
@@ -672,9 +673,8 @@ def eval_dataset(images, global_batch_size: int,
             host_images = tf.constant(source.images)
             ds = ds.map(lambda r, w: (r, tf.gather(host_images, r), w))
         elif skip_bad:
-            ds = ds.unbatch().map(lambda i, w: (i, source.decode_index(i), w),
-                                  num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            ds = ds.ignore_errors().batch(per_replica, drop_remainder=True)
+            ds = _decoded_skipping_bad(ds.unbatch(), lambda i, w: (i, source.decode_index(i), w))
+            ds = ds.batch(per_replica, drop_remainder=True)
         else:
             k = decode_chunk_size(per_replica)
             ds = ds.map(lambda r, w: (tf.reshape(r, [-1, k]), tf.reshape(w, [-1, k]))).unbatch()
@@ -692,9 +692,8 @@ def eval_dataset(images, global_batch_size: int,
 
         ds = ds.filter(mine).map(lambda _, e: (e[0][0], e[0][1], e[1]))  # (index, record, w)
         if skip_bad:
-            ds = ds.map(lambda i, r, w: (i, source.decode_record(r), w),
-                        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-            ds = ds.ignore_errors().batch(per_replica, drop_remainder=True)
+            ds = _decoded_skipping_bad(ds, lambda i, r, w: (i, source.decode_record(r), w))
+            ds = ds.batch(per_replica, drop_remainder=True)
         else:
             ds = _decoded_chunks(ds.batch(decode_chunk_size(per_replica), drop_remainder=True),
                                  lambda i, r, w: (i, source.decode_chunk(r), w), per_replica)

@@ -364,12 +364,19 @@ class TFRecordSource:
         """A serialized Example -> (uint8 [H, W, C], label or -1). Traced."""
         features = tf.io.parse_single_example(record, self.features)
         label = features[self.label_key] if self.label_key else tf.constant(-1, tf.int64)
+        return self._image(features), label
+
+    def _image(self, features: dict, j: int | None = None) -> tf.Tensor:
+        """Parsed features (of one record, or example `j` of a batch) -> uint8 [H, W, C]."""
+        def get(key):
+            return features[key] if j is None else features[key][j]
+
+        d = self.decoding
         if self.raw_channels:
-            d = self.decoding
-            return images_lib.decode_raw(features[self.image_key], features["image/height"],
-                                         features["image/width"], self.raw_channels, d.size,
-                                         d.channels, d.resize), label
-        return self.decoding(features[self.image_key]), label
+            return images_lib.decode_raw(get(self.image_key), get("image/height"),
+                                         get("image/width"), self.raw_channels, d.size,
+                                         d.channels, d.resize)
+        return d(get(self.image_key))
 
     def decode_record(self, record: tf.Tensor) -> tf.Tensor:
         return self.parse(record)[0]
@@ -378,13 +385,8 @@ class TFRecordSource:
         """Records (a vector of static length k) -> uint8 [k, H, W, C]: one parse and k
         decodes in one tf.data map call (data.DECODE_CHUNK says why). Traced."""
         keys = [self.image_key] + (["image/height", "image/width"] if self.raw_channels else [])
-        f = tf.io.parse_example(records, {key: self.features[key] for key in keys})
-        d = self.decoding
-        if self.raw_channels:
-            return tf.stack([images_lib.decode_raw(
-                f[self.image_key][j], f["image/height"][j], f["image/width"][j],
-                self.raw_channels, d.size, d.channels, d.resize) for j in range(records.shape[0])])
-        return tf.stack([d(f[self.image_key][j]) for j in range(records.shape[0])])
+        features = tf.io.parse_example(records, {key: self.features[key] for key in keys})
+        return tf.stack([self._image(features, j) for j in range(records.shape[0])])
 
     @property
     def batch_decodable(self) -> bool:
