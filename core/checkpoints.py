@@ -554,8 +554,9 @@ def check_compatible(model_dir: str, current: dict, log_changes: bool = True) ->
             "saved settings to resume, or a fresh --model_dir for the new model")
     if not log_changes:
         return
+    # `resolved_*` record what the saved run ended up running; this run has not chosen yet.
     changed = sorted(k for k in set(saved) | set(current)
-                     if k not in MODEL_FIELDS + OPTIMIZER_FIELDS
+                     if k not in MODEL_FIELDS + OPTIMIZER_FIELDS and not k.startswith("resolved_")
                      and _norm(saved.get(k)) != _norm(current.get(k)))
     for key in changed:
         logging.info("resuming with %s changed: %r -> %r", key, saved.get(key), current.get(key))

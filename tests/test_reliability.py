@@ -212,6 +212,8 @@ def test_incompatible_and_harmless_resume(tmp_path, idx_dir):
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "resuming with train_steps changed: 10 -> 20" in ok.stderr
     assert "resuming with log_every changed: 50 -> 7" in ok.stderr
+    # What the saved run resolved is not a change this run asked for.
+    assert "resuming with resolved_" not in ok.stderr
 
 
 def _config(tmp_path, idx_dir, **kw):
