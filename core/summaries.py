@@ -12,11 +12,6 @@ import numpy as np
 import tensorflow as tf
 
 
-HPARAM_METRICS = (("eval", "loss", "eval loss"), ("eval", "mse", "eval MSE"),
-                  ("eval", "psnr", "eval PSNR (dB)"), ("eval", "ssim", "eval SSIM"),
-                  ("train", "loss", "train loss"), ("train", "examples_per_sec", "examples/s"))
-
-
 def read_scalars(folder: str, tag: str) -> list[tuple[int, float]]:
     """(step, value) of a TF2 scalar summary `tag` in the event files of `folder`, by step;
     a step written twice (a resumed run) keeps the last value."""
@@ -59,11 +54,12 @@ class Summaries:
 
         rows = "\n".join(f"| {k} | {_hparam_value(v)} |" for k, v in sorted(config.items()))
         self.text("train", step, "config", "| flag | value |\n| --- | --- |\n" + rows)
+        # The session only, no `hparams_config`: TensorBoard takes one run's config as the
+        # whole experiment's, so a config per model dir would give every hyperparameter
+        # one run's domain, or none. Without one, TensorBoard infers each one's type and
+        # domain from all the runs, marks those that differ between them, and takes the
+        # metrics from the runs' train/ and eval/ scalars.
         with self.writer("run").as_default(step=step):
-            hp.hparams_config(
-                hparams=[hp.HParam(k) for k in sorted(config)],
-                metrics=[hp.Metric(tag, group=group, display_name=name)
-                         for group, tag, name in HPARAM_METRICS])
             hp.hparams({k: _hparam_value(v) for k, v in config.items()},
                        trial_id=os.path.basename(os.path.abspath(config["model_dir"])))
         self.writer("run").flush()

@@ -1,6 +1,7 @@
 """See and ship it: TensorBoard through its own server, --mode=eval against NumPy,
 SavedModel export loaded in a fresh process, figures, the profiler, the progress line."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -50,6 +51,12 @@ def _get(url, body=None):
 
 def test_tensorboard_server_shows_scalars_images_and_hparams(trained):
     logdir = os.path.dirname(trained.model_dir)
+    # A sibling model dir with another learning rate: the HParams table compares the two.
+    core.run(dataclasses.replace(trained, model_dir=os.path.join(logdir, "tiny_lr"),
+                                 learning_rate=1e-3, train_steps=4, eval_every=4,
+                                 profile_steps=None))
+    sessions = {"experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN"], "colParams": [],
+                "startIndex": 0, "sliceSize": 10}
     port = _free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "tensorboard.main", f"--logdir={logdir}", "--host=127.0.0.1",
@@ -74,16 +81,27 @@ def test_tensorboard_server_shows_scalars_images_and_hparams(trained):
         assert "reconstructions" in images["tiny/eval"]
         texts = _get(f"{base}/data/plugin/text/tags")
         assert "config" in texts["tiny/train"]
+        # The sibling run is read after the first: wait for its session too.
+        while len(_get(f"{base}/data/plugin/hparams/session_groups", sessions)
+                   ["sessionGroups"]) < 2:
+            assert time.monotonic() < deadline, "TensorBoard did not serve both runs in time"
+            time.sleep(0.5)
         experiment = _get(f"{base}/data/plugin/hparams/experiment", {"experimentName": ""})
-        names = {h["name"] for h in experiment["hparamInfos"]}
-        assert {"learning_rate", "batch_size", "model"} <= names
+        infos = {h["name"]: h for h in experiment["hparamInfos"]}
+        assert {"learning_rate", "batch_size", "model"} <= set(infos)
+        # Typed, with the domains of both runs, and what differs between them marked
+        # (the dashboard filters and sorts by these; one run's config would set none).
+        assert infos["learning_rate"]["type"] == "DATA_TYPE_FLOAT64"
+        assert infos["learning_rate"]["domainInterval"] == pytest.approx(
+            {"minValue": 1e-3, "maxValue": 3e-3})
+        assert infos["learning_rate"]["differs"]
+        assert infos["model"]["type"] == "DATA_TYPE_STRING"
+        assert infos["model"]["domainDiscrete"] == ["seed"] and not infos["model"]["differs"]
         metrics = {(m["name"]["group"], m["name"]["tag"]) for m in experiment["metricInfos"]}
-        assert ("eval", "loss") in metrics
-        groups = _get(f"{base}/data/plugin/hparams/session_groups", {
-            "experimentName": "", "allowedStatuses": ["STATUS_UNKNOWN"], "colParams": [],
-            "startIndex": 0, "sliceSize": 10})
-        assert groups["totalSize"] == 1
-        session = groups["sessionGroups"][0]
+        assert {("eval", "loss"), ("eval", "psnr"), ("train", "loss")} <= metrics
+        groups = _get(f"{base}/data/plugin/hparams/session_groups", sessions)
+        assert groups["totalSize"] == 2
+        session = [g for g in groups["sessionGroups"] if g["name"] == "tiny"][0]
         assert session["hparams"]["learning_rate"] == pytest.approx(3e-3)
         values = {(m["name"]["group"], m["name"]["tag"]): m["value"] for m in session["metricValues"]}
         assert 0 < values[("eval", "loss")] < 0.7  # the final eval BCE
