@@ -3,7 +3,7 @@ r"""Train, evaluate or export a convolutional autoencoder.
 
     python train.py                                   # fontdigits, seed model, offline
     python train.py --flagfile=configs/mnist_local.cfg --data_dir=PATH/TO/mnist
-    python train.py --dataset=mnist --data_dir=PATH/TO/mnist \
+    python train.py --dataset=mnist --data_dir=PATH/TO/mnist --model_dir=runs/mnist-test \
         --train_split='test[:8000]' --eval_split='test[8000:]'
     python train.py --mode=eval --model_dir=runs/default      # the run's own settings
 

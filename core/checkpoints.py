@@ -33,6 +33,9 @@ MODEL_FIELDS = ("model", "encoder_filters", "decoder_filters", "kernel_size", "i
 # Fields that change the optimizer's variables: a resume cannot restore across them either
 # (eval and export read no optimizer state and ignore them).
 OPTIMIZER_FIELDS = ("optimizer",)
+# Fields that name the training data: a resume may change them (fine-tuning), but more
+# often the command meant a new run and forgot --model_dir, so it says so loudly.
+DATA_FIELDS = ("dataset", "data_dir", "train_split")
 CONFIG_FILE = "config.json"
 BEST_DIR = "best"  # --keep_best: the best checkpoint, apart from the rolling ones
 BEST_FILE = "best.json"  # in BEST_DIR: the metric, its best value and step, evals since
@@ -560,3 +563,8 @@ def check_compatible(model_dir: str, current: dict, log_changes: bool = True) ->
                      and _norm(saved.get(k)) != _norm(current.get(k)))
     for key in changed:
         logging.info("resuming with %s changed: %r -> %r", key, saved.get(key), current.get(key))
+    data = [f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in DATA_FIELDS if k in changed]
+    if data:
+        logging.warning("--model_dir=%s was trained on other data (%s): this run continues from "
+                        "its weights and step; for a new run, give a fresh --model_dir",
+                        model_dir, "; ".join(data))

@@ -214,6 +214,12 @@ def test_incompatible_and_harmless_resume(tmp_path, idx_dir):
     assert "resuming with log_every changed: 50 -> 7" in ok.stderr
     # What the saved run resolved is not a change this run asked for.
     assert "resuming with resolved_" not in ok.stderr
+    assert "trained on other data" not in ok.stderr
+    # Other data in the same dir: most often a forgotten --model_dir, so a warning says so.
+    other = run_train(*_flags(idx_dir, tmp_path, 30, "--train_split=test[512:1024]"))
+    assert other.returncode == 0, other.stderr[-2000:]
+    assert (f"--model_dir={tmp_path} was trained on other data (train_split 'test[:1024]' -> "
+            "'test[512:1024]')") in other.stderr
 
 
 def _config(tmp_path, idx_dir, **kw):
