@@ -240,8 +240,9 @@ def main(argv):
     except TapeloopError as e:
         if FLAGS.verbose:
             raise
-        kind = "stopped" if isinstance(e, Preempted) else "error"
-        print(f"train.py: {kind}: {e}", file=sys.stderr)
+        # A stop's message says so itself: "stopped by SIGTERM at step N after saving ...".
+        print(f"train.py: {e}" if isinstance(e, Preempted) else f"train.py: error: {e}",
+              file=sys.stderr)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:  # Ctrl-C outside training (eval, export, start-up)
         if FLAGS.verbose:
