@@ -65,6 +65,14 @@ def inherit_run_config(config: Config, saved: dict | None,
     if given is None:
         defaults = Config.__dataclass_fields__
         given = {f for f in INHERITED if getattr(config, f) != defaults[f].default}
+    model = saved.get("model")
+    if "model" not in given and model and model not in config_lib.model_names() \
+            and ":" not in model:
+        raise ConfigError(
+            f"the run was trained with --model={model!r}, a factory registered from Python "
+            "(layers.autoencoders.register), which this process has not registered: call "
+            f"register({model!r}, factory) before core.run, or train with "
+            "--model=MODULE:FACTORY, which eval and export import again")
     changes = {}
     for name in INHERITED:
         if name not in saved:

@@ -14,7 +14,7 @@ from core import losses
 from core.config import Config
 from core.errors import ConfigError
 from core.trainer import Trainer
-from helpers import ROOT, event_tags
+from helpers import ROOT, event_tags, run_train
 from layers.autoencoders import build_autoencoder, register
 
 keras = tf.keras
@@ -137,6 +137,15 @@ def test_registered_models_train_resume_and_evaluate(tmp_path, name, code_shape,
         assert evaluated["loss"] > evaluated["mse"]
     model = build_autoencoder(name, (28, 28, 1))
     assert model.encode(tf.zeros((2, 28, 28, 1))).shape == (2, *code_shape)
+    if name == "functional":  # a process that never registered it: one line, nothing written
+        before = sorted(os.listdir(tmp_path / name))
+        proc = run_train("--mode=export", f"--model_dir={tmp_path / name}")
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == (
+            "train.py: error: the run was trained with --model='functional', a factory "
+            "registered from Python (layers.autoencoders.register), which this process has "
+            "not registered: call register('functional', factory) before core.run, or train "
+            "with --model=MODULE:FACTORY, which eval and export import again")
+        assert sorted(os.listdir(tmp_path / name)) == before
 
 
 class OneModel(keras.Model):
