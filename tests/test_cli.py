@@ -71,7 +71,7 @@ def test_help_imports_no_tensorflow_and_lists_the_models():
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "One of: seed, keras_blog, denoiser, vae" in proc.stdout
     # The docstring's continuation lines survive (no collapsed backslash-newline).
-    assert "--data_dir=PATH/TO/mnist \\\n" in proc.stdout
+    assert "--model_dir=runs/mnist-test \\\n" in proc.stdout
 
 
 def test_a_stray_argument_is_one_line(tmp_path):
