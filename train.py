@@ -12,19 +12,11 @@ Flags become one validated, frozen `core.Config`; everything else lives in
 """
 
 import dataclasses
-import os
 import sys
 
+import core  # imports no TensorFlow
 
-def _quiet_tensorflow() -> None:
-    """TensorFlow's C++ log: warnings and errors only; on a machine without an NVIDIA
-    driver, errors neither, as CUDA's initialisation would print one ("failed call to
-    cuInit") on every CPU run. TF_CPP_MIN_LOG_LEVEL set by the user wins."""
-    gpu_driver = os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if gpu_driver else "3")
-
-
-_quiet_tensorflow()
+core.quiet_tensorflow()
 
 from absl import app, flags  # noqa: E402
 
@@ -234,8 +226,6 @@ def main(argv):
 
     try:
         config = config_from_flags()
-        import core
-
         core.run(config, given_flags())
     except TapeloopError as e:
         if FLAGS.verbose:

@@ -4,8 +4,19 @@ Nothing here reads absl flags: `train.py` turns flags into a `Config` and calls
 `core.run(config)`; tests and notebooks do the same with a `Config` they build.
 """
 
+import os
+
 from core.config import Config
 from core.errors import ConfigError, DataError, TapeloopError
+
+
+def quiet_tensorflow() -> None:
+    """For command-line entry points, before TensorFlow is imported: its C++ log shows
+    warnings and errors only, and on a machine without an NVIDIA driver errors neither,
+    as CUDA's initialisation would print one ("failed call to cuInit") on every CPU run.
+    TF_CPP_MIN_LOG_LEVEL set by the user wins. Importing `core` does not call it."""
+    gpu_driver = os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if gpu_driver else "3")
 
 
 def run(config: Config, given=None) -> dict:

@@ -235,6 +235,9 @@ def main(argv) -> int:
 
 
 def run() -> None:
+    import core
+
+    core.quiet_tensorflow()
     define_flags()
     logging.set_verbosity(logging.WARNING)
     app.run(lambda argv: sys.exit(main(argv)))

@@ -93,3 +93,8 @@ def test_a_cpu_run_prints_no_cuda_error(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "cuInit" not in proc.stderr
+    prepared = subprocess.run([sys.executable, "-m", "core.prepare", "--dataset=synthetic",
+                               "--splits=test[:8]", f"--output_dir={tmp_path}/shards"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    assert "wrote 8 images" in prepared.stdout and "cuInit" not in prepared.stderr
