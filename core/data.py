@@ -285,7 +285,9 @@ def cache_to_dir(source, cache_dir: str):
 
     elements = getattr(source, "paths", None) or list(zip(source.files, source.skips,
                                                           source.counts))
-    key = hashlib.sha256(repr((source.kind, elements, source.decoding)).encode()).hexdigest()[:16]
+    turned = getattr(source, "orientations", None)  # EXIF orientations, where any file has one
+    decoding = (source.decoding,) + (() if turned is None else (turned.tolist(),))
+    key = hashlib.sha256(repr((source.kind, elements, *decoding)).encode()).hexdigest()[:16]
     folder = os.path.join(cache_dir, f"{source.kind}-{key}")
     if not tf.io.gfile.exists(os.path.join(folder, sources.INFO_FILE)):
         logging.info("--cache=%s: decoding %s once into %s", cache_dir, source.name, folder)

@@ -13,7 +13,11 @@ channel, and CMYK JPEGs decode only to RGB), then greyscale is taken from RGB.
 `check_file` is the cheap up-front test of one file: its header (through Pillow,
 which reads a few hundred bytes) and its end (a JPEG ends with EOI, a PNG with IEND,
 a GIF with its trailer), so empty, non-image and truncated files are found before
-the run starts, not in the middle of an epoch.
+the run starts, not in the middle of an epoch. The header also gives a JPEG's EXIF
+orientation: a camera held sideways stores the picture sideways and says so there.
+Viewers apply it; TensorFlow's decoders (and so Keras' image_dataset_from_directory)
+do not. `decode` applies it when given (`orient`), so a folder of phone photos trains
+upright, as the user sees it.
 """
 
 from __future__ import annotations
@@ -34,23 +38,39 @@ class FileInfo:
     """What the header of one image file says."""
 
     path: str
-    height: int
+    height: int  # as displayed: after the EXIF orientation
     width: int
     channels: int  # 1 for greyscale, 3 for everything else (alpha and palettes become RGB)
     format: str
+    orientation: int = 1  # a JPEG's EXIF orientation, 1-8 (1: stored upright)
 
 
 class BadImage(Exception):
     """One file cannot be used; the message says why."""
 
 
-def _identify(head: bytes) -> tuple[str, str, tuple[int, int]]:
-    """(format, mode, (width, height)) from the first bytes of a file, by Pillow."""
+ORIENTATION_TAG = 0x0112  # EXIF's Orientation
+
+
+def _orientation(im) -> int:
+    """A JPEG's EXIF orientation (1-8), 1 when it has none or it is unreadable."""
+    if im.format not in ("JPEG", "MPO"):
+        return 1
+    try:
+        value = im.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # damaged EXIF data: the pixels are still there, as stored
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _identify(head: bytes) -> tuple[str, str, tuple[int, int], int]:
+    """(format, mode, (width, height) as stored, EXIF orientation) from the first bytes of
+    a file, by Pillow."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(head)) as im:
-            return im.format, im.mode, im.size
+            return im.format, im.mode, im.size, _orientation(im)
     except UnidentifiedImageError:
         raise BadImage("not an image (Pillow cannot identify it)") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -70,12 +90,12 @@ def check_file(path: str) -> FileInfo:
                 raise BadImage("an empty (zero-byte) file")
             head = f.read(min(size, _HEAD_BYTES))
             try:
-                fmt, mode, (width, height) = _identify(head)
+                fmt, mode, (width, height), orientation = _identify(head)
             except BadImage:
                 if size <= len(head):
                     raise
                 f.seek(0)  # the header is longer than we read (large EXIF or ICC data)
-                fmt, mode, (width, height) = _identify(f.read())
+                fmt, mode, (width, height), orientation = _identify(f.read())
             if fmt == "MPO":  # a JPEG with extra frames (many cameras write these)
                 fmt = "JPEG"
             if fmt not in ("JPEG", "PNG", "BMP", "GIF"):
@@ -95,7 +115,35 @@ def check_file(path: str) -> FileInfo:
     except tf.errors.OpError as e:
         raise BadImage(f"not readable ({e.message})") from None
     channels = 1 if mode in ("1", "L", "LA", "I", "I;16", "F") else 3
-    return FileInfo(path, height, width, channels, fmt)
+    if orientation >= 5:  # turned by 90 degrees: displayed with the sides swapped
+        height, width = width, height
+    return FileInfo(path, height, width, channels, fmt, orientation)
+
+
+def orient(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:
+    """uint8 [h, w, c] as stored -> as displayed, by its EXIF orientation (1-8): the
+    transforms of Pillow's ImageOps.exif_transpose. Traced."""
+    def turned(x):  # transposed, [h, w, c] -> [w, h, c] (5-8 swap the sides), as a gather:
+        # TensorFlow's CPU transpose of uint8 logs an oneDNN error line on some CPUs, and
+        # Grappler turns a detour through float32 back into a uint8 transpose.
+        shape = tf.shape(x)
+        h, w = shape[0], shape[1]
+        k = tf.range(h * w)  # output pixel k = (k // h, k % h) is input pixel (k % h, k // h)
+        pixels = tf.gather(tf.reshape(x, [h * w, shape[2]]), (k % h) * w + k // h)
+        return tf.reshape(pixels, [w, h, shape[2]])
+
+    out = tf.switch_case(tf.cast(tf.clip_by_value(orientation, 1, 8) - 1, tf.int32), [
+        lambda: image,                              # 1: upright
+        lambda: tf.reverse(image, [1]),             # 2: mirrored left-right
+        lambda: tf.reverse(image, [0, 1]),          # 3: turned 180 degrees
+        lambda: tf.reverse(image, [0]),             # 4: mirrored top-bottom
+        lambda: turned(image),                      # 5: transposed
+        lambda: tf.reverse(turned(image), [1]),     # 6: turned 90 degrees clockwise
+        lambda: tf.reverse(turned(image), [0, 1]),  # 7: transversed
+        lambda: tf.reverse(turned(image), [0]),     # 8: turned 90 degrees anticlockwise
+    ])
+    out.set_shape([None, None, image.shape[-1]])
+    return out
 
 
 JPEG_RATIOS = (1, 2, 4, 8)  # the DCT scalings libjpeg decodes to directly
@@ -124,7 +172,8 @@ def decoded_size(info: FileInfo, jpeg_ratio: int | None) -> tuple[int, int]:
 
 def decode(contents: tf.Tensor, size: tuple[int, int], channels: int,
            resize: str = "crop", downscale_jpeg: bool = True,
-           fixed_ratio: int | None = None, exact: bool = False) -> tf.Tensor:
+           fixed_ratio: int | None = None, exact: bool = False,
+           orientation: tf.Tensor | None = None) -> tf.Tensor:
     """Image bytes -> uint8 [size[0], size[1], channels]. Traced (tf.data map).
 
     A JPEG at least twice the output size on both sides is decoded at 1/2, 1/4 or 1/8
@@ -135,6 +184,8 @@ def decode(contents: tf.Tensor, size: tuple[int, int], channels: int,
     `exact`: every input decodes to exactly `size` (at `fixed_ratio` if given; known up
     front): no resize and no branch, only a check of the shape (benchmarks/NOTES.md 13:
     the branch alone costs 5-8% of the folder path).
+    `orientation`: the file's EXIF orientation (`check_file`), applied after decoding
+    and before resizing, so `size` and `exact` are about the image as displayed.
     """
     def whole():
         return tf.io.decode_image(contents, channels=3, expand_animations=False)
@@ -144,7 +195,11 @@ def decode(contents: tf.Tensor, size: tuple[int, int], channels: int,
     elif downscale_jpeg and not exact:
         def smaller():
             shape = tf.io.extract_jpeg_shape(contents)
-            index = jpeg_ratio(shape[0], shape[1], size)
+            h, w = shape[0], shape[1]
+            if orientation is not None:  # the ratio is about the image as displayed
+                turned = orientation >= 5
+                h, w = tf.where(turned, w, h), tf.where(turned, h, w)
+            index = jpeg_ratio(h, w, size)
             return tf.switch_case(index, [
                 (lambda r=r: tf.io.decode_jpeg(contents, channels=3, ratio=r))
                 for r in JPEG_RATIOS])
@@ -153,6 +208,8 @@ def decode(contents: tf.Tensor, size: tuple[int, int], channels: int,
         image = tf.cond(is_jpeg, smaller, whole)
     else:
         image = whole()
+    if orientation is not None:
+        image = orient(image, orientation)
     image = tf.ensure_shape(image, [*size, 3]) if exact else image
     image.set_shape([None, None, 3])
     if channels == 1:

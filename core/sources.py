@@ -56,9 +56,10 @@ class Decoding:
     jpeg_ratio: int | None = None
     exact: bool = False
 
-    def __call__(self, contents: tf.Tensor) -> tf.Tensor:
+    def __call__(self, contents: tf.Tensor, orientation: tf.Tensor | None = None) -> tf.Tensor:
         return images_lib.decode(contents, self.size, self.channels, self.resize,
-                                 fixed_ratio=self.jpeg_ratio, exact=self.exact)
+                                 fixed_ratio=self.jpeg_ratio, exact=self.exact,
+                                 orientation=orientation)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -137,20 +138,31 @@ def scan(paths: list[str]) -> tuple[list[images_lib.FileInfo | None], dict[str, 
 
 
 class FolderSource:
-    """One split of a folder of images: the sorted paths, their labels, and the decoding."""
+    """One split of a folder of images: the sorted paths, their labels, and the decoding.
+
+    orientations: the files' EXIF orientations (images.orient), or None when every file
+    is stored upright (then the decode has no orientation step at all).
+    """
 
     kind = "folder"
     indexable = True
 
     def __init__(self, name: str, paths: list[str], labels: np.ndarray | None,
-                 class_names: list[str], decoding: Decoding):
+                 class_names: list[str], decoding: Decoding,
+                 orientations: np.ndarray | None = None):
         self.name = name
         self.paths = paths
         self.labels = labels
         self.class_names = class_names
         self.decoding = decoding
+        self.orientations = orientations
         self.image_shape = decoding.image_shape
         self.num_examples = len(paths)
+
+    def _decode(self, path: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
+        orientation = (None if self.orientations is None
+                       else tf.gather(tf.constant(self.orientations), index))
+        return self.decoding(tf.io.read_file(path), orientation)
 
     def describe(self) -> str:
         n = len(self.class_names)
@@ -162,14 +174,13 @@ class FolderSource:
 
     def decode_index(self, index: tf.Tensor) -> tf.Tensor:
         """Example `index` -> uint8 [H, W, C]. Traced."""
-        return self.decoding(tf.io.read_file(tf.gather(tf.constant(self.paths), index)))
+        return self._decode(tf.gather(tf.constant(self.paths), index), index)
 
     def decode_chunk(self, indices: tf.Tensor) -> tf.Tensor:
         """Examples `indices` (a vector of static length k) -> uint8 [k, H, W, C]: k files
         in one tf.data map call (data.DECODE_CHUNK says why). Traced."""
         paths = tf.gather(tf.constant(self.paths), indices)
-        return tf.stack([self.decoding(tf.io.read_file(paths[j]))
-                         for j in range(indices.shape[0])])
+        return tf.stack([self._decode(paths[j], indices[j]) for j in range(indices.shape[0])])
 
     def head(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
         k = min(k, self.num_examples)
@@ -183,7 +194,7 @@ class FolderSource:
         for i in indices:
             path = self.paths[int(i)]
             try:
-                self.decoding(tf.io.read_file(path))
+                self._decode(tf.constant(path), tf.constant(int(i), tf.int64))
             except (tf.errors.OpError, ValueError) as e:
                 return path, op_error_reason(e)
         return None
@@ -252,7 +263,14 @@ def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
                  and {images_lib.decoded_size(i, ratio) for i in infos} == {size})
     decoding = Decoding(size, channels or first.channels, resize, jpeg_ratio=ratio, exact=exact)
     smaller = sum(1 for i in infos if i.height < size[0] or i.width < size[1])
-    return FolderSource(spec, paths, labels, class_names, decoding), bad, smaller
+    orientations = np.array([i.orientation for i in infos], np.int32)
+    turned = int((orientations != 1).sum())
+    if turned:
+        logging.info("%s: %d of %d files are JPEGs stored sideways or mirrored, turned upright "
+                     "by their EXIF orientation as viewers show them (TensorFlow's and Keras' "
+                     "decoders ignore it)", spec, turned, len(infos))
+    return (FolderSource(spec, paths, labels, class_names, decoding,
+                         orientations if turned else None), bad, smaller)
 
 
 # ---------------------------------------------------------------- tfrecord

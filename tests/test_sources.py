@@ -163,6 +163,63 @@ def test_files_that_decode_to_the_size_skip_the_resize(tmp_path):
     assert src.head(5)[0].shape == (5, 24, 32, 3)
 
 
+def _quadrants(h, w):
+    """Four flat colours and a white corner: every flip and turn of it differs."""
+    a = np.zeros((h, w, 3), np.uint8)
+    a[:h // 2, :w // 2], a[:h // 2, w // 2:] = (250, 0, 0), (0, 250, 0)
+    a[h // 2:, :w // 2], a[h // 2:, w // 2:] = (0, 0, 250), (250, 250, 0)
+    a[:h // 6, :w // 4] = 255
+    return a
+
+
+def _with_orientation(path, array, orientation):
+    from PIL import Image
+
+    exif = Image.Exif()
+    exif[images.ORIENTATION_TAG] = orientation
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    Image.fromarray(array).save(path, quality=95, subsampling=0, exif=exif)
+
+
+def test_jpegs_are_turned_upright_by_their_exif_orientation(tmp_path):
+    """All eight EXIF orientations, as Pillow's exif_transpose shows them (what viewers
+    show); on the straight path (every file the size) and through the resize with
+    libjpeg's scaled decode; a folder without any keeps its decode free of the step."""
+    from PIL import Image, ImageOps
+
+    stored = _quadrants(48, 32)
+    for o in range(1, 9):  # 1-4 display 48x32, 5-8 are turned: 32x48
+        _with_orientation(str(tmp_path / ("tall" if o <= 4 else "wide") / f"{o}.jpg"), stored, o)
+    for folder, orientations in (("tall", range(1, 5)), ("wide", range(5, 9))):
+        src = data.open_split("train", "folder", str(tmp_path / folder)).source
+        assert src.decoding.exact and list(src.orientations) == list(orientations)
+        for got, o in zip(src.head(4)[0], orientations):
+            path = str(tmp_path / folder / f"{o}.jpg")
+            info = images.check_file(path)
+            assert info.orientation == o and (info.height, info.width) == got.shape[:2]
+            want = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+            assert got.shape == want.shape and np.abs(got.astype(int) - want).mean() < 1.5, o
+
+    # Among JPEGs of other scales (so each file's scale is chosen as it is decoded): a
+    # turned one is scaled by its displayed sides. Stored 96x48 and shown 48x96, cropped
+    # to 48x24, it needs all its pixels; judged by its stored sides it would be decoded
+    # at 1/2 and blown up again.
+    rng = np.random.default_rng(0)
+    blocks = np.kron(rng.integers(0, 256, (12, 6, 3)), np.ones((8, 8, 1))).astype(np.uint8)
+    _with_orientation(str(tmp_path / "mixed" / "a.jpg"), blocks, 6)  # stored 96x48
+    save(str(tmp_path / "mixed" / "b.jpg"), _quadrants(192, 96))  # 1/4 scale for 48x24
+    src = data.open_split("train", "folder", str(tmp_path / "mixed"), image_size=(48, 24)).source
+    assert src.decoding.jpeg_ratio is None and list(src.orientations) == [6, 1]
+    turned, plain = src.head(2)[0].astype(int)
+    upright = np.rot90(blocks, k=-1)  # 90 degrees clockwise, as orientation 6 asks
+    want = images.fit(tf.constant(np.ascontiguousarray(upright)), (48, 24)).numpy()
+    assert np.abs(turned - want).mean() < 4, np.abs(turned - want).mean()
+    assert np.abs(plain - images.fit(tf.constant(_quadrants(192, 96)), (48, 24)).numpy()).mean() < 4
+
+    png_tree(str(tmp_path / "png"), splits=(("train", 2),), classes=("only",))
+    assert data.open_split("train", "folder", str(tmp_path / "png")).source.orientations is None
+
+
 def test_folder_pipeline_is_the_in_memory_pipeline_batch_for_batch(tmp_path):
     """Order = f(seed, epoch) for files too: the same batches as the same images held in
     memory, from the start and resumed mid-epoch, and under 2 pipelines of 2 replicas."""
