@@ -1,7 +1,8 @@
 """Image files: checking them up front, and decoding them to one size and channel count.
 
 `decode` is the one decoder every file-based source uses (folder, TFRecord, TFDS):
-JPEG, PNG, BMP and GIF (first frame) bytes -> uint8 [H, W, C], resized by `--resize`:
+JPEG, PNG, WebP, BMP and GIF (first frame) bytes -> uint8 [H, W, C], resized by
+`--resize`:
 
   crop     scale the short side to fit, centre-crop the rest (Keras' crop_to_aspect_ratio)
   pad      scale the long side to fit, pad the rest with black
@@ -11,8 +12,9 @@ Everything decodes to RGB first (TensorFlow's GIF and BMP decoders refuse one
 channel, and CMYK JPEGs decode only to RGB), then greyscale is taken from RGB.
 
 `check_file` is the cheap up-front test of one file: its header (through Pillow,
-which reads a few hundred bytes) and its end (a JPEG ends with EOI, a PNG with IEND,
-a GIF with its trailer), so empty, non-image and truncated files are found before
+which reads a few hundred bytes; a WebP's by hand, as Pillow opens a WebP only whole)
+and its end (a JPEG ends with EOI, a PNG with IEND, a GIF with its trailer, a WebP is
+as long as its RIFF header says), so empty, non-image and truncated files are found before
 the run starts, not in the middle of an epoch. The header also gives a JPEG's EXIF
 orientation: a camera held sideways stores the picture sideways and says so there.
 Viewers apply it; TensorFlow's decoders (and so Keras' image_dataset_from_directory)
@@ -27,7 +29,7 @@ import io
 
 import tensorflow as tf
 
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 RESIZE_MODES = ("crop", "pad", "stretch")
 _HEAD_BYTES = 1 << 16  # enough for the header of almost every file
 _TRAILERS = {"JPEG": (b"\xff\xd9",), "PNG": (b"IEND\xaeB`\x82",), "GIF": (b";",)}
@@ -63,14 +65,39 @@ def _orientation(im) -> int:
     return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
-def _identify(head: bytes) -> tuple[str, str, tuple[int, int], int]:
-    """(format, mode, (width, height) as stored, EXIF orientation) from the first bytes of
-    a file, by Pillow."""
+def _webp_header(head: bytes) -> tuple[str, str, tuple[int, int], int, bool] | None:
+    """`_identify` for a WebP, from its first 30 bytes: Pillow opens a WebP only whole
+    (libwebp's decoder wants all of it), and the check reads only the head of a file.
+    None if the head is not a WebP's. Layouts: the WebP container specification."""
+    if len(head) < 30 or head[:4] != b"RIFF" or head[8:12] != b"WEBP":
+        return None
+    chunk, body = head[12:16], head[20:]
+    if chunk == b"VP8 " and body[3:6] == b"\x9d\x01\x2a":  # lossy: a VP8 key frame
+        size = (int.from_bytes(body[6:8], "little") & 0x3FFF,
+                int.from_bytes(body[8:10], "little") & 0x3FFF)
+        return "WEBP", "RGB", size, 1, False
+    if chunk == b"VP8L" and body[0] == 0x2F:  # lossless: 14-bit sides minus one, alpha bit
+        bits = int.from_bytes(body[1:5], "little")
+        size = ((bits & 0x3FFF) + 1, ((bits >> 14) & 0x3FFF) + 1)
+        return "WEBP", "RGBA" if bits >> 28 & 1 else "RGB", size, 1, False
+    if chunk == b"VP8X":  # extended: flags, then 24-bit canvas sides minus one
+        size = (int.from_bytes(body[4:7], "little") + 1, int.from_bytes(body[7:10], "little") + 1)
+        return "WEBP", "RGBA" if body[0] & 0x10 else "RGB", size, 1, bool(body[0] & 0x02)
+    return None
+
+
+def _identify(head: bytes) -> tuple[str, str, tuple[int, int], int, bool]:
+    """(format, mode, (width, height) as stored, EXIF orientation, animated) from the first
+    bytes of a file, by Pillow."""
     from PIL import Image, UnidentifiedImageError
 
+    webp = _webp_header(head)
+    if webp:
+        return webp
     try:
         with Image.open(io.BytesIO(head)) as im:
-            return im.format, im.mode, im.size, _orientation(im)
+            return (im.format, im.mode, im.size, _orientation(im),
+                    bool(getattr(im, "is_animated", False)))
     except UnidentifiedImageError:
         raise BadImage("not an image (Pillow cannot identify it)") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -90,16 +117,18 @@ def check_file(path: str) -> FileInfo:
                 raise BadImage("an empty (zero-byte) file")
             head = f.read(min(size, _HEAD_BYTES))
             try:
-                fmt, mode, (width, height), orientation = _identify(head)
+                fmt, mode, (width, height), orientation, animated = _identify(head)
             except BadImage:
                 if size <= len(head):
                     raise
                 f.seek(0)  # the header is longer than we read (large EXIF or ICC data)
-                fmt, mode, (width, height), orientation = _identify(f.read())
+                fmt, mode, (width, height), orientation, animated = _identify(f.read())
             if fmt == "MPO":  # a JPEG with extra frames (many cameras write these)
                 fmt = "JPEG"
-            if fmt not in ("JPEG", "PNG", "BMP", "GIF"):
-                raise BadImage(f"a {fmt} image; tapeloop reads JPEG, PNG, BMP and GIF")
+            if fmt not in ("JPEG", "PNG", "WEBP", "BMP", "GIF"):
+                raise BadImage(f"a {fmt} image; tapeloop reads JPEG, PNG, WebP, BMP and GIF")
+            if fmt == "WEBP" and animated:  # TensorFlow decodes those only as RGBA frames
+                raise BadImage("an animated WebP; tapeloop reads still WebP images")
             trailers = _TRAILERS.get(fmt)
             if trailers:
                 f.seek(max(0, size - 64))
@@ -110,6 +139,10 @@ def check_file(path: str) -> FileInfo:
                 declared = int.from_bytes(head[2:6], "little")
                 if declared and size < declared:
                     raise BadImage(f"a truncated BMP ({size} of {declared} bytes)")
+            elif fmt == "WEBP":  # a RIFF file: its length follows "RIFF"
+                declared = int.from_bytes(head[4:8], "little") + 8
+                if size < declared:
+                    raise BadImage(f"a truncated WebP ({size} of {declared} bytes)")
     except tf.errors.PermissionDeniedError:
         raise BadImage("not readable (permission denied)") from None
     except tf.errors.OpError as e:

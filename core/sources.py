@@ -6,7 +6,7 @@ element to uint8 [H, W, C] (`core.images.decode`). `core.data` builds the one
 tf.data pipeline they all share; nothing here holds decoded images, except
 `head`, which decodes the first few for figures.
 
-Folder layout: every JPEG/PNG/BMP/GIF under the folder, recursively, in sorted
+Folder layout: every JPEG/PNG/WebP/BMP/GIF under the folder, recursively, in sorted
 path order. `train/` and `test/` (or `validation/`) subfolders are the splits;
 otherwise the whole folder is the split `train`. The first folder level inside
 a split names the class, as in `keras.utils.image_dataset_from_directory`.
@@ -223,7 +223,7 @@ def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
         what = (f"only files ending {', '.join(list(others)[:8])}" if others else "no files at all")
         raise DataError(f"--data_dir={data_dir}: {split_root} holds no images ({what}); "
                         f"tapeloop reads {', '.join(images_lib.EXTENSIONS)} files, recursively")
-    if others:  # what a user may have expected to be read (.webp, .tif, ...)
+    if others:  # what a user may have expected to be read (.tif, .heic, ...)
         n = sum(others.values())
         logging.info("%s: not reading %d file%s of other types (%s); tapeloop reads %s",
                      split_root, n, "s" if n != 1 else "",
@@ -259,7 +259,7 @@ def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
               else None for i in infos}
     ratio = ratios.pop() if len(ratios) == 1 else None
     formats = {i.format for i in infos}
-    exact = bool((formats == {"PNG"} or (formats == {"JPEG"} and ratio))
+    exact = bool((formats <= {"PNG", "WEBP"} or (formats == {"JPEG"} and ratio))
                  and {images_lib.decoded_size(i, ratio) for i in infos} == {size})
     decoding = Decoding(size, channels or first.channels, resize, jpeg_ratio=ratio, exact=exact)
     smaller = sum(1 for i in infos if i.height < size[0] or i.width < size[1])

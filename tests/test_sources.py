@@ -30,7 +30,8 @@ def save(path, array, fmt=None, mode=None):
     if mode:
         img = img.convert(mode)
     buffer = io.BytesIO()
-    img.save(buffer, fmt or os.path.splitext(path)[1][1:].upper().replace("JPG", "JPEG"))
+    fmt = fmt or os.path.splitext(path)[1][1:].upper().replace("JPG", "JPEG")
+    img.save(buffer, fmt, **({"lossless": True} if fmt == "WEBP" else {}))
     tf.io.gfile.makedirs(os.path.dirname(path))
     with tf.io.gfile.GFile(path, "wb") as f:
         f.write(buffer.getvalue())
@@ -83,7 +84,8 @@ def test_a_flat_folder_is_train_sliced_90_10(tmp_path):
 
 @pytest.mark.parametrize("fmt,mode", [("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "P"),
                                       ("PNG", "L"), ("JPEG", "RGB"), ("JPEG", "L"),
-                                      ("JPEG", "CMYK"), ("BMP", "RGB"), ("GIF", "P")])
+                                      ("JPEG", "CMYK"), ("WEBP", "RGB"), ("WEBP", "RGBA"),
+                                      ("BMP", "RGB"), ("GIF", "P")])
 @pytest.mark.parametrize("channels", [1, 3])
 def test_every_format_and_mode_decodes_to_the_requested_channels(tmp_path, fmt, mode, channels):
     a = colour_images(1, 30, 40)[0]
@@ -92,7 +94,7 @@ def test_every_format_and_mode_decodes_to_the_requested_channels(tmp_path, fmt, 
     assert (info.height, info.width, info.format) == (30, 40, fmt)
     out = images.decode(tf.constant(raw), (30, 40), channels).numpy()
     assert out.shape == (30, 40, channels) and out.dtype == np.uint8
-    if channels == 3 and fmt in ("PNG", "BMP") and mode == "RGB":
+    if channels == 3 and fmt in ("PNG", "WEBP", "BMP") and mode == "RGB":
         np.testing.assert_array_equal(out, a)  # lossless and unresized: the same pixels
     if mode == "RGB" and fmt != "JPEG":  # colour survives: not greyscale in disguise
         assert channels == 1 or np.abs(out[..., 0].astype(int) - out[..., 2]).max() > 10
@@ -161,6 +163,30 @@ def test_files_that_decode_to_the_size_skip_the_resize(tmp_path):
     src = data.open_split("train", "folder", str(tmp_path / "png")).source
     assert not src.decoding.exact  # a JPEG among the PNGs: decoded by the general path
     assert src.head(5)[0].shape == (5, 24, 32, 3)
+
+
+def test_webp_files_are_read_like_pngs(tmp_path):
+    """.webp files in a folder: checked from their first bytes (Pillow opens a WebP only
+    whole), lossless ones decoded to the same pixels, lossy ones as Pillow decodes them,
+    and straight to the size among PNGs of it."""
+    arrays = colour_images(3, 240, 320)
+    arrays[0] = np.random.default_rng(1).integers(0, 256, (240, 320, 3))  # a large file
+    for i, a in enumerate(arrays):
+        save(str(tmp_path / "w" / f"{i}.webp"), a)  # lossless
+    save(str(tmp_path / "w" / "3.png"), colour_images(1, 240, 320, seed=5)[0])
+    lossy = tmp_path / "w" / "4.webp"
+    Image.fromarray(colour_images(1, 240, 320, seed=6)[0]).save(lossy, "WEBP", quality=70)
+    assert os.path.getsize(tmp_path / "w" / "0.webp") > 1 << 16  # past the check's first read
+    info = images.check_file(str(tmp_path / "w" / "0.webp"))
+    assert (info.height, info.width, info.channels, info.format) == (240, 320, 3, "WEBP")
+    src = data.open_split("train", "folder", str(tmp_path / "w")).source
+    assert src.num_examples == 5 and src.decoding.exact
+    head = src.head(5)[0]
+    for i in range(3):
+        np.testing.assert_array_equal(head[i], arrays[i])
+    np.testing.assert_array_equal(head[3], colour_images(1, 240, 320, seed=5)[0])
+    pillow = np.asarray(Image.open(lossy).convert("RGB")).astype(int)
+    assert np.abs(head[4] - pillow).mean() < 1  # the same libwebp decode, within rounding
 
 
 def _quadrants(h, w):
@@ -517,6 +543,14 @@ def _png_bytes():
     return buffer.getvalue()
 
 
+def _webp_bytes(animated=False, **options):
+    frames = [Image.fromarray(a) for a in colour_images(2, 60, 80)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "WEBP", save_all=animated, append_images=frames[1:] if animated else [],
+                   **options)
+    return buffer.getvalue()
+
+
 def _jpeg_bytes(h=24, w=32):
     buffer = io.BytesIO()
     Image.fromarray(colour_images(1, h, w)[0]).save(buffer, "JPEG")
@@ -530,6 +564,8 @@ def _jpeg_bytes(h=24, w=32):
     ("truncated_jpeg", _jpeg_bytes()[:400], "truncated"),
     ("truncated_jpeg_body", _jpeg_bytes(200, 200)[:-200], "truncated JPEG .it does not end"),
     ("dangling_link", lambda p: os.symlink("/nonexistent/file.png", p), "not readable"),
+    ("truncated_webp", _webp_bytes(quality=90)[:-40], "truncated WebP"),
+    ("animated_webp", _webp_bytes(animated=True), "animated WebP"),
 ])
 def test_bad_files_are_named_up_front_or_skipped(tmp_path, case, content, match):
     folder, bad = _bad_folder(tmp_path, case, content)
