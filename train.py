@@ -41,7 +41,8 @@ flags.DEFINE_string("eval_split", None, "Evaluation split, e.g. 'test', 'test[80
                     "test, or validation; a folder without split subfolders: train[90%:]).")
 flags.DEFINE_list("image_size", None, "HEIGHT,WIDTH every image is resized to (default: the "
                   "first image's size).")
-flags.DEFINE_integer("channels", None, "1 (greyscale) or 3 (RGB); default: the first image's.")
+flags.DEFINE_integer("channels", None, "1 (greyscale) or 3 (RGB); default: 1 if a folder's "
+                     "images are all greyscale (shards: the first image's), else 3.")
 flags.DEFINE_enum("resize", _D.resize, config_lib.RESIZE_MODES, "How images of another size "
                   "or shape are fitted: crop (scale the short side, centre-crop), pad, stretch.")
 flags.DEFINE_enum("bad_images", _D.bad_images, config_lib.BAD_IMAGES, "Undecodable files: error "

@@ -60,7 +60,7 @@ class Config:
     verify_checksums: bool = True
     synthetic_shape: tuple[int, int, int] = (28, 28, 1)
     image_size: tuple[int, int] | None = None  # None: the first image's
-    channels: int | None = None  # None: the first image's (1 for greyscale, else 3)
+    channels: int | None = None  # None: 1 if the images are greyscale, else 3 (data.open_split)
     resize: str = "crop"
     bad_images: str = "error"
     cache: str = "none"

@@ -209,8 +209,9 @@ def open_split(spec: str, dataset: str, data_dir: str | None = None, verify: boo
                channels: int | None = None, resize: str = "crop", bad_images: str = "error",
                sizes: dict[str, int] | None = None) -> Opened:
     """The split `spec` of any dataset: in memory for the built-in ones, streamed from
-    files for folder and tfrecord. `image_size` (H, W) and `channels` default to the
-    first image's.
+    files for folder and tfrecord. `image_size` (H, W) defaults to the first image's;
+    `channels` to 1 if a folder's images are all greyscale (shards: the first image's),
+    else 3.
 
     Raises:
       DataError: missing, unreadable or undecodable files (exit 3).

@@ -39,7 +39,8 @@ def define_flags() -> None:
     flags.DEFINE_list("splits", None, "Splits to write (default: every split the dataset has); "
                       "slices allowed, e.g. train[:90%],train[90%:] (written as train and test).")
     flags.DEFINE_list("image_size", None, "HEIGHT,WIDTH to resize to (default: the first image's).")
-    flags.DEFINE_integer("channels", None, "1 or 3 (default: the first image's).")
+    flags.DEFINE_integer("channels", None, "1 or 3 (default: 1 if a folder's images are all "
+                         "greyscale, shards: the first image's; else 3).")
     flags.DEFINE_enum("resize", "crop", ("crop", "pad", "stretch"), "How images are fitted.")
     flags.DEFINE_enum("bad_images", "error", ("error", "skip"), "Undecodable files: stop, or skip them.")
     flags.DEFINE_string("output_dir", None, "Where the shards go (created; gs:// works).")

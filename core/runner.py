@@ -242,7 +242,8 @@ class Run:
                     channels=config.channels, resize=config.resize, bad_images=config.bad_images)
         training = config.mode in ("train", "train_and_eval")
         if training:
-            # The training split fixes the size and channels (the first image's, unless given).
+            # The training split fixes the size and channels (unless given), the eval split
+            # follows.
             opened = data.open_split(config.train_split, image_size=config.image_size, **load)
             self.train_split = self._report(opened, config.train_split)
             shape = self.train_split.image_shape

@@ -261,7 +261,10 @@ def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
     formats = {i.format for i in infos}
     exact = bool((formats <= {"PNG", "WEBP"} or (formats == {"JPEG"} and ratio))
                  and {images_lib.decoded_size(i, ratio) for i in infos} == {size})
-    decoding = Decoding(size, channels or first.channels, resize, jpeg_ratio=ratio, exact=exact)
+    # Colour unless every file is greyscale: a colour folder whose first file is grey
+    # stays colour (the headers of all files are known here, unlike a stream of shards).
+    channels = channels or (1 if all(i.channels == 1 for i in infos) else 3)
+    decoding = Decoding(size, channels, resize, jpeg_ratio=ratio, exact=exact)
     smaller = sum(1 for i in infos if i.height < size[0] or i.width < size[1])
     orientations = np.array([i.orientation for i in infos], np.int32)
     turned = int((orientations != 1).sum())

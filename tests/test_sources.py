@@ -118,6 +118,15 @@ def test_resize_modes_crop_pad_stretch():
     assert up.shape == (20, 20, 3)
 
 
+def test_a_colour_folder_is_colour_whatever_its_first_file(tmp_path):
+    save(str(tmp_path / "mixed" / "a.png"), colour_images(1)[0], mode="L")  # first: grey
+    save(str(tmp_path / "mixed" / "b.png"), colour_images(1, seed=1)[0])
+    assert data.open_split("train", "folder", str(tmp_path / "mixed")).source.image_shape[2] == 3
+    save(str(tmp_path / "grey" / "a.png"), colour_images(1)[0], mode="L")
+    save(str(tmp_path / "grey" / "b.jpg"), colour_images(1, seed=1)[0], mode="L")
+    assert data.open_split("train", "folder", str(tmp_path / "grey")).source.image_shape[2] == 1
+
+
 def test_folder_images_are_resized_and_smaller_ones_counted(tmp_path):
     save(str(tmp_path / "a" / "big.png"), colour_images(1, 60, 90)[0])
     save(str(tmp_path / "a" / "small.png"), colour_images(1, 10, 12)[0])
