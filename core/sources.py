@@ -255,6 +255,10 @@ def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
             raise DataError(f"every file of {spec} in {data_dir} is undecodable")
     first = infos[0]
     size = tuple(image_size) if image_size else (first.height, first.width)
+    sizes = {(i.height, i.width) for i in infos}
+    if not image_size and len(sizes) > 1:
+        logging.info("%s: images of %d sizes, all fitted to the first one's, %dx%d "
+                     "(--image_size=H,W chooses another)", spec, len(sizes), *size)
     ratios = {images_lib.static_jpeg_ratio(i.height, i.width, size) if i.format == "JPEG"
               else None for i in infos}
     ratio = ratios.pop() if len(ratios) == 1 else None

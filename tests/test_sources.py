@@ -118,6 +118,24 @@ def test_resize_modes_crop_pad_stretch():
     assert up.shape == (20, 20, 3)
 
 
+def test_a_folder_of_several_sizes_says_which_it_fits_them_to(tmp_path, caplog):
+    from absl import logging as absl_logging
+
+    save(str(tmp_path / "a.png"), colour_images(1, 30, 40)[0])
+    save(str(tmp_path / "b.png"), colour_images(1, 20, 20)[0])
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.INFO)
+    try:
+        with caplog.at_level("INFO", logger="absl"):
+            data.open_split("train", "folder", str(tmp_path))
+            data.open_split("train", "folder", str(tmp_path), image_size=(16, 16))
+    finally:
+        absl_logging.set_verbosity(verbosity)
+    hints = [r.getMessage() for r in caplog.records if "sizes" in r.getMessage()]
+    assert hints == ["train: images of 2 sizes, all fitted to the first one's, 30x40 "
+                     "(--image_size=H,W chooses another)"]  # not when the size is given
+
+
 def test_a_colour_folder_is_colour_whatever_its_first_file(tmp_path):
     save(str(tmp_path / "mixed" / "a.png"), colour_images(1)[0], mode="L")  # first: grey
     save(str(tmp_path / "mixed" / "b.png"), colour_images(1, seed=1)[0])
