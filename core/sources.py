@@ -101,10 +101,18 @@ def default_splits(dataset: str, data_dir: str | None) -> tuple[str, str]:
 
 
 def list_images(root: str) -> tuple[list[str], dict[str, int]]:
-    """(sorted image paths under `root`, {other extension or name: count}), recursively."""
+    """(sorted image paths under `root`, {other extension or name: count}), recursively.
+
+    Hidden files and folders (named .*) are not read, as `ls` does not show them: macOS
+    leaves `._NAME.jpg` resource forks beside copied photos (not images), and notebooks
+    `.ipynb_checkpoints/` copies of them. Hidden files are counted as "hidden"."""
     found, others = [], collections.Counter()
-    for folder, _, files in tf.io.gfile.walk(root):
+    for folder, subfolders, files in tf.io.gfile.walk(root):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # walk skips them
         for name in files:
+            if name.startswith("."):
+                others["hidden"] += 1
+                continue
             ext = os.path.splitext(name)[1].lower()
             if ext in images_lib.EXTENSIONS:
                 found.append(os.path.join(folder, name))

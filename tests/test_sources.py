@@ -69,6 +69,20 @@ def test_folder_splits_labels_and_sorted_order(tmp_path):
     assert sources.default_splits("folder", str(tmp_path)) == ("train", "test")
 
 
+def test_hidden_files_and_folders_are_not_read(tmp_path):
+    """macOS's ._ resource forks beside copied photos are not images; a notebook's
+    .ipynb_checkpoints/ holds copies of them. Neither is read, nor fails the check."""
+    png_tree(str(tmp_path), splits=(("train", 4),), classes=("cat",))
+    (tmp_path / "train" / "cat" / "._000.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / "train" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    save(str(tmp_path / "train" / "cat" / ".ipynb_checkpoints" / "000-checkpoint.png"),
+         colour_images(1)[0])
+    paths, others = sources.list_images(str(tmp_path / "train"))
+    assert [os.path.basename(p) for p in paths] == ["000.png", "001.png", "002.png", "003.png"]
+    assert others == {"hidden": 2}
+    assert data.open_split("train", "folder", str(tmp_path)).source.num_examples == 4
+
+
 def test_a_flat_folder_is_train_sliced_90_10(tmp_path):
     for i, a in enumerate(colour_images(20)):
         save(str(tmp_path / f"img{i:02d}.jpg"), a)
