@@ -88,7 +88,7 @@ def _webp_header(head: bytes) -> tuple[str, str, tuple[int, int], int, bool] | N
 
 def _identify(head: bytes) -> tuple[str, str, tuple[int, int], int, bool]:
     """(format, mode, (width, height) as stored, EXIF orientation, animated) from the first
-    bytes of a file, by Pillow."""
+    bytes of a file, by Pillow (a WebP's by `_webp_header`)."""
     from PIL import Image, UnidentifiedImageError
 
     webp = _webp_header(head)
