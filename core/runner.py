@@ -31,6 +31,7 @@ from core.errors import ConfigError, DataError, op_error_reason
 from core.summaries import Summaries
 from core.trainer import Trainer
 from layers import fast_forms
+from layers.registry import is_user_model
 from layers.autoencoders import ModelError, build_autoencoder
 
 FIGURES = {
@@ -67,7 +68,7 @@ def inherit_run_config(config: Config, saved: dict | None,
         given = {f for f in INHERITED if getattr(config, f) != defaults[f].default}
     model = saved.get("model")
     if "model" not in given and model and model not in config_lib.model_names() \
-            and ":" not in model:
+            and not is_user_model(model):
         raise ConfigError(
             f"the run was trained with --model={model!r}, a factory registered from Python "
             "(layers.autoencoders.register), which this process has not registered: call "

@@ -167,10 +167,12 @@ class FolderSource:
         self.image_shape = decoding.image_shape
         self.num_examples = len(paths)
 
-    def _decode(self, path: tf.Tensor, index: tf.Tensor) -> tf.Tensor:
-        orientation = (None if self.orientations is None
-                       else tf.gather(tf.constant(self.orientations), index))
-        return self.decoding(tf.io.read_file(path), orientation)
+    def _files(self, indices: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor | None]:
+        """The paths of examples `indices` and their EXIF orientations (None: all upright),
+        each table put in the graph once per call. Traced."""
+        orientations = (None if self.orientations is None
+                        else tf.gather(tf.constant(self.orientations), indices))
+        return tf.gather(tf.constant(self.paths), indices), orientations
 
     def describe(self) -> str:
         n = len(self.class_names)
@@ -182,13 +184,16 @@ class FolderSource:
 
     def decode_index(self, index: tf.Tensor) -> tf.Tensor:
         """Example `index` -> uint8 [H, W, C]. Traced."""
-        return self._decode(tf.gather(tf.constant(self.paths), index), index)
+        path, orientation = self._files(index)
+        return self.decoding(tf.io.read_file(path), orientation)
 
     def decode_chunk(self, indices: tf.Tensor) -> tf.Tensor:
         """Examples `indices` (a vector of static length k) -> uint8 [k, H, W, C]: k files
         in one tf.data map call (data.DECODE_CHUNK says why). Traced."""
-        paths = tf.gather(tf.constant(self.paths), indices)
-        return tf.stack([self._decode(paths[j], indices[j]) for j in range(indices.shape[0])])
+        paths, orientations = self._files(indices)
+        return tf.stack([self.decoding(tf.io.read_file(paths[j]),
+                                       None if orientations is None else orientations[j])
+                         for j in range(indices.shape[0])])
 
     def head(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
         k = min(k, self.num_examples)
@@ -202,7 +207,8 @@ class FolderSource:
         for i in indices:
             path = self.paths[int(i)]
             try:
-                self._decode(tf.constant(path), tf.constant(int(i), tf.int64))
+                orientation = None if self.orientations is None else self.orientations[int(i)]
+                self.decoding(tf.io.read_file(path), orientation)
             except (tf.errors.OpError, ValueError) as e:
                 return path, op_error_reason(e)
         return None
