@@ -12,13 +12,16 @@ Flags become one validated, frozen `core.Config`; everything else lives in
 """
 
 import dataclasses
+import importlib.util
+import logging as std_logging
+import os
 import sys
 
 import core  # imports no TensorFlow
 
 core.quiet_tensorflow()
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from core import config as config_lib  # noqa: E402
 
@@ -213,17 +216,28 @@ def config_from_flags(argv=None) -> config_lib.Config:
     return config_lib.Config(**values)
 
 
+class _NotTensorFlowInfo:
+    """A logging filter: drops INFO (and lower) records of TensorFlow's own modules."""
+
+    def __init__(self):
+        spec = importlib.util.find_spec("tensorflow")  # finds it without importing it
+        self.prefix = os.path.join(spec.submodule_search_locations[0], "")
+
+    def filter(self, record) -> bool:
+        return record.levelno > std_logging.INFO or not record.pathname.startswith(self.prefix)
+
+
 def main(argv):
     if len(argv) > 1:
         print(f"train.py: error: unexpected arguments {' '.join(argv[1:])}: flags take the form "
               "--name=value (python train.py --helpshort lists them)", file=sys.stderr)
         sys.exit(2)
-    import logging as std_logging
-
     from core.errors import Preempted, TapeloopError
 
-    # TensorFlow's own INFO lines (checkpoint sharding timings...) drown ours.
+    # TensorFlow's own INFO lines drown ours: those of its logger, and those its modules
+    # write with absl's (a "Sharding callback duration" line at every checkpoint).
     std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
+    logging.get_absl_logger().addFilter(_NotTensorFlowInfo())
 
     try:
         config = config_from_flags()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from typing import Any
 
@@ -35,6 +36,8 @@ _SPLIT_RE = re.compile(r"^(\w+)(\[(-?\d+%?)?:(-?\d+%?)?\])?$")
 
 
 MAX_NUM_IMAGES = 64
+# Path flags whose leading ~ is the user's home folder.
+PATH_FIELDS = ("model_dir", "data_dir", "checkpoint", "cache")
 # Synthetic splits are generated in memory: refuse more than this many bytes per split.
 MAX_SYNTHETIC_BYTES = 2 * 2**30
 
@@ -131,6 +134,8 @@ class Config:
     num_images: int = 8  # columns of the reconstruction figure and image summary
 
     def __post_init__(self):
+        for name in PATH_FIELDS:
+            object.__setattr__(self, name, expand_home(getattr(self, name)))
         _check_choice("mode", self.mode, MODES)
         if not (self.dataset.startswith("tfds:") and len(self.dataset) > len("tfds:")):
             _check_choice("dataset", self.dataset, DATASETS + ("tfds:NAME[/CONFIG]",))
@@ -384,6 +389,13 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def expand_home(path: str | None) -> str | None:
+    """`~/photos` as `$HOME/photos`. A shell expands a ~ only at the start of a word, so
+    in `--data_dir=~/photos` it reaches us as written (absl expands `--flagfile=~/...` the
+    same way). Paths with a scheme (`gs://...`) are left alone."""
+    return os.path.expanduser(path) if path and path.startswith("~") else path
 
 
 def _check_choice(name: str, value: str, choices) -> None:

@@ -160,8 +160,10 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
     import tensorflow as tf
 
     from core import data
-    from core.config import DATASETS
+    from core.config import DATASETS, expand_home
     from core.errors import ConfigError
+
+    output_dir, data_dir = expand_home(output_dir), expand_home(data_dir)
 
     if (dataset not in DATASETS and not dataset.startswith("tfds:")) or dataset == "tfrecord":
         raise ConfigError(f"--dataset={dataset}: choose one of "

@@ -177,7 +177,8 @@ class FolderSource:
     def describe(self) -> str:
         n = len(self.class_names)
         classes = f"{n} class{'es' if n != 1 else ''}" if n else "unlabelled"
-        return f"{self.num_examples:,} image files ({classes})"
+        files = "file" if self.num_examples == 1 else "files"
+        return f"{self.num_examples:,} image {files} ({classes})"
 
     def describe_decoding(self) -> str:
         return self.decoding.describe()
@@ -252,8 +253,8 @@ def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
         raise ConfigError(f"split {spec!r} of {data_dir} is empty: widen the slice")
     start = time.monotonic()
     infos, bad = scan(paths)
-    logging.info("checked %d image files of %s in %.1f s", len(paths), spec,
-                 time.monotonic() - start)
+    logging.info("checked %d image file%s of %s in %.1f s", len(paths),
+                 "" if len(paths) == 1 else "s", spec, time.monotonic() - start)
     if bad and bad_images == "error":
         first = next(iter(bad))
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""

@@ -83,8 +83,9 @@ def test_a_stray_argument_is_one_line(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-def test_a_cpu_run_prints_no_cuda_error(tmp_path):
-    """On a machine without an NVIDIA driver, CUDA's failed initialisation stays quiet."""
+def test_a_cpu_run_prints_no_cuda_error_nor_tensorflow_info(tmp_path):
+    """On a machine without an NVIDIA driver, CUDA's failed initialisation stays quiet; so do
+    the INFO lines TensorFlow's Python modules write with absl's logger, ours stay."""
     assert not os.path.exists("/proc/driver/nvidia/version")  # this suite runs on CPUs
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset=synthetic",
@@ -93,6 +94,8 @@ def test_a_cpu_run_prints_no_cuda_error(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "cuInit" not in proc.stderr
+    assert "checkpoints.py" in proc.stderr and "saved checkpoint" in proc.stderr  # ours
+    assert "functional_saver.py" not in proc.stderr  # "Sharding callback duration: 37 us"
     prepared = subprocess.run([sys.executable, "-m", "core.prepare", "--dataset=synthetic",
                                "--splits=test[:8]", f"--output_dir={tmp_path}/shards"],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -34,3 +34,15 @@ def test_defaults_are_valid_and_frozen():
     with pytest.raises(AttributeError):
         config.batch_size = 3  # frozen
     assert Config(**config.to_dict()) == config
+
+
+def test_a_leading_tilde_is_the_home_folder(monkeypatch, tmp_path):
+    """`--data_dir=~/photos` reaches train.py as written: a shell expands ~ only at the start
+    of a word."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    c = Config(dataset="folder", data_dir="~/photos", model_dir="~/runs/a",
+               checkpoint="~/runs/b/ckpt-3", cache="~/cache")
+    assert (c.data_dir, c.model_dir, c.checkpoint, c.cache) == tuple(
+        str(tmp_path / p) for p in ("photos", "runs/a", "runs/b/ckpt-3", "cache"))
+    assert Config(dataset="folder", data_dir="gs://b/~x", cache="memory").data_dir == "gs://b/~x"
+    assert c.replace(mode="eval").data_dir == str(tmp_path / "photos")

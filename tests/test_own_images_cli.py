@@ -21,10 +21,10 @@ from helpers import ROOT, run_train
 from test_sources import colour_images, png_tree, save
 
 
-def _prepare(*flags):
+def _prepare(*flags, env=None):
     return subprocess.run([sys.executable, "-m", "core.prepare", *flags], capture_output=True,
                           text=True, timeout=300, cwd=ROOT,
-                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {})))
 
 
 @pytest.fixture(scope="module")
@@ -62,19 +62,22 @@ def test_train_on_a_folder_then_on_its_shards(tmp_path, photo_dir):
     assert spread > 50  # the figure shows colour
     assert (tmp_path / "folder" / "latent_space.png").exists()  # labels from the folders
 
+    # Written as in the README, `--output_dir=~/...`: a shell leaves that ~ to us.
+    home = {"HOME": str(tmp_path)}
     shards = _prepare("--dataset=folder", f"--data_dir={photo_dir}", "--image_size=32,32",
-                      f"--output_dir={tmp_path / 'shards'}", "--shards=3", "--bad_images=skip")
+                      "--output_dir=~/shards", "--shards=3", "--bad_images=skip", env=home)
     assert shards.returncode == 0, shards.stderr[-2000:]
     assert "wrote 112 images (32x32x3) in 6 shards" in shards.stdout
     assert "skipped 2 undecodable files" in shards.stdout
     assert "[##############################] 96/96" in shards.stderr  # the progress bar
     with pytest.raises(ConfigError, match="already holds shards: pass --overwrite"):
         prepare.convert("folder", str(tmp_path / "shards"), str(photo_dir), progress=None)
-    records = run_train("--dataset=tfrecord", f"--data_dir={tmp_path / 'shards'}",
-                        f"--model_dir={tmp_path / 'records'}", *common[1:-1])
+    records = run_train("--dataset=tfrecord", "--data_dir=~/shards", "--model_dir=~/records",
+                        *common[1:-1], env=home)
     assert records.returncode == 0, records.stderr[-2000:]
     assert "96 examples in 3 TFRecord shard(s) of 32x32x3" in records.stderr
     assert "tfrecord train: decoded straight to 32x32, no resize" in records.stderr
+    assert tf.train.latest_checkpoint(str(tmp_path / "records")).endswith("-6")  # ~ is HOME
     # Eval takes the data, size and model from the run's config.json (in-process: no
     # second TensorFlow start-up).
     evaluated = core.run(Config(mode="eval", model_dir=str(tmp_path / "records")))
