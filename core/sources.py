@@ -7,11 +7,11 @@ tf.data pipeline they all share; nothing here holds decoded images, except
 `head`, which decodes the first few for figures.
 
 Folder layout: every JPEG/PNG/WebP/BMP/GIF under the folder, recursively, in sorted
-path order. `train/` and `test/` (or `validation/`) subfolders are the splits;
-otherwise the whole folder is the split `train`. The first folder level inside
+path order. A `train/` subfolder and its siblings `test/`, `validation/`, `val/`,
+`valid/` are the splits; otherwise the whole folder is the split `train`. The first folder level inside
 a split names the class, as in `keras.utils.image_dataset_from_directory`.
 
-TFRecord layout: `train-*` and `test-*` shards of `tf.train.Example`s with
+TFRecord layout: `train-*` and `test-*` (or `validation-*`, ...) shards of `tf.train.Example`s with
 Model Garden's keys (`image/encoded`, `image/format`, `image/height`,
 `image/width`, `image/class/label`), optionally GZIP-compressed, plus the
 `dataset_info.json` that `python -m core.prepare` writes (example counts and
@@ -35,7 +35,11 @@ from core import images as images_lib
 from core.errors import ConfigError, DataError, op_error_reason
 
 INFO_FILE = "dataset_info.json"
-SPLIT_FOLDERS = ("train", "test", "validation")
+# A folder's subfolders (and a shard's file prefix) that name splits; the first of
+# EVAL_SPLITS present is the default --eval_split ("val" is ImageNet's and many
+# datasets' folder, "valid" fastai's).
+EVAL_SPLITS = ("test", "validation", "val", "valid")
+SPLIT_FOLDERS = ("train", *EVAL_SPLITS)
 _SCAN_THREADS = 32
 _GLOB_CHARS = "*?["
 
@@ -77,7 +81,8 @@ class Decoding:
 
 # ------------------------------------------------------------------ folder
 def folder_splits(data_dir: str) -> dict[str, str]:
-    """{split name: its root folder}: the train/test/validation subfolders, or {'train': DIR}."""
+    """{split name: its root folder}: the SPLIT_FOLDERS subfolders if train/ is one, else
+    {'train': DIR}."""
     if not data_dir:
         raise ConfigError("--dataset=folder needs --data_dir=FOLDER, the folder of your images")
     if not tf.io.gfile.isdir(data_dir):
@@ -91,12 +96,16 @@ def folder_splits(data_dir: str) -> dict[str, str]:
 
 
 def default_splits(dataset: str, data_dir: str | None) -> tuple[str, str]:
-    """(train split, eval split) when the user names none."""
+    """(train split, eval split) when the user names none: the first of EVAL_SPLITS
+    present for folders and shards, test for the others."""
     if dataset == "folder":
         splits = folder_splits(data_dir)
         if len(splits) == 1:
             return "train[:90%]", "train[90%:]"
-        return "train", "test" if "test" in splits else "validation"
+        return "train", next(name for name in EVAL_SPLITS if name in splits)
+    if dataset == "tfrecord":
+        present = shard_splits(data_dir)
+        return "train", next((name for name in EVAL_SPLITS if name in present), "test")
     return "train", "test"
 
 
@@ -230,8 +239,9 @@ def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
     name = spec.split("[", 1)[0].strip()
     if name not in roots:
         raise ConfigError(f"split {spec!r}: {data_dir} has the splits {', '.join(roots)} "
-                          "(train/, test/ or validation/ subfolders make splits; without them "
-                          "the whole folder is 'train', sliced like 'train[:90%]')")
+                          f"({'/, '.join(SPLIT_FOLDERS)}/ subfolders beside train/ make splits; "
+                          "without train/ the whole folder is 'train', sliced like "
+                          "'train[:90%]')")
     split_root = roots[name]
     paths, others = list_images(split_root)
     if not paths:
@@ -316,10 +326,24 @@ def shard_files(data_dir: str, split: str) -> list[str]:
                             "TFRecord shards (python -m core.prepare writes them)")
         files = sorted(tf.io.gfile.glob(os.path.join(data_dir, f"{split}-*")))
     if not files:
-        raise DataError(f"--data_dir={data_dir} has no {split}-* TFRecord shards: write them "
+        present = shard_splits(data_dir)
+        has = f" (it has {', '.join(f'{name}-*' for name in present)})" if present else ""
+        raise DataError(f"--data_dir={data_dir} has no {split}-* TFRecord shards{has}: write them "
                         "with python -m core.prepare, or name the split's files "
                         f"{split}-00000-of-00001 and so on")
     return files
+
+
+def shard_splits(data_dir: str) -> list[str]:
+    """The split names of the shards in `data_dir` (their file prefixes: `train` of
+    train-00000-of-00004), sorted; none if it is not a folder or pattern of files."""
+    try:
+        files = (tf.io.gfile.glob(data_dir) if _has_glob(data_dir)
+                 else tf.io.gfile.glob(os.path.join(data_dir, "*-*")))
+    except tf.errors.OpError:
+        return []
+    return sorted({os.path.basename(f).split("-", 1)[0] for f in files
+                   if "-" in os.path.basename(f)})
 
 
 def _compression(path: str) -> str:

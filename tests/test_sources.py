@@ -69,6 +69,27 @@ def test_folder_splits_labels_and_sorted_order(tmp_path):
     assert sources.default_splits("folder", str(tmp_path)) == ("train", "test")
 
 
+@pytest.mark.parametrize("held_out", ["val", "valid", "validation"])
+def test_a_val_folder_beside_train_is_the_eval_split_and_its_shards_too(tmp_path, held_out):
+    """ImageNet's train/ + val/ (fastai's valid/, TFDS' validation/): the held-out folder is
+    evaluated, not ignored while train/ is sliced 90/10; prepare's shards keep its name,
+    and training on them evaluates on it by default too."""
+    arrays = png_tree(str(tmp_path / "imgs"), splits=(("train", 12), (held_out, 4)))
+    assert sources.default_splits("folder", str(tmp_path / "imgs")) == ("train", held_out)
+    held = data.open_split(held_out, "folder", str(tmp_path / "imgs")).source
+    assert held.num_examples == 4 and all(f"{os.sep}{held_out}{os.sep}" in p for p in held.paths)
+    prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "out"), shards=1)
+    assert sources.default_splits("tfrecord", str(tmp_path / "out")) == ("train", held_out)
+    records = data.open_split(held_out, "tfrecord", str(tmp_path / "out")).source
+    assert records.num_examples == 4
+    with pytest.raises(DataError, match=rf"has no test-\* TFRecord shards \(it has train-\*, "
+                                        rf"{held_out}-\*\)"):
+        data.open_split("test", "tfrecord", str(tmp_path / "out"))
+    png_tree(str(tmp_path / "imgs"), splits=(("test", 4),))  # test/ first, when present
+    assert sources.default_splits("folder", str(tmp_path / "imgs")) == ("train", "test")
+    np.testing.assert_array_equal(held.head(4)[0], arrays[held_out][[0, 2, 1, 3]])
+
+
 def test_hidden_files_and_folders_are_not_read(tmp_path):
     """macOS's ._ resource forks beside copied photos are not images; a notebook's
     .ipynb_checkpoints/ holds copies of them. Neither is read, nor fails the check."""
