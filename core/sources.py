@@ -23,6 +23,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import os
 import time
@@ -93,6 +94,20 @@ def folder_splits(data_dir: str) -> dict[str, str]:
     if "train" in present:  # train/ alone: sliced 90/10 like a flat folder
         return present
     return {"train": data_dir}
+
+
+def slice_order(paths: list[str], root: str) -> list[int]:
+    """The order in which a folder split is sliced (`train[90%:]`): by a hash of each file's
+    path inside `root`, not by path, so that a slice of class folders holds every class
+    (in path order, the last 10% is the last class's files; of photos named by date, the
+    latest), the same wherever the folder is, and adding files moves few others across a
+    slice. Keras' `validation_split` shuffles the paths for the same reason; a hash of the
+    name is how TensorFlow's image-retraining example kept its validation files fixed.
+    Inside a slice, files keep their path order."""
+    def key(i):  # every path is under root (list_images)
+        return hashlib.sha256(paths[i][len(root):].lstrip("/").encode()).digest()
+
+    return sorted(range(len(paths)), key=key)
 
 
 def default_splits(dataset: str, data_dir: str | None) -> tuple[str, str]:
@@ -256,7 +271,7 @@ def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
                      " ".join(images_lib.EXTENSIONS))
     labels, class_names = class_labels(split_root, paths)
     _, sl = parse_split(spec, {name: len(paths)})
-    picked = range(len(paths))[sl]
+    picked = sorted(slice_order(paths, split_root)[sl]) if sl != slice(None) else range(len(paths))
     paths = [paths[i] for i in picked]
     labels = labels[list(picked)] if labels is not None else None
     if not paths:

@@ -4,6 +4,7 @@ files the tests write; their order, resume, sharding, and remote (ram://) storag
 import io
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -115,6 +116,27 @@ def test_a_flat_folder_is_train_sliced_90_10(tmp_path):
     assert train.labels is None  # unlabelled: fine
     with pytest.raises(ConfigError, match="has the splits train"):
         data.open_split("test", "folder", str(tmp_path))
+
+
+def test_a_slice_of_class_folders_holds_every_class(tmp_path):
+    """Sliced in path order, train[90%:] of cat/ and dog/ would be dog/'s last files only:
+    evaluation on one class. Slices follow a hash of each path instead; inside a slice the
+    files stay in path order, and the two slices split the folder exactly."""
+    root = tmp_path / "a"
+    png_tree(str(root), splits=(("", 40),), classes=("cat", "dog", "owl", "yak"))
+    train = data.open_split("train[:80%]", "folder", str(root)).source
+    held = data.open_split("train[80%:]", "folder", str(root)).source
+    assert (train.num_examples, held.num_examples) == (32, 8)
+    assert sorted(train.paths + held.paths) == sorted(data.open_split(
+        "train", "folder", str(root)).source.paths)
+    assert held.paths == sorted(held.paths)
+    assert sorted(set(held.labels.tolist())) == [0, 1, 2, 3]  # by path: [3] * 8
+    assert [held.class_names[k] for k in held.labels] == [p.split(os.sep)[-2] for p in held.paths]
+    # The same membership wherever the folder is (only paths inside it are hashed).
+    shutil.copytree(root, tmp_path / "b")
+    moved = data.open_split("train[80%:]", "folder", str(tmp_path / "b")).source
+    assert [os.path.relpath(p, tmp_path / "b") for p in moved.paths] == [
+        os.path.relpath(p, root) for p in held.paths]
 
 
 @pytest.mark.parametrize("fmt,mode", [("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "P"),
