@@ -112,7 +112,8 @@ def slice_order(paths: list[str], root: str) -> list[int]:
 
 def default_splits(dataset: str, data_dir: str | None) -> tuple[str, str]:
     """(train split, eval split) when the user names none: the first of EVAL_SPLITS
-    present for folders and shards, test for the others."""
+    present for folders, shards and TFDS datasets (a TFDS dataset with only `train` is
+    sliced 90/10, as a flat folder), test for the others."""
     if dataset == "folder":
         splits = folder_splits(data_dir)
         if len(splits) == 1:
@@ -121,6 +122,12 @@ def default_splits(dataset: str, data_dir: str | None) -> tuple[str, str]:
     if dataset == "tfrecord":
         present = shard_splits(data_dir)
         return "train", next((name for name in EVAL_SPLITS if name in present), "test")
+    if dataset.startswith("tfds:"):  # imagenette has train and validation, tf_flowers train
+        present = tfds_builder(dataset[len("tfds:"):], data_dir).info.splits
+        held_out = next((name for name in EVAL_SPLITS if name in present), None)
+        if held_out is None and "train" in present:
+            return "train[:90%]", "train[90%:]"  # TFDS shuffled the examples when preparing
+        return "train", held_out or "test"
     return "train", "test"
 
 
@@ -617,17 +624,13 @@ def _first_image_shape(example, path: str) -> tuple[int, int, int, bool]:
 
 
 # -------------------------------------------------------------------- tfds
-def open_tfds(name: str, data_dir: str | None, spec: str, image_size, channels,
-              resize: str) -> TFRecordSource:
-    """A split of a TFDS dataset (`name` is NAME or NAME/CONFIG), with TFDS's split syntax.
-
-    Prepares the dataset if it is not in `data_dir` yet (TFDS downloads it). Its
-    TFRecord files are then read like ours (the same streaming, order and resume),
-    with the dataset's first Image feature and its `label` ClassLabel.
+def tfds_builder(name: str, data_dir: str | None):
+    """The TFDS builder of `name` (NAME or NAME/CONFIG) in `data_dir`, prepared (TFDS
+    downloads it the first time).
 
     Raises:
-      ConfigError: tensorflow-datasets is not installed, or the split is unknown.
-      DataError: an unknown dataset, one that cannot be prepared, or no image feature.
+      ConfigError: tensorflow-datasets is not installed.
+      DataError: an unknown dataset, or one that cannot be prepared.
     """
     try:
         import tensorflow_datasets as tfds
@@ -651,6 +654,24 @@ def open_tfds(name: str, data_dir: str | None, spec: str, image_size, channels,
             raise DataError(f"--dataset=tfds:{name} could not be prepared ({reason}): run it once "
                             "where TFDS can download it, or pass --data_dir=FOLDER where it is "
                             "prepared") from None
+    return builder
+
+
+def open_tfds(name: str, data_dir: str | None, spec: str, image_size, channels,
+              resize: str) -> TFRecordSource:
+    """A split of a TFDS dataset (`name` is NAME or NAME/CONFIG), with TFDS's split syntax.
+
+    Prepares the dataset if it is not in `data_dir` yet (TFDS downloads it). Its
+    TFRecord files are then read like ours (the same streaming, order and resume),
+    with the dataset's first Image feature and its `label` ClassLabel.
+
+    Raises:
+      ConfigError: tensorflow-datasets is not installed, or the split is unknown.
+      DataError: an unknown dataset, one that cannot be prepared, or no image feature.
+    """
+    builder = tfds_builder(name, data_dir)  # first: it names a missing tensorflow-datasets
+    import tensorflow_datasets as tfds
+
     info = builder.info
     try:
         split_info = info.splits[spec]

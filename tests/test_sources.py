@@ -561,7 +561,7 @@ def test_tfrecord_order_is_a_function_of_seed_and_epoch_and_resumes_exactly(tmp_
 
 
 # -------------------------------------------------------------------- tfds
-def tfds_from_files(root, data_dir):
+def tfds_from_files(root, data_dir, splits=("train", "test"), name="local_pets"):
     """A real TFDS dataset, prepared by a TFDS builder from the PNG files under `root`."""
     import tensorflow_datasets as tfds
 
@@ -575,8 +575,8 @@ def tfds_from_files(root, data_dir):
         "image": tfds.features.Image(shape=(24, 32, 3)),
         "label": tfds.features.ClassLabel(names=["cat", "dog"])})
     builder = tfds.dataset_builders.TfDataBuilder(
-        name="local_pets", config="small", version="1.0.0", data_dir=str(data_dir),
-        split_datasets={"train": split("train"), "test": split("test")}, features=features)
+        name=name, config="small", version="1.0.0", data_dir=str(data_dir),
+        split_datasets={s: split(s) for s in splits}, features=features)
     builder.download_and_prepare()
 
 
@@ -607,6 +607,29 @@ def test_tfds_dataset_from_local_files(tmp_path):
         data.open_split("train", "tfds:no_such_set", str(tmp_path / "tfds"))
     with pytest.raises(ConfigError, match="its splits: train, test"):
         data.open_split("validation", "tfds:local_pets/small", str(tmp_path / "tfds"))
+    assert sources.default_splits("tfds:local_pets/small", str(tmp_path / "tfds")) == (
+        "train", "test")
+
+
+def test_tfds_default_eval_split_is_the_held_out_one_it_has(tmp_path):
+    """Imagenette has train and validation, tf_flowers only train: a run without
+    --eval_split evaluates on validation, or on train[90%:], not on a missing test."""
+    png_tree(str(tmp_path / "imgs"), splits=(("train", 20), ("validation", 4)))
+    tfds_from_files(tmp_path / "imgs", tmp_path / "tfds", ("train", "validation"), "local_nette")
+    tfds_from_files(tmp_path / "imgs", tmp_path / "tfds", ("train",), "local_flowers")
+    assert sources.default_splits("tfds:local_nette/small", str(tmp_path / "tfds")) == (
+        "train", "validation")
+    assert sources.default_splits("tfds:local_flowers/small", str(tmp_path / "tfds")) == (
+        "train[:90%]", "train[90%:]")
+    run = core.run(Config(dataset="tfds:local_nette/small", data_dir=str(tmp_path / "tfds"),
+                          model_dir=str(tmp_path / "run"), epochs=None, train_steps=2,
+                          batch_size=4, eval_every=2))
+    assert run["step"] == 2
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (saved["train_split"], saved["eval_split"]) == ("train", "validation")
+    info = prepare.convert("tfds:local_flowers/small", str(tmp_path / "shards"),
+                           str(tmp_path / "tfds"), progress=None, shards=1)
+    assert {k: v["examples"] for k, v in info["splits"].items()} == {"train": 18, "test": 2}
 
 
 # ------------------------------------------------------------ bad input
