@@ -123,7 +123,8 @@ def cpu_defaults(config, num_gpus: int, cores: int):
     where = (f"{num_gpus} GPU(s)" if num_gpus else f"no GPU, {cores} cores")
     if side_by_side and intra == 1:
         why = (f"the CPU recipe: {shards} batch shards side by side, one thread per op"
-               + (", in-memory training data on the device" if on_device is not False else ""))
+               + {None: ", training data held in memory goes on the device",
+                  True: ", the training data on the device", False: ""}[on_device])
     elif num_gpus:
         why = "one batch shard, TensorFlow's threads, tf.data (the GPU settings)"
     elif config.mode not in ("train", "train_and_eval"):

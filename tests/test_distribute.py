@@ -334,6 +334,10 @@ def test_cpu_defaults_pick_the_recipe_only_where_it_pays():
     assert (recipe.batch_shards, recipe.num_intra_threads, recipe.num_inter_threads) == (2, 1, 2)
     assert recipe.data_on_device is None  # on if the split fits, decided once it is loaded
     assert "the CPU recipe: 2 batch shards" in line
+    assert line.endswith("training data held in memory goes on the device (flags given "
+                         "explicitly win)")  # not yet known: a folder's files are not
+    _, line = distribute.cpu_defaults(base.replace(data_on_device=False), num_gpus=0, cores=2)
+    assert "on the device" not in line
     gpu, line = distribute.cpu_defaults(base, num_gpus=1, cores=2)
     assert (gpu.batch_shards, gpu.num_intra_threads, gpu.num_inter_threads,
             gpu.data_on_device) == (1, 0, 0, False)
