@@ -42,8 +42,8 @@ flags.DEFINE_string("train_split", None, "Training split, TFDS-style slices allo
                     "test/ subfolders: train[:90%]).")
 flags.DEFINE_string("eval_split", None, "Evaluation split, e.g. 'test', 'test[8000:]' (default: "
                     "test, or validation; a folder without split subfolders: train[90%:]).")
-flags.DEFINE_list("image_size", None, "HEIGHT,WIDTH every image is resized to (default: the "
-                  "first image's size).")
+flags.DEFINE_list("image_size", None, "HEIGHT,WIDTH every image is resized to, or one number "
+                  "for a square (default: the first image's size).")
 flags.DEFINE_integer("channels", None, "1 (greyscale) or 3 (RGB); default: 1 if a folder's "
                      "images are all greyscale (shards: the first image's), else 3.")
 flags.DEFINE_enum("resize", _D.resize, config_lib.RESIZE_MODES, "How images of another size "

@@ -146,10 +146,7 @@ class Config:
         if self.dataset in FILE_DATASETS and not self.data_dir:
             raise ConfigError(f"--dataset={self.dataset} needs --data_dir: the folder of your "
                               + ("images" if self.dataset == "folder" else "TFRecord shards"))
-        if self.image_size is not None and (len(self.image_size) != 2
-                                            or min(self.image_size) <= 0):
-            raise ConfigError(f"--image_size={','.join(map(str, self.image_size))}: give "
-                              "HEIGHT,WIDTH as two positive numbers, e.g. 64,64")
+        object.__setattr__(self, "image_size", image_size(self.image_size))
         if self.tf_data_service is not None and not re.match(r"^grpc://[^/]+:\d+$",
                                                                self.tf_data_service):
             raise ConfigError(f"--tf_data_service={self.tf_data_service}: give the dispatcher as "
@@ -389,6 +386,23 @@ class Config:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def image_size(values) -> tuple[int, int] | None:
+    """--image_size as (H, W): HEIGHT,WIDTH, or one number for a square.
+
+    Raises:
+      ConfigError: not one or two positive numbers.
+    """
+    if values is None:
+        return None
+    size = tuple(values)
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) <= 0:
+        raise ConfigError(f"--image_size={','.join(map(str, values))}: give HEIGHT,WIDTH as two "
+                          "positive numbers, e.g. 64,48, or one for a square, e.g. 64")
+    return size
 
 
 def expand_home(path: str | None) -> str | None:

@@ -36,9 +36,11 @@ def define_flags() -> None:
     flags.DEFINE_string("dataset", None, "What to convert: folder, mnist, fashion_mnist, fontdigits, "
                         "shapes, synthetic.")
     flags.DEFINE_string("data_dir", None, "The dataset's --data_dir (folder: your images).")
-    flags.DEFINE_list("splits", None, "Splits to write (default: every split the dataset has); "
+    flags.DEFINE_list("splits", None, "Splits to write (default: every split of a folder; "
+                      "otherwise train and the split train.py evaluates by default); "
                       "slices allowed, e.g. train[:90%],train[90%:] (written as train and test).")
-    flags.DEFINE_list("image_size", None, "HEIGHT,WIDTH to resize to (default: the first image's).")
+    flags.DEFINE_list("image_size", None, "HEIGHT,WIDTH to resize to, or one number for a "
+                      "square (default: the first image's).")
     flags.DEFINE_integer("channels", None, "1 or 3 (default: 1 if a folder's images are all "
                          "greyscale, shards: the first image's; else 3).")
     flags.DEFINE_enum("resize", "crop", ("crop", "pad", "stretch"), "How images are fitted.")
@@ -166,6 +168,7 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
 
     from core import data
     from core.config import DATASETS, expand_home
+    from core.config import image_size as config_image_size
     from core.errors import ConfigError
 
     output_dir, data_dir = expand_home(output_dir), expand_home(data_dir)
@@ -181,7 +184,7 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
         raise ConfigError(f"--encoding={encoding}: choose one of {', '.join(ENCODINGS)}")
     if not -1 <= png_compression <= 9:
         raise ConfigError(f"--png_compression={png_compression}: 0 (none) to 9, or -1 (zlib's)")
-    size = tuple(int(v) for v in image_size) if image_size else None
+    size = config_image_size([int(v) for v in image_size]) if image_size else None
     specs = list(splits or _split_names(dataset, data_dir))
     names = [s.split("[")[0] for s in specs]
     if len(specs) == 2 and len(set(names)) == 1:  # train[:90%], train[90%:]

@@ -1,5 +1,6 @@
 import pytest
 
+from core import prepare
 from core.config import Config
 from core.errors import ConfigError
 
@@ -18,6 +19,8 @@ BAD = [
     (dict(eval_split="test[::2]"), r"--eval_split='test\[::2\]'"),
     (dict(eager=True, jit_compile=True), r"--eager and --jit_compile"),
     (dict(encoder_filters=(8, 0)), r"--encoder_filters"),
+    (dict(image_size=(64, 48, 3)), r"--image_size=64,48,3: give HEIGHT,WIDTH as two positive"),
+    (dict(image_size=(0,)), r"--image_size=0: give HEIGHT,WIDTH"),
 ]
 
 
@@ -46,3 +49,11 @@ def test_a_leading_tilde_is_the_home_folder(monkeypatch, tmp_path):
         str(tmp_path / p) for p in ("photos", "runs/a", "runs/b/ckpt-3", "cache"))
     assert Config(dataset="folder", data_dir="gs://b/~x", cache="memory").data_dir == "gs://b/~x"
     assert c.replace(mode="eval").data_dir == str(tmp_path / "photos")
+
+
+def test_one_image_size_number_is_a_square(tmp_path):
+    assert Config(image_size=(64,)).image_size == (64, 64)
+    assert Config(image_size=[48, 80]).image_size == (48, 80)  # as the flag parser gives it
+    info = prepare.convert("synthetic", str(tmp_path), splits=["test[:4]"], image_size=["12"],
+                           progress=None, shards=1)
+    assert info["image_shape"] == [12, 12, 1]
