@@ -355,8 +355,11 @@ def build_user_model(name: str, input_shape: Sequence[int], precision: str = "fl
         raise ModelError(f"{call} returned {got}: return (encoder, decoder), two tf.keras.Model")
     encoder, decoder = made
     images = tf.zeros((1, *shape))
+    # Random images, not zeros: a decoder's logits on them have both signs unless it ends
+    # in a non-negative activation (checked below).
+    probe = tf.random.stateless_uniform((2, *shape), seed=(0, 0))
     try:
-        code = encoder(images)
+        code = encoder(probe)
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"{call}: the encoder {encoder.name!r} failed on images of shape "
                          f"{(None, *shape)} ({type(e).__name__}: {str(e).splitlines()[0]})") from e
@@ -374,6 +377,14 @@ def build_user_model(name: str, input_shape: Sequence[int], precision: str = "fl
         raise ModelError(f"{call}: the decoder {decoder.name!r} returns shape {(None, *got)}, the "
                          f"images are {(None, *shape)}: its output must be logits of the image's "
                          "shape")
+    low, high = (float(tf.reduce_min(tf.cast(logits, tf.float32))),
+                 float(tf.reduce_max(tf.cast(logits, tf.float32))))
+    if low >= 0:  # a sigmoid (as in Keras' tutorial decoder) or a relu at the end
+        raise ModelError(f"{call}: the decoder {decoder.name!r} returns only values >= 0 ({low:.3g} "
+                         f"to {high:.3g} on random images), so it ends in an activation such as "
+                         "sigmoid or relu; it must return logits, which tapeloop passes through a "
+                         "sigmoid (after a second one no pixel could be darker than 0.5): drop "
+                         "the final activation")
     model = Autoencoder(encoder, decoder, dtype=keras.DTypePolicy(precision),
                         name=re.sub(r"\W", "_", name))
     model(images)

@@ -177,8 +177,14 @@ def _factory_module(tmp_path, monkeypatch, body: str) -> None:
      "    return tf.keras.Sequential([d]), tf.keras.Sequential([u], name='up')\n", "bad_models:make",
      "the decoder 'up' returns shape (None, 27, 27, 1), the images are "
      "(None, 28, 28, 1): its output must be logits of the image's shape"),
+    ("def make(shape):\n"  # Keras' tutorial decoder ends in a sigmoid
+     "    d = tf.keras.Sequential([tf.keras.layers.Conv2D(4, 3, strides=2, padding='same')])\n"
+     "    u = tf.keras.layers.Conv2DTranspose(1, 3, strides=2, padding='same', "
+     "activation='sigmoid')\n"
+     "    return d, tf.keras.Sequential([u], name='up')\n", "bad_models:make",
+     "the decoder 'up' returns only values >= 0 (0."),
 ], ids=["no-module", "import-fails", "no-factory", "factory-raises", "one-model", "layers",
-        "wrong-shape"])
+        "wrong-shape", "sigmoid-output"])
 def test_a_bad_factory_is_one_line_before_anything_is_written(tmp_path, monkeypatch, body, model,
                                                               message):
     _factory_module(tmp_path, monkeypatch, body)
