@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from absl import logging
 import tensorflow as tf
@@ -271,6 +272,33 @@ def check_batch(strategy: tf.distribute.Strategy, global_batch_size: int,
 def default_jit_compile() -> bool:
     """XLA where a GPU is present; on CPUs TensorFlow's own kernels are faster for this model."""
     return bool(gpus())
+
+
+def xla_refusal(model, image_shape) -> str | None:
+    """Why XLA cannot compile the model's forward and backward pass (the op it has no
+    kernel for, and where the model creates it), or None if it can. Converts the traced
+    pass to XLA's HLO for this machine's device (tens of milliseconds: nothing is run or
+    compiled to machine code)."""
+
+    @tf.function(jit_compile=True, autograph=False)
+    def grads(x):
+        with tf.GradientTape() as tape:
+            y = tf.reduce_sum(tf.cast(model(x, training=True), tf.float32))
+        return tape.gradient(y, model.trainable_variables)
+
+    try:
+        grads.experimental_get_compiler_ir(tf.zeros((2, *image_shape)))(stage="hlo")
+    except (ValueError, tf.errors.OpError) as e:
+        text = str(e)
+        op = re.search(r"on XLA_\w+_JIT: (\w+) \(", text)
+        frames = re.findall(r'File "([^"]+)", line (\d+)', text)
+        where = [f"{os.path.basename(f)} line {n}" for f, n in frames
+                 if "site-packages" not in f and not f.endswith("/core/distribute.py")]
+        if op:
+            return f"op {op.group(1)}" + (f" ({where[-1]})" if where else "")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return lines[0].removeprefix("Failed getting HLO text: ")[:200] if lines else type(e).__name__
+    return None
 
 
 MAX_POOL_GRADIENTS = ("MaxPoolGrad", "MaxPoolGradV2", "MaxPool3DGrad")

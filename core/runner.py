@@ -162,6 +162,19 @@ class Run:
                 distribute.has_max_pool_gradient(self.model, self.image_shape))
             if why:
                 logging.info(why)
+        if self.jit_compile and config.mode != "export" and is_user_model(config.model):
+            # Your own model may hold an op XLA has no kernel for: found now, not as a
+            # traceback at the first step (nor only on the GPU machine, where XLA is on).
+            refusal = distribute.xla_refusal(self.model, self.image_shape)
+            if refusal and config.jit_compile:
+                raise ConfigError(f"--jit_compile: XLA cannot compile {refusal} of "
+                                  f"--model={config.model}: train without XLA (--nojit_compile), "
+                                  "or replace the op")
+            if refusal:
+                logging.warning("XLA (on by default with a GPU) cannot compile %s of --model=%s: "
+                                "this run trains without XLA (--nojit_compile says so; replacing "
+                                "the op gives XLA's speed)", refusal, config.model)
+                self.jit_compile = False
         # The faster forms of the model's functions (layers/fast_forms.py), once, for this run.
         forms, why = fast_forms.choose(self.jit_compile, self.precision)
         if config.mode == "export":  # the SavedModel may be served on any device

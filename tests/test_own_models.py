@@ -1,5 +1,6 @@
 """Your own model (`--model=MODULE:FACTORY`, `register`) and the losses (`--loss`)."""
 
+import json
 import os
 import re
 import subprocess
@@ -276,3 +277,42 @@ def test_ssim_refuses_images_smaller_than_its_window(tmp_path):
         core.run(Config(loss="ssim", dataset="synthetic", synthetic_shape=(8, 8, 1),
                         model_dir=str(model_dir), train_steps=1, epochs=None, batch_size=8))
     assert not model_dir.exists()
+
+
+class StringOpEncoder(keras.Model):
+    """A code that also depends on tf.strings: an op XLA has no kernel for."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = keras.layers.Conv2D(4, 3, strides=2, padding="same")
+
+    def call(self, x):
+        digits = tf.strings.length(tf.strings.as_string(tf.reduce_sum(x)))
+        return self.conv(x) + 0.0 * tf.cast(digits, x.dtype)
+
+
+def test_an_op_xla_cannot_compile_is_found_before_the_first_step(tmp_path, monkeypatch, caplog):
+    """Asked for, XLA's refusal is one line naming the op and the model's line, before
+    anything is written; by default on a GPU machine (XLA on), the run trains without XLA
+    and says why."""
+    register("strings", lambda shape: (StringOpEncoder(), keras.Sequential([
+        keras.layers.Conv2DTranspose(shape[2], 3, strides=2, padding="same")])))
+    config = Config(model="strings", dataset="synthetic", synthetic_shape=(8, 8, 1),
+                    model_dir=str(tmp_path / "run"), train_steps=2, epochs=None, batch_size=8,
+                    jit_compile=True)
+    with pytest.raises(ConfigError, match=r"^--jit_compile: XLA cannot compile op AsString "
+                       r"\(test_own_models.py line \d+\) of --model=strings: train without XLA "
+                       r"\(--nojit_compile\), or replace the op$"):
+        core.run(config)
+    assert not (tmp_path / "run").exists()
+    # The GPU default: a machine with a GPU turns XLA on (distribute.default_jit_compile).
+    from core import distribute
+    monkeypatch.setattr(distribute, "default_jit_compile", lambda: True)
+    with caplog.at_level("WARNING", logger="absl"):
+        result = core.run(config.replace(jit_compile=None))
+    assert result["step"] == 2
+    assert any("XLA (on by default with a GPU) cannot compile op AsString" in r.getMessage()
+               for r in caplog.records)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["resolved_jit_compile"] is False
+    assert distribute.xla_refusal(build_autoencoder("resnet", (32, 32, 3)), (32, 32, 3)) is None
