@@ -41,7 +41,8 @@ flags.DEFINE_string("train_split", None, "Training split, TFDS-style slices allo
                     "'test[:8000]', 'train[:90%]' (default: train; a folder without train/ and "
                     "test/ subfolders: train[:90%]).")
 flags.DEFINE_string("eval_split", None, "Evaluation split, e.g. 'test', 'test[8000:]' (default: "
-                    "test, or validation; a folder without split subfolders: train[90%:]).")
+                    "test, else validation, val or valid; a folder without split subfolders and a "
+                    "TFDS dataset with only train: train[90%:]).")
 flags.DEFINE_list("image_size", None, "HEIGHT,WIDTH every image is resized to, or one number "
                   "for a square (default: the first image's size).")
 flags.DEFINE_integer("channels", None, "1 (greyscale) or 3 (RGB); default: 1 if a folder's "
