@@ -38,11 +38,11 @@ flags.DEFINE_string("data_dir", None, "folder: your images; tfrecord: the shards
                     "pattern); mnist/fashion_mnist: local IDX .gz files or mnist.npz (default: "
                     "download into Keras' cache). gs:// and other TensorFlow filesystems work.")
 flags.DEFINE_string("train_split", None, "Training split, TFDS-style slices allowed: 'train', "
-                    "'test[:8000]', 'train[:90%]' (default: train; a folder without train/ and "
-                    "test/ subfolders: train[:90%]).")
+                    "'test[:8000]', 'train[:90%]' (default: train; a folder without a held-out "
+                    "subfolder and a TFDS dataset with only train: train[:90%]).")
 flags.DEFINE_string("eval_split", None, "Evaluation split, e.g. 'test', 'test[8000:]' (default: "
-                    "test, else validation, val or valid; a folder without split subfolders and a "
-                    "TFDS dataset with only train: train[90%:]).")
+                    "test, else validation, val or valid; a folder without a held-out subfolder and "
+                    "a TFDS dataset with only train: train[90%:]).")
 flags.DEFINE_list("image_size", None, "HEIGHT,WIDTH every image is resized to, or one number "
                   "for a square (default: the first image's size).")
 flags.DEFINE_integer("channels", None, "1 (greyscale) or 3 (RGB); default: 1 if a folder's "
