@@ -18,7 +18,7 @@ from collections.abc import Callable
 from absl import logging
 import tensorflow as tf
 
-from core.errors import NonFiniteLossError, Preempted
+from core.errors import NonFiniteLossError, OutOfMemoryError, Preempted, op_error_reason
 
 def format_line(kind: str, **fields) -> str:
     """The one log-line format: 'train | step 1200/4680 | loss 0.0931 | 10,450 ex/s'."""
@@ -286,6 +286,15 @@ class Controller:
                          self.best["value"], self.best["step"], patience)
             self.stopped_early = True
 
+    def _out_of_memory(self, error: OutOfMemoryError, start_step: int) -> OutOfMemoryError:
+        """`error`, after saving the steps trained since `start_step` (a loop that ran out of
+        memory midway has completed, and counted, the steps before the failing one)."""
+        self.progress.clear()
+        if int(self.trainer.step.numpy()) > start_step:
+            path = self.checkpointer.save()
+            return OutOfMemoryError(f"{error}; the steps before it are saved in {path}")
+        return error
+
     def _first_step(self, iterator, step: int) -> float:
         """Runs the first step alone: it traces (and compiles), which the throughput excludes."""
         jit = self.trainer.jit_compile
@@ -319,7 +328,7 @@ class Controller:
                          self.best["metric"], self.best["evals_since"])
             return step
         iterator = self.make_iterator(step)
-        first = True
+        first, start_step = True, step
         while step < self.total_steps:
             signal_name = self.stop_requested()
             if signal_name:
@@ -346,6 +355,15 @@ class Controller:
                 self.progress.clear()
                 reached = int(self.trainer.step.numpy())
                 raise self.data_error(reached, e, self.checkpointer.save()) from None
+            except tf.errors.ResourceExhaustedError as e:
+                halve = ("" if getattr(self.trainer, "precision", "") != "float32" else
+                         ", or on a GPU train in --precision=mixed_bfloat16 or mixed_float16, "
+                         "which halves the activations")
+                raise self._out_of_memory(OutOfMemoryError(
+                    f"out of memory in a training step ({op_error_reason(e)}): lower "
+                    f"--batch_size (now {self.trainer.global_batch_size}; --grad_accum_steps=N "
+                    f"with a batch N times smaller keeps the update's size){halve}"),
+                    start_step) from None
             self._profile(step, n)
             if not math.isfinite(loss):
                 self.progress.clear()
@@ -355,7 +373,10 @@ class Controller:
                 continue
             step += n
             first = False
-            self._after_loop(step, n, loss, elapsed)
+            try:
+                self._after_loop(step, n, loss, elapsed)
+            except OutOfMemoryError as e:  # an evaluation
+                raise self._out_of_memory(e, start_step) from None
             if self.stopped_early:
                 break
         if self._profiling:

@@ -37,6 +37,13 @@ class CheckpointError(TapeloopError):
     exit_code = 5
 
 
+class OutOfMemoryError(TapeloopError):
+    """A step or an evaluation needed more device memory than there is; the steps trained
+    before it were saved first."""
+
+    exit_code = 6
+
+
 def op_error_reason(error: Exception) -> str:
     """The line of a TensorFlow error that says what went wrong (e.g. "Invalid PNG data,
     size 4752"), without what wraps it: "Graph execution error:", "Detected at node ...",

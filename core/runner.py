@@ -27,7 +27,7 @@ from core.checkpoints import Checkpointer, ModelDirLock
 from core import config as config_lib
 from core.config import Config
 from core.controller import Cadence, Controller, format_line
-from core.errors import ConfigError, DataError, op_error_reason
+from core.errors import ConfigError, DataError, OutOfMemoryError, op_error_reason
 from core.summaries import Summaries
 from core.trainer import Trainer
 from layers import fast_forms
@@ -429,7 +429,13 @@ class Run:
                 lambda ctx: data.eval_dataset(self.eval_split, cfg.eval_batch, ctx,
                                               cfg.noise_factor, cfg.seed,
                                               skip_bad=cfg.bad_images == "skip"))
-        results = self.trainer.evaluate(self._eval_data)
+        try:
+            results = self.trainer.evaluate(self._eval_data)
+        except tf.errors.ResourceExhaustedError as e:
+            raise OutOfMemoryError(
+                f"out of memory evaluating at step {step} ({op_error_reason(e)}): lower "
+                f"--eval_batch_size (now {cfg.eval_batch}; the metrics do not depend on it)"
+            ) from None
         logging.info(format_line("eval (EMA weights)" if self.uses_ema else "eval", step=step,
                                  **results))
         self.summaries.scalars(writer, step, results)

@@ -292,3 +292,62 @@ def test_unwritable_model_dir(tmp_path):
         assert f"--model_dir={ro} is not writable (Read-only file system)" in proc.stderr
     finally:
         subprocess.run(["umount", str(ro)], capture_output=True)
+
+
+class GreedyDecoder(tf.keras.Model):
+    """A decoder that, on batches of `greedy_from` images or more, also asks TensorFlow's
+    allocator for 4 TiB: it refuses at once with the ResourceExhaustedError a GPU gives a
+    batch too large for its memory."""
+
+    def __init__(self, channels, greedy_from):
+        super().__init__()
+        self.up = tf.keras.layers.Conv2DTranspose(channels, 3, strides=2, padding="same")
+        self.greedy_from = greedy_from
+
+    def call(self, code):
+        logits = self.up(code)
+        corner = tf.reshape(logits[0, 0, 0, 0], (1, 1))
+        big = tf.cond(tf.shape(code)[0] >= self.greedy_from,
+                      lambda: tf.reduce_max(tf.tile(corner, (2**20, 2**20))),
+                      lambda: tf.zeros((), logits.dtype))
+        return logits + 0 * big
+
+
+def _greedy(greedy_from):
+    return lambda shape: (tf.keras.Sequential([tf.keras.layers.Conv2D(4, 3, strides=2,
+                                                                      padding="same")]),
+                          GreedyDecoder(shape[2], greedy_from))
+
+
+def test_out_of_memory_is_one_line_and_keeps_the_steps_trained(tmp_path):
+    """Out of memory in the first step: one line naming the batch (exit 6), nothing to save.
+    In an evaluation after 2 steps: the line names --eval_batch_size, and the 2 steps are
+    saved first. --mode=eval out of memory: one line, and no checkpoint file changes."""
+    from core.errors import OutOfMemoryError
+    from layers.autoencoders import register
+
+    register("greedy", _greedy(16))
+    base = Config(model="greedy", dataset="synthetic", synthetic_shape=(8, 8, 1), epochs=None,
+                  train_steps=4, batch_size=16, batch_shards=1, steps_per_loop=2,
+                  eval_batch_size=8, eval_every=2)
+    with pytest.raises(OutOfMemoryError, match=r"^out of memory in a training step \(OOM when "
+                       r"allocating tensor with shape\[1048576,1048576\] .*\): lower --batch_size "
+                       r"\(now 16; --grad_accum_steps=N") as raised:
+        core.run(base.replace(model_dir=str(tmp_path / "first")))
+    assert raised.value.exit_code == 6 and "\n" not in str(raised.value)
+    assert str(raised.value).endswith("or on a GPU train in --precision=mixed_bfloat16 or "
+                                      "mixed_float16, which halves the activations")
+    assert "saved" not in str(raised.value) and not tf.train.latest_checkpoint(
+        str(tmp_path / "first"))
+    run = base.replace(model_dir=str(tmp_path / "eval"), batch_size=8, eval_batch_size=16)
+    with pytest.raises(OutOfMemoryError, match=r"^out of memory evaluating at step 2 \(OOM .*\): "
+                       r"lower --eval_batch_size \(now 16; .*; the steps before it are saved in "
+                       r".*ckpt-2$"):
+        core.run(run)
+    assert tf.train.latest_checkpoint(str(tmp_path / "eval")).endswith("ckpt-2")
+    before = checkpoint_files(tmp_path / "eval")
+    with pytest.raises(OutOfMemoryError, match=r"^out of memory evaluating at step 2 "):
+        core.run(Config(mode="eval", model_dir=str(tmp_path / "eval"), eval_batch_size=16))
+    assert checkpoint_files(tmp_path / "eval") == before
+    assert core.run(Config(mode="eval", model_dir=str(tmp_path / "eval"), eval_batch_size=8)
+                    )["step"] == 2
