@@ -30,7 +30,8 @@ FLAGS = flags.FLAGS
 # validating) a Config, which keeps --help fast.
 _D = type("Defaults", (), {f.name: f.default for f in dataclasses.fields(config_lib.Config)})
 
-flags.DEFINE_enum("mode", _D.mode, config_lib.MODES, "What to run.")
+flags.DEFINE_enum("mode", _D.mode, config_lib.MODES, "What to run; continuous_eval: evaluate "
+                  "each new checkpoint of a run training elsewhere (--mode=train), as it appears.")
 flags.DEFINE_string("model_dir", _D.model_dir, "Checkpoints, TensorBoard events and figures go here; "
                     "rerunning with the same folder resumes.")
 flags.DEFINE_string("dataset", _D.dataset, f"One of: {', '.join(config_lib.DATASETS)}.")
@@ -141,6 +142,9 @@ flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate and checkpoint every
 flags.DEFINE_integer("keep_checkpoints", _D.keep_checkpoints, "How many checkpoints to keep.")
 flags.DEFINE_integer("checkpoint_every_steps", _D.checkpoint_every_steps,
                      "Also checkpoint every N steps (0: only at evaluations and the end).")
+flags.DEFINE_float("continuous_eval_timeout", _D.continuous_eval_timeout,
+                   "--mode=continuous_eval: stop after this many seconds without a new "
+                   "checkpoint (it stops by itself after the training's last step).")
 flags.DEFINE_float("checkpoint_every_secs", _D.checkpoint_every_secs,
                    "Also checkpoint when this many seconds passed since the last one (0: off).")
 flags.DEFINE_string("checkpoint", None, "--mode=eval/export: this checkpoint instead of the "

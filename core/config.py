@@ -17,7 +17,9 @@ from typing import Any
 
 from core.errors import ConfigError
 
-MODES = ("train", "eval", "train_and_eval", "export")
+MODES = ("train", "eval", "train_and_eval", "export", "continuous_eval")
+# Modes that restore checkpoints and never write one.
+INFERENCE_MODES = ("eval", "export", "continuous_eval")
 NAN_POLICIES = ("stop", "rollback")
 DATASETS = ("fontdigits", "mnist", "fashion_mnist", "shapes", "synthetic", "folder", "tfrecord")
 FILE_DATASETS = ("folder", "tfrecord")  # decoded from image files, streamed
@@ -125,6 +127,7 @@ class Config:
     checkpoint_every_steps: int = 0  # 0: only at evaluations and at the end
     checkpoint_every_secs: float = 600.0
     checkpoint: str | None = None  # for --mode=eval/export: this checkpoint, or "best"
+    continuous_eval_timeout: float = 3600.0  # continuous_eval: seconds without a new checkpoint
     keep_best: str | None = None  # a metric of BEST_METRICS: keep its best checkpoint in best/
     early_stopping_patience: int = 0  # stop after N evaluations without a new best; 0 = off
     profile_steps: tuple[int, int] | None = None
@@ -260,6 +263,16 @@ class Config:
         if self.early_stopping_patience < 0:
             raise ConfigError(f"--early_stopping_patience={self.early_stopping_patience}: "
                               "must be >= 0 (0 = off)")
+        if self.mode == "continuous_eval" and self.checkpoint:
+            raise ConfigError("--mode=continuous_eval evaluates each new checkpoint of --model_dir"
+                              f" as it appears; --checkpoint={self.checkpoint} names one: use "
+                              "--mode=eval for it")
+        if self.mode == "continuous_eval" and self.strategy == "multi_worker":
+            raise ConfigError("--mode=continuous_eval runs beside the workers, not among them: "
+                              "drop --strategy=multi_worker (and give it no TF_CONFIG of theirs)")
+        if not self.continuous_eval_timeout > 0:
+            raise ConfigError(f"--continuous_eval_timeout={self.continuous_eval_timeout}: must be "
+                              "a positive number of seconds")
         if (self.keep_best or self.early_stopping_patience) and self.mode == "train":
             raise ConfigError("--keep_best and --early_stopping_patience judge evaluations; "
                               "--mode=train runs none: use --mode=train_and_eval")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed on training machines
@@ -20,8 +22,12 @@ def _save(fig, path: str) -> None:
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    with tf.io.gfile.GFile(path, "wb") as f:
+    # Written beside, then renamed: a continuous evaluation and its training run may both
+    # redraw a figure, and a viewer must never read half of one.
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with tf.io.gfile.GFile(tmp, "wb") as f:
         f.write(buffer.getvalue())
+    tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def wrap_rows(rows: list[np.ndarray], labels: list[str],

@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import tempfile
+import time
 from collections.abc import Collection
 
 from absl import logging
@@ -27,7 +28,8 @@ from core.checkpoints import Checkpointer, ModelDirLock
 from core import config as config_lib
 from core.config import Config
 from core.controller import Cadence, Controller, format_line
-from core.errors import ConfigError, DataError, OutOfMemoryError, op_error_reason
+from core.errors import (CheckpointError, ConfigError, DataError, OutOfMemoryError,
+                         op_error_reason)
 from core.summaries import Summaries
 from core.trainer import Trainer
 from layers import fast_forms
@@ -113,7 +115,7 @@ class Run:
     """
 
     def __init__(self, config: Config, given: Collection[str] | None = None):
-        inference = config.mode in ("eval", "export")
+        inference = config.mode in config_lib.INFERENCE_MODES
         requested = config
         config, chosen = distribute.cpu_defaults(config, len(distribute.gpus()),
                                                  distribute.usable_cores())
@@ -196,7 +198,9 @@ class Run:
         if not self.is_chief:  # other workers' saves and summaries are thrown away
             self.output_dir = tempfile.mkdtemp(prefix=f"tapeloop-{distribute.task_id(self.strategy)}-")
         process.prepare_model_dir(config.model_dir)
-        self.lock = ModelDirLock(config.model_dir) if self.is_chief else None
+        # A continuous evaluation runs beside the training run that holds the lock.
+        self.lock = (ModelDirLock(config.model_dir)
+                     if self.is_chief and config.mode != "continuous_eval" else None)
         if self.lock:
             self.lock.acquire()
         if self.skipped and self.is_chief:
@@ -539,6 +543,8 @@ def train(run: Run) -> dict:
         if saved and saved.get("learning_rate") != cfg.learning_rate:
             run.trainer.set_learning_rate(cfg.learning_rate)  # the flag wins over the checkpoint
     if run.is_chief:
+        # The step a continuous evaluation beside this run stops after.
+        run.run_config["resolved_total_steps"] = total
         checkpoints.write_config(cfg.model_dir, run.run_config)
         run.summaries.run_header(run.run_config, start)
 
@@ -596,19 +602,80 @@ def evaluate(run: Run) -> dict:
     """Evaluates one checkpoint. The latest goes to the run's `eval/` curves and figures; a
     chosen `--checkpoint` to its own TensorBoard run `eval_ckpt-N/` (with its results
     and figures), so the training run's curves are never rewritten."""
+    return _evaluate_checkpoint(run, run.checkpoint_path, chosen=run.config.checkpoint is not None)
+
+
+def _evaluate_checkpoint(run: Run, path: str, chosen: bool) -> dict:
     cfg = run.config
-    step = run.checkpointer.restore(run.checkpoint_path)
-    chosen = cfg.checkpoint is not None
-    writer = f"eval_{os.path.basename(run.checkpoint_path)}" if chosen else "eval"
+    step = run.checkpointer.restore(path)
+    writer = f"eval_{os.path.basename(path)}" if chosen else "eval"
     out_dir = os.path.join(cfg.model_dir, writer) if chosen else cfg.model_dir
     results = run.evaluate(step, writer)
     if run.is_chief:
         tf.io.gfile.makedirs(out_dir)
         with tf.io.gfile.GFile(os.path.join(out_dir, "eval_results.json"), "w") as f:
             f.write(json.dumps({"step": step, "split": cfg.eval_split, "dataset": cfg.dataset,
-                                "checkpoint": run.checkpoint_path, **results}, indent=2))
+                                "checkpoint": path, **results}, indent=2))
         run.figures(step, out_dir, curves=not chosen)
     return {"step": step, **results}
+
+
+POLL_SECS = 1.0  # how often a continuous evaluation looks for a new checkpoint
+
+
+def _latest_checkpoint(model_dir: str) -> str | None:
+    state = checkpoints.read_state(model_dir) if tf.io.gfile.isdir(model_dir) else None
+    return state.model_checkpoint_path if state else None
+
+
+def wait_for_checkpoint(config: Config) -> None:
+    """--mode=continuous_eval started before the training run's first checkpoint: waits
+    for it, up to --continuous_eval_timeout."""
+    deadline = time.monotonic() + config.continuous_eval_timeout
+    if _latest_checkpoint(config.model_dir) is None:
+        logging.info("waiting for the first checkpoint in %s (up to %s s, "
+                     "--continuous_eval_timeout)", config.model_dir,
+                     f"{config.continuous_eval_timeout:g}")
+    while _latest_checkpoint(config.model_dir) is None:
+        if time.monotonic() >= deadline:
+            raise ConfigError(f"--mode=continuous_eval found no checkpoint in --model_dir="
+                              f"{config.model_dir} within --continuous_eval_timeout="
+                              f"{config.continuous_eval_timeout:g} s: start the training run, or "
+                              "raise the timeout")
+        time.sleep(POLL_SECS)
+
+
+def continuous_evaluate(run: Run) -> dict:
+    """Evaluates each new checkpoint of a run that trains in another process (or on other
+    machines: Orbit's `evaluate_continuously`, Keras' `SidecarEvaluator`), as `--mode=eval`
+    evaluates the latest, into the run's `eval/` curves and figures; never writes or
+    deletes a checkpoint. It always takes the newest (one evaluated while two newer
+    appeared skips the middle one), stops after the training's last step (config.json's
+    `resolved_total_steps`), or after --continuous_eval_timeout seconds without a new
+    checkpoint."""
+    cfg = run.config
+    evaluated, results, deadline = None, None, time.monotonic() + cfg.continuous_eval_timeout
+    while True:
+        total = (checkpoints.saved_config(cfg.model_dir) or {}).get("resolved_total_steps")
+        latest = _latest_checkpoint(cfg.model_dir)
+        if latest and latest != evaluated:
+            try:
+                results = _evaluate_checkpoint(run, latest, chosen=False)
+            except CheckpointError:
+                if tf.io.gfile.exists(latest + ".index"):
+                    raise
+                continue  # rotated away by the training run meanwhile: take the newest
+            evaluated, deadline = latest, time.monotonic() + cfg.continuous_eval_timeout
+            if total and results["step"] >= total:
+                logging.info("continuous eval: evaluated step %d, the training's last: done",
+                             results["step"])
+                return results
+            continue
+        if time.monotonic() >= deadline:
+            logging.info("continuous eval: no new checkpoint for %s s "
+                         "(--continuous_eval_timeout): done", f"{cfg.continuous_eval_timeout:g}")
+            return results
+        time.sleep(POLL_SECS)
 
 
 def export(run: Run) -> dict:
@@ -626,7 +693,8 @@ def export(run: Run) -> dict:
     return {"step": step, "export_dir": path}
 
 
-MODES = {"train": train, "train_and_eval": train, "eval": evaluate, "export": export}
+MODES = {"train": train, "train_and_eval": train, "eval": evaluate, "export": export,
+         "continuous_eval": continuous_evaluate}
 
 
 def run(config: Config, given: Collection[str] | None = None) -> dict:
@@ -638,6 +706,8 @@ def run(config: Config, given: Collection[str] | None = None) -> dict:
         model and data setting from the trained run's config.json. None: the fields
         that differ from Config's defaults.
     """
+    if config.mode == "continuous_eval":
+        wait_for_checkpoint(config)
     the_run = Run(config, given)
     try:
         return MODES[the_run.config.mode](the_run)

@@ -252,3 +252,63 @@ def test_resume_across_precisions_keeps_adams_state(tmp_path, first, then):
                                       adam + "_iterations/.ATTRIBUTES/VARIABLE_VALUE")) == 5
     saved = json.load(open(os.path.join(model_dir, "config.json")))
     assert saved["resolved_precision"] == then and np.isfinite(resumed["history"][-1]["loss"])
+
+
+def test_continuous_eval_follows_a_training_run_to_its_last_step(tmp_path):
+    """Started before the training run (--mode=train, which evaluates nothing), it waits for
+    the first checkpoint, evaluates the newest checkpoint each time one appears, into the
+    run's eval/ curve, and stops by itself after the last step, having written no
+    checkpoint file. Which of the middle checkpoints it sees depends on the two processes'
+    speeds; the first and the last are certain."""
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    model_dir = tmp_path / "run"
+    sidecar = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--mode=continuous_eval",
+         f"--model_dir={model_dir}", "--continuous_eval_timeout=240"], cwd=ROOT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    try:
+        trained = run_train("--mode=train", "--dataset=synthetic", "--synthetic_shape=16,16,1",
+                            "--eval_split=test[:64]", f"--model_dir={model_dir}",
+                            "--train_steps=60", "--batch_size=32", "--eval_every=20",
+                            "--steps_per_loop=5")
+        assert trained.returncode == 0, trained.stderr[-2000:]
+        files = checkpoint_files(model_dir)
+        _, err = sidecar.communicate(timeout=240)
+    finally:
+        sidecar.kill()
+    assert sidecar.returncode == 0, err[-2000:]
+    assert "waiting for the first checkpoint" in err
+    assert "continuous eval: evaluated step 60, the training's last: done" in err
+    steps = [step for step, _ in _scalars(str(model_dir / "eval"), "loss")]
+    assert steps == sorted(set(steps)) and steps[-1] == 60 and set(steps) <= {20, 40, 60}
+    assert json.loads((model_dir / "eval_results.json").read_text())["step"] == 60
+    assert checkpoint_files(model_dir) == files  # read-only on checkpoints
+
+
+def test_continuous_eval_stops_after_its_timeout_and_refuses_what_makes_no_sense(tmp_path):
+    """A run that will not reach its last step (stopped early, or killed): the newest
+    checkpoint is evaluated, then the wait for another ends at --continuous_eval_timeout. An empty
+    model dir is one line after the timeout; --checkpoint and multi_worker are refused."""
+    model_dir = str(tmp_path / "run")
+    core.run(Config(mode="train", dataset="synthetic", synthetic_shape=(8, 8, 1), epochs=None,
+                    train_steps=4, batch_size=8, eval_every=2, model_dir=model_dir,
+                    eval_split="test[:16]"))
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["resolved_total_steps"] == 4
+    saved["resolved_total_steps"] = 100  # as if it had been cut short
+    (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
+    results = core.run(Config(mode="continuous_eval", model_dir=model_dir, continuous_eval_timeout=1))
+    assert results["step"] == 4
+    with pytest.raises(core.ConfigError, match=r"found no checkpoint in --model_dir=.*empty "
+                       r"within --continuous_eval_timeout=0.5 s: start the training run"):
+        core.run(Config(mode="continuous_eval", model_dir=str(tmp_path / "empty"),
+                        continuous_eval_timeout=0.5))
+    assert not (tmp_path / "empty").exists()
+    with pytest.raises(core.ConfigError, match="use --mode=eval for it"):
+        Config(mode="continuous_eval", checkpoint=model_dir + "/ckpt-2")
+    with pytest.raises(core.ConfigError, match="runs beside the workers, not among them"):
+        Config(mode="continuous_eval", strategy="multi_worker")
