@@ -661,16 +661,16 @@ def continuous_evaluate(run: Run) -> dict:
         if latest and latest != evaluated:
             try:
                 results = _evaluate_checkpoint(run, latest, chosen=False)
+                evaluated, deadline = latest, time.monotonic() + cfg.continuous_eval_timeout
+                if total and results["step"] >= total:
+                    logging.info("continuous eval: evaluated step %d, the training's last: done",
+                                 results["step"])
+                    return results
+                continue
             except CheckpointError:
                 if tf.io.gfile.exists(latest + ".index"):
                     raise
-                continue  # rotated away by the training run meanwhile: take the newest
-            evaluated, deadline = latest, time.monotonic() + cfg.continuous_eval_timeout
-            if total and results["step"] >= total:
-                logging.info("continuous eval: evaluated step %d, the training's last: done",
-                             results["step"])
-                return results
-            continue
+                # Rotated away by the training run meanwhile: look again after a pause.
         if time.monotonic() >= deadline:
             logging.info("continuous eval: no new checkpoint for %s s "
                          "(--continuous_eval_timeout): done", f"{cfg.continuous_eval_timeout:g}")
