@@ -654,6 +654,10 @@ def continuous_evaluate(run: Run) -> dict:
     `resolved_total_steps`), or after --continuous_eval_timeout seconds without a new
     checkpoint."""
     cfg = run.config
+    if (run.saved or {}).get("mode") == "train_and_eval":
+        logging.warning("%s was trained with --mode=train_and_eval, which evaluates too: both "
+                        "write its eval/ curve; train with --mode=train beside a continuous "
+                        "evaluation", cfg.model_dir)
     evaluated, results, deadline = None, None, time.monotonic() + cfg.continuous_eval_timeout
     while True:
         total = (checkpoints.saved_config(cfg.model_dir) or {}).get("resolved_total_steps")

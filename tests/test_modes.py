@@ -292,7 +292,8 @@ def test_continuous_eval_follows_a_training_run_to_its_last_step(tmp_path):
     assert checkpoint_files(model_dir) == files  # read-only on checkpoints
 
 
-def test_continuous_eval_stops_after_its_timeout_and_refuses_what_makes_no_sense(tmp_path):
+def test_continuous_eval_stops_after_its_timeout_and_refuses_what_makes_no_sense(tmp_path,
+                                                                                  caplog):
     """A run that will not reach its last step (stopped early, or killed): the newest
     checkpoint is evaluated, then the wait for another ends at --continuous_eval_timeout. An empty
     model dir is one line after the timeout; --checkpoint and multi_worker are refused."""
@@ -303,9 +304,14 @@ def test_continuous_eval_stops_after_its_timeout_and_refuses_what_makes_no_sense
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["resolved_total_steps"] == 4
     saved["resolved_total_steps"] = 100  # as if it had been cut short
+    saved["mode"] = "train_and_eval"  # as if it evaluated itself
     (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
-    results = core.run(Config(mode="continuous_eval", model_dir=model_dir, continuous_eval_timeout=1))
+    with caplog.at_level("WARNING", logger="absl"):
+        results = core.run(Config(mode="continuous_eval", model_dir=model_dir,
+                                  continuous_eval_timeout=1))
     assert results["step"] == 4
+    assert any("which evaluates too: both write its eval/ curve" in r.getMessage()
+               for r in caplog.records)
     with pytest.raises(core.ConfigError, match=r"found no checkpoint in --model_dir=.*empty "
                        r"within --continuous_eval_timeout=0.5 s: start the training run"):
         core.run(Config(mode="continuous_eval", model_dir=str(tmp_path / "empty"),
