@@ -142,9 +142,10 @@ def _bar(split: str, done: int, total: int) -> None:
 def _split_names(dataset: str, data_dir: str | None) -> list[str]:
     """Every split of a folder; a TFDS dataset's training and default eval split."""
     if dataset == "folder":
-        from core.sources import folder_splits
+        from core.sources import folder_splits, warn_unread_split_folders
 
         splits = folder_splits(data_dir)
+        warn_unread_split_folders(data_dir)
         return list(splits) if len(splits) > 1 else ["train[:90%]", "train[90%:]"]
     if dataset.startswith("tfds:"):
         from core.sources import default_splits

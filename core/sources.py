@@ -96,6 +96,31 @@ def folder_splits(data_dir: str) -> dict[str, str]:
     return {"train": data_dir}
 
 
+# Subfolder names that look like splits; only SPLIT_FOLDERS (beside train/) are read as such.
+_SPLIT_LIKE = {"train", "training", "test", "testing", "val", "valid", "validation", "eval",
+               "evaluation", "dev", "holdout"}
+
+
+def warn_unread_split_folders(data_dir: str) -> None:
+    """Logs the subfolders of `data_dir` that look like splits (`Training/`, `Test/`,
+    `dev/`...) but are read as classes of one split, or not read at all."""
+    splits = folder_splits(data_dir)
+    names = sorted(n.rstrip("/") for n in tf.io.gfile.listdir(data_dir)
+                   if tf.io.gfile.isdir(os.path.join(data_dir, n)))
+    odd = [n for n in names if n.lower() in _SPLIT_LIKE and n not in splits]
+    if not odd:
+        return
+    folders = ", ".join(f"{n}/" for n in odd)
+    if splits["train"] != data_dir:  # a train/ subfolder: the splits are subfolders
+        logging.warning("--data_dir=%s: %s not read (the splits beside train/ are %s); rename "
+                        "to one of those to evaluate on it", data_dir, folders,
+                        ", ".join(f"{n}/" for n in EVAL_SPLITS))
+    else:
+        logging.warning("--data_dir=%s has no train/ subfolder, so %s are read as classes of one "
+                        "split, train, sliced 90/10; if they are splits, name them %s (lower "
+                        "case)", data_dir, folders, ", ".join(f"{n}/" for n in SPLIT_FOLDERS))
+
+
 def slice_order(paths: list[str], root: str) -> list[int]:
     """The order in which a folder split is sliced (`train[90%:]`): by a hash of each file's
     path inside `root`, not by path, so that a slice of class folders holds every class
@@ -116,6 +141,7 @@ def default_splits(dataset: str, data_dir: str | None) -> tuple[str, str]:
     sliced 90/10, as a flat folder), test for the others."""
     if dataset == "folder":
         splits = folder_splits(data_dir)
+        warn_unread_split_folders(data_dir)
         if len(splits) == 1:
             return "train[:90%]", "train[90%:]"
         return "train", next(name for name in EVAL_SPLITS if name in splits)

@@ -91,6 +91,29 @@ def test_a_val_folder_beside_train_is_the_eval_split_and_its_shards_too(tmp_path
     np.testing.assert_array_equal(held.head(4)[0], arrays[held_out][[0, 2, 1, 3]])
 
 
+def test_folders_that_look_like_splits_but_are_not_read_as_splits_are_named(tmp_path, caplog):
+    """Kaggle's Training/ and Testing/ are read as two classes of one split (no train/):
+    the log says so, and how to name them. Beside train/, a Test/ is not read: said too."""
+    png_tree(str(tmp_path / "a"), splits=(("Training", 4), ("Testing", 2)), classes=("x",))
+    with caplog.at_level("WARNING", logger="absl"):
+        assert sources.default_splits("folder", str(tmp_path / "a")) == ("train[:90%]",
+                                                                          "train[90%:]")
+    assert any("has no train/ subfolder, so Testing/, Training/ are read as classes of one "
+               "split, train" in r.getMessage() for r in caplog.records)
+    png_tree(str(tmp_path / "b"), splits=(("train", 4), ("Test", 2)), classes=("x",))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="absl"):
+        assert sources.default_splits("folder", str(tmp_path / "b")) == ("train[:90%]",
+                                                                          "train[90%:]")
+    assert any("Test/ not read (the splits beside train/ are test/, validation/, val/, valid/)"
+               in r.getMessage() for r in caplog.records)
+    png_tree(str(tmp_path / "c"), splits=(("train", 4), ("val", 2)), classes=("x",))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="absl"):
+        sources.default_splits("folder", str(tmp_path / "c"))
+    assert not caplog.records
+
+
 def test_hidden_files_and_folders_are_not_read(tmp_path):
     """macOS's ._ resource forks beside copied photos are not images; a notebook's
     .ipynb_checkpoints/ holds copies of them. Neither is read, nor fails the check."""
