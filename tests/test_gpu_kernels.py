@@ -9,6 +9,7 @@ from core import data, distribute, losses
 from core.gpu_kernels import ops_without_gpu_kernel
 from core.schedules import Multiplier
 from core.trainer import Trainer
+from layers import fast_forms
 from layers.autoencoders import build_autoencoder
 
 
@@ -19,16 +20,22 @@ RECIPE = dict(lr_multiplier=Multiplier("cosine", total_steps=100, warmup_steps=1
 
 
 def _loop(model="seed", precision="float32", device=False, shards=1, noise=0.0, jit=False,
-          replicas=1, loss="bce", recipe=False):
+          replicas=1, loss="bce", recipe=False, shape=(28, 28, 1), evaluation=False):
+    """The traced training loop (or, with `evaluation`, the eval batch), in the computation
+    forms the runner chooses on a GPU machine (fast_forms.choose without oneDNN)."""
     strategy = (tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
                 if replicas > 1 else tf.distribute.get_strategy())
-    images = np.random.default_rng(0).integers(0, 256, (256, 28, 28, 1), dtype=np.uint8)
+    images = np.random.default_rng(0).integers(0, 256, (256, *shape), dtype=np.uint8)
     with strategy.scope():
-        net = build_autoencoder(model, (28, 28, 1), precision)
+        net = build_autoencoder(model, shape, precision)
+        fast_forms.install(net, fast_forms.choose(jit, precision, onednn=False)[0])
         device_data = data.DeviceData(images, 32, replicas, 0) if device else None
         trainer = Trainer(net, strategy, 32, 1e-3, precision, jit_compile=jit,
                           device_data=device_data, noise_factor=noise, batch_shards=shards,
                           loss=losses.build(loss), **(RECIPE if recipe else {}))
+    if evaluation:
+        spec = tf.TensorSpec([32, *shape], tf.float32)
+        return trainer._eval_batch.get_concrete_function(spec, spec, tf.TensorSpec([32]))
     if device:
         return trainer._train_loop.get_concrete_function(None, tf.TensorSpec([], tf.int32))
     dist = iter(strategy.distribute_datasets_from_function(
@@ -44,6 +51,10 @@ def _loop(model="seed", precision="float32", device=False, shards=1, noise=0.0, 
     dict(loss="mse+l1+charbonnier"),
     dict(loss="ssim", precision="mixed_float16"), dict(recipe=True, replicas=2),
     dict(recipe=True, jit=True, precision="mixed_float16"),
+    dict(model="resnet", shape=(32, 32, 3), precision="mixed_float16", loss="l1+ssim"),
+    dict(model="resnet", shape=(32, 32, 3), precision="mixed_bfloat16", jit=True, replicas=2),
+    dict(model="resnet", shape=(32, 32, 3), precision="mixed_float16", evaluation=True),
+    dict(precision="mixed_bfloat16", evaluation=True, shards=2),
 ], ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "tf.data")
 def test_every_op_of_the_training_loop_has_a_gpu_kernel(path):
     assert ops_without_gpu_kernel(_loop(**path)) == []
