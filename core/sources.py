@@ -157,14 +157,28 @@ def default_splits(dataset: str, data_dir: str | None) -> tuple[str, str]:
     return "train", "test"
 
 
-def list_images(root: str) -> tuple[list[str], dict[str, int]]:
-    """(sorted image paths under `root`, {other extension or name: count}), recursively.
+def is_run_folder(files: list[str]) -> bool:
+    """Whether a folder holding `files` is a training run's output: TensorFlow's checkpoint
+    state file or event files (a model dir has its HParams events from its first step)."""
+    return "checkpoint" in files or any(f.startswith("events.out.tfevents.") for f in files)
+
+
+def list_images(root: str) -> tuple[list[str], dict[str, int], list[str]]:
+    """(sorted image paths under `root`, {other extension or name: count}, run folders
+    not read), recursively.
 
     Hidden files and folders (named .*) are not read, as `ls` does not show them: macOS
     leaves `._NAME.jpg` resource forks beside copied photos (not images), and notebooks
-    `.ipynb_checkpoints/` copies of them. Hidden files are counted as "hidden"."""
-    found, others = [], collections.Counter()
+    `.ipynb_checkpoints/` copies of them. Hidden files are counted as "hidden". Nor are
+    training run folders (`is_run_folder`) and what is under them: a --model_dir inside
+    the data folder would otherwise add its figures (reconstructions.png, ...) to the
+    training images, and another class, from its second run on."""
+    found, others, runs = [], collections.Counter(), []
     for folder, subfolders, files in tf.io.gfile.walk(root):
+        if is_run_folder(files):
+            runs.append(folder)
+            subfolders[:] = []
+            continue
         subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # walk skips them
         for name in files:
             if name.startswith("."):
@@ -175,7 +189,7 @@ def list_images(root: str) -> tuple[list[str], dict[str, int]]:
                 found.append(os.path.join(folder, name))
             else:
                 others[ext or name] += 1
-    return sorted(found), dict(sorted(others.items()))
+    return sorted(found), dict(sorted(others.items())), sorted(runs)
 
 
 def class_labels(root: str, paths: list[str]) -> tuple[np.ndarray | None, list[str]]:
@@ -291,7 +305,12 @@ def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
                           "without train/ the whole folder is 'train', sliced like "
                           "'train[:90%]')")
     split_root = roots[name]
-    paths, others = list_images(split_root)
+    paths, others, runs = list_images(split_root)
+    if runs:
+        logging.warning("%s: not reading %d training run folder%s inside it (%s): they hold "
+                        "checkpoints or TensorFlow events, and their images are the runs' "
+                        "figures; keep --model_dir outside --data_dir", split_root, len(runs),
+                        "s" if len(runs) != 1 else "", ", ".join(runs[:4]))
     if not paths:
         what = (f"only files ending {', '.join(list(others)[:8])}" if others else "no files at all")
         raise DataError(f"--data_dir={data_dir}: {split_root} holds no images ({what}); "

@@ -122,10 +122,26 @@ def test_hidden_files_and_folders_are_not_read(tmp_path):
     (tmp_path / "train" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     save(str(tmp_path / "train" / "cat" / ".ipynb_checkpoints" / "000-checkpoint.png"),
          colour_images(1)[0])
-    paths, others = sources.list_images(str(tmp_path / "train"))
+    paths, others, runs = sources.list_images(str(tmp_path / "train"))
     assert [os.path.basename(p) for p in paths] == ["000.png", "001.png", "002.png", "003.png"]
-    assert others == {"hidden": 2}
+    assert others == {"hidden": 2} and runs == []
     assert data.open_split("train", "folder", str(tmp_path)).source.num_examples == 4
+
+
+def test_a_model_dir_inside_the_data_folder_is_not_read(tmp_path, caplog):
+    """--model_dir=photos/run with --data_dir=photos: from the second run on, the run's
+    figures were training images of a class 'run', and the data changed under the resume."""
+    photos = tmp_path / "photos"
+    for i, a in enumerate(colour_images(20)):
+        save(str(photos / ("cat" if i % 2 else "dog") / f"{i:02d}.png"), a)
+    config = Config(dataset="folder", data_dir=str(photos), model_dir=str(photos / "run"),
+                    epochs=None, train_steps=2, batch_size=6, eval_every=2)
+    core.run(config)
+    assert (photos / "run" / "reconstructions.png").exists()  # PNGs a folder read would take
+    split = data.open_split("train[:90%]", "folder", str(photos))
+    assert split.source.num_examples == 18 and split.source.class_names == ["cat", "dog"]
+    assert f"not reading 1 training run folder inside it ({photos / 'run'})" in caplog.text
+    assert core.run(config.replace(train_steps=4))["step"] == 4  # the resume: same data
 
 
 def test_a_flat_folder_is_train_sliced_90_10(tmp_path):
