@@ -52,6 +52,13 @@ _TUPLE_FIELDS = ("encoder_filters", "decoder_filters", "synthetic_shape", "profi
                  "image_size", "loss_weights")
 SKIPPED_FILE = "skipped_images.txt"
 MAX_FIGURE_EXAMPLES = 2000  # eval examples decoded for the latent-space figure
+MAX_DEFAULT_SIDE = 512  # a larger first image needs --image_size: photos are 1000s of px
+
+
+def _smaller_size(height: int, width: int, long_side: int = 256) -> tuple[int, int]:
+    """(H, W) with the long side `long_side` and the aspect kept, sides multiples of 16."""
+    scale = long_side / max(height, width)
+    return tuple(max(32, round(side * scale / 16) * 16) for side in (height, width))
 
 
 def inherit_run_config(config: Config, saved: dict | None,
@@ -265,6 +272,15 @@ class Run:
             opened = data.open_split(config.train_split, image_size=config.image_size, **load)
             self.train_split = self._report(opened, config.train_split)
             shape = self.train_split.image_shape
+            if (config.image_size is None and max(shape[:2]) > MAX_DEFAULT_SIDE
+                    and not checkpoints.saved_config(config.model_dir)):  # not a resume
+                h, w = _smaller_size(*shape[:2])
+                raise ConfigError(
+                    f"--dataset={config.dataset}: the first image is {shape[0]}x{shape[1]} and "
+                    "no --image_size was given; training at that size costs "
+                    f"{shape[0] * shape[1] / 4096:,.0f}x the compute of 64x64 per image: give "
+                    f"the size to train at, e.g. --image_size={h},{w} (the same aspect) or "
+                    f"--image_size=128, or --image_size={shape[0]},{shape[1]} for full size")
             load["channels"] = shape[2]
             opened = data.open_split(config.eval_split, image_size=shape[:2], **load)
         else:

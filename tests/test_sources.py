@@ -232,6 +232,26 @@ def test_a_folder_of_several_sizes_says_which_it_fits_them_to(tmp_path, caplog):
                      "(--image_size=H,W chooses another)"]  # not when the size is given
 
 
+def test_photos_larger_than_512_px_need_an_image_size_to_train(tmp_path):
+    """A folder of camera photos without --image_size trained at 4000x3000: hundreds of
+    times the compute of the models' sizes, then an out-of-memory error naming the batch."""
+    for i in range(10):  # 9 to train on, 1 held out
+        save(str(tmp_path / "photos" / f"{i}.png"), colour_images(1, 600, 800, seed=i)[0])
+    config = Config(dataset="folder", data_dir=str(tmp_path / "photos"), epochs=None,
+                    model_dir=str(tmp_path / "run"), train_steps=1, batch_size=2, eval_every=1)
+    with pytest.raises(ConfigError, match=r"^--dataset=folder: the first image is 600x800 and "
+                       r"no --image_size was given; .* 117x the compute of 64x64 per image: give "
+                       r"the size to train at, e.g. --image_size=192,256 \(the same aspect\) or "
+                       r"--image_size=128, or --image_size=600,800 for full size$"):
+        core.run(config)
+    assert not (tmp_path / "run").exists()
+    assert core.run(config.replace(image_size=(600, 800)))["step"] == 1  # asked for: trains
+    # Its resume without the flag keeps the run's size (config.json has it), as before.
+    assert core.run(config.replace(train_steps=2))["step"] == 2
+    assert data.open_split("train", "folder", str(tmp_path / "photos")).source.image_shape == (
+        600, 800, 3)  # the default itself is unchanged: the first image's size
+
+
 def test_a_colour_folder_is_colour_whatever_its_first_file(tmp_path):
     save(str(tmp_path / "mixed" / "a.png"), colour_images(1)[0], mode="L")  # first: grey
     save(str(tmp_path / "mixed" / "b.png"), colour_images(1, seed=1)[0])
