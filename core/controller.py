@@ -308,6 +308,8 @@ class Controller:
             logging.info("first step ran in %.1f s" if eager else
                          "compiled in %.1f s (first step included)", elapsed)
             self.summaries.scalars("train", step + 1, {"compile_seconds": elapsed})
+            if not eager:
+                self.summaries.graph("train", step + 1, self.trainer.train_graph)
         return loss
 
     def train(self) -> int:

@@ -81,6 +81,12 @@ class Summaries:
         with self.writer(writer).as_default(step=step):
             tf.summary.image(name, grid, max_outputs=1, description=description)
 
+    def graph(self, writer: str, step: int, graph: tf.Graph) -> None:
+        """`graph` for TensorBoard's Graphs tab (what Keras' TensorBoard callback writes of
+        its train function)."""
+        with self.writer(writer).as_default(step=step):
+            tf.summary.graph(graph)
+
     def text(self, writer: str, step: int, name: str, text: str) -> None:
         with self.writer(writer).as_default(step=step):
             tf.summary.text(name, text)

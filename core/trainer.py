@@ -141,6 +141,7 @@ class Trainer:
                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
                     for i, v in enumerate(model.trainable_variables)]
         self.train_traces = 0  # how often the K-step loop was traced (a test reads it)
+        self.train_graph: tf.Graph | None = None  # its last trace, for TensorBoard's Graphs tab
 
         # The one place where compilation is decided.
         if eager:
@@ -310,6 +311,7 @@ class Trainer:
     def _train_loop_body(self, iterator, num_steps: tf.Tensor) -> tf.Tensor:
         """`num_steps` steps in one call; returns their mean loss (on the device). Traced once."""
         self.train_traces += 1  # Python side effect: runs only while tracing
+        self.train_graph = tf.compat.v1.get_default_graph()  # the FuncGraph being traced
         self.strategy.run(lambda: self.loss_sum.assign(0.0))
 
         def step(i):

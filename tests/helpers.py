@@ -44,3 +44,18 @@ def checkpoint_files(model_dir):
             out[name] = (sorted(os.listdir(path)) if os.path.isdir(path)
                          else open(path, "rb").read())
     return out
+
+
+def graph_nodes(folder):
+    """{node name: op type} of the graph in `folder`'s event files (TensorBoard's Graphs
+    tab), its functions' bodies included, and the names of functions XLA must compile."""
+    acc = EventAccumulator(folder)
+    acc.Reload()
+    graph = acc.Graph()
+    nodes = {n.name: n.op for n in graph.node}
+    xla = set()
+    for f in graph.library.function:
+        nodes.update({n.name: n.op for n in f.node_def})
+        if f.attr["_XlaMustCompile"].b:
+            xla.add(f.signature.name)
+    return nodes, xla

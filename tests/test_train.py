@@ -11,7 +11,7 @@ import core
 from core import data
 from core.config import Config
 from core.trainer import Trainer
-from helpers import event_tags, run_train
+from helpers import event_tags, graph_nodes, run_train
 from layers.autoencoders import build_autoencoder
 
 
@@ -41,6 +41,10 @@ def test_trains_writes_everything_and_resumes(tmp_path, idx_dir):
     assert [s for s, _ in eval_tags["loss"]] == [30, 60]
     assert [s for s, _ in train_tags["loss"]] == [10, 20, 30, 40, 50, 60]
     assert train_tags["learning_rate"][0][1] == pytest.approx(3e-3)
+    nodes, xla = graph_nodes(os.path.join(model_dir, "train"))  # the Graphs tab: the K-step loop
+    assert {"Conv2D", "Conv2DBackpropFilter", "ResourceApplyAdam"} <= set(nodes.values())
+    assert any("/encoder" in n for n in nodes) and any("/decoder" in n for n in nodes)
+    assert not xla
     image = matplotlib.image.imread(os.path.join(model_dir, "reconstructions.png"))
     assert image.ndim == 3 and image.shape[1] > image.shape[0]  # a wide two-row grid
 
@@ -86,6 +90,8 @@ def test_xla_training_run(tmp_path, idx_dir):
     result = core.run(_config(tmp_path, idx_dir, jit_compile=True, train_steps=30))
     losses = [h["loss"] for h in result["history"]]
     assert losses[-1] < losses[0]
+    nodes, xla = graph_nodes(str(tmp_path / "run" / "train"))
+    assert any("train_step" in f for f in xla) and "Conv2D" in nodes.values()  # XLA's step
 
 
 def test_cli_mnist_split(tmp_path, idx_dir):
