@@ -34,7 +34,8 @@ flags.DEFINE_enum("mode", _D.mode, config_lib.MODES, "What to run; continuous_ev
                   "each new checkpoint of a run training elsewhere (--mode=train), as it appears.")
 flags.DEFINE_string("model_dir", _D.model_dir, "Checkpoints, TensorBoard events and figures go here; "
                     "rerunning with the same folder resumes.")
-flags.DEFINE_string("dataset", _D.dataset, f"One of: {', '.join(config_lib.DATASETS)}.")
+flags.DEFINE_string("dataset", _D.dataset, f"One of: {', '.join(config_lib.DATASETS)}, or "
+                    "tfds:NAME[/CONFIG] (TensorFlow Datasets; pip install -e .[tfds]).")
 flags.DEFINE_string("data_dir", None, "folder: your images; tfrecord: the shards (a folder or a "
                     "pattern); mnist/fashion_mnist: local IDX .gz files or mnist.npz (default: "
                     "download into Keras' cache). gs:// and other TensorFlow filesystems work.")
@@ -45,7 +46,7 @@ flags.DEFINE_string("eval_split", None, "Evaluation split, e.g. 'test', 'test[80
                     "test, else validation, val or valid; a folder without a held-out subfolder and "
                     "a TFDS dataset with only train: train[90%:]).")
 flags.DEFINE_list("image_size", None, "HEIGHT,WIDTH every image is resized to, or one number "
-                  "for a square (default: the first image's size).")
+                  "for a square (default: the first image's size; required over 512 px).")
 flags.DEFINE_integer("channels", None, "1 (greyscale) or 3 (RGB); default: 1 if a folder's "
                      "images are all greyscale (shards: the first image's), else 3.")
 flags.DEFINE_enum("resize", _D.resize, config_lib.RESIZE_MODES, "How images of another size "

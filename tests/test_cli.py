@@ -70,6 +70,7 @@ def test_help_imports_no_tensorflow_and_lists_the_models():
                           timeout=60)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "One of: seed, keras_blog, denoiser, vae" in proc.stdout
+    assert "folder, tfrecord, or tfds:NAME[/CONFIG]" in " ".join(proc.stdout.split())  # all kinds
     # The docstring's continuation lines survive (no collapsed backslash-newline).
     assert "--model_dir=runs/mnist-test \\\n" in proc.stdout
 
