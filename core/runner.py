@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Collection
@@ -83,9 +84,15 @@ def inherit_run_config(config: Config, saved: dict | None,
             "(layers.autoencoders.register), which this process has not registered: call "
             f"register({model!r}, factory) before core.run, or train with "
             "--model=MODULE:FACTORY, which eval and export import again")
+    # Other data than the run's: its splits (and for another dataset, its folder) name
+    # parts of the run's data, not of this one; this data's default splits apply.
+    other = {name for name in ("dataset", "data_dir")
+             if name in given and name in saved and getattr(config, name) != saved[name]}
+    not_taken = (({"data_dir"} if "dataset" in other else set())
+                 | ({"train_split", "eval_split"} if other else set()))
     changes = {}
     for name in INHERITED:
-        if name not in saved:
+        if name not in saved or name in not_taken:
             continue
         value = saved[name]
         value = tuple(value) if name in _TUPLE_FIELDS and value is not None else value
@@ -615,24 +622,45 @@ def _data_error(run: Run, step: int, error: Exception, saved: str) -> DataError:
 
 
 def evaluate(run: Run) -> dict:
-    """Evaluates one checkpoint. The latest goes to the run's `eval/` curves and figures; a
-    chosen `--checkpoint` to its own TensorBoard run `eval_ckpt-N/` (with its results
-    and figures), so the training run's curves are never rewritten."""
+    """Evaluates one checkpoint. The latest, on the run's own eval split, goes to the run's
+    `eval/` curves and figures; a chosen `--checkpoint`, or other data (another --dataset,
+    --data_dir or --eval_split), to a TensorBoard run of its own, `eval_ckpt-N/`,
+    `eval_DATA/` or `eval_ckpt-N_DATA/` (with its results and figures), so the training
+    run's curves are never rewritten nor mixed with other data's."""
     return _evaluate_checkpoint(run, run.checkpoint_path, chosen=run.config.checkpoint is not None)
+
+
+def other_data_name(config: Config, saved: dict | None) -> str | None:
+    """A folder-safe name of the evaluated data ('folder-photos-test') when it is not the
+    trained run's eval split (by config.json), else None."""
+    saved = saved or {}
+    fields = ("dataset", "data_dir", "eval_split")
+    if all(saved.get(f) is None or getattr(config, f) == saved[f] for f in fields):
+        return None
+    where = os.path.basename(config.data_dir.rstrip("/")) if config.data_dir else ""
+    name = "-".join(p for p in (config.dataset, where, config.eval_split) if p)
+    return re.sub(r"[^A-Za-z0-9_.]+", "-", name).strip("-")
 
 
 def _evaluate_checkpoint(run: Run, path: str, chosen: bool) -> dict:
     cfg = run.config
     step = run.checkpointer.restore(path)
-    writer = f"eval_{os.path.basename(path)}" if chosen else "eval"
-    out_dir = os.path.join(cfg.model_dir, writer) if chosen else cfg.model_dir
+    other = other_data_name(cfg, run.saved)
+    writer = "_".join(["eval"] + ([os.path.basename(path)] if chosen else [])
+                      + ([other] if other else []))
+    apart = writer != "eval"
+    if other:
+        logging.info("evaluating other data than the run's (%s %s): results in %s/", cfg.dataset,
+                     cfg.eval_split, os.path.join(cfg.model_dir, writer))
+    out_dir = os.path.join(cfg.model_dir, writer) if apart else cfg.model_dir
     results = run.evaluate(step, writer)
     if run.is_chief:
         tf.io.gfile.makedirs(out_dir)
         with tf.io.gfile.GFile(os.path.join(out_dir, "eval_results.json"), "w") as f:
             f.write(json.dumps({"step": step, "split": cfg.eval_split, "dataset": cfg.dataset,
-                                "checkpoint": path, **results}, indent=2))
-        run.figures(step, out_dir, curves=not chosen)
+                                "data_dir": cfg.data_dir, "checkpoint": path, **results},
+                               indent=2))
+        run.figures(step, out_dir, curves=not apart)
     return {"step": step, **results}
 
 

@@ -2,6 +2,7 @@
 its config.json, keep the training run's TensorBoard curves, and a failed run writes
 nothing into the model dir."""
 
+import glob
 import json
 import os
 import shutil
@@ -65,8 +66,41 @@ def test_an_explicit_flag_overrides_the_run_with_a_log_line(denoiser):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--noise_factor=0.0 overrides the trained run's 0.3" in proc.stderr
     assert "--eval_split='test[:200]' overrides the trained run's 'test[9800:]'" in proc.stderr
-    results = json.load(open(os.path.join(denoiser, "eval_ckpt-30", "eval_results.json")))
+    # Another split and a chosen checkpoint: a TensorBoard run of their own.
+    out, = glob.glob(os.path.join(denoiser, "eval_ckpt-30_mnist-*-test-200"))
+    results = json.load(open(os.path.join(out, "eval_results.json")))
     assert results["split"] == "test[:200]" and results["dataset"] == "mnist"
+
+
+def test_eval_on_other_data_takes_its_splits_and_keeps_the_runs_results(denoiser, tmp_path):
+    """A run trained on MNIST's test[:512], evaluated on a folder: the run's splits are not
+    the folder's (it stopped on 'split test[9800:]: the folder has the splits train'), and
+    its results went into the run's eval/ curve, mixing two datasets at one step."""
+    import numpy as np
+    from PIL import Image
+
+    run = shutil.copytree(denoiser, tmp_path / "run")
+    (tmp_path / "digits").mkdir()
+    for i in range(20):  # greyscale bars, 40x40: resized to the run's 28x28
+        digit = np.zeros((40, 40), np.uint8)
+        digit[8 + i % 5:30, 12:16 + i] = 255
+        Image.fromarray(digit).save(tmp_path / "digits" / f"{i:02d}.png")
+    curve = _scalars(str(run / "eval"), "loss")
+    root_results = (run / "eval_results.json").exists()  # an earlier test's eval, or none
+    before = (run / "eval_results.json").read_bytes() if root_results else None
+    proc = run_train("--mode=eval", f"--model_dir={run}", "--dataset=folder",
+                     f"--data_dir={tmp_path / 'digits'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "folder: --train_split=train[:90%], --eval_split=train[90%:]" in proc.stderr
+    out = run / "eval_folder-digits-train-90"
+    results = json.load(open(out / "eval_results.json"))
+    assert results["dataset"] == "folder" and results["split"] == "train[90%:]"
+    assert results["data_dir"] == str(tmp_path / "digits")
+    assert [s for s, _ in _scalars(str(out), "loss")] == [30]
+    assert (out / "reconstructions.png").exists()
+    assert _scalars(str(run / "eval"), "loss") == curve  # the run's own curve, untouched
+    assert (run / "eval_results.json").exists() == root_results
+    assert not root_results or (run / "eval_results.json").read_bytes() == before
 
 
 def test_export_needs_no_data(denoiser, tmp_path):
