@@ -34,7 +34,7 @@ def define_flags() -> None:
     """The command line's flags (defined only when run as a program, so importing this
     module beside train.py defines nothing)."""
     flags.DEFINE_string("dataset", None, "What to convert: folder, mnist, fashion_mnist, fontdigits, "
-                        "shapes, synthetic.")
+                        "shapes, synthetic, or tfds:NAME[/CONFIG].")
     flags.DEFINE_string("data_dir", None, "The dataset's --data_dir (folder: your images).")
     flags.DEFINE_list("splits", None, "Splits to write (default: every split of a folder; "
                       "otherwise train and the split train.py evaluates by default); "
