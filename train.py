@@ -76,6 +76,9 @@ flags.DEFINE_integer("latent_channels", _D.latent_channels,
 flags.DEFINE_float("kl_weight", _D.kl_weight, "--model=vae: weight of the KL term (1 = the ELBO).")
 flags.DEFINE_float("noise_factor", _D.noise_factor, "Train a denoiser: Gaussian noise times this "
                    "is added to every input (clipped to [0, 1]); 0 = off.")
+flags.DEFINE_string("augment", _D.augment, "Random augmentation of each training batch, "
+                    "comma-separated: flip (left-right, half the images), crop (a box of 80-100% "
+                    "of each side, resized back); drawn per step, so a resume repeats them.")
 flags.DEFINE_string("loss", _D.loss, f"Training loss: {', '.join(config_lib.LOSSES)}, or a "
                     "weighted sum such as l1+ssim (see --loss_weights).")
 flags.DEFINE_list("loss_weights", None, "One weight per loss of --loss, e.g. 0.16,0.84 "

@@ -29,6 +29,7 @@ CACHES = ("none", "memory")  # or a folder: decoded once into TFRecord shards th
 STRATEGIES = ("auto", "default", "one_device", "mirrored", "multi_worker")
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LOSSES = ("bce", "mse", "l1", "charbonnier", "ssim")  # core/losses.py
+AUGMENTATIONS = ("flip", "crop")  # core/augment.py
 OPTIMIZERS = ("adam", "adamw", "sgd")
 # --keep_best metrics, and whether higher is better (kl and elbo: the VAE's only).
 BEST_METRICS = {"eval/loss": False, "eval/bce": False, "eval/mse": False, "eval/psnr": True,
@@ -80,6 +81,7 @@ class Config:
     blocks_per_stage: int = 1  # resnet only
     latent_channels: int = 4  # resnet only: the code's channels
     noise_factor: float = 0.0  # > 0: train a denoiser
+    augment: str = ""  # of AUGMENTATIONS, comma-separated: each training batch, in the step
     # Loss: one of LOSSES, or several joined by '+' (l1+ssim), with one weight each.
     loss: str = "bce"
     loss_weights: tuple[float, ...] | None = None  # None: 1 each
@@ -172,6 +174,7 @@ class Config:
         if not is_user_model(self.model):
             _check_choice("model", self.model, model_names() + ("MODULE:FACTORY",))
         self._check_loss()
+        self._check_augment()
         for name in ("epochs", "train_steps"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -335,6 +338,19 @@ class Config:
         if not all(v > 0 and math.isfinite(v) for v in values):
             raise ConfigError(f"--lr_values={','.join(map(str, values))}: every rate must be "
                               "positive and finite")
+
+    @property
+    def augmentations(self) -> tuple[str, ...]:
+        return tuple(a.strip() for a in self.augment.split(",") if a.strip())
+
+    def _check_augment(self) -> None:
+        kinds = self.augmentations
+        for kind in kinds:
+            if kind not in AUGMENTATIONS:
+                raise ConfigError(f"--augment={self.augment}: {kind!r} is unknown: choose from "
+                                  f"{', '.join(AUGMENTATIONS)}, or both: --augment=flip,crop")
+        if len(set(kinds)) != len(kinds):
+            raise ConfigError(f"--augment={self.augment} names an augmentation twice")
 
     def _check_loss(self) -> None:
         names = self.loss.split("+")

@@ -397,6 +397,7 @@ class Run:
                 model, self.strategy, config.step_batch, config.learning_rate,
                 self.precision, self.jit_compile, config.eager, device_data, config.seed,
                 config.noise_factor, batch_shards=config.batch_shards, loss=self.loss,
+                augment=config.augmentations,
                 lr_multiplier=self.schedule if config.lr_schedule != "constant"
                 or config.warmup_steps else None, optimizer=config.optimizer,
                 weight_decay=0.004 if config.weight_decay is None else config.weight_decay,
@@ -416,6 +417,9 @@ class Run:
             self.precision, self.jit_compile,
             tf.config.threading.get_intra_op_parallelism_threads() or "auto",
             tf.config.threading.get_inter_op_parallelism_threads() or "auto")
+        if config.augmentations and not inference:
+            logging.info("augmentation of each training batch, drawn per (seed, step, replica): "
+                         "%s", ", ".join(config.augmentations))
         if config.grad_accum_steps > 1:
             logging.info("gradient accumulation: %d micro-batches of %d per update, an effective "
                          "batch of %d", config.grad_accum_steps, config.batch_size,

@@ -24,6 +24,7 @@ import contextlib
 import numpy as np
 import tensorflow as tf
 
+from core import augment as augment_lib
 from core import data, losses, metrics, optimizers
 
 keras = tf.keras
@@ -50,6 +51,8 @@ class Trainer:
         the VAE's sampling; each step's draws are a function of (seed, step, replica).
       noise_factor: if > 0, train to denoise: each input gets Gaussian noise times this
         (clipped to [0, 1]) and the target is the clean image.
+      augment: `core.augment.KINDS` applied to each training batch (input and target),
+        drawn per (seed, step, replica).
       xla_update: with jit_compile, also compile the optimizer update into the XLA
         cluster. None: only with one replica outside a mirrored strategy (under one it
         cannot be, see above). benchmarks/throughput.py measures both on one replica.
@@ -79,6 +82,7 @@ class Trainer:
         clip_value: float | None = None,
         ema_decay: float | None = None,
         accum_steps: int = 1,
+        augment: tuple[str, ...] = (),
     ):
         self.model = model
         self.loss = loss or losses.build("bce")
@@ -99,7 +103,9 @@ class Trainer:
         self.eager = eager
         self.seed = seed
         self.noise_factor = float(noise_factor)
-        self.needs_seeds = bool(self.noise_factor) or hasattr(model, "moments")  # a VAE samples
+        self.augment = tuple(augment)
+        self.needs_seeds = (bool(self.noise_factor) or bool(self.augment)
+                            or hasattr(model, "moments"))  # a VAE samples
         with strategy.scope():
             optimizer = optimizers.make(optimizer, learning_rate, weight_decay, momentum,
                                         nesterov)
@@ -217,6 +223,8 @@ class Trainer:
                                  seeds: tf.Tensor) -> tuple[tf.Tensor, list]:
         """The replica's loss and gradients: the sum over `accum_steps` micro-batches, one
         after another, each one pass or the sum over `batch_shards` shards side by side."""
+        if self.augment:
+            images = augment_lib.augment(images, self.augment, seeds[2])
         inputs = self.corrupt(images, seeds[0]) if self.noise_factor else images
         if self.accum_steps == 1:
             return self._shards_forward_backward(inputs, images, seeds[1])
@@ -251,9 +259,10 @@ class Trainer:
     def train_step(self, images: tf.Tensor) -> tf.Tensor:
         """One optimisation step on one replica; returns its share of the loss. Traced."""
         if self.needs_seeds:
-            seeds = tf.stack([self.step_seed(1), self.step_seed(2)])  # noise, VAE sampling
+            # noise, VAE sampling, augmentation
+            seeds = tf.stack([self.step_seed(1), self.step_seed(2), self.step_seed(3)])
         else:  # nothing random in this step: keep the seed ops off the hot path
-            seeds = tf.zeros([2, 2], tf.int64)
+            seeds = tf.zeros([3, 2], tf.int64)
         loss, grads = self.replica_forward_backward(images, seeds)
         if self.check_finite_across_replicas:
             grads = self.poison_unless_finite_everywhere(grads)

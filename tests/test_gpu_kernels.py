@@ -20,7 +20,7 @@ RECIPE = dict(lr_multiplier=Multiplier("cosine", total_steps=100, warmup_steps=1
 
 
 def _loop(model="seed", precision="float32", device=False, shards=1, noise=0.0, jit=False,
-          replicas=1, loss="bce", recipe=False, shape=(28, 28, 1), evaluation=False):
+          replicas=1, loss="bce", recipe=False, shape=(28, 28, 1), evaluation=False, augment=()):
     """The traced training loop (or, with `evaluation`, the eval batch), in the computation
     forms the runner chooses on a GPU machine (fast_forms.choose without oneDNN)."""
     strategy = (tf.distribute.MirroredStrategy([f"/cpu:{i}" for i in range(replicas)])
@@ -32,7 +32,8 @@ def _loop(model="seed", precision="float32", device=False, shards=1, noise=0.0, 
         device_data = data.DeviceData(images, 32, replicas, 0) if device else None
         trainer = Trainer(net, strategy, 32, 1e-3, precision, jit_compile=jit,
                           device_data=device_data, noise_factor=noise, batch_shards=shards,
-                          loss=losses.build(loss), **(RECIPE if recipe else {}))
+                          loss=losses.build(loss), augment=augment,
+                          **(RECIPE if recipe else {}))
     if evaluation:
         spec = tf.TensorSpec([32, *shape], tf.float32)
         return trainer._eval_batch.get_concrete_function(spec, spec, tf.TensorSpec([32]))
@@ -55,6 +56,8 @@ def _loop(model="seed", precision="float32", device=False, shards=1, noise=0.0, 
     dict(model="resnet", shape=(32, 32, 3), precision="mixed_bfloat16", jit=True, replicas=2),
     dict(model="resnet", shape=(32, 32, 3), precision="mixed_float16", evaluation=True),
     dict(precision="mixed_bfloat16", evaluation=True, shards=2),
+    dict(augment=("flip", "crop"), device=True, replicas=2, shards=2),
+    dict(augment=("flip", "crop"), precision="mixed_float16", noise=0.2),
 ], ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "tf.data")
 def test_every_op_of_the_training_loop_has_a_gpu_kernel(path):
     assert ops_without_gpu_kernel(_loop(**path)) == []
