@@ -79,8 +79,9 @@ flags.DEFINE_float("noise_factor", _D.noise_factor, "Train a denoiser: Gaussian 
 flags.DEFINE_string("augment", _D.augment, "Random augmentation of each training batch, "
                     "comma-separated: flip (left-right, half the images), crop (a box of 80-100% "
                     "of each side, resized back); drawn per step, so a resume repeats them.")
-flags.DEFINE_string("loss", _D.loss, f"Training loss: {', '.join(config_lib.LOSSES)}, or a "
-                    "weighted sum such as l1+ssim (see --loss_weights).")
+flags.DEFINE_string("loss", _D.loss, f"Training loss: {', '.join(config_lib.LOSSES)}, "
+                    "MODULE:FUNCTION (your own: FUNCTION(targets, images) -> (N,)), or a weighted "
+                    "sum such as l1+ssim (see --loss_weights).")
 flags.DEFINE_list("loss_weights", None, "One weight per loss of --loss, e.g. 0.16,0.84 "
                   "(default: 1 each).")
 flags.DEFINE_integer("epochs", None, f"Epochs to train (default {_D.epochs} unless --train_steps).")

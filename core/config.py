@@ -353,11 +353,14 @@ class Config:
             raise ConfigError(f"--augment={self.augment} names an augmentation twice")
 
     def _check_loss(self) -> None:
+        from layers.registry import is_module_attr
+
         names = self.loss.split("+")
         for name in names:
-            if name not in LOSSES:
+            if name not in LOSSES and not is_module_attr(name):
                 raise ConfigError(f"--loss={self.loss}: {name!r} is unknown: choose from "
-                                  f"{', '.join(LOSSES)}, or a sum such as l1+ssim")
+                                  f"{', '.join(LOSSES)}, MODULE:FUNCTION (your own), or a sum "
+                                  "such as l1+ssim")
         if len(set(names)) != len(names):
             raise ConfigError(f"--loss={self.loss} names a loss twice: give each once, and its "
                               "weight in --loss_weights")

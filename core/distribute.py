@@ -274,16 +274,17 @@ def default_jit_compile() -> bool:
     return bool(gpus())
 
 
-def xla_refusal(model, image_shape) -> str | None:
-    """Why XLA cannot compile the model's forward and backward pass (the op it has no
-    kernel for, and where the model creates it), or None if it can. Converts the traced
-    pass to XLA's HLO for this machine's device (tens of milliseconds: nothing is run or
-    compiled to machine code)."""
+def xla_refusal(model, image_shape, loss=None) -> str | None:
+    """Why XLA cannot compile the model's forward and backward pass, with `loss` (a
+    `losses.Loss`) if given (the op it has no kernel for, and where the code creates it),
+    or None if it can. Converts the traced pass to XLA's HLO for this machine's device
+    (tens of milliseconds: nothing is run or compiled to machine code)."""
 
     @tf.function(jit_compile=True, autograph=False)
     def grads(x):
         with tf.GradientTape() as tape:
-            y = tf.reduce_sum(tf.cast(model(x, training=True), tf.float32))
+            logits = tf.cast(model(x, training=True), tf.float32)
+            y = tf.reduce_sum(loss.per_example(x, logits) if loss else logits)
         return tape.gradient(y, model.trainable_variables)
 
     try:

@@ -12,6 +12,12 @@ respect to the logits, computed off the tape; the trainer hands that gradient to
 pays (benchmarks/loss_forms.py, NOTES.md); the others are plain TensorFlow,
 differentiated by the tape.
 
+Your own: `--loss=MODULE:FUNCTION` (alone or in a sum, `l1+my_losses:edges`) imports
+MODULE as `--model=MODULE:FACTORY` does and calls `FUNCTION(targets, images)`, both
+(N, H, W, C) float32 in [0, 1] (images = sigmoid(logits)), for one value per example,
+(N,), differentiated by the tape (`UserLoss`; `check` probes it before a run writes
+anything).
+
 `build("l1+ssim", (0.16, 0.84))` returns a `Weighted` sum: what the trainer
 and the evaluation use. The VAE's KL is not a loss here: it stays the model's
 extra term (`model.forward`).
@@ -19,6 +25,9 @@ extra term (`model.forward`).
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -98,6 +107,70 @@ LOSSES = {cls.name: cls for cls in (BCE, MSE, L1, Charbonnier, SSIM)}
 assert tuple(LOSSES) == config_lib.LOSSES, "core.config.LOSSES lists the same names"
 
 
+def is_user_loss(name: str) -> bool:
+    """MODULE:FUNCTION, your own (a built-in name has no ':')."""
+    return ":" in name
+
+
+class LossError(ValueError):
+    """A user's loss function could not be imported, failed, or returned the wrong thing."""
+
+
+class UserLoss(Loss):
+    """`--loss=MODULE:FUNCTION`: FUNCTION(targets, images) -> (N,), images = sigmoid(logits)."""
+
+    def __init__(self, spec: str):
+        self.name = spec
+        self.title = spec.partition(":")[2]
+        module_name, _, attr = spec.partition(":")
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.append(os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
+            raise LossError(f"--loss={spec}: importing {module_name} failed ({type(e).__name__}: "
+                            f"{e}): put {module_name.replace('.', '/')}.py in the working "
+                            "directory or on PYTHONPATH, and fix what it raises") from e
+        self.function = getattr(module, attr, None)
+        if not callable(self.function):
+            raise LossError(f"--loss={spec}: {module_name} has no callable {attr!r}: define "
+                            f"{attr}(targets, images) -> one loss per example, shape (N,), in "
+                            f"{getattr(module, '__file__', module_name)}")
+
+    def per_example(self, targets, logits):
+        return tf.cast(self.function(targets, tf.sigmoid(logits)), tf.float32)
+
+    def check(self, image_shape: Sequence[int]) -> None:
+        """Calls the function on two random (targets, images) pairs, eagerly: it must return
+        (2,) finite values with a gradient with respect to the images.
+
+        Raises:
+          LossError: it raised, returned another shape, non-finite values, or no gradient.
+        """
+        call = f"--loss={self.name}: {self.name}(targets, images)"
+        targets, logits = (tf.random.stateless_uniform((2, *image_shape), seed=(0, i))
+                           for i in (1, 2))
+        logits = logits * 6.0 - 3.0
+        try:
+            with tf.GradientTape() as tape:
+                tape.watch(logits)
+                value = self.per_example(targets, logits)
+                total = tf.reduce_sum(value)
+        except Exception as e:  # noqa: BLE001
+            raise LossError(f"{call} raised {type(e).__name__} on a batch of 2 images of shape "
+                            f"{tuple(image_shape)}: {str(e).splitlines()[0][:200]}") from e
+        if tuple(value.shape) != (2,):
+            raise LossError(f"{call} returned shape {tuple(value.shape)} for a batch of 2: return "
+                            "one value per example, shape (N,): reduce over the pixels, e.g. "
+                            "tf.reduce_mean(..., axis=[1, 2, 3])")
+        if not bool(tf.reduce_all(tf.math.is_finite(value))):
+            raise LossError(f"{call} returned {value.numpy().tolist()} on random images: it must "
+                            "be finite")
+        if tape.gradient(total, logits) is None:
+            raise LossError(f"{call}: its value has no gradient with respect to the images: "
+                            "compute it from them with differentiable TensorFlow ops (not NumPy)")
+
+
 class Weighted(Loss):
     """sum_i weight_i * loss_i. What `build` returns, also for a single loss."""
 
@@ -134,8 +207,20 @@ class Weighted(Loss):
 
 
 def build(spec: str = "bce", weights: Sequence[float] | None = None) -> Weighted:
-    """The loss `spec` names: one of `LOSSES`, or several joined by '+', with one weight
-    each (default 1). Config validates both before this runs."""
+    """The loss `spec` names: one of `LOSSES` or MODULE:FUNCTION, or several joined by '+',
+    with one weight each (default 1). Config validates both before this runs.
+
+    Raises:
+      LossError: a MODULE:FUNCTION that does not import.
+    """
     names = spec.split("+")
     weights = tuple(weights) if weights else (1.0,) * len(names)
-    return Weighted([(w, LOSSES[name]()) for w, name in zip(weights, names)])
+    return Weighted([(w, LOSSES[name]() if name in LOSSES else UserLoss(name))
+                     for w, name in zip(weights, names)])
+
+
+def check(loss: Weighted, image_shape: Sequence[int]) -> None:
+    """Probes every user term of `loss` on images of `image_shape` (see UserLoss.check)."""
+    for _, term in loss.terms:
+        if isinstance(term, UserLoss):
+            term.check(image_shape)

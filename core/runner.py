@@ -164,7 +164,13 @@ class Run:
                            "automatic": sorted(f for f in distribute.AUTOMATIC
                                                if getattr(requested, f) is None)}
         self._check_model(inference)
-        self.loss = losses.build(config.loss, config.loss_weights)
+        own_loss = any(losses.is_user_loss(name) for name in config.loss.split("+"))
+        try:  # an export computes no loss: it needs no loss module on this machine
+            self.loss = (losses.build() if own_loss and config.mode == "export" else
+                         losses.build(config.loss, config.loss_weights))
+            losses.check(self.loss, self.image_shape)
+        except losses.LossError as e:
+            raise ConfigError(str(e)) from e
         if min(self.image_shape[:2]) < self.loss.min_size:
             raise ConfigError(
                 f"--loss={config.loss} needs images of at least {self.loss.min_size}x"
@@ -178,18 +184,22 @@ class Run:
                 distribute.has_max_pool_gradient(self.model, self.image_shape))
             if why:
                 logging.info(why)
-        if self.jit_compile and config.mode != "export" and is_user_model(config.model):
-            # Your own model may hold an op XLA has no kernel for: found now, not as a
-            # traceback at the first step (nor only on the GPU machine, where XLA is on).
-            refusal = distribute.xla_refusal(self.model, self.image_shape)
+        if self.jit_compile and config.mode != "export" and (is_user_model(config.model)
+                                                             or own_loss):
+            # Your own model or loss may hold an op XLA has no kernel for: found now, not as
+            # a traceback at the first step (nor only on the GPU machine, where XLA is on).
+            refusal = distribute.xla_refusal(self.model, self.image_shape,
+                                             self.loss if own_loss else None)
+            what = (f"--model={config.model}" if is_user_model(config.model) else "") + (
+                " with " if is_user_model(config.model) and own_loss else "") + (
+                f"--loss={config.loss}" if own_loss else "")
             if refusal and config.jit_compile:
-                raise ConfigError(f"--jit_compile: XLA cannot compile {refusal} of "
-                                  f"--model={config.model}: train without XLA (--nojit_compile), "
-                                  "or replace the op")
+                raise ConfigError(f"--jit_compile: XLA cannot compile {refusal} of {what}: train "
+                                  "without XLA (--nojit_compile), or replace the op")
             if refusal:
-                logging.warning("XLA (on by default with a GPU) cannot compile %s of --model=%s: "
-                                "this run trains without XLA (--nojit_compile says so; replacing "
-                                "the op gives XLA's speed)", refusal, config.model)
+                logging.warning("XLA (on by default with a GPU) cannot compile %s of %s: this run "
+                                "trains without XLA (--nojit_compile says so; replacing the op "
+                                "gives XLA's speed)", refusal, what)
                 self.jit_compile = False
         # The faster forms of the model's functions (layers/fast_forms.py), once, for this run.
         forms, why = fast_forms.choose(self.jit_compile, self.precision)

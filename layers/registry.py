@@ -75,10 +75,11 @@ def register(name: str, factory: Callable) -> None:
 
 def is_user_model(name: str) -> bool:
     """A registered factory's name, or MODULE:FACTORY."""
-    return name in FACTORIES or _is_module_factory(name)
+    return name in FACTORIES or is_module_attr(name)
 
 
-def _is_module_factory(name: str) -> bool:
+def is_module_attr(name: str) -> bool:
+    """Whether `name` reads MODULE:ATTR (a factory, or a loss function: core.losses)."""
     module, sep, attr = name.partition(":")
     return bool(sep) and all(part.isidentifier() for part in module.split(".")) and \
         attr.isidentifier()

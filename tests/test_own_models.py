@@ -316,3 +316,94 @@ def test_an_op_xla_cannot_compile_is_found_before_the_first_step(tmp_path, monke
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["resolved_jit_compile"] is False
     assert distribute.xla_refusal(build_autoencoder("resnet", (32, 32, 3)), (32, 32, 3)) is None
+
+
+# ----------------------------------------------------------------- your own loss
+def readme_loss() -> str:
+    """The `# my_losses.py` block of the README's "Your own loss"."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    found = re.search(r"```python\n(# my_losses\.py\n.*?)```", readme, re.S)
+    assert found, "README.md lost its my_losses.py example"
+    return found.group(1)
+
+
+def test_the_readme_loss_trains_evaluates_as_its_formula_and_exports_without_it(
+        tmp_path, monkeypatch):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "my_losses.py").write_text(readme_loss())
+    model_dir = tmp_path / "run"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "train.py"), "--dataset=fontdigits",
+         "--loss=l1+my_losses:edges", "--loss_weights=1,0.5", f"--model_dir={model_dir}",
+         "--train_steps=20", "--batch_size=32", "--eval_every=20"], cwd=work, env=env,
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "loss L1 + 0.5 edges" in proc.stderr
+    # Eval imports it again, and reports the training loss: L1 + 0.5 edges, per example.
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(work))])
+    evaluated = core.run(Config(mode="eval", model_dir=str(model_dir)),
+                         given={"mode", "model_dir"})
+    import my_losses  # noqa: E402 - on the path now: the test chdir'ed into its folder
+    from core import data
+
+    model = build_autoencoder("seed")
+    tf.train.Checkpoint(model=model).restore(
+        tf.train.latest_checkpoint(str(model_dir))).expect_partial()
+    images = data.to_float(data.open_split("test", "fontdigits").source.images)
+    out = model.reconstruct(images)
+    expected = tf.reduce_mean(tf.reduce_mean(tf.abs(images - out), axis=[1, 2, 3])
+                              + 0.5 * my_losses.edges(images, out))
+    assert evaluated["loss"] == pytest.approx(float(expected), rel=1e-4)
+    # Export computes no loss: it runs where the module is not.
+    monkeypatch.chdir(tmp_path)
+    sys.modules.pop("my_losses")
+    exported = core.run(Config(mode="export", model_dir=str(model_dir)),
+                        given={"mode", "model_dir"})
+    assert os.path.exists(os.path.join(exported["export_dir"], "saved_model.pb"))
+
+
+@pytest.mark.parametrize("body, loss, message", [
+    ("", "missing_losses:f", "--loss=missing_losses:f: importing missing_losses failed "
+                             "(ModuleNotFoundError"),
+    ("", "bad_losses:f", "bad_losses has no callable 'f': define f(targets, images) -> one "
+                         "loss per example, shape (N,)"),
+    ("def f(t, x):\n    raise ValueError('no')\n", "bad_losses:f",
+     "bad_losses:f(targets, images) raised ValueError on a batch of 2 images of shape "
+     "(28, 28, 1): no"),
+    ("def f(t, x):\n    return tf.abs(t - x)\n", "bad_losses:f",
+     "returned shape (2, 28, 28, 1) for a batch of 2: return one value per example"),
+    ("def f(t, x):\n    return tf.reduce_mean(tf.math.log(t - t), axis=[1, 2, 3])\n",
+     "bad_losses:f", "on random images: it must be finite"),
+    ("def f(t, x):\n    return tf.constant((t.numpy() - x.numpy()).mean(axis=(1, 2, 3)))\n",
+     "l1+bad_losses:f", "its value has no gradient with respect to the images"),
+], ids=["no-module", "no-function", "raises", "per-pixel", "not-finite", "numpy"])
+def test_a_bad_loss_function_is_one_line_before_anything_is_written(tmp_path, monkeypatch, body,
+                                                                    loss, message):
+    (tmp_path / "bad_losses.py").write_text("import tensorflow as tf\n" + body)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sys.modules.pop("bad_losses", None)
+    model_dir = tmp_path / "run"
+    with pytest.raises(ConfigError, match=re.escape(message)) as raised:
+        core.run(Config(loss=loss, dataset="fontdigits", model_dir=str(model_dir),
+                        train_steps=1, epochs=None))
+    assert "\n" not in str(raised.value)
+    assert not model_dir.exists()
+
+
+def test_a_loss_op_xla_cannot_compile_is_found_before_the_first_step(tmp_path, monkeypatch):
+    (tmp_path / "string_losses.py").write_text(
+        "import tensorflow as tf\n\n\ndef f(t, x):\n"
+        "    n = tf.strings.length(tf.strings.as_string(tf.reduce_sum(x)))\n"
+        "    return tf.reduce_mean(tf.abs(t - x), axis=[1, 2, 3]) + 0.0 * tf.cast(n, x.dtype)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError, match=r"^--jit_compile: XLA cannot compile op AsString "
+                       r"\(string_losses.py line 5\) of --loss=string_losses:f: train without "
+                       r"XLA"):
+        core.run(Config(loss="string_losses:f", dataset="synthetic", synthetic_shape=(8, 8, 1),
+                        model_dir=str(tmp_path / "run"), train_steps=2, epochs=None,
+                        batch_size=8, jit_compile=True))
+    assert not (tmp_path / "run").exists()
