@@ -31,6 +31,12 @@ keras = tf.keras
 SUM = tf.distribute.ReduceOp.SUM
 
 
+def _split(parts: tuple, k: int) -> list[tuple]:
+    """(images, draws, noise), any of the last two None, split into k along the batch."""
+    pieces = [tf.split(p, k) if p is not None else [None] * k for p in parts]
+    return list(zip(*pieces))
+
+
 class Trainer:
     """Owns the model, the optimizer, the global step and the compiled loops.
 
@@ -181,10 +187,15 @@ class Trainer:
         draw = self.step.read_value() * self.strategy.num_replicas_in_sync + tf.cast(replica, tf.int64)
         return tf.stack([tf.constant(self.seed * 7919 + salt, tf.int64), draw])
 
+    @staticmethod
+    def noise(shape: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+        """Standard Gaussian noise of `shape` (stateless: a function of `seed`)."""
+        return tf.random.stateless_normal(shape, seed=seed, alg="philox")
+
     def corrupt(self, images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
-        """Images plus Gaussian noise times `noise_factor`, clipped to [0, 1] (stateless)."""
-        noise = tf.random.stateless_normal(tf.shape(images), seed=seed, alg="philox")
-        return tf.clip_by_value(images + self.noise_factor * noise, 0.0, 1.0)
+        """Images plus Gaussian noise times `noise_factor`, clipped to [0, 1]: a step's
+        inputs, without augmentation."""
+        return self.inputs_and_targets(images, None, self.noise(tf.shape(images), seed))[0]
 
     def forward_backward(self, inputs: tf.Tensor, targets: tf.Tensor,
                          seed: tf.Tensor) -> tuple[tf.Tensor, list]:
@@ -219,39 +230,51 @@ class Trainer:
         grads = tape.gradient(outputs, variables, output_gradients=output_grads)
         return total / self.global_batch_size, grads
 
+    def inputs_and_targets(self, images: tf.Tensor, draws: tf.Tensor | None,
+                           noise: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
+        """A shard's targets (the images, augmented by their `draws`) and inputs (the
+        targets plus `noise` times `noise_factor`, clipped to [0, 1]). Traced per shard, so
+        the augmentation runs side by side on every shard's core."""
+        targets = augment_lib.apply(images, self.augment, draws) if draws is not None else images
+        if noise is None:
+            return targets, targets
+        return tf.clip_by_value(targets + self.noise_factor * noise, 0.0, 1.0), targets
+
     def replica_forward_backward(self, images: tf.Tensor,
                                  seeds: tf.Tensor) -> tuple[tf.Tensor, list]:
         """The replica's loss and gradients: the sum over `accum_steps` micro-batches, one
-        after another, each one pass or the sum over `batch_shards` shards side by side."""
-        if self.augment:
-            images = augment_lib.augment(images, self.augment, seeds[2])
-        inputs = self.corrupt(images, seeds[0]) if self.noise_factor else images
+        after another, each one pass or the sum over `batch_shards` shards side by side.
+
+        The draws of the augmentation and the denoising noise are made for the replica's
+        whole batch and split with it: each example's are the same for any split."""
+        draws = (augment_lib.draws(tf.shape(images)[0], seeds[2]) if self.augment else None)
+        noise = self.noise(tf.shape(images), seeds[0]) if self.noise_factor else None
+        parts = (images, draws, noise)
         if self.accum_steps == 1:
-            return self._shards_forward_backward(inputs, images, seeds[1])
+            return self._shards_forward_backward(parts, seeds[1])
         loss, grads = None, None
-        for i, (x, y) in enumerate(zip(tf.split(inputs, self.accum_steps),
-                                       tf.split(images, self.accum_steps))):
+        for i, micro in enumerate(_split(parts, self.accum_steps)):
             seed = tf.random.experimental.stateless_fold_in(seeds[1], 1000 + i) \
                 if self.needs_seeds else seeds[1]
             # One micro-batch after another: each starts when the previous one's gradients
             # exist, so only one micro-batch's activations are alive at a time.
             with tf.control_dependencies(grads or []):
-                x, y = tf.identity(x), tf.identity(y)
-            micro_loss, micro_grads = self._shards_forward_backward(x, y, seed)
+                micro = tuple(None if p is None else tf.identity(p) for p in micro)
+            micro_loss, micro_grads = self._shards_forward_backward(micro, seed)
             loss = micro_loss if loss is None else loss + micro_loss
             grads = micro_grads if grads is None else [a + b for a, b in zip(grads, micro_grads)]
         return loss, grads
 
-    def _shards_forward_backward(self, inputs, images, seed) -> tuple[tf.Tensor, list]:
-        """One micro-batch: one pass, or the sum over `batch_shards` shards."""
+    def _shards_forward_backward(self, parts, seed) -> tuple[tf.Tensor, list]:
+        """One micro-batch, `parts` = (images, draws, noise): one pass, or the sum over
+        `batch_shards` shards."""
         if self.batch_shards == 1:
-            return self._forward_backward(inputs, images, seed)
+            return self._forward_backward(*self.inputs_and_targets(*parts), seed)
         losses, shard_grads = [], []
-        for i, (x, y) in enumerate(zip(tf.split(inputs, self.batch_shards),
-                                       tf.split(images, self.batch_shards))):
+        for i, shard in enumerate(_split(parts, self.batch_shards)):
             shard_seed = tf.random.experimental.stateless_fold_in(seed, i) \
                 if self.needs_seeds else seed
-            loss, grads = self._forward_backward(x, y, shard_seed)
+            loss, grads = self._forward_backward(*self.inputs_and_targets(*shard), shard_seed)
             losses.append(loss)
             shard_grads.append(grads)
         return tf.add_n(losses), [tf.add_n(list(g)) for g in zip(*shard_grads)]
