@@ -169,6 +169,16 @@ class UserLoss(Loss):
         if tape.gradient(total, logits) is None:
             raise LossError(f"{call}: its value has no gradient with respect to the images: "
                             "compute it from them with differentiable TensorFlow ops (not NumPy)")
+        # The step traces it into a graph without AutoGraph: Python `if` on a tensor, or
+        # .numpy(), work eagerly above and fail there.
+        try:
+            tf.function(self.per_example, autograph=False).get_concrete_function(
+                tf.TensorSpec((2, *image_shape)), tf.TensorSpec((2, *image_shape)))
+        except Exception as e:  # noqa: BLE001
+            raise LossError(f"{call} fails when traced into the training step's graph "
+                            f"({type(e).__name__}: {str(e).splitlines()[0][:160]}): use "
+                            "TensorFlow ops on tensors (tf.where, not a Python if; no .numpy())"
+                            ) from e
 
 
 class Weighted(Loss):

@@ -380,7 +380,10 @@ def test_the_readme_loss_trains_evaluates_as_its_formula_and_exports_without_it(
      "bad_losses:f", "on random images: it must be finite"),
     ("def f(t, x):\n    return tf.constant((t.numpy() - x.numpy()).mean(axis=(1, 2, 3)))\n",
      "l1+bad_losses:f", "its value has no gradient with respect to the images"),
-], ids=["no-module", "no-function", "raises", "per-pixel", "not-finite", "numpy"])
+    ("def f(t, x):\n    m = tf.reduce_mean(tf.abs(t - x), axis=[1, 2, 3])\n"
+     "    return m if tf.reduce_mean(x) > 0 else 2 * m\n", "bad_losses:f",
+     "fails when traced into the training step's graph (OperatorNotAllowedInGraphError"),
+], ids=["no-module", "no-function", "raises", "per-pixel", "not-finite", "numpy", "python-if"])
 def test_a_bad_loss_function_is_one_line_before_anything_is_written(tmp_path, monkeypatch, body,
                                                                     loss, message):
     (tmp_path / "bad_losses.py").write_text("import tensorflow as tf\n" + body)
