@@ -175,10 +175,11 @@ class UserLoss(Loss):
             tf.function(self.per_example, autograph=False).get_concrete_function(
                 tf.TensorSpec((2, *image_shape)), tf.TensorSpec((2, *image_shape)))
         except Exception as e:  # noqa: BLE001
+            from layers.autoencoders import describe_trace_error
+
             raise LossError(f"{call} fails when traced into the training step's graph "
-                            f"({type(e).__name__}: {str(e).splitlines()[0][:160]}): use "
-                            "TensorFlow ops on tensors (tf.where, not a Python if; no .numpy())"
-                            ) from e
+                            f"({describe_trace_error(e)}): use TensorFlow ops on tensors "
+                            "(tf.where, not a Python if; no .numpy())") from e
 
 
 class Weighted(Loss):

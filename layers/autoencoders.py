@@ -388,4 +388,25 @@ def build_user_model(name: str, input_shape: Sequence[int], precision: str = "fl
     model = Autoencoder(encoder, decoder, dtype=keras.DTypePolicy(precision),
                         name=re.sub(r"\W", "_", name))
     model(images)
+    # The step traces the model into a graph without AutoGraph: a Python `if` on a tensor
+    # (or .numpy()) runs eagerly above and fails there, at the first step, after the run
+    # has started writing. Traced here (not run), it is one line before anything is written.
+    try:
+        tf.function(lambda x: model(x, training=True), autograph=False).get_concrete_function(
+            tf.TensorSpec((2, *shape)))
+    except Exception as e:  # noqa: BLE001
+        raise ModelError(f"{call} fails when traced into the training step's graph "
+                         f"({describe_trace_error(e)}): use TensorFlow ops on tensors in call() "
+                         "(tf.where or tf.cond, not a Python if; no .numpy())") from e
     return model
+
+
+def describe_trace_error(error: Exception) -> str:
+    """'TypeName in Layer.call(): first sentence' of an error raised while tracing. Keras
+    wraps it ("Exception encountered when calling Enc.call()."), then TensorFlow's own
+    first line (in ANSI bold) and its long advice."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    where = re.search(r"when calling (\S+?)\.?$", lines[0]) if lines else None
+    why = next((line for line in lines if line and not line.startswith("Exception encount")), "")
+    first = why.split(". ")[0].rstrip(".")[:160]
+    return f"{type(error).__name__}{' in ' + where.group(1) if where else ''}: {first}"

@@ -184,8 +184,18 @@ def _factory_module(tmp_path, monkeypatch, body: str) -> None:
      "activation='sigmoid')\n"
      "    return d, tf.keras.Sequential([u], name='up')\n", "bad_models:make",
      "the decoder 'up' returns only values >= 0 (0."),
+    ("class E(tf.keras.Model):\n"  # runs eagerly; the step's graph has no AutoGraph
+     "    def __init__(self):\n        super().__init__()\n"
+     "        self.c = tf.keras.layers.Conv2D(4, 3, strides=2, padding='same')\n"
+     "    def call(self, x):\n        y = self.c(x)\n"
+     "        return y * 2.0 if tf.reduce_mean(x) > 0.5 else y\n"
+     "def make(shape):\n    return E(), tf.keras.Sequential(\n"
+     "        [tf.keras.layers.Conv2DTranspose(1, 3, strides=2, padding='same')])\n",
+     "bad_models:make", "fails when traced into the training step's graph "
+     "(OperatorNotAllowedInGraphError in E.call(): Using a symbolic `tf.Tensor` as a Python "
+     "`bool` is not allowed): use TensorFlow ops on tensors in call()"),
 ], ids=["no-module", "import-fails", "no-factory", "factory-raises", "one-model", "layers",
-        "wrong-shape", "sigmoid-output"])
+        "wrong-shape", "sigmoid-output", "python-if"])
 def test_a_bad_factory_is_one_line_before_anything_is_written(tmp_path, monkeypatch, body, model,
                                                               message):
     _factory_module(tmp_path, monkeypatch, body)
@@ -382,7 +392,8 @@ def test_the_readme_loss_trains_evaluates_as_its_formula_and_exports_without_it(
      "l1+bad_losses:f", "its value has no gradient with respect to the images"),
     ("def f(t, x):\n    m = tf.reduce_mean(tf.abs(t - x), axis=[1, 2, 3])\n"
      "    return m if tf.reduce_mean(x) > 0 else 2 * m\n", "bad_losses:f",
-     "fails when traced into the training step's graph (OperatorNotAllowedInGraphError"),
+     "fails when traced into the training step's graph (OperatorNotAllowedInGraphError: Using a "
+     "symbolic `tf.Tensor` as a Python `bool` is not allowed): use TensorFlow ops on tensors"),
 ], ids=["no-module", "no-function", "raises", "per-pixel", "not-finite", "numpy", "python-if"])
 def test_a_bad_loss_function_is_one_line_before_anything_is_written(tmp_path, monkeypatch, body,
                                                                     loss, message):
