@@ -23,7 +23,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
-from core import checkpoints, data, distribute, losses, plots, process, schedules
+from core import augment, checkpoints, data, distribute, losses, plots, process, schedules
 from core import summaries as summaries_lib
 from core.checkpoints import Checkpointer, ModelDirLock
 from core import config as config_lib
@@ -584,6 +584,14 @@ def train(run: Run) -> dict:
         run.run_config["resolved_total_steps"] = total
         checkpoints.write_config(cfg.model_dir, run.run_config)
         run.summaries.run_header(run.run_config, start)
+        if cfg.augmentations:  # what the step's augmentation does, to look at once
+            clean = data.to_float(run.train_split.head(cfg.num_images)[0])
+            shown = augment.augment(clean, cfg.augmentations, tf.constant([cfg.seed, -1],
+                                                                          tf.int64))
+            run.summaries.image_rows(
+                "train", start, "augmented", [clean.numpy(), shown.numpy()],
+                description=f"--augment={cfg.augment}: training images (top) as the training "
+                            "step augments them (below), with draws of their own")
 
     def make_iterator(step):
         if run.trainer.device_data is not None:

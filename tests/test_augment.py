@@ -7,7 +7,7 @@ import tensorflow as tf
 from core import augment
 from core.config import Config
 from core.errors import ConfigError
-from helpers import graph_nodes, run_train
+from helpers import event_tags, graph_nodes, run_train
 from layers.autoencoders import build_autoencoder
 
 SEED = tf.constant([7, 11], tf.int64)
@@ -106,6 +106,7 @@ def test_an_augmented_run_trains_and_resumes_exactly(tmp_path):
     assert "augmentation of each training batch" in proc.stderr and "(step 6)" in proc.stderr
     nodes, _ = graph_nodes(str(tmp_path / "whole" / "train"))
     assert {"ReverseV2", "GatherV2"} <= set(nodes.values())
+    assert [s for s, _ in event_tags(str(tmp_path / "whole" / "train"))["augmented"]] == [0]
     a = _weights(str(tmp_path / "whole" / "ckpt-12"))
     b = _weights(str(tmp_path / "cut" / "ckpt-12"))
     assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-6
@@ -116,6 +117,7 @@ def test_an_augmented_run_trains_and_resumes_exactly(tmp_path):
     assert max(float(np.max(np.abs(a[k] - c[k]))) for k in a) > 1e-4
     nodes, _ = graph_nodes(str(tmp_path / "plain" / "train"))
     assert "ReverseV2" not in set(nodes.values())
+    assert "augmented" not in event_tags(str(tmp_path / "plain" / "train"))
 
 
 def test_the_draws_do_not_depend_on_how_the_batch_is_split():
