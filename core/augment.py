@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-from core.config import AUGMENTATIONS as KINDS  # noqa: F401 - the names, for readers
-
 CROP_MIN_SIDE = 0.8  # crop: a box of 80-100% of each side, so a zoom of 1-1.25x
 
 

@@ -57,8 +57,8 @@ class Trainer:
         the VAE's sampling; each step's draws are a function of (seed, step, replica).
       noise_factor: if > 0, train to denoise: each input gets Gaussian noise times this
         (clipped to [0, 1]) and the target is the clean image.
-      augment: `core.augment.KINDS` applied to each training batch (input and target),
-        drawn per (seed, step, replica).
+      augment: of `core.config.AUGMENTATIONS` (flip, crop), applied to each training
+        batch (input and target), drawn per (seed, step, replica).
       xla_update: with jit_compile, also compile the optimizer update into the XLA
         cluster. None: only with one replica outside a mirrored strategy (under one it
         cannot be, see above). benchmarks/throughput.py measures both on one replica.
