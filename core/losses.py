@@ -25,9 +25,6 @@ extra term (`model.forward`).
 
 from __future__ import annotations
 
-import importlib
-import os
-import sys
 from collections.abc import Sequence
 
 import numpy as np
@@ -35,6 +32,7 @@ import tensorflow as tf
 
 from core import config as config_lib
 from core import metrics
+from layers.registry import import_module_attr
 
 
 class Loss:
@@ -122,20 +120,11 @@ class UserLoss(Loss):
     def __init__(self, spec: str):
         self.name = spec
         self.title = spec.partition(":")[2]
-        module_name, _, attr = spec.partition(":")
-        if os.getcwd() not in sys.path and "" not in sys.path:
-            sys.path.append(os.getcwd())
         try:
-            module = importlib.import_module(module_name)
-        except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
-            raise LossError(f"--loss={spec}: importing {module_name} failed ({type(e).__name__}: "
-                            f"{e}): put {module_name.replace('.', '/')}.py in the working "
-                            "directory or on PYTHONPATH, and fix what it raises") from e
-        self.function = getattr(module, attr, None)
-        if not callable(self.function):
-            raise LossError(f"--loss={spec}: {module_name} has no callable {attr!r}: define "
-                            f"{attr}(targets, images) -> one loss per example, shape (N,), in "
-                            f"{getattr(module, '__file__', module_name)}")
+            self.function = import_module_attr(
+                "--loss", spec, "(targets, images) -> one loss per example, shape (N,),")
+        except ImportError as e:
+            raise LossError(str(e)) from e
 
     def per_example(self, targets, logits):
         return tf.cast(self.function(targets, tf.sigmoid(logits)), tf.float32)

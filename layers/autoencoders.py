@@ -7,18 +7,16 @@ copy of code.
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
 import re
-import sys
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import tensorflow as tf
 
 from layers import blocks, resnet
-from layers.registry import FACTORIES, MODELS, ModelSpec, register  # noqa: F401 - lives there
+from layers.registry import FACTORIES, MODELS, import_module_attr
+from layers.registry import ModelSpec, register  # noqa: F401 - live there, imported from here too
 
 keras = tf.keras
 
@@ -313,20 +311,10 @@ def find_factory(name: str) -> Callable:
     PYTHONPATH or the working directory."""
     if name in FACTORIES:
         return FACTORIES[name]
-    module_name, _, attr = name.partition(":")
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.append(os.getcwd())
     try:
-        module = importlib.import_module(module_name)
-    except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
-        raise ModelError(f"--model={name}: importing {module_name} failed ({type(e).__name__}: "
-                         f"{e}): put {module_name.replace('.', '/')}.py in the working "
-                         "directory or on PYTHONPATH, and fix what it raises") from e
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ModelError(f"--model={name}: {module_name} has no callable {attr!r}: define "
-                         f"{attr}(image_shape) -> (encoder, decoder) in {module.__file__}")
-    return factory
+        return import_module_attr("--model", name, "(image_shape) -> (encoder, decoder)")
+    except ImportError as e:
+        raise ModelError(str(e)) from e
 
 
 def build_user_model(name: str, input_shape: Sequence[int], precision: str = "float32"

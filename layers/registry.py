@@ -8,6 +8,9 @@ configuration of the same blocks (`layers.blocks`), never a copy of code.
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import os
+import sys
 from collections.abc import Callable
 
 
@@ -83,3 +86,29 @@ def is_module_attr(name: str) -> bool:
     module, sep, attr = name.partition(":")
     return bool(sep) and all(part.isidentifier() for part in module.split(".")) and \
         attr.isidentifier()
+
+
+def import_module_attr(flag: str, name: str, signature: str) -> Callable:
+    """The callable `name` = MODULE:ATTR names, MODULE imported from PYTHONPATH or the
+    working directory (as `python -m` would find it).
+
+    Args:
+      flag: the flag, for messages ('--model', '--loss').
+      signature: how ATTR must be defined, for the message when it is missing.
+    Raises:
+      ImportError: one line: the import failed, or MODULE has no callable ATTR.
+    """
+    module_name, _, attr = name.partition(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - any import failure is the user's to fix
+        raise ImportError(f"{flag}={name}: importing {module_name} failed ({type(e).__name__}: "
+                          f"{e}): put {module_name.replace('.', '/')}.py in the working "
+                          "directory or on PYTHONPATH, and fix what it raises") from e
+    found = getattr(module, attr, None)
+    if not callable(found):
+        raise ImportError(f"{flag}={name}: {module_name} has no callable {attr!r}: define "
+                          f"{attr}{signature} in {getattr(module, '__file__', module_name)}")
+    return found
