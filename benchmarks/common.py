@@ -9,6 +9,7 @@ medians with their spread.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -114,11 +115,12 @@ def machine_context(with_peaks: bool = True) -> dict:
 
 
 def build_model(name, image_shape, precision="float32", jit_compile=False, grouped=True,
-                onednn=None, as_written=False):
+                onednn=None, as_written=False, without=()):
     """`build_autoencoder`, computing in the forms the runner chooses for this setting
     (`layers.fast_forms.choose`): what train.py runs. grouped=False: without the
     images-as-channels layout; onednn=False: the forms of a GPU run; as_written: no
-    forms, the model's layers as they read (what a Keras user of the same layers runs)."""
+    forms, the model's layers as they read (what a Keras user of the same layers runs);
+    without: names of `Forms` fields turned off (what one form gives the whole step)."""
     from layers import fast_forms
     from layers.autoencoders import build_autoencoder
 
@@ -126,6 +128,7 @@ def build_model(name, image_shape, precision="float32", jit_compile=False, group
     if as_written:
         return model
     forms, _ = fast_forms.choose(jit_compile, precision, onednn)
+    forms = dataclasses.replace(forms, **{name: False for name in without})
     fast_forms.install(model, forms if grouped else fast_forms.portable(forms))
     return model
 

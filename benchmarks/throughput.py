@@ -95,6 +95,10 @@ OURS = {
     "sharded_device_32_as_written": dict(steps_per_loop=32, batch_shards=CORES,
                                          data_on_device=True, threads="per_core",
                                          as_written=True),
+    # The recipe without the sub-pixel upsample+conv: what that form gives the step.
+    "sharded_device_32_no_subpixel": dict(steps_per_loop=32, batch_shards=CORES,
+                                          data_on_device=True, threads="per_core",
+                                          without=("subpixel",)),
     # What each half of the recipe gives alone.
     "sharded_device_32_default_threads": dict(steps_per_loop=32, batch_shards=CORES,
                                               data_on_device=True),
@@ -208,7 +212,8 @@ class OurVariant:
             model = common.build_model(model_name, images.shape[1:], precision,
                                        spec.get("jit_compile", False),
                                        grouped=not spec.get("ungrouped"),
-                                       as_written=spec.get("as_written", False))
+                                       as_written=spec.get("as_written", False),
+                                       without=spec.get("without", ()))
             self.trainer = Trainer(model, strategy, batch, 1e-3, precision,
                                    spec.get("jit_compile", False), spec.get("eager", False),
                                    data.DeviceData(images, batch, strategy.num_replicas_in_sync, 0)

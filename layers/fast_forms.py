@@ -6,10 +6,12 @@ same outputs and gradients up to float rounding) in faster forms:
 
 - act_after_pool: conv+pool applies a non-decreasing activation after the 2x2
   max-pool instead of before it (they commute): 4x fewer values to activate.
-- subpixel: upsample+conv without a crop is computed on the small map, with the
-  kernel folded into one with 4x the output channels (one per output phase), and the
-  phases interleaved: no upsampled map, fewer FLOPs. (Not for the resnet's
-  UpSampling2D + Conv2D pairs, 16-64 channels: no faster over a whole step there.)
+- subpixel: upsample+conv without a crop is computed on the small map, and the
+  output phases interleaved: no upsampled map, fewer FLOPs. The tutorial's few-channel
+  blocks fold the kernel into one convolution with 4x the output channels (one per
+  phase); the resnet's UpSampling2D + Conv2D pairs (16-64 channels) run one
+  convolution per phase, each with only the taps its phase reads (2x2 of a 3x3 kernel:
+  2.25x fewer FLOPs; benchmarks/NOTES.md section 17).
 - crop_grad_as_pad: a centred crop's gradient is a zero padding, instead of
   TensorFlow's StridedSliceGrad (0.5 ms per step for the seed model's 8x8 -> 7x7
   crop; a pad takes a tenth of that).
@@ -99,6 +101,9 @@ class Forms:
                 if self.norm_act and _norm_then_silu(layer, after):
                     x, i = norm_silu(layer, x), i + 2
                     continue
+                if self.subpixel and _upsample_then_conv(layer, after):
+                    x, i = upsample_then_conv(layer, after, x), i + 2
+                    continue
                 x = self._one(layer, x)
             i += 1
         return x
@@ -147,6 +152,16 @@ def _norm_then_silu(layer, after) -> bool:
     return (isinstance(layer, keras.layers.GroupNormalization) and layer.axis in (-1, 3)
             and layer.scale and layer.center and isinstance(after, keras.layers.Activation)
             and keras.activations.serialize(after.activation) in ("silu", "swish"))
+
+
+def _upsample_then_conv(layer, after) -> bool:
+    """Keras' 2x nearest UpSampling2D, then a 'same' Conv2D of stride 1 (the resnet
+    decoder's pairs)."""
+    return (isinstance(layer, keras.layers.UpSampling2D) and tuple(layer.size) == (2, 2)
+            and layer.interpolation == "nearest" and layer.data_format == "channels_last"
+            and type(after) is keras.layers.Conv2D and after.padding == "same"
+            and tuple(after.strides) == (1, 1) and tuple(after.dilation_rate) == (1, 1)
+            and after.groups == 1 and after.data_format == "channels_last")
 
 
 def _plain(layers, x):
@@ -207,7 +222,7 @@ def install(model, forms: Forms | None) -> Forms | None:
         grouped = any(groupable(stack) for stack in stacks)
         forms = dataclasses.replace(
             forms, act_after_pool=forms.act_after_pool and has(blocks.ConvPool),
-            subpixel=forms.subpixel and has(blocks.UpsampleConv),
+            subpixel=forms.subpixel and has(blocks.UpsampleConv, keras.layers.UpSampling2D),
             crop_grad_as_pad=forms.crop_grad_as_pad and has(blocks.UpsampleConv,
                                                             blocks.ConvTransposeUp),
             norm_act=forms.norm_act and has(keras.layers.GroupNormalization),
@@ -273,6 +288,33 @@ def upsample_conv(block, x, groups=1, ungroup=False, subpixel=True, crop_grad_as
     kernel = _grouped_kernel(tf.cast(block.conv.kernel, dtype), groups)
     y = act(tf.nn.bias_add(tf.nn.conv2d(x, kernel, 1, "SAME"), tf.tile(bias, [groups])))
     return from_image_groups(y, groups) if ungroup and groups > 1 else y
+
+
+def upsample_then_conv(upsample, conv, x):
+    """conv(upsample(x)) for a 2x nearest `upsample` and a 'same' `conv`
+    (`_upsample_then_conv`): one convolution of the small map per output phase (a, b),
+    each with the taps of `conv`'s kernel summed into the (few) small-map pixels its
+    phase reads (2x2 for a 3x3 kernel), then the phases interleaved."""
+    dtype = conv.compute_dtype
+    x = tf.cast(x, dtype)
+    (kh, kw), h, w, f = conv.kernel_size, x.shape[1], x.shape[2], conv.filters
+    rows, cols = _phase_taps(kh), _phase_taps(kw)
+    kernel = tf.cast(conv.kernel, tf.float32)
+    act = keras.activations.get(conv.activation)
+    phases = []
+    for taps_h, pad_h in rows:
+        for taps_w, pad_w in cols:
+            k = tf.einsum("oh,pw,hwcf->opcf", taps_h, taps_w, kernel)
+            if pad_h == _same_pad(taps_h.shape[0]) and pad_w == _same_pad(taps_w.shape[0]):
+                y = tf.nn.conv2d(x, tf.cast(k, dtype), 1, "SAME")
+            else:
+                y = tf.nn.conv2d(tf.pad(x, [[0, 0], list(pad_h), list(pad_w), [0, 0]]),
+                                 tf.cast(k, dtype), 1, "VALID")
+            if conv.use_bias:
+                y = tf.nn.bias_add(y, tf.cast(conv.bias, dtype))
+            phases.append(act(y))  # element-wise: commutes with the interleaving
+    y = tf.stack([tf.stack(phases[:2], 3), tf.stack(phases[2:], 3)], 2)  # (B, h, a, w, b, f)
+    return tf.reshape(y, (-1, 2 * h, 2 * w, f))
 
 
 def residual_block(block, x):
@@ -407,6 +449,25 @@ def _subpixel_taps(kernel_size: int) -> tuple[np.ndarray, int, int]:
         for d, o in enumerate(offsets[a]):
             taps[a, o - lo, d] = 1.0
     return taps, -lo, hi
+
+
+@functools.cache
+def _phase_taps(kernel_size: int) -> tuple[tuple[np.ndarray, tuple[int, int]], ...]:
+    """Per output phase a (0, 1) of a 2x upsample then a 'same' conv along one axis:
+    (the (offsets, taps) matrix of the small-map pixels the phase reads, the small map's
+    padding (before, after)); `_subpixel_taps` restricted to each phase's own offsets."""
+    taps, pad_before, _ = _subpixel_taps(kernel_size)
+    phases = []
+    for a in (0, 1):
+        used = np.flatnonzero(taps[a].any(axis=1))  # offsets lo + used[0] ... lo + used[-1]
+        lo, hi = int(used[0]) - pad_before, int(used[-1]) - pad_before
+        phases.append((taps[a, used[0]:used[-1] + 1], (-lo, hi)))  # lo <= 0 <= hi
+    return tuple(phases)
+
+
+def _same_pad(n: int) -> tuple[int, int]:
+    """TensorFlow's 'same' padding of a kernel of n taps at stride 1."""
+    return ((n - 1) // 2, n - 1 - (n - 1) // 2)
 
 
 def _folded_kernel(kernel, taps, filters: int, dtype):

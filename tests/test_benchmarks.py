@@ -300,6 +300,19 @@ def test_norm_forms_smoke(tmp_path):
     assert "| 3x4x4x8 | `fast_forms.norm_silu` |" in (tmp_path / "norm_forms.md").read_text()
 
 
+def test_upsample_forms_smoke(tmp_path):
+    """The script checks that the three upsample+conv forms agree before timing them, with
+    and without XLA."""
+    for xla in ("--nojit_compile", "--jit_compile"):
+        _run("upsample_forms.py", f"--output_dir={tmp_path}", "--shapes=2x4x6x8x16",
+             "--rounds=1", xla)
+    for name in ("upsample_forms", "upsample_forms_xla"):
+        rows = json.loads((tmp_path / f"{name}.json").read_text())["results"]
+        assert [r["form"] for r in rows] == ["plain", "folded", "phases"]
+        assert all(r["min_ms"] <= r["ms"] <= r["max_ms"] for r in rows)
+        assert "| 2x4x6x8x16 | `phases` |" in (tmp_path / f"{name}.md").read_text()
+
+
 def test_jpeg_at_size_picks_the_highest_quality_that_fits():
     """The reference codec of the colour table, on real JPEG encodes of shapes images."""
     import numpy as np
@@ -414,3 +427,5 @@ def test_as_written_models_compute_in_no_faster_form():
 
     assert common.build_model("resnet", (32, 32, 3), as_written=True).encoder.forms is None
     assert common.build_model("resnet", (32, 32, 3)).encoder.forms.norm_act
+    without = common.build_model("resnet", (32, 32, 3), without=("subpixel",))
+    assert without.decoder.forms.norm_act and not without.decoder.forms.subpixel
