@@ -295,6 +295,8 @@ def upsample_then_conv(upsample, conv, x):
     (`_upsample_then_conv`): one convolution of the small map per output phase (a, b),
     each with the taps of `conv`'s kernel summed into the (few) small-map pixels its
     phase reads (2x2 for a 3x3 kernel), then the phases interleaved."""
+    if None in x.shape[1:3]:  # a graph traced for any image size: as the layers say
+        return conv(upsample(x))
     dtype = conv.compute_dtype
     x = tf.cast(x, dtype)
     (kh, kw), h, w, f = conv.kernel_size, x.shape[1], x.shape[2], conv.filters
