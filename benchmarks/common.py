@@ -297,6 +297,26 @@ def quantize(codes, low, high, bits: int = 8) -> np.ndarray:
     return (steps / levels * scale + low).astype(np.float32)
 
 
+def form_rows(shape: str, calls: dict, rounds: int) -> list[dict]:
+    """`calls` (form name -> zero-argument callable; "plain" among them) timed by
+    `interleaved_times`: per form, in `calls`' order, the median ms, its range and the
+    speed-up over "plain", labelled with `shape`."""
+    seconds = interleaved_times(calls, rounds)
+    times = {name: [1e3 * t for t in ts] for name, ts in seconds.items()}
+    base = statistics.median(times["plain"])
+    return [{"shape": shape, "form": name, "ms": statistics.median(t), "min_ms": min(t),
+             "max_ms": max(t), "speedup": base / statistics.median(t)}
+            for name, t in times.items()]
+
+
+def form_table(rows: list[dict], shape_header: str) -> list[str]:
+    """`form_rows` as a Markdown table."""
+    lines = [f"| {shape_header} | form | ms | range | x plain |",
+             "| --- | --- | ---: | --- | ---: |"]
+    return lines + [f"| {r['shape']} | `{r['form']}` | {r['ms']:.2f} | "
+                    f"{r['min_ms']:.2f}-{r['max_ms']:.2f} | {r['speedup']:.2f}x |" for r in rows]
+
+
 def interleaved_times(calls: dict, rounds: int) -> dict[str, list[float]]:
     """Seconds of each timed call of each zero-argument callable in `calls` (each returns
     a tensor or a structure of them): every one is called once untimed (trace, compile,

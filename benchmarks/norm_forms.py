@@ -21,7 +21,6 @@ and the speed-up over the plain pair.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -74,13 +73,7 @@ def main(argv):
         for a, b in zip(ours, ref):
             scale = float(tf.reduce_max(tf.abs(b)))
             np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5 * scale)
-        seconds = common.interleaved_times(forms, FLAGS.rounds)
-        times = {name: [1e3 * t for t in ts] for name, ts in seconds.items()}
-        base = statistics.median(times["plain"])
-        for name, t in times.items():
-            rows.append({"shape": spec, "form": name, "ms": statistics.median(t),
-                         "min_ms": min(t), "max_ms": max(t),
-                         "speedup": base / statistics.median(t)})
+        rows += common.form_rows(spec, forms, FLAGS.rounds)
 
     context = common.machine_context(with_peaks=False)
     payload = {"context": context, "config": {"rounds": FLAGS.rounds, "groups": FLAGS.groups,
@@ -89,11 +82,7 @@ def main(argv):
              f"Milliseconds per forward and backward pass, median of {FLAGS.rounds} "
              f"interleaved rounds (range), float32, {FLAGS.groups} groups, one thread. The "
              "module docstring of `benchmarks/norm_forms.py` says what each form is.\n",
-             "| activations | form | ms | range | x plain |",
-             "| --- | --- | ---: | --- | ---: |"]
-    for r in rows:
-        lines.append(f"| {r['shape']} | `{r['form']}` | {r['ms']:.2f} | "
-                     f"{r['min_ms']:.2f}-{r['max_ms']:.2f} | {r['speedup']:.2f}x |")
+             *common.form_table(rows, "activations")]
     common.write_report(FLAGS.output_dir, "norm_forms", payload, lines)
 
 

@@ -27,7 +27,6 @@ its range and the speed-up over the plain pair.
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -95,14 +94,7 @@ def main(argv):
             for a, r in zip(forms[name](), ref):
                 scale = float(tf.reduce_max(tf.abs(r)))
                 np.testing.assert_allclose(a.numpy(), r.numpy(), atol=1e-4 * scale)
-        seconds = common.interleaved_times(forms, FLAGS.rounds)
-        times = {name: [1e3 * t for t in ts] for name, ts in seconds.items()}
-        base = statistics.median(times["plain"])
-        for name in ("plain", "folded", "phases"):
-            t = times[name]
-            rows.append({"shape": spec, "form": name, "ms": statistics.median(t),
-                         "min_ms": min(t), "max_ms": max(t),
-                         "speedup": base / statistics.median(t)})
+        rows += common.form_rows(spec, forms, FLAGS.rounds)
 
     context = common.machine_context(with_peaks=False)
     name = "upsample_forms_xla" if FLAGS.jit_compile else "upsample_forms"
@@ -114,11 +106,7 @@ def main(argv):
              f"interleaved rounds (range), float32, one thread"
              f"{', each form compiled by XLA' if FLAGS.jit_compile else ''}. The module "
              "docstring of `benchmarks/upsample_forms.py` says what each form is.\n",
-             "| small map x filters | form | ms | range | x plain |",
-             "| --- | --- | ---: | --- | ---: |"]
-    for r in rows:
-        lines.append(f"| {r['shape']} | `{r['form']}` | {r['ms']:.2f} | "
-                     f"{r['min_ms']:.2f}-{r['max_ms']:.2f} | {r['speedup']:.2f}x |")
+             *common.form_table(rows, "small map x filters")]
     common.write_report(FLAGS.output_dir, name, payload, lines)
 
 
