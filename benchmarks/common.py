@@ -129,7 +129,7 @@ def build_model(name, image_shape, precision="float32", jit_compile=False, group
         return model
     forms, _ = fast_forms.choose(jit_compile, precision, onednn)
     forms = dataclasses.replace(forms, **{name: False for name in without})
-    fast_forms.install(model, forms if grouped else fast_forms.portable(forms))
+    fast_forms.install(model, forms if grouped else dataclasses.replace(forms, image_groups=1))
     return model
 
 

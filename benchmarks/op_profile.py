@@ -40,6 +40,8 @@ flags.DEFINE_integer("num_intra_threads", 0, "Threads per op (0: TensorFlow's ch
 flags.DEFINE_integer("num_inter_threads", 0, "Ops at once (0: TensorFlow's choice).")
 flags.DEFINE_string("precision", "float32", "float32 or mixed_bfloat16.")
 flags.DEFINE_integer("steps", 16, "Traced steps (one compiled call; longer traces lose small ops' events).")
+flags.DEFINE_list("without", [], "Names of `fast_forms.Forms` fields turned off (what one "
+                  "form changes in the profile).")
 flags.DEFINE_integer("top", 25, "Rows of each Markdown table.")
 flags.DEFINE_string("report_name", "op_profile", "Writes REPORT_NAME.{json,md}.")
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"), "Reports go here.")
@@ -123,7 +125,8 @@ def main(argv):
     images = data.load_split("train", FLAGS.dataset, FLAGS.data_dir).images
     strategy = tf.distribute.get_strategy()
     tf.keras.utils.set_random_seed(0)
-    model = common.build_model(FLAGS.model, images.shape[1:], FLAGS.precision)
+    model = common.build_model(FLAGS.model, images.shape[1:], FLAGS.precision,
+                               without=tuple(FLAGS.without))
     trainer = Trainer(model, strategy, FLAGS.batch_size, 1e-3, FLAGS.precision,
                       device_data=data.DeviceData(images, FLAGS.batch_size,
                                                   strategy.num_replicas_in_sync, 0),

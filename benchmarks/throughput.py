@@ -99,6 +99,10 @@ OURS = {
     "sharded_device_32_no_subpixel": dict(steps_per_loop=32, batch_shards=CORES,
                                           data_on_device=True, threads="per_core",
                                           without=("subpixel",)),
+    # The recipe without the few-filter convs transposed: what that form gives the step.
+    "sharded_device_32_no_transposed": dict(steps_per_loop=32, batch_shards=CORES,
+                                            data_on_device=True, threads="per_core",
+                                            without=("few_filters_transposed",)),
     # What each half of the recipe gives alone.
     "sharded_device_32_default_threads": dict(steps_per_loop=32, batch_shards=CORES,
                                               data_on_device=True),

@@ -18,6 +18,13 @@ same outputs and gradients up to float rounding) in faster forms:
 - norm_act: GroupNorm followed by SiLU (the resnet's pairs) as one function with a
   hand-written gradient: the gradient in a dozen element-wise passes over the
   activations instead of the tape's ~30 (benchmarks/NOTES.md section 15).
+- few_filters_transposed: a 'same' Conv2D of stride 1 with few filters from many
+  channels (the resnet's logits, 32 -> 3, and its code, 64 -> 4) as the transposed
+  convolution of its kernel flipped, with its two channel axes swapped: the same sums,
+  whose backward passes are then those of a convolution with few *input* channels,
+  which oneDNN runs far faster than few output channels (1.3-1.4x forward and backward
+  together, benchmarks/NOTES.md section 18). Only on oneDNN's CPU kernels, without XLA,
+  in float32 or bfloat16, where it was measured.
 - image_groups: groups of 4 images become the channels of one and every convolution
   a grouped one with the same kernel (`to_image_groups`), so the few-channel layers
   write 4x more output channels per call: what oneDNN's CPU kernels need
@@ -50,6 +57,10 @@ IMAGE_GROUP = 4
 # (benchmarks/NOTES.md section 10).
 GROUPED_MAX_FILTERS = 16
 GROUPED_DTYPES = ("float32", "bfloat16")
+# The convolutions computed transposed (`_few_filter_conv`): at most this many filters
+# from at least this many channels, where oneDNN ran them faster in both dtypes above.
+TRANSPOSED_MAX_FILTERS = 4
+TRANSPOSED_MIN_CHANNELS = 16
 # Activations that never decrease: they commute with max-pooling.
 MONOTONE = ("relu", "relu6", "elu", "selu", "leaky_relu", "sigmoid", "tanh", "softplus",
             "linear", None)
@@ -76,13 +87,16 @@ class Forms:
     subpixel: bool = True
     crop_grad_as_pad: bool = True
     norm_act: bool = True
+    few_filters_transposed: bool = False  # faster on oneDNN's kernels only
     image_groups: int = 1  # images per group; 1: the ordinary layout
 
     def describe(self) -> str:
         names = [name for name, on in (("activation after the pool", self.act_after_pool),
                                        ("sub-pixel upsample+conv", self.subpixel),
                                        ("crop gradient as a pad", self.crop_grad_as_pad),
-                                       ("GroupNorm+SiLU by hand", self.norm_act)) if on]
+                                       ("GroupNorm+SiLU by hand", self.norm_act),
+                                       ("few-filter convs transposed",
+                                        self.few_filters_transposed)) if on]
         names.append(f"images-as-channels groups of {self.image_groups}"
                      if self.image_groups > 1 else "ordinary layout")
         return ", ".join(names)
@@ -117,6 +131,8 @@ class Forms:
             return upsample_conv(layer, x, groups, ungroup, self.subpixel, self.crop_grad_as_pad)
         if isinstance(layer, blocks.ConvTransposeUp) and self.crop_grad_as_pad:
             return crop_to(layer.conv(x), layer.target_size)
+        if self.few_filters_transposed and groups == 1 and _few_filter_conv(layer):
+            return conv_by_transpose(layer, x)
         return layer(x)
 
     def _groups(self, layers, inputs) -> int:
@@ -164,6 +180,17 @@ def _upsample_then_conv(layer, after) -> bool:
             and after.groups == 1 and after.data_format == "channels_last")
 
 
+def _few_filter_conv(layer) -> bool:
+    """A 'same' Conv2D of stride 1 with an odd kernel (so 'same' pads alike on both
+    sides), few filters and many input channels."""
+    return (type(layer) is keras.layers.Conv2D and layer.built and layer.padding == "same"
+            and tuple(layer.strides) == (1, 1) and tuple(layer.dilation_rate) == (1, 1)
+            and layer.groups == 1 and layer.data_format == "channels_last"
+            and all(k % 2 == 1 for k in layer.kernel_size)
+            and layer.filters <= TRANSPOSED_MAX_FILTERS
+            and layer.kernel.shape[2] >= TRANSPOSED_MIN_CHANNELS)
+
+
 def _plain(layers, x):
     for layer in layers:
         x = layer(x)
@@ -171,11 +198,11 @@ def _plain(layers, x):
 
 
 def choose(jit_compile: bool, precision: str, onednn: bool | None = None) -> tuple[Forms, str]:
-    """The forms for a run, and why: every device-neutral form, and the images-as-channels
-    layout where oneDNN runs the convolutions (`onednn_convolutions()` unless given), XLA
-    does not compile them (its CPU convolutions are not oneDNN's: grouped ones run several
-    times slower there) and the compute dtype is float32 or bfloat16 (`precision`: a Keras
-    dtype policy name)."""
+    """The forms for a run, and why: every device-neutral form, and the few-filter convs
+    transposed and the images-as-channels layout where oneDNN runs the convolutions
+    (`onednn_convolutions()` unless given), XLA does not compile them (its CPU
+    convolutions are not oneDNN's: grouped ones run several times slower there) and the
+    compute dtype is float32 or bfloat16 (`precision`: a Keras dtype policy name)."""
     onednn = onednn_convolutions() if onednn is None else onednn
     dtype = keras.DTypePolicy(precision).compute_dtype
     if not onednn:
@@ -185,15 +212,17 @@ def choose(jit_compile: bool, precision: str, onednn: bool | None = None) -> tup
     elif dtype not in GROUPED_DTYPES:
         why = f"{dtype} was not measured"
     else:
-        return (Forms(image_groups=IMAGE_GROUP),
+        return (Forms(few_filters_transposed=True, image_groups=IMAGE_GROUP),
                 f"oneDNN runs the convolutions, without XLA, in {dtype}")
     return Forms(), why
 
 
 def portable(forms: Forms | None) -> Forms | None:
     """`forms` for a graph that may run on any device (an exported SavedModel): without
-    the images-as-channels layout, which is faster only on oneDNN's CPU kernels."""
-    return None if forms is None else dataclasses.replace(forms, image_groups=1)
+    the few-filter convs transposed and the images-as-channels layout, which are faster
+    only on oneDNN's CPU kernels."""
+    return None if forms is None else dataclasses.replace(forms, few_filters_transposed=False,
+                                                          image_groups=1)
 
 
 def install(model, forms: Forms | None) -> Forms | None:
@@ -226,6 +255,9 @@ def install(model, forms: Forms | None) -> Forms | None:
             crop_grad_as_pad=forms.crop_grad_as_pad and has(blocks.UpsampleConv,
                                                             blocks.ConvTransposeUp),
             norm_act=forms.norm_act and has(keras.layers.GroupNormalization),
+            few_filters_transposed=forms.few_filters_transposed and any(
+                _few_filter_conv(layer) for stack in stacks
+                for layer in stack._flatten_layers(include_self=False)),
             image_groups=forms.image_groups if grouped else 1)
     for stack in stacks:
         stack.forms = forms
@@ -317,6 +349,41 @@ def upsample_then_conv(upsample, conv, x):
             phases.append(act(y))  # element-wise: commutes with the interleaving
     y = tf.stack([tf.stack(phases[:2], 3), tf.stack(phases[2:], 3)], 2)  # (B, h, a, w, b, f)
     return tf.reshape(y, (-1, 2 * h, 2 * w, f))
+
+
+def conv_by_transpose(conv, x):
+    """conv(x) for a Conv2D with few filters (`_few_filter_conv`), as the transposed
+    convolution of its kernel flipped and with its channel axes swapped: a 'same'
+    correlation with the flipped kernel is the original convolution. Its gradient to x is
+    then a forward convolution, and to the kernel the weight gradient of a convolution
+    with few input channels: both run near oneDNN's peak, where a conv writing 3 channels
+    runs ~5x below it."""
+    dtype = conv.compute_dtype
+    x = tf.cast(x, dtype)
+    kernel = tf.transpose(tf.reverse(tf.cast(conv.kernel, dtype), [0, 1]), (0, 1, 3, 2))
+    shape = (tf.concat([tf.shape(x)[:3], [conv.filters]], 0) if None in x.shape
+             else [*x.shape[:3], conv.filters])
+    y = tf.nn.conv2d_transpose(x, kernel, shape, 1, "SAME")
+    y.set_shape([*x.shape[:3], conv.filters])
+    if conv.use_bias:
+        y = _bias_add(y, tf.cast(conv.bias, dtype))
+    return keras.activations.get(conv.activation)(y)
+
+
+def _bias_add(y, bias):
+    """tf.nn.bias_add, whose bias gradient sums in float32 when y is narrower. TensorFlow's
+    BiasAddGrad sums bfloat16 in bfloat16: over 16 x 64 x 64 values, up to 40% off. (The
+    plain conv's gradient is oneDNN's, which sums the bias in float32 with the kernel's.)"""
+    if y.dtype == tf.float32:
+        return tf.nn.bias_add(y, bias)
+
+    @tf.custom_gradient
+    def add(y, bias):
+        def grad(g):
+            return g, tf.cast(tf.reduce_sum(tf.cast(g, tf.float32), (0, 1, 2)), bias.dtype)
+        return tf.nn.bias_add(y, bias), grad
+
+    return add(y, bias)
 
 
 def residual_block(block, x):

@@ -313,6 +313,19 @@ def test_upsample_forms_smoke(tmp_path):
         assert "| 2x4x6x8x16 | `phases` |" in (tmp_path / f"{name}.md").read_text()
 
 
+def test_few_filter_forms_smoke(tmp_path):
+    """The script checks that the plain and transposed few-filter convs agree before timing
+    them, in float32 and bfloat16."""
+    for precision in ("float32", "bfloat16"):
+        _run("few_filter_forms.py", f"--output_dir={tmp_path}", "--shapes=2x6x4x16x3",
+             "--rounds=1", f"--precision={precision}")
+    for name in ("few_filter_forms", "few_filter_forms_bfloat16"):
+        rows = json.loads((tmp_path / f"{name}.json").read_text())["results"]
+        assert [r["form"] for r in rows] == ["plain", "transposed"]
+        assert all(r["min_ms"] <= r["ms"] <= r["max_ms"] for r in rows)
+        assert "| 2x6x4x16x3 | `transposed` |" in (tmp_path / f"{name}.md").read_text()
+
+
 def test_jpeg_at_size_picks_the_highest_quality_that_fits():
     """The reference codec of the colour table, on real JPEG encodes of shapes images."""
     import numpy as np

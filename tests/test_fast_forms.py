@@ -91,6 +91,73 @@ def test_upsample_then_conv_by_phases_is_the_plain_pair(kernel_size, activation,
     np.testing.assert_allclose(unknown(x).numpy(), conv(up(x)).numpy(), atol=1e-5)
 
 
+@pytest.mark.parametrize("kernel_size", [1, 3, 5, (3, 1)])
+@pytest.mark.parametrize("activation", [None, "sigmoid"])
+@pytest.mark.parametrize("filters,use_bias", [(1, True), (3, True), (4, False)])
+def test_few_filter_conv_by_transpose_is_the_conv(kernel_size, activation, filters, use_bias):
+    """A 'same' Conv2D with few filters from many channels (the resnet's logits and code)
+    as a transposed convolution (Conv2DBackpropInput forward, no Conv2D), computing exactly
+    the conv: values and gradients, with the batch or the image size unknown too."""
+    x = tf.random.uniform((3, 7, 5, 16), seed=3)
+    conv = _built(tf.keras.layers.Conv2D(filters, kernel_size, padding="same",
+                                         activation=activation, use_bias=use_bias), x.shape)
+    assert fast_forms._few_filter_conv(conv)  # noqa: SLF001 - the selector under test
+    fast = lambda x: fast_forms.conv_by_transpose(conv, x)  # noqa: E731
+    graph = tf.function(fast).get_concrete_function(x).graph
+    types = [op.type for op in graph.get_operations()]
+    assert "Conv2D" not in types and types.count("Conv2DBackpropInput") == 1
+    _assert_same(fast, conv, x, conv.trainable_variables)
+    for spec in ((None, 7, 5, 16), (None, None, None, 16)):
+        unknown = tf.function(fast, input_signature=[tf.TensorSpec(spec)])
+        assert unknown.get_concrete_function().output_shapes[-1] == filters
+        np.testing.assert_allclose(unknown(x).numpy(), conv(x).numpy(), atol=1e-5)
+
+
+def test_few_filter_conv_by_transpose_in_bfloat16():
+    """In bfloat16 the transposed form is as close to float32 as the plain conv: outputs
+    and gradients, the bias's too (a sum over 16,384 pixels of an upstream gradient of
+    either sign, which TensorFlow's BiasAddGrad would take in bfloat16: 10-40% off)."""
+    x = tf.random.uniform((16, 32, 32, 16), seed=3)
+    upstream = tf.random.stateless_normal((16, 32, 32, 3), seed=[4, 4])
+    reference = _built(tf.keras.layers.Conv2D(3, 3, padding="same"), x.shape)
+    conv = tf.keras.layers.Conv2D(3, 3, padding="same", dtype="mixed_bfloat16")
+    conv.build(x.shape)
+    conv.set_weights(reference.get_weights())
+    assert fast_forms.conv_by_transpose(conv, x).dtype == tf.bfloat16
+
+    @tf.function  # as training traces it (eagerly, BiasAddGrad happens to sum well)
+    def value_and_gradients(fn, layer):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = tf.cast(fn(x), tf.float32)
+        return [y, *tape.gradient(y, [x, *layer.trainable_variables],
+                                  output_gradients=upstream)]
+
+    ref = value_and_gradients(reference, reference)
+    plain = value_and_gradients(conv, conv)
+    fast = value_and_gradients(lambda x: fast_forms.conv_by_transpose(conv, x), conv)
+    for a, p, r in zip(fast, plain, ref):
+        a, p, r = a.numpy(), p.numpy(), r.numpy()
+        assert np.linalg.norm(a - r) <= max(1.5 * np.linalg.norm(p - r),
+                                            2e-3 * np.linalg.norm(r))
+
+
+def test_few_filter_conv_is_only_what_was_measured():
+    """Computed transposed: at most 4 filters from at least 16 channels, stride 1, 'same'
+    with odd kernels (an even one pads 'same' on one side: the transpose would pad the
+    other); every other conv as it is."""
+    def conv(channels=16, filters=3, kernel=3, **kwargs):
+        layer = tf.keras.layers.Conv2D(filters, kernel, **{"padding": "same", **kwargs})
+        layer.build((None, 8, 8, channels))
+        return layer
+
+    assert fast_forms._few_filter_conv(conv())  # noqa: SLF001
+    assert not fast_forms._few_filter_conv(tf.keras.layers.Conv2D(3, 3, padding="same"))
+    for other in (conv(channels=8), conv(filters=8), conv(kernel=2), conv(kernel=(3, 4)),
+                  conv(padding="valid"), conv(strides=2), conv(dilation_rate=2)):
+        assert not fast_forms._few_filter_conv(other)  # noqa: SLF001
+
+
 def test_crop_gradient_as_a_pad():
     """The crop's hand-written gradient (a zero padding) is the slice's; no StridedSliceGrad."""
     x = tf.random.normal((2, 8, 9, 3), seed=1)
@@ -224,7 +291,7 @@ def test_group_norm_silu_by_hand_is_the_plain_pair(groups, channels):
 
 def _resnet_with_norms_moved(precision):
     model = build_autoencoder("resnet", (16, 24, 3), precision,
-                              encoder_filters=(8, 16), decoder_filters=(16, 8))
+                              encoder_filters=(8, 16), decoder_filters=(16, 16))
     model(random_images(1, (16, 24, 3)))
     for v in model.trainable_variables:  # gamma and beta away from 1 and 0
         if "gamma" in v.path or "beta" in v.path:
@@ -234,8 +301,9 @@ def _resnet_with_norms_moved(precision):
 
 def test_resnet_in_fast_forms_computes_the_plain_function():
     """The resnet with its GroupNorm+SiLU pairs by hand (in its residual blocks and before
-    each half's last conv) and its upsample+conv pairs by phases, against its plain
-    layers: outputs and every gradient."""
+    each half's last conv), its upsample+conv pairs by phases and its few-filter convs
+    (the code, 16 -> 4, and the logits, 16 -> 3) transposed, against its plain layers:
+    outputs and every gradient."""
     model = _resnet_with_norms_moved("float32")
     x = random_images(5, (16, 24, 3))
     y_ref, grads_ref = _value_and_gradients(model, x, model.trainable_variables)
@@ -246,9 +314,14 @@ def test_resnet_in_fast_forms_computes_the_plain_function():
 
     assert ops("Mean") == 2 * 10  # mean and variance of 10 GroupNorms
     convs = ops("Conv2D")
-    assert fast_forms.install(model, fast_forms.Forms())
+    assert fast_forms.install(model, fast_forms.Forms(few_filters_transposed=True))
     assert ops("Mean") == 0
     assert ops("Conv2D") == convs + 2 * 3  # each of 2 upsample+conv pairs: 4 phases
+    # Forward, the code's and the logits' convs are transposed ones (and backward, their
+    # gradients to the input are Conv2Ds in turn: the count above is unchanged by them).
+    forward = [op.type for op in tf.function(model).get_concrete_function(x).graph
+               .get_operations()]
+    assert forward.count("Conv2DBackpropInput") == 2
     y, grads = _value_and_gradients(model, x, model.trainable_variables)
     np.testing.assert_allclose(y.numpy(), y_ref.numpy(), rtol=1e-4, atol=1e-4)
     for a, b in zip(grads, grads_ref):
@@ -265,13 +338,14 @@ def test_resnet_in_fast_forms_in_bfloat16():
     that cancels in float32 and is all rounding in bfloat16, for both forms alike)."""
     reference = _resnet_with_norms_moved("float32")
     model = build_autoencoder("resnet", (16, 24, 3), "mixed_bfloat16",
-                              encoder_filters=(8, 16), decoder_filters=(16, 8))
+                              encoder_filters=(8, 16), decoder_filters=(16, 16))
     x = random_images(5, (16, 24, 3))
     model(x)
     model.set_weights(reference.get_weights())
     y_ref, grads_ref = _value_and_gradients(reference, x, reference.trainable_variables)
     y_plain, grads_plain = _value_and_gradients(model, x, model.trainable_variables)
-    fast_forms.install(model, fast_forms.Forms())
+    assert fast_forms.install(model, fast_forms.Forms(few_filters_transposed=True)
+                              ).few_filters_transposed
     y, grads = _value_and_gradients(model, x, model.trainable_variables)
 
     def err(a, b):
@@ -320,6 +394,12 @@ def test_choose_groups_only_where_measured_faster(monkeypatch):
     assert groups(True, "float32") == 1
     assert groups(False, "float32", onednn=False) == 1  # a GPU
     assert fast_forms.choose(True, "float32")[1].startswith("XLA compiles the step")
+    # The few-filter convs transposed: chosen with the layout, and never exported.
+    for args, on in (((False, "float32"), True), ((False, "mixed_bfloat16"), True),
+                     ((False, "mixed_float16"), False), ((True, "float32"), False)):
+        assert fast_forms.choose(*args)[0].few_filters_transposed == on
+    assert not fast_forms.choose(False, "float32", onednn=False)[0].few_filters_transposed
+    assert not fast_forms.portable(fast_forms.choose(False, "float32")[0]).few_filters_transposed
     for forms, _ in (fast_forms.choose(True, "float32"), fast_forms.choose(False, "float32")):
         assert forms.act_after_pool and forms.subpixel and forms.crop_grad_as_pad
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
@@ -376,9 +456,10 @@ def test_the_runner_records_the_forms_and_exports_the_portable_ones(tmp_path):
 
 
 def test_a_resnet_run_records_the_forms_its_layers_have(tmp_path):
-    """The resnet trains with its GroupNorm+SiLU pairs by hand and nothing else (it has no
-    blocks for the other forms: the log and config.json say only what runs), and its
-    export, which holds the hand-written pair, loads and reconstructs in plain TensorFlow."""
+    """The resnet trains with its GroupNorm+SiLU pairs by hand, its upsample+conv pairs by
+    phases and its code's conv (16 -> 4) transposed, and nothing else (it has no blocks
+    for the other forms: the log and config.json say only what runs), and its export,
+    which holds the hand-written pair, loads and reconstructs in plain TensorFlow."""
     model_dir = tmp_path / "run"
     proc = run_train("--dataset=shapes", "--image_size=32,32", "--model=resnet",
                      "--encoder_filters=8,16", "--decoder_filters=16,8",
@@ -387,9 +468,9 @@ def test_a_resnet_run_records_the_forms_its_layers_have(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     saved = json.load(open(model_dir / "config.json"))
     assert saved["resolved_forms"] == ("sub-pixel upsample+conv, GroupNorm+SiLU by hand, "
-                                       "ordinary layout")
-    assert ("computation forms: sub-pixel upsample+conv, GroupNorm+SiLU by hand, ordinary "
-            "layout (the model's layers "
+                                       "few-filter convs transposed, ordinary layout")
+    assert ("computation forms: sub-pixel upsample+conv, GroupNorm+SiLU by hand, few-filter "
+            "convs transposed, ordinary layout (the model's layers "
             "have no images-as-channels form)") in proc.stderr
     exported = core.run(Config(mode="export", model_dir=str(model_dir)),
                         given={"mode", "model_dir"})
