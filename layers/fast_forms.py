@@ -278,8 +278,9 @@ def conv_pool(block, x, groups=1, act_after_pool=True):
     bias = tf.tile(tf.cast(block.conv.bias, dtype), [groups])
     act = keras.activations.get(block.activation)
     y = tf.nn.conv2d(tf.cast(x, dtype), kernel, 1, "SAME")
-    if after:  # the bias commutes with the max as well
-        return act(tf.nn.bias_add(tf.nn.max_pool2d(y, 2, 2, "SAME"), bias))
+    if after:  # the bias commutes with the max as well (its gradient summed in float32:
+        # oneDNN fuses only a bias right after the conv)
+        return act(_bias_add(tf.nn.max_pool2d(y, 2, 2, "SAME"), bias))
     y = act(tf.nn.bias_add(y, bias))
     return tf.nn.max_pool2d(y, 2, 2, "SAME") if block.pool else y
 
@@ -371,9 +372,11 @@ def conv_by_transpose(conv, x):
 
 
 def _bias_add(y, bias):
-    """tf.nn.bias_add, whose bias gradient sums in float32 when y is narrower. TensorFlow's
-    BiasAddGrad sums bfloat16 in bfloat16: over 16 x 64 x 64 values, up to 40% off. (The
-    plain conv's gradient is oneDNN's, which sums the bias in float32 with the kernel's.)"""
+    """tf.nn.bias_add, whose bias gradient sums in float32 when y is narrower: for a bias
+    not right after a conv (the activation after the pool, a transposed conv). In a traced
+    graph TensorFlow's BiasAddGrad sums bfloat16 in bfloat16, 4-17% off over 6-65k values
+    per channel, up to 40% for one channel (benchmarks/NOTES.md section 18). A bias right
+    after a conv is fused by oneDNN, which sums its gradient in float32 with the kernel's."""
     if y.dtype == tf.float32:
         return tf.nn.bias_add(y, bias)
 
