@@ -317,6 +317,22 @@ def form_table(rows: list[dict], shape_header: str) -> list[str]:
                     f"{r['min_ms']:.2f}-{r['max_ms']:.2f} | {r['speedup']:.2f}x |" for r in rows]
 
 
+def write_form_report(output_dir: str, name: str, title: str, script: str, rows: list[dict],
+                      shape_header: str, setting: str, config: dict) -> None:
+    """The report of a forms script (`form_rows` on one thread): results/NAME.{json,md}
+    with `config` (its "rounds" among them) and the table; `setting` says what every row
+    ran in (dtype, groups, XLA)."""
+    context = machine_context(with_peaks=False)
+    payload = {"context": context, "config": {**config, "threads": "intra 1, inter 1"},
+               "results": rows}
+    lines = [f"# {title}\n", context_markdown(context),
+             f"Milliseconds per forward and backward pass, median of {config['rounds']} "
+             f"interleaved rounds (range), {setting}, one thread. The module docstring of "
+             f"`benchmarks/{script}` says what each form is.\n",
+             *form_table(rows, shape_header)]
+    write_report(output_dir, name, payload, lines)
+
+
 def interleaved_times(calls: dict, rounds: int) -> dict[str, list[float]]:
     """Seconds of each timed call of each zero-argument callable in `calls` (each returns
     a tensor or a structure of them): every one is called once untimed (trace, compile,

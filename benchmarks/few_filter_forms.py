@@ -86,16 +86,10 @@ def main(argv):
             np.testing.assert_allclose(a, r, atol=tol * float(np.abs(r).max()))
         rows += common.form_rows(spec, forms, FLAGS.rounds)
 
-    context = common.machine_context(with_peaks=False)
-    name = "few_filter_forms" + ("" if dtype == "float32" else f"_{dtype}")
-    payload = {"context": context, "config": {"rounds": FLAGS.rounds, "precision": dtype,
-                                              "threads": "intra 1, inter 1"}, "results": rows}
-    lines = ["# A 3x3 Conv2D with few filters in two forms\n", common.context_markdown(context),
-             f"Milliseconds per forward and backward pass, median of {FLAGS.rounds} "
-             f"interleaved rounds (range), {dtype}, one thread. The module docstring of "
-             "`benchmarks/few_filter_forms.py` says what each form is.\n",
-             *common.form_table(rows, "input x filters")]
-    common.write_report(FLAGS.output_dir, name, payload, lines)
+    common.write_form_report(
+        FLAGS.output_dir, "few_filter_forms" + ("" if dtype == "float32" else f"_{dtype}"),
+        "A 3x3 Conv2D with few filters in two forms", "few_filter_forms.py", rows,
+        "input x filters", dtype, {"rounds": FLAGS.rounds, "precision": dtype})
 
 
 if __name__ == "__main__":

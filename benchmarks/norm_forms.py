@@ -75,15 +75,10 @@ def main(argv):
             np.testing.assert_allclose(a.numpy(), b.numpy(), atol=1e-5 * scale)
         rows += common.form_rows(spec, forms, FLAGS.rounds)
 
-    context = common.machine_context(with_peaks=False)
-    payload = {"context": context, "config": {"rounds": FLAGS.rounds, "groups": FLAGS.groups,
-                                              "threads": "intra 1, inter 1"}, "results": rows}
-    lines = ["# GroupNorm + SiLU in two forms\n", common.context_markdown(context),
-             f"Milliseconds per forward and backward pass, median of {FLAGS.rounds} "
-             f"interleaved rounds (range), float32, {FLAGS.groups} groups, one thread. The "
-             "module docstring of `benchmarks/norm_forms.py` says what each form is.\n",
-             *common.form_table(rows, "activations")]
-    common.write_report(FLAGS.output_dir, "norm_forms", payload, lines)
+    common.write_form_report(FLAGS.output_dir, "norm_forms", "GroupNorm + SiLU in two forms",
+                             "norm_forms.py", rows, "activations",
+                             f"float32, {FLAGS.groups} groups",
+                             {"rounds": FLAGS.rounds, "groups": FLAGS.groups})
 
 
 if __name__ == "__main__":

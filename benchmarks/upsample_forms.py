@@ -96,18 +96,12 @@ def main(argv):
                 np.testing.assert_allclose(a.numpy(), r.numpy(), atol=1e-4 * scale)
         rows += common.form_rows(spec, forms, FLAGS.rounds)
 
-    context = common.machine_context(with_peaks=False)
-    name = "upsample_forms_xla" if FLAGS.jit_compile else "upsample_forms"
-    payload = {"context": context, "config": {"rounds": FLAGS.rounds,
-                                              "jit_compile": FLAGS.jit_compile,
-                                              "threads": "intra 1, inter 1"}, "results": rows}
-    lines = ["# UpSampling2D + 3x3 Conv2D in three forms\n", common.context_markdown(context),
-             f"Milliseconds per forward and backward pass, median of {FLAGS.rounds} "
-             f"interleaved rounds (range), float32, one thread"
-             f"{', each form compiled by XLA' if FLAGS.jit_compile else ''}. The module "
-             "docstring of `benchmarks/upsample_forms.py` says what each form is.\n",
-             *common.form_table(rows, "small map x filters")]
-    common.write_report(FLAGS.output_dir, name, payload, lines)
+    common.write_form_report(
+        FLAGS.output_dir, "upsample_forms_xla" if FLAGS.jit_compile else "upsample_forms",
+        "UpSampling2D + 3x3 Conv2D in three forms", "upsample_forms.py", rows,
+        "small map x filters",
+        "float32" + (", each form compiled by XLA" if FLAGS.jit_compile else ""),
+        {"rounds": FLAGS.rounds, "jit_compile": FLAGS.jit_compile})
 
 
 if __name__ == "__main__":
