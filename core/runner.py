@@ -54,6 +54,7 @@ _TUPLE_FIELDS = ("encoder_filters", "decoder_filters", "synthetic_shape", "profi
 SKIPPED_FILE = "skipped_images.txt"
 MAX_FIGURE_EXAMPLES = 2000  # eval examples decoded for the latent-space figure
 MAX_DEFAULT_SIDE = 512  # a larger first image needs --image_size: photos are 1000s of px
+LONG_FOLDER_CHECK_SECONDS = 60.0  # a folder opened this slowly logs how to start faster
 
 
 def _smaller_size(height: int, width: int, long_side: int = 256) -> tuple[int, int]:
@@ -283,6 +284,7 @@ class Run:
                     verify=config.verify_checksums, synthetic_shape=config.synthetic_shape,
                     channels=config.channels, resize=config.resize, bad_images=config.bad_images)
         training = config.mode in ("train", "train_and_eval")
+        start = time.monotonic()
         if training:
             # The training split fixes the size and channels (unless given), the eval split
             # follows.
@@ -306,6 +308,11 @@ class Run:
                     **load, "channels": config.channels or (saved_shape[2] if saved_shape else None)})
         self.eval_split = self._report(opened, config.eval_split)
         self.image_shape = self.eval_split.image_shape
+        if config.dataset == "folder" and time.monotonic() - start > LONG_FOLDER_CHECK_SECONDS:
+            logging.info("a folder's files are checked at every start of a run that reads them "
+                         "(a resume, an evaluation); python -m core.prepare --dataset=folder "
+                         "--data_dir=%s --output_dir=DIR checks them once and writes TFRecord "
+                         "shards, which start without it", config.data_dir)
         if config.cache == "memory":
             self.eval_split = data.materialize(self.eval_split)
         elif config.cache != "none":

@@ -249,6 +249,19 @@ def test_image_files_and_resume_cost_smoke(tmp_path):
     assert resume["steps_per_epoch"] == 6 and resume["iterator_state"]["bytes"] > 0
 
 
+def test_folder_check_smoke(tmp_path):
+    """Every thread count, cached and evicted, against the default in the same round."""
+    _run("folder_check.py", f"--output_dir={tmp_path}", "--files=40", "--rounds=1",
+         "--threads=1,32")
+    report = json.loads((tmp_path / "folder_check.json").read_text())
+    default = report["default_threads"]
+    assert set(report["files_per_s"]) == {f"{c} {n}" for c in ("cached", "evicted")
+                                          for n in sorted({1, 32, default})}
+    assert all(r["median"] > 0 for r in report["files_per_s"].values())
+    assert report["vs_default"][f"evicted {default}"]["median"] == 1.0
+    assert f"| {default} (default) |" in (tmp_path / "folder_check.md").read_text()
+
+
 def test_gpu_check_without_a_gpu_and_simulated(tmp_path):
     """Without a GPU it runs the CPU checks, says so and exits 0; --simulate_on_cpu runs
     every GPU path (on 2 logical CPUs) and the Keras comparison, and reads the placement log."""

@@ -919,6 +919,47 @@ def test_cache_dir_decodes_once_into_shards_and_reuses_them(tmp_path):
 
 
 # ------------------------------------------------------------ remote storage
+def test_the_up_front_check_logs_how_far_it_is_and_finds_bad_files_anywhere(tmp_path, caplog):
+    """A long check logs progress (here after every file); results keep the paths' order."""
+    paths = [str(tmp_path / f"{i:02d}.png") for i in range(12)]
+    for p, a in zip(paths, colour_images(12)):
+        save(p, a)
+    with open(paths[7], "wb") as f:
+        f.write(b"not an image")
+    with caplog.at_level("INFO", logger="absl"):
+        infos, bad = sources.scan(paths, what="the image files of train", progress_every=0.0)
+    assert [i.path if i else None for i in infos] == [p if p != paths[7] else None for p in paths]
+    assert list(bad) == [paths[7]] and "not an image" in bad[paths[7]]
+    progress = [r.getMessage() for r in caplog.records if "checking the image files" in r.getMessage()]
+    assert progress and progress[-1].startswith("checking the image files of train: 11 of 12 files")
+
+
+def test_a_folder_that_opens_slowly_logs_how_to_start_faster(tmp_path, caplog, monkeypatch):
+    png_tree(str(tmp_path / "imgs"), splits=(("train", 16), ("test", 8)))
+    from core import runner
+
+    monkeypatch.setattr(runner, "LONG_FOLDER_CHECK_SECONDS", 0.0)  # every open is "slow"
+    config = Config(dataset="folder", data_dir=str(tmp_path / "imgs"),
+                    model_dir=str(tmp_path / "run"), epochs=None, train_steps=1, batch_size=8)
+    with caplog.at_level("INFO", logger="absl"):
+        core.run(config)
+    hint = [r.getMessage() for r in caplog.records if "core.prepare --dataset=folder" in r.getMessage()]
+    assert hint == [f"a folder's files are checked at every start of a run that reads them (a "
+                    f"resume, an evaluation); python -m core.prepare --dataset=folder "
+                    f"--data_dir={tmp_path / 'imgs'} --output_dir=DIR checks them once and "
+                    "writes TFRecord shards, which start without it"]
+    caplog.clear()
+    monkeypatch.setattr(runner, "LONG_FOLDER_CHECK_SECONDS", 3600.0)
+    with caplog.at_level("INFO", logger="absl"):
+        core.run(config.replace(train_steps=2))
+    assert not any("core.prepare" in r.getMessage() for r in caplog.records)
+
+
+def test_object_stores_are_checked_with_more_threads_than_a_local_disk():
+    assert sources.is_remote("gs://bucket/imgs/a.png") and sources.is_remote("ram://x/a.png")
+    assert not sources.is_remote("/data/imgs/a.png") and not sources.is_remote("file:///a.png")
+
+
 def test_a_whole_run_on_ram_filesystem(tmp_path):
     """Data, checkpoints, events, config.json, figures, lock and export through tf.io.gfile."""
     for split, arrays in (("train", colour_images(32)), ("test", colour_images(8, seed=1))):
