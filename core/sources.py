@@ -349,10 +349,12 @@ def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
     labels, class_names = class_labels(split_root, paths)
     _, sl = parse_split(spec, {name: len(paths)})
     picked = sorted(slice_order(paths, split_root)[sl]) if sl != slice(None) else range(len(paths))
+    total = len(paths)
     paths = [paths[i] for i in picked]
     labels = labels[list(picked)] if labels is not None else None
     if not paths:
-        raise ConfigError(f"split {spec!r} of {data_dir} is empty: widen the slice")
+        raise ConfigError(f"split {spec!r} of {data_dir} is empty ({name} has {total} "
+                          f"image{'s' if total != 1 else ''}): widen the slice, or add images")
     start = time.monotonic()
     infos, bad = scan(paths, what=f"the image files of {spec}")
     logging.info("checked %d image file%s of %s in %.1f s", len(paths),

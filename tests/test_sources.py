@@ -155,6 +155,11 @@ def test_a_flat_folder_is_train_sliced_90_10(tmp_path):
     assert train.labels is None  # unlabelled: fine
     with pytest.raises(ConfigError, match="has the splits train"):
         data.open_split("test", "folder", str(tmp_path))
+    one = tmp_path / "one"
+    save(str(one / "a.png"), colour_images(1)[0])
+    with pytest.raises(ConfigError, match=r"train\[90%:\]' of .* is empty \(train has 1 image\): "
+                       "widen the slice, or add images"):
+        data.open_split("train[90%:]", "folder", str(one))
 
 
 def test_a_slice_of_class_folders_holds_every_class(tmp_path):
