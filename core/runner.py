@@ -207,6 +207,13 @@ class Run:
         if config.mode == "export":  # the SavedModel may be served on any device
             forms, why = fast_forms.portable(forms), "an export runs on any device"
         self.forms = fast_forms.install(self.model, forms)
+        if (self.forms is None and not inference and self.precision == "mixed_bfloat16"
+                and not self.jit_compile and not distribute.gpus()):
+            logging.warning("--precision=mixed_bfloat16 on a CPU without XLA: TensorFlow's CPU "
+                            "kernel sums the gradient of a bias that oneDNN does not fuse into a "
+                            "convolution (a Conv2DTranspose's, a Dense's) in bfloat16, far off "
+                            "over large maps; your model's layers are as you wrote them, so "
+                            "train in float32 (the default on CPUs) or with --jit_compile")
         if self.forms:
             if self.forms.image_groups != forms.image_groups:
                 why = "the model's layers have no images-as-channels form"

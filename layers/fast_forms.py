@@ -129,8 +129,10 @@ class Forms:
             return conv_pool(layer, x, groups, self.act_after_pool)
         if isinstance(layer, blocks.UpsampleConv):
             return upsample_conv(layer, x, groups, ungroup, self.subpixel, self.crop_grad_as_pad)
-        if isinstance(layer, blocks.ConvTransposeUp) and self.crop_grad_as_pad:
-            return crop_to(layer.conv(x), layer.target_size)
+        if isinstance(layer, blocks.ConvTransposeUp):
+            y = conv_transpose(layer.conv, x)
+            return (crop_to(y, layer.target_size) if self.crop_grad_as_pad
+                    else blocks.crop_to(y, layer.target_size))
         if self.few_filters_transposed and groups == 1 and _few_filter_conv(layer):
             return conv_by_transpose(layer, x)
         return layer(x)
@@ -366,6 +368,21 @@ def conv_by_transpose(conv, x):
              else [*x.shape[:3], conv.filters])
     y = tf.nn.conv2d_transpose(x, kernel, shape, 1, "SAME")
     y.set_shape([*x.shape[:3], conv.filters])
+    if conv.use_bias:
+        y = _bias_add(y, tf.cast(conv.bias, dtype))
+    return keras.activations.get(conv.activation)(y)
+
+
+def conv_transpose(conv, x):
+    """conv(x) for a Keras Conv2DTranspose (channels last), its bias added by `_bias_add`:
+    Keras adds it with a BiasAdd, whose gradient TensorFlow's CPU kernel sums in bfloat16
+    (87-98% off for the VAE's and denoiser's up blocks in mixed_bfloat16). No faster, no
+    slower: the same ops in float32."""
+    dtype = conv.compute_dtype
+    y = keras.ops.conv_transpose(
+        tf.cast(x, dtype), tf.cast(conv.kernel, dtype), strides=conv.strides,
+        padding=conv.padding, output_padding=conv.output_padding,
+        data_format=conv.data_format, dilation_rate=conv.dilation_rate)
     if conv.use_bias:
         y = _bias_add(y, tf.cast(conv.bias, dtype))
     return keras.activations.get(conv.activation)(y)

@@ -149,6 +149,19 @@ def test_registered_models_train_resume_and_evaluate(tmp_path, name, code_shape,
         assert sorted(os.listdir(tmp_path / name)) == before
 
 
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "float32"])
+def test_own_model_in_bfloat16_on_a_cpu_is_warned_of_bias_gradients(tmp_path, caplog, precision):
+    """Your own layers stay as written, and TensorFlow's CPU kernel sums an unfused bias's
+    gradient in bfloat16: a bfloat16 run without XLA on a CPU says so; float32 does not."""
+    register("functional", functional)
+    config = Config(model="functional", dataset="fontdigits", model_dir=str(tmp_path / "run"),
+                    train_steps=2, epochs=None, batch_size=32, precision=precision)
+    with caplog.at_level("WARNING", logger="absl"):
+        assert core.run(config)["step"] == 2
+    warned = [r.getMessage() for r in caplog.records if "sums the gradient of a bias" in r.getMessage()]
+    assert len(warned) == (precision == "mixed_bfloat16")
+
+
 class OneModel(keras.Model):
     def call(self, x):
         return x
