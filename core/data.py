@@ -12,6 +12,8 @@ import dataclasses
 import io
 import os
 import re
+import socket
+import time
 import zipfile
 
 from absl import logging
@@ -441,6 +443,30 @@ def _service_shard(ds: tf.data.Dataset, service: str | None) -> tf.data.Dataset:
         return ds
     hint = tf.data.experimental.SHARD_HINT
     return ds.shard(hint, hint)
+
+
+def wait_for_service(service: str, seconds: float) -> None:
+    """Returns once something accepts connections at `service` (grpc://HOST:PORT), trying
+    for up to `seconds` (a dispatcher started just after the trainer is fine); raises
+    ConfigError otherwise. TensorFlow's client would retry an unreachable dispatcher
+    forever, with nothing in the log."""
+    host, port = service[len("grpc://"):].rsplit(":", 1)
+    deadline, waiting = time.monotonic() + seconds, False
+    while True:
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+            return
+        except OSError as e:
+            reason = e.strerror or type(e).__name__
+        if time.monotonic() >= deadline:
+            raise ConfigError(f"--tf_data_service={service}: no dispatcher answers at "
+                              f"{host}:{port} ({reason}, for {seconds:g} s): start it first "
+                              "(tf.data.experimental.service.DispatchServer), or fix the address")
+        if not waiting:
+            logging.info("waiting up to %g s for the tf.data service dispatcher at %s:%s (%s)",
+                         seconds, host, port, reason)
+            waiting = True
+        time.sleep(1.0)
 
 
 def _via_service(ds: tf.data.Dataset, service: str | None) -> tf.data.Dataset:

@@ -55,6 +55,7 @@ SKIPPED_FILE = "skipped_images.txt"
 MAX_FIGURE_EXAMPLES = 2000  # eval examples decoded for the latent-space figure
 MAX_DEFAULT_SIDE = 512  # a larger first image needs --image_size: photos are 1000s of px
 LONG_FOLDER_CHECK_SECONDS = 60.0  # a folder opened this slowly logs how to start faster
+SERVICE_WAIT_SECONDS = 60.0  # how long a --tf_data_service dispatcher may take to come up
 
 
 def _smaller_size(height: int, width: int, long_side: int = 256) -> tuple[int, int]:
@@ -320,6 +321,8 @@ class Run:
                          "(a resume, an evaluation); python -m core.prepare --dataset=folder "
                          "--data_dir=%s --output_dir=DIR checks them once and writes TFRecord "
                          "shards, which start without it", config.data_dir)
+        if config.tf_data_service and training:
+            data.wait_for_service(config.tf_data_service, SERVICE_WAIT_SECONDS)
         if config.cache == "memory":
             self.eval_split = data.materialize(self.eval_split)
         elif config.cache != "none":

@@ -898,6 +898,29 @@ def test_training_through_a_tf_data_service(tmp_path):
     del keep_one, keep_two
 
 
+def test_an_unreachable_tf_data_service_is_one_line_not_a_hang(tmp_path, monkeypatch):
+    """TensorFlow's client retries a dispatcher that is not there forever; the run waits
+    SERVICE_WAIT_SECONDS for one to come up, then stops before writing anything."""
+    (port,) = _free_ports(1)
+    dead = f"grpc://127.0.0.1:{port}"
+    with pytest.raises(ConfigError, match=rf"--tf_data_service={dead}: no dispatcher answers at "
+                       rf"127.0.0.1:{port} \(Connection refused, for 0.5 s\): start it first"):
+        data.wait_for_service(dead, 0.5)
+    live, keep = _service(1)
+    data.wait_for_service(live, 0.5)  # returns: a dispatcher listens
+    from core import runner
+
+    monkeypatch.setattr(runner, "SERVICE_WAIT_SECONDS", 0.5)
+    png_tree(str(tmp_path / "imgs"), splits=(("train", 16), ("test", 8)))
+    config = Config(dataset="folder", data_dir=str(tmp_path / "imgs"),
+                    model_dir=str(tmp_path / "run"), epochs=None, train_steps=2, batch_size=8,
+                    tf_data_service=dead)
+    with pytest.raises(ConfigError, match="no dispatcher answers"):
+        core.run(config)
+    assert not (tmp_path / "run").exists()
+    del keep
+
+
 def test_cache_dir_decodes_once_into_shards_and_reuses_them(tmp_path):
     png_tree(str(tmp_path / "imgs"), splits=(("train", 32), ("test", 8)))
     src = data.open_split("train", "folder", str(tmp_path / "imgs"), image_size=(12, 16)).source
