@@ -45,6 +45,14 @@ PATH_FIELDS = ("model_dir", "data_dir", "checkpoint", "cache")
 MAX_SYNTHETIC_BYTES = 2 * 2**30
 
 
+def _inside(path: str, folder: str) -> bool:
+    """`path` is `folder` or under it (as written; both already have `~` expanded)."""
+    path, folder = (p.rstrip("/") for p in (path, folder))
+    if "://" not in path:
+        path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return path == folder or path.startswith(folder + "/")
+
+
 def model_names() -> tuple[str, ...]:
     """The built-in models and those registered with layers.autoencoders.register."""
     from layers.registry import FACTORIES, MODELS  # no TensorFlow: validation stays fast
@@ -148,6 +156,11 @@ class Config:
         _check_choice("bad_images", self.bad_images, BAD_IMAGES)
         if not self.cache:
             raise ConfigError("--cache is empty: give none, memory or a folder")
+        if (self.cache not in ("none", "memory") and self.dataset == "folder" and self.data_dir
+                and _inside(self.cache, self.data_dir)):
+            raise ConfigError(f"--cache={self.cache} is inside --data_dir={self.data_dir}: the "
+                              "cache's shards would land among your images; give a folder "
+                              "outside it")
         if self.dataset in FILE_DATASETS and not self.data_dir:
             raise ConfigError(f"--dataset={self.dataset} needs --data_dir: the folder of your "
                               + ("images" if self.dataset == "folder" else "TFRecord shards"))

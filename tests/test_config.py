@@ -21,7 +21,16 @@ BAD = [
     (dict(encoder_filters=(8, 0)), r"--encoder_filters"),
     (dict(image_size=(64, 48, 3)), r"--image_size=64,48,3: give HEIGHT,WIDTH as two positive"),
     (dict(image_size=(0,)), r"--image_size=0: give HEIGHT,WIDTH"),
+    (dict(dataset="folder", data_dir="/data/photos", cache="/data/photos/"),
+     r"--cache=/data/photos/ is inside --data_dir=/data/photos: the cache's shards would land"),
+    (dict(dataset="folder", data_dir="gs://b/photos", cache="gs://b/photos/cache"),
+     r"--cache=gs://b/photos/cache is inside --data_dir=gs://b/photos"),
 ]
+
+
+def test_a_cache_beside_the_images_is_fine(tmp_path):
+    assert Config(dataset="folder", data_dir=str(tmp_path / "photos"),
+                  cache=str(tmp_path / "photos-cache")).cache == str(tmp_path / "photos-cache")
 
 
 @pytest.mark.parametrize("changes,message", BAD)
