@@ -42,8 +42,8 @@ INFO_FILE = "dataset_info.json"
 EVAL_SPLITS = ("test", "validation", "val", "valid")
 SPLIT_FOLDERS = ("train", *EVAL_SPLITS)
 # Threads for the up-front check of a folder's files. On a local disk the check is
-# Pillow reading headers, mostly under the GIL: a few threads are fastest (on this
-# project's 2-core machine, 4 threads checked 4,200-4,500 files/s, 32 threads 2,500-2,900).
+# Pillow reading headers, mostly under the GIL: a few threads are fastest (32 threads
+# checked 0.6-0.8x as many files a second as 4: benchmarks/folder_check.py).
 # On an object store (gs://, s3://) each file costs requests of tens of ms, during which
 # tf.io.gfile releases the GIL, so many threads overlap them; but on gs:// each open file
 # holds TensorFlow's read buffer (GCS_READ_CACHE_BLOCK_SIZE_MB, 64 MB by default, filled

@@ -376,7 +376,7 @@ def conv_by_transpose(conv, x):
 def conv_transpose(conv, x):
     """conv(x) for a Keras Conv2DTranspose (channels last), its bias added by `_bias_add`:
     Keras adds it with a BiasAdd, whose gradient TensorFlow's CPU kernel sums in bfloat16
-    (87-98% off for the VAE's and denoiser's up blocks in mixed_bfloat16). No faster, no
+    (90-98% off for the VAE's and denoiser's up blocks in mixed_bfloat16). No faster, no
     slower: the same ops in float32."""
     dtype = conv.compute_dtype
     y = keras.ops.conv_transpose(
@@ -392,8 +392,9 @@ def _bias_add(y, bias):
     """tf.nn.bias_add, whose bias gradient sums in float32 when y is narrower: for a bias
     not right after a conv (the activation after the pool, a transposed conv). In a traced
     graph TensorFlow's BiasAddGrad sums bfloat16 in bfloat16, 4-17% off over 6-65k values
-    per channel, up to 40% for one channel (benchmarks/NOTES.md section 18). A bias right
-    after a conv is fused by oneDNN, which sums its gradient in float32 with the kernel's."""
+    per channel of either sign, up to 40% for one channel, and a sum with a mean stalls
+    (512 for 65,536 ones; benchmarks/NOTES.md section 18). A bias right after a conv is
+    fused by oneDNN, which sums its gradient in float32 with the kernel's."""
     if y.dtype == tf.float32:
         return tf.nn.bias_add(y, bias)
 
