@@ -142,6 +142,8 @@ flags.DEFINE_bool("deterministic", _D.deterministic, "TensorFlow op determinism:
 flags.DEFINE_integer("log_every", _D.log_every, "Log line every N steps.")
 flags.DEFINE_integer("summary_every", _D.summary_every, "Train summaries every N steps "
                      "(0: with every log line).")
+flags.DEFINE_integer("histogram_every", _D.histogram_every, "Histograms of every trainable "
+                     "weight (TensorBoard's Histograms and Distributions) every N steps (0: none).")
 flags.DEFINE_integer("eval_every", _D.eval_every, "Evaluate and checkpoint every N steps "
                      "(0: once per epoch).")
 flags.DEFINE_integer("keep_checkpoints", _D.keep_checkpoints, "How many checkpoints to keep.")

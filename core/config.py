@@ -132,6 +132,7 @@ class Config:
     # Outer loop.
     log_every: int = 100
     summary_every: int = 0  # 0: with every log line
+    histogram_every: int = 0  # weight histograms every N steps; 0: none
     eval_every: int = 0  # steps; 0 means once per epoch
     keep_checkpoints: int = 3
     checkpoint_every_steps: int = 0  # 0: only at evaluations and at the end
@@ -205,7 +206,8 @@ class Config:
         if not (self.learning_rate > 0 and math.isfinite(self.learning_rate)):
             raise ConfigError(f"--learning_rate={self.learning_rate}: must be a positive, finite "
                               "number")
-        for name in ("summary_every", "checkpoint_every_steps", "checkpoint_every_secs"):
+        for name in ("summary_every", "histogram_every", "checkpoint_every_steps",
+                     "checkpoint_every_secs"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 0 (0 = off)")
         if self.nan_max_retries < 0:

@@ -77,6 +77,7 @@ class Cadence:
     Attributes:
       log_every: a log line (and a point of the history).
       summary_every: train summaries; 0 = with every log line.
+      histogram_every: histograms of the trainable weights; 0 = off.
       eval_every: evaluate (when there is an evaluation) and checkpoint.
       checkpoint_every_steps: extra checkpoints; 0 = off.
       checkpoint_every_secs: a checkpoint when this long passed since the last; 0 = off.
@@ -92,6 +93,7 @@ class Cadence:
 
     log_every: int = 100
     summary_every: int = 0
+    histogram_every: int = 0
     eval_every: int = 0
     checkpoint_every_steps: int = 0
     checkpoint_every_secs: float = 0.0
@@ -115,7 +117,7 @@ class Controller:
 
     Args:
       trainer: has `train_loop(iterator, n)`, `step`, `global_batch_size`,
-        `learning_rate`, `set_learning_rate` and `jit_compile`.
+        `learning_rate`, `set_learning_rate`, `jit_compile` and (for histograms) `model`.
       make_iterator: start step -> the training iterator (None for on-device data).
       total_steps: the step to train to.
       steps_per_epoch: for the log's epoch column.
@@ -123,7 +125,8 @@ class Controller:
       cadence: when to log, summarise, evaluate, checkpoint and profile; the NaN policy.
       evaluate: step -> metrics, or None (no evaluation; checkpoints keep the cadence).
       checkpointer: has `save()`, `restore(path)` and `latest`.
-      summaries: has `scalars(writer, step, values)` and `flush()`.
+      summaries: has `scalars(writer, step, values)`, `histograms(writer, step,
+        variables)` and `flush()`.
       profile_dir: where the profiler trace goes.
       stop_requested: returns the name of a received stop signal, or None.
       progress: the terminal status line.
@@ -183,6 +186,8 @@ class Controller:
                  next_multiple(c.eval_every)]
         if c.checkpoint_every_steps:
             marks.append(next_multiple(c.checkpoint_every_steps))
+        if c.histogram_every:
+            marks.append(next_multiple(c.histogram_every))
         if c.profile_steps:
             marks += [s for s in c.profile_steps if s > step]
         return min(marks)
@@ -244,6 +249,8 @@ class Controller:
                 "loss": mean_loss, "examples_per_sec": rate,
                 "learning_rate": self.trainer.learning_rate,
                 "step_time_ms": 1000 * w[2] / max(w[1], 1)})
+        if c.histogram_every and (step % c.histogram_every == 0 or last):
+            self.summaries.histograms("train", step, self.trainer.model.trainable_variables)
         if step % c.log_every == 0 or last:
             self.history.append({"step": step, "loss": mean_loss, "examples_per_sec": rate,
                                  "learning_rate": self.trainer.learning_rate})

@@ -619,7 +619,8 @@ def train(run: Run) -> dict:
                                            service=cfg.tf_data_service)))
 
     cadence = Cadence(
-        log_every=cfg.log_every, summary_every=cfg.summary_every, eval_every=cfg.eval_every,
+        log_every=cfg.log_every, summary_every=cfg.summary_every,
+        histogram_every=cfg.histogram_every, eval_every=cfg.eval_every,
         checkpoint_every_steps=cfg.checkpoint_every_steps,
         checkpoint_every_secs=cfg.checkpoint_every_secs,
         profile_steps=tuple(cfg.profile_steps) if cfg.profile_steps else None,

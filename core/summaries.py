@@ -69,6 +69,15 @@ class Summaries:
             for name, value in values.items():
                 tf.summary.scalar(name, value)
 
+    def histograms(self, writer: str, step: int, variables) -> None:
+        """A histogram of each of `variables`, tagged by its path (`seed/encoder/down0/conv/
+        kernel`): what Keras' TensorBoard callback writes with `histogram_freq`. Under a
+        distribution strategy a variable reads as its first replica's copy, which the
+        all-reduced updates keep equal to the others."""
+        with self.writer(writer).as_default(step=step):
+            for v in variables:
+                tf.summary.histogram(getattr(v, "path", None) or v.name, v)
+
     def image_rows(self, writer: str, step: int, name: str, rows: list[np.ndarray],
                    description: str = "") -> None:
         """One image: each of `rows` (n, H, W, C) in [0, 1] laid out as a horizontal strip

@@ -12,6 +12,7 @@ from core import data
 from core.config import Config
 from core.trainer import Trainer
 from helpers import event_tags, graph_nodes, run_train
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from layers.autoencoders import build_autoencoder
 
 
@@ -142,6 +143,32 @@ def test_summary_and_time_based_checkpoint_cadences(tmp_path, idx_dir):
                   keep_checkpoints=20, checkpoint_every_secs=0, mode="train")
     core.run(off)
     assert sorted(f for f in os.listdir(off.model_dir) if f.endswith(".index")) == ["ckpt-12.index"]
+
+
+@pytest.mark.parametrize("strategy", ["default", "mirrored"])
+def test_weight_histograms_every_n_steps(tmp_path, idx_dir, strategy):
+    """--histogram_every: every trainable weight, tagged by its path, at every N-th step and
+    the last; each histogram counts all of the weight's values, and they move as the
+    weights train. Off by default."""
+    config = _config(tmp_path, idx_dir, train_steps=12, steps_per_loop=4, eval_every=1000,
+                     histogram_every=5, mode="train", strategy=strategy,
+                     num_cpu_devices=2 if strategy == "mirrored" else 0)
+    core.run(config)
+    sizes = {v.path: int(np.prod(v.shape))
+             for v in build_autoencoder("seed", (28, 28, 1)).trainable_variables}
+    acc = EventAccumulator(os.path.join(config.model_dir, "train"),
+                           size_guidance={"tensors": 0})
+    acc.Reload()
+    assert set(sizes) <= set(acc.Tags()["tensors"])
+    for tag, size in sizes.items():
+        events = acc.Tensors(tag)
+        assert [e.step for e in events] == [5, 10, 12], tag
+        first, last = (tf.make_ndarray(e.tensor_proto) for e in (events[0], events[-1]))
+        assert first[:, 2].sum() == last[:, 2].sum() == size, tag  # (k, 3): left, right, count
+        assert not np.array_equal(first, last), tag
+    off = _config(tmp_path / "off", idx_dir, train_steps=4, steps_per_loop=4, mode="train")
+    core.run(off)
+    assert not set(sizes) & set(event_tags(os.path.join(off.model_dir, "train")))
 
 
 def test_vae_reports_kl_and_elbo_and_draws_samples(tmp_path, idx_dir):
