@@ -41,9 +41,9 @@ class Split:
     images: np.ndarray
     labels: np.ndarray | None
     name: str
+    class_names: tuple[str, ...] = ()  # label i's name, where the dataset has them
     kind = "memory"
     indexable = True
-    class_names = ()
 
     def describe(self) -> str:
         return f"{self.num_examples:,} images in memory"
@@ -99,6 +99,11 @@ def _locate(data_dir: str, names: tuple[str, ...], what: str) -> str:
         "(or mnist.npz for mnist)")
 
 
+# Zalando's names of Fashion-MNIST's labels 0-9 (the dataset's README).
+FASHION_CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                       "Sneaker", "Bag", "Ankle boot")
+
+
 def _keras_fetch(fname: str, origin: str, subdir: str, sha256: str | None) -> str:
     """Downloads into Keras' cache (~/.keras/datasets) unless already there."""
     try:
@@ -137,7 +142,8 @@ def _load_idx_split(dataset: str, split: str, data_dir: str | None, verify: bool
                               idx.SHA256[dataset][n + ".gz"]) for n in (images_name, labels_name)]
         images_path, labels_path = paths
     images, labels = idx.read_images_and_labels(images_path, labels_path, dataset, verify)
-    return Split(images, labels, split)
+    return Split(images, labels, split,
+                 FASHION_CLASS_NAMES if dataset == "fashion_mnist" else ())
 
 
 def _load_npz(path: str, split: str, verify: bool) -> Split:
@@ -181,7 +187,7 @@ def load_split(spec: str, dataset: str, data_dir: str | None = None, verify: boo
         split = Split(images, labels, name)
     elif dataset == "shapes":
         images, labels = shapes.load(seed=0, sizes=sizes)[name]
-        split = Split(images, labels, name)
+        split = Split(images, labels, name, shapes.CLASS_NAMES)
     elif dataset == "synthetic":
         rows = range(sizes[name])[sl]
         images = synthetic_images(name, rows, synthetic_shape)
@@ -194,7 +200,7 @@ def load_split(spec: str, dataset: str, data_dir: str | None = None, verify: boo
         raise ConfigError(f"split {spec!r} of {dataset} is empty ({split.num_examples} examples "
                         "before slicing): widen the slice")
     labels = split.labels[sl] if split.labels is not None else None
-    return Split(images, labels, spec)
+    return Split(images, labels, spec, split.class_names)
 
 
 @dataclasses.dataclass
@@ -241,7 +247,7 @@ def open_split(spec: str, dataset: str, data_dir: str | None = None, verify: boo
         return Opened(split)  # already as asked: no copy, no resize pipeline
     upscaled = split.num_examples if (h < size[0] or w < size[1]) else 0
     return Opened(Split(resize_array(split.images, size, channels or c, resize), split.labels,
-                        split.name), upscaled=upscaled)
+                        split.name, split.class_names), upscaled=upscaled)
 
 
 def materialize(source) -> Split:
@@ -268,7 +274,7 @@ def materialize(source) -> Split:
     elif (labels < 0).any():
         labels = None
     logging.info("decoded %s into memory: %.0f MB", source.name, images.nbytes / 2**20)
-    return Split(images, labels, source.name)
+    return Split(images, labels, source.name, tuple(source.class_names))
 
 
 def cache_to_dir(source, cache_dir: str):

@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 
 
 MAX_COLUMNS = 16  # wider grids wrap into bands of rows
+MAX_LEGEND_LABELS = 20  # the latent-space figure's legend; more labels get a colour scale
 
 
 def _save(fig, path: str) -> None:
@@ -103,19 +104,33 @@ def pca_2d(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x @ vt[:2].T, variance[:2]
 
 
-def latent_space(path: str, codes: np.ndarray, labels: np.ndarray, title: str) -> str:
-    """The codes' 2-D PCA projection, one colour per label."""
+def label_names(labels, class_names=()) -> list[tuple[int, str]]:
+    """(label, its name) for each label: the class name where there is one, else the
+    number."""
+    return [(int(label), class_names[label] if 0 <= label < len(class_names) else str(label))
+            for label in labels]
+
+
+def latent_space(path: str, codes: np.ndarray, labels: np.ndarray, title: str,
+                 class_names=()) -> str:
+    """The codes' 2-D PCA projection, one colour per label, named by `class_names` where
+    given. Up to 20 labels get distinct colours and a legend; more, a colour scale."""
     points, variance = pca_2d(codes)
     fig, ax = plt.subplots(figsize=(6.4, 5.4))
-    cmap = plt.get_cmap("tab10")
-    for label in np.unique(labels):
-        mask = labels == label
-        ax.scatter(points[mask, 0], points[mask, 1], s=4, alpha=0.6, color=cmap(int(label) % 10),
-                   label=str(label))
+    present = np.unique(labels)
+    if len(present) <= MAX_LEGEND_LABELS:
+        cmap = plt.get_cmap("tab10" if len(present) <= 10 else "tab20")
+        for i, (label, name) in enumerate(label_names(present, class_names)):
+            mask = labels == label
+            ax.scatter(points[mask, 0], points[mask, 1], s=4, alpha=0.6, color=cmap(i),
+                       label=name)
+        ax.legend(title="label", markerscale=4, fontsize=8, loc="best")
+    else:
+        dots = ax.scatter(points[:, 0], points[:, 1], s=4, alpha=0.6, c=labels, cmap="turbo")
+        fig.colorbar(dots, ax=ax, label=f"label ({len(present)} of them)")
     ax.set_xlabel(f"PC 1 ({100 * variance[0]:.0f}% of variance)")
     ax.set_ylabel(f"PC 2 ({100 * variance[1]:.0f}% of variance)")
     ax.set_title(title, fontsize=10)
-    ax.legend(title="label", markerscale=4, fontsize=8, loc="best")
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

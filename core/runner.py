@@ -562,7 +562,8 @@ class Run:
         if labels is not None and len(codes) >= 3:
             paths.append(plots.latent_space(
                 out.format(FIGURES["latent"]), codes, labels,
-                f"codes of {len(codes)} {cfg.eval_split} images (PCA), {where}"))
+                f"codes of {len(codes)} {cfg.eval_split} images (PCA), {where}",
+                tuple(getattr(self.eval_split, "class_names", ()) or ())))
         a, b = plots.interpolation_pair(labels, len(codes))
         line = plots.interpolate(codes[a], codes[b], 8)
         decoded = np.asarray(model.decode(line.reshape(-1, *self.code_shape), training=False))

@@ -205,3 +205,20 @@ def test_a_damaged_fontdigits_cache_is_rebuilt(tmp_path, monkeypatch):
     np.testing.assert_array_equal(fontdigits.load(seed=2, sizes=SMALL)["test"][0],
                                   first["test"][0])
     assert blocker.read_text() == "not a folder"
+
+
+def test_class_names_follow_the_split(idx_dir):
+    """The latent-space figure names its labels: the names stay with a split sliced,
+    resized and decoded into memory."""
+    from core import plots, shapes
+
+    sliced = data.load_split("test[:50]", "shapes")
+    assert sliced.class_names == shapes.CLASS_NAMES
+    resized = data.open_split("test[:50]", "shapes", image_size=(32, 32)).source
+    assert resized.image_shape == (32, 32, 3) and resized.class_names == shapes.CLASS_NAMES
+    assert data.materialize(resized) is resized
+    fashion = data.load_split("test", "fashion_mnist", idx_dir, verify=False)
+    assert fashion.class_names[9] == "Ankle boot"
+    assert data.load_split("test", "mnist", idx_dir).class_names == ()  # digits: the numbers
+    assert plots.label_names(np.array([0, 2]), shapes.CLASS_NAMES) == [(0, "disc"), (2, "triangle")]
+    assert plots.label_names(np.array([1, 5]), ("a", "b")) == [(1, "b"), (5, "5")]

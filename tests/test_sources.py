@@ -500,6 +500,7 @@ def test_prepare_writes_model_garden_examples_that_read_back_exactly(tmp_path):
     back = data.materialize(shards)
     np.testing.assert_array_equal(back.images, data.materialize(folder).images)
     np.testing.assert_array_equal(back.labels, folder.labels)
+    assert back.class_names == ("cat", "dog")  # named in the latent-space figure
     smaller = data.open_split("train", "tfrecord", str(tmp_path / "out"), image_size=(12, 16))
     assert not smaller.source.decoding.exact and smaller.source.head(2)[0].shape == (2, 12, 16, 3)
     # Without dataset_info.json the shards are counted; gzip is found by its magic bytes.
