@@ -143,13 +143,17 @@ class Checkpointer:
         self.model_dir = model_dir
         self.restore_dir = restore_dir or model_dir
         self.read_only = read_only
-        ema = {"ema": trainer.ema} if getattr(trainer, "ema", None) else {}
+        extra = {"ema": trainer.ema} if getattr(trainer, "ema", None) else {}
+        # Your own model's random layers (Dropout, ...): their seed generators' states,
+        # which Keras keeps beside the weights, not in them.
+        random = list(getattr(trainer.model, "random_states", ()))
+        extra |= {"random": random} if random else {}
         if read_only:
-            self.checkpoint = tf.train.Checkpoint(model=trainer.model, step=trainer.step, **ema)
+            self.checkpoint = tf.train.Checkpoint(model=trainer.model, step=trainer.step, **extra)
             self.manager = None
             return
         self.checkpoint = tf.train.Checkpoint(
-            model=trainer.model, optimizer=trainer.optimizer, step=trainer.step, **ema)
+            model=trainer.model, optimizer=trainer.optimizer, step=trainer.step, **extra)
         self.remove_orphans()  # before the manager reads the state
         self.manager = tf.train.CheckpointManager(
             self.checkpoint, model_dir, max_to_keep=keep, step_counter=trainer.step)
@@ -277,6 +281,12 @@ class Checkpointer:
         self.ema_missing = bool(ema) and not any(n.startswith("ema/") for n in names)
         if ema and not self.ema_missing:
             parts["ema"] = ema
+        random = list(getattr(trainer.model, "random_states", ()))
+        if random and any(n.startswith("random/") for n in names):
+            parts["random"] = random
+        elif random and not self.read_only:
+            logging.info("%s holds no state of the model's random layers (written before "
+                         "tapeloop saved it): they go on from their initial seeds", path)
         if self.read_only:
             return tf.train.Checkpoint(**parts)
         saved_scaled = any(n.startswith("optimizer/inner_optimizer/") for n in names)

@@ -274,11 +274,15 @@ def default_jit_compile() -> bool:
     return bool(gpus())
 
 
-def xla_refusal(model, image_shape, loss=None) -> str | None:
+def xla_refusal(model, image_shape, loss=None, strategy=None) -> str | None:
     """Why XLA cannot compile the model's forward and backward pass, with `loss` (a
     `losses.Loss`) if given (the op it has no kernel for, and where the code creates it),
     or None if it can. Converts the traced pass to XLA's HLO for this machine's device
-    (tens of milliseconds: nothing is run or compiled to machine code)."""
+    (tens of milliseconds: nothing is run or compiled to machine code).
+
+    Traced in a replica's context of `strategy` (the model's), as the step is: outside
+    one, a layer that assigns to its variables (BatchNormalization's moving statistics)
+    would write every replica's copy, on every device, from one compiled cluster."""
 
     @tf.function(jit_compile=True, autograph=False)
     def grads(x):
@@ -287,8 +291,20 @@ def xla_refusal(model, image_shape, loss=None) -> str | None:
             y = tf.reduce_sum(loss.per_example(x, logits) if loss else logits)
         return tape.gradient(y, model.trainable_variables)
 
+    def hlo():
+        return grads.experimental_get_compiler_ir(tf.zeros((2, *image_shape)))(stage="hlo")
+
     try:
-        grads.experimental_get_compiler_ir(tf.zeros((2, *image_shape)))(stage="hlo")
+        if strategy is None or strategy.num_replicas_in_sync == 1:
+            hlo()
+        else:  # called eagerly, once: without TensorFlow's warning of its overhead
+            logger = tf.get_logger()
+            level = logger.level
+            logger.setLevel("ERROR")
+            try:
+                strategy.run(hlo)
+            finally:
+                logger.setLevel(level)
     except (ValueError, tf.errors.OpError) as e:
         text = str(e)
         op = re.search(r"on XLA_\w+_JIT: (\w+) \(", text)

@@ -191,7 +191,7 @@ class Run:
             # Your own model or loss may hold an op XLA has no kernel for: found now, not as
             # a traceback at the first step (nor only on the GPU machine, where XLA is on).
             refusal = distribute.xla_refusal(self.model, self.image_shape,
-                                             self.loss if own_loss else None)
+                                             self.loss if own_loss else None, self.strategy)
             what = (f"--model={config.model}" if is_user_model(config.model) else "") + (
                 " with " if is_user_model(config.model) and own_loss else "") + (
                 f"--loss={config.loss}" if own_loss else "")
@@ -444,6 +444,16 @@ class Run:
             self.precision, self.jit_compile,
             tf.config.threading.get_intra_op_parallelism_threads() or "auto",
             tf.config.threading.get_inter_op_parallelism_threads() or "auto")
+        parts = self.strategy.num_replicas_in_sync * config.batch_shards
+        if getattr(model, "running_statistics", None) and parts > 1 and not inference:
+            logging.info(
+                "%d variables of the model keep moving statistics (BatchNormalization): each of "
+                "the %d parts of a step's batch (%d replica(s) x %d shard(s)) is normalised by "
+                "its own %d examples, and the statistics keep the mean of the parts' updates%s",
+                len(model.running_statistics), parts, self.strategy.num_replicas_in_sync,
+                config.batch_shards, config.step_batch // parts // config.grad_accum_steps,
+                "; --batch_shards=1 normalises each replica's batch as one"
+                if config.batch_shards > 1 else "")
         if config.augmentations and not inference:
             logging.info("augmentation of each training batch, drawn per (seed, step, replica): "
                          "%s", ", ".join(config.augmentations))

@@ -31,6 +31,10 @@ keras = tf.keras
 SUM = tf.distribute.ReduceOp.SUM
 
 
+# A prime below Keras' seed modulus (2^31 - 2): replicas' seeds stay apart for any count.
+_REPLICA_SEED_STRIDE = 1_000_003
+
+
 def _split(parts: tuple, k: int) -> list[tuple]:
     """(images, draws, noise), any of the last two None, split into k along the batch."""
     pieces = [tf.split(p, k) if p is not None else [None] * k for p in parts]
@@ -112,6 +116,15 @@ class Trainer:
         self.augment = tuple(augment)
         self.needs_seeds = (bool(self.noise_factor) or bool(self.augment)
                             or hasattr(model, "moments"))  # a VAE samples
+        # What one step adds up: every replica's shards of every micro-batch.
+        self.parts = strategy.num_replicas_in_sync * self.batch_shards * self.accum_steps
+        # Your own model's BatchNormalization moving statistics: every batch shard and
+        # replica updates them from its own examples; the step keeps the mean of those
+        # updates, one value everywhere (see `_shards_forward_backward` and `train_step`).
+        self.running = list(getattr(model, "running_statistics", ()))
+        # Its random layers' seed generators (Dropout, ...): one copy per replica, which
+        # would draw the same masks on every replica (see `replica_seeds`).
+        self.random_states = list(getattr(model, "random_states", ()))
         with strategy.scope():
             optimizer = optimizers.make(optimizer, learning_rate, weight_decay, momentum,
                                         nesterov)
@@ -205,6 +218,9 @@ class Trainer:
         KL), summed over the shard's examples and divided by the *global* batch size,
         so summing over shards and replicas (what the all-reduce does to the
         gradients) gives the global mean: compute_average_loss of the per-example loss.
+        Your own model's Keras losses (`model.losses`: weight and activity regularizers,
+        `add_loss`) are each a mean over the batch or do not depend on it, as in Keras'
+        `fit`: every one of the step's `parts` adds its 1/parts share of them.
         """
         variables = self.model.trainable_variables
         targets = tf.cast(targets, tf.float32)
@@ -212,6 +228,7 @@ class Trainer:
             logits, extra, _ = self.model.forward(inputs, training=True, seed=seed)
             logits = tf.cast(logits, tf.float32)
             taped = self.loss.taped_sum(targets, logits)  # the terms the tape differentiates
+            keras_losses = self.keras_losses()  # on the tape: weight regularizers read weights
         # A term with a hand-written gradient (BCE) is computed off the tape; the tape
         # then differentiates only the model, starting from that gradient of the logits.
         hand = self.loss.hand_sum_and_gradient(targets, logits)
@@ -227,8 +244,19 @@ class Trainer:
             total += taped
             outputs.append(taped)
             output_grads.append(scale)
+        mean = total / self.global_batch_size
+        if keras_losses is not None:
+            mean += keras_losses / self.parts
+            outputs.append(keras_losses)
+            output_grads.append(self.optimizer.scale_loss(tf.constant(1.0 / self.parts)))
         grads = tape.gradient(outputs, variables, output_gradients=output_grads)
-        return total / self.global_batch_size, grads
+        return mean, grads
+
+    def keras_losses(self) -> tf.Tensor | None:
+        """The sum of the model's Keras losses from its last call (float32), or None if it
+        has none (the built-in models)."""
+        found = self.model.losses
+        return tf.add_n([tf.cast(x, tf.float32) for x in found]) if found else None
 
     def inputs_and_targets(self, images: tf.Tensor, draws: tf.Tensor | None,
                            noise: tf.Tensor | None) -> tuple[tf.Tensor, tf.Tensor]:
@@ -271,12 +299,26 @@ class Trainer:
         if self.batch_shards == 1:
             return self._forward_backward(*self.inputs_and_targets(*parts), seed)
         losses, shard_grads = [], []
+        # Running statistics: each shard updates them from the values before the step, and
+        # they end as the mean of the shards' results (as replicas' are, in train_step), not
+        # as one update after another. The reads and assigns run in the order written here
+        # (tf.function orders the ops on one variable); the shards' other ops do not wait.
+        before = [tf.identity(v.value) for v in self.running]
+        updated = []
         for i, shard in enumerate(_split(parts, self.batch_shards)):
             shard_seed = tf.random.experimental.stateless_fold_in(seed, i) \
                 if self.needs_seeds else seed
+            if i and self.running:
+                updated.append([tf.identity(v.value) for v in self.running])
+                for v, value in zip(self.running, before):
+                    v.assign(value)
             loss, grads = self._forward_backward(*self.inputs_and_targets(*shard), shard_seed)
             losses.append(loss)
             shard_grads.append(grads)
+        if self.running:
+            updated.append([tf.identity(v.value) for v in self.running])
+            for v, *values in zip(self.running, *updated):
+                v.assign(tf.add_n(values) / len(values))
         return tf.add_n(losses), [tf.add_n(list(g)) for g in zip(*shard_grads)]
 
     def train_step(self, images: tf.Tensor) -> tf.Tensor:
@@ -286,19 +328,49 @@ class Trainer:
             seeds = tf.stack([self.step_seed(1), self.step_seed(2), self.step_seed(3)])
         else:  # nothing random in this step: keep the seed ops off the hot path
             seeds = tf.zeros([3, 2], tf.int64)
-        loss, grads = self.replica_forward_backward(images, seeds)
+        with self.replica_seeds():
+            loss, grads = self.replica_forward_backward(images, seeds)
         if self.check_finite_across_replicas:
             grads = self.poison_unless_finite_everywhere(grads)
         if self.clip_norm or self.clip_value:
             grads = self.clip(grads)
         # In replica context, apply_gradients all-reduces (sums) the gradients.
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+        if self.running and self.strategy.num_replicas_in_sync > 1:
+            # Keras' moving statistics are one copy per replica, each updated from its own
+            # examples: without this they drift apart, a checkpoint keeps the first
+            # replica's, and each replica evaluates with its own.
+            context = tf.distribute.get_replica_context()
+            means = context.all_reduce(tf.distribute.ReduceOp.MEAN,
+                                       [tf.identity(v.value) for v in self.running])
+            for v, mean in zip(self.running, means):
+                v.assign(mean)
         if self.ema is not None:
             d = self.ema_decay
             for average, var in zip(self.ema, self.model.trainable_variables):
                 average.assign(d * average + (1.0 - d) * tf.cast(var.value, tf.float32))
         self.loss_sum.assign_add(loss)  # this replica's copy only
         return loss
+
+    @contextlib.contextmanager
+    def replica_seeds(self):
+        """Inside the block, each replica's copy of the random layers' seed generators draws
+        its own numbers: the seed (the state's first element; a draw increments the second)
+        is offset by the replica's index, and set back after the block, so the copies stay
+        equal between steps and in checkpoints. Keras' `fit` draws the same Dropout masks
+        on every replica."""
+        replicas = self.strategy.num_replicas_in_sync
+        if replicas == 1 or not self.random_states:
+            yield
+            return
+        replica = tf.distribute.get_replica_context().replica_id_in_sync_group
+        offset = tf.stack([tf.cast(replica, tf.int64) * _REPLICA_SEED_STRIDE,
+                           tf.constant(0, tf.int64)])
+        for state in self.random_states:
+            state.assign(state.value + tf.cast(offset, state.dtype))
+        yield
+        for state in self.random_states:
+            state.assign(state.value - tf.cast(offset, state.dtype))
 
     def clip(self, grads: list) -> list:
         """The step's gradient clipped, as one device would clip it. Traced, per replica.
@@ -390,6 +462,9 @@ class Trainer:
         per_example = metrics.reconstruction_metrics(targets, logits)
         # The training loss, as the training step computes it (with the VAE's weighted KL).
         per_example["loss"] = self.loss.per_example(targets, logits) + extra_loss
+        keras_losses = self.keras_losses()  # and your model's regularizers, as fit's val_loss
+        if keras_losses is not None:
+            per_example["loss"] += keras_losses
         if "kl" in extra:
             pixels = float(np.prod(logits.shape[1:]))
             per_example["kl"] = extra["kl"]

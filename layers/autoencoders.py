@@ -145,6 +145,25 @@ class Autoencoder(keras.Model):
         super().__init__(**kwargs)
         self.encoder = encoder
         self.decoder = decoder
+        # Paths of the float variables that the training pass itself updates (Keras'
+        # BatchNormalization moving statistics): set by `build_user_model`, which finds them
+        # in the traced pass; the built-in models have none.
+        self.running_paths = frozenset()
+
+    @property
+    def running_statistics(self) -> list:
+        """The float variables a training pass updates, not the optimizer: moving averages
+        of batch statistics. The trainer keeps one value of them over batch shards and
+        replicas (the mean of their updates)."""
+        return [v for v in self.non_trainable_variables if v.path in self.running_paths]
+
+    @property
+    def random_states(self) -> list:
+        """The states of the random layers' seed generators (Keras' Dropout, GaussianNoise,
+        random augmentation layers): part of the model's state, though not of its weights,
+        so that a resumed run draws what the uninterrupted one would have."""
+        weights = {id(w) for w in self.weights}
+        return [v for v in self.variables if id(v) not in weights]
 
     def call(self, inputs, training=None):
         return self.decode_logits(self.encode(inputs, training=training), training=training)
@@ -380,13 +399,35 @@ def build_user_model(name: str, input_shape: Sequence[int], precision: str = "fl
     # (or .numpy()) runs eagerly above and fails there, at the first step, after the run
     # has started writing. Traced here (not run), it is one line before anything is written.
     try:
-        tf.function(lambda x: model(x, training=True), autograph=False).get_concrete_function(
-            tf.TensorSpec((2, *shape)))
+        traced = tf.function(lambda x: model(x, training=True), autograph=False
+                             ).get_concrete_function(tf.TensorSpec((2, *shape)))
     except Exception as e:  # noqa: BLE001
         raise ModelError(f"{call} fails when traced into the training step's graph "
                          f"({describe_trace_error(e)}): use TensorFlow ops on tensors in call() "
                          "(tf.where or tf.cond, not a Python if; no .numpy())") from e
+    model.running_paths = frozenset(
+        v.path for v in written_variables(traced.graph, model.non_trainable_variables)
+        if v.dtype.startswith(("float", "bfloat")))
     return model
+
+
+_WRITES = ("AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp")
+
+
+def written_variables(graph, variables) -> list:
+    """Those of `variables` (Keras variables) that ops of the traced `graph` assign to.
+
+    A variable enters a traced function as a captured resource handle; under a
+    distribution strategy a mirrored variable has one handle per replica."""
+    outside = {inside.ref(): outer for outer, inside in graph.captures}
+    handles = {outside[op.inputs[0].ref()].ref() for op in graph.get_operations()
+               if op.type in _WRITES and op.inputs[0].ref() in outside}
+    found = []
+    for variable in variables:
+        value = variable.value
+        if any(c.handle.ref() in handles for c in getattr(value, "values", None) or (value,)):
+            found.append(variable)
+    return found
 
 
 def describe_trace_error(error: Exception) -> str:

@@ -10,8 +10,28 @@ from core.gpu_kernels import ops_without_gpu_kernel
 from core.schedules import Multiplier
 from core.trainer import Trainer
 from layers import fast_forms
-from layers.autoencoders import build_autoencoder
+from layers.autoencoders import build_autoencoder, register
 
+keras = tf.keras
+
+
+def stateful(image_shape):
+    """Your own model with what the loop has to keep in step across shards and replicas:
+    BatchNormalization's moving statistics, Dropout's seed state, Keras regularizers."""
+    encoder = keras.Sequential([
+        keras.Input(image_shape),
+        keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False,
+                            kernel_regularizer=keras.regularizers.L2(1e-4)),
+        keras.layers.BatchNormalization(), keras.layers.ReLU(), keras.layers.Dropout(0.1),
+        keras.layers.Conv2D(4, 3, padding="same", activity_regularizer=keras.regularizers.L1(1e-4)),
+    ])
+    decoder = keras.Sequential([
+        keras.Input((image_shape[0] // 2, image_shape[1] // 2, 4)),
+        keras.layers.Conv2DTranspose(image_shape[2], 3, strides=2, padding="same")])
+    return encoder, decoder
+
+
+register("stateful", stateful)
 
 # The training recipe's options together: a schedule, AdamW, clipping, accumulation, EMA.
 RECIPE = dict(lr_multiplier=Multiplier("cosine", total_steps=100, warmup_steps=10),
@@ -58,6 +78,9 @@ def _loop(model="seed", precision="float32", device=False, shards=1, noise=0.0, 
     dict(precision="mixed_bfloat16", evaluation=True, shards=2),
     dict(augment=("flip", "crop"), device=True, replicas=2, shards=2),
     dict(augment=("flip", "crop"), precision="mixed_float16", noise=0.2),
+    dict(model="stateful", replicas=2, shards=2, precision="mixed_float16"),
+    dict(model="stateful", replicas=2, jit=True, precision="mixed_bfloat16"),
+    dict(model="stateful", replicas=2, evaluation=True),
 ], ids=lambda p: ",".join(f"{k}={v}" for k, v in p.items()) or "tf.data")
 def test_every_op_of_the_training_loop_has_a_gpu_kernel(path):
     assert ops_without_gpu_kernel(_loop(**path)) == []

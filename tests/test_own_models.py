@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 
 import core
-from core import losses
+from core import distribute, losses
 from core.config import Config
 from core.errors import ConfigError
 from core.trainer import Trainer
@@ -280,6 +280,68 @@ def test_the_step_gradient_is_the_tape_gradient_of_the_whole_loss(spec, weights,
     assert float(value) == pytest.approx(float(expected), rel=1e-5)
     for g, e in zip(grads, expected_grads):
         np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-7)
+
+
+def regularized(image_shape):
+    """The Keras blog's sparse autoencoder, as convolutions: an L1 activity regularizer on
+    the code, and L2 on a kernel."""
+    encoder = keras.Sequential([
+        keras.Input(image_shape),
+        keras.layers.Conv2D(8, 3, strides=2, padding="same", activation="relu",
+                            kernel_regularizer=keras.regularizers.L2(0.01)),
+        keras.layers.Conv2D(4, 3, padding="same", activation="relu",
+                            activity_regularizer=keras.regularizers.L1(0.05)),
+    ])
+    decoder = keras.Sequential([
+        keras.Input((image_shape[0] // 2, image_shape[1] // 2, 4)),
+        keras.layers.Conv2DTranspose(image_shape[2], 3, strides=2, padding="same")])
+    return encoder, decoder
+
+
+@pytest.mark.parametrize("replicas, shards", [(1, 1), (1, 2), (2, 2)])
+def test_keras_regularizers_are_in_the_step_and_in_the_evaluated_loss(replicas, shards):
+    """Your model's `model.losses` (weight and activity regularizers, add_loss) enter the
+    step as in Keras' fit: the loss is mean BCE + their sum, the gradients the tape's of
+    that, whether the batch is split into shards and replicas or not, and eval's `loss`
+    includes them too. (They were left out: a sparse autoencoder trained without its
+    sparsity.)"""
+    register("regularized", regularized)
+    x = np.random.default_rng(2).random((8, 16, 16, 1)).astype(np.float32)
+    tf.keras.utils.set_random_seed(0)
+    reference_net = build_autoencoder("regularized", (16, 16, 1))
+    with tf.GradientTape() as tape:
+        logits = reference_net(x, training=True)
+        bce = tf.reduce_mean(_reference("bce", x, logits))
+        keras_losses = tf.add_n(reference_net.losses)
+        expected = bce + keras_losses
+    expected_grads = tape.gradient(expected, reference_net.trainable_variables)
+    assert len(reference_net.losses) == 2 and float(keras_losses) > 0.1 * float(bce)
+
+    strategy = tf.distribute.get_strategy() if replicas == 1 else \
+        distribute.make_strategy("mirrored", replicas)
+    with strategy.scope():
+        net = build_autoencoder("regularized", (16, 16, 1))
+        net.set_weights(reference_net.get_weights())
+        trainer = Trainer(net, strategy, 8, 1e-3, batch_shards=shards)
+
+    @tf.function
+    def step(images):
+        def replica(batch):
+            loss, grads = trainer.replica_forward_backward(batch, tf.zeros([3, 2], tf.int64))
+            context = tf.distribute.get_replica_context()
+            return context.all_reduce("sum", loss), context.all_reduce("sum", grads)
+        return strategy.run(replica, args=(images,))
+
+    dataset = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(x))
+    loss, grads = step(next(iter(dataset)))
+    loss, grads = strategy.experimental_local_results((loss, grads))[0]
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+    for g, e in zip(grads, expected_grads):
+        np.testing.assert_allclose(g, e, rtol=1e-4, atol=1e-6)
+    sums = trainer.eval_step(x, x, tf.ones(8))
+    assert float(sums["loss"] / sums["count"]) == pytest.approx(
+        float(tf.reduce_mean(_reference("bce", x, reference_net(x))) + tf.add_n(reference_net.losses)),
+        rel=1e-5)
 
 
 @pytest.mark.parametrize("changes, message", [

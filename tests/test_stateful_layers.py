@@ -1,0 +1,214 @@
+"""Your own model with BatchNormalization and Dropout: the moving statistics are one value
+over batch shards and replicas, the random layers' state is checkpointed (exact resume),
+and the trainer finds which variables are which."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import core
+from core import distribute
+from core.config import Config
+from core.errors import ConfigError
+from core.trainer import Trainer
+from layers.autoencoders import build_autoencoder, register
+
+keras = tf.keras
+SHAPE = (16, 16, 1)
+
+
+def bn_dropout(image_shape, rate=0.25):
+    """A small autoencoder with BatchNormalization (momentum 0.5, so that one step moves
+    the statistics far), Dropout, and a frozen layer, whose weights no pass updates."""
+    frozen = keras.layers.Conv2D(8, 1, trainable=False, name="frozen")
+    encoder = keras.Sequential([
+        keras.Input(image_shape),
+        keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False),
+        keras.layers.BatchNormalization(momentum=0.5, name="bn_enc"),
+        keras.layers.ReLU(),
+        keras.layers.Dropout(rate),
+        frozen,
+    ], name="bn_encoder")
+    decoder = keras.Sequential([
+        keras.Input((image_shape[0] // 2, image_shape[1] // 2, 8)),
+        keras.layers.Conv2DTranspose(8, 3, strides=2, padding="same", use_bias=False),
+        keras.layers.BatchNormalization(momentum=0.5, name="bn_dec"),
+        keras.layers.ReLU(),
+        keras.layers.Conv2D(image_shape[2], 3, padding="same"),
+    ], name="bn_decoder")
+    return encoder, decoder
+
+
+register("bn_dropout", bn_dropout)
+# Without dropout: each part's examples alone make the same statistics wherever they run.
+register("bn", lambda image_shape: bn_dropout(image_shape, rate=0.0))
+
+
+def _images(n, seed):
+    return tf.random.stateless_uniform((n, *SHAPE), seed=(seed, 1))
+
+
+@pytest.fixture(scope="module")
+def weights():
+    tf.keras.utils.set_random_seed(0)
+    return build_autoencoder("bn", SHAPE).get_weights()
+
+
+def _statistics_after_one_step(weights, batch, replicas=1, shards=1, jit=False):
+    """The moving statistics after one training step on `batch`, per replica."""
+    strategy = (tf.distribute.get_strategy() if replicas == 1 else
+                distribute.make_strategy("mirrored", replicas))
+    with strategy.scope():
+        tf.keras.utils.set_random_seed(0)
+        model = build_autoencoder("bn", SHAPE)
+        model.set_weights(weights)
+        trainer = Trainer(model, strategy, int(batch.shape[0]), 1e-3, jit_compile=jit,
+                          batch_shards=shards)
+    # One global batch, split over the replicas in order: replica 0 gets the first part.
+    dataset = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch))
+    trainer.train_loop(iter(dataset), 1)
+    assert [v.path for v in model.running_statistics] == [
+        "bn_encoder/bn_enc/moving_mean", "bn_encoder/bn_enc/moving_variance",
+        "bn_decoder/bn_dec/moving_mean", "bn_decoder/bn_dec/moving_variance"]
+    return [[c.numpy() for c in getattr(v.value, "values", (v.value,))]
+            for v in model.running_statistics]
+
+
+def test_the_trainer_finds_the_running_statistics_and_the_random_state():
+    model = build_autoencoder("bn_dropout", SHAPE)
+    # Not the frozen layer's weights (non-trainable, but no pass writes them), nor the
+    # Dropout's seed state (an int, checkpointed instead).
+    assert all("moving_" in v.path for v in model.running_statistics)
+    assert len(model.running_statistics) == 4
+    assert [v.dtype for v in model.random_states] == ["int64"]
+    assert [v.path.split("/")[-1] for v in model.random_states] == ["seed_generator_state"]
+    for name in ("seed", "resnet"):  # the built-in models keep nothing of the kind
+        builtin = build_autoencoder(name, (32, 32, 3))
+        assert builtin.running_statistics == [] and builtin.random_states == []
+
+
+@pytest.mark.parametrize("replicas, shards, jit", [(1, 2, False), (1, 2, True), (2, 1, False),
+                                                   (2, 1, True), (2, 2, False)],
+                         ids=["shards", "shards-xla", "replicas", "replicas-xla",
+                              "replicas-and-shards"])
+def test_moving_statistics_are_the_mean_of_each_parts_update(weights, replicas, shards, jit):
+    """Split over batch shards or replicas, the moving statistics end as the mean of what
+    each part's examples alone would have made of them, on every replica: not one update
+    after another, and not a copy per replica that drifts from the others."""
+    parts = replicas * shards
+    pieces = [_images(8, seed) for seed in range(parts)]
+    alone = [_statistics_after_one_step(weights, piece) for piece in pieces]
+    expected = [np.mean([a[i][0] for a in alone], axis=0) for i in range(4)]
+    together = _statistics_after_one_step(weights, tf.concat(pieces, 0), replicas, shards, jit)
+    moved = max(np.abs(e - w).max() for e, w in zip(expected, (np.zeros(8), np.ones(8)) * 2))
+    assert moved > 0.1  # one step moved them (momentum 0.5)
+    for want, copies in zip(expected, together):
+        assert len(copies) == replicas
+        for copy in copies:
+            np.testing.assert_allclose(copy, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("setting, draws_per_step", [
+    (dict(batch_shards=2), 2),
+    (dict(strategy="mirrored", num_cpu_devices=2, batch_shards=1, jit_compile=True), 1),
+], ids=["shards", "replicas-xla"])
+def test_a_resumed_run_with_dropout_and_batchnorm_is_the_uninterrupted_run(tmp_path, setting,
+                                                                           draws_per_step):
+    """The Dropout's seed state is in the checkpoint, so the resumed run draws the masks the
+    uninterrupted one did: the same weights and moving statistics, bit for bit."""
+    config = Config(model="bn_dropout", dataset="fontdigits", train_steps=12, epochs=None,
+                    batch_size=32, eval_every=0, steps_per_loop=6, deterministic=True,
+                    model_dir=str(tmp_path / "straight"), **setting)
+    core.run(config)
+    core.run(config.replace(model_dir=str(tmp_path / "resumed"), train_steps=6))
+    core.run(config.replace(model_dir=str(tmp_path / "resumed")))
+    straight, resumed = (tf.train.load_checkpoint(str(tmp_path / d / "ckpt-12"))
+                         for d in ("straight", "resumed"))
+    names = [n for n in straight.get_variable_to_shape_map() if n.startswith(("model/", "random/"))]
+    assert any("moving_mean" in n for n in names) and any(n.startswith("random/") for n in names)
+    for name in names:
+        np.testing.assert_array_equal(straight.get_tensor(name), resumed.get_tensor(name), name)
+    # The state moved by one draw per step and shard, whatever the replicas.
+    state = [straight.get_tensor(n) for n in names if n.startswith("random/")][0]
+    assert state[1] == 12 * draws_per_step
+    evaluated = core.run(config.replace(mode="eval"), given={"mode", "model_dir"})
+    assert 0 < evaluated["mse"] < 0.3
+
+
+class _StringOpBatchNorm(keras.Model):
+    """BatchNormalization plus an op XLA has no kernel for."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = keras.layers.Conv2D(4, 3, strides=2, padding="same")
+        self.norm = keras.layers.BatchNormalization()
+
+    def call(self, x, training=None):
+        digits = tf.strings.length(tf.strings.as_string(tf.reduce_sum(x)))
+        return self.norm(self.conv(x), training=training) + tf.cast(digits, x.dtype) * 0.0
+
+
+def test_xla_over_replicas_compiles_a_model_that_updates_its_statistics(tmp_path):
+    """The check that XLA can compile your model traces it as a replica does: over two
+    replicas, BatchNormalization's updates compile (and train), and an op XLA cannot
+    compile is still found, before anything is written."""
+    setting = dict(dataset="synthetic", synthetic_shape=(16, 16, 1), train_steps=2, epochs=None,
+                   batch_size=16, eval_every=0, strategy="mirrored", num_cpu_devices=2,
+                   jit_compile=True)
+    result = core.run(Config(model="bn_dropout", model_dir=str(tmp_path / "bn"), **setting))
+    assert result["step"] == 2
+    register("strings_bn", lambda shape: (_StringOpBatchNorm(), keras.Sequential([
+        keras.layers.Conv2DTranspose(shape[2], 3, strides=2, padding="same")])))
+    with pytest.raises(ConfigError, match=r"^--jit_compile: XLA cannot compile op AsString "):
+        core.run(Config(model="strings_bn", model_dir=str(tmp_path / "strings"), **setting))
+    assert not (tmp_path / "strings").exists()
+
+
+class _Draw(keras.layers.Layer):
+    """Keeps the last number its seed generator drew, as a moving statistic would: each
+    replica's draw then shows in the mean the step keeps."""
+
+    def build(self, input_shape):
+        self.seed_generator = keras.random.SeedGenerator(5)
+        self.last = self.add_weight(shape=(), initializer="zeros", trainable=False, name="last")
+
+    def call(self, x, training=None):
+        if training:
+            self.last.assign(keras.random.uniform((), seed=self.seed_generator))
+        return x
+
+
+def _draw_model(image_shape):
+    encoder = keras.Sequential([keras.Input(image_shape), _Draw(name="draw"),
+                                keras.layers.Conv2D(4, 3, strides=2, padding="same")])
+    decoder = keras.Sequential([keras.Input((image_shape[0] // 2, image_shape[1] // 2, 4)),
+                                keras.layers.Conv2DTranspose(image_shape[2], 3, strides=2,
+                                                             padding="same")])
+    return encoder, decoder
+
+
+register("draw", _draw_model)
+
+
+@pytest.mark.parametrize("replicas", [1, 2, 4])
+def test_each_replica_draws_its_own_random_numbers(replicas):
+    """Keras' random layers (Dropout, ...) keep a seed generator per replica, all copies
+    alike: every replica would draw the same masks. Each draws its own inside the step,
+    and the copies are equal again after it, as one replica's would be."""
+    strategy = (tf.distribute.get_strategy() if replicas == 1 else
+                distribute.make_strategy("mirrored", replicas))
+    with strategy.scope():
+        model = build_autoencoder("draw", SHAPE)
+        trainer = Trainer(model, strategy, 4 * replicas, 1e-3)
+    dataset = strategy.experimental_distribute_dataset(
+        tf.data.Dataset.from_tensors(_images(4 * replicas, 0)))
+    trainer.train_loop(iter(dataset), 1)
+    draws = [keras.random.uniform((), seed=keras.random.SeedGenerator(5 + r * 1_000_003))
+             for r in range(replicas)]  # replica r's first draw
+    last, state = model.running_statistics[0], model.random_states[0]
+    for copy in getattr(last.value, "values", (last.value,)):
+        np.testing.assert_allclose(copy.numpy(), np.mean(draws), rtol=1e-6)
+    for copy in getattr(state.value, "values", (state.value,)):
+        assert list(copy.numpy()) == [5, 1]
+    if replicas > 1:
+        assert len(set(float(d) for d in draws)) == replicas
