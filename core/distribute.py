@@ -305,8 +305,12 @@ def xla_refusal(model, image_shape, loss=None, strategy=None) -> str | None:
                 strategy.run(hlo)
             finally:
                 logger.setLevel(level)
-    except (ValueError, tf.errors.OpError) as e:
+    except (ValueError, tf.errors.OpError, RuntimeError) as e:
         text = str(e)
+        if "merge_call" in text:  # a collective of the strategy inside the compiled pass
+            layer = re.search(r"when calling (\w+)\.call\(\)", text)
+            return ("the all-reduce across replicas in " +
+                    (f"{layer.group(1)}.call()" if layer else "the pass"))
         op = re.search(r"on XLA_\w+_JIT: (\w+) \(", text)
         frames = re.findall(r'File "([^"]+)", line (\d+)', text)
         where = [f"{os.path.basename(f)} line {n}" for f, n in frames

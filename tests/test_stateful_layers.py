@@ -2,6 +2,8 @@
 over batch shards and replicas, the random layers' state is checkpointed (exact resume),
 and the trainer finds which variables are which."""
 
+import re
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -212,3 +214,27 @@ def test_each_replica_draws_its_own_random_numbers(replicas):
         assert list(copy.numpy()) == [5, 1]
     if replicas > 1:
         assert len(set(float(d) for d in draws)) == replicas
+
+
+def synchronized(image_shape):
+    encoder, decoder = bn_dropout(image_shape, rate=0.0)
+    return keras.Sequential([keras.Input(image_shape), keras.layers.Conv2D(8, 3, padding="same"),
+                             keras.layers.BatchNormalization(synchronized=True),
+                             keras.layers.MaxPooling2D()]), decoder
+
+
+def test_synchronized_batchnorm_trains_over_replicas_and_xla_refuses_it_in_one_line(tmp_path):
+    """Keras' BatchNormalization(synchronized=True) all-reduces its batch statistics inside
+    the pass: that trains over two replicas without XLA, and with --jit_compile is one line
+    before anything is written (the replica's compiled pass cannot hold a collective)."""
+    register("synchronized", synchronized)
+    setting = dict(model="synchronized", dataset="synthetic", synthetic_shape=(16, 16, 1),
+                   train_steps=2, epochs=None, batch_size=16, eval_every=0, strategy="mirrored",
+                   num_cpu_devices=2)
+    assert core.run(Config(model_dir=str(tmp_path / "plain"), **setting))["step"] == 2
+    with pytest.raises(ConfigError, match=re.escape(
+            "--jit_compile: XLA cannot compile the all-reduce across replicas in "
+            "BatchNormalization.call() of --model=synchronized: train without XLA "
+            "(--nojit_compile), or replace the op")):
+        core.run(Config(model_dir=str(tmp_path / "xla"), jit_compile=True, **setting))
+    assert not (tmp_path / "xla").exists()
