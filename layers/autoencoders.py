@@ -418,7 +418,9 @@ def written_variables(graph, variables) -> list:
     """Those of `variables` (Keras variables) that ops of the traced `graph` assign to.
 
     A variable enters a traced function as a captured resource handle; under a
-    distribution strategy a mirrored variable has one handle per replica."""
+    distribution strategy a mirrored variable has one handle per replica. Only the
+    graph's own ops are read: Keras layers assign there (an assign inside a nested
+    tf.function or tf.cond of your own is not followed)."""
     outside = {inside.ref(): outer for outer, inside in graph.captures}
     handles = {outside[op.inputs[0].ref()].ref() for op in graph.get_operations()
                if op.type in _WRITES and op.inputs[0].ref() in outside}
