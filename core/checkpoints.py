@@ -146,8 +146,8 @@ class Checkpointer:
         extra = {"ema": trainer.ema} if getattr(trainer, "ema", None) else {}
         # Your own model's random layers (Dropout, ...): their seed generators' states,
         # which Keras keeps beside the weights, not in them.
-        random = list(getattr(trainer.model, "random_states", ()))
-        extra |= {"random": random} if random else {}
+        self.random = list(getattr(trainer.model, "random_states", ()))
+        extra |= {"random": self.random} if self.random else {}
         if read_only:
             self.checkpoint = tf.train.Checkpoint(model=trainer.model, step=trainer.step, **extra)
             self.manager = None
@@ -281,10 +281,9 @@ class Checkpointer:
         self.ema_missing = bool(ema) and not any(n.startswith("ema/") for n in names)
         if ema and not self.ema_missing:
             parts["ema"] = ema
-        random = list(getattr(trainer.model, "random_states", ()))
-        if random and any(n.startswith("random/") for n in names):
-            parts["random"] = random
-        elif random and not self.read_only:
+        if self.random and any(n.startswith("random/") for n in names):
+            parts["random"] = self.random
+        elif self.random and not self.read_only:
             logging.info("%s holds no state of the model's random layers (written before "
                          "tapeloop saved it): they go on from their initial seeds", path)
         if self.read_only:
