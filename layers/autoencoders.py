@@ -412,18 +412,50 @@ def build_user_model(name: str, input_shape: Sequence[int], precision: str = "fl
 
 
 _WRITES = ("AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp")
+# Ops whose first input is not passed to the functions they call (the branch index or the
+# condition); a While passes all its inputs to its body, a call all to its function.
+_BRANCHES = ("If", "StatelessIf", "Case", "StatelessCase")
 
 
 def written_variables(graph, variables) -> list:
     """Those of `variables` (Keras variables) that ops of the traced `graph` assign to.
 
     A variable enters a traced function as a captured resource handle; under a
-    distribution strategy a mirrored variable has one handle per replica. Only the
-    graph's own ops are read: Keras layers assign there (an assign inside a nested
-    tf.function or tf.cond of your own is not followed)."""
+    distribution strategy a mirrored variable has one handle per replica. An assign inside
+    a function the graph calls (a tf.cond's branch, a tf.while_loop's body, a nested
+    tf.function) is followed to the handle passed in, through the graph's function library.
+    """
+    library = {f.signature.name: f for f in graph.as_graph_def().library.function}
+    written_args = {}  # function name -> indices of its arguments it assigns to
+
+    def positions(op_type, node_def):
+        """Indices of an op's inputs that it, or a function it calls, assigns to."""
+        if op_type in _WRITES:
+            return {0}
+        called = [op_type] if op_type in library else []
+        for attr in node_def.attr.values():
+            called += ([attr.func.name] if attr.HasField("func") else []) + [
+                f.name for f in attr.list.func]
+        offset = 1 if op_type in _BRANCHES else 0
+        return {i + offset for name in called if name in library for i in arguments(name)}
+
+    def arguments(name):
+        if name not in written_args:
+            written_args[name] = set()  # a function that calls itself adds nothing more
+            function = library[name]
+            index = {a.name: i for i, a in enumerate(function.signature.input_arg)}
+            found = set()
+            for node in function.node_def:
+                inputs = [i for i in node.input if not i.startswith("^")]
+                found |= {index[inputs[p]] for p in positions(node.op, node)
+                          if p < len(inputs) and inputs[p] in index}
+            written_args[name] = found
+        return written_args[name]
+
     outside = {inside.ref(): outer for outer, inside in graph.captures}
-    handles = {outside[op.inputs[0].ref()].ref() for op in graph.get_operations()
-               if op.type in _WRITES and op.inputs[0].ref() in outside}
+    handles = {outside[op.inputs[p].ref()].ref() for op in graph.get_operations()
+               for p in positions(op.type, op.node_def)
+               if p < len(op.inputs) and op.inputs[p].ref() in outside}
     found = []
     for variable in variables:
         value = variable.value

@@ -56,22 +56,22 @@ def weights():
     return build_autoencoder("bn", SHAPE).get_weights()
 
 
-def _statistics_after_one_step(weights, batch, replicas=1, shards=1, jit=False):
+def _statistics_after_one_step(weights, batch, replicas=1, shards=1, jit=False, name="bn"):
     """The moving statistics after one training step on `batch`, per replica."""
     strategy = (tf.distribute.get_strategy() if replicas == 1 else
                 distribute.make_strategy("mirrored", replicas))
     with strategy.scope():
         tf.keras.utils.set_random_seed(0)
-        model = build_autoencoder("bn", SHAPE)
+        model = build_autoencoder(name, SHAPE)
         model.set_weights(weights)
         trainer = Trainer(model, strategy, int(batch.shape[0]), 1e-3, jit_compile=jit,
                           batch_shards=shards)
     # One global batch, split over the replicas in order: replica 0 gets the first part.
     dataset = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch))
     trainer.train_loop(iter(dataset), 1)
-    assert [v.path for v in model.running_statistics] == [
-        "bn_encoder/bn_enc/moving_mean", "bn_encoder/bn_enc/moving_variance",
-        "bn_decoder/bn_dec/moving_mean", "bn_decoder/bn_dec/moving_variance"]
+    assert [v.path.split("/", 1)[1] for v in model.running_statistics] == [
+        "bn_enc/moving_mean", "bn_enc/moving_variance",
+        "bn_dec/moving_mean", "bn_dec/moving_variance"]
     return [[c.numpy() for c in getattr(v.value, "values", (v.value,))]
             for v in model.running_statistics]
 
@@ -104,6 +104,61 @@ def test_moving_statistics_are_the_mean_of_each_parts_update(weights, replicas, 
     together = _statistics_after_one_step(weights, tf.concat(pieces, 0), replicas, shards, jit)
     moved = max(np.abs(e - w).max() for e, w in zip(expected, (np.zeros(8), np.ones(8)) * 2))
     assert moved > 0.1  # one step moved them (momentum 0.5)
+    for want, copies in zip(expected, together):
+        assert len(copies) == replicas
+        for copy in copies:
+            np.testing.assert_allclose(copy, want, rtol=1e-4, atol=1e-5)
+
+
+class _NestedEncoder(keras.Model):
+    """The encoder of `bn`, its pass a tf.function of its own."""
+
+    def __init__(self):
+        super().__init__(name="nested_encoder")
+        self.conv = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False)
+        self.bn = keras.layers.BatchNormalization(momentum=0.5, name="bn_enc")
+        self.frozen = keras.layers.Conv2D(8, 1, trainable=False, name="frozen")
+        self.encode = tf.function(self._encode)
+
+    def _encode(self, images, training):
+        return self.frozen(tf.nn.relu(self.bn(self.conv(images), training=training)))
+
+    def call(self, images, training=False):
+        return self.encode(images, training)
+
+
+class _CondDecoder(keras.Model):
+    """The decoder of `bn`, its BatchNormalization inside a tf.cond."""
+
+    def __init__(self, channels):
+        super().__init__(name="cond_decoder")
+        self.up = keras.layers.Conv2DTranspose(8, 3, strides=2, padding="same", use_bias=False)
+        self.bn = keras.layers.BatchNormalization(momentum=0.5, name="bn_dec")
+        self.out = keras.layers.Conv2D(channels, 3, padding="same")
+
+    def call(self, code, training=False):
+        x = self.up(code)
+        x = tf.cond(tf.reduce_all(tf.math.is_finite(x)),
+                    lambda: self.bn(x, training=training), lambda: tf.identity(x))
+        return self.out(tf.nn.relu(x))
+
+
+register("bn_nested", lambda image_shape: (_NestedEncoder(), _CondDecoder(image_shape[2])))
+
+
+@pytest.mark.parametrize("replicas, shards", [(1, 2), (2, 1)], ids=["shards", "replicas"])
+def test_statistics_written_in_a_nested_function_or_a_cond_are_found(weights, replicas,
+                                                                     shards):
+    """The trainer follows the traced pass into a tf.function of the model's own and into
+    tf.cond's branches: the statistics written there are found and kept as one value."""
+    model = build_autoencoder("bn_nested", SHAPE)
+    assert [w.shape for w in model.get_weights()] == [w.shape for w in weights]
+    pieces = [_images(8, 0), _images(8, 1) * 0.3]  # darker: other statistics
+    alone = [_statistics_after_one_step(weights, p, name="bn_nested") for p in pieces]
+    expected = [np.mean([a[i][0] for a in alone], axis=0) for i in range(4)]
+    assert np.abs(alone[0][0][0] - alone[1][0][0]).max() > 0.05  # the parts' updates differ
+    together = _statistics_after_one_step(weights, tf.concat(pieces, 0), replicas, shards,
+                                          name="bn_nested")
     for want, copies in zip(expected, together):
         assert len(copies) == replicas
         for copy in copies:
