@@ -336,6 +336,12 @@ def find_factory(name: str) -> Callable:
         raise ModelError(str(e)) from e
 
 
+_LOSS_IN_OWN_FUNCTION = (
+    "a loss of a layer (an activity_regularizer or add_loss) is made inside a tf.function of "
+    "the model's own and cannot reach the training step's loss: drop the tf.function around "
+    "call(), or keep those layers outside it")
+
+
 def build_user_model(name: str, input_shape: Sequence[int], precision: str = "float32"
                      ) -> Autoencoder:
     """Calls the user's factory with the image shape and wraps its (encoder, decoder) in an
@@ -395,13 +401,28 @@ def build_user_model(name: str, input_shape: Sequence[int], precision: str = "fl
     model = Autoencoder(encoder, decoder, dtype=keras.DTypePolicy(precision),
                         name=re.sub(r"\W", "_", name))
     model(images)
+    # Called eagerly, a model's Keras losses are values; one made inside a tf.function of
+    # the model's own is that function's graph tensor, which the step cannot reach.
+    if any(tf.is_symbolic_tensor(loss) for loss in model.losses):
+        raise ModelError(f"{call}: {_LOSS_IN_OWN_FUNCTION}")
     # The step traces the model into a graph without AutoGraph: a Python `if` on a tensor
     # (or .numpy()) runs eagerly above and fails there, at the first step, after the run
     # has started writing. Traced here (not run), it is one line before anything is written.
+    # It takes the model's Keras losses (regularizers, add_loss) as the step adds them to
+    # the loss: one made inside a tf.function of the model's own stays in its graph.
+    passed = []
+
+    def training_pass(images):
+        logits = model(images, training=True)
+        passed.append(True)
+        return logits, [tf.identity(loss) for loss in model.losses]
+
     try:
-        traced = tf.function(lambda x: model(x, training=True), autograph=False
+        traced = tf.function(training_pass, autograph=False
                              ).get_concrete_function(tf.TensorSpec((2, *shape)))
     except Exception as e:  # noqa: BLE001
+        if passed:  # the model's pass traced; its losses could not be taken
+            raise ModelError(f"{call}: {_LOSS_IN_OWN_FUNCTION}") from e
         raise ModelError(f"{call} fails when traced into the training step's graph "
                          f"({describe_trace_error(e)}): use TensorFlow ops on tensors in call() "
                          "(tf.where or tf.cond, not a Python if; no .numpy())") from e

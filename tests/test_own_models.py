@@ -207,8 +207,17 @@ def _factory_module(tmp_path, monkeypatch, body: str) -> None:
      "bad_models:make", "fails when traced into the training step's graph "
      "(OperatorNotAllowedInGraphError in E.call(): Using a symbolic `tf.Tensor` as a Python "
      "`bool` is not allowed): use TensorFlow ops on tensors in call()"),
+    ("class E(tf.keras.Model):\n"  # its activity regularizer's loss stays in call's graph
+     "    def __init__(self):\n        super().__init__()\n"
+     "        self.c = tf.keras.layers.Conv2D(4, 3, strides=2, padding='same',\n"
+     "            activity_regularizer=tf.keras.regularizers.L1(1e-3))\n"
+     "    @tf.function\n    def call(self, x):\n        return self.c(x)\n"
+     "def make(shape):\n    return E(), tf.keras.Sequential(\n"
+     "        [tf.keras.layers.Conv2DTranspose(1, 3, strides=2, padding='same')])\n",
+     "bad_models:make", "a loss of a layer (an activity_regularizer or add_loss) is made inside "
+     "a tf.function of the model's own and cannot reach the training step's loss"),
 ], ids=["no-module", "import-fails", "no-factory", "factory-raises", "one-model", "layers",
-        "wrong-shape", "sigmoid-output", "python-if"])
+        "wrong-shape", "sigmoid-output", "python-if", "loss-in-own-function"])
 def test_a_bad_factory_is_one_line_before_anything_is_written(tmp_path, monkeypatch, body, model,
                                                               message):
     _factory_module(tmp_path, monkeypatch, body)
