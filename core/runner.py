@@ -448,10 +448,14 @@ class Run:
         if getattr(model, "running_statistics", None) and parts > 1 and not inference:
             logging.info(
                 "%d variables of the model keep moving statistics (BatchNormalization): each of "
-                "the %d parts of a step's batch (%d replica(s) x %d shard(s)) is normalised by "
-                "its own %d examples, and the statistics keep the mean of the parts' updates%s",
-                len(model.running_statistics), parts, self.strategy.num_replicas_in_sync,
+                "the %d parts of %s (%d replica(s) x %d shard(s)) is normalised by its own %d "
+                "examples, and the statistics keep the mean of the parts' updates%s%s",
+                len(model.running_statistics), parts,
+                "a step's batch" if config.grad_accum_steps == 1 else "each micro-batch",
+                self.strategy.num_replicas_in_sync,
                 config.batch_shards, config.step_batch // parts // config.grad_accum_steps,
+                f"; the {config.grad_accum_steps} micro-batches of a step update them one after "
+                "another" if config.grad_accum_steps > 1 else "",
                 "; --batch_shards=1 normalises each replica's batch as one"
                 if config.batch_shards > 1 else "")
         if config.augmentations and not inference:

@@ -56,7 +56,8 @@ def weights():
     return build_autoencoder("bn", SHAPE).get_weights()
 
 
-def _statistics_after_one_step(weights, batch, replicas=1, shards=1, jit=False, name="bn"):
+def _statistics_after_one_step(weights, batch, replicas=1, shards=1, jit=False, name="bn",
+                               accum=1):
     """The moving statistics after one training step on `batch`, per replica."""
     strategy = (tf.distribute.get_strategy() if replicas == 1 else
                 distribute.make_strategy("mirrored", replicas))
@@ -64,8 +65,8 @@ def _statistics_after_one_step(weights, batch, replicas=1, shards=1, jit=False, 
         tf.keras.utils.set_random_seed(0)
         model = build_autoencoder(name, SHAPE)
         model.set_weights(weights)
-        trainer = Trainer(model, strategy, int(batch.shape[0]), 1e-3, jit_compile=jit,
-                          batch_shards=shards)
+        trainer = Trainer(model, strategy, int(batch.shape[0]) // accum, 1e-3, jit_compile=jit,
+                          batch_shards=shards, accum_steps=accum)
     # One global batch, split over the replicas in order: replica 0 gets the first part.
     dataset = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(batch))
     trainer.train_loop(iter(dataset), 1)
@@ -108,6 +109,23 @@ def test_moving_statistics_are_the_mean_of_each_parts_update(weights, replicas, 
         assert len(copies) == replicas
         for copy in copies:
             np.testing.assert_allclose(copy, want, rtol=1e-4, atol=1e-5)
+
+
+def test_micro_batches_update_the_statistics_one_after_another(weights):
+    """With --grad_accum_steps the micro-batches run one after another, each normalised by
+    its own examples, and each updates the statistics in turn (its 2 shards' mean), as
+    PyTorch's accumulation and separate steps do: momentum x (momentum x start + (1 -
+    momentum) x first) + (1 - momentum) x second."""
+    micro = [_images(8, 0), _images(8, 1) * 0.3]
+    alone = [_statistics_after_one_step(weights, m, shards=2) for m in micro]
+    start = (np.zeros(8, np.float32), np.ones(8, np.float32)) * 2
+    # momentum 0.5: alone = 0.5 start + 0.5 batch statistic
+    first, second = ([2 * a[i][0] - start[i] for i in range(4)] for a in alone)
+    together = _statistics_after_one_step(weights, tf.concat(micro, 0), shards=2, accum=2)
+    for i, (copy,) in enumerate(together):
+        want = 0.5 * (0.5 * start[i] + 0.5 * first[i]) + 0.5 * second[i]
+        np.testing.assert_allclose(copy, want, rtol=1e-4, atol=1e-5)
+        assert np.abs(want - (0.5 * start[i] + 0.25 * (first[i] + second[i]))).max() > 1e-3
 
 
 class _NestedEncoder(keras.Model):
