@@ -458,6 +458,13 @@ class Run:
                 "another" if config.grad_accum_steps > 1 else "",
                 "; --batch_shards=1 normalises each replica's batch as one"
                 if config.batch_shards > 1 else "")
+        if getattr(model, "stateful_random_ops", ()) and not inference:
+            logging.warning(
+                "the model draws random numbers with TensorFlow's stateful random ops (%s: "
+                "tf.random.normal, uniform, ...), whose state is inside the kernels, not in the "
+                "checkpoint: a resumed run will not repeat the draws of an uninterrupted one; "
+                "for exact resume draw with keras.random and a keras.random.SeedGenerator, or use "
+                "Keras' random layers (Dropout, GaussianNoise)", ", ".join(model.stateful_random_ops))
         if config.augmentations and not inference:
             logging.info("augmentation of each training batch, drawn per (seed, step, replica): "
                          "%s", ", ".join(config.augmentations))

@@ -149,6 +149,9 @@ class Autoencoder(keras.Model):
         # BatchNormalization moving statistics): set by `build_user_model`, which finds them
         # in the traced pass; the built-in models have none.
         self.running_paths = frozenset()
+        # The stateful random ops of its training pass (tf.random.normal, ...): their state
+        # is inside the kernels, not in any variable a checkpoint could keep.
+        self.stateful_random_ops = ()
 
     @property
     def running_statistics(self) -> list:
@@ -429,7 +432,22 @@ def build_user_model(name: str, input_shape: Sequence[int], precision: str = "fl
     model.running_paths = frozenset(
         v.path for v in written_variables(traced.graph, model.non_trainable_variables)
         if v.dtype.startswith(("float", "bfloat")))
+    model.stateful_random_ops = tuple(sorted(_STATEFUL_RANDOM & op_types(traced.graph)))
     return model
+
+
+# TensorFlow's random ops whose state lives in the kernel (tf.random.normal, uniform, ...);
+# Keras' random layers and keras.random with a SeedGenerator draw with stateless ops.
+_STATEFUL_RANDOM = frozenset({
+    "RandomUniform", "RandomUniformInt", "RandomStandardNormal", "TruncatedNormal",
+    "ParameterizedTruncatedNormal", "RandomShuffle", "Multinomial", "RandomGamma",
+    "RandomPoisson", "RandomPoissonV2"})
+
+
+def op_types(graph) -> set:
+    """The types of the ops of a traced `graph` and of the functions it calls."""
+    return ({op.type for op in graph.get_operations()}
+            | {node.op for f in graph.as_graph_def().library.function for node in f.node_def})
 
 
 _WRITES = ("AssignVariableOp", "AssignAddVariableOp", "AssignSubVariableOp")

@@ -311,3 +311,52 @@ def test_synchronized_batchnorm_trains_over_replicas_and_xla_refuses_it_in_one_l
             "(--nojit_compile), or replace the op")):
         core.run(Config(model_dir=str(tmp_path / "xla"), jit_compile=True, **setting))
     assert not (tmp_path / "xla").exists()
+
+
+class _Noise(keras.layers.Layer):
+    """Training noise drawn with TensorFlow's stateful op, or with keras.random and a
+    SeedGenerator."""
+
+    def __init__(self, stateful):
+        super().__init__()
+        self.stateful = stateful
+        self.seed = keras.random.SeedGenerator(7)
+
+    def call(self, x, training=False):
+        if not training:
+            return x
+        if self.stateful:
+            return x + 0.1 * tf.random.normal(tf.shape(x))
+        return x + 0.1 * keras.random.normal(tf.shape(x), seed=self.seed)
+
+
+def _noisy(image_shape, stateful):
+    encoder = keras.Sequential([keras.Input(image_shape), _Noise(stateful),
+                                keras.layers.Conv2D(8, 3, strides=2, padding="same")])
+    decoder = keras.Sequential([
+        keras.Input((image_shape[0] // 2, image_shape[1] // 2, 8)),
+        keras.layers.Conv2DTranspose(image_shape[2], 3, strides=2, padding="same")])
+    return encoder, decoder
+
+
+register("noisy_tf", lambda image_shape: _noisy(image_shape, stateful=True))
+register("noisy_keras", lambda image_shape: _noisy(image_shape, stateful=False))
+
+
+def test_stateful_random_ops_are_warned_of_as_not_resumable(tmp_path, caplog):
+    """tf.random.normal keeps its state in the kernel, where no checkpoint reaches: a run is
+    warned that its resume will not repeat the draws; keras.random with a SeedGenerator is
+    checkpointed (random/) and is not warned of."""
+    assert build_autoencoder("noisy_tf", SHAPE).stateful_random_ops == ("RandomStandardNormal",)
+    assert build_autoencoder("noisy_keras", SHAPE).stateful_random_ops == ()
+    warned = {}
+    for name in ("noisy_tf", "noisy_keras"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="absl"):
+            core.run(Config(model=name, dataset="fontdigits", train_steps=2, epochs=None,
+                            batch_size=16, mode="train", model_dir=str(tmp_path / name)))
+        warned[name] = [r.getMessage() for r in caplog.records
+                        if "stateful random ops" in r.getMessage()]
+    assert len(warned["noisy_tf"]) == 1 and "(RandomStandardNormal:" in warned["noisy_tf"][0]
+    assert "keras.random.SeedGenerator" in warned["noisy_tf"][0]
+    assert warned["noisy_keras"] == []
