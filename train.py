@@ -156,6 +156,11 @@ flags.DEFINE_float("checkpoint_every_secs", _D.checkpoint_every_secs,
                    "Also checkpoint when this many seconds passed since the last one (0: off).")
 flags.DEFINE_string("checkpoint", None, "--mode=eval/export: this checkpoint instead of the "
                     "latest, or best (the one --keep_best kept).")
+flags.DEFINE_string("init_checkpoint", None, "Start a new training run from this checkpoint's "
+                    "model weights (DIR/ckpt-N, or a run's folder: its latest); optimizer, step "
+                    "and schedule start afresh. Ignored once --model_dir has checkpoints.")
+flags.DEFINE_enum("init_modules", _D.init_modules, config_lib.INIT_MODULES,
+                  "What --init_checkpoint reads: the whole model, or only its encoder or decoder.")
 flags.DEFINE_string("keep_best", None, "Keep the best checkpoint by this metric in "
                     f"<model_dir>/best/: one of {', '.join(config_lib.BEST_METRICS)}.")
 flags.DEFINE_integer("early_stopping_patience", 0, "Stop after N evaluations without a new "

@@ -12,7 +12,9 @@ Two rules keep checkpoints safe:
 from __future__ import annotations
 
 import errno
+import gc
 import json
+import logging as std_logging
 import os
 import re
 import socket
@@ -99,7 +101,7 @@ def readable(prefix: str) -> bool:
         return False
 
 
-def resolve_path(path: str) -> str:
+def resolve_path(path: str, flag: str = "--checkpoint") -> str:
     """The checkpoint prefix a user meant: 'D/ckpt-9', 'D/ckpt-9.index', 'D/ckpt-9.data-...'
     or a folder (its latest checkpoint).
 
@@ -111,14 +113,74 @@ def resolve_path(path: str) -> str:
         state = read_state(path)
         found = state.model_checkpoint_path if state else (checkpoints_on_disk(path) or [None])[-1]
         if not found:
-            raise ConfigError(f"--checkpoint={path} is a folder without checkpoints: give a "
+            raise ConfigError(f"{flag}={path} is a folder without checkpoints: give a "
                               "path like DIR/ckpt-1000, or a folder that holds ckpt-* files")
         return found
     prefix = re.sub(r"\.(index|data-\d+-of-\d+)$", "", path)
     if not tf.io.gfile.exists(prefix + ".index"):
-        raise ConfigError(f"--checkpoint={path} does not exist: give a path like "
+        raise ConfigError(f"{flag}={path} does not exist: give a path like "
                           "DIR/ckpt-1000 (with or without .index), or a folder")
     return prefix
+
+
+def initialise(model, path: str, modules: str = "all") -> str:
+    """Reads the weights of `model` ('all'), or of its 'encoder' or 'decoder', from the
+    checkpoint `path` (a prefix, one of its files, or a folder: its latest), and nothing
+    else of it: not the optimizer, the step, the weight average or the random states.
+    Returns the prefix read. Only reads.
+
+    Raises:
+      ConfigError: no checkpoint there, or it does not hold every variable of that part of
+        `model` with the same shape.
+    """
+    flag = f"--init_checkpoint={path}"
+    prefix = resolve_path(path, "--init_checkpoint")
+    tensorflow_log = std_logging.getLogger("tensorflow")
+    level = tensorflow_log.level
+    # A read that fails leaves a restore status that logs, when it is collected, every value
+    # of the checkpoint it did not read (the optimizer's): one line is the error, not that.
+    tensorflow_log.setLevel(std_logging.ERROR)
+    try:
+        failure = _read_model(model, prefix, modules)
+        gc.collect()
+    finally:
+        tensorflow_log.setLevel(level)
+    if failure is not None:
+        what = "model" if modules == "all" else modules
+        if not readable(prefix):
+            raise ConfigError(f"{flag}: {prefix} is damaged: its files do not read back "
+                              f"({failure[:200]}): give another checkpoint")
+        raise ConfigError(f"{flag}: {prefix} does not hold this {what} ({_short(failure)}): "
+                          "give the model flags it was trained with (its config.json), or "
+                          "--init_modules for the part that matches")
+    return prefix
+
+
+def _read_model(model, prefix: str, modules: str) -> str | None:
+    """`initialise`'s read; the first line of its error, or None."""
+    try:
+        view = _model_as_saved(model, tf.compat.v1.train.NewCheckpointReader(prefix))
+        part = view if modules == "all" else tf.train.Checkpoint(**{modules: getattr(view, modules)})
+        status = tf.train.Checkpoint(model=part).read(prefix)
+        status.expect_partial()  # the optimizer, the step and the rest are not read
+        status.assert_existing_objects_matched()  # but every variable of `part` is
+    except Exception as e:  # noqa: BLE001 - a missing or misshapen variable, or damage
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return None
+
+
+def _short(message: str) -> str:
+    """TensorFlow's restore errors, cut to what names the variable and the shapes."""
+    shapes = re.search(r"incompatible tensor with shape (\([^)]*\)) when attempting to "
+                       r"restore variable with shape (\([^)]*\)) and name (\S+?)\.?$", message)
+    if shapes:
+        saved, ours, name = shapes.groups()
+        return f"{name.removesuffix(':0')} has shape {ours} here, {saved} in the checkpoint"
+    unbound = re.search(r"Found (\d+) Python objects that were not bound.*?path=([^,\s]+)",
+                        message)
+    if unbound:
+        return f"{unbound.group(1)} of its variables are not there, e.g. {unbound.group(2)}"
+    return message[:200]
 
 
 class Checkpointer:

@@ -31,6 +31,7 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 LOSSES = ("bce", "mse", "l1", "charbonnier", "ssim")  # core/losses.py
 AUGMENTATIONS = ("flip", "crop")  # core/augment.py
 OPTIMIZERS = ("adam", "adamw", "sgd")
+INIT_MODULES = ("all", "encoder", "decoder")  # what --init_checkpoint reads
 # --keep_best metrics, and whether higher is better (kl and elbo: the VAE's only).
 BEST_METRICS = {"eval/loss": False, "eval/bce": False, "eval/mse": False, "eval/psnr": True,
                 "eval/ssim": True, "eval/kl": False, "eval/elbo": True}
@@ -40,7 +41,7 @@ _SPLIT_RE = re.compile(r"^(\w+)(\[(-?\d+%?)?:(-?\d+%?)?\])?$")
 
 MAX_NUM_IMAGES = 64
 # Path flags whose leading ~ is the user's home folder.
-PATH_FIELDS = ("model_dir", "data_dir", "checkpoint", "cache")
+PATH_FIELDS = ("model_dir", "data_dir", "checkpoint", "cache", "init_checkpoint")
 # Synthetic splits are generated in memory: refuse more than this many bytes per split.
 MAX_SYNTHETIC_BYTES = 2 * 2**30
 
@@ -138,6 +139,9 @@ class Config:
     checkpoint_every_steps: int = 0  # 0: only at evaluations and at the end
     checkpoint_every_secs: float = 600.0
     checkpoint: str | None = None  # for --mode=eval/export: this checkpoint, or "best"
+    # A new training run starts from this checkpoint's model (a run's folder: its latest).
+    init_checkpoint: str | None = None
+    init_modules: str = "all"  # INIT_MODULES: what of the model it reads
     continuous_eval_timeout: float = 3600.0  # continuous_eval: seconds without a new checkpoint
     keep_best: str | None = None  # a metric of BEST_METRICS: keep its best checkpoint in best/
     early_stopping_patience: int = 0  # stop after N evaluations without a new best; 0 = off
@@ -281,6 +285,14 @@ class Config:
         if self.early_stopping_patience < 0:
             raise ConfigError(f"--early_stopping_patience={self.early_stopping_patience}: "
                               "must be >= 0 (0 = off)")
+        _check_choice("init_modules", self.init_modules, INIT_MODULES)
+        if self.init_modules != "all" and not self.init_checkpoint:
+            raise ConfigError(f"--init_modules={self.init_modules} says what --init_checkpoint "
+                              "reads; give --init_checkpoint=RUN_DIR (or DIR/ckpt-N) too")
+        if self.init_checkpoint and self.mode in INFERENCE_MODES:
+            raise ConfigError(f"--init_checkpoint starts a training run from a checkpoint; "
+                              f"--mode={self.mode} reads one with --checkpoint="
+                              f"{self.init_checkpoint}")
         if self.mode == "continuous_eval" and self.checkpoint:
             raise ConfigError("--mode=continuous_eval evaluates each new checkpoint of --model_dir"
                               f" as it appears; --checkpoint={self.checkpoint} names one: use "

@@ -180,6 +180,8 @@ class Run:
                 f"{self.image_shape[1]}: raise --image_size, or train with another loss")
         self._check_halvings()
         self.model = self._build_model()  # a user's factory can fail: before any write
+        if config.init_checkpoint and not inference:
+            self._initialise_model()  # so can another run's checkpoint
         if self.jit_compile and config.deterministic and distribute.gpus():
             self.jit_compile, why = distribute.deterministic_jit(
                 True, True, len(distribute.gpus()),
@@ -407,6 +409,24 @@ class Run:
                     config.kl_weight, config.blocks_per_stage, config.latent_channels)
             except ModelError as e:
                 raise ConfigError(str(e)) from e
+
+    def _initialise_model(self) -> None:
+        """--init_checkpoint: a new run starts from another run's weights (all, or the
+        encoder's or decoder's); a run with checkpoints of its own resumes them instead."""
+        config = self.config
+        if tf.io.gfile.isdir(config.model_dir) and (
+                checkpoints.read_state(config.model_dir)
+                or checkpoints.checkpoints_on_disk(config.model_dir)):
+            logging.info("--init_checkpoint=%s is not read: %s has checkpoints of its own, which "
+                         "this run resumes", config.init_checkpoint, config.model_dir)
+            return
+        prefix = checkpoints.initialise(self.model, config.init_checkpoint, config.init_modules)
+        what = ("the model's weights" if config.init_modules == "all" else
+                f"the {config.init_modules}'s weights (the "
+                f"{'decoder' if config.init_modules == 'encoder' else 'encoder'} starts from "
+                "its initialisation)")
+        logging.info("initialised %s from %s (its step %d); the optimizer, the step and the "
+                     "schedule start afresh", what, prefix, checkpoints.checkpoint_step(prefix))
 
     def _build(self, inference: bool) -> None:
         config, model = self.config, self.model

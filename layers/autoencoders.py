@@ -380,8 +380,11 @@ def build_user_model(name: str, input_shape: Sequence[int], precision: str = "fl
         raise ModelError(f"{call}: the encoder {encoder.name!r} failed on images of shape "
                          f"{(None, *shape)} ({type(e).__name__}: {str(e).splitlines()[0]})") from e
     if not isinstance(code, tf.Tensor):
-        raise ModelError(f"{call}: the encoder {encoder.name!r} returned {type(code).__name__}; "
-                         "it must return one tensor, the code")
+        # A dict is what a SavedModel's signature returns (keras.layers.TFSMLayer).
+        keys = (f" with keys {', '.join(map(repr, code))}: return one of them, e.g. "
+                f"outputs[{next(iter(code))!r}]" if isinstance(code, dict) and code else "")
+        raise ModelError(f"{call}: the encoder {encoder.name!r} returned {type(code).__name__}"
+                         f"{keys}; it must return one tensor, the code")
     try:
         logits = decoder(code)
     except Exception as e:  # noqa: BLE001
