@@ -244,7 +244,7 @@ def cpu_checks() -> list[dict]:
         rows.append(dict(check=f"precision auto on compute capability {cc}", ok=got == expected,
                          detail=got))
     seed = build_autoencoder("seed")
-    jit, why = distribute.deterministic_jit(True, True, 1, distribute.has_max_pool_gradient(
+    jit, why = distribute.deterministic_jit(True, True, distribute.has_max_pool_gradient(
         seed, (28, 28, 1)))
     rows.append(dict(check="--deterministic + XLA on a GPU, seed model", ok=jit is False,
                      detail=why or "XLA kept"))

@@ -341,18 +341,20 @@ def has_max_pool_gradient(model, image_shape) -> bool:
     return bool(ops & set(MAX_POOL_GRADIENTS))
 
 
-def deterministic_jit(jit_compile: bool, deterministic: bool, num_gpus: int,
+def deterministic_jit(jit_compile: bool, deterministic: bool,
                       max_pool_gradient: bool) -> tuple[bool, str | None]:
     """XLA for --deterministic: (jit_compile, why it was turned off, or None).
 
-    With op determinism XLA on GPU refuses max-pool's gradient ("HLO instruction
+    With op determinism XLA refuses max-pool's gradient, on GPUs ("HLO instruction
     select-and-scatter ... does not have a deterministic implementation"; TensorFlow
-    issue 69417). So on GPUs a model whose backward pass has one trains without XLA,
-    whose MaxPoolGrad kernels are deterministic. XLA on CPU has no such refusal.
+    issue 69417) and on CPUs alike (TensorFlow 2.21's XLA bridge: "GPU MaxPool gradient
+    ops do not yet have a deterministic XLA implementation", at the first step). So a
+    model whose backward pass has one trains without XLA, whose MaxPoolGrad kernels are
+    deterministic.
     """
-    if jit_compile and deterministic and num_gpus and max_pool_gradient:
-        return False, ("--deterministic with XLA on GPU: XLA has no deterministic max-pool "
-                       "gradient (select-and-scatter), so this model trains without XLA")
+    if jit_compile and deterministic and max_pool_gradient:
+        return False, ("--deterministic with XLA: XLA has no deterministic max-pool gradient "
+                       "(select-and-scatter), so this model trains without XLA")
     return jit_compile, None
 
 

@@ -16,6 +16,10 @@ from core.config import Config
 from core.errors import ConfigError
 
 
+# Whether a run of this process turned op determinism on (a notebook's, or a test's).
+_determinism_ours = False
+
+
 def setup_tensorflow(config: Config, requested: Config | None = None) -> None:
     """Process-wide TensorFlow settings, all fixed when its runtime starts: op
     determinism, thread counts and logical CPU devices. Call before any op runs.
@@ -26,10 +30,19 @@ def setup_tensorflow(config: Config, requested: Config | None = None) -> None:
         the runtime has not started yet (a notebook or test process that already ran
         ops keeps its threads, with a log line), while explicit ones must be set.
     """
+    global _determinism_ours
     if config.deterministic:
         # With --seed this makes a run's weights a function of its config: a resumed
         # run ends bit-identical to an uninterrupted one.
         tf.config.experimental.enable_op_determinism()
+        _determinism_ours = True
+    elif _determinism_ours:
+        # An earlier run in this process asked for it, this one did not: with it, XLA would
+        # refuse a max-pool's gradient at the first step (distribute.deterministic_jit).
+        from tensorflow.python.framework import config as tf_config  # not exported
+
+        tf_config.disable_op_determinism()
+        _determinism_ours = False
     requested = requested or config
     explicit = [requested.num_intra_threads is not None, requested.num_inter_threads is not None]
     distribute.set_cpu_threads(config.num_intra_threads if explicit[0] else None,

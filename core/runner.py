@@ -182,12 +182,11 @@ class Run:
         self.model = self._build_model()  # a user's factory can fail: before any write
         if config.init_checkpoint and not inference:
             self._initialise_model()  # so can another run's checkpoint
-        if self.jit_compile and config.deterministic and distribute.gpus():
+        if self.jit_compile and config.deterministic:
             self.jit_compile, why = distribute.deterministic_jit(
-                True, True, len(distribute.gpus()),
-                distribute.has_max_pool_gradient(self.model, self.image_shape))
-            if why:
-                logging.info(why)
+                True, True, distribute.has_max_pool_gradient(self.model, self.image_shape))
+            if why:  # a warning when XLA was asked for, a note where it is the default
+                (logging.warning if config.jit_compile else logging.info)(why)
         if self.jit_compile and config.mode != "export" and (is_user_model(config.model)
                                                              or own_loss):
             # Your own model or loss may hold an op XLA has no kernel for: found now, not as

@@ -66,6 +66,16 @@ def random_images(n=16, shape=(28, 28, 1), seed=0):
 
 
 @pytest.fixture(autouse=True)
+def _no_determinism_left_over():
+    """Op determinism is process-wide: a --deterministic run must not leave it on for the
+    next test in this worker (with it, XLA refuses a max-pool's gradient)."""
+    yield
+    from tensorflow.python.framework import config as tf_config  # not exported
+
+    tf_config.disable_op_determinism()
+
+
+@pytest.fixture(autouse=True)
 def _seeded():
     """Every test starts from the same Python, NumPy and TensorFlow seeds: weights built
     without an explicit seed are the same in every run, so tolerances hold every time."""

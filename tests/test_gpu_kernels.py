@@ -113,8 +113,8 @@ def test_data_on_device_has_no_per_step_branch_and_no_int32_order():
 @pytest.mark.parametrize("name, shape, pools", [
     ("seed", (28, 28, 1), True), ("denoiser", (28, 28, 1), True), ("vae", (28, 28, 1), False),
     ("resnet", (16, 16, 3), False)])
-def test_deterministic_xla_on_gpu_is_off_only_for_a_max_pool_gradient(name, shape, pools):
-    """XLA on GPU with op determinism refuses select-and-scatter, max-pool's gradient. The
+def test_deterministic_xla_is_off_only_for_a_max_pool_gradient(name, shape, pools):
+    """XLA with op determinism refuses select-and-scatter, max-pool's gradient. The
     decision is the trace's (MaxPoolGrad in the backward pass); the HLO that XLA compiles
     on this CPU shows the select-and-scatter exactly where the decision says so."""
     model = build_autoencoder(name, shape)
@@ -129,9 +129,8 @@ def test_deterministic_xla_on_gpu_is_off_only_for_a_max_pool_gradient(name, shap
 
     hlo = grads.experimental_get_compiler_ir(tf.zeros((2, *shape)))(stage="hlo")
     assert ("select-and-scatter" in hlo) == pools
-    jit, why = distribute.deterministic_jit(True, True, 1, found)
+    jit, why = distribute.deterministic_jit(True, True, found)
     assert jit is not pools and (why is not None) == pools
-    # Not deterministic, no GPU, or no XLA asked for: nothing changes.
-    assert distribute.deterministic_jit(True, False, 1, found) == (True, None)
-    assert distribute.deterministic_jit(True, True, 0, found) == (True, None)
-    assert distribute.deterministic_jit(False, True, 1, found) == (False, None)
+    # Not deterministic, or no XLA asked for: nothing changes.
+    assert distribute.deterministic_jit(True, False, found) == (True, None)
+    assert distribute.deterministic_jit(False, True, found) == (False, None)

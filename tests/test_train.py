@@ -95,6 +95,26 @@ def test_xla_training_run(tmp_path, idx_dir):
     assert any("train_step" in f for f in xla) and "Conv2D" in nodes.values()  # XLA's step
 
 
+def test_deterministic_xla_trains_a_max_pool_model_without_xla_and_leaves_nothing_on(
+        tmp_path, caplog):
+    """With op determinism XLA refuses a max-pool's gradient, on this CPU as on GPUs (it was
+    a traceback at the first step): the run trains without XLA and says why. A later run
+    of the same process that does not ask for determinism compiles its step with XLA."""
+    settings = dict(model="seed", dataset="fontdigits", train_steps=2, epochs=None,
+                    batch_size=16, mode="train", jit_compile=True)
+    with caplog.at_level("WARNING", logger="absl"):
+        result = core.run(Config(**settings, deterministic=True,
+                                 model_dir=str(tmp_path / "deterministic")))
+    assert result["step"] == 2
+    assert any("--deterministic with XLA: XLA has no deterministic max-pool gradient"
+               in r.getMessage() for r in caplog.records)
+    _, xla = graph_nodes(str(tmp_path / "deterministic" / "train"))
+    assert not any("train_step" in f for f in xla)
+    assert core.run(Config(**settings, model_dir=str(tmp_path / "xla")))["step"] == 2
+    _, xla = graph_nodes(str(tmp_path / "xla" / "train"))
+    assert any("train_step" in f for f in xla)
+
+
 def test_cli_mnist_split(tmp_path, idx_dir):
     """The README's MNIST command (test-split files, sliced), shortened."""
     model_dir = tmp_path / "mnist"
