@@ -217,12 +217,12 @@ def _factory_module(tmp_path, monkeypatch, body: str) -> None:
      "bad_models:make", "a loss of a layer (an activity_regularizer or add_loss) is made inside "
      "a tf.function of the model's own and cannot reach the training step's loss"),
     ("class E(tf.keras.Model):\n"  # as a SavedModel's signature (TFSMLayer) returns
-     "    def __init__(self):\n        super().__init__()\n"
+     "    def __init__(self):\n        super().__init__(name='enc')\n"
      "        self.c = tf.keras.layers.Conv2D(4, 3, strides=2, padding='same')\n"
      "    def call(self, x):\n        return {'code': self.c(x)}\n"
      "def make(shape):\n    return E(), tf.keras.Sequential(\n"
      "        [tf.keras.layers.Conv2DTranspose(1, 3, strides=2, padding='same')])\n",
-     "bad_models:make", "the encoder 'e' returned dict with keys 'code': return one of them, "
+     "bad_models:make", "the encoder 'enc' returned dict with keys 'code': return one of them, "
      "e.g. outputs['code']; it must return one tensor, the code"),
 ], ids=["no-module", "import-fails", "no-factory", "factory-raises", "one-model", "layers",
         "wrong-shape", "sigmoid-output", "python-if", "loss-in-own-function", "dict-code"])
