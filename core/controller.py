@@ -168,7 +168,9 @@ class Controller:
         self.data_error = data_error
         self.history: list[dict] = []  # one entry per log line, for tests and figures
         self.nan_retries = 0
-        self._window = [0.0, 0, 0.0]  # loss * steps, steps, seconds since the last log line
+        # Since the last log line: loss * steps, steps, seconds, the sum of the steps'
+        # gradient norms and how many steps it sums (those with a finite gradient).
+        self._window = [0.0, 0, 0.0, 0.0, 0]
         self._last_save = time.monotonic()
         self._profiling = False
         self.best = checkpointer.read_best() if (
@@ -235,20 +237,26 @@ class Controller:
         """Logs, summaries, evaluation and checkpoints due at `step`, after a loop of `n` steps
         that took `elapsed` seconds (None: the first, compiling step, not timed)."""
         c, w = self.cadence, self._window
+        norms = self.trainer.last_grad_norms
         if elapsed is not None:
             w[0] += loss * n
             w[1] += n
             w[2] += elapsed
+            w[3] += norms[0]
+            w[4] += norms[1]
         rate = self.trainer.global_batch_size * w[1] / w[2] if w[2] else 0.0
         mean_loss = w[0] / w[1] if w[1] else loss
         left = (self.total_steps - step) * w[2] / w[1] if w[1] else None
         self.progress.update(progress_line(step, self.total_steps, mean_loss, rate, left))
         last = step == self.total_steps
         if step % c.summary_every == 0 or last:
-            self.summaries.scalars("train", step, {
-                "loss": mean_loss, "examples_per_sec": rate,
-                "learning_rate": self.trainer.learning_rate,
-                "step_time_ms": 1000 * w[2] / max(w[1], 1)})
+            values = {"loss": mean_loss, "examples_per_sec": rate,
+                      "learning_rate": self.trainer.learning_rate,
+                      "step_time_ms": 1000 * w[2] / max(w[1], 1)}
+            norm_sum, norm_steps = (w[3], w[4]) if w[1] else norms
+            if norm_steps:  # none if every step's gradient overflowed (float16 skips them)
+                values["grad_norm"] = norm_sum / norm_steps
+            self.summaries.scalars("train", step, values)
         if c.histogram_every and (step % c.histogram_every == 0 or last):
             self.summaries.histograms("train", step, self.trainer.model.trainable_variables)
         if step % c.log_every == 0 or last:
@@ -258,7 +266,7 @@ class Controller:
             logging.info(format_line(
                 "train", step=f"{step}/{self.total_steps}",
                 epoch=f"{step / self.steps_per_epoch:.2f}", loss=mean_loss, examples_per_sec=rate))
-            self._window = [0.0, 0, 0.0]
+            self._window = [0.0, 0, 0.0, 0.0, 0]
         # Every eval step is a checkpoint step, with or without an evaluation (--mode=train).
         due = step % c.eval_every == 0 or last
         if due and self.evaluate is not None:
@@ -378,7 +386,7 @@ class Controller:
                 self.progress.clear()
                 step = self._handle_non_finite(loss, step, step + n)
                 iterator = self.make_iterator(step)
-                self._window = [0.0, 0, 0.0]
+                self._window = [0.0, 0, 0.0, 0.0, 0]
                 continue
             step += n
             first = False

@@ -29,9 +29,18 @@ class Scheduled:
     """A learning-rate schedule on a Keras optimizer: `lr_multiplier`, a zero-argument
     callable returning this step's factor on the learning-rate variable
     (core/schedules.py), read wherever Keras reads the rate (the update, weight decay,
-    `optimizer.learning_rate`). None: constant."""
+    `optimizer.learning_rate`). None: constant. And `aggregate_gradients` (below)."""
 
     lr_multiplier = None
+    # False: the gradients given to `apply_gradients` are already the step's, summed over
+    # the replicas (the trainer all-reduces them itself, to measure and clip the whole
+    # step's gradient); the optimizer then skips its own all-reduce. True: Keras' default.
+    aggregate_gradients = True
+
+    def _all_reduce_sum_gradients(self, grads_and_vars):
+        if self.aggregate_gradients:
+            return super()._all_reduce_sum_gradients(grads_and_vars)
+        return list(grads_and_vars)
 
     def _get_current_learning_rate(self):
         rate = super()._get_current_learning_rate()

@@ -7,8 +7,8 @@ methods that tests can call eagerly; they are traced when compiled.
 What runs where (see DESIGN.md): under a multi-device MirroredStrategy an
 XLA cluster that contains `strategy.run` (and so the gradient all-reduce)
 fails with cross-device resource errors. So XLA compiles the per-replica
-forward and backward pass, `forward_backward`, and the optimizer update, which
-all-reduces the gradients across replicas, runs after it in the ordinary
+forward and backward pass, `forward_backward`, and the gradients' all-reduce
+across replicas and the optimizer update run after it in the ordinary
 `tf.function` that loops over K steps. With a single replica outside a mirrored
 strategy there is no all-reduce, and XLA compiles the whole step, update included.
 
@@ -23,6 +23,7 @@ import contextlib
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from core import augment as augment_lib
 from core import data, losses, metrics, optimizers
@@ -134,6 +135,10 @@ class Trainer:
                 # Dynamic loss scaling keeps float16 gradients from underflowing;
                 # bfloat16 has float32's exponent range and needs none.
                 optimizer = keras.optimizers.LossScaleOptimizer(optimizer)
+            # `train_step` all-reduces the gradients itself (see there): the optimizer that
+            # updates the weights (under float16, the loss-scaled one's inner Adam) must not
+            # sum them again.
+            getattr(optimizer, "inner_optimizer", optimizer).aggregate_gradients = False
             # Create the slots now: XLA cannot lift variable creation out of a
             # compiled function, and a restored checkpoint needs them to exist.
             optimizer.build(model.trainable_variables)
@@ -149,11 +154,18 @@ class Trainer:
                 0.0, trainable=False, name="loss_sum",
                 synchronization=tf.VariableSynchronization.ON_READ,
                 aggregation=tf.VariableAggregation.SUM)
+            # The sum of the loop's steps' gradient norms and the count of those steps whose
+            # gradient was finite (float16 skips the others). Every replica computes the same
+            # norm, of the all-reduced gradient: a read gives the first replica's copy, with
+            # no communication. Not checkpointed either.
+            first = dict(trainable=False, synchronization=tf.VariableSynchronization.ON_READ,
+                         aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
+            self.grad_norm_sum = tf.Variable(0.0, name="grad_norm_sum", **first)
+            self.grad_norm_steps = tf.Variable(0.0, name="grad_norm_steps", **first)
             self.device_data = device_data
-        # float16 with several replicas: the finiteness check must see every replica's
-        # gradients (poison_unless_finite_everywhere).
-        self.check_finite_across_replicas = (precision == "mixed_float16"
-                                             and strategy.num_replicas_in_sync > 1)
+        # (sum, count) of `grad_norm_sum` and `grad_norm_steps` over the last `train_loop`.
+        self.last_grad_norms: tuple[float, int] = (0.0, 0)
+        self.warned_untrained = False
         self.clip_norm, self.clip_value = clip_norm, clip_value
         self.ema_decay, self.ema = ema_decay, None
         if ema_decay:
@@ -330,12 +342,31 @@ class Trainer:
             seeds = tf.zeros([3, 2], tf.int64)
         with self.replica_seeds():
             loss, grads = self.replica_forward_backward(images, seeds)
-        if self.check_finite_across_replicas:
-            grads = self.poison_unless_finite_everywhere(grads)
+        variables = self.model.trainable_variables
+        if any(g is None for g in grads):  # weights the loss does not depend on: not trained
+            if not self.warned_untrained:  # tracing, once per replica: say it once
+                self.warned_untrained = True
+                paths = [v.path for v, g in zip(variables, grads) if g is None]
+                logging.warning("the loss does not depend on %s: %s not trained (a layer "
+                                "your model builds but never calls?)", ", ".join(paths),
+                                "it is" if len(paths) == 1 else "they are")
+            variables = [v for v, g in zip(variables, grads) if g is not None]
+            grads = [g for g in grads if g is not None]
+        if self.strategy.num_replicas_in_sync > 1:
+            # The step's gradient, on every replica: the step's one all-reduce, made here
+            # instead of inside the optimizer (aggregate_gradients=False), so that what
+            # follows sees the whole step's gradient. Keras' optimizers would measure and
+            # clip each replica's share before their all-reduce, and LossScaleOptimizer
+            # would trust replica 0's verdict on finiteness (an overflow on replica 1 alone
+            # went into the weights); a sum is non-finite if any replica's part is.
+            grads = tf.distribute.get_replica_context().all_reduce(SUM, grads)
+        scale = None
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            scale = tf.cast(self.optimizer.dynamic_scale, tf.float32)
+        norm = self.record_grad_norm(grads, scale)
         if self.clip_norm or self.clip_value:
-            grads = self.clip(grads)
-        # In replica context, apply_gradients all-reduces (sums) the gradients.
-        self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
+            grads = self.clip(grads, norm, scale)
+        self.optimizer.apply_gradients(zip(grads, variables))
         if self.running and self.strategy.num_replicas_in_sync > 1:
             # Keras' moving statistics are one copy per replica, each updated from its own
             # examples: without this they drift apart, a checkpoint keeps the first
@@ -372,51 +403,48 @@ class Trainer:
         for state in self.random_states:
             state.assign(state.value - tf.cast(offset, state.dtype))
 
-    def clip(self, grads: list) -> list:
-        """The step's gradient clipped, as one device would clip it. Traced, per replica.
+    def record_grad_norm(self, grads: list, scale: tf.Tensor | None) -> tf.Tensor:
+        """The global norm of the step's gradient, `grads` (times the loss `scale`, if any),
+        added to `grad_norm_sum` (unscaled; under loss scaling only if finite). Traced, per
+        replica, after the all-reduce: one sum of squares per variable, and a few scalars
+        (benchmarks/NOTES.md section 19)."""
+        with tf.name_scope("grad_norm"):
+            norm = tf.sqrt(2.0 * tf.add_n([tf.nn.l2_loss(tf.cast(g, tf.float32))
+                                           for g in grads]))
+            if scale is None:  # a non-finite gradient makes the loss non-finite: the run stops
+                self.grad_norm_sum.assign_add(norm)
+                self.grad_norm_steps.assign_add(1.0)
+                return norm
+            unscaled = norm / scale
+            finite = tf.math.is_finite(unscaled)  # float16 skips the step, halves the scale
+            self.grad_norm_sum.assign_add(tf.where(finite, unscaled, 0.0))
+            self.grad_norm_steps.assign_add(tf.cast(finite, tf.float32))
+            return norm
 
-        Keras' optimizers clip the gradients they are given, each replica's own share
-        before the all-reduce, so a global norm would be each replica's, not the step's.
-        So with several replicas the gradients are all-reduced here first (an extra
-        all-reduce, only when clipping), clipped, and divided by the replica count: the
-        optimizer's own all-reduce sums the replicas' copies back to the clipped step.
-        Under float16 the gradients are still multiplied by the loss scale, and so are
-        the limits.
-        """
-        replicas = self.strategy.num_replicas_in_sync
-        if replicas > 1:
-            grads = tf.distribute.get_replica_context().all_reduce(SUM, grads)
-        scale = tf.constant(1.0)
-        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            scale = tf.cast(self.optimizer.dynamic_scale, tf.float32)
+    def clip(self, grads: list, norm: tf.Tensor, scale: tf.Tensor | None) -> list:
+        """The step's gradient (all-reduced), clipped to `clip_value` element by element and
+        then to the global norm `clip_norm`; `norm` is its global norm. Traced, per replica.
+        Under float16 the gradients are still multiplied by the loss `scale`, and so are the
+        limits."""
+        scale = tf.constant(1.0) if scale is None else scale
         if self.clip_value:
             grads = [tf.clip_by_value(g, -self.clip_value * scale, self.clip_value * scale)
                      for g in grads]
+            norm = None  # changed by the value clip: clip_by_global_norm measures it again
         if self.clip_norm:
-            grads, _ = tf.clip_by_global_norm(grads, self.clip_norm * scale)
-        return [g / replicas for g in grads] if replicas > 1 else grads
-
-    def poison_unless_finite_everywhere(self, grads: list) -> list:
-        """This replica's gradients, made NaN if any replica's are not finite. Traced.
-
-        Keras' LossScaleOptimizer judges finiteness on the gradients it is given, each
-        replica's own before the all-reduce, and under a merge_call it trusts replica 0's
-        verdict: an overflow on replica 1 alone went into the update (and where it
-        does not merge, each replica would decide alone). One scalar all-reduce of the
-        count of replicas with a non-finite gradient makes the verdict every replica's:
-        the step is skipped and the loss scale halved, everywhere.
-        """
-        finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-        bad = tf.distribute.get_replica_context().all_reduce(
-            SUM, tf.cast(tf.logical_not(finite), tf.float32))
-        poison = tf.where(bad > 0, tf.constant(float("nan")), tf.constant(1.0))
-        return [g * tf.cast(poison, g.dtype) for g in grads]
+            grads, _ = tf.clip_by_global_norm(grads, self.clip_norm * scale, use_norm=norm)
+        return grads
 
     def _train_loop_body(self, iterator, num_steps: tf.Tensor) -> tf.Tensor:
         """`num_steps` steps in one call; returns their mean loss (on the device). Traced once."""
         self.train_traces += 1  # Python side effect: runs only while tracing
         self.train_graph = tf.compat.v1.get_default_graph()  # the FuncGraph being traced
-        self.strategy.run(lambda: self.loss_sum.assign(0.0))
+        def reset():
+            self.loss_sum.assign(0.0)
+            self.grad_norm_sum.assign(0.0)
+            self.grad_norm_steps.assign(0.0)
+
+        self.strategy.run(reset)
 
         def step(i):
             if self.device_data is not None:
@@ -436,7 +464,8 @@ class Trainer:
 
         tf.while_loop(lambda i: i < num_steps, step, [tf.constant(0, num_steps.dtype)])
         # Reading the on-read variable sums the replicas' copies: the loop's one reduce.
-        return self.loss_sum.read_value() / tf.cast(num_steps, tf.float32)
+        return (self.loss_sum.read_value() / tf.cast(num_steps, tf.float32),
+                self.grad_norm_sum.read_value(), self.grad_norm_steps.read_value())
 
     def eval_step(self, inputs: tf.Tensor, targets: tf.Tensor,
                   weights: tf.Tensor) -> dict[str, tf.Tensor]:
@@ -481,7 +510,9 @@ class Trainer:
 
     # ------------------------------------------------------------- host API
     def train_loop(self, iterator, num_steps: int) -> float:
-        """Runs `num_steps` steps and returns their mean loss.
+        """Runs `num_steps` steps and returns their mean loss; `last_grad_norms` holds the
+        sum of their gradients' global norms and how many steps it sums (those whose
+        gradient was finite).
 
         `num_steps` enters the compiled loop as a tensor, so changing it never
         retraces. Reading the loss with float() is the loop's one host-device
@@ -489,17 +520,22 @@ class Trainer:
         loop that crosses an epoch's end is two calls, and two syncs).
         """
         if self.device_data is None:
-            return float(self._train_loop(iterator, tf.constant(num_steps, tf.int32)))
+            loss, norms, steps = self._train_loop(iterator, tf.constant(num_steps, tf.int32))
+            self.last_grad_norms = (float(norms), int(steps))
+            return float(loss)
         # Data on the device: one compiled loop per epoch piece, each epoch's order put on
         # the device first, so the loop holds no per-step branch (see DeviceData).
         data_ = self.device_data
-        total, done = 0.0, 0
+        total, done, norm_sum, norm_steps = 0.0, 0, 0.0, 0
         while done < num_steps:
             step = int(self.step.numpy())
             data_.reorder(self.strategy, step // data_.steps_per_epoch)
             n = min(num_steps - done, data_.steps_per_epoch - step % data_.steps_per_epoch)
-            total += float(self._train_loop(None, tf.constant(n, tf.int32))) * n
+            loss, norms, steps = self._train_loop(None, tf.constant(n, tf.int32))
+            total += float(loss) * n
+            norm_sum, norm_steps = norm_sum + float(norms), norm_steps + int(steps)
             done += n
+        self.last_grad_norms = (norm_sum, norm_steps)
         return total / num_steps
 
     def evaluate(self, dist_dataset) -> dict[str, float]:

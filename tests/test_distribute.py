@@ -252,10 +252,13 @@ def test_float16_overflow_on_one_replica_skips_the_step_everywhere():
     for old, var in zip(before, model.trainable_variables):
         np.testing.assert_array_equal(var.numpy(), old)
     assert float(trainer.optimizer.dynamic_scale.numpy()) == scale / 2
+    assert float(trainer.grad_norm_steps.read_value()) == 0  # the skipped step's norm: not counted
     # Both replicas' inputs fine: the step is taken.
     step(strategy.experimental_distribute_values_from_function(lambda ctx: tf.constant(images)))
     assert not np.array_equal(model.trainable_variables[0].numpy(), before[0])
     assert all(np.isfinite(v.numpy()).all() for v in model.trainable_variables)
+    assert float(trainer.grad_norm_steps.read_value()) == 1
+    assert 0 < float(trainer.grad_norm_sum.read_value()) < 10  # unscaled (the scale is 2^14)
 
 
 def test_multi_worker_all_reduce_is_nccl_with_gpus():
@@ -264,20 +267,24 @@ def test_multi_worker_all_reduce_is_nccl_with_gpus():
     assert distribute.communication_options(0).implementation == implementation.AUTO
 
 
-def test_the_logged_loss_is_reduced_once_per_loop_not_every_step(images):
+@pytest.mark.parametrize("precision, clip_norm", [("float32", None), ("float32", 1.0),
+                                                  ("mixed_float16", 1.0)])
+def test_the_logged_loss_is_reduced_once_per_loop_not_every_step(images, precision, clip_norm):
     """Mirrored over 2 devices (ReductionToOneDevice): the loop body holds one AddN per
-    gradient (the all-reduce) and none for the loss, which is summed once after the loop."""
+    gradient (the all-reduce) and one per replica (the sum of squares of the gradient's
+    norm), and none for the loss, which is summed once after the loop. Clipping and
+    float16's finiteness verdict add no all-reduce: they see the one the step makes."""
     strategy = _strategy(2)
     with strategy.scope():
-        model = build_autoencoder("seed")
-        trainer = Trainer(model, strategy, BATCH, 1e-3)
+        model = build_autoencoder("seed", precision=precision)
+        trainer = Trainer(model, strategy, BATCH, 1e-3, precision=precision, clip_norm=clip_norm)
     dist = iter(strategy.distribute_datasets_from_function(
         lambda ctx: data.train_dataset(images, BATCH, 3, 0, ctx)))
     loop = trainer._train_loop.get_concrete_function(dist, tf.TensorSpec([], tf.int32))
     bodies = [f for f in loop.graph.as_graph_def().library.function
               if "while_body" in f.signature.name]
     adds = sum(1 for f in bodies for n in f.node_def if n.op == "AddN")
-    assert adds == len(model.trainable_variables)
+    assert adds == len(model.trainable_variables) + 2
     # And the value is still every replica's share: the mean loss of the steps.
     first = trainer.train_loop(dist, 3)
     assert 0.1 < first < 1.0

@@ -74,7 +74,7 @@ def test_tensorboard_server_shows_scalars_images_and_hparams(trained):
             assert time.monotonic() < deadline, "TensorBoard did not serve the run in time"
             assert server.poll() is None, server.stderr.read().decode()[-2000:]
             time.sleep(0.5)
-        assert {"loss", "examples_per_sec", "learning_rate", "step_time_ms",
+        assert {"loss", "examples_per_sec", "learning_rate", "step_time_ms", "grad_norm",
                 "compile_seconds"} <= set(scalars["tiny/train"])
         assert {"loss", "mse", "psnr", "ssim"} <= set(scalars["tiny/eval"])
         images = _get(f"{base}/data/plugin/images/tags")

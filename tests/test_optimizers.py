@@ -97,7 +97,8 @@ def test_checkpoints_are_interchangeable_with_keras_adam(tmp_path):
 
 # ------------------------------------------------- --optimizer, clipping (Trainer)
 def _first_step(optimizer="adam", replicas=1, jit=False, precision="float32", **kw):
-    """(weights before, after) one Trainer step of the seed model on a fixed batch of 16."""
+    """(trainer, weights before, after) one Trainer step of the seed model on a fixed batch
+    of 16."""
     from core.trainer import Trainer
     from layers.autoencoders import build_autoencoder
 
@@ -118,7 +119,7 @@ def _first_step(optimizer="adam", replicas=1, jit=False, precision="float32", **
         strategy.run(lambda x: trainer._train_step(x), args=(x,))
 
     step(batches)
-    return model, before, [v.numpy() for v in model.trainable_variables]
+    return trainer, before, [v.numpy() for v in model.trainable_variables]
 
 
 def _gradients():
@@ -136,7 +137,8 @@ def _gradients():
 
 def test_adamw_decays_kernels_not_biases():
     _, before, adam = _first_step("adam")
-    model, _, adamw = _first_step("adamw", weight_decay=0.1)
+    trainer, _, adamw = _first_step("adamw", weight_decay=0.1)
+    model = trainer.model
     for var, b, a, w in zip(model.trainable_variables, before, adam, adamw):
         decay = w - a  # decoupled: -lr * wd * var, applied before the same Adam update
         if "bias" in var.path:
@@ -171,6 +173,25 @@ def test_clip_norm_clips_the_whole_steps_gradient(replicas, jit, precision):
                                                                                  atol=1e-8)
     for b, a, grad in zip(before, after, g):
         np.testing.assert_allclose(a - b, -1e-2 * grad * clip / norm, **tol)
+
+
+@pytest.mark.parametrize("replicas, jit, precision, clipped", [
+    (1, False, "float32", False), (1, True, "float32", False), (2, False, "float32", False),
+    (2, False, "mixed_float16", False), (2, False, "float32", True),
+    (2, False, "mixed_float16", True)])
+def test_grad_norm_is_the_whole_steps_before_clipping(replicas, jit, precision, clipped):
+    """train/grad_norm's value: the global norm of the whole step's gradient (each replica
+    holds half of it), unscaled under loss scaling, before --clip_norm (to a quarter)."""
+    g = _gradients()
+    norm = float(np.sqrt(sum(np.sum(x**2) for x in g)))
+    trainer, before, after = _first_step("sgd", replicas=replicas, jit=jit, precision=precision,
+                                         momentum=0.0, clip_norm=norm / 4 if clipped else None)
+    assert float(trainer.grad_norm_steps.read_value()) == 1
+    rtol = 2e-2 if precision == "mixed_float16" else 1e-4
+    np.testing.assert_allclose(float(trainer.grad_norm_sum.read_value()), norm, rtol=rtol)
+    step = np.sqrt(sum(np.sum((a - b) ** 2) for a, b in zip(after, before)))
+    # The update's length (float32 round-off of w - w0: ~1e-3 of it).
+    np.testing.assert_allclose(step, 1e-2 * norm / (4 if clipped else 1), rtol=max(rtol, 3e-3))
 
 
 def test_clip_value_clips_each_element():

@@ -361,6 +361,50 @@ def test_keras_regularizers_are_in_the_step_and_in_the_evaluated_loss(replicas, 
         rel=1e-5)
 
 
+def with_a_spare_layer(image_shape):
+    """An encoder that builds a layer it never calls (a leftover of an edit)."""
+    class Encoder(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.conv = keras.layers.Conv2D(4, 3, strides=2, padding="same", activation="relu")
+            self.spare = keras.layers.Dense(3, name="spare")
+            self.spare.build((None, 5))
+
+        def call(self, x):
+            return self.conv(x)
+
+    decoder = keras.Sequential([keras.Input((image_shape[0] // 2, image_shape[1] // 2, 4)),
+                                keras.layers.Conv2DTranspose(image_shape[2], 3, strides=2,
+                                                             padding="same")])
+    return Encoder(), decoder
+
+
+@pytest.mark.parametrize("replicas, clip", [(1, None), (2, None), (2, 0.01)])
+def test_weights_the_loss_does_not_depend_on_are_left_alone_and_named(replicas, clip, caplog):
+    """A layer built but never called has no gradient: the step trains the rest, measures
+    and clips the gradient it has (the all-reduce takes no None), and warns once."""
+    register("with_a_spare_layer", with_a_spare_layer)
+    strategy = tf.distribute.get_strategy() if replicas == 1 else \
+        distribute.make_strategy("mirrored", replicas)
+    with strategy.scope():
+        net = build_autoencoder("with_a_spare_layer", (16, 16, 1))
+        trainer = Trainer(net, strategy, 8, 1e-2, clip_norm=clip)
+    before = {v.path: v.numpy() for v in net.trainable_variables}
+    x = np.random.default_rng(2).random((8, 16, 16, 1)).astype(np.float32)
+    dataset = strategy.experimental_distribute_dataset(tf.data.Dataset.from_tensors(x).repeat())
+    with caplog.at_level("WARNING"):
+        assert np.isfinite(trainer.train_loop(iter(dataset), 2))
+    after = {v.path: v.numpy() for v in net.trainable_variables}
+    spare = {path for path in before if path.startswith("spare/")}
+    assert spare == {"spare/kernel", "spare/bias"}
+    for path in before:
+        assert np.array_equal(before[path], after[path]) == (path in spare), path
+    warnings = [r.getMessage() for r in caplog.records if "does not depend on" in r.getMessage()]
+    assert warnings == ["the loss does not depend on spare/kernel, spare/bias: they are not "
+                        "trained (a layer your model builds but never calls?)"]
+    assert trainer.last_grad_norms[1] == 2 and trainer.last_grad_norms[0] > 0
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(loss="l2"), "--loss=l2: 'l2' is unknown"),
     (dict(loss="l1+ssim", loss_weights=(1.0,)), "gives 1 weight(s) for the 2 loss(es)"),
