@@ -165,6 +165,15 @@ flags.DEFINE_string("keep_best", None, "Keep the best checkpoint by this metric 
                     f"<model_dir>/best/: one of {', '.join(config_lib.BEST_METRICS)}.")
 flags.DEFINE_integer("early_stopping_patience", 0, "Stop after N evaluations without a new "
                      "best --keep_best (or eval/loss); 0 = off.")
+flags.DEFINE_integer("reduce_lr_patience", 0, "Multiply the learning rate by "
+                     "--reduce_lr_factor after every N evaluations without a new best "
+                     "--keep_best (or eval/loss), as Keras' ReduceLROnPlateau; 0 = off.")
+flags.DEFINE_float("reduce_lr_factor", _D.reduce_lr_factor, "--reduce_lr_patience's factor.")
+flags.DEFINE_float("reduce_lr_min", _D.reduce_lr_min, "--reduce_lr_patience never lowers the "
+                   "learning rate below this.")
+flags.DEFINE_float("min_delta", _D.min_delta, "An evaluation is a new best (for --keep_best, "
+                   "--early_stopping_patience, --reduce_lr_patience) only if it improves on "
+                   "the best by more than this.")
 flags.DEFINE_list("profile_steps", None, "START,STOP: profiler trace of these steps into "
                   "<model_dir>/train (TensorBoard's Profile tab).")
 flags.DEFINE_enum("nan_policy", _D.nan_policy, config_lib.NAN_POLICIES,

@@ -145,6 +145,14 @@ class Config:
     continuous_eval_timeout: float = 3600.0  # continuous_eval: seconds without a new checkpoint
     keep_best: str | None = None  # a metric of BEST_METRICS: keep its best checkpoint in best/
     early_stopping_patience: int = 0  # stop after N evaluations without a new best; 0 = off
+    # Keras' ReduceLROnPlateau: multiply the learning rate by reduce_lr_factor after every
+    # reduce_lr_patience evaluations without a new best, not below reduce_lr_min; 0 = off.
+    reduce_lr_patience: int = 0
+    reduce_lr_factor: float = 0.1
+    reduce_lr_min: float = 0.0
+    # An evaluation is a new best only if it beats the best by more than this (keep_best,
+    # early stopping and reduce_lr alike; Keras' min_delta).
+    min_delta: float = 0.0
     profile_steps: tuple[int, int] | None = None
     nan_policy: str = "stop"
     nan_max_retries: int = 3
@@ -306,6 +314,29 @@ class Config:
         if (self.keep_best or self.early_stopping_patience) and self.mode == "train":
             raise ConfigError("--keep_best and --early_stopping_patience judge evaluations; "
                               "--mode=train runs none: use --mode=train_and_eval")
+        if self.reduce_lr_patience < 0:
+            raise ConfigError(f"--reduce_lr_patience={self.reduce_lr_patience}: must be >= 0 "
+                              "(0 = off)")
+        if not 0 < self.reduce_lr_factor < 1:
+            raise ConfigError(f"--reduce_lr_factor={self.reduce_lr_factor}: must be between 0 "
+                              "and 1 (exclusive), e.g. 0.1")
+        if not 0 <= self.reduce_lr_min < self.learning_rate:
+            raise ConfigError(f"--reduce_lr_min={self.reduce_lr_min}: must be >= 0 and below "
+                              f"--learning_rate={self.learning_rate}")
+        if not self.reduce_lr_patience and (self.reduce_lr_factor != 0.1 or self.reduce_lr_min):
+            raise ConfigError("--reduce_lr_factor and --reduce_lr_min say how "
+                              "--reduce_lr_patience lowers the rate; give --reduce_lr_patience=N "
+                              "(evaluations without a new best) too")
+        if not (self.min_delta >= 0 and math.isfinite(self.min_delta)):
+            raise ConfigError(f"--min_delta={self.min_delta}: must be a finite number >= 0")
+        if self.min_delta and not (self.keep_best or self.early_stopping_patience
+                                   or self.reduce_lr_patience):
+            raise ConfigError("--min_delta says how much an evaluation must improve to be a new "
+                              "best; give --keep_best, --early_stopping_patience or "
+                              "--reduce_lr_patience too")
+        if self.reduce_lr_patience and self.mode == "train":
+            raise ConfigError("--reduce_lr_patience judges evaluations; --mode=train runs none: "
+                              "use --mode=train_and_eval")
 
     def _check_optimizer(self) -> None:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)

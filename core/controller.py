@@ -89,6 +89,10 @@ class Cadence:
         whether higher is better; None: none kept.
       early_stopping_patience: stop after this many evaluations without a new best of
         `keep_best` (eval/loss if None); 0 = off.
+      reduce_lr_patience, reduce_lr_factor, reduce_lr_min: multiply the base learning rate
+        by the factor after every `reduce_lr_patience` evaluations without a new best (the
+        same metric), not below the minimum; 0 = off.
+      min_delta: an evaluation is a new best only if it beats the best by more than this.
     """
 
     log_every: int = 100
@@ -101,6 +105,10 @@ class Cadence:
     keep_best: str | None = None  # a metric ("eval/psnr"): keep its best checkpoint
     best_higher: bool = False  # whether higher values of it are better
     early_stopping_patience: int = 0  # stop after this many evaluations without a new best
+    reduce_lr_patience: int = 0  # lower the rate after every N evaluations without one
+    reduce_lr_factor: float = 0.1
+    reduce_lr_min: float = 0.0
+    min_delta: float = 0.0  # a new best beats the best by more than this
     nan_policy: str = "stop"
     nan_max_retries: int = 3
     nan_lr_factor: float = 0.5
@@ -173,8 +181,7 @@ class Controller:
         self._window = [0.0, 0, 0.0, 0.0, 0]
         self._last_save = time.monotonic()
         self._profiling = False
-        self.best = checkpointer.read_best() if (
-            cadence.keep_best or cadence.early_stopping_patience) else None
+        self.best = checkpointer.read_best() if self._judges(cadence) else None
         self.stopped_early = False
 
     def _next_boundary(self, step: int) -> int:
@@ -272,7 +279,7 @@ class Controller:
         if due and self.evaluate is not None:
             self.progress.clear()
             results = self.evaluate(step)
-            if c.keep_best or c.early_stopping_patience:
+            if self._judges(c):
                 self._judge(step, results)
         due = due or (c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0) or (
             c.checkpoint_every_secs and time.monotonic() - self._last_save >= c.checkpoint_every_secs)
@@ -280,22 +287,47 @@ class Controller:
             self.checkpointer.save()
             self._last_save = time.monotonic()
 
+    @staticmethod
+    def _judges(c: Cadence) -> bool:
+        """Whether evaluations are judged against the best so far."""
+        return bool(c.keep_best or c.early_stopping_patience or c.reduce_lr_patience)
+
     def _judge(self, step: int, results: dict) -> None:
-        """Keeps the best checkpoint of `keep_best`, and stops early when it stopped improving."""
+        """Keeps the best checkpoint of `keep_best`, lowers the learning rate and stops early
+        when it stopped improving."""
         c = self.cadence
         metric = c.keep_best or "eval/loss"
         value = results[metric.split("/", 1)[1]]
         best = self.best
         higher = c.best_higher if c.keep_best else False
+        d = c.min_delta
         improved = best is None or best.get("metric") != metric or (
-            value > best["value"] if higher else value < best["value"])
+            value > best["value"] + d if higher else value < best["value"] - d)
         if improved:
             self.best = {"metric": metric, "value": value, "step": step, "evals_since": 0}
         else:
             self.best = {**best, "evals_since": best["evals_since"] + 1}
         self.checkpointer.write_best(self.best, save=improved and bool(c.keep_best))
+        since = self.best["evals_since"]
+        if c.reduce_lr_patience and since and since % c.reduce_lr_patience == 0:
+            # The base rate, a checkpointed variable: the save that follows every evaluation
+            # keeps it, and `evals_since` (best.json) says when the next reduction is due, so
+            # a resumed run goes on as an uninterrupted one.
+            old = self.trainer.base_learning_rate
+            new = max(old * c.reduce_lr_factor, c.reduce_lr_min)
+            by = f" by more than {d:g}" if d else ""
+            evaluations = f"{since} evaluation{'s' if since > 1 else ''}"
+            if new < old:
+                self.trainer.set_learning_rate(new)
+                logging.info("learning rate %.3g -> %.3g at step %d: %s has not improved%s on "
+                             "%.6g (step %d) for %s (--reduce_lr_patience)", old, new, step,
+                             metric, by, self.best["value"], self.best["step"], evaluations)
+            else:
+                logging.info("learning rate stays at %.3g at step %d: %s has not improved%s for "
+                             "%s, and the rate is at --reduce_lr_min", old, step, metric, by,
+                             evaluations)
         patience = c.early_stopping_patience
-        if patience and self.best["evals_since"] >= patience and step < self.total_steps:
+        if patience and since >= patience and step < self.total_steps:
             logging.info("early stopping at step %d: %s has not improved on %.6g (step %d) for "
                          "%d evaluations (--early_stopping_patience)", step, metric,
                          self.best["value"], self.best["step"], patience)

@@ -668,7 +668,13 @@ def train(run: Run) -> dict:
         nan_policy=cfg.nan_policy, nan_max_retries=cfg.nan_max_retries,
         nan_lr_factor=cfg.nan_lr_factor, keep_best=cfg.keep_best,
         best_higher=bool(cfg.keep_best and config_lib.BEST_METRICS[cfg.keep_best]),
-        early_stopping_patience=cfg.early_stopping_patience)
+        early_stopping_patience=cfg.early_stopping_patience,
+        reduce_lr_patience=cfg.reduce_lr_patience, reduce_lr_factor=cfg.reduce_lr_factor,
+        reduce_lr_min=cfg.reduce_lr_min, min_delta=cfg.min_delta)
+    if cfg.mode == "train_and_eval" and 0 < cfg.early_stopping_patience <= cfg.reduce_lr_patience:
+        logging.warning("--early_stopping_patience=%d stops the run before "
+                        "--reduce_lr_patience=%d lowers the rate: give early stopping more "
+                        "evaluations", cfg.early_stopping_patience, cfg.reduce_lr_patience)
     if cadence.profile_steps and cadence.profile_steps[0] >= total:
         logging.warning("--profile_steps=%d,%d starts after the run's last step (%d): no trace "
                         "will be written", *cadence.profile_steps, total)

@@ -53,7 +53,85 @@ def test_early_stopping_stops_and_stays_stopped(tmp_path):
     assert again["step"] == 30 and again["history"] == []
 
 
+def test_reduce_lr_on_plateau_lowers_the_rate_and_resumes_on_schedule(tmp_path, caplog):
+    """The flat run above: the eval loss repeats, so the rate is multiplied by 0.5 after
+    every 2 evaluations without a new best (at steps 30 and 50), down to --reduce_lr_min;
+    it is in the checkpoint and TensorBoard's train/learning_rate, and a resumed run reduces
+    again on the uninterrupted run's schedule."""
+    config = _config(tmp_path, learning_rate=1e-12, train_steps=60, reduce_lr_patience=2,
+                     reduce_lr_factor=0.5, reduce_lr_min=3e-13)
+    with caplog.at_level("INFO", logger="absl"):
+        core.run(config)
+    lines = [r.getMessage() for r in caplog.records if "--reduce_lr_patience" in r.getMessage()]
+    assert len(lines) == 2 and lines[0].startswith("learning rate 1e-12 -> 5e-13 at step 30: "
+                                                   "eval/loss has not improved on")
+    assert lines[1].startswith("learning rate 5e-13 -> 3e-13 at step 50")  # the floor
+    rates = dict(event_tags(str(tmp_path / "run" / "train"))["learning_rate"])
+    assert rates[30] == pytest.approx(1e-12) and rates[40] == pytest.approx(5e-13)
+    assert rates[60] == pytest.approx(3e-13)
+    record = json.load(open(tmp_path / "run" / "best" / "best.json"))
+    assert record["step"] == 10 and record["evals_since"] == 5
+    assert not os.path.exists(tmp_path / "run" / "best" / "ckpt-10.index")  # none kept
+
+    # Resumed with a higher floor: the next reduction is due at 4 evaluations past 30, step 70.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="absl"):
+        core.run(config.replace(train_steps=80, reduce_lr_min=1e-13))
+    lines = [r.getMessage() for r in caplog.records if "--reduce_lr_patience" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("learning rate 3e-13 -> 1.5e-13 at step 70")
+    rates = dict(event_tags(str(tmp_path / "run" / "train"))["learning_rate"])
+    assert rates[70] == pytest.approx(3e-13) and rates[80] == pytest.approx(1.5e-13)
+
+
+def test_reduce_lr_and_early_stopping_together(tmp_path, caplog):
+    """Early stopping at patience 3 after one reduction at 2; a patience no longer than the
+    reduction's is warned of."""
+    config = _config(tmp_path, learning_rate=1e-12, keep_best="eval/psnr", train_steps=60,
+                     reduce_lr_patience=2, early_stopping_patience=3)
+    with caplog.at_level("INFO", logger="absl"):
+        result = core.run(config)
+    assert result["step"] == 40
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("--reduce_lr_patience)" in m for m in messages) == 1
+    assert any(m.startswith("early stopping at step 40") for m in messages)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="absl"):
+        core.run(config.replace(model_dir=str(tmp_path / "other"), early_stopping_patience=2,
+                                train_steps=10))
+    assert any("--early_stopping_patience=2 stops the run before --reduce_lr_patience=2"
+               in r.getMessage() for r in caplog.records)
+
+
+def test_min_delta_is_what_a_new_best_must_beat_by(tmp_path, caplog):
+    """With --min_delta=1 no evaluation after the first beats the best by enough, though the
+    eval loss falls: the best checkpoint stays the first, and the rate is lowered at each
+    evaluation after it."""
+    config = _config(tmp_path, keep_best="eval/loss", min_delta=1.0, reduce_lr_patience=1,
+                     reduce_lr_factor=0.5)
+    with caplog.at_level("INFO", logger="absl"):
+        core.run(config)
+    loss = dict(event_tags(str(tmp_path / "run" / "eval"))["loss"])
+    assert loss[40] < loss[10]
+    record = json.load(open(tmp_path / "run" / "best" / "best.json"))
+    assert record["step"] == 10 and record["evals_since"] == 3
+    assert {f.split(".")[0] for f in os.listdir(tmp_path / "run" / "best")
+            if f.startswith("ckpt-")} == {"ckpt-10"}
+    lines = [r.getMessage() for r in caplog.records if "--reduce_lr_patience" in r.getMessage()]
+    assert [m.split(":")[0] for m in lines] == [
+        "learning rate 0.01 -> 0.005 at step 20", "learning rate 0.005 -> 0.0025 at step 30",
+        "learning rate 0.0025 -> 0.00125 at step 40"]
+    assert "has not improved by more than 1 on" in lines[0] and "for 1 evaluation " in lines[0]
+
+
 @pytest.mark.parametrize("changes, message", [
+    (dict(min_delta=-0.1, keep_best="eval/loss"), "--min_delta=-0.1: must be a finite number"),
+    (dict(min_delta=0.1), "give --keep_best, --early_stopping_patience or --reduce_lr_patience"),
+    (dict(reduce_lr_patience=-1), "--reduce_lr_patience=-1: must be >= 0"),
+    (dict(reduce_lr_patience=2, reduce_lr_factor=1.0), "--reduce_lr_factor=1.0: must be between"),
+    (dict(reduce_lr_patience=2, reduce_lr_min=1.0), "--reduce_lr_min=1.0: must be >= 0 and below"),
+    (dict(reduce_lr_factor=0.5), "give --reduce_lr_patience=N"),
+    (dict(reduce_lr_min=1e-5), "give --reduce_lr_patience=N"),
+    (dict(reduce_lr_patience=2, mode="train"), "--reduce_lr_patience judges evaluations"),
     (dict(keep_best="eval/accuracy"), "--keep_best=eval/accuracy is unknown: choose one of "
                                       "eval/loss, eval/bce"),
     (dict(keep_best="eval/kl"), "--keep_best=eval/kl is unknown"),  # the VAE's only
