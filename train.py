@@ -174,6 +174,10 @@ flags.DEFINE_float("reduce_lr_min", _D.reduce_lr_min, "--reduce_lr_patience neve
 flags.DEFINE_float("min_delta", _D.min_delta, "An evaluation is a new best (for --keep_best, "
                    "--early_stopping_patience, --reduce_lr_patience) only if it improves on "
                    "the best by more than this.")
+flags.DEFINE_list("train_actions", None, "MODULE:FUNCTION,...: your functions, called as "
+                  "FUNCTION(step, metrics) with the train summaries (every --summary_every).")
+flags.DEFINE_list("eval_actions", None, "MODULE:FUNCTION,...: your functions, called as "
+                  "FUNCTION(step, metrics) after every evaluation.")
 flags.DEFINE_list("profile_steps", None, "START,STOP: profiler trace of these steps into "
                   "<model_dir>/train (TensorBoard's Profile tab).")
 flags.DEFINE_enum("nan_policy", _D.nan_policy, config_lib.NAN_POLICIES,
@@ -232,6 +236,8 @@ def config_from_flags(argv=None) -> config_lib.Config:
     values["loss_weights"] = _numbers("loss_weights", values["loss_weights"], float)
     values["lr_values"] = _numbers("lr_values", values["lr_values"], float)
     values["lr_boundaries"] = _numbers("lr_boundaries", values["lr_boundaries"])
+    for name in ("train_actions", "eval_actions"):
+        values[name] = tuple(values[name] or ())
     shards = values["batch_shards"]
     if shards == "auto":
         values["batch_shards"] = None

@@ -19,16 +19,18 @@ def quiet_tensorflow() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if gpu_driver else "3")
 
 
-def run(config: Config, given=None) -> dict:
+def run(config: Config, given=None, train_actions=(), eval_actions=()) -> dict:
     """Runs `config.mode` (train, train_and_eval, eval, export); returns the final metrics.
 
     `given`: the Config fields set explicitly; eval and export take every other model and
     data setting from the trained run's config.json (None: the fields that differ from
-    the defaults). See `core.runner.run`.
+    the defaults). `train_actions`, `eval_actions`: your functions, called as
+    f(step, metrics) with the train summaries and after every evaluation
+    (core/actions.py). See `core.runner.run`.
     """
     from core import runner  # imports TensorFlow; keep `import core` cheap
 
-    return runner.run(config, given)
+    return runner.run(config, given, train_actions, eval_actions)
 
 
 __all__ = ["Config", "ConfigError", "DataError", "TapeloopError", "run"]

@@ -154,6 +154,9 @@ class Config:
     # early stopping and reduce_lr alike; Keras' min_delta).
     min_delta: float = 0.0
     profile_steps: tuple[int, int] | None = None
+    # Your own functions (MODULE:FUNCTION), called as f(step, metrics): core/actions.py.
+    train_actions: tuple[str, ...] = ()  # at every train summary
+    eval_actions: tuple[str, ...] = ()  # after every evaluation
     nan_policy: str = "stop"
     nan_max_retries: int = 3
     nan_lr_factor: float = 0.5
@@ -314,6 +317,8 @@ class Config:
         if (self.keep_best or self.early_stopping_patience) and self.mode == "train":
             raise ConfigError("--keep_best and --early_stopping_patience judge evaluations; "
                               "--mode=train runs none: use --mode=train_and_eval")
+        from layers.registry import is_module_attr
+
         if self.reduce_lr_patience < 0:
             raise ConfigError(f"--reduce_lr_patience={self.reduce_lr_patience}: must be >= 0 "
                               "(0 = off)")
@@ -334,6 +339,16 @@ class Config:
             raise ConfigError("--min_delta says how much an evaluation must improve to be a new "
                               "best; give --keep_best, --early_stopping_patience or "
                               "--reduce_lr_patience too")
+        for kind, modes in (("train", ("train", "train_and_eval")),
+                            ("eval", ("train_and_eval", "eval", "continuous_eval"))):
+            names = getattr(self, f"{kind}_actions")
+            for name in names:
+                if not is_module_attr(name):
+                    raise ConfigError(f"--{kind}_actions={name}: give MODULE:FUNCTION, a "
+                                      "function(step, metrics) in MODULE.py")
+            if names and self.mode not in modes:
+                raise ConfigError(f"--{kind}_actions run in --mode={' or '.join(modes)}; "
+                                  f"--mode={self.mode} runs none: drop them")
         if self.reduce_lr_patience and self.mode == "train":
             raise ConfigError("--reduce_lr_patience judges evaluations; --mode=train runs none: "
                               "use --mode=train_and_eval")

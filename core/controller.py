@@ -18,6 +18,7 @@ from collections.abc import Callable
 from absl import logging
 import tensorflow as tf
 
+from core.actions import ActionError
 from core.errors import NonFiniteLossError, OutOfMemoryError, Preempted, op_error_reason
 
 def format_line(kind: str, **fields) -> str:
@@ -141,6 +142,8 @@ class Controller:
       data_error: (step, error, checkpoint path) -> the exception to raise when the
         input pipeline fails mid-run (a file that does not decode); None: re-raise.
         A checkpoint of the steps before it is saved first.
+      train_actions: called as f(step, values) with every train summary's values
+        (core/actions.Actions); one that raises stops the run after a checkpoint.
     """
 
     def __init__(
@@ -158,6 +161,7 @@ class Controller:
         stop_requested: Callable[[], str | None] = lambda: None,
         progress: Progress | None = None,
         data_error: Callable[[int, Exception, str], Exception] | None = None,
+        train_actions: Callable[[int, dict], None] | None = None,
     ):
         self.trainer = trainer
         self.make_iterator = make_iterator
@@ -174,6 +178,7 @@ class Controller:
         self.stop_requested = stop_requested
         self.progress = progress or Progress()
         self.data_error = data_error
+        self.train_actions = train_actions
         self.history: list[dict] = []  # one entry per log line, for tests and figures
         self.nan_retries = 0
         # Since the last log line: loss * steps, steps, seconds, the sum of the steps'
@@ -264,6 +269,8 @@ class Controller:
             if norm_steps:  # none if every step's gradient overflowed (float16 skips them)
                 values["grad_norm"] = norm_sum / norm_steps
             self.summaries.scalars("train", step, values)
+            if self.train_actions:
+                self.train_actions(step, values)
         if c.histogram_every and (step % c.histogram_every == 0 or last):
             self.summaries.histograms("train", step, self.trainer.model.trainable_variables)
         if step % c.log_every == 0 or last:
@@ -426,6 +433,10 @@ class Controller:
                 self._after_loop(step, n, loss, elapsed)
             except OutOfMemoryError as e:  # an evaluation
                 raise self._out_of_memory(e, start_step) from None
+            except ActionError as e:  # yours: the steps it saw are kept
+                self.progress.clear()
+                raise ActionError(f"{e}; saved {self.checkpointer.save()}: fix it and run the "
+                                  "same command to resume") from e.__cause__
             if self.stopped_early:
                 break
         if self._profiling:

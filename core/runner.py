@@ -17,12 +17,13 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 from absl import logging
 import numpy as np
 import tensorflow as tf
 
+from core import actions as actions_lib
 from core import augment, checkpoints, data, distribute, losses, plots, process, schedules
 from core import summaries as summaries_lib
 from core.checkpoints import Checkpointer, ModelDirLock
@@ -130,7 +131,9 @@ class Run:
         trained run); None: those that differ from the defaults.
     """
 
-    def __init__(self, config: Config, given: Collection[str] | None = None):
+    def __init__(self, config: Config, given: Collection[str] | None = None,
+                 train_actions: Sequence[actions_lib.Action] = (),
+                 eval_actions: Sequence[actions_lib.Action] = ()):
         inference = config.mode in config_lib.INFERENCE_MODES
         requested = config
         config, chosen = distribute.cpu_defaults(config, len(distribute.gpus()),
@@ -179,6 +182,12 @@ class Run:
                 f"{self.loss.min_size} (SSIM's window); these are {self.image_shape[0]}x"
                 f"{self.image_shape[1]}: raise --image_size, or train with another loss")
         self._check_halvings()
+        # Your actions: imported and checked now, called on the chief only (core/actions.py).
+        self.train_actions = actions_lib.Actions("train", config.train_actions, train_actions)
+        self.eval_actions = actions_lib.Actions("eval", config.eval_actions, eval_actions)
+        if not self.is_chief:
+            self.train_actions = actions_lib.Actions("train")
+            self.eval_actions = actions_lib.Actions("eval")
         self.model = self._build_model()  # a user's factory can fail: before any write
         if config.init_checkpoint and not inference:
             self._initialise_model()  # so can another run's checkpoint
@@ -678,11 +687,17 @@ def train(run: Run) -> dict:
     if cadence.profile_steps and cadence.profile_steps[0] >= total:
         logging.warning("--profile_steps=%d,%d starts after the run's last step (%d): no trace "
                         "will be written", *cadence.profile_steps, total)
+    def evaluate_and_act(step):
+        results = run.evaluate(step)
+        run.eval_actions(step, results)
+        return results
+
     with process.StopSignals() as stop:
         controller = Controller(
             run.trainer, make_iterator, total, steps_per_epoch, cfg.steps_per_loop, cadence,
-            run.evaluate if cfg.mode == "train_and_eval" else None, run.checkpointer,
+            evaluate_and_act if cfg.mode == "train_and_eval" else None, run.checkpointer,
             run.summaries, profile_dir=os.path.join(run.output_dir, "train"),
+            train_actions=run.train_actions,
             stop_requested=distribute.AgreedStop(run.strategy, stop),
             data_error=functools.partial(_data_error, run))
         step = controller.train()
@@ -748,6 +763,7 @@ def _evaluate_checkpoint(run: Run, path: str, chosen: bool) -> dict:
                                 "data_dir": cfg.data_dir, "checkpoint": path, **results},
                                indent=2))
         run.figures(step, out_dir, curves=not apart)
+    run.eval_actions(step, results)  # after the results are written: an action cannot lose them
     return {"step": step, **results}
 
 
@@ -832,7 +848,9 @@ MODES = {"train": train, "train_and_eval": train, "eval": evaluate, "export": ex
          "continuous_eval": continuous_evaluate}
 
 
-def run(config: Config, given: Collection[str] | None = None) -> dict:
+def run(config: Config, given: Collection[str] | None = None,
+        train_actions: Sequence[actions_lib.Action] = (),
+        eval_actions: Sequence[actions_lib.Action] = ()) -> dict:
     """Runs `config.mode`; returns {'step': ..., ...metrics, history or export dir}.
 
     Args:
@@ -840,10 +858,13 @@ def run(config: Config, given: Collection[str] | None = None) -> dict:
       given: the Config fields the user set explicitly: eval and export take every other
         model and data setting from the trained run's config.json. None: the fields
         that differ from Config's defaults.
+      train_actions, eval_actions: functions called as f(step, metrics) with the train
+        summaries and after every evaluation, after those `config` names
+        (core/actions.py).
     """
     if config.mode == "continuous_eval":
         wait_for_checkpoint(config)
-    the_run = Run(config, given)
+    the_run = Run(config, given, train_actions, eval_actions)
     try:
         return MODES[the_run.config.mode](the_run)
     finally:

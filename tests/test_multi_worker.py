@@ -35,13 +35,22 @@ def test_two_workers_train_together(tmp_path, idx_dir):
              "--eval_every=20", "--batch_size=64"]
     workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
     model_dir = tmp_path / "chief"
+    # Actions run on the chief only: each worker's calls would go to a file of its own.
+    (tmp_path / "worker_actions.py").write_text(
+        "import json, os\n"
+        "def record(step, metrics):\n"
+        "    task = json.loads(os.environ['TF_CONFIG'])['task']['index']\n"
+        f"    with open(os.path.join({str(tmp_path)!r}, f'calls-{{task}}.txt'), 'a') as f:\n"
+        "        f.write(f'{step} {sorted(metrics)}\\n')\n")
     procs = []
     for index in range(2):
-        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
-            {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(tmp_path),
+                   TF_CONFIG=json.dumps({"cluster": {"worker": workers},
+                                         "task": {"type": "worker", "index": index}}))
         procs.append(subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "train.py"), "--strategy=multi_worker",
-             f"--model_dir={model_dir}", *flags],
+             f"--model_dir={model_dir}", "--train_actions=worker_actions:record",
+             "--eval_actions=worker_actions:record", *flags],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     logs = []
     try:
@@ -61,6 +70,11 @@ def test_two_workers_train_together(tmp_path, idx_dir):
     temp = re.search(r"removed this worker's temporary dir (\S+)", logs[1]).group(1)
     assert not os.path.exists(temp)
     assert "removed this worker's temporary dir" not in logs[0]
+    assert not (tmp_path / "calls-1.txt").exists()
+    assert (tmp_path / "calls-0.txt").read_text().splitlines() == [
+        "10 ['examples_per_sec', 'grad_norm', 'learning_rate', 'loss', 'step_time_ms']",
+        "20 ['examples_per_sec', 'grad_norm', 'learning_rate', 'loss', 'step_time_ms']",
+        "20 ['bce', 'loss', 'mse', 'psnr', 'ssim']"]
     # Both workers saw the same global loss, equal to one process with the same global batch.
     assert _last_loss(logs[0]) == _last_loss(logs[1])
     single = run_train(f"--model_dir={tmp_path / 'single'}", "--strategy=default", *flags)
