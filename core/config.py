@@ -328,7 +328,9 @@ class Config:
         if not 0 <= self.reduce_lr_min < self.learning_rate:
             raise ConfigError(f"--reduce_lr_min={self.reduce_lr_min}: must be >= 0 and below "
                               f"--learning_rate={self.learning_rate}")
-        if not self.reduce_lr_patience and (self.reduce_lr_factor != 0.1 or self.reduce_lr_min):
+        factor_default = Config.__dataclass_fields__["reduce_lr_factor"].default
+        if not self.reduce_lr_patience and (self.reduce_lr_factor != factor_default
+                                            or self.reduce_lr_min):
             raise ConfigError("--reduce_lr_factor and --reduce_lr_min say how "
                               "--reduce_lr_patience lowers the rate; give --reduce_lr_patience=N "
                               "(evaluations without a new best) too")

@@ -182,12 +182,13 @@ class Run:
                 f"{self.loss.min_size} (SSIM's window); these are {self.image_shape[0]}x"
                 f"{self.image_shape[1]}: raise --image_size, or train with another loss")
         self._check_halvings()
-        # Your actions: imported and checked now, called on the chief only (core/actions.py).
+        # Your actions: imported and checked now on every worker (a bad one stops them all
+        # alike), called on the chief only (core/actions.py).
         self.train_actions = actions_lib.Actions("train", config.train_actions, train_actions)
         self.eval_actions = actions_lib.Actions("eval", config.eval_actions, eval_actions)
         if not self.is_chief:
-            self.train_actions = actions_lib.Actions("train")
-            self.eval_actions = actions_lib.Actions("eval")
+            self.train_actions, self.eval_actions = (actions_lib.Actions("train"),
+                                                     actions_lib.Actions("eval"))
         self.model = self._build_model()  # a user's factory can fail: before any write
         if config.init_checkpoint and not inference:
             self._initialise_model()  # so can another run's checkpoint
@@ -687,6 +688,7 @@ def train(run: Run) -> dict:
     if cadence.profile_steps and cadence.profile_steps[0] >= total:
         logging.warning("--profile_steps=%d,%d starts after the run's last step (%d): no trace "
                         "will be written", *cadence.profile_steps, total)
+
     def evaluate_and_act(step):
         results = run.evaluate(step)
         run.eval_actions(step, results)
