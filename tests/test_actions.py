@@ -10,7 +10,7 @@ import pytest
 import core
 from core.config import Config
 from core.errors import ConfigError
-from helpers import checkpoint_files, event_tags, run_train
+from helpers import ROOT, checkpoint_files, event_tags, run_train
 
 
 def _config(tmp_path, **kw):
@@ -49,6 +49,23 @@ def test_actions_get_what_tensorboard_gets(tmp_path):
                        eval_actions=[lambda step, m: calls.append(("eval", step, m))])
     assert [(kind, step) for kind, step, _ in calls] == [("eval", 40)]
     assert calls[0][2]["psnr"] == pytest.approx(results["psnr"])
+
+
+def test_the_readme_action_writes_every_number(tmp_path, monkeypatch):
+    """The README's `# my_actions.py`, named as its command names it, run from a folder."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    found = re.search(r"```python\n(# my_actions\.py.*?)```", readme, re.S)
+    assert found, "README.md lost its my_actions.py example"
+    (tmp_path / "my_actions.py").write_text(found.group(1))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_actions", raising=False)
+    core.run(_config(tmp_path, train_actions=("my_actions:record",),
+                     eval_actions=("my_actions:record",)))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(line["step"], "psnr" in line) for line in lines] == [
+        (10, False), (20, False), (20, True), (30, False), (40, False), (40, True)]
+    assert all(0 < line["loss"] < 1 for line in lines)
 
 
 def _module(tmp_path, monkeypatch, body):
