@@ -11,6 +11,7 @@ Flags become one validated, frozen `core.Config`; everything else lives in
 `core/` and `layers/`, which never read flags.
 """
 
+import contextlib
 import dataclasses
 import importlib.util
 import logging as std_logging
@@ -264,6 +265,7 @@ def main(argv):
         print(f"train.py: error: unexpected arguments {' '.join(argv[1:])}: flags take the form "
               "--name=value (python train.py --helpshort lists them)", file=sys.stderr)
         sys.exit(2)
+    from core import signals
     from core.errors import Preempted, TapeloopError
 
     # TensorFlow's own INFO lines drown ours: those of its logger, and those its modules
@@ -271,21 +273,21 @@ def main(argv):
     std_logging.getLogger("tensorflow").setLevel(std_logging.WARNING)
     logging.get_absl_logger().addFilter(_NotTensorFlowInfo())
 
-    try:
-        config = config_from_flags()
-        core.run(config, given_flags())
-    except TapeloopError as e:
-        if FLAGS.verbose:
-            raise
-        # A stop's message says so itself: "stopped by SIGTERM at step N after saving ...".
-        print(f"train.py: {e}" if isinstance(e, Preempted) else f"train.py: error: {e}",
-              file=sys.stderr)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:  # Ctrl-C outside training (eval, export, start-up)
-        if FLAGS.verbose:
-            raise
-        print("train.py: stopped: interrupted before any checkpoint was written", file=sys.stderr)
-        sys.exit(128 + 2)
+    # Ctrl-C or SIGTERM outside training (start-up, eval, export) exits at once with one
+    # line; training takes them over (checkpoint, then exit 75). --verbose keeps Python's
+    # KeyboardInterrupt and its traceback, to see where a run was.
+    with contextlib.nullcontext() if FLAGS.verbose else signals.ExitOnSignals(
+            "train.py: stopped by {signal} outside training: the checkpoints are as they were"):
+        try:
+            config = config_from_flags()
+            core.run(config, given_flags())
+        except TapeloopError as e:
+            if FLAGS.verbose:
+                raise
+            # A stop's message says so itself: "stopped by SIGTERM at step N after saving ...".
+            print(f"train.py: {e}" if isinstance(e, Preempted) else f"train.py: error: {e}",
+                  file=sys.stderr)
+            sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":

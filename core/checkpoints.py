@@ -434,12 +434,14 @@ class ModelDirLock:
 
     HEARTBEAT_SECS = 30.0
     LEASE_SECS = 120.0
+    _held: set[ModelDirLock] = set()  # this process's, for an exit that skips `finally`
 
     def __init__(self, model_dir: str):
         self.path = os.path.join(model_dir, ".lock")
         self.fd = None
         self.owner = f"pid {os.getpid()} on {socket.gethostname()} ({uuid.uuid4().hex[:8]})"
         self._stop = None
+        self._releasing = threading.Lock()  # the main thread and an exiting signal's thread
 
     def acquire(self) -> None:
         if "://" in self.path:
@@ -467,6 +469,7 @@ class ModelDirLock:
         os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
         os.fsync(fd)
         self.fd = fd
+        ModelDirLock._held.add(self)
 
     def _read_lease(self) -> dict | None:
         try:
@@ -499,6 +502,7 @@ class ModelDirLock:
                 f"--model_dir={os.path.dirname(self.path)} was taken by another run starting "
                 f"at the same moment ({(lease or {}).get('owner')}): choose another --model_dir")
         self._stop = threading.Event()
+        ModelDirLock._held.add(self)
         threading.Thread(target=self._heartbeat, args=(self._stop,), daemon=True,
                          name="lease-heartbeat").start()
 
@@ -510,19 +514,31 @@ class ModelDirLock:
                 logging.warning("could not renew the lease %s: %s", self.path, e.message)
 
     def release(self) -> None:
-        if self._stop is not None:
-            self._stop.set()
-            self._stop = None
-            lease = self._read_lease()
-            if lease and lease.get("owner") == self.owner:
-                tf.io.gfile.remove(self.path)
-        if self.fd is not None:
-            import fcntl
+        with self._releasing:
+            ModelDirLock._held.discard(self)
+            if self._stop is not None:
+                self._stop.set()
+                self._stop = None
+                lease = self._read_lease()
+                if lease and lease.get("owner") == self.owner:
+                    tf.io.gfile.remove(self.path)
+            if self.fd is not None:
+                import fcntl
 
-            os.ftruncate(self.fd, 0)  # an empty lock file: this run ended cleanly
-            fcntl.flock(self.fd, fcntl.LOCK_UN)
-            os.close(self.fd)
-            self.fd = None
+                os.ftruncate(self.fd, 0)  # an empty lock file: this run ended cleanly
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+                os.close(self.fd)
+                self.fd = None
+
+    @classmethod
+    def release_held(cls) -> None:
+        """Releases every lock this process holds, as far as it can: for a process about
+        to exit at once (`process.ExitOnSignals`), whatever its main thread is doing."""
+        for lock in list(cls._held):
+            try:
+                lock.release()
+            except (OSError, tf.errors.OpError):
+                pass  # released meanwhile, or unreachable: the lease expires, the flock dies
 
 
 def _object_graph(reader):
@@ -592,11 +608,16 @@ def saved_config(model_dir: str) -> dict | None:
 
 
 def write_config(model_dir: str, config: dict) -> None:
-    """Writes `config.json` atomically (a reader never sees half a file)."""
-    path = os.path.join(model_dir, CONFIG_FILE)
+    """Writes `config.json`."""
+    write_file(os.path.join(model_dir, CONFIG_FILE), json.dumps(config, indent=2, sort_keys=True))
+
+
+def write_file(path: str, text: str) -> None:
+    """Writes `path` beside, then renames it: a reader never sees half a file, nor does a
+    process that exits at any moment (`signals.ExitOnSignals`) leave one."""
     tmp = f"{path}.tmp"
     with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(json.dumps(config, indent=2, sort_keys=True))
+        f.write(text)
     tf.io.gfile.rename(tmp, path, overwrite=True)
 
 

@@ -1,11 +1,9 @@
-"""What a run sets up for the whole process: TensorFlow's runtime settings, the
-model dir, and the stop signals."""
+"""What a run sets up for the whole process: TensorFlow's runtime settings and the
+model dir (the signals: core/signals.py)."""
 
 from __future__ import annotations
 
 import os
-import signal
-import threading
 import uuid
 
 from absl import logging
@@ -89,81 +87,3 @@ def prepare_model_dir(model_dir: str) -> None:
             reason = "Read-only file system"
         raise ConfigError(f"--model_dir={model_dir} is not writable ({reason}): choose a "
                           "folder you can write to or fix its permissions") from None
-
-
-class StopSignals:
-    """First SIGTERM/SIGINT: finish the current loop, checkpoint, exit 75. Second: exit now,
-    with code 128 + the signal number, whatever the process is doing.
-
-    Python runs a signal handler only between bytecodes, so a compiled loop of many
-    steps would delay it until the loop ends. The second signal must not wait: the C
-    handler also writes the signal number to a wakeup pipe (`signal.set_wakeup_fd`),
-    and a watcher thread reading it exits the process at once; TensorFlow releases the
-    GIL while it runs ops, so the thread gets to run. A save cut short by that exit is
-    cleaned up by the next run (`Checkpointer.remove_orphans`), which resumes from the
-    last complete checkpoint.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: str | None = None
-        self._previous = {}
-        self._count = 0
-        self._lock = threading.Lock()
-        self._pipe = None
-        self._previous_fd = -1
-
-    def __enter__(self):
-        if threading.current_thread() is not threading.main_thread():
-            return self  # a notebook worker thread: no handlers
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        read_fd, write_fd = os.pipe()
-        os.set_blocking(write_fd, False)
-        self._pipe = (read_fd, write_fd)
-        self._previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        threading.Thread(target=self._watch, name="stop-signals", daemon=True).start()
-        return self
-
-    def _note(self, signum: int) -> None:
-        with self._lock:
-            self._count += 1
-            count = self._count
-        name = signal.Signals(signum).name
-        if count >= 2:
-            logging.warning("second signal (%s): exiting now", name)
-            os._exit(128 + signum)
-        if self.received is None:
-            self.received = name
-            logging.warning("%s received: finishing the current loop (at most --steps_per_loop "
-                            "steps), then saving a checkpoint; send it again to exit at once", name)
-
-    def _watch(self) -> None:
-        read_fd = self._pipe[0]
-        while True:
-            try:
-                data = os.read(read_fd, 64)
-            except OSError:
-                return
-            if not data:
-                return
-            for signum in data:
-                if signum in self.SIGNALS:
-                    self._note(signum)
-
-    def _handle(self, signum, frame):
-        pass  # the watcher thread counts every signal, as soon as it arrives
-
-    def __exit__(self, *exc):
-        if self._pipe is None:
-            return
-        signal.set_wakeup_fd(self._previous_fd)
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        os.close(self._pipe[1])  # ends the watcher's read
-        os.close(self._pipe[0])
-        self._pipe = None
-
-    def __call__(self) -> str | None:
-        return self.received

@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from core import actions as actions_lib
-from core import augment, checkpoints, data, distribute, losses, plots, process, schedules
+from core import augment, checkpoints, data, distribute, losses, plots, process, schedules, signals
 from core import summaries as summaries_lib
 from core.checkpoints import Checkpointer, ModelDirLock
 from core import config as config_lib
@@ -249,8 +249,8 @@ class Run:
             self.lock.acquire()
         if self.skipped and self.is_chief:
             path = os.path.join(config.model_dir, SKIPPED_FILE)
-            with tf.io.gfile.GFile(path, "w") as f:
-                f.write("".join(f"{p}\t{why}\n" for p, why in sorted(self.skipped.items())))
+            checkpoints.write_file(
+                path, "".join(f"{p}\t{why}\n" for p, why in sorted(self.skipped.items())))
             logging.info("wrote the %d skipped files to %s", len(self.skipped), path)
         try:
             self._build(inference)
@@ -694,7 +694,7 @@ def train(run: Run) -> dict:
         run.eval_actions(step, results)
         return results
 
-    with process.StopSignals() as stop:
+    with signals.StopSignals() as stop:
         controller = Controller(
             run.trainer, make_iterator, total, steps_per_epoch, cfg.steps_per_loop, cadence,
             evaluate_and_act if cfg.mode == "train_and_eval" else None, run.checkpointer,
@@ -760,10 +760,9 @@ def _evaluate_checkpoint(run: Run, path: str, chosen: bool) -> dict:
     results = run.evaluate(step, writer)
     if run.is_chief:
         tf.io.gfile.makedirs(out_dir)
-        with tf.io.gfile.GFile(os.path.join(out_dir, "eval_results.json"), "w") as f:
-            f.write(json.dumps({"step": step, "split": cfg.eval_split, "dataset": cfg.dataset,
-                                "data_dir": cfg.data_dir, "checkpoint": path, **results},
-                               indent=2))
+        checkpoints.write_file(os.path.join(out_dir, "eval_results.json"), json.dumps(
+            {"step": step, "split": cfg.eval_split, "dataset": cfg.dataset,
+             "data_dir": cfg.data_dir, "checkpoint": path, **results}, indent=2))
         run.figures(step, out_dir, curves=not apart)
     run.eval_actions(step, results)  # after the results are written: an action cannot lose them
     return {"step": step, **results}
