@@ -11,18 +11,25 @@ loops (on the chief only, where several workers train):
 
 From the command line, `--train_actions=MODULE:FUNCTION` (a list), imported as
 `--model=MODULE:FACTORY` is; from Python, callables given to `core.run`. An action that
-raises stops the run with one line naming it, after the steps trained are saved.
+returns True asks the run to stop, as XGBoost's callbacks do: training stops at that step,
+saved, on every worker (`distribute.AgreedStop`), and exits 0; a continuous evaluation
+stops waiting. An action that raises stops the run with one line naming it, after the
+steps trained are saved.
 """
 
 from __future__ import annotations
 
 import inspect
+import reprlib
 from collections.abc import Callable, Sequence
+
+from absl import logging
+import numpy as np
 
 from core.errors import ConfigError, TapeloopError
 from layers.registry import import_module_attr
 
-Action = Callable[[int, dict], None]
+Action = Callable[[int, dict], bool | None]
 KINDS = ("train", "eval")
 
 
@@ -45,6 +52,7 @@ class Actions:
         flag = f"--{kind}_actions"
         self.kind = kind
         self.items: list[tuple[str, Action]] = []
+        self._warned: set[str] = set()
         for name in names:
             try:
                 function = import_module_attr(flag, name, "(step, metrics)")
@@ -67,15 +75,27 @@ class Actions:
     def __bool__(self) -> bool:
         return bool(self.items)
 
-    def __call__(self, step: int, metrics: dict[str, float]) -> None:
+    def __call__(self, step: int, metrics: dict[str, float]) -> str | None:
         """Calls each action with the step and a copy of the metrics.
+
+        Returns:
+          The label of the first action that returned True (asking the run to stop), or None.
 
         Raises:
           ActionError: an action raised (the first that did).
         """
+        asked = None
         for label, function in self.items:
             try:
-                function(int(step), dict(metrics))
+                answer = function(int(step), dict(metrics))
             except Exception as e:  # noqa: BLE001 - any failure of your code is named
                 raise ActionError(f"{label} raised at step {step} ({type(e).__name__}: {e})") \
                     from e
+            if isinstance(answer, (bool, np.bool_)):
+                asked = asked or (label if answer else None)
+            elif answer is not None and label not in self._warned:
+                self._warned.add(label)
+                logging.warning("%s returned %s, not True, False or None: ignored (an action "
+                                "returns True to stop the run)", label,
+                                reprlib.repr(answer))
+        return asked

@@ -4,7 +4,7 @@ It never touches the model. It repeats `trainer.train_loop(iterator, n)`,
 choosing n so that every loop ends exactly on the next step at which something
 happens, then does the host-side work between loops: the NaN/Inf check, log
 lines and summaries, evaluation, checkpoints, the profiler window, and a
-requested stop (SIGTERM/SIGINT).
+requested stop (SIGTERM/SIGINT, or an action that returned True).
 """
 
 from __future__ import annotations
@@ -137,13 +137,17 @@ class Controller:
       summaries: has `scalars(writer, step, values)`, `histograms(writer, step,
         variables)` and `flush()`.
       profile_dir: where the profiler trace goes.
-      stop_requested: returns the name of a received stop signal, or None.
+      stop_requested: asked -> ("signal", name) if a stop signal was received, ("asked",
+        who) if an action asked to stop (`asked`, this process's, or another worker's), or
+        None (`distribute.AgreedStop`).
       progress: the terminal status line.
       data_error: (step, error, checkpoint path) -> the exception to raise when the
         input pipeline fails mid-run (a file that does not decode); None: re-raise.
         A checkpoint of the steps before it is saved first.
       train_actions: called as f(step, values) with every train summary's values
-        (core/actions.Actions); one that raises stops the run after a checkpoint.
+        (core/actions.Actions), returning the label of an action that asked to stop, or
+        None; one that raises stops the run after a checkpoint.
+      eval_actions: the same, after every evaluation with its results.
     """
 
     def __init__(
@@ -158,10 +162,12 @@ class Controller:
         checkpointer,
         summaries,
         profile_dir: str | None = None,
-        stop_requested: Callable[[], str | None] = lambda: None,
+        stop_requested: Callable[[str | None], tuple[str, str] | None] = (
+            lambda asked: ("asked", asked) if asked else None),
         progress: Progress | None = None,
         data_error: Callable[[int, Exception, str], Exception] | None = None,
-        train_actions: Callable[[int, dict], None] | None = None,
+        train_actions: Callable[[int, dict], str | None] | None = None,
+        eval_actions: Callable[[int, dict], str | None] | None = None,
     ):
         self.trainer = trainer
         self.make_iterator = make_iterator
@@ -179,6 +185,8 @@ class Controller:
         self.progress = progress or Progress()
         self.data_error = data_error
         self.train_actions = train_actions
+        self.eval_actions = eval_actions
+        self.asked: str | None = None  # the action of this process that asked to stop
         self.history: list[dict] = []  # one entry per log line, for tests and figures
         self.nan_retries = 0
         # Since the last log line: loss * steps, steps, seconds, the sum of the steps'
@@ -270,7 +278,8 @@ class Controller:
                 values["grad_norm"] = norm_sum / norm_steps
             self.summaries.scalars("train", step, values)
             if self.train_actions:
-                self.train_actions(step, values)
+                asked = self.train_actions(step, values)  # each called, whoever asked before
+                self.asked = self.asked or asked
         if c.histogram_every and (step % c.histogram_every == 0 or last):
             self.summaries.histograms("train", step, self.trainer.model.trainable_variables)
         if step % c.log_every == 0 or last:
@@ -286,6 +295,9 @@ class Controller:
         if due and self.evaluate is not None:
             self.progress.clear()
             results = self.evaluate(step)
+            if self.eval_actions:
+                asked = self.eval_actions(step, results)
+                self.asked = self.asked or asked
             if self._judges(c):
                 self._judge(step, results)
         due = due or (c.checkpoint_every_steps and step % c.checkpoint_every_steps == 0) or (
@@ -386,13 +398,18 @@ class Controller:
         iterator = self.make_iterator(step)
         first, start_step = True, step
         while step < self.total_steps:
-            signal_name = self.stop_requested()
-            if signal_name:
+            stop = self.stop_requested(self.asked)
+            if stop and stop[0] == "signal":
                 self.progress.clear()
                 path = self.checkpointer.save()
                 raise Preempted(
-                    f"stopped by {signal_name} at step {step} after saving {path}: run the same "
+                    f"stopped by {stop[1]} at step {step} after saving {path}: run the same "
                     "command again to resume from there")
+            if stop:
+                self.progress.clear()
+                logging.info("stopping at step %d of %d: %s returned True", step,
+                             self.total_steps, stop[1])
+                break
             self._profile(step, 0)
             try:
                 if first:

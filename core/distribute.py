@@ -380,32 +380,44 @@ def default_precision(compute_capability: tuple[int, int] | None) -> str:
 
 
 class AgreedStop:
-    """Whether to stop now, agreed by every worker: `local()` is this process's own answer
-    (the name of a stop signal it received, or None).
+    """Whether to stop now, agreed by every worker: `signal()` is this process's own stop
+    signal (its name, or None); an action of yours may ask too (on the chief, where they
+    run).
 
     Under MultiWorkerMirroredStrategy a worker that stops alone leaves the others blocked
     in the next all-reduce, which then fails ("the tasks have crashed") and loses the steps
     since the last checkpoint. So at every loop boundary, where all workers are at the same
-    step, they all-reduce one flag: if any received a signal, all save that step (the chief
-    into the model dir) and exit 75 together. One scalar all-reduce per loop, through the
-    strategy's own collectives; nothing where there is one worker.
+    step, they all-reduce two flags, "a stop signal?" and "an action asked?": if any got a
+    signal, all save that step (the chief into the model dir) and exit 75 together; else if
+    an action asked, all end the run there. One all-reduce of two numbers per loop, through
+    the strategy's own collectives; nothing where there is one worker.
     """
 
-    def __init__(self, strategy: tf.distribute.Strategy, local):
-        self.local = local
+    def __init__(self, strategy: tf.distribute.Strategy, signal):
+        self.signal = signal
         workers = getattr(strategy.extended, "_num_workers", 1)
         self._count = None
         if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and workers > 1:
             @tf.function(autograph=False)
-            def count(flag):
-                per_replica = strategy.run(lambda: tf.identity(flag))
+            def count(flags):
+                per_replica = strategy.run(lambda: tf.identity(flags))
                 return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
             self._count = count
 
-    def __call__(self) -> str | None:
-        name = self.local()
-        if self._count is None:
-            return name
-        anyone = float(self._count(tf.constant(1.0 if name else 0.0))) > 0
-        return name or ("a stop signal on another worker" if anyone else None)
+    def __call__(self, asked: str | None = None) -> tuple[str, str] | None:
+        """("signal", its name) if a worker got a stop signal, else ("asked", the action) if
+        an action on any worker asked to stop, else None.
+
+        Args:
+          asked: the label of this worker's action that asked to stop, or None.
+        """
+        name = self.signal()
+        if self._count is not None:
+            counts = self._count(tf.constant([1.0 if name else 0.0, 1.0 if asked else 0.0]))
+            signals, asks = (float(c) for c in counts.numpy())
+            name = name or ("a stop signal on another worker" if signals else None)
+            asked = asked or ("an action on the chief" if asks else None)
+        if name:
+            return "signal", name
+        return ("asked", asked) if asked else None

@@ -689,17 +689,12 @@ def train(run: Run) -> dict:
         logging.warning("--profile_steps=%d,%d starts after the run's last step (%d): no trace "
                         "will be written", *cadence.profile_steps, total)
 
-    def evaluate_and_act(step):
-        results = run.evaluate(step)
-        run.eval_actions(step, results)
-        return results
-
     with signals.StopSignals() as stop:
         controller = Controller(
             run.trainer, make_iterator, total, steps_per_epoch, cfg.steps_per_loop, cadence,
-            evaluate_and_act if cfg.mode == "train_and_eval" else None, run.checkpointer,
+            run.evaluate if cfg.mode == "train_and_eval" else None, run.checkpointer,
             run.summaries, profile_dir=os.path.join(run.output_dir, "train"),
-            train_actions=run.train_actions,
+            train_actions=run.train_actions, eval_actions=run.eval_actions,
             stop_requested=distribute.AgreedStop(run.strategy, stop),
             data_error=functools.partial(_data_error, run))
         step = controller.train()
@@ -731,7 +726,9 @@ def evaluate(run: Run) -> dict:
     --data_dir or --eval_split), to a TensorBoard run of its own, `eval_ckpt-N/`,
     `eval_DATA/` or `eval_ckpt-N_DATA/` (with its results and figures), so the training
     run's curves are never rewritten nor mixed with other data's."""
-    return _evaluate_checkpoint(run, run.checkpoint_path, chosen=run.config.checkpoint is not None)
+    results, _ = _evaluate_checkpoint(run, run.checkpoint_path,
+                                      chosen=run.config.checkpoint is not None)
+    return results  # one evaluation: an action's True has nothing to stop
 
 
 def other_data_name(config: Config, saved: dict | None) -> str | None:
@@ -746,7 +743,9 @@ def other_data_name(config: Config, saved: dict | None) -> str | None:
     return re.sub(r"[^A-Za-z0-9_.]+", "-", name).strip("-")
 
 
-def _evaluate_checkpoint(run: Run, path: str, chosen: bool) -> dict:
+def _evaluate_checkpoint(run: Run, path: str, chosen: bool) -> tuple[dict, str | None]:
+    """Evaluates `path`; returns ({'step': ..., **metrics}, the eval action that asked to
+    stop or None)."""
     cfg = run.config
     step = run.checkpointer.restore(path)
     other = other_data_name(cfg, run.saved)
@@ -764,8 +763,8 @@ def _evaluate_checkpoint(run: Run, path: str, chosen: bool) -> dict:
             {"step": step, "split": cfg.eval_split, "dataset": cfg.dataset,
              "data_dir": cfg.data_dir, "checkpoint": path, **results}, indent=2))
         run.figures(step, out_dir, curves=not apart)
-    run.eval_actions(step, results)  # after the results are written: an action cannot lose them
-    return {"step": step, **results}
+    asked = run.eval_actions(step, results)  # after the results are written: it cannot lose them
+    return {"step": step, **results}, asked
 
 
 POLL_SECS = 1.0  # how often a continuous evaluation looks for a new checkpoint
@@ -812,8 +811,12 @@ def continuous_evaluate(run: Run) -> dict:
         latest = _latest_checkpoint(cfg.model_dir)
         if latest and latest != evaluated:
             try:
-                results = _evaluate_checkpoint(run, latest, chosen=False)
+                results, asked = _evaluate_checkpoint(run, latest, chosen=False)
                 evaluated, deadline = latest, time.monotonic() + cfg.continuous_eval_timeout
+                if asked:
+                    logging.info("continuous eval: %s returned True at step %d: done", asked,
+                                 results["step"])
+                    return results
                 if total and results["step"] >= total:
                     logging.info("continuous eval: evaluated step %d, the training's last: done",
                                  results["step"])

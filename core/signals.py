@@ -17,14 +17,15 @@ class _SignalWatcher:
     thread of its own, at once.
 
     Python runs a signal handler only between bytecodes, in the main thread, so a
-    compiled loop of many steps would delay it until the loop ends; and what it raises
-    lands in whatever Python code runs next, which can be in the middle of TensorFlow
-    tracing a function or building a dataset: a KeyboardInterrupt there has corrupted
-    TensorFlow's heap ("corrupted size vs. prev_size", SIGABRT; about 1 Ctrl-C in 30 at
-    a random moment of `--mode=eval`'s start). Instead the Python handler does nothing, the C handler writes the
-    signal number to a wakeup pipe (`signal.set_wakeup_fd`), and a watcher thread
-    reading it acts; TensorFlow releases the GIL while it runs ops, so the thread gets to
-    run. On leaving, the handlers and wakeup pipe found on entering are put back.
+    compiled loop of many steps would delay it until the loop ends; and the
+    KeyboardInterrupt it raises lands wherever the main thread is: in TensorFlow tracing
+    a function it has corrupted the heap ("corrupted size vs. prev_size", SIGABRT), and in
+    a TensorFlow `__del__` Python drops it and the run goes on
+    (`benchmarks/signal_stress.py` counts both). Instead the Python handler does nothing,
+    the C handler writes the signal number to a wakeup pipe (`signal.set_wakeup_fd`), and
+    a watcher thread reading it acts; TensorFlow releases the GIL while it runs ops, so the
+    thread gets to run. On leaving, the handlers and wakeup pipe found on entering are put
+    back.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)

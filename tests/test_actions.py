@@ -5,6 +5,7 @@ import os
 import re
 import sys
 
+import numpy as np
 import pytest
 
 import core
@@ -79,7 +80,8 @@ def _module(tmp_path, monkeypatch, body):
 
 def test_a_named_action_that_raises_stops_the_run_with_its_steps_saved(tmp_path):
     """From the command line: --train_actions=MODULE:FUNCTION; one that raises at step 20
-    is one line and exit 7 after ckpt-20 is saved; fixed, the same command resumes there."""
+    is one line and exit 7 after ckpt-20 is saved; fixed, the same command resumes there,
+    and its True at step 30 ends the run there, saved, with exit 0."""
     folder = tmp_path / "code"
     folder.mkdir()
     log = tmp_path / "calls.jsonl"
@@ -88,7 +90,8 @@ def test_a_named_action_that_raises_stops_the_run_with_its_steps_saved(tmp_path)
             f"    with open({str(log)!r}, 'a') as f:\n"
             "        f.write(json.dumps([step, metrics]) + '\\n')\n"
             "    if step == 20 and FAIL:\n"
-            "        raise KeyError('psnr_db')\n")
+            "        raise KeyError('psnr_db')\n"
+            "    return step == 30\n")
     (folder / "my_actions.py").write_text("FAIL = True\n" + body)
     flags = ["--dataset=fontdigits", "--train_split=train[:640]", "--eval_split=test[:128]",
              f"--model_dir={tmp_path / 'run'}", "--train_steps=40", "--batch_size=32",
@@ -105,8 +108,54 @@ def test_a_named_action_that_raises_stops_the_run_with_its_steps_saved(tmp_path)
     proc = run_train(*flags, env={"PYTHONPATH": str(folder)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resuming from step 20" in proc.stderr
+    assert "stopping at step 30 of 40: --train_actions=my_actions:record returned True" in \
+        proc.stderr
     steps = [json.loads(line)[0] for line in log.read_text().splitlines()]
-    assert steps == [10, 20, 30, 40]
+    assert steps == [10, 20, 30]
+    saved = checkpoint_files(str(tmp_path / "run"))
+    assert "ckpt-30.index" in saved and "ckpt-40.index" not in saved
+
+
+@pytest.mark.parametrize("kind", ["train", "eval"])
+def test_an_action_that_returns_true_stops_the_run_at_that_step(tmp_path, kind, caplog):
+    """Returning True (a NumPy bool too) ends training at that step, saved, with the figures
+    drawn, after every action due there ran; False and None go on; any other value is
+    warned of once and ignored."""
+    def stop(step, metrics):
+        return np.bool_(step >= 20)
+
+    def chatty(step, metrics):
+        return {"seen": step}
+
+    evaluated = []
+    actions = {"train_actions": [], "eval_actions": [lambda step, m: evaluated.append(step)]}
+    actions[f"{kind}_actions"] += [chatty, lambda step, m: None, stop]
+    with caplog.at_level("INFO", logger="absl"):
+        results = core.run(_config(tmp_path, train_steps=60), **actions)
+    assert results["step"] == 20
+    assert evaluated == [20]  # every action at the step is called, whichever asked first
+    saved = checkpoint_files(str(tmp_path / "run"))
+    assert "ckpt-20.index" in saved and not [f for f in saved if f.startswith("ckpt-30")]
+    assert (tmp_path / "run" / "reconstructions.png").exists()
+    assert sum("returned {'seen': " in r.getMessage() for r in caplog.records) == 1
+    stopping = rf"stopping at step 20 of 60: the {kind} action .*stop returned True"
+    assert any(re.match(stopping, r.getMessage()) for r in caplog.records)
+
+
+def test_an_eval_action_that_returns_true_ends_a_continuous_evaluation(tmp_path, caplog):
+    """A run stopped at step 20 of 60 (by an action) will write no more checkpoints: the
+    continuous evaluation would wait for its timeout; an eval action's True ends it."""
+    core.run(_config(tmp_path, train_steps=60, mode="train"),
+             train_actions=[lambda step, m: step >= 20])
+    with caplog.at_level("INFO", logger="absl"):
+        results = core.run(Config(mode="continuous_eval", model_dir=str(tmp_path / "run"),
+                                  continuous_eval_timeout=120),
+                           given={"mode", "model_dir", "continuous_eval_timeout"},
+                           eval_actions=[lambda step, m: m["psnr"] > 0])
+    assert results["step"] == 20
+    assert any("continuous eval: the eval action" in r.getMessage()
+               and "returned True at step 20: done" in r.getMessage() for r in caplog.records)
+    assert not any("no new checkpoint" in r.getMessage() for r in caplog.records)
 
 
 def test_an_eval_action_that_raises_in_eval_mode_keeps_the_results(tmp_path):

@@ -36,12 +36,14 @@ def test_two_workers_train_together(tmp_path, idx_dir):
     workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
     model_dir = tmp_path / "chief"
     # Actions run on the chief only: each worker's calls would go to a file of its own.
+    # Their True at step 20 of 30 stops both workers there.
     (tmp_path / "worker_actions.py").write_text(
         "import json, os\n"
         "def record(step, metrics):\n"
         "    task = json.loads(os.environ['TF_CONFIG'])['task']['index']\n"
         f"    with open(os.path.join({str(tmp_path)!r}, f'calls-{{task}}.txt'), 'a') as f:\n"
-        "        f.write(f'{step} {sorted(metrics)}\\n')\n")
+        "        f.write(f'{step} {sorted(metrics)}\\n')\n"
+        "    return step >= 20\n")
     procs = []
     for index in range(2):
         env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=str(tmp_path),
@@ -50,7 +52,7 @@ def test_two_workers_train_together(tmp_path, idx_dir):
         procs.append(subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "train.py"), "--strategy=multi_worker",
              f"--model_dir={model_dir}", "--train_actions=worker_actions:record",
-             "--eval_actions=worker_actions:record", *flags],
+             "--eval_actions=worker_actions:record", *flags, "--train_steps=30"],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     logs = []
     try:
@@ -64,7 +66,10 @@ def test_two_workers_train_together(tmp_path, idx_dir):
         assert proc.returncode == 0, log[-3000:]
         assert "2 workers, 2 replicas in sync" in log
     # The chief (worker 0) wrote everything; worker 1 wrote to a temporary dir it removed.
-    assert (model_dir / "ckpt-20.index").exists()
+    assert (model_dir / "ckpt-20.index").exists() and not (model_dir / "ckpt-30.index").exists()
+    assert "stopping at step 20 of 30: --train_actions=worker_actions:record returned True" \
+        in logs[0]
+    assert "stopping at step 20 of 30: an action on the chief returned True" in logs[1]
     assert (model_dir / "reconstructions.png").exists()
     assert any(f.startswith("events") for f in os.listdir(model_dir / "train"))
     temp = re.search(r"removed this worker's temporary dir (\S+)", logs[1]).group(1)
