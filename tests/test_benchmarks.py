@@ -262,6 +262,16 @@ def test_folder_check_smoke(tmp_path):
     assert f"| {default} (default) |" in (tmp_path / "folder_check.md").read_text()
 
 
+def test_signal_stress_smoke(tmp_path):
+    """Three Ctrl-Cs at the seed's random moments of an eval's start: each ends with the
+    one line and code 130, the checkpoints unchanged and the lock released."""
+    _run("signal_stress.py", f"--output_dir={tmp_path}", "--runs=3", "--busy=1", "--name=s")
+    report = json.loads((tmp_path / "s.json").read_text())
+    assert report["outcomes"]["one line, code 130"] == 3, report
+    assert report["checkpoints_unchanged"] == 3 and report["lock_released"] == 3
+    assert "| one line, code 130 | 3 |" in (tmp_path / "s.md").read_text()
+
+
 def test_gpu_check_without_a_gpu_and_simulated(tmp_path):
     """Without a GPU it runs the CPU checks, says so and exits 0; --simulate_on_cpu runs
     every GPU path (on 2 logical CPUs) and the Keras comparison, and reads the placement log."""

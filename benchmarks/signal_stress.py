@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Ctrl-C at random moments of `--mode=eval`'s start: how each process ends.
+
+    python benchmarks/signal_stress.py [--runs=60] [--checkout=PATH] [--name=signal_stress]
+
+Trains a small run once (fontdigits, 20 steps, evaluated on its test split), then
+`--runs` times: copies it, starts `train.py --mode=eval` on the copy from `--checkout`
+(default: this one; a `git worktree` of an older commit measures that commit), waits for
+its "restored" log line, sleeps a random 0-200 ms (restoring, building the eval dataset,
+tracing and running the eval step) and sends SIGINT, with `--busy` CPU-bound processes
+running beside (on an idle machine the races are rarer: CI's two test workers load it).
+Each process ends one of four ways: the one line and code 130 (asked for), an abort
+(code -6), the signal lost (the evaluation ran to the end, code 0), or something else.
+Also counts the copies whose checkpoints and config are unchanged and whose lock was
+released (an empty .lock). Writes results/NAME.{json,md}.
+
+Not a speed benchmark: a reliability count, kept here because the README quotes it.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app, flags  # noqa: E402
+
+from benchmarks import common  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("runs", 60, "Processes to interrupt.")
+flags.DEFINE_string("checkout", common.ROOT, "The tapeloop checkout whose train.py runs.")
+flags.DEFINE_integer("seed", 0, "Seed of the random delays.")
+flags.DEFINE_integer("busy", 2, "CPU-bound processes run beside, as CI's test workers do: "
+                     "on an idle machine the races below are rarer.")
+flags.DEFINE_string("name", "signal_stress", "Report name.")
+flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"),
+                    "Reports go here.")
+
+DELAYS_MS = (0, 0, 1, 2, 5, 10, 20, 50, 100, 200)
+OUTCOMES = ("one line, code 130", "aborted (SIGABRT)", "signal lost (eval ran to the end)",
+            "other")
+
+
+def _train(checkout: str, *flags_: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, os.path.join(checkout, "train.py"), *flags_], cwd=checkout,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def _checkpoint_files(folder: str) -> dict:
+    """The checkpoints, their state file and config.json: name -> bytes."""
+    names = [f for f in os.listdir(folder)
+             if f.startswith("ckpt-") or f in ("checkpoint", "config.json")]
+    return {f: open(os.path.join(folder, f), "rb").read() for f in names}
+
+
+def _interrupt_evals(counts: collections.Counter, examples: dict) -> tuple[int, int]:
+    """Runs the processes; returns (checkpoints unchanged, locks released) counts."""
+    rng = random.Random(FLAGS.seed)
+    unchanged = released = 0
+    with tempfile.TemporaryDirectory() as scratch:
+        trained = os.path.join(scratch, "trained")
+        proc = _train(common.ROOT, f"--model_dir={trained}", "--train_steps=20",
+                      "--eval_every=20")  # fontdigits, evaluated on its own test split
+        _, err = proc.communicate()
+        assert proc.returncode == 0, err[-2000:]
+        before = _checkpoint_files(trained)
+        for i in range(FLAGS.runs):
+            run = os.path.join(scratch, f"run{i}")
+            shutil.copytree(trained, run)
+            proc = _train(FLAGS.checkout, "--mode=eval", f"--model_dir={run}", "--batch_size=8")
+            for line in proc.stderr:
+                if "restored" in line:
+                    break
+            delay = rng.choice(DELAYS_MS)
+            time.sleep(delay / 1000)
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=300)
+            last = (err.strip().splitlines() or [""])[-1]
+            if proc.returncode == 130 and "Traceback" not in err and "stopped" in last:
+                outcome = OUTCOMES[0]
+            elif proc.returncode == -signal.SIGABRT:
+                outcome = OUTCOMES[1]
+            elif proc.returncode == 0:
+                outcome = OUTCOMES[2]
+            else:
+                outcome = OUTCOMES[3]
+            counts[outcome] += 1
+            if outcome != OUTCOMES[0]:
+                lines = [x for x in err.splitlines() if "Error" in x or "Exception" in x
+                         or x.lstrip().startswith("File ") or x.startswith("KeyboardInterrupt")]
+                examples.setdefault(outcome, "\n".join(lines[-10:]))
+            unchanged += _checkpoint_files(run) == before
+            with open(os.path.join(run, ".lock")) as f:
+                released += f.read() == ""
+            print(f"{i}: {delay} ms: {outcome} (code {proc.returncode})", flush=True)
+            shutil.rmtree(run)
+    return unchanged, released
+
+
+def main(argv):
+    del argv
+    counts, examples = collections.Counter(), {}
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(FLAGS.busy)]
+    try:
+        unchanged, released = _interrupt_evals(counts, examples)
+    finally:
+        for proc in busy:
+            proc.kill()
+    commit = subprocess.run(["git", "-C", FLAGS.checkout, "describe", "--always", "--dirty"],
+                            capture_output=True, text=True).stdout.strip()
+    context = common.machine_context(with_peaks=False)
+    payload = {"context": context, "runs": FLAGS.runs, "checkout_commit": commit,
+               "delays_ms": DELAYS_MS, "seed": FLAGS.seed, "busy": FLAGS.busy,
+               "outcomes": {o: counts[o] for o in OUTCOMES}, "checkpoints_unchanged": unchanged,
+               "lock_released": released, "examples": examples}
+    lines = [f"# Ctrl-C at random moments of `--mode=eval`'s start ({commit})\n",
+             common.context_markdown(context),
+             f"{FLAGS.runs} processes, SIGINT 0-200 ms after the checkpoint was restored, "
+             f"{FLAGS.busy} busy processes beside (`python benchmarks/signal_stress.py --runs={FLAGS.runs}"
+             + (" --checkout=PATH`, PATH a checkout of the commit above)."
+                if os.path.abspath(FLAGS.checkout) != common.ROOT else "`).") + "\n",
+             "| outcome | processes |", "| --- | ---: |"]
+    lines += [f"| {o} | {counts[o]} |" for o in OUTCOMES]
+    lines += ["", f"Checkpoints and config unchanged: {unchanged} of {FLAGS.runs}; lock released "
+              f"(empty .lock): {released} of {FLAGS.runs}."]
+    for outcome, text in examples.items():
+        lines += ["", f"First {outcome}:", "```", text, "```"]
+    common.write_report(FLAGS.output_dir, FLAGS.name, payload, lines)
+
+
+if __name__ == "__main__":
+    app.run(main)
