@@ -40,7 +40,8 @@ OPTIMIZER_FIELDS = ("optimizer",)
 DATA_FIELDS = ("dataset", "data_dir", "train_split")
 CONFIG_FILE = "config.json"
 BEST_DIR = "best"  # --keep_best: the best checkpoint, apart from the rolling ones
-BEST_FILE = "best.json"  # in BEST_DIR: the metric, its best value and step, evals since
+BEST_FILE = "best.json"  # in BEST_DIR: the metric, its best value and step, evals since,
+# and the step of the evaluation that wrote it
 STATE_FILE = "checkpoint"
 _CKPT_RE = re.compile(r"^ckpt-(\d+)(?:\.index|\.data-\d+-of-\d+)$")
 
@@ -367,7 +368,8 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ best
     def read_best(self) -> dict | None:
-        """The --keep_best record of the run ({metric, value, step, evals_since}), or None."""
+        """The --keep_best record of the run ({metric, value, step, evals_since, evaluated_at,
+        and with a best checkpoint its path}), or None."""
         path = os.path.join(self.restore_dir, BEST_DIR, BEST_FILE)
         if not tf.io.gfile.exists(path):
             return None
@@ -386,10 +388,7 @@ class Checkpointer:
             logging.info("new best %s %.6g at step %d: saved %s", record["metric"],
                          record["value"], record["step"], record["path"])
         tf.io.gfile.makedirs(folder)
-        tmp = os.path.join(folder, BEST_FILE + ".tmp")
-        with tf.io.gfile.GFile(tmp, "w") as f:
-            f.write(json.dumps(record, indent=2))
-        tf.io.gfile.rename(tmp, os.path.join(folder, BEST_FILE), overwrite=True)
+        write_file(os.path.join(folder, BEST_FILE), json.dumps(record, indent=2))
 
     def save(self) -> str:
         """Saves at the current step (once per step); returns the checkpoint path.

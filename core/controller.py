@@ -318,15 +318,26 @@ class Controller:
         metric = c.keep_best or "eval/loss"
         value = results[metric.split("/", 1)[1]]
         best = self.best
-        higher = c.best_higher if c.keep_best else False
         d = c.min_delta
-        improved = best is None or best.get("metric") != metric or (
-            value > best["value"] + d if higher else value < best["value"] - d)
-        if improved:
-            self.best = {"metric": metric, "value": value, "step": step, "evals_since": 0}
+        if best and best.get("evaluated_at") == step and best.get("metric") == metric:
+            # Judged already, by a run that died after writing the record and before its
+            # checkpoint at this step (every evaluation is followed by one): that judgement
+            # stands (with its best checkpoint, if it found one), or the evaluation would
+            # count twice. What it did to the run's state (a reduced rate) died with it and
+            # is done again below.
+            logging.info("step %d was judged before the last run stopped: keeping its record "
+                         "(%s %.6g at step %d, %d evaluations since)", step, metric,
+                         best["value"], best["step"], best["evals_since"])
         else:
-            self.best = {**best, "evals_since": best["evals_since"] + 1}
-        self.checkpointer.write_best(self.best, save=improved and bool(c.keep_best))
+            higher = c.best_higher if c.keep_best else False
+            improved = best is None or best.get("metric") != metric or (
+                value > best["value"] + d if higher else value < best["value"] - d)
+            if improved:
+                self.best = {"metric": metric, "value": value, "step": step, "evals_since": 0}
+            else:
+                self.best = {**best, "evals_since": best["evals_since"] + 1}
+            self.best["evaluated_at"] = step
+            self.checkpointer.write_best(self.best, save=improved and bool(c.keep_best))
         since = self.best["evals_since"]
         if c.reduce_lr_patience and since and since % c.reduce_lr_patience == 0:
             # The base rate, a checkpointed variable: the save that follows every evaluation

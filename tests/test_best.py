@@ -83,6 +83,34 @@ def test_reduce_lr_on_plateau_lowers_the_rate_and_resumes_on_schedule(tmp_path, 
     assert rates[70] == pytest.approx(3e-13) and rates[80] == pytest.approx(1.5e-13)
 
 
+def test_a_run_that_died_between_its_best_record_and_its_checkpoint_counts_once(tmp_path,
+                                                                                caplog):
+    """After the evaluation at step 40 best.json is written, then ckpt-40: a process that
+    died between them leaves best.json one evaluation ahead of the checkpoint it resumes
+    from (30). The resumed run evaluates step 40 again; that evaluation must not count a
+    second time: the record, and the reduction due at 40, are the uninterrupted run's."""
+    import tensorflow as tf
+
+    config = _config(tmp_path, learning_rate=1e-12, reduce_lr_patience=3, reduce_lr_factor=0.5)
+    core.run(config)
+    run = str(tmp_path / "run")
+    uninterrupted = json.load(open(os.path.join(run, "best", "best.json")))
+    assert uninterrupted["evals_since"] == 3 and uninterrupted["step"] == 10
+    # What the dead process left: best.json of step 40, no ckpt-40.
+    for name in os.listdir(run):
+        if name.startswith("ckpt-40."):
+            os.remove(os.path.join(run, name))
+    tf.compat.v1.train.update_checkpoint_state(run, os.path.join(run, "ckpt-30"),
+                                     [os.path.join(run, f"ckpt-{s}") for s in (20, 30)])
+    with caplog.at_level("INFO", logger="absl"):
+        result = core.run(config)
+    messages = [r.getMessage() for r in caplog.records]
+    assert result["step"] == 40 and any("resuming from step 30" in m for m in messages)
+    record = json.load(open(os.path.join(run, "best", "best.json")))
+    assert record == uninterrupted
+    assert any(m.startswith("learning rate 1e-12 -> 5e-13 at step 40") for m in messages)
+
+
 def test_reduce_lr_and_early_stopping_together(tmp_path, caplog):
     """Early stopping at patience 3 after one reduction at 2; a patience no longer than the
     reduction's is warned of."""
