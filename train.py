@@ -104,8 +104,8 @@ flags.DEFINE_float("clip_norm", None, "Clip the step's gradient to this global n
 flags.DEFINE_float("clip_value", None, "Clip every gradient element to [-v, v].")
 flags.DEFINE_float("ema_decay", None, "Keep an exponential moving average of the weights "
                    "(e.g. 0.999), checkpointed; evaluation, figures and export use it.")
-flags.DEFINE_bool("ema", _D.ema, "With --ema_decay: evaluate, draw and export the average "
-                  "(--noema: the raw weights).")
+flags.DEFINE_bool("ema", _D.ema, "With --ema_decay: evaluate, draw and export the average, "
+                  "and --init_checkpoint reads a source's (--noema: the raw weights).")
 flags.DEFINE_enum("lr_schedule", _D.lr_schedule, config_lib.LR_SCHEDULES,
                   "Learning rate as a function of the global step (README, Schedules).")
 flags.DEFINE_integer("warmup_steps", _D.warmup_steps, "Linear warm-up over this many steps.")

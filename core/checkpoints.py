@@ -124,11 +124,13 @@ def resolve_path(path: str, flag: str = "--checkpoint") -> str:
     return prefix
 
 
-def initialise(model, path: str, modules: str = "all") -> str:
+def initialise(model, path: str, modules: str = "all", average: bool = True) -> tuple[str, bool]:
     """Reads the weights of `model` ('all'), or of its 'encoder' or 'decoder', from the
     checkpoint `path` (a prefix, one of its files, or a folder: its latest), and nothing
-    else of it: not the optimizer, the step, the weight average or the random states.
-    Returns the prefix read. Only reads.
+    else of it: not the optimizer, the step or the random states. With `average`, the
+    trainable weights come from the checkpoint's weight average where it has one (what its
+    run evaluates and exports with --ema_decay). Returns (the prefix read, whether the
+    average was). Only reads.
 
     Raises:
       ConfigError: no checkpoint there, or it does not hold every variable of that part of
@@ -154,7 +156,33 @@ def initialise(model, path: str, modules: str = "all") -> str:
         raise ConfigError(f"{flag}: {prefix} does not hold this {what} ({_short(failure)}): "
                           "give the model flags it was trained with (its config.json), or "
                           "--init_modules for the part that matches")
-    return prefix
+    return prefix, average and _read_average(model, prefix, modules)
+
+
+def _read_average(model, prefix: str, modules: str) -> bool:
+    """Puts the checkpoint's weight average (`ema/`) into the trainable weights of `model`
+    or its part; False (nothing read) if it has none, or it does not line up with them.
+
+    The average is a list in the order of the source model's `trainable_variables` (the
+    trainer's `ema`): the encoder's come first and the decoder's last, so a part's are the
+    list's first or last entries; every shape is checked."""
+    reader = tf.compat.v1.train.NewCheckpointReader(prefix)
+    shapes = reader.get_variable_to_shape_map()
+    keys = sorted((k for k in shapes if re.fullmatch(r"ema/\d+/\.ATTRIBUTES/VARIABLE_VALUE", k)),
+                  key=lambda k: int(k.split("/")[1]))
+    if not keys:
+        return False
+    ours = (model if modules == "all" else getattr(model, modules)).trainable_variables
+    chosen = {"all": keys if len(keys) == len(ours) else [], "encoder": keys[:len(ours)],
+              "decoder": keys[-len(ours):]}[modules]
+    if len(chosen) != len(ours) or any(
+            tuple(shapes[k]) != tuple(v.shape) for k, v in zip(chosen, ours)):
+        logging.warning("%s's weight average does not line up with this model's weights: "
+                        "reading its raw weights", prefix)
+        return False
+    for key, variable in zip(chosen, ours):
+        variable.assign(reader.get_tensor(key).astype(variable.dtype))
+    return True
 
 
 def _read_model(model, prefix: str, modules: str) -> str | None:

@@ -108,7 +108,7 @@ class Config:
     clip_norm: float | None = None  # clip the whole step's gradient to this global norm
     clip_value: float | None = None  # clip every gradient element to [-v, v]
     ema_decay: float | None = None  # keep an exponential moving average of the weights
-    ema: bool = True  # with ema_decay: evaluate, draw and export the average
+    ema: bool = True  # the average: evaluate, draw and export it; init_checkpoint reads it
     lr_schedule: str = "constant"
     warmup_steps: int = 0
     min_learning_rate: float = 0.0  # cosine, linear: where they end

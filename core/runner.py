@@ -429,11 +429,15 @@ class Run:
             logging.info("--init_checkpoint=%s is not read: %s has checkpoints of its own, which "
                          "this run resumes", config.init_checkpoint, config.model_dir)
             return
-        prefix = checkpoints.initialise(self.model, config.init_checkpoint, config.init_modules)
+        prefix, averaged = checkpoints.initialise(self.model, config.init_checkpoint,
+                                                  config.init_modules, average=config.ema)
         what = ("the model's weights" if config.init_modules == "all" else
                 f"the {config.init_modules}'s weights (the "
                 f"{'decoder' if config.init_modules == 'encoder' else 'encoder'} starts from "
                 "its initialisation)")
+        if averaged:
+            what += " (its weight average, which its evaluation and export use; --noema: " \
+                    "its raw weights)"
         logging.info("initialised %s from %s (its step %d); the optimizer, the step and the "
                      "schedule start afresh", what, prefix, checkpoints.checkpoint_step(prefix))
 

@@ -118,6 +118,40 @@ def test_a_run_over_two_replicas_and_its_weight_average_start_from_the_checkpoin
         assert match, value.shape
 
 
+@pytest.fixture(scope="module")
+def averaged(tmp_path_factory):
+    """A run of 6 steps with a weight average far from its raw weights (decay 0.5)."""
+    model_dir = tmp_path_factory.mktemp("init") / "averaged"
+    core.run(_config(model_dir, train_steps=6, ema_decay=0.5, learning_rate=0.05))
+    return model_dir
+
+
+@pytest.mark.parametrize("modules, ema", [("all", True), ("encoder", True), ("decoder", True),
+                                          ("all", False)])
+def test_a_source_with_a_weight_average_starts_the_run_from_its_average(
+        averaged, tmp_path, caplog, modules, ema):
+    """What the source run evaluates and exports (its average), not its raw weights;
+    --noema reads the raw ones. A part reads its own entries of the average."""
+    with caplog.at_level("INFO", logger="absl"):
+        core.run(_config(tmp_path / "fine", init_checkpoint=str(averaged), init_modules=modules,
+                         learning_rate=TINY, ema=ema))
+    raw, fine = _variables(averaged, 6), _variables(tmp_path / "fine", 1)
+    average = list(_variables(averaged, 6, "ema").values())
+    read = list(_variables(averaged, 6, *(("model",) if modules == "all" else ("model", modules))))
+    assert len(average) == len(raw) and read
+    for name in read:
+        expected = (raw[name] if not ema else
+                    [a for a in average if a.shape == raw[name].shape
+                     and np.abs(a - fine[name]).max() < 1e-6])
+        if ema:
+            assert expected, f"{name} is none of the average's entries"
+            assert np.abs(fine[name] - raw[name]).max() > 1e-4, name  # not the raw weight
+        else:
+            np.testing.assert_allclose(fine[name], expected, atol=1e-7, err_msg=name)
+    log = " ".join(r.getMessage() for r in caplog.records)
+    assert ("(its weight average, which its evaluation and export use" in log) == ema
+
+
 def test_a_run_with_checkpoints_of_its_own_resumes_them_and_reads_nothing_else(
         trained, tmp_path, caplog):
     model_dir = tmp_path / "run"
