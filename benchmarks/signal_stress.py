@@ -111,6 +111,8 @@ def _interrupt_evals(counts: collections.Counter, examples: dict) -> tuple[int, 
 
 def main(argv):
     del argv
+    commit = subprocess.run(["git", "-C", FLAGS.checkout, "describe", "--always", "--dirty"],
+                            capture_output=True, text=True).stdout.strip()  # what runs
     counts, examples = collections.Counter(), {}
     busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
             for _ in range(FLAGS.busy)]
@@ -119,8 +121,6 @@ def main(argv):
     finally:
         for proc in busy:
             proc.kill()
-    commit = subprocess.run(["git", "-C", FLAGS.checkout, "describe", "--always", "--dirty"],
-                            capture_output=True, text=True).stdout.strip()
     context = common.machine_context(with_peaks=False)
     payload = {"context": context, "runs": FLAGS.runs, "checkout_commit": commit,
                "delays_ms": DELAYS_MS, "seed": FLAGS.seed, "busy": FLAGS.busy,
