@@ -38,7 +38,8 @@ class _Serving(tf.Module):
 
 
 def export_saved_model(model, image_shape, export_dir: str) -> str:
-    """Writes the SavedModel to `export_dir` (which must not exist yet); returns it."""
+    """Writes the SavedModel to `export_dir`, replacing one there only once the new one is
+    complete; returns it."""
     code_shape = tuple(model.encode(tf.zeros((1, *image_shape))).shape[1:])
     module = _Serving(model, tuple(image_shape), code_shape)
     signatures = {"encode": module.encode, "decode": module.decode,
@@ -47,6 +48,8 @@ def export_saved_model(model, image_shape, export_dir: str) -> str:
     if "://" in export_dir:
         # Object stores (and ram://) cannot rename a folder: save locally, copy the files,
         # saved_model.pb last, so a loader never finds it without its variables.
+        if tf.io.gfile.exists(export_dir):
+            tf.io.gfile.rmtree(export_dir)
         with tempfile.TemporaryDirectory() as local:
             tf.saved_model.save(module, local, signatures=signatures)
             files = [os.path.relpath(os.path.join(d, f), local)
@@ -56,9 +59,16 @@ def export_saved_model(model, image_shape, export_dir: str) -> str:
                 tf.io.gfile.copy(os.path.join(local, rel), os.path.join(export_dir, rel),
                                  overwrite=True)
         return export_dir
-    tmp = export_dir + ".tmp"
-    if tf.io.gfile.exists(tmp):
-        tf.io.gfile.rmtree(tmp)
+    tmp, old = export_dir + ".tmp", export_dir + ".old"
+    for leftover in (tmp, old):  # of an export that was stopped
+        if tf.io.gfile.exists(leftover):
+            tf.io.gfile.rmtree(leftover)
     tf.saved_model.save(module, tmp, signatures=signatures)
-    tf.io.gfile.rename(tmp, export_dir)  # a half-written export never has the final name
+    # A half-written export never has the final name, and the one it replaces is kept
+    # until it is written.
+    if tf.io.gfile.exists(export_dir):
+        tf.io.gfile.rename(export_dir, old)
+    tf.io.gfile.rename(tmp, export_dir)
+    if tf.io.gfile.exists(old):
+        tf.io.gfile.rmtree(old)
     return export_dir

@@ -843,8 +843,6 @@ def export(run: Run) -> dict:
 
     step = run.checkpointer.restore(run.checkpoint_path)
     path = os.path.join(run.config.model_dir, "export", str(step))
-    if tf.io.gfile.exists(path):
-        tf.io.gfile.rmtree(path)
     with run.weights():
         export_saved_model(run.trainer.model, run.image_shape, path)
     logging.info("exported SavedModel%s with signatures encode, decode, reconstruct to %s",

@@ -117,6 +117,25 @@ def test_export_needs_no_data(denoiser, tmp_path):
     assert os.path.exists(moved / "export" / "30" / "saved_model.pb")
 
 
+def test_export_again_replaces_the_export_only_once_the_new_one_is_written(denoiser, tmp_path):
+    """A second export of a step replaces the first (kept until the new one is complete)
+    and removes what a stopped export left: its half-written .tmp, or the .old it moved."""
+    import tensorflow as tf
+
+    run = shutil.copytree(denoiser, tmp_path / "run")
+    config = Config(mode="export", model_dir=str(run))
+    first = core.run(config, given={"mode", "model_dir"})["export_dir"]
+    for leftover in (".tmp", ".old"):
+        os.makedirs(first + leftover)
+        (tmp_path / "run" / "export" / f"30{leftover}" / "half").write_text("x")
+    os.utime(os.path.join(first, "saved_model.pb"), (0, 0))
+    again = core.run(config, given={"mode", "model_dir"})["export_dir"]
+    assert again == first and sorted(os.listdir(os.path.dirname(first))) == ["30"]
+    assert os.stat(os.path.join(first, "saved_model.pb")).st_mtime > 0  # written anew
+    loaded = tf.saved_model.load(first)
+    assert set(loaded.signatures) >= {"encode", "decode", "reconstruct"}
+
+
 def test_eval_of_an_older_checkpoint_keeps_the_training_curve(denoiser, tmp_path):
     run = shutil.copytree(denoiser, tmp_path / "run")
     before = _scalars(str(run / "eval"), "loss")

@@ -1003,6 +1003,7 @@ def test_a_whole_run_on_ram_filesystem(tmp_path):
     Image.open(io.BytesIO(tf.io.gfile.GFile("ram://runs/one/reconstructions.png", "rb").read()))
     assert core.run(config.replace(mode="eval"))["step"] == 4
     exported = core.run(config.replace(mode="export"))["export_dir"]
+    assert core.run(config.replace(mode="export"))["export_dir"] == exported  # replaced
     loaded = tf.saved_model.load(exported)
     out = loaded.signatures["reconstruct"](images=tf.zeros([1, 24, 32, 3]))["images"]
     assert out.shape == (1, 24, 32, 3)
