@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -262,7 +261,9 @@ def test_ctrl_c_while_starting_up_is_one_line(tmp_path):
     """Ctrl-C while Python imports TensorFlow (the slowest part of start-up): one line, and
     nothing written."""
     proc = _popen_train(f"--model_dir={tmp_path / 'run'}", "--train_steps=5")
-    time.sleep(0.5)
+    for line in proc.stderr:  # the first line of TensorFlow's C++ library, as it loads
+        if "absl::InitializeLog" in line or "oneDNN" in line:
+            break
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
