@@ -69,6 +69,22 @@ def test_the_readme_action_writes_every_number(tmp_path, monkeypatch):
     assert all(0 < line["loss"] < 1 for line in lines)
 
 
+def test_the_readme_stopping_action_stops_the_default_run_where_it_says(tmp_path, monkeypatch):
+    """The README's `# my_stop.py` on the default run (its command but the model dir):
+    the eval PSNR passes 15 dB at step 468, where the run stops."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    found = re.search(r"```python\n(# my_stop\.py.*?)```", readme, re.S)
+    assert found, "README.md lost its my_stop.py example"
+    assert "logs `stopping at step 468 of\n1170: --eval_actions=my_stop:good_enough" in readme
+    (tmp_path / "my_stop.py").write_text(found.group(1))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "my_stop", raising=False)
+    result = core.run(Config(eval_actions=("my_stop:good_enough",),
+                             model_dir=str(tmp_path / "runs" / "stop")))
+    assert result["step"] == 468
+
+
 def _module(tmp_path, monkeypatch, body):
     folder = tmp_path / "code"
     folder.mkdir(exist_ok=True)
