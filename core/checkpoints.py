@@ -28,6 +28,7 @@ import tensorflow as tf
 from tensorflow.python.training.checkpoint_state_pb2 import CheckpointState
 
 from core.errors import CheckpointError, ConfigError
+from core.process import write_file
 
 # Fields that change the model's variables: a resume that changes one cannot restore.
 MODEL_FIELDS = ("model", "encoder_filters", "decoder_filters", "kernel_size", "image_shape",
@@ -637,15 +638,6 @@ def saved_config(model_dir: str) -> dict | None:
 def write_config(model_dir: str, config: dict) -> None:
     """Writes `config.json`."""
     write_file(os.path.join(model_dir, CONFIG_FILE), json.dumps(config, indent=2, sort_keys=True))
-
-
-def write_file(path: str, text: str) -> None:
-    """Writes `path` beside, then renames it: a reader never sees half a file, nor does a
-    process that exits at any moment (`signals.ExitOnSignals`) leave one."""
-    tmp = f"{path}.tmp"
-    with tf.io.gfile.GFile(tmp, "w") as f:
-        f.write(text)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
 
 
 def _norm(value):

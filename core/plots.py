@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 
 import matplotlib
 
@@ -19,16 +18,13 @@ def _save(fig, path: str) -> None:
     """PNG through tf.io.gfile, so gs:// and ram:// model dirs get their figures."""
     import io
 
-    import tensorflow as tf
+    from core import process
 
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
-    # Written beside, then renamed: a continuous evaluation and its training run may both
-    # redraw a figure, and a viewer must never read half of one.
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with tf.io.gfile.GFile(tmp, "wb") as f:
-        f.write(buffer.getvalue())
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    # A continuous evaluation and its training run may both redraw a figure, and a viewer
+    # must never read half of one.
+    process.write_file(path, buffer.getvalue())
 
 
 def wrap_rows(rows: list[np.ndarray], labels: list[str],

@@ -1,5 +1,5 @@
 """What a run sets up for the whole process: TensorFlow's runtime settings and the
-model dir (the signals: core/signals.py)."""
+model dir, and how files are written into it (the signals: core/signals.py)."""
 
 from __future__ import annotations
 
@@ -87,3 +87,15 @@ def prepare_model_dir(model_dir: str) -> None:
             reason = "Read-only file system"
         raise ConfigError(f"--model_dir={model_dir} is not writable ({reason}): choose a "
                           "folder you can write to or fix its permissions") from None
+
+
+def write_file(path: str, data: str | bytes) -> None:
+    """Writes `path` beside, under a name of this writer's own, then renames it: a reader
+    never sees half a file, a process that exits at any moment (`signals.ExitOnSignals`)
+    leaves the old file or the new one, and two processes writing the same file (an
+    `--mode=eval` beside a continuous evaluation, which both write eval_results.json and
+    the figures) never rename each other's half-written file."""
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with tf.io.gfile.GFile(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+        f.write(data)
+    tf.io.gfile.rename(tmp, path, overwrite=True)

@@ -249,7 +249,7 @@ class Run:
             self.lock.acquire()
         if self.skipped and self.is_chief:
             path = os.path.join(config.model_dir, SKIPPED_FILE)
-            checkpoints.write_file(
+            process.write_file(
                 path, "".join(f"{p}\t{why}\n" for p, why in sorted(self.skipped.items())))
             logging.info("wrote the %d skipped files to %s", len(self.skipped), path)
         try:
@@ -763,7 +763,7 @@ def _evaluate_checkpoint(run: Run, path: str, chosen: bool) -> tuple[dict, str |
     results = run.evaluate(step, writer)
     if run.is_chief:
         tf.io.gfile.makedirs(out_dir)
-        checkpoints.write_file(os.path.join(out_dir, "eval_results.json"), json.dumps(
+        process.write_file(os.path.join(out_dir, "eval_results.json"), json.dumps(
             {"step": step, "split": cfg.eval_split, "dataset": cfg.dataset,
              "data_dir": cfg.data_dir, "checkpoint": path, **results}, indent=2))
         run.figures(step, out_dir, curves=not apart)
