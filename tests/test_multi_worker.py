@@ -29,10 +29,21 @@ def _last_loss(log):
     return float(re.findall(r"train \| step \d+/\d+ \| epoch [\d.]+ \| loss ([\d.]+)", log)[-1])
 
 
+def _last_eval(log, metric):
+    return float(re.findall(rf"eval \(EMA weights\) \| step \d+ \|.*? {metric} ([\d.]+)",
+                            log)[-1])
+
+
 def test_two_workers_train_together(tmp_path, idx_dir):
-    flags = ["--dataset=mnist", f"--data_dir={idx_dir}", "--train_split=test[:2000]",
-             "--eval_split=test[9000:]", "--train_steps=20", "--log_every=10",
-             "--eval_every=20", "--batch_size=64"]
+    """From a checkpoint's weight average (--init_checkpoint), with a weight average of
+    their own (--ema_decay): the loss and the EMA's evaluation match one process's."""
+    data = ["--dataset=mnist", f"--data_dir={idx_dir}", "--train_split=test[:2000]",
+            "--eval_split=test[9000:]", "--log_every=10", "--batch_size=64"]
+    source = run_train(f"--model_dir={tmp_path / 'source'}", "--strategy=default",
+                       "--ema_decay=0.5", "--train_steps=10", "--eval_every=10", *data)
+    assert source.returncode == 0, source.stderr[-3000:]
+    flags = [*data, "--train_steps=20", "--eval_every=20", "--ema_decay=0.5",
+             f"--init_checkpoint={tmp_path / 'source'}"]
     workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
     model_dir = tmp_path / "chief"
     # Actions run on the chief only: each worker's calls would go to a file of its own.
@@ -65,6 +76,7 @@ def test_two_workers_train_together(tmp_path, idx_dir):
     for proc, log in zip(procs, logs):
         assert proc.returncode == 0, log[-3000:]
         assert "2 workers, 2 replicas in sync" in log
+        assert "initialised the model's weights (its weight average, which" in log
     # The chief (worker 0) wrote everything; worker 1 wrote to a temporary dir it removed.
     assert (model_dir / "ckpt-20.index").exists() and not (model_dir / "ckpt-30.index").exists()
     assert "stopping at step 20 of 30: --train_actions=worker_actions:record returned True" \
@@ -85,6 +97,10 @@ def test_two_workers_train_together(tmp_path, idx_dir):
     single = run_train(f"--model_dir={tmp_path / 'single'}", "--strategy=default", *flags)
     assert single.returncode == 0, single.stderr[-3000:]
     assert abs(_last_loss(single.stderr) - _last_loss(logs[0])) <= 1e-4 * _last_loss(logs[0])
+    assert "initialised the model's weights (its weight average, which" in single.stderr
+    for metric in ("bce", "psnr"):  # the average each evaluated with, at step 20
+        assert _last_eval(logs[0], metric) == pytest.approx(_last_eval(single.stderr, metric),
+                                                            rel=1e-3)
 
 
 class _Workers:
