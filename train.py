@@ -274,8 +274,9 @@ def main(argv):
     logging.get_absl_logger().addFilter(_NotTensorFlowInfo())
 
     # Ctrl-C or SIGTERM outside training (start-up, eval, export) exits at once with one
-    # line; training takes them over (checkpoint, then exit 75). --verbose keeps Python's
-    # KeyboardInterrupt and its traceback, to see where a run was.
+    # line; training takes them over (checkpoint, then exit 75). --verbose gives
+    # KeyboardInterrupt and its traceback instead, as from Python: at the run's next safe
+    # point, or where the run was at a second Ctrl-C (signals.DeferredInterrupt).
     with contextlib.nullcontext() if FLAGS.verbose else signals.ExitOnSignals(
             "train.py: stopped by {signal} outside training: the checkpoints are as they were"):
         try:

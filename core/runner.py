@@ -162,6 +162,7 @@ class Run:
         self.jit_compile = (False if config.eager else config.jit_compile
                             if config.jit_compile is not None else distribute.default_jit_compile())
         self._load_data(inference)
+        signals.interruption_point()  # a deferred Ctrl-C (from Python): nothing written yet
         config = self.config  # with the data-dependent choices made
         self.run_config = {**config.to_dict(), "image_shape": list(self.image_shape),
                            "loss_scaling": self.precision == "mixed_float16",
@@ -192,6 +193,7 @@ class Run:
         self.model = self._build_model()  # a user's factory can fail: before any write
         if config.init_checkpoint and not inference:
             self._initialise_model()  # so can another run's checkpoint
+        signals.interruption_point()
         if self.jit_compile and config.deterministic:
             self.jit_compile, why = distribute.deterministic_jit(
                 True, True, distribute.has_max_pool_gradient(self.model, self.image_shape))
@@ -702,6 +704,7 @@ def train(run: Run) -> dict:
             stop_requested=distribute.AgreedStop(run.strategy, stop),
             data_error=functools.partial(_data_error, run))
         step = controller.train()
+    signals.interruption_point()
     if run.is_chief:
         run.figures(step, cfg.model_dir)
     return {"step": step, "history": controller.history}
@@ -760,12 +763,14 @@ def _evaluate_checkpoint(run: Run, path: str, chosen: bool) -> tuple[dict, str |
         logging.info("evaluating other data than the run's (%s %s): results in %s/", cfg.dataset,
                      cfg.eval_split, os.path.join(cfg.model_dir, writer))
     out_dir = os.path.join(cfg.model_dir, writer) if apart else cfg.model_dir
+    signals.interruption_point()
     results = run.evaluate(step, writer)
     if run.is_chief:
         tf.io.gfile.makedirs(out_dir)
         process.write_file(os.path.join(out_dir, "eval_results.json"), json.dumps(
             {"step": step, "split": cfg.eval_split, "dataset": cfg.dataset,
              "data_dir": cfg.data_dir, "checkpoint": path, **results}, indent=2))
+        signals.interruption_point()  # eval_results.json is written: the figures are not
         run.figures(step, out_dir, curves=not apart)
     asked = run.eval_actions(step, results)  # after the results are written: it cannot lose them
     return {"step": step, **results}, asked
@@ -794,6 +799,7 @@ def wait_for_checkpoint(config: Config) -> None:
                               f"{config.continuous_eval_timeout:g} s: start the training run, or "
                               "raise the timeout")
         time.sleep(POLL_SECS)
+        signals.interruption_point()
 
 
 def continuous_evaluate(run: Run) -> dict:
@@ -835,6 +841,7 @@ def continuous_evaluate(run: Run) -> dict:
                          "(--continuous_eval_timeout): done", f"{cfg.continuous_eval_timeout:g}")
             return results
         time.sleep(POLL_SECS)
+        signals.interruption_point()
 
 
 def export(run: Run) -> dict:
@@ -843,6 +850,7 @@ def export(run: Run) -> dict:
 
     step = run.checkpointer.restore(run.checkpoint_path)
     path = os.path.join(run.config.model_dir, "export", str(step))
+    signals.interruption_point()
     with run.weights():
         export_saved_model(run.trainer.model, run.image_shape, path)
     logging.info("exported SavedModel%s with signatures encode, decode, reconstruct to %s",
@@ -868,11 +876,13 @@ def run(config: Config, given: Collection[str] | None = None,
         summaries and after every evaluation, after those `config` names
         (core/actions.py).
     """
-    if config.mode == "continuous_eval":
-        wait_for_checkpoint(config)
-    the_run = Run(config, given, train_actions, eval_actions)
-    try:
-        return MODES[the_run.config.mode](the_run)
-    finally:
-        the_run.close()
+    # From Python (a notebook), Ctrl-C outside training interrupts at a safe point only.
+    with signals.deferred_interrupt():
+        if config.mode == "continuous_eval":
+            wait_for_checkpoint(config)
+        the_run = Run(config, given, train_actions, eval_actions)
+        try:
+            return MODES[the_run.config.mode](the_run)
+        finally:
+            the_run.close()
 

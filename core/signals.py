@@ -1,6 +1,7 @@
-"""SIGTERM and SIGINT: during training a stop (`StopSignals`), elsewhere on the command
-line an exit (`ExitOnSignals`). Imports no TensorFlow, so `train.py` takes the signals
-over before TensorFlow's slow import."""
+"""SIGTERM and SIGINT: during training a stop (`StopSignals`); elsewhere on the command
+line an exit (`ExitOnSignals`), and from Python (a notebook) a KeyboardInterrupt at the
+run's next safe point (`DeferredInterrupt`). Imports no TensorFlow, so `train.py` takes
+the signals over before TensorFlow's slow import."""
 
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ class _SignalWatcher:
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
+    active: list[_SignalWatcher] = []  # those installed, innermost last
 
     def __init__(self):
         self._previous = {}
@@ -45,6 +47,7 @@ class _SignalWatcher:
         self._pipe = (read_fd, write_fd)
         self._previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
         threading.Thread(target=self._watch, name=type(self).__name__, daemon=True).start()
+        _SignalWatcher.active.append(self)
         return self
 
     def _note(self, signum: int) -> None:
@@ -75,6 +78,7 @@ class _SignalWatcher:
         os.close(self._pipe[1])  # ends the watcher's read
         os.close(self._pipe[0])
         self._pipe = None
+        _SignalWatcher.active.remove(self)
 
 
 class StopSignals(_SignalWatcher):
@@ -131,3 +135,68 @@ class ExitOnSignals(_SignalWatcher):
             checkpoints.ModelDirLock.release_held()
         os.write(2, self.message.format(signal=signal.Signals(signum).name).encode() + b"\n")
         os._exit(128 + signum)
+
+
+class DeferredInterrupt(_SignalWatcher):
+    """`core.run` from Python (a notebook, a script) outside training, unless the command
+    line's `ExitOnSignals` handles the signals: Ctrl-C (SIGINT) raises KeyboardInterrupt
+    at the run's next safe point (`interruption_point`: between evaluation batches, between
+    the steps of starting a run, while waiting for a checkpoint), never inside TensorFlow,
+    where Python's own would land anywhere (tracing a function: a corrupted TensorFlow, a
+    dead kernel). A second Ctrl-C raises it at once, wherever the run is. SIGTERM is
+    left as it was."""
+
+    SIGNALS = (signal.SIGINT,)
+
+    def __init__(self):
+        super().__init__()
+        self.pending = False
+        self._count = 0
+        self._now = False
+        self._raised = False
+        self._lock = threading.Lock()
+
+    def _note(self, signum: int) -> None:
+        with self._lock:
+            self._count += 1
+            count = self._count
+        if count == 1:
+            self.pending = True
+            logging.warning("Ctrl-C: interrupting at the run's next safe point (at most one "
+                            "evaluation batch or one step of starting the run away); press "
+                            "it again to interrupt at once")
+        elif not self._now:
+            self._now = True
+            # Again to the main thread, whose `_handle` may have run before `_now` was set:
+            # a real signal (not `_thread.interrupt_main`) also wakes a sleeping syscall.
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    def _handle(self, signum, frame):
+        # Called in the main thread for each SIGINT: raises once, after the second.
+        if self._now and not self._raised:
+            self._raised = True
+            raise KeyboardInterrupt
+
+    def __exit__(self, exc_type, *rest):
+        super().__exit__(exc_type, *rest)
+        if self.pending and exc_type is None:  # the run's end is its last safe point
+            raise KeyboardInterrupt
+
+
+def interruption_point() -> None:
+    """A safe point for a deferred Ctrl-C (`DeferredInterrupt`): raises KeyboardInterrupt
+    if one is pending. Call it only where no TensorFlow function is being traced."""
+    for watcher in _SignalWatcher.active:
+        if isinstance(watcher, DeferredInterrupt) and watcher.pending:
+            watcher.pending = False
+            raise KeyboardInterrupt
+
+
+def deferred_interrupt():
+    """`DeferredInterrupt`, unless another watcher (the command line's) handles the signals
+    or this is not the main thread; else a context that does nothing."""
+    import contextlib
+
+    if _SignalWatcher.active or threading.current_thread() is not threading.main_thread():
+        return contextlib.nullcontext()
+    return DeferredInterrupt()

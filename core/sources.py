@@ -33,6 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from core import images as images_lib
+from core import signals
 from core.errors import ConfigError, DataError, op_error_reason
 
 INFO_FILE = "dataset_info.json"
@@ -233,6 +234,7 @@ def scan(paths: list[str], what: str = "files",
     start = last = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
         for result in pool.map(one, paths):
+            signals.interruption_point()
             results.append(result)
             now = time.monotonic()
             if now - last >= progress_every and len(results) < len(paths):

@@ -26,7 +26,7 @@ import tensorflow as tf
 from absl import logging
 
 from core import augment as augment_lib
-from core import data, losses, metrics, optimizers
+from core import data, losses, metrics, optimizers, signals
 
 keras = tf.keras
 SUM = tf.distribute.ReduceOp.SUM
@@ -543,6 +543,7 @@ class Trainer:
         (inputs, targets, weights)."""
         totals: dict[str, tf.Tensor] = {}
         for inputs, targets, weights in dist_dataset:
+            signals.interruption_point()  # a deferred Ctrl-C, never inside the traced step
             for name, value in self._eval_batch(inputs, targets, weights).items():
                 totals[name] = totals.get(name, 0.0) + value
         count = float(totals.pop("count"))  # host sync, once per evaluation

@@ -272,6 +272,16 @@ def test_signal_stress_smoke(tmp_path):
     assert "| one line, code 130 | 3 |" in (tmp_path / "s.md").read_text()
 
 
+def test_signal_stress_python_smoke(tmp_path):
+    """--python: two Ctrl-Cs at an evaluation run from Python (a notebook's cell) raise
+    KeyboardInterrupt at a safe point, and the same process evaluates again."""
+    _run("signal_stress.py", f"--output_dir={tmp_path}", "--runs=2", "--busy=0", "--python",
+         "--name=p")
+    report = json.loads((tmp_path / "p.json").read_text())
+    assert report["outcomes"]["KeyboardInterrupt at a safe point"] == 2, report
+    assert report["checkpoints_unchanged"] == 2 and report["evaluated_again"] == 2
+
+
 def test_gpu_check_without_a_gpu_and_simulated(tmp_path):
     """Without a GPU it runs the CPU checks, says so and exits 0; --simulate_on_cpu runs
     every GPU path (on 2 logical CPUs) and the Keras comparison, and reads the placement log."""

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import core
 from core.config import Config
-from helpers import checkpoint_files, event_tags, run_train
+from helpers import ROOT, checkpoint_files, event_tags, run_train
 
 
 def _scalars(folder, tag):
@@ -270,6 +270,72 @@ def test_ctrl_c_while_starting_up_is_one_line(tmp_path):
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("train.py: stopped by SIGINT outside training")
     assert not (tmp_path / "run").exists()
+
+
+_NOTEBOOK = """
+import sys, time, traceback
+from absl import logging
+logging.set_verbosity(logging.INFO)
+import core
+from core.config import Config
+
+def slow_action(step, metrics):
+    print("in the action", flush=True)
+    time.sleep(600)  # longer than the test waits: only an interrupt ends it in time
+
+# A notebook's cells: an evaluation that is interrupted, then one that runs to its end.
+for cell, split in (("first", sys.argv[2]), ("again", "test[:64]")):
+    try:
+        result = core.run(Config(mode="eval", model_dir=sys.argv[1], eval_split=split,
+                                 eval_batch_size=8),
+                          eval_actions=[slow_action] if cell == "first" and sys.argv[3] == "slow"
+                          else [])
+        print(cell, "finished at step", result["step"], flush=True)
+    except KeyboardInterrupt:
+        frames = traceback.extract_tb(sys.exc_info()[2])
+        print(cell, "interrupted in", " < ".join(f.name for f in frames[::-1][:2]), flush=True)
+"""
+
+
+@pytest.mark.parametrize("slow", [False, True], ids=["in_eval", "in_a_slow_action"])
+def test_ctrl_c_from_python_interrupts_at_a_safe_point(denoiser, tmp_path, slow):
+    """core.run from Python (a notebook): Ctrl-C outside training raises KeyboardInterrupt
+    at the run's next safe point (between eval batches), never inside TensorFlow, where
+    Python's own could corrupt it; the process goes on to evaluate again. A second Ctrl-C
+    interrupts at once, here inside your own slow eval action, where no safe point comes."""
+    run = shutil.copytree(denoiser, tmp_path / "run")
+    before = checkpoint_files(run)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _NOTEBOOK, str(run), "test[:64]" if slow else "test",
+         "slow" if slow else "-"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if ("in the action" if slow else "restored") in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        if slow:  # the action is not a safe point: only the second Ctrl-C interrupts it
+            for line in proc.stdout:
+                lines.append(line)
+                if "next safe point" in line:
+                    break
+            proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    out = "".join(lines) + out
+    assert proc.returncode == 0, out[-3000:]
+    assert "Ctrl-C: interrupting at the run's next safe point" in out
+    # The watcher's handler, in your action; or core/signals.py, from the eval's restore
+    # or its batches (just after the "restored" line, or a batch later).
+    where = ("_handle < slow_action\n" if slow else "interruption_point < ")
+    assert f"first interrupted in {where}" in out, out[-3000:]
+    assert "again finished at step 30\n" in out, out[-3000:]
+    assert "Traceback" not in out and "Error" not in out.split("first interrupted")[0][-2000:]
+    assert checkpoint_files(run) == before
 
 
 def _popen_train(*flags):
