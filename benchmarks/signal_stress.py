@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Ctrl-C at random moments of `--mode=eval`'s start: how each process ends.
 
-    python benchmarks/signal_stress.py [--runs=60] [--checkout=PATH] [--name=signal_stress]
+    python benchmarks/signal_stress.py [--runs=60] [--checkout=PATH] [--python] [--name=NAME]
 
 Trains a small run once (fontdigits, 20 steps, evaluated on its test split), then
 `--runs` times: copies it, starts `train.py --mode=eval` on the copy from `--checkout`
@@ -50,7 +50,8 @@ flags.DEFINE_integer("busy", 2, "CPU-bound processes run beside, as CI's test wo
                      "on an idle machine the races below are rarer.")
 flags.DEFINE_bool("python", False, "Interrupt core.run called from Python (a notebook), "
                   "not train.py.")
-flags.DEFINE_string("name", "signal_stress", "Report name.")
+flags.DEFINE_string("name", None, "Report name (default: signal_stress, with --python "
+                    "signal_stress_python).")
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"),
                     "Reports go here.")
 
@@ -226,7 +227,8 @@ def main(argv):
         if FLAGS.python else f"lock released (empty .lock): {released} of {FLAGS.runs}.")]
     for outcome, text in examples.items():
         lines += ["", f"First {outcome}:", "```", text, "```"]
-    common.write_report(FLAGS.output_dir, FLAGS.name, payload, lines)
+    name = FLAGS.name or ("signal_stress_python" if FLAGS.python else "signal_stress")
+    common.write_report(FLAGS.output_dir, name, payload, lines)
 
 
 if __name__ == "__main__":

@@ -141,7 +141,8 @@ class DeferredInterrupt(_SignalWatcher):
     """`core.run` from Python (a notebook, a script) outside training, unless the command
     line's `ExitOnSignals` handles the signals: Ctrl-C (SIGINT) raises KeyboardInterrupt
     at the run's next safe point (`interruption_point`: between evaluation batches, between
-    the steps of starting a run, while waiting for a checkpoint), never inside TensorFlow,
+    the steps of starting a run, before the figures and an export, while waiting for a
+    checkpoint), never inside TensorFlow,
     where Python's own would land anywhere (tracing a function: a corrupted TensorFlow, a
     dead kernel). A second Ctrl-C raises it at once, wherever the run is. SIGTERM is
     left as it was."""
