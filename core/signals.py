@@ -26,7 +26,8 @@ class _SignalWatcher:
     the C handler writes the signal number to a wakeup pipe (`signal.set_wakeup_fd`), and
     a watcher thread reading it acts; TensorFlow releases the GIL while it runs ops, so the
     thread gets to run. On leaving, the handlers and wakeup pipe found on entering are put
-    back.
+    back; meanwhile the numbers of other signals are passed on to the wakeup pipe found
+    (an asyncio loop's, whose handlers wait on it).
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -62,6 +63,14 @@ class _SignalWatcher:
                 return
             if not data:
                 return
+            others = bytes(signum for signum in data if signum not in self.SIGNALS)
+            if others and self._previous_fd >= 0:
+                # Another signal, whose owner (an asyncio loop: a notebook's kernel) waits
+                # for it on the pipe we took over: passed on.
+                try:
+                    os.write(self._previous_fd, others)
+                except OSError:
+                    pass
             for signum in data:
                 if signum in self.SIGNALS:
                     self._note(signum)

@@ -382,3 +382,27 @@ def test_two_writers_of_one_file_never_take_each_others_half_written_file(tmp_pa
     assert errors == []
     assert open(path).read() in texts.values()  # one writer's whole file
     assert os.listdir(tmp_path) == ["eval_results.json"]  # nothing left beside
+
+
+@pytest.mark.parametrize("watcher", ["StopSignals", "DeferredInterrupt"])
+def test_the_signal_watchers_pass_other_signals_on_to_an_asyncio_loop(watcher):
+    """A notebook's kernel runs an asyncio loop, whose signal handlers wait for the signal's
+    number on the wakeup pipe that a run's watcher takes over while it runs: the watcher
+    passes the numbers of signals not its own on to that pipe (before, a SIGUSR1 sent
+    during a run never reached the loop's handler)."""
+    import asyncio
+
+    from core import signals
+
+    loop = asyncio.new_event_loop()
+    called = []
+    try:
+        loop.add_signal_handler(signal.SIGUSR1, lambda: called.append("SIGUSR1"))
+        with getattr(signals, watcher)():
+            os.kill(os.getpid(), signal.SIGUSR1)
+            time.sleep(0.5)  # for the watcher thread to pass it on, while the loop is idle
+        loop.run_until_complete(asyncio.sleep(0.2))
+    finally:
+        loop.remove_signal_handler(signal.SIGUSR1)
+        loop.close()
+    assert called == ["SIGUSR1"]
