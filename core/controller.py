@@ -18,6 +18,7 @@ from collections.abc import Callable
 from absl import logging
 import tensorflow as tf
 
+from core import signals
 from core.actions import ActionError
 from core.errors import NonFiniteLossError, OutOfMemoryError, Preempted, op_error_reason
 
@@ -409,6 +410,7 @@ class Controller:
         iterator = self.make_iterator(step)
         first, start_step = True, step
         while step < self.total_steps:
+            signals.interruption_point()  # a second Ctrl-C from Python: no save
             stop = self.stop_requested(self.asked)
             if stop and stop[0] == "signal":
                 self.progress.clear()

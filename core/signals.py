@@ -37,10 +37,17 @@ class _SignalWatcher:
         self._previous = {}
         self._pipe = None
         self._previous_fd = -1
+        self.pending = False  # a KeyboardInterrupt for the next `interruption_point`
+        self._now = False  # a KeyboardInterrupt for the main thread's next bytecode
+        self._raised = False
+        # From Python (not the command line, whose `ExitOnSignals` is active around it):
+        # Ctrl-C ends in a KeyboardInterrupt, which a notebook's kernel survives.
+        self.from_python = True
 
     def __enter__(self):
         if threading.current_thread() is not threading.main_thread():
             return self  # a notebook worker thread: no handlers
+        self.from_python = not any(isinstance(w, ExitOnSignals) for w in _SignalWatcher.active)
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         read_fd, write_fd = os.pipe()
@@ -75,10 +82,29 @@ class _SignalWatcher:
                 if signum in self.SIGNALS:
                     self._note(signum)
 
-    def _handle(self, signum, frame):
-        pass  # the watcher thread acts on every signal, as soon as it arrives
+    def _interrupt_at_safe_point(self) -> None:
+        self.pending = True
 
-    def __exit__(self, *exc):
+    def _interrupt_now(self) -> None:
+        if not self._now:
+            self._now = True
+            # Again to the main thread, whose `_handle` may have run before `_now` was set:
+            # a real signal (not `_thread.interrupt_main`) also wakes a sleeping syscall.
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+    def _handle(self, signum, frame):
+        # In the main thread, for each signal; the watcher thread acts on every signal, as
+        # soon as it arrives, and only asks for this KeyboardInterrupt (once).
+        if self._now and not self._raised:
+            self._raised = True
+            raise KeyboardInterrupt
+
+    def __exit__(self, exc_type, *rest):
+        self._release()
+        if self.pending and exc_type is None:  # the end is the last safe point
+            raise KeyboardInterrupt
+
+    def _release(self) -> None:
         if self._pipe is None:
             return
         signal.set_wakeup_fd(self._previous_fd)
@@ -93,6 +119,10 @@ class _SignalWatcher:
 class StopSignals(_SignalWatcher):
     """During training. First SIGTERM/SIGINT: finish the current loop, checkpoint, exit 75.
     Second: exit now, with code 128 + the signal number, whatever the process is doing.
+    From Python (a notebook, whose kernel an exit would take down), a second Ctrl-C
+    instead raises KeyboardInterrupt at the next safe point (`interruption_point`: when the
+    current loop's steps return, between evaluation batches), without saving, and a third
+    wherever the run is once Python runs again (in your slow action, say).
 
     A save cut short by that exit is cleaned up by the next run
     (`Checkpointer.remove_orphans`), which resumes from the last complete checkpoint.
@@ -109,13 +139,24 @@ class StopSignals(_SignalWatcher):
             self._count += 1
             count = self._count
         name = signal.Signals(signum).name
+        if count >= 2 and signum == signal.SIGINT and self.from_python:
+            if count == 2:
+                logging.warning("second Ctrl-C: KeyboardInterrupt, without saving, as soon as "
+                                "the current loop's steps return (a compiled loop cannot be "
+                                "left sooner); a third raises it wherever the run is then")
+                self._interrupt_at_safe_point()
+            else:
+                self._interrupt_now()
+            return
         if count >= 2:
             logging.warning("second signal (%s): exiting now", name)
             os._exit(128 + signum)
         if self.received is None:
             self.received = name
+            again = ("press it again to interrupt without saving" if self.from_python
+                     and signum == signal.SIGINT else "send it again to exit at once")
             logging.warning("%s received: finishing the current loop (at most --steps_per_loop "
-                            "steps), then saving a checkpoint; send it again to exit at once", name)
+                            "steps), then saving a checkpoint; %s", name, again)
 
     def __call__(self) -> str | None:
         return self.received
@@ -160,10 +201,7 @@ class DeferredInterrupt(_SignalWatcher):
 
     def __init__(self):
         super().__init__()
-        self.pending = False
         self._count = 0
-        self._now = False
-        self._raised = False
         self._lock = threading.Lock()
 
     def _note(self, signum: int) -> None:
@@ -171,33 +209,20 @@ class DeferredInterrupt(_SignalWatcher):
             self._count += 1
             count = self._count
         if count == 1:
-            self.pending = True
             logging.warning("Ctrl-C: interrupting at the run's next safe point (at most one "
                             "evaluation batch or one step of starting the run away); press "
                             "it again to interrupt at once")
-        elif not self._now:
-            self._now = True
-            # Again to the main thread, whose `_handle` may have run before `_now` was set:
-            # a real signal (not `_thread.interrupt_main`) also wakes a sleeping syscall.
-            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
-
-    def _handle(self, signum, frame):
-        # Called in the main thread for each SIGINT: raises once, after the second.
-        if self._now and not self._raised:
-            self._raised = True
-            raise KeyboardInterrupt
-
-    def __exit__(self, exc_type, *rest):
-        super().__exit__(exc_type, *rest)
-        if self.pending and exc_type is None:  # the run's end is its last safe point
-            raise KeyboardInterrupt
+            self._interrupt_at_safe_point()
+        else:
+            self._interrupt_now()
 
 
 def interruption_point() -> None:
-    """A safe point for a deferred Ctrl-C (`DeferredInterrupt`): raises KeyboardInterrupt
-    if one is pending. Call it only where no TensorFlow function is being traced."""
+    """A safe point for a Ctrl-C from Python (`DeferredInterrupt`, `StopSignals`): raises
+    KeyboardInterrupt if one is pending. Call it only where no TensorFlow function is
+    being traced."""
     for watcher in _SignalWatcher.active:
-        if isinstance(watcher, DeferredInterrupt) and watcher.pending:
+        if watcher.pending:
             watcher.pending = False
             raise KeyboardInterrupt
 

@@ -129,6 +129,74 @@ def test_second_signal_exits_at_once_even_inside_a_long_loop(tmp_path, idx_dir):
     assert "(step 20)" in resumed.stderr
 
 
+_NOTEBOOK_TRAINING = """
+import sys, traceback
+from absl import logging
+logging.set_verbosity(logging.INFO)
+import core
+from core.config import Config
+
+def config(steps, **more):
+    return Config(dataset="mnist", data_dir=sys.argv[1], train_split="test[:1024]",
+                  eval_split="test[9900:]", model_dir=sys.argv[2], model="denoiser",
+                  train_steps=steps, epochs=None, batch_size=32, eval_every=100000,
+                  deterministic=True, seed=3, **more)
+
+# A notebook's cells: training interrupted by two Ctrl-Cs, then training on.
+try:
+    core.run(config(20_000, steps_per_loop=1000, log_every=1000))
+    print("first finished", flush=True)
+except KeyboardInterrupt:
+    frames = traceback.extract_tb(sys.exc_info()[2])
+    print("first interrupted in", " < ".join(f.name for f in frames[::-1][:2]), flush=True)
+print("again finished at step", core.run(config(25))["step"], flush=True)
+"""
+
+
+def test_two_ctrl_cs_from_python_interrupt_training_and_the_process_goes_on(tmp_path, idx_dir):
+    """From Python (a notebook), the second Ctrl-C of a training run raised
+    KeyboardInterrupt wherever the run was, or, since the first was taken over, exited the
+    process: the kernel, and all the notebook held, gone. Now it raises KeyboardInterrupt
+    without saving as soon as the compiled loop returns (at the controller's safe point),
+    and the same process resumes from the last complete checkpoint."""
+    first = run_train(*_flags(idx_dir, tmp_path, 20, "--model=denoiser"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    before = checkpoint_files(tmp_path)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _NOTEBOOK_TRAINING, str(idx_dir), str(tmp_path)], cwd=ROOT,
+        text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = []
+    try:
+        for line in proc.stdout:  # the first step ran alone: the long loop starts now
+            lines.append(line)
+            if "compiled in" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        for line in proc.stdout:
+            lines.append(line)
+            if "SIGINT received" in line:
+                assert "press it again to interrupt without saving" in line
+                break
+        proc.send_signal(signal.SIGINT)
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("first "):
+                break
+        interrupted = checkpoint_files(tmp_path)
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        proc.kill()
+    out = "".join(lines) + out
+    assert proc.returncode == 0, out[-3000:]
+    assert "second Ctrl-C: KeyboardInterrupt, without saving" in out
+    assert "first interrupted in interruption_point < train\n" in out, out[-3000:]
+    assert interrupted == before  # no save at the loop's end
+    assert "(step 20)" in out.split("first interrupted")[1]  # resumed there
+    assert "again finished at step 25\n" in out, out[-3000:]
+
+
 @pytest.mark.parametrize("policy", ["stop", "rollback"])
 def test_nan_guard(tmp_path, idx_dir, policy):
     """A learning rate of 1e30 from step 20 on makes the loss blow up in the next loop:
