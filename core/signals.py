@@ -40,6 +40,8 @@ class _SignalWatcher:
         self.pending = False  # a KeyboardInterrupt for the next `interruption_point`
         self._now = False  # a KeyboardInterrupt for the main thread's next bytecode
         self._raised = False
+        self._count = 0  # signals received
+        self._lock = threading.Lock()
         # From Python (not the command line, whose `ExitOnSignals` is active around it):
         # Ctrl-C ends in a KeyboardInterrupt, which a notebook's kernel survives.
         self.from_python = True
@@ -60,6 +62,12 @@ class _SignalWatcher:
 
     def _note(self, signum: int) -> None:
         raise NotImplementedError
+
+    def _counted(self) -> int:
+        """This signal's number in the order received: 1 for the first."""
+        with self._lock:
+            self._count += 1
+            return self._count
 
     def _watch(self) -> None:
         read_fd = self._pipe[0]
@@ -131,13 +139,9 @@ class StopSignals(_SignalWatcher):
     def __init__(self):
         super().__init__()
         self.received: str | None = None
-        self._count = 0
-        self._lock = threading.Lock()
 
     def _note(self, signum: int) -> None:
-        with self._lock:
-            self._count += 1
-            count = self._count
+        count = self._counted()
         name = signal.Signals(signum).name
         if count >= 2 and signum == signal.SIGINT and self.from_python:
             if count == 2:
@@ -192,23 +196,14 @@ class DeferredInterrupt(_SignalWatcher):
     line's `ExitOnSignals` handles the signals: Ctrl-C (SIGINT) raises KeyboardInterrupt
     at the run's next safe point (`interruption_point`: between evaluation batches, between
     the steps of starting a run, before the figures and an export, while waiting for a
-    checkpoint), never inside TensorFlow,
-    where Python's own would land anywhere (tracing a function: a corrupted TensorFlow, a
-    dead kernel). A second Ctrl-C raises it at once, wherever the run is. SIGTERM is
-    left as it was."""
+    checkpoint), never inside TensorFlow, where Python's own would land anywhere (tracing
+    a function: a corrupted TensorFlow, a dead kernel). A second Ctrl-C raises it at once,
+    wherever the run is. SIGTERM is left as it was."""
 
     SIGNALS = (signal.SIGINT,)
 
-    def __init__(self):
-        super().__init__()
-        self._count = 0
-        self._lock = threading.Lock()
-
     def _note(self, signum: int) -> None:
-        with self._lock:
-            self._count += 1
-            count = self._count
-        if count == 1:
+        if self._counted() == 1:
             logging.warning("Ctrl-C: interrupting at the run's next safe point (at most one "
                             "evaluation batch or one step of starting the run away); press "
                             "it again to interrupt at once")

@@ -1,6 +1,8 @@
-"""Helpers for end-to-end tests: run train.py, read TensorBoard event files."""
+"""Helpers for end-to-end tests: run train.py or a notebook-style script, read TensorBoard
+event files."""
 
 import os
+import signal
 import subprocess
 import sys
 
@@ -14,6 +16,44 @@ def run_train(*flags, timeout=300, env=None):
     full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
     return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
+
+
+class Notebook:
+    """A script run as a notebook's cells (`python -c SCRIPT ARGS...`), its output (stderr
+    too) read line by line, and Ctrl-C sent as a terminal sends it."""
+
+    def __init__(self, script, *args):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", script, *map(str, args)], cwd=ROOT, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
+            # A shell starts background jobs with SIGINT ignored, which Python keeps.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        self.lines = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
+    def wait_for(self, *texts):
+        """Reads up to the first line holding one of `texts`; returns it."""
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            if any(text in line for text in texts):
+                return line
+        raise AssertionError(f"the script ended before any of {texts}:\n"
+                             + "".join(self.lines)[-3000:])
+
+    def ctrl_c(self):
+        self.proc.send_signal(signal.SIGINT)
+
+    def finish(self, timeout=240):
+        """Waits for the end; returns (exit code, the whole output)."""
+        out, _ = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, "".join(self.lines) + out
 
 
 def event_tags(folder):

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import core
 from core.config import Config
-from helpers import ROOT, checkpoint_files, event_tags, run_train
+from helpers import Notebook, checkpoint_files, event_tags, run_train
 
 
 def _scalars(folder, tag):
@@ -305,29 +305,15 @@ def test_ctrl_c_from_python_interrupts_at_a_safe_point(denoiser, tmp_path, slow)
     interrupts at once, here inside your own slow eval action, where no safe point comes."""
     run = shutil.copytree(denoiser, tmp_path / "run")
     before = checkpoint_files(run)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _NOTEBOOK, str(run), "test[:64]" if slow else "test",
-         "slow" if slow else "-"], cwd=ROOT, text=True, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    lines = []
-    try:
-        for line in proc.stdout:
-            lines.append(line)
-            if ("in the action" if slow else "restored") in line:
-                break
-        proc.send_signal(signal.SIGINT)
+    with Notebook(_NOTEBOOK, run, "test[:64]" if slow else "test",
+                  "slow" if slow else "-") as notebook:
+        notebook.wait_for("in the action" if slow else "restored")
+        notebook.ctrl_c()
         if slow:  # the action is not a safe point: only the second Ctrl-C interrupts it
-            for line in proc.stdout:
-                lines.append(line)
-                if "next safe point" in line:
-                    break
-            proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=240)
-    finally:
-        proc.kill()
-    out = "".join(lines) + out
-    assert proc.returncode == 0, out[-3000:]
+            notebook.wait_for("next safe point")
+            notebook.ctrl_c()
+        code, out = notebook.finish()
+    assert code == 0, out[-3000:]
     assert "Ctrl-C: interrupting at the run's next safe point" in out
     # The watcher's handler, in your action; or core/signals.py, from the eval's restore
     # or its batches (just after the "restored" line, or a batch later).

@@ -17,7 +17,7 @@ import core
 from core.checkpoints import ModelDirLock
 from core.config import Config
 from core.errors import CheckpointError
-from helpers import ROOT, checkpoint_files, event_tags, run_train
+from helpers import ROOT, Notebook, checkpoint_files, event_tags, run_train
 from layers.autoencoders import build_autoencoder
 
 
@@ -162,34 +162,16 @@ def test_two_ctrl_cs_from_python_interrupt_training_and_the_process_goes_on(tmp_
     first = run_train(*_flags(idx_dir, tmp_path, 20, "--model=denoiser"))
     assert first.returncode == 0, first.stderr[-2000:]
     before = checkpoint_files(tmp_path)
-    proc = subprocess.Popen(
-        [sys.executable, "-c", _NOTEBOOK_TRAINING, str(idx_dir), str(tmp_path)], cwd=ROOT,
-        text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"),
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    lines = []
-    try:
-        for line in proc.stdout:  # the first step ran alone: the long loop starts now
-            lines.append(line)
-            if "compiled in" in line:
-                break
-        proc.send_signal(signal.SIGINT)
-        for line in proc.stdout:
-            lines.append(line)
-            if "SIGINT received" in line:
-                assert "press it again to interrupt without saving" in line
-                break
-        proc.send_signal(signal.SIGINT)
-        for line in proc.stdout:
-            lines.append(line)
-            if line.startswith("first "):
-                break
+    with Notebook(_NOTEBOOK_TRAINING, idx_dir, tmp_path) as notebook:
+        notebook.wait_for("compiled in")  # the first step ran alone: the long loop starts now
+        notebook.ctrl_c()
+        assert "press it again to interrupt without saving" in notebook.wait_for(
+            "SIGINT received")
+        notebook.ctrl_c()
+        notebook.wait_for("first interrupted", "first finished")
         interrupted = checkpoint_files(tmp_path)
-        out, _ = proc.communicate(timeout=240)
-    finally:
-        proc.kill()
-    out = "".join(lines) + out
-    assert proc.returncode == 0, out[-3000:]
+        code, out = notebook.finish()
+    assert code == 0, out[-3000:]
     assert "second Ctrl-C: KeyboardInterrupt, without saving" in out
     assert "first interrupted in interruption_point < train\n" in out, out[-3000:]
     assert interrupted == before  # no save at the loop's end
