@@ -45,21 +45,32 @@ def export_saved_model(model, image_shape, export_dir: str) -> str:
     signatures = {"encode": module.encode, "decode": module.decode,
                   "reconstruct": module.reconstruct, "serving_default": module.reconstruct}
     tf.io.gfile.makedirs(os.path.dirname(export_dir))
+    # Beside it, under names no server takes for a version (TF Serving watches numbered
+    # folders) and that do not start with its name (ram:// matches folders by prefix).
+    parent, name = os.path.split(export_dir.rstrip("/"))
+    tmp, old = os.path.join(parent, f".{name}.tmp"), os.path.join(parent, f".{name}.old")
     if "://" in export_dir:
-        # Object stores (and ram://) cannot rename a folder: save locally, copy the files,
-        # saved_model.pb last, so a loader never finds it without its variables.
-        if tf.io.gfile.exists(export_dir):
-            tf.io.gfile.rmtree(export_dir)
+        # Object stores cannot rename a folder (gs:// renames object by object; ram://
+        # loses the files). Saved locally, the files are uploaded beside, then moved in one
+        # by one on the store's side, saved_model.pb last, so a loader never finds it
+        # without its variables. A stopped upload leaves the previous export as it was.
+        if tf.io.gfile.exists(tmp):  # of an export that was stopped
+            tf.io.gfile.rmtree(tmp)
         with tempfile.TemporaryDirectory() as local:
             tf.saved_model.save(module, local, signatures=signatures)
-            files = [os.path.relpath(os.path.join(d, f), local)
-                     for d, _, names in os.walk(local) for f in names]
-            for rel in sorted(files, key=lambda r: r == "saved_model.pb"):
-                tf.io.gfile.makedirs(os.path.dirname(os.path.join(export_dir, rel)))
-                tf.io.gfile.copy(os.path.join(local, rel), os.path.join(export_dir, rel),
-                                 overwrite=True)
+            files = sorted((os.path.relpath(os.path.join(d, f), local)
+                            for d, _, names in os.walk(local) for f in names),
+                           key=lambda r: r == "saved_model.pb")
+            for rel in files:
+                tf.io.gfile.makedirs(os.path.dirname(os.path.join(tmp, rel)))
+                tf.io.gfile.copy(os.path.join(local, rel), os.path.join(tmp, rel))
+        if tf.io.gfile.exists(export_dir):
+            tf.io.gfile.rmtree(export_dir)
+        for rel in files:
+            tf.io.gfile.makedirs(os.path.dirname(os.path.join(export_dir, rel)))
+            tf.io.gfile.rename(os.path.join(tmp, rel), os.path.join(export_dir, rel))
+        tf.io.gfile.rmtree(tmp)
         return export_dir
-    tmp, old = export_dir + ".tmp", export_dir + ".old"
     for leftover in (tmp, old):  # of an export that was stopped
         if tf.io.gfile.exists(leftover):
             tf.io.gfile.rmtree(leftover)

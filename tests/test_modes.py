@@ -118,15 +118,16 @@ def test_export_needs_no_data(denoiser, tmp_path):
 
 def test_export_again_replaces_the_export_only_once_the_new_one_is_written(denoiser, tmp_path):
     """A second export of a step replaces the first (kept until the new one is complete)
-    and removes what a stopped export left: its half-written .tmp, or the .old it moved."""
+    and removes what a stopped export left: its half-written .30.tmp, or the .30.old it
+    moved."""
     import tensorflow as tf
 
     run = shutil.copytree(denoiser, tmp_path / "run")
     config = Config(mode="export", model_dir=str(run))
     first = core.run(config, given={"mode", "model_dir"})["export_dir"]
-    for leftover in (".tmp", ".old"):
-        os.makedirs(first + leftover)
-        (tmp_path / "run" / "export" / f"30{leftover}" / "half").write_text("x")
+    for leftover in (".30.tmp", ".30.old"):
+        os.makedirs(tmp_path / "run" / "export" / leftover)
+        (tmp_path / "run" / "export" / leftover / "half").write_text("x")
     os.utime(os.path.join(first, "saved_model.pb"), (0, 0))
     again = core.run(config, given={"mode", "model_dir"})["export_dir"]
     assert again == first and sorted(os.listdir(os.path.dirname(first))) == ["30"]

@@ -1003,7 +1003,13 @@ def test_a_whole_run_on_ram_filesystem(tmp_path):
     Image.open(io.BytesIO(tf.io.gfile.GFile("ram://runs/one/reconstructions.png", "rb").read()))
     assert core.run(config.replace(mode="eval"))["step"] == 4
     exported = core.run(config.replace(mode="export"))["export_dir"]
+    tf.io.gfile.makedirs("ram://runs/one/export/.4.tmp/variables")  # as an upload does
+    with tf.io.gfile.GFile("ram://runs/one/export/.4.tmp/variables/half", "w") as f:
+        f.write("what a stopped export's upload left")
     assert core.run(config.replace(mode="export"))["export_dir"] == exported  # replaced
+    assert tf.io.gfile.listdir("ram://runs/one/export") == ["4"]  # the leftover removed
+    assert sorted(tf.io.gfile.listdir(exported)) == [
+        "fingerprint.pb", "saved_model.pb", "variables"]
     loaded = tf.saved_model.load(exported)
     out = loaded.signatures["reconstruct"](images=tf.zeros([1, 24, 32, 3]))["images"]
     assert out.shape == (1, 24, 32, 3)
