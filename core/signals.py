@@ -5,6 +5,7 @@ the signals over before TensorFlow's slow import."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -56,7 +57,9 @@ class _SignalWatcher:
         os.set_blocking(write_fd, False)
         self._pipe = (read_fd, write_fd)
         self._previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
-        threading.Thread(target=self._watch, name=type(self).__name__, daemon=True).start()
+        self._thread = threading.Thread(target=self._watch, name=type(self).__name__,
+                                        daemon=True)
+        self._thread.start()
         _SignalWatcher.active.append(self)
         return self
 
@@ -118,7 +121,8 @@ class _SignalWatcher:
         signal.set_wakeup_fd(self._previous_fd)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-        os.close(self._pipe[1])  # ends the watcher's read
+        os.close(self._pipe[1])  # ends the watcher's read, once it has read what came
+        self._thread.join(timeout=10)  # every signal that came is acted on or passed on
         os.close(self._pipe[0])
         self._pipe = None
         _SignalWatcher.active.remove(self)
@@ -225,8 +229,6 @@ def interruption_point() -> None:
 def deferred_interrupt():
     """`DeferredInterrupt`, unless another watcher (the command line's) handles the signals
     or this is not the main thread; else a context that does nothing."""
-    import contextlib
-
     if _SignalWatcher.active or threading.current_thread() is not threading.main_thread():
         return contextlib.nullcontext()
     return DeferredInterrupt()
