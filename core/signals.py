@@ -93,9 +93,6 @@ class _SignalWatcher:
                 if signum in self.SIGNALS:
                     self._note(signum)
 
-    def _interrupt_at_safe_point(self) -> None:
-        self.pending = True
-
     def _interrupt_now(self) -> None:
         if not self._now:
             self._now = True
@@ -152,7 +149,7 @@ class StopSignals(_SignalWatcher):
                 logging.warning("second Ctrl-C: KeyboardInterrupt, without saving, as soon as "
                                 "the current loop's steps return (a compiled loop cannot be "
                                 "left sooner); a third raises it wherever the run is then")
-                self._interrupt_at_safe_point()
+                self.pending = True  # for the next `interruption_point`
             else:
                 self._interrupt_now()
             return
@@ -211,7 +208,7 @@ class DeferredInterrupt(_SignalWatcher):
             logging.warning("Ctrl-C: interrupting at the run's next safe point (at most one "
                             "evaluation batch or one step of starting the run away); press "
                             "it again to interrupt at once")
-            self._interrupt_at_safe_point()
+            self.pending = True  # for the next `interruption_point`
         else:
             self._interrupt_now()
 
