@@ -93,8 +93,13 @@ class _SignalWatcher:
                 if signum in self.SIGNALS:
                     self._note(signum)
 
-    def _interrupt_now(self) -> None:
-        if not self._now:
+    def _interrupt(self, at_safe_point: bool, message: str) -> None:
+        """KeyboardInterrupt at the next `interruption_point`, saying `message`; or, if not
+        `at_safe_point` (a later Ctrl-C), at once."""
+        if at_safe_point:
+            logging.warning(message)
+            self.pending = True
+        elif not self._now:
             self._now = True
             # Again to the main thread, whose `_handle` may have run before `_now` was set:
             # a real signal (not `_thread.interrupt_main`) also wakes a sleeping syscall.
@@ -145,13 +150,9 @@ class StopSignals(_SignalWatcher):
         count = self._counted()
         name = signal.Signals(signum).name
         if count >= 2 and signum == signal.SIGINT and self.from_python:
-            if count == 2:
-                logging.warning("second Ctrl-C: KeyboardInterrupt, without saving, as soon as "
-                                "the current loop's steps return (a compiled loop cannot be "
-                                "left sooner); a third raises it wherever the run is then")
-                self.pending = True  # for the next `interruption_point`
-            else:
-                self._interrupt_now()
+            self._interrupt(count == 2, "second Ctrl-C: KeyboardInterrupt, without saving, as "
+                            "soon as the current loop's steps return (a compiled loop cannot "
+                            "be left sooner); a third raises it wherever the run is then")
             return
         if count >= 2:
             logging.warning("second signal (%s): exiting now", name)
@@ -204,13 +205,9 @@ class DeferredInterrupt(_SignalWatcher):
     SIGNALS = (signal.SIGINT,)
 
     def _note(self, signum: int) -> None:
-        if self._counted() == 1:
-            logging.warning("Ctrl-C: interrupting at the run's next safe point (at most one "
-                            "evaluation batch or one step of starting the run away); press "
-                            "it again to interrupt at once")
-            self.pending = True  # for the next `interruption_point`
-        else:
-            self._interrupt_now()
+        self._interrupt(self._counted() == 1, "Ctrl-C: interrupting at the run's next safe "
+                        "point (at most one evaluation batch or one step of starting the run "
+                        "away); press it again to interrupt at once")
 
 
 def interruption_point() -> None:
