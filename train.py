@@ -25,6 +25,7 @@ core.quiet_tensorflow()
 from absl import app, flags, logging  # noqa: E402
 
 from core import config as config_lib  # noqa: E402
+from core import errors  # noqa: E402
 
 FLAGS = flags.FLAGS
 # Defaults live in one place, the dataclass; read them without building (and so
@@ -292,4 +293,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=errors.flags_parser("train.py", "python train.py"))

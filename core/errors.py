@@ -59,3 +59,23 @@ def op_error_reason(error: Exception) -> str:
                                          "File ", "Defined at")):
             return line[:200]
     return type(error).__name__
+
+
+def flags_parser(program: str, command: str):
+    """For `app.run(main, flags_parser=...)`: absl's parse, whose errors (an unknown flag, a
+    value of the wrong kind or outside an enum, a missing --flagfile) become one line and
+    exit code 2, as every other flag error here, instead of absl's two lines and exit 1."""
+    import sys
+
+    from absl import flags
+
+    def parse(argv: list[str]) -> list[str]:
+        try:
+            return flags.FLAGS(argv)
+        except flags.Error as e:
+            message = " ".join(str(e).replace("ERROR:: ", "").split())
+            print(f"{program}: error: {message} ({command} --helpshort lists the flags)",
+                  file=sys.stderr)
+            sys.exit(2)
+
+    return parse

@@ -248,11 +248,13 @@ def main(argv) -> int:
 
 def run() -> None:
     import core
+    from core import errors
 
     core.quiet_tensorflow()
     define_flags()
     logging.set_verbosity(logging.WARNING)
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)),
+            flags_parser=errors.flags_parser("prepare", "python -m core.prepare"))
 
 
 if __name__ == "__main__":

@@ -52,6 +52,12 @@ def _cases(idx_dir, broken):
          "has no train images: expected train-images-idx3-ubyte.gz or train-images-idx3-ubyte"),
         ([*mnist, f"--data_dir={broken}"], 3,
          "t10k-images-idx3-ubyte.gz: the gzip stream is truncated"),
+        # absl's own parse errors, one line and exit 2 as the others (absl: two lines, 1)
+        (["--resize=zoom"], 2, "flag --resize=zoom: value should be one of <crop|pad|stretch> "
+                               "(python train.py --helpshort lists the flags)"),
+        (["--bach_size=3"], 2, "Unknown command line flag 'bach_size'. Did you mean: batch_size"),
+        (["--batch_size=abc"], 2, "flag --batch_size=abc: invalid literal for int()"),
+        (["--flagfile=/nonexistent.cfg"], 2, "Unable to open flagfile: [Errno 2] No such file"),
     ]
 
 

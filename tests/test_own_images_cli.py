@@ -27,6 +27,15 @@ def _prepare(*flags, env=None):
                           env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {})))
 
 
+def test_a_bad_flag_value_is_one_line_and_exit_2(tmp_path):
+    proc = _prepare("--encoding=jpeg", f"--output_dir={tmp_path / 'out'}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.splitlines() if "error" in line.lower()]
+    assert lines == ["prepare: error: flag --encoding=jpeg: value should be one of <png|raw> "
+                     "(python -m core.prepare --helpshort lists the flags)"], proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.fixture(scope="module")
 def photo_dir(tmp_path_factory):
     """A user's folder: mixed formats and sizes, class subfolders, train/ and test/."""
