@@ -73,6 +73,7 @@ def flags_parser(program: str, command: str):
         try:
             return flags.FLAGS(argv)
         except flags.Error as e:
+            # One line; absl starts a missing flagfile's message with "ERROR:: ".
             message = " ".join(str(e).replace("ERROR:: ", "").split())
             print(f"{program}: error: {message} ({command} --helpshort lists the flags)",
                   file=sys.stderr)
