@@ -27,7 +27,7 @@ from google.protobuf import text_format
 import tensorflow as tf
 from tensorflow.python.training.checkpoint_state_pb2 import CheckpointState
 
-from core.errors import CheckpointError, ConfigError
+from core.errors import CheckpointError, ConfigError, first_line
 from core.process import write_file
 
 # Fields that change the model's variables: a resume that changes one cannot restore.
@@ -71,7 +71,7 @@ def read_state(directory: str) -> CheckpointState | None:
         if not state.model_checkpoint_path:
             raise ValueError("it names no checkpoint")
     except (tf.errors.OpError, text_format.ParseError, ValueError, UnicodeDecodeError) as e:
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        reason = first_line(e, 120)
         raise CheckpointError(
             f"{path} is unreadable ({reason}): nothing was deleted; restore the file, or move "
             "it away and the newest checkpoint is found by its files") from None
@@ -153,7 +153,7 @@ def initialise(model, path: str, modules: str = "all", average: bool = True) -> 
         what = "model" if modules == "all" else modules
         if not readable(prefix):
             raise ConfigError(f"{flag}: {prefix} is damaged: its files do not read back "
-                              f"({failure[:200]}): give another checkpoint")
+                              f"({first_line(failure)}): give another checkpoint")
         raise ConfigError(f"{flag}: {prefix} does not hold this {what} ({_short(failure)}): "
                           "give the model flags it was trained with (its config.json), or "
                           "--init_modules for the part that matches")
@@ -210,7 +210,7 @@ def _short(message: str) -> str:
                         message)
     if unbound:
         return f"{unbound.group(1)} of its variables are not there, e.g. {unbound.group(2)}"
-    return message[:200]
+    return first_line(message)
 
 
 class Checkpointer:
@@ -332,7 +332,7 @@ class Checkpointer:
             # go on from a mix of old and fresh weights.
             status.assert_existing_objects_matched()
         except Exception as e:  # noqa: BLE001 - damage surfaces as OpError, ValueError...
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             if not readable(path):
                 raise CheckpointError(
                     f"checkpoint {path} is damaged: its files do not read back ({first}); "
@@ -435,7 +435,7 @@ class Checkpointer:
             path = self.manager.save(checkpoint_number=step)
         except (OSError, tf.errors.OpError) as e:
             self.remove_orphans()
-            reason = getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:160]
+            reason = getattr(e, "strerror", None) or first_line(e, 160)
             raise CheckpointError(
                 f"could not write the checkpoint at step {step} in {self.model_dir} ({reason}): "
                 f"free space or fix permissions, then rerun to resume from "
@@ -627,7 +627,7 @@ def saved_config(model_dir: str) -> dict | None:
     try:
         value = json.loads(tf.io.gfile.GFile(path, "r").read())
     except (tf.errors.OpError, ValueError) as e:
-        raise CheckpointError(f"{path} is unreadable ({str(e)[:120]}): restore it or use a "
+        raise CheckpointError(f"{path} is unreadable ({first_line(e, 120)}): restore it or use a "
                               "fresh --model_dir") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not the run's config "

@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from core import idx
-from core.errors import ConfigError, DataError
+from core.errors import ConfigError, DataError, first_line
 
 # Where Keras' own loaders fetch from, and the file names they cache.
 MNIST_NPZ_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
@@ -110,8 +110,8 @@ def _keras_fetch(fname: str, origin: str, subdir: str, sha256: str | None) -> st
         return tf.keras.utils.get_file(fname, origin=origin, file_hash=sha256,
                                        cache_subdir=subdir)
     except Exception as e:  # get_file raises a bare Exception on network errors
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        reason = reason.split(" -- ", 1)[-1][:100]  # Keras prefixes the URL again
+        # Keras prefixes the URL again.
+        reason = first_line(first_line(e, 10_000).split(" -- ", 1)[-1], 100)
         raise DataError(
             f"could not download {origin} ({reason}): if this machine is "
             f"offline, put the files in a folder and pass --data_dir=FOLDER, or use "

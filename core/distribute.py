@@ -14,7 +14,7 @@ import re
 from absl import logging
 import tensorflow as tf
 
-from core.errors import ConfigError
+from core.errors import ConfigError, first_line
 
 
 def setup_logical_cpus(num: int) -> None:
@@ -318,7 +318,7 @@ def xla_refusal(model, image_shape, loss=None, strategy=None) -> str | None:
         if op:
             return f"op {op.group(1)}" + (f" ({where[-1]})" if where else "")
         lines = [line.strip() for line in text.splitlines() if line.strip()]
-        return lines[0].removeprefix("Failed getting HLO text: ")[:200] if lines else type(e).__name__
+        return first_line(lines[0].removeprefix("Failed getting HLO text: ")) if lines else type(e).__name__
     return None
 
 

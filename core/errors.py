@@ -44,6 +44,22 @@ class OutOfMemoryError(TapeloopError):
     exit_code = 6
 
 
+def first_line(error: Exception | str, limit: int = 200) -> str:
+    """The first non-blank line of an error's message (its type's name if it has none), at
+    most `limit` characters: a longer line is cut at a space and ends with "...", so the
+    one-line message says it was cut rather than stopping mid-word."""
+    text = str(error).strip()
+    line = next((part.strip() for part in text.splitlines() if part.strip()), "")
+    if not line:
+        return type(error).__name__ if not isinstance(error, str) else ""
+    if len(line) <= limit:
+        return line
+    cut = line[:limit - 3]
+    if cut.rfind(" ") > limit // 2:
+        cut = cut[:cut.rfind(" ")]
+    return cut.rstrip(" ,;:(") + "..."
+
+
 def op_error_reason(error: Exception) -> str:
     """The line of a TensorFlow error that says what went wrong (e.g. "Invalid PNG data,
     size 4752"), without what wraps it: "Graph execution error:", "Detected at node ...",
@@ -57,7 +73,7 @@ def op_error_reason(error: Exception) -> str:
         line = re.sub(r"^Error in user-defined function .*? with iterator: \S+: ", "", line)
         if line and not line.startswith(("Graph execution error", "Detected at node", "<stack",
                                          "File ", "Defined at")):
-            return line[:200]
+            return first_line(line)
     return type(error).__name__
 
 

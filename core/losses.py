@@ -32,6 +32,7 @@ import tensorflow as tf
 
 from core import config as config_lib
 from core import metrics
+from core.errors import first_line
 from layers.registry import import_module_attr
 
 
@@ -147,7 +148,7 @@ class UserLoss(Loss):
                 total = tf.reduce_sum(value)
         except Exception as e:  # noqa: BLE001
             raise LossError(f"{call} raised {type(e).__name__} on a batch of 2 images of shape "
-                            f"{tuple(image_shape)}: {str(e).splitlines()[0][:200]}") from e
+                            f"{tuple(image_shape)}: {first_line(e)}") from e
         if tuple(value.shape) != (2,):
             raise LossError(f"{call} returned shape {tuple(value.shape)} for a batch of 2: return "
                             "one value per example, shape (N,): reduce over the pixels, e.g. "

@@ -34,7 +34,7 @@ import tensorflow as tf
 
 from core import images as images_lib
 from core import signals
-from core.errors import ConfigError, DataError, op_error_reason
+from core.errors import ConfigError, DataError, first_line, op_error_reason
 
 INFO_FILE = "dataset_info.json"
 # A folder's subfolders (and a shard's file prefix) that name splits; the first of
@@ -720,13 +720,13 @@ def tfds_builder(name: str, data_dir: str | None):
                         f"none is prepared in --data_dir={data_dir}): check the name against "
                         "https://www.tensorflow.org/datasets/catalog") from None
     except Exception as e:  # noqa: BLE001 - TFDS raises many kinds for a bad config name
-        raise DataError(f"--dataset=tfds:{name}: {str(e).splitlines()[0][:200]}") from None
+        raise DataError(f"--dataset=tfds:{name}: {first_line(e)}") from None
     if not tf.io.gfile.exists(os.path.join(builder.data_dir, "dataset_info.json")):
         logging.info("preparing tfds:%s in %s (TFDS downloads it once)", name, builder.data_dir)
         try:
             builder.download_and_prepare()
         except Exception as e:  # noqa: BLE001 - network, disk, manual-download datasets...
-            reason = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+            reason = first_line(e)
             raise DataError(f"--dataset=tfds:{name} could not be prepared ({reason}): run it once "
                             "where TFDS can download it, or pass --data_dir=FOLDER where it is "
                             "prepared") from None
@@ -752,7 +752,7 @@ def open_tfds(name: str, data_dir: str | None, spec: str, image_size, channels,
     try:
         split_info = info.splits[spec]
     except (KeyError, ValueError) as e:
-        raise ConfigError(f"split {spec!r} of tfds:{name}: {str(e).splitlines()[0][:150]} (its "
+        raise ConfigError(f"split {spec!r} of tfds:{name}: {first_line(e, 150)} (its "
                           f"splits: {', '.join(info.splits)})") from None
     images = [k for k, f in info.features.items() if isinstance(f, tfds.features.Image)]
     if not images:

@@ -544,6 +544,25 @@ def test_a_bad_loss_function_is_one_line_before_anything_is_written(tmp_path, mo
     assert not model_dir.exists()
 
 
+def test_a_long_error_from_a_loss_is_cut_at_a_word_and_says_so(tmp_path, monkeypatch):
+    """The one-line error quotes the first line of the user's exception; one longer than
+    200 characters ends with "..." at a word, never mid-word or with its second line."""
+    (tmp_path / "long_losses.py").write_text(
+        "def f(t, x):\n    raise ValueError('the images must be ' + 'very ' * 60 + "
+        "'bright\\nsecond line')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ConfigError) as raised:
+        core.run(Config(loss="long_losses:f", dataset="fontdigits",
+                        model_dir=str(tmp_path / "run"), train_steps=1, epochs=None))
+    text = str(raised.value)
+    assert re.search(r"raised ValueError on a batch of 2 images of shape \(28, 28, 1\): the "
+                     r"images must be (very )+very\.\.\.$", text), text
+    quoted = text.split("(28, 28, 1): ")[1]
+    assert 150 < len(quoted) <= 200
+    assert "\n" not in text and "bright" not in text
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_loss_op_xla_cannot_compile_is_found_before_the_first_step(tmp_path, monkeypatch):
     (tmp_path / "string_losses.py").write_text(
         "import tensorflow as tf\n\n\ndef f(t, x):\n"
