@@ -166,6 +166,7 @@ class Config:
         for name in PATH_FIELDS:
             object.__setattr__(self, name, expand_home(getattr(self, name)))
         _check_choice("mode", self.mode, MODES)
+        check_no_path_in_dataset(self.dataset, ("folder", "tfrecord"))
         if not (self.dataset.startswith("tfds:") and len(self.dataset) > len("tfds:")):
             _check_choice("dataset", self.dataset, DATASETS + ("tfds:NAME[/CONFIG]",))
         _check_choice("resize", self.resize, RESIZE_MODES)
@@ -517,6 +518,14 @@ def expand_home(path: str | None) -> str | None:
     in `--data_dir=~/photos` it reaches us as written (absl expands `--flagfile=~/...` the
     same way). Paths with a scheme (`gs://...`) are left alone."""
     return os.path.expanduser(path) if path and path.startswith("~") else path
+
+
+def check_no_path_in_dataset(dataset: str, kinds: tuple[str, ...]) -> None:
+    """`--dataset=folder:~/photos` (as `tfds:NAME` is written) gets the flags it meant."""
+    kind, sep, path = dataset.partition(":")
+    if sep and kind in kinds and path:
+        raise ConfigError(f"--dataset={dataset!r}: the path goes in its own flag: "
+                          f"--dataset={kind} --data_dir={path}")
 
 
 def _check_choice(name: str, value: str, choices) -> None:

@@ -168,12 +168,13 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
     import tensorflow as tf
 
     from core import data
-    from core.config import DATASETS, expand_home
+    from core.config import DATASETS, check_no_path_in_dataset, expand_home
     from core.config import image_size as config_image_size
     from core.errors import ConfigError
 
     output_dir, data_dir = expand_home(output_dir), expand_home(data_dir)
 
+    check_no_path_in_dataset(dataset, ("folder",))
     if (dataset not in DATASETS and not dataset.startswith("tfds:")) or dataset == "tfrecord":
         raise ConfigError(f"--dataset={dataset}: choose one of "
                           f"{', '.join(d for d in DATASETS if d != 'tfrecord')}")

@@ -6,6 +6,11 @@ from core.errors import ConfigError
 
 BAD = [
     (dict(dataset="imagenet"), r"--dataset='imagenet' is unknown: choose one of fontdigits"),
+    (dict(dataset="folder:~/photos"),
+     r"^--dataset='folder:~/photos': the path goes in its own flag: --dataset=folder "
+     r"--data_dir=~/photos$"),
+    (dict(dataset="tfrecord:gs://b/shards"),
+     r"--dataset=tfrecord --data_dir=gs://b/shards$"),
     (dict(model="unet"), r"--model='unet' is unknown: choose one of seed"),
     (dict(batch_size=0), r"--batch_size=0: must be a positive"),
     (dict(batch_size=-4), r"--batch_size=-4: must be a positive"),

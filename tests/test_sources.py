@@ -596,6 +596,9 @@ def test_raw_shards_read_back_as_the_png_ones_and_convert_like_them(tmp_path):
         prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "x"), encoding="jpeg")
     with pytest.raises(ConfigError, match="--png_compression=12: 0"):
         prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "x"), png_compression=12)
+    with pytest.raises(ConfigError, match=r"^--dataset='folder:.*imgs': the path goes in its "
+                       r"own flag: --dataset=folder --data_dir=.*imgs$"):
+        prepare.convert(f"folder:{tmp_path / 'imgs'}", str(tmp_path / "x"), progress=None)
     assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
