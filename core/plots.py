@@ -13,6 +13,14 @@ MAX_COLUMNS = 16  # wider grids wrap into bands of rows
 MAX_LEGEND_LABELS = 20  # the latent-space figure's legend; more labels get a colour scale
 
 
+def _fit(title: str, fig, fontsize: float) -> str:
+    """`title` broken into lines that fit the figure's width (a long run name or split would
+    otherwise run off its edges): ~0.6 em a character."""
+    import textwrap
+
+    return textwrap.fill(title, max(20, int(fig.get_figwidth() * 72 / (0.6 * fontsize))))
+
+
 def _save(fig, path: str) -> None:
     """PNG through tf.io.gfile, so gs:// and ram:// model dirs get their figures."""
     import io
@@ -62,7 +70,7 @@ def reconstruction_grid(path: str, rows: list[np.ndarray], labels: list[str], ti
             ax.set_xticks([])
             ax.set_yticks([])
         axes[r, 0].set_ylabel(label, fontsize=11)
-    fig.suptitle(title, fontsize=11)
+    fig.suptitle(_fit(title, fig, 11), fontsize=11)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
@@ -80,7 +88,7 @@ def training_curves(path: str, train: list[tuple[int, float]], evals: list[tuple
         ax.plot(*zip(*evals), marker="o", markersize=4, label=f"eval: {loss_name} (whole eval split)")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(_fit(title, fig, 10), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=9)
     fig.tight_layout()
@@ -113,19 +121,20 @@ def latent_space(path: str, codes: np.ndarray, labels: np.ndarray, title: str,
     points, variance = pca_2d(codes)
     fig, ax = plt.subplots(figsize=(6.4, 5.4))
     present = np.unique(labels)
+    size = float(np.clip(2000 / len(points), 4, 36))  # a few codes get dots one can see
     if len(present) <= MAX_LEGEND_LABELS:
         cmap = plt.get_cmap("tab10" if len(present) <= 10 else "tab20")
         for i, (label, name) in enumerate(label_names(present, class_names)):
             mask = labels == label
-            ax.scatter(points[mask, 0], points[mask, 1], s=4, alpha=0.6, color=cmap(i),
+            ax.scatter(points[mask, 0], points[mask, 1], s=size, alpha=0.6, color=cmap(i),
                        label=name)
-        ax.legend(title="label", markerscale=4, fontsize=8, loc="best")
+        ax.legend(title="label", markerscale=8 / np.sqrt(size), fontsize=8, loc="best")
     else:
-        dots = ax.scatter(points[:, 0], points[:, 1], s=4, alpha=0.6, c=labels, cmap="turbo")
+        dots = ax.scatter(points[:, 0], points[:, 1], s=size, alpha=0.6, c=labels, cmap="turbo")
         fig.colorbar(dots, ax=ax, label=f"label ({len(present)} of them)")
     ax.set_xlabel(f"PC 1 ({100 * variance[0]:.0f}% of variance)")
     ax.set_ylabel(f"PC 2 ({100 * variance[1]:.0f}% of variance)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(_fit(title, fig, 10), fontsize=10)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)
@@ -164,7 +173,7 @@ def interpolation_strip(path: str, images: np.ndarray, title: str) -> str:
             ax.set_xlabel("input", fontsize=8)
         else:
             ax.set_xlabel(f"t={(i - 1) / (n - 3):.2f}" if n > 3 else "", fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(_fit(title, fig, 10), fontsize=10)
     fig.tight_layout()
     _save(fig, path)
     plt.close(fig)

@@ -618,7 +618,7 @@ class Run:
         if labels is not None and len(codes) >= 3:
             paths.append(plots.latent_space(
                 out.format(FIGURES["latent"]), codes, labels,
-                f"codes of {len(codes)} {cfg.eval_split} images (PCA), {where}",
+                f"codes of {len(codes)} images (PCA), {where}",
                 tuple(getattr(self.eval_split, "class_names", ()) or ())))
         a, b = plots.interpolation_pair(labels, len(codes))
         line = plots.interpolate(codes[a], codes[b], 8)
@@ -627,7 +627,7 @@ class Run:
         strip = np.concatenate([clean[:1], decoded, sample[b:b + 1].numpy()])
         paths.append(plots.interpolation_strip(
             out.format(FIGURES["interpolation"]), strip,
-            f"decoding along the line between two test images' codes, {where}"))
+            f"decoding along the line between two images' codes, {where}"))
         if variational:
             prior = np.random.default_rng(cfg.seed).standard_normal(
                 (2 * cfg.num_images, model.latent_dim)).astype(np.float32)

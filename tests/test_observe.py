@@ -237,3 +237,23 @@ def test_wide_grids_wrap(tmp_path):
     assert len(wrapped) == 6 and labels == ["in", "out"] * 3
     np.testing.assert_array_equal(wrapped[2][:8], rows[0][16:24])
     assert not wrapped[4][8:].any()  # the last band padded with blanks
+
+
+def test_a_long_title_stays_inside_every_figure(tmp_path):
+    """A long model and split name wraps onto more lines instead of running off the figure:
+    the outermost pixel columns stay white."""
+    from core import plots
+
+    title = ("codes of 2000 images (PCA), my_experiments.autoencoders:make_wide on "
+             "tfds:celeb_a/aligned train[95%:], step 123456")
+    rng = np.random.default_rng(0)
+    two = [rng.random((2, 28, 28, 1)).astype(np.float32)] * 2
+    paths = [plots.reconstruction_grid(str(tmp_path / "grid.png"), two, ["in", "out"], title),
+             plots.training_curves(str(tmp_path / "curves.png"), [(1, 0.5), (2, 0.4)],
+                                   [(2, 0.45)], title),
+             plots.latent_space(str(tmp_path / "latent.png"), rng.random((12, 8)),
+                                np.arange(12) % 2, title),
+             plots.interpolation_strip(str(tmp_path / "strip.png"), two[0].repeat(2, 0), title)]
+    for path in paths:
+        image = matplotlib.image.imread(path)[..., :3]
+        assert image[:, :2].min() == 1.0 and image[:, -2:].min() == 1.0, path
