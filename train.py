@@ -141,7 +141,7 @@ flags.DEFINE_enum("precision", _D.precision, config_lib.PRECISIONS,
                   "auto: mixed_bfloat16 on Ampere+ GPUs, mixed_float16 on Volta/Turing, float32 on CPU.")
 flags.DEFINE_bool("deterministic", _D.deterministic, "TensorFlow op determinism: with --seed, "
                   "a resumed run ends with the same weights as an uninterrupted one.")
-flags.DEFINE_integer("log_every", _D.log_every, "Log line every N steps.")
+flags.DEFINE_integer("log_every", _D.log_every, "Log line every N steps, and at every evaluation.")
 flags.DEFINE_integer("summary_every", _D.summary_every, "Train summaries every N steps "
                      "(0: with every log line).")
 flags.DEFINE_integer("histogram_every", _D.histogram_every, "Histograms of every trainable "

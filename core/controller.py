@@ -77,8 +77,8 @@ class Cadence:
     """When the outer loop does what, in global steps (0 = off where noted).
 
     Attributes:
-      log_every: a log line (and a point of the history).
-      summary_every: train summaries; 0 = with every log line.
+      log_every: a log line (and a point of the history); also at every evaluation.
+      summary_every: train summaries; 0 = with every log line; also at every evaluation.
       histogram_every: histograms of the trainable weights; 0 = off.
       eval_every: evaluate (when there is an evaluation) and checkpoint.
       checkpoint_every_steps: extra checkpoints; 0 = off.
@@ -270,7 +270,10 @@ class Controller:
         left = (self.total_steps - step) * w[2] / w[1] if w[1] else None
         self.progress.update(progress_line(step, self.total_steps, mean_loss, rate, left))
         last = step == self.total_steps
-        if step % c.summary_every == 0 or last:
+        # A training point at every evaluation too (Keras' line per epoch), so that the
+        # curves pair up: an epoch of a small folder is often shorter than --log_every.
+        evaluating = step % c.eval_every == 0 and self.evaluate is not None
+        if step % c.summary_every == 0 or last or evaluating:
             values = {"loss": mean_loss, "examples_per_sec": rate,
                       "learning_rate": self.trainer.learning_rate,
                       "step_time_ms": 1000 * w[2] / max(w[1], 1)}
@@ -283,7 +286,7 @@ class Controller:
                 self.asked = self.asked or asked
         if c.histogram_every and (step % c.histogram_every == 0 or last):
             self.summaries.histograms("train", step, self.trainer.model.trainable_variables)
-        if step % c.log_every == 0 or last:
+        if step % c.log_every == 0 or last or evaluating:
             self.history.append({"step": step, "loss": mean_loss, "examples_per_sec": rate,
                                  "learning_rate": self.trainer.learning_rate})
             self.progress.clear()

@@ -57,6 +57,20 @@ def test_trains_writes_everything_and_resumes(tmp_path, idx_dir):
     assert "ckpt-80.index" in os.listdir(model_dir)
 
 
+def test_every_evaluation_gets_a_training_point(tmp_path, idx_dir):
+    """An epoch shorter than --log_every (a small folder) still gives the curves and
+    TensorBoard a training loss at every evaluation, as Keras logs one per epoch."""
+    result = core.run(_config(tmp_path, idx_dir, log_every=20, eval_every=30))
+    train_tags = event_tags(str(tmp_path / "run" / "train"))
+    assert [s for s, _ in train_tags["loss"]] == [20, 30, 40, 60]
+    assert [h["step"] for h in result["history"]] == [20, 30, 40, 60]
+    assert [s for s, _ in event_tags(str(tmp_path / "run" / "eval"))["loss"]] == [30, 60]
+    # Without an evaluation (--mode=train) only --log_every counts.
+    trained = core.run(_config(tmp_path, idx_dir, mode="train", log_every=20, eval_every=30,
+                               model_dir=str(tmp_path / "train_only")))
+    assert [h["step"] for h in trained["history"]] == [20, 40, 60]
+
+
 def test_eval_mode_restores_and_reports(tmp_path, idx_dir):
     config = _config(tmp_path, idx_dir, train_steps=20, eval_every=20)
     core.run(config)
