@@ -37,7 +37,8 @@ flags.DEFINE_enum("mode", _D.mode, config_lib.MODES, "What to run; continuous_ev
 flags.DEFINE_string("model_dir", _D.model_dir, "Checkpoints, TensorBoard events and figures go here; "
                     "rerunning with the same folder resumes.")
 flags.DEFINE_string("dataset", _D.dataset, f"One of: {', '.join(config_lib.DATASETS)}, or "
-                    "tfds:NAME[/CONFIG] (TensorFlow Datasets; pip install -e .[tfds]).")
+                    "tfds:NAME[/CONFIG] (TensorFlow Datasets; pip install -e .[tfds]); folder "
+                    "and tfrecord take their path in --data_dir.")
 flags.DEFINE_string("data_dir", None, "folder: your images; tfrecord: the shards (a folder or a "
                     "pattern); mnist/fashion_mnist: local IDX .gz files or mnist.npz (default: "
                     "download into Keras' cache). gs:// and other TensorFlow filesystems work.")

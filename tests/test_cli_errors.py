@@ -33,6 +33,8 @@ def _cases(idx_dir, broken):
     mnist = ["--dataset=mnist", "--train_split=test[:512]", "--eval_split=test[9900:]"]
     return [
         (["--dataset=imagenet"], 2, "--dataset='imagenet' is unknown: choose one of fontdigits"),
+        (["--dataset=folder:photos"], 2, "--dataset='folder:photos': the path goes in its own "
+                                         "flag: --dataset=folder --data_dir=photos"),
         (["--model=unet"], 2, "--model='unet' is unknown: choose one of seed"),
         (["--loss=l2"], 2, "--loss=l2: 'l2' is unknown: choose from bce, mse, l1, charbonnier, "
                            "ssim"),
