@@ -513,5 +513,7 @@ def describe_trace_error(error: Exception) -> str:
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
     where = re.search(r"when calling (\S+?)\.?$", lines[0]) if lines else None
     why = next((line for line in lines if line and not line.startswith("Exception encount")), "")
-    first = why.split(". ")[0].rstrip(".")[:160]
+    first = why.split(". ")[0].rstrip(".")
+    if len(first) > 160:  # cut at a word, and say so (as core.errors.first_line does)
+        first = first[:157].rsplit(" ", 1)[0] + "..."
     return f"{type(error).__name__}{' in ' + where.group(1) if where else ''}: {first}"

@@ -563,6 +563,19 @@ def test_a_long_error_from_a_loss_is_cut_at_a_word_and_says_so(tmp_path, monkeyp
     assert not (tmp_path / "run").exists()
 
 
+def test_a_long_trace_error_is_cut_at_a_word_and_says_so():
+    """What a model's call() raised while traced, as the one-line error quotes it: Keras'
+    wrapper line dropped, the first sentence kept, a long one cut at a word with '...'."""
+    from layers.autoencoders import describe_trace_error
+
+    wrapped = ValueError("Exception encountered when calling Enc.call().\n\n"
+                         + "the code " * 30 + "is wrong. Try this instead.")
+    text = describe_trace_error(wrapped)
+    assert re.fullmatch(r"ValueError in Enc\.call\(\): (the code )+(the|the code)\.\.\.", text), text
+    assert len(text) < 200 and "wrong" not in text
+    assert describe_trace_error(ValueError("short. Advice.")) == "ValueError: short"
+
+
 def test_a_loss_op_xla_cannot_compile_is_found_before_the_first_step(tmp_path, monkeypatch):
     (tmp_path / "string_losses.py").write_text(
         "import tensorflow as tf\n\n\ndef f(t, x):\n"
