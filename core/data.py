@@ -110,8 +110,8 @@ def _keras_fetch(fname: str, origin: str, subdir: str, sha256: str | None) -> st
         return tf.keras.utils.get_file(fname, origin=origin, file_hash=sha256,
                                        cache_subdir=subdir)
     except Exception as e:  # get_file raises a bare Exception on network errors
-        # Keras prefixes the URL again.
-        reason = first_line(first_line(e, 10_000).split(" -- ", 1)[-1], 100)
+        after_url = first_line(e, 10_000).split(" -- ", 1)[-1]  # Keras prefixes the URL again
+        reason = first_line(after_url, 100)
         raise DataError(
             f"could not download {origin} ({reason}): if this machine is "
             f"offline, put the files in a folder and pass --data_dir=FOLDER, or use "
