@@ -18,23 +18,46 @@ import tensorflow as tf
 
 
 class _Serving(tf.Module):
+    """The signatures, and the tf.Variables they read.
+
+    The model is held by the functions' closures, not tracked: what the SavedModel tracks is
+    the tf.Variables the traced signatures read, once each. Tracking the Keras model instead
+    (Keras 3 Variables wrap a tf.Variable each) loads with `tf.saved_model.load` but not with
+    the graph loaders of TF Serving and `saved_model_cli run`, which then find no value for
+    the handles the graph reads ("Could not find variable ...": keras-team/keras#20095);
+    Keras' own `model.export()` tracks the same variables this way."""
+
     def __init__(self, model, image_shape, code_shape):
         super().__init__(name="tapeloop_autoencoder")
-        self.model = model
         images = tf.TensorSpec([None, *image_shape], tf.float32, name="images")
         code = tf.TensorSpec([None, *code_shape], tf.float32, name="code")
-        self.encode = tf.function(self._encode, input_signature=[images])
-        self.decode = tf.function(self._decode, input_signature=[code])
-        self.reconstruct = tf.function(self._reconstruct, input_signature=[images])
 
-    def _encode(self, images):
-        return {"code": tf.cast(self.model.encode(images, training=False), tf.float32)}
+        def encode(images):
+            return {"code": tf.cast(model.encode(images, training=False), tf.float32)}
 
-    def _decode(self, code):
-        return {"images": tf.cast(self.model.decode(code, training=False), tf.float32)}
+        def decode(code):
+            return {"images": tf.cast(model.decode(code, training=False), tf.float32)}
 
-    def _reconstruct(self, images):
-        return {"images": tf.cast(self.model.reconstruct(images, training=False), tf.float32)}
+        def reconstruct(images):
+            return {"images": tf.cast(model.reconstruct(images, training=False), tf.float32)}
+
+        self.encode = tf.function(encode, input_signature=[images])
+        self.decode = tf.function(decode, input_signature=[code])
+        self.reconstruct = tf.function(reconstruct, input_signature=[images])
+        # Named by their Keras paths (seed/encoder/down0/kernel), so the SavedModel's
+        # variables read as the model's.
+        paths = {id(v if isinstance(v, tf.Variable) else v.value): getattr(v, "path", v.name)
+                 for v in model.variables}
+        read, seen = {}, set()
+        for fn in (self.encode, self.decode, self.reconstruct):
+            for variable in fn.get_concrete_function().variables:
+                if id(variable) not in seen:
+                    seen.add(id(variable))
+                    name = paths.get(id(variable), variable.name)
+                    while name in read:  # two layers of one name
+                        name += "_"
+                    read[name] = variable
+        self.model_variables = read
 
 
 def export_saved_model(model, image_shape, export_dir: str) -> str:

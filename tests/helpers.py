@@ -99,3 +99,18 @@ def graph_nodes(folder):
         if f.attr["_XlaMustCompile"].b:
             xla.add(f.signature.name)
     return nodes, xla
+
+
+def served(export_dir, signature, **inputs):
+    """`signature`'s outputs as TF Serving and `saved_model_cli run` compute them: the
+    SavedModel's graph in a session, its variables restored by the graph's own restore op
+    (not `tf.saved_model.load`); {output name: array}."""
+    import tensorflow as tf
+
+    with tf.compat.v1.Session(graph=tf.Graph()) as session:
+        meta = tf.compat.v1.saved_model.load(session, ["serve"], export_dir)
+        sig = meta.signature_def[signature]
+        feed = {sig.inputs[name].name: value for name, value in inputs.items()}
+        names = sorted(sig.outputs)
+        values = session.run([sig.outputs[n].name for n in names], feed)
+    return dict(zip(names, values))

@@ -15,6 +15,7 @@ from core.checkpoints import Checkpointer
 from core.config import Config
 from core.errors import ConfigError
 from core.trainer import Trainer
+from helpers import served
 from layers.autoencoders import build_autoencoder
 
 
@@ -69,6 +70,10 @@ def test_eval_and_export_use_the_average_unless_told_not_to(tmp_path):
     out = loaded.signatures["reconstruct"](images=images)["images"]
     bce = float(tf.reduce_mean(tf.keras.losses.binary_crossentropy(images, out)))
     assert bce == pytest.approx(with_ema["bce"], rel=2e-3)  # the export holds the average
+    # ... also where TF Serving restores it.
+    np.testing.assert_allclose(
+        served(exported["export_dir"], "reconstruct", images=images[:8].numpy())["images"],
+        out[:8].numpy(), atol=1e-6)
     # Turned on over a run without an average: it starts from the restored weights.
     plain = config.replace(model_dir=str(tmp_path / "plain"), ema_decay=None, train_steps=10)
     core.run(plain)

@@ -12,7 +12,7 @@ import tensorflow as tf
 import core
 from conftest import random_images
 from core.config import Config
-from helpers import run_train
+from helpers import run_train, served
 from layers import blocks, fast_forms
 from layers.autoencoders import build_autoencoder
 
@@ -538,3 +538,6 @@ def test_a_resnet_run_records_the_forms_its_layers_have(tmp_path):
     x = random_images(4, (32, 32, 3))
     out = loaded.signatures["reconstruct"](images=x)["images"]
     assert out.shape == (4, 32, 32, 3) and np.isfinite(out.numpy()).all()
+    # GroupNorm's scales and offsets restored as TF Serving restores them.
+    np.testing.assert_allclose(served(exported["export_dir"], "reconstruct", images=np.asarray(x))["images"],
+                               out.numpy(), atol=1e-6)

@@ -206,6 +206,21 @@ def test_export_loads_in_a_fresh_process(trained, idx_dir, tmp_path):
     for signature in ("encode", "decode", "reconstruct"):
         assert f"signature_def['{signature}']" in shown.stdout
     assert "shape: (-1, 28, 28, 1)" in shown.stdout and "shape: (-1, 4, 4, 4)" in shown.stdout
+    # `saved_model_cli run` loads as TF Serving does (a graph and a session, the variables
+    # restored by the SavedModel's own restore op), not through tf.saved_model.load.
+    ran = subprocess.run([cli, "run", "--dir", export_dir, "--tag_set", "serve",
+                          "--signature_def", "reconstruct",
+                          "--inputs", f"images={tmp_path / 'batch.npy'}",
+                          "--outdir", str(tmp_path / "cli"), "--overwrite"],
+                         capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    served = np.load(tmp_path / "cli" / "images.npy")
+    assert np.max(np.abs(served - model.reconstruct(batch).numpy())) <= 1e-5
+    # Each weight once, under the model's names.
+    stored = dict(tf.train.list_variables(os.path.join(export_dir, "variables", "variables")))
+    stored.pop("_CHECKPOINTABLE_OBJECT_GRAPH")
+    assert sum(int(np.prod(shape)) for shape in stored.values()) == model.count_params()
+    assert any("seed.Sencoder.Sdown0" in name for name in stored), sorted(stored)
 
 
 def test_export_without_a_checkpoint_is_one_line(tmp_path):

@@ -15,7 +15,7 @@ from core import distribute, losses
 from core.config import Config
 from core.errors import ConfigError
 from core.trainer import Trainer
-from helpers import ROOT, event_tags, run_train
+from helpers import ROOT, event_tags, run_train, served
 from layers.autoencoders import build_autoencoder, register
 
 keras = tf.keras
@@ -62,6 +62,8 @@ def test_the_readme_example_trains_exports_and_loads_in_plain_tensorflow(tmp_pat
     assert code.shape == (3, 7, 7, 8)
     out = loaded.signatures["decode"](code=code)["images"]
     assert out.shape == (3, 28, 28, 1) and 0 <= float(tf.reduce_min(out)) <= 1
+    np.testing.assert_allclose(served(exported["export_dir"], "decode", code=code.numpy())["images"],
+                               out.numpy(), atol=1e-6)  # as TF Serving runs it
 
 
 def evaluated_l1(model_dir) -> float:

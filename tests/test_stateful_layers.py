@@ -2,6 +2,7 @@
 over batch shards and replicas, the random layers' state is checkpointed (exact resume),
 and the trainer finds which variables are which."""
 
+import os
 import re
 
 import numpy as np
@@ -13,6 +14,7 @@ from core import distribute
 from core.config import Config
 from core.errors import ConfigError
 from core.trainer import Trainer
+from helpers import served
 from layers.autoencoders import build_autoencoder, register
 
 keras = tf.keras
@@ -208,6 +210,32 @@ def test_a_resumed_run_with_dropout_and_batchnorm_is_the_uninterrupted_run(tmp_p
     assert state[1] == 12 * draws_per_step
     evaluated = core.run(config.replace(mode="eval"), given={"mode", "model_dir"})
     assert 0 < evaluated["mse"] < 0.3
+
+
+def test_the_export_holds_the_statistics_where_tf_serving_reads_them(tmp_path):
+    """The SavedModel holds the moving statistics and the frozen layer, each weight once,
+    and loaded as TF Serving loads it (a session, the graph's own restore op) it computes
+    what the trained model computes in inference mode."""
+    model_dir = str(tmp_path / "run")
+    core.run(Config(model="bn_dropout", dataset="fontdigits", train_split="train[:256]",
+                    eval_split="test[:64]", train_steps=4, epochs=None, batch_size=32,
+                    eval_every=0, model_dir=model_dir))
+    exported = core.run(Config(mode="export", model_dir=model_dir),
+                        given={"mode", "model_dir"})["export_dir"]
+    model = build_autoencoder("bn_dropout", (28, 28, 1))
+    tf.train.Checkpoint(model=model).restore(
+        tf.train.latest_checkpoint(model_dir)).expect_partial()
+    moved = [v for v in model.variables if "moving_variance" in v.path]
+    assert moved and not np.allclose(moved[0].numpy(), 1.0)  # trained: not the initial 1s
+    x = tf.random.stateless_uniform((5, 28, 28, 1), seed=(3, 4)).numpy()
+    expected = model.reconstruct(x, training=False).numpy()
+    np.testing.assert_allclose(served(exported, "reconstruct", images=x)["images"], expected,
+                               atol=1e-5)
+    stored = dict(tf.train.list_variables(os.path.join(exported, "variables", "variables")))
+    stored.pop("_CHECKPOINTABLE_OBJECT_GRAPH")
+    assert sum(int(np.prod(shape)) for shape in stored.values()) == model.count_params()
+    assert sum("moving_variance" in name for name in stored) == 2
+    assert any("frozen" in name for name in stored)
 
 
 class _StringOpBatchNorm(keras.Model):
