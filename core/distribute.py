@@ -14,6 +14,7 @@ import re
 from absl import logging
 import tensorflow as tf
 
+from core import signals
 from core.errors import ConfigError, first_line
 
 
@@ -165,9 +166,21 @@ def parse_tf_config(text: str | None) -> dict:
         if not isinstance(hosts, list) or not all(isinstance(h, str) and ":" in h for h in hosts):
             raise ConfigError(f"TF_CONFIG cluster[{kind!r}] must be a list of 'host:port' strings, "
                               f"got {hosts!r}")
+    others = sorted(set(cluster) - {"chief", "worker", "evaluator"})
+    if others:  # "ps": a hang on the workers, a traceback on the parameter server
+        raise ConfigError(f"TF_CONFIG's cluster has {', '.join(map(repr, others))} tasks, which "
+                          f"MultiWorkerMirroredStrategy has no role for: list the training "
+                          f"machines under 'worker' (and at most one 'chief')")
+    if len(cluster.get("chief", [])) > 1:
+        raise ConfigError(f"TF_CONFIG's cluster has {len(cluster['chief'])} chiefs: name one, "
+                          f"and the other machines under 'worker'")
     if not isinstance(task, dict) or "type" not in task or "index" not in task:
         raise ConfigError(f"TF_CONFIG needs a task with type and index, e.g. {example}")
     kind, index = task["type"], task["index"]
+    if kind == "evaluator":  # else it trained a whole run alone and threw it away
+        raise ConfigError("TF_CONFIG's task is the evaluator, which does not train: run it "
+                          "with --mode=continuous_eval and the workers' --model_dir, "
+                          "without --strategy=multi_worker")
     if kind not in cluster or not isinstance(index, int) or not 0 <= index < len(cluster[kind]):
         raise ConfigError(f"TF_CONFIG task {kind}:{index} is not in the cluster "
                           f"({ {k: len(v) for k, v in cluster.items()} }): fix task.type or task.index")
@@ -204,7 +217,10 @@ def make_strategy(name: str, num_cpu_devices: int = 0) -> tf.distribute.Strategy
         setup_logical_cpus(num_cpu_devices)
         # Reads TF_CONFIG.
         options = communication_options(len(gpus()))
-        strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        logging.info("multi-worker: joining the cluster of TF_CONFIG, which waits until every "
+                     "worker has started (Ctrl-C ends the wait)")
+        with signals.joining_a_cluster():
+            strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
         logging.info("multi-worker: task %s of %d workers, %d replicas in sync, all-reduce %s",
                      task_id(strategy), strategy.extended._num_workers,  # noqa: SLF001
                      strategy.num_replicas_in_sync, options.implementation.name)

@@ -226,3 +226,30 @@ def deferred_interrupt():
     if _SignalWatcher.active or threading.current_thread() is not threading.main_thread():
         return contextlib.nullcontext()
     return DeferredInterrupt()
+
+
+@contextlib.contextmanager
+def joining_a_cluster():
+    """Around MultiWorkerMirroredStrategy's creation, which waits in TensorFlow's C++ for
+    every worker of TF_CONFIG to start (up to TensorFlow's hour), holding the GIL: no Python
+    runs meanwhile, neither a handler nor the watcher thread, so a Ctrl-C did nothing until
+    SIGKILL. On the command line (`ExitOnSignals` active) SIGINT gets its default action for
+    that time: the process ends at once, by the signal, which loses nothing (no checkpoint
+    is open, the model dir's lock is taken later). SIGTERM cannot be: the wait installs
+    TensorFlow's own SIGTERM handler (its preemption notifier, which only takes note), so it
+    waits on; cluster managers follow SIGTERM with SIGKILL. On leaving, both handlers found
+    on entering are put back, taking SIGTERM back from TensorFlow (it was TensorFlow's until
+    training began). From Python (a notebook, whose kernel an exit would end), SIGINT is
+    left as it was."""
+    previous = {sig: signal.getsignal(sig) for sig in _SignalWatcher.SIGNALS}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if any(isinstance(w, ExitOnSignals) for w in _SignalWatcher.active):
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            if handler is not None:  # None: not installed from Python
+                signal.signal(sig, handler)

@@ -323,6 +323,13 @@ def test_bad_distribution_input(tmp_path, idx_dir):
     ('{"cluster": {"worker": ["a:1"]}}', "needs a task with type and index"),
     ('{"cluster": {"worker": ["a:1"]}, "task": {"type": "worker", "index": 3}}',
      "task worker:3 is not in the cluster"),
+    ('{"cluster": {"worker": ["a:1"], "ps": ["b:2"]}, "task": {"type": "worker", "index": 0}}',
+     "cluster has 'ps' tasks, which MultiWorkerMirroredStrategy has no role for"),
+    ('{"cluster": {"chief": ["a:1", "b:2"]}, "task": {"type": "chief", "index": 0}}',
+     "cluster has 2 chiefs: name one"),
+    ('{"cluster": {"worker": ["a:1"], "evaluator": ["b:2"]}, '
+     '"task": {"type": "evaluator", "index": 0}}',
+     "task is the evaluator, which does not train: run it with --mode=continuous_eval"),
 ])
 def test_malformed_tf_config(text, message):
     with pytest.raises(ConfigError, match=message):
@@ -333,6 +340,10 @@ def test_valid_tf_config():
     cfg = distribute.parse_tf_config(
         '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}')
     assert cfg["task"]["index"] == 1
+    # An evaluator beside the workers is theirs to ignore (it runs --mode=continuous_eval).
+    assert distribute.parse_tf_config(
+        '{"cluster": {"chief": ["c:0"], "worker": ["a:1"], "evaluator": ["e:3"]}, '
+        '"task": {"type": "worker", "index": 0}}')["task"]["type"] == "worker"
 
 
 def test_cpu_defaults_pick_the_recipe_only_where_it_pays():

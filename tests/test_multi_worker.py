@@ -208,3 +208,73 @@ def test_malformed_tf_config_is_one_line(tmp_path):
     assert proc.returncode == 2
     assert "train.py: error: TF_CONFIG is not valid JSON" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_evaluator_task_is_one_line_and_trains_nothing(tmp_path):
+    """It used to train a whole run of its own, alone, into a temporary dir, and exit 0."""
+    workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
+    proc = run_train("--strategy=multi_worker", f"--model_dir={tmp_path / 'run'}",
+                     "--train_steps=10", env={"TF_CONFIG": json.dumps(
+                         {"cluster": {"worker": workers[:1], "evaluator": workers[1:]},
+                          "task": {"type": "evaluator", "index": 0}})})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert ("train.py: error: TF_CONFIG's task is the evaluator, which does not train: run it "
+            "with --mode=continuous_eval") in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
+def _worker(tmp_path, workers, *flags):
+    """Worker 0 of `workers` through train.py, its stderr collected as it comes."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
+        {"cluster": {"worker": workers}, "task": {"type": "worker", "index": 0}}))
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"),
+                             "--strategy=multi_worker", f"--model_dir={tmp_path / 'run'}",
+                             *flags], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    log = []
+    threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
+    return proc, log
+
+
+def _wait_for(proc, log, text, timeout=120):
+    deadline = time.monotonic() + timeout
+    while text not in "".join(log):
+        assert time.monotonic() < deadline and proc.poll() is None, "".join(log)[-3000:]
+        time.sleep(0.02)
+
+
+def test_ctrl_c_ends_the_wait_for_the_other_workers(tmp_path):
+    """Worker 0 of two, whose partner never starts, waits inside TensorFlow holding the
+    GIL, where no Python handler runs: Ctrl-C ended nothing until SIGKILL. Now it ends the
+    process at once, by SIGINT, with nothing written."""
+    proc, log = _worker(tmp_path, [f"127.0.0.1:{p}" for p in _free_ports(2)], "--train_steps=10")
+    try:
+        _wait_for(proc, log, "joining the cluster of TF_CONFIG")
+        time.sleep(3)  # into TensorFlow's wait
+        assert proc.poll() is None, "".join(log)[-3000:]
+        os.kill(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=30)
+    finally:
+        proc.kill()
+    assert code == -signal.SIGINT  # ended by the signal
+    assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_after_joining_is_ours_again(tmp_path):
+    """Joining installs TensorFlow's own SIGTERM handler, which only takes note: a SIGTERM
+    between joining and training was lost, and the run trained on. Now the start-up's
+    handler is back as soon as the strategy exists: the run stops, with one line."""
+    proc, log = _worker(tmp_path, [f"127.0.0.1:{_free_ports(1)[0]}"], "--train_steps=100000",
+                        "--dataset=shapes", "--train_split=train[:256]",
+                        "--eval_split=test[:64]")
+    try:
+        _wait_for(proc, log, "multi-worker: task worker0")
+        os.kill(proc.pid, signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    time.sleep(0.5)
+    text = "".join(log)
+    # Wherever it landed: outside training (exit at once) or in it (checkpoint, exit 75).
+    assert (code, "stopped by SIGTERM outside training" in text) == (143, True) or (
+        code, "stopped by SIGTERM at step" in text) == (75, True), text[-3000:]
