@@ -277,6 +277,15 @@ class Config:
                     "'test', optionally sliced like 'test[:8000]', 'train[10%:]' or 'test[-20%:]'")
         if not self.model_dir:
             raise ConfigError("--model_dir is empty: give a folder for checkpoints and summaries")
+        for name in ("model_dir", "checkpoint", "init_checkpoint"):
+            # TensorFlow finds a checkpoint's files by a file pattern, in which "[" opens a
+            # set: such checkpoints were written, then never restored ("damaged").
+            if "[" in (getattr(self, name) or ""):
+                raise ConfigError(
+                    f"--{name}={getattr(self, name)!r}: TensorFlow reads a checkpoint's files "
+                    "back by a file pattern, in which '[' is a pattern character, so a "
+                    "checkpoint under this path cannot be restored: use a path without '[' "
+                    "(rename the folder: its files are intact)")
         if self.eager and self.jit_compile:
             raise ConfigError("--eager and --jit_compile exclude each other: drop one")
         # The recipe's options, after --learning_rate itself was checked.

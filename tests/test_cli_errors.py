@@ -89,6 +89,29 @@ def test_verbose_shows_the_traceback(tmp_path):
     assert "Traceback" in proc.stderr and "--batch_size=0" in proc.stderr
 
 
+def test_a_model_dir_with_a_bracket_is_refused_with_its_checkpoints_intact(tmp_path):
+    """TensorFlow writes a checkpoint under 'runs [a]/' and then cannot find its files
+    ('[a]' is a set in its file pattern): such a run trained, then every restore called
+    its checkpoint damaged and said to move it away. Now it is one line, before anything."""
+    model_dir = tmp_path / "runs [a]"
+    import tensorflow as tf
+
+    tf.train.Checkpoint(v=tf.Variable(1.0)).save(str(model_dir / "ckpt"))
+    with pytest.raises(Exception, match="Unsuccessful TensorSliceReader"):  # what TF does
+        tf.train.load_checkpoint(str(model_dir / "ckpt-1"))
+    before = checkpoint_files(model_dir)
+    for mode in ("train", "eval"):
+        proc = run_train(f"--mode={mode}", f"--model_dir={model_dir}", "--dataset=synthetic",
+                         "--train_steps=1")
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert (f"train.py: error: --model_dir='{model_dir}': TensorFlow reads a checkpoint's "
+                "files back by a file pattern, in which '[' is a pattern character") in proc.stderr
+        assert checkpoint_files(model_dir) == before
+    fresh = tmp_path / "new [b]"
+    assert run_train(f"--model_dir={fresh}", "--dataset=synthetic").returncode == 2
+    assert not fresh.exists()
+
+
 def test_model_dir_that_is_a_file(tmp_path):
     path = tmp_path / "file"
     path.write_text("x")

@@ -30,6 +30,10 @@ BAD = [
      r"--cache=/data/photos/ is inside --data_dir=/data/photos: the cache's shards would land"),
     (dict(dataset="folder", data_dir="gs://b/photos", cache="gs://b/photos/cache"),
      r"--cache=gs://b/photos/cache is inside --data_dir=gs://b/photos"),
+    (dict(model_dir="runs/[2023] photos"), r"^--model_dir='runs/\[2023\] photos': TensorFlow "
+     r"reads a checkpoint's files back by a file pattern, in which '\[' is a pattern character"),
+    (dict(init_checkpoint="runs/a[1]"), r"^--init_checkpoint='runs/a\[1\]': TensorFlow reads"),
+    (dict(mode="eval", checkpoint="runs/a[1]/ckpt-6"), r"^--checkpoint='runs/a\[1\]/ckpt-6'"),
 ]
 
 
