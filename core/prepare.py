@@ -20,6 +20,7 @@ uncompressed PNG, and reading them costs a reshape instead of a PNG decode
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import sys
@@ -193,7 +194,7 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
         names = ["train", "test"]
     if len(set(names)) != len(names):
         raise ConfigError(f"--splits={','.join(specs)}: each split must get its own name")
-    if tf.io.gfile.glob(os.path.join(output_dir, "*-of-*")) and not overwrite:
+    if tf.io.gfile.glob(os.path.join(glob.escape(output_dir), "*-of-*")) and not overwrite:
         raise ConfigError(f"--output_dir={output_dir} already holds shards: pass --overwrite, or "
                           "choose another folder")
     start = time.monotonic()

@@ -24,6 +24,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import hashlib
+import glob
 import json
 import os
 import time
@@ -408,21 +409,41 @@ def _has_glob(path: str) -> bool:
     return any(c in path for c in _GLOB_CHARS)
 
 
+def _is_pattern(data_dir: str) -> bool:
+    """A pattern of shards (`gs://b/data/*-of-*`), not a folder: a folder's name may hold
+    '[' too (`shards [2023]`, a `--cache` dir), which a pattern would read as a set."""
+    return _has_glob(data_dir) and not tf.io.gfile.isdir(data_dir)
+
+
+def _inside(folder: str, pattern: str) -> str:
+    """`pattern` inside `folder`, the folder's name taken literally ('[' and all)."""
+    return os.path.join(glob.escape(folder), pattern)
+
+
+def _glob(pattern: str) -> list[str]:
+    """The files of `--data_dir=PATTERN`; its folder's name literally where it exists
+    (`shards [2023]/train-*`)."""
+    folder, name = os.path.split(pattern)
+    if _has_glob(folder) and tf.io.gfile.isdir(folder):
+        pattern = _inside(folder, name)
+    return tf.io.gfile.glob(pattern)
+
+
 def shard_files(data_dir: str, split: str) -> list[str]:
     """The sorted `split-*` shards in `data_dir` (a folder, or a glob pattern of shards)."""
     if not data_dir:
         raise ConfigError("--dataset=tfrecord needs --data_dir=FOLDER with train-* and test-* "
                           "shards (python -m core.prepare writes them)")
-    if _has_glob(data_dir):
-        files = sorted(f for f in tf.io.gfile.glob(data_dir)
-                       if os.path.basename(f).startswith(f"{split}-"))
-        if not tf.io.gfile.glob(data_dir):
+    if _is_pattern(data_dir):
+        matched = _glob(data_dir)
+        files = sorted(f for f in matched if os.path.basename(f).startswith(f"{split}-"))
+        if not matched:
             raise DataError(f"--data_dir={data_dir} matches no files: check the pattern")
     else:
         if not tf.io.gfile.isdir(data_dir):
             raise DataError(f"--data_dir={data_dir} is not a folder: give the folder of the "
                             "TFRecord shards (python -m core.prepare writes them)")
-        files = sorted(tf.io.gfile.glob(os.path.join(data_dir, f"{split}-*")))
+        files = sorted(tf.io.gfile.glob(_inside(data_dir, f"{split}-*")))
     if not files:
         present = shard_splits(data_dir)
         has = f" (it has {', '.join(f'{name}-*' for name in present)})" if present else ""
@@ -436,8 +457,8 @@ def shard_splits(data_dir: str) -> list[str]:
     """The split names of the shards in `data_dir` (their file prefixes: `train` of
     train-00000-of-00004), sorted; none if it is not a folder or pattern of files."""
     try:
-        files = (tf.io.gfile.glob(data_dir) if _has_glob(data_dir)
-                 else tf.io.gfile.glob(os.path.join(data_dir, "*-*")))
+        files = (_glob(data_dir) if _is_pattern(data_dir)
+                 else tf.io.gfile.glob(_inside(data_dir, "*-*")))
     except tf.errors.OpError:
         return []
     return sorted({os.path.basename(f).split("-", 1)[0] for f in files
@@ -450,7 +471,7 @@ def _compression(path: str) -> str:
 
 
 def read_info(data_dir: str) -> dict | None:
-    folder = os.path.dirname(data_dir) if _has_glob(data_dir) else data_dir
+    folder = os.path.dirname(data_dir) if _is_pattern(data_dir) else data_dir
     path = os.path.join(folder, INFO_FILE)
     if not tf.io.gfile.exists(path):
         return None

@@ -6,6 +6,7 @@ XLA-compiled code (XLA has no kernels for summary ops).
 
 from __future__ import annotations
 
+import glob
 import os
 
 import numpy as np
@@ -16,7 +17,7 @@ def read_scalars(folder: str, tag: str) -> list[tuple[int, float]]:
     """(step, value) of a TF2 scalar summary `tag` in the event files of `folder`, by step;
     a step written twice (a resumed run) keeps the last value."""
     values = {}
-    for path in sorted(tf.io.gfile.glob(os.path.join(folder, "events.out.tfevents.*"))):
+    for path in sorted(tf.io.gfile.glob(os.path.join(glob.escape(folder), "events.out.tfevents.*"))):
         for record in tf.data.TFRecordDataset(path):
             event = tf.compat.v1.Event.FromString(record.numpy())
             for value in event.summary.value:

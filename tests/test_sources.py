@@ -950,6 +950,31 @@ def test_cache_dir_decodes_once_into_shards_and_reuses_them(tmp_path):
     assert len(os.listdir(tmp_path / "c2")) == 2  # the train and the test split
 
 
+def test_folders_with_a_bracket_in_their_name_are_folders_not_patterns(tmp_path):
+    """'[' in a folder's name ('shards [2023]', a --cache dir) is a set in a file pattern:
+    the shards in it matched nothing ('matches no files: check the pattern'), a second run
+    could not read its own --cache, and core.prepare did not see the shards it would
+    overwrite. A folder that exists is taken as a folder, its name literally."""
+    png_tree(str(tmp_path / "imgs [a]"), splits=(("train", 16), ("test", 8)))
+    out = str(tmp_path / "shards [2023]")
+    prepare_shards(str(tmp_path / "imgs [a]"), out, shards=2)
+    with pytest.raises(ConfigError, match=r"already holds shards: pass --overwrite"):
+        prepare_shards(str(tmp_path / "imgs [a]"), out, shards=2)
+    shards = data.open_split("train", "tfrecord", out).source
+    folder = data.open_split("train", "folder", str(tmp_path / "imgs [a]")).source
+    assert shards.num_examples == 16 and sources.shard_splits(out) == ["test", "train"]
+    np.testing.assert_array_equal(data.materialize(shards).images,
+                                  data.materialize(folder).images)
+    config = Config(dataset="folder", data_dir=str(tmp_path / "imgs [a]"),
+                    cache=str(tmp_path / "cache [x]"), model_dir=str(tmp_path / "run"),
+                    epochs=None, train_steps=2, batch_size=8, eval_every=2)
+    assert core.run(config)["step"] == 2
+    assert core.run(config.replace(model_dir=str(tmp_path / "again")))["step"] == 2  # reads it
+    assert len(os.listdir(tmp_path / "cache [x]")) == 2
+    # A pattern of shards in such a folder: the folder's part literally, the rest a pattern.
+    assert len(sources.shard_files(os.path.join(out, "train-*"), "train")) == 2
+
+
 # ------------------------------------------------------------ remote storage
 def test_the_up_front_check_logs_how_far_it_is_and_finds_bad_files_anywhere(tmp_path, caplog):
     """A long check logs progress (here after every file); results keep the paths' order."""
