@@ -232,7 +232,8 @@ def _worker(tmp_path, workers, *flags):
                              *flags], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     log = []
-    threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True).start()
+    proc.reader = threading.Thread(target=lambda: log.extend(proc.stderr), daemon=True)
+    proc.reader.start()
     return proc, log
 
 
@@ -273,7 +274,7 @@ def test_sigterm_after_joining_is_ours_again(tmp_path):
         code = proc.wait(timeout=60)
     finally:
         proc.kill()
-    time.sleep(0.5)
+    proc.reader.join(timeout=30)  # every line, up to the end of the stream
     text = "".join(log)
     # Wherever it landed: outside training (exit at once) or in it (checkpoint, exit 75).
     assert (code, "stopped by SIGTERM outside training" in text) == (143, True) or (
