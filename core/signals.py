@@ -189,8 +189,32 @@ class ExitOnSignals(_SignalWatcher):
         checkpoints = sys.modules.get("core.checkpoints")  # not imported yet: no lock held
         if checkpoints:
             checkpoints.ModelDirLock.release_held()
-        os.write(2, self.message.format(signal=signal.Signals(signum).name).encode() + b"\n")
+        # The message is the last line. The main thread runs on while this one waits for
+        # the GIL or a write: a line it is logging is finished first, and then it logs no
+        # more (its handlers held); anything else written to stderr (TensorFlow's C++
+        # logs) goes to /dev/null, the message to a copy of stderr.
+        _hold_log_handlers()
+        stderr = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.write(stderr, self.message.format(signal=signal.Signals(signum).name).encode() + b"\n")
         os._exit(128 + signum)
+
+
+def _hold_log_handlers(timeout: float = 2.0) -> None:
+    """Takes the lock of every logging handler (each waited for at most `timeout`
+    seconds, so a handler stuck elsewhere cannot stop an exit), and never releases them:
+    for a process about to exit."""
+    import logging as std_logging
+
+    loggers = [std_logging.getLogger(), *(logger for logger in
+                                          std_logging.Logger.manager.loggerDict.values()
+                                          if isinstance(logger, std_logging.Logger))]
+    handlers = {handler for logger in loggers for handler in logger.handlers}
+    handlers.add(logging.get_absl_handler().python_handler)  # absl's, behind its ABSLHandler
+    for handler in handlers:
+        if handler.lock is not None:
+            handler.lock.acquire(timeout=timeout)
 
 
 class DeferredInterrupt(_SignalWatcher):

@@ -455,3 +455,29 @@ def test_the_signal_watchers_pass_other_signals_on_to_an_asyncio_loop(watcher):
         loop.remove_signal_handler(signal.SIGUSR1)
         loop.close()
     assert called == ["SIGUSR1"]
+
+
+def test_the_exit_line_is_the_last_line_while_another_thread_logs():
+    """On the command line outside training a signal exits with one line, written by the
+    watcher thread while the main thread runs on. Here the main thread logs without pause
+    into a pipe the test lets fill, so it waits inside a write when the signal comes: its
+    line was finished after the exit line, and more lines followed (9 runs in 10 before).
+    Now the exit line is the last, every time."""
+    code = (f"import sys; sys.path.insert(0, {ROOT!r})\n"
+            "from absl import logging\n"
+            "from core import signals\n"
+            "logging.use_absl_handler(); logging.set_verbosity(logging.INFO)\n"
+            "with signals.ExitOnSignals('stopped by {signal}'):\n"
+            "    i = 0\n"
+            "    while True:\n"
+            "        logging.info('busy %d', i); i += 1\n")
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+        assert "busy 0" in proc.stderr.readline() + proc.stderr.readline()
+        time.sleep(0.5)  # settle: the pipe fills and the main thread waits in a write
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)  # settle: the watcher thread takes the signal
+        err = proc.stderr.read()
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        lines = err.strip().splitlines()
+        assert lines[-1] == "stopped by SIGTERM" and len(lines) > 10, lines[-3:]
