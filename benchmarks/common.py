@@ -115,19 +115,20 @@ def machine_context(with_peaks: bool = True) -> dict:
 
 
 def build_model(name, image_shape, precision="float32", jit_compile=False, grouped=True,
-                onednn=None, as_written=False, without=()):
+                onednn=None, as_written=False, without=(), deterministic=False):
     """`build_autoencoder`, computing in the forms the runner chooses for this setting
     (`layers.fast_forms.choose`): what train.py runs. grouped=False: without the
     images-as-channels layout; onednn=False: the forms of a GPU run; as_written: no
     forms, the model's layers as they read (what a Keras user of the same layers runs);
-    without: names of `Forms` fields turned off (what one form gives the whole step)."""
+    without: names of `Forms` fields turned off (what one form gives the whole step);
+    deterministic: the forms of a --deterministic run."""
     from layers import fast_forms
     from layers.autoencoders import build_autoencoder
 
     model = build_autoencoder(name, image_shape, precision)
     if as_written:
         return model
-    forms, _ = fast_forms.choose(jit_compile, precision, onednn)
+    forms, _ = fast_forms.choose(jit_compile, precision, onednn, deterministic)
     forms = dataclasses.replace(forms, **{name: False for name in without})
     fast_forms.install(model, forms if grouped else dataclasses.replace(forms, image_groups=1))
     return model
@@ -371,6 +372,7 @@ def summarize(rates: list[float], step_times: list[float] | None = None) -> dict
         "min": min(rates),
         "max": max(rates),
         "rounds": len(rates),
+        "per_round": rates,  # in round order: ratios of variants round by round
     }
     if step_times:
         out["step_ms_p50"] = 1000 * float(np.percentile(step_times, 50))

@@ -18,7 +18,8 @@ results/throughput_MODEL.{json,md} for any other (`--report_name` overrides).
 Thread settings are fixed when TensorFlow starts, once per process, so the
 variants run in one worker process per setting ('default': TensorFlow's
 choice, every op over all cores; 'per_core': one thread per op, as many ops
-at once as cores). The workers take turns, round by round: only one runs at a
+at once as cores; 'deterministic': default threads with op determinism on, as
+--deterministic runs). The workers take turns, round by round: only one runs at a
 time, and each round of every variant still falls in the same stretch of
 time. Keras `fit` is measured under both settings and its best counts.
 """
@@ -57,7 +58,8 @@ flags.DEFINE_string("worker", None, "Internal: run as the worker of this thread 
 
 CORES = common.usable_cores()
 # name -> (num_intra_threads, num_inter_threads); 0 is TensorFlow's choice (all cores).
-THREADS = {"default": (0, 0), "per_core": (1, CORES)}
+THREADS = {"default": (0, 0), "per_core": (1, CORES),
+           "deterministic": (0, 0)}  # default threads, op determinism on (--deterministic)
 BF16 = "mixed_bfloat16"
 
 # name -> how to build it. Ours: Trainer options; keras: compile() options. `threads`
@@ -107,6 +109,13 @@ OURS = {
     "sharded_device_32_default_threads": dict(steps_per_loop=32, batch_shards=CORES,
                                               data_on_device=True),
     "data_on_device_32_per_core": dict(steps_per_loop=32, data_on_device=True, threads="per_core"),
+    # --deterministic: without XLA (what the runner did before the max-pool had a
+    # deterministic form), and with XLA and that form (layers/fast_forms.max_pool).
+    "deterministic_32": dict(steps_per_loop=32, threads="deterministic"),
+    "deterministic_32_xla": dict(steps_per_loop=32, jit_compile=True, threads="deterministic"),
+    # The same forms without op determinism: the max-pool by reshape against XLA's own.
+    "steps_per_loop_32_xla_pool_by_reshape": dict(steps_per_loop=32, jit_compile=True,
+                                                   pool_by_reshape=True),
     # What --augment costs in the recipe (drawn and applied inside the step).
     "sharded_device_32_flip": dict(steps_per_loop=32, batch_shards=CORES, data_on_device=True,
                                    threads="per_core", augment=("flip",)),
@@ -217,7 +226,9 @@ class OurVariant:
                                        spec.get("jit_compile", False),
                                        grouped=not spec.get("ungrouped"),
                                        as_written=spec.get("as_written", False),
-                                       without=spec.get("without", ()))
+                                       without=spec.get("without", ()),
+                                       deterministic=spec.get("threads") == "deterministic"
+                                       or spec.get("pool_by_reshape", False))
             self.trainer = Trainer(model, strategy, batch, 1e-3, precision,
                                    spec.get("jit_compile", False), spec.get("eager", False),
                                    data.DeviceData(images, batch, strategy.num_replicas_in_sync, 0)
@@ -299,6 +310,10 @@ def worker_main(setting: str, names: list[str]) -> None:
     from core import data, distribute
 
     distribute.set_cpu_threads(*THREADS[setting])
+    if setting == "deterministic":
+        import tensorflow as tf
+
+        tf.config.experimental.enable_op_determinism()
     distribute.setup_logical_cpus(FLAGS.num_cpu_devices)
     images = data.load_split(FLAGS.train_split, FLAGS.dataset, FLAGS.data_dir).images
     batch = FLAGS.batch_size

@@ -365,12 +365,14 @@ def deterministic_jit(jit_compile: bool, deterministic: bool,
     select-and-scatter ... does not have a deterministic implementation"; TensorFlow
     issue 69417) and on CPUs alike (TensorFlow 2.21's XLA bridge: "GPU MaxPool gradient
     ops do not yet have a deterministic XLA implementation", at the first step). So a
-    model whose backward pass has one trains without XLA, whose MaxPoolGrad kernels are
-    deterministic.
+    model whose backward pass still has one (your own model's MaxPooling2D: tapeloop's
+    blocks compute theirs in a form without it, layers/fast_forms.max_pool) trains
+    without XLA, whose MaxPoolGrad kernels are deterministic.
     """
     if jit_compile and deterministic and max_pool_gradient:
-        return False, ("--deterministic with XLA: XLA has no deterministic max-pool gradient "
-                       "(select-and-scatter), so this model trains without XLA")
+        return False, ("--deterministic with XLA: XLA has no deterministic gradient for this "
+                       "model's max-pooling (select-and-scatter), so it trains without XLA "
+                       "(tapeloop's ConvPool blocks have a form that keeps XLA)")
     return jit_compile, None
 
 

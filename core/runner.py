@@ -194,11 +194,16 @@ class Run:
         if config.init_checkpoint and not inference:
             self._initialise_model()  # so can another run's checkpoint
         signals.interruption_point()
-        if self.jit_compile and config.deterministic:
-            self.jit_compile, why = distribute.deterministic_jit(
+        # The faster forms of the model's functions (layers/fast_forms.py), once, for this
+        # run: for XLA as asked, and again below if XLA turns out to be impossible.
+        asked_jit = self.jit_compile
+        forms, why = self._install_forms()
+        if self.jit_compile and config.deterministic:  # with the forms: their max-pool has
+            # a deterministic gradient, your own model's MaxPooling2D has not
+            self.jit_compile, why_not = distribute.deterministic_jit(
                 True, True, distribute.has_max_pool_gradient(self.model, self.image_shape))
-            if why:  # a warning when XLA was asked for, a note where it is the default
-                (logging.warning if config.jit_compile else logging.info)(why)
+            if why_not:  # a warning when XLA was asked for, a note where it is the default
+                (logging.warning if config.jit_compile else logging.info)(why_not)
         if self.jit_compile and config.mode != "export" and (is_user_model(config.model)
                                                              or own_loss):
             # Your own model or loss may hold an op XLA has no kernel for: found now, not as
@@ -216,11 +221,8 @@ class Run:
                                 "trains without XLA (--nojit_compile says so; replacing the op "
                                 "gives XLA's speed)", refusal, what)
                 self.jit_compile = False
-        # The faster forms of the model's functions (layers/fast_forms.py), once, for this run.
-        forms, why = fast_forms.choose(self.jit_compile, self.precision)
-        if config.mode == "export":  # the SavedModel may be served on any device
-            forms, why = fast_forms.portable(forms), "an export runs on any device"
-        self.forms = fast_forms.install(self.model, forms)
+        if self.jit_compile != asked_jit:
+            forms, why = self._install_forms()
         if (self.forms is None and not inference and self.precision == "mixed_bfloat16"
                 and not self.jit_compile and not distribute.gpus()):
             logging.warning("--precision=mixed_bfloat16 on a CPU without XLA: TensorFlow's CPU "
@@ -406,6 +408,16 @@ class Run:
                 f"--model={self.config.model} halves the image {stages} times; {h}x{w} does not "
                 f"divide by {2**stages}: use --image_size={fit[0]},{fit[1]}, or fewer stages "
                 "(--encoder_filters/--decoder_filters)")
+
+    def _install_forms(self) -> tuple[fast_forms.Forms | None, str]:
+        """Chooses the model's computation forms for this run and installs them in
+        `self.forms` (what applies to its layers); returns what was chosen, and why."""
+        forms, why = fast_forms.choose(self.jit_compile, self.precision,
+                                       deterministic=self.config.deterministic)
+        if self.config.mode == "export":  # the SavedModel may be served on any device
+            forms, why = fast_forms.portable(forms), "an export runs on any device"
+        self.forms = fast_forms.install(self.model, forms)
+        return forms, why
 
     def _build_model(self):
         config = self.config

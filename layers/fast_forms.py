@@ -25,6 +25,13 @@ same outputs and gradients up to float rounding) in faster forms:
   which oneDNN runs far faster than few output channels (1.3-1.4x forward and backward
   together, benchmarks/NOTES.md section 18). Only on oneDNN's CPU kernels, without XLA,
   in float32 or bfloat16, where it was measured.
+- deterministic_pool: the 2x2 max-pool as a reshape and a max, with max-pool's gradient
+  (to each window's first maximum, as TensorFlow's MaxPoolGrad sends it) written as
+  element-wise ops and reductions. XLA has no deterministic form of max-pool's own
+  gradient (select-and-scatter), so with op determinism it refuses to compile it; this
+  form lets `--deterministic` keep XLA. Only there (benchmarks/NOTES.md section 20): XLA
+  on this CPU runs it 1.33x faster than its own max-pool too, but the step without XLA
+  is faster still, and on GPUs it is unmeasured.
 - image_groups: groups of 4 images become the channels of one and every convolution
   a grouped one with the same kernel (`to_image_groups`), so the few-channel layers
   write 4x more output channels per call: what oneDNN's CPU kernels need
@@ -88,6 +95,7 @@ class Forms:
     crop_grad_as_pad: bool = True
     norm_act: bool = True
     few_filters_transposed: bool = False  # faster on oneDNN's kernels only
+    deterministic_pool: bool = False  # only where XLA runs with op determinism
     image_groups: int = 1  # images per group; 1: the ordinary layout
 
     def describe(self) -> str:
@@ -96,7 +104,9 @@ class Forms:
                                        ("crop gradient as a pad", self.crop_grad_as_pad),
                                        ("GroupNorm+SiLU by hand", self.norm_act),
                                        ("few-filter convs transposed",
-                                        self.few_filters_transposed)) if on]
+                                        self.few_filters_transposed),
+                                       ("max-pool by reshape (deterministic under XLA)",
+                                        self.deterministic_pool)) if on]
         names.append(f"images-as-channels groups of {self.image_groups}"
                      if self.image_groups > 1 else "ordinary layout")
         return ", ".join(names)
@@ -126,7 +136,7 @@ class Forms:
         if isinstance(layer, resnet.ResidualBlock) and self.norm_act:
             return residual_block(layer, x)
         if isinstance(layer, blocks.ConvPool):
-            return conv_pool(layer, x, groups, self.act_after_pool)
+            return conv_pool(layer, x, groups, self.act_after_pool, self.deterministic_pool)
         if isinstance(layer, blocks.UpsampleConv):
             return upsample_conv(layer, x, groups, ungroup, self.subpixel, self.crop_grad_as_pad)
         if isinstance(layer, blocks.ConvTransposeUp):
@@ -199,14 +209,20 @@ def _plain(layers, x):
     return x
 
 
-def choose(jit_compile: bool, precision: str, onednn: bool | None = None) -> tuple[Forms, str]:
-    """The forms for a run, and why: every device-neutral form, and the few-filter convs
-    transposed and the images-as-channels layout where oneDNN runs the convolutions
+def choose(jit_compile: bool, precision: str, onednn: bool | None = None,
+           deterministic: bool = False) -> tuple[Forms, str]:
+    """The forms for a run, and why: every device-neutral form; the max-pool by reshape
+    where XLA compiles the step under op determinism (`deterministic`), which refuses
+    max-pool's own gradient; and the few-filter convs transposed and the
+    images-as-channels layout where oneDNN runs the convolutions
     (`onednn_convolutions()` unless given), XLA does not compile them (its CPU
     convolutions are not oneDNN's: grouped ones run several times slower there) and the
     compute dtype is float32 or bfloat16 (`precision`: a Keras dtype policy name)."""
     onednn = onednn_convolutions() if onednn is None else onednn
     dtype = keras.DTypePolicy(precision).compute_dtype
+    if jit_compile and deterministic:
+        return (Forms(deterministic_pool=True),
+                "--deterministic with XLA, which has no deterministic form of max-pool's gradient")
     if not onednn:
         why = "oneDNN does not run the convolutions (a GPU, or oneDNN off or absent)"
     elif jit_compile:
@@ -222,9 +238,10 @@ def choose(jit_compile: bool, precision: str, onednn: bool | None = None) -> tup
 def portable(forms: Forms | None) -> Forms | None:
     """`forms` for a graph that may run on any device (an exported SavedModel): without
     the few-filter convs transposed and the images-as-channels layout, which are faster
-    only on oneDNN's CPU kernels."""
-    return None if forms is None else dataclasses.replace(forms, few_filters_transposed=False,
-                                                          image_groups=1)
+    only on oneDNN's CPU kernels, nor the max-pool by reshape, which only a deterministic
+    XLA step needs."""
+    return None if forms is None else dataclasses.replace(
+        forms, few_filters_transposed=False, image_groups=1, deterministic_pool=False)
 
 
 def install(model, forms: Forms | None) -> Forms | None:
@@ -253,6 +270,9 @@ def install(model, forms: Forms | None) -> Forms | None:
         grouped = any(groupable(stack) for stack in stacks)
         forms = dataclasses.replace(
             forms, act_after_pool=forms.act_after_pool and has(blocks.ConvPool),
+            deterministic_pool=forms.deterministic_pool and any(
+                isinstance(layer, blocks.ConvPool) and layer.pool for stack in stacks
+                for layer in stack._flatten_layers(include_self=False)),
             subpixel=forms.subpixel and has(blocks.UpsampleConv, keras.layers.UpSampling2D),
             crop_grad_as_pad=forms.crop_grad_as_pad and has(blocks.UpsampleConv,
                                                             blocks.ConvTransposeUp),
@@ -269,12 +289,13 @@ def install(model, forms: Forms | None) -> Forms | None:
 # ---------------------------------------------------------------- the forms, block by block
 
 
-def conv_pool(block, x, groups=1, act_after_pool=True):
+def conv_pool(block, x, groups=1, act_after_pool=True, deterministic_pool=False):
     """`block` (a ConvPool) on x, in the images-as-channels layout when groups > 1:
     (B/g, H, W, g*C_in) -> (B/g, h, w, g*filters)."""
     after = act_after_pool and block.pool and block.activation in MONOTONE
-    if groups == 1 and not after:
+    if groups == 1 and not after and not (deterministic_pool and block.pool):
         return block(x)
+    pool = max_pool if deterministic_pool else (lambda y: tf.nn.max_pool2d(y, 2, 2, "SAME"))
     dtype = block.compute_dtype
     kernel = _grouped_kernel(tf.cast(block.conv.kernel, dtype), groups)
     bias = tf.tile(tf.cast(block.conv.bias, dtype), [groups])
@@ -282,9 +303,41 @@ def conv_pool(block, x, groups=1, act_after_pool=True):
     y = tf.nn.conv2d(tf.cast(x, dtype), kernel, 1, "SAME")
     if after:  # the bias commutes with the max as well (its gradient summed in float32:
         # oneDNN fuses only a bias right after the conv)
-        return act(_bias_add(tf.nn.max_pool2d(y, 2, 2, "SAME"), bias))
+        return act(_bias_add(pool(y), bias))
     y = act(tf.nn.bias_add(y, bias))
-    return tf.nn.max_pool2d(y, 2, 2, "SAME") if block.pool else y
+    return pool(y) if block.pool else y
+
+
+def max_pool(x):
+    """tf.nn.max_pool2d(x, 2, 2, "SAME") as a reshape and a max over each window, with
+    max-pool's gradient (all of it to the window's first maximum in row-major order, as
+    TensorFlow's MaxPoolGrad kernels send it; XLA's select-and-scatter breaks some ties
+    otherwise) from comparisons and reductions: no scatter, so XLA compiles it under op
+    determinism."""
+    h, w, c = x.shape[1], x.shape[2], x.shape[3]
+    if None in (h, w, c):  # a graph traced for any image size: TensorFlow's pool
+        return tf.nn.max_pool2d(x, 2, 2, "SAME")
+    if h % 2 or w % 2:  # 'same' pads the bottom and right edges; the padding never wins
+        x = tf.pad(x, [[0, 0], [0, h % 2], [0, w % 2], [0, 0]],
+                   constant_values=float("-inf"))
+        h, w = h + h % 2, w + w % 2
+    # Each window's 4 positions in row-major order, in x's dtype (exact up to 4).
+    order = tf.reshape(tf.constant([0, 1, 2, 3], x.dtype), (1, 1, 2, 1, 2, 1))
+
+    @tf.custom_gradient
+    def pool(x):
+        windows = tf.reshape(x, (-1, h // 2, 2, w // 2, 2, c))
+        y = tf.reduce_max(windows, (2, 4), keepdims=True)
+
+        def grad(dy):
+            first = tf.reduce_min(tf.where(windows == y, order, tf.constant(4, x.dtype)), (2, 4),
+                                  keepdims=True)
+            dx = tf.where(order == first, tf.reshape(dy, tf.shape(y)), tf.zeros((), dy.dtype))
+            return tf.reshape(dx, tf.shape(x))
+
+        return tf.squeeze(y, (2, 4)), grad
+
+    return pool(x)
 
 
 def upsample_conv(block, x, groups=1, ungroup=False, subpixel=True, crop_grad_as_pad=True):

@@ -25,23 +25,26 @@ def mnist_flags(idx_dir):
 
 
 def test_throughput_smoke(tmp_path, mnist_flags):
-    """Variants of both thread settings: two worker processes taking turns."""
+    """Variants of every worker setting: three worker processes taking turns (the
+    deterministic one's XLA step compiles only with the max-pool by reshape)."""
     names = {"tf_function", "steps_per_loop_8", "mirrored_2cpu_32", "keras_fit_spe1",
              "sharded_device_32", "sharded_device_32_ungrouped", "keras_fit_spe32_per_core",
-             "keras_fit_spe32_mirrored_per_core_as_written"}
+             "keras_fit_spe32_mirrored_per_core_as_written", "deterministic_32_xla"}
     proc = _run("throughput.py", *mnist_flags, f"--output_dir={tmp_path}", "--rounds=2",
                 "--steps=2", "--warmup_steps=1", "--batch_size=32", "--peaks=false",
                 f"--variants={','.join(sorted(names))}")
     assert "starting the 'default' worker" in proc.stdout
     assert "starting the 'per_core' worker" in proc.stdout
+    assert "starting the 'deterministic' worker" in proc.stdout
     report = json.loads((tmp_path / "throughput.json").read_text())
     assert set(report["results"]) == names
     for result in report["results"].values():
         assert {"median", "stderr", "jitter", "step_ms_p50", "step_ms_p90", "compile_seconds",
                 "precision", "threads", "loop", "flops_per_sec"} <= set(result)
-        assert result["median"] > 0 and result["rounds"] == 2
+        assert result["median"] > 0 and result["rounds"] == len(result["per_round"]) == 2
     assert report["results"]["sharded_device_32"]["threads"] == "per_core"
     assert report["results"]["keras_fit_spe1"]["threads"] == "default"
+    assert report["results"]["deterministic_32_xla"]["threads"] == "deterministic"
     assert report["headline"]["float32"]["keras"] in {
         "keras_fit_spe1", "keras_fit_spe32_per_core", "keras_fit_spe32_mirrored_per_core_as_written"}
     headline = report["headline"]["float32"]

@@ -213,6 +213,59 @@ def test_activation_after_the_pool(activation):
     _assert_same(lambda x: fast_forms.conv_pool(block, x), block, x, block.trainable_variables)
 
 
+def _pool_and_gradient(pool, x, upstream):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = pool(x)
+    return y, tape.gradient(y, x, output_gradients=upstream)
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 9, 5), (2, 8, 6, 3), (2, 1, 1, 2), (2, 5, 4, 2)])
+@pytest.mark.parametrize("dtype", [tf.float32, tf.bfloat16, tf.float16])
+def test_max_pool_by_reshape_is_max_pool_with_its_ties(shape, dtype):
+    """The max-pool by reshape against TensorFlow's own, bit for bit, eager and under
+    XLA: odd sides (padded), and many ties (small integers after a ReLU), whose gradient
+    goes to each window's first maximum as TensorFlow's MaxPoolGrad sends it."""
+    rng = np.random.default_rng(sum(shape))
+    x = tf.cast(np.maximum(np.round(1.5 * rng.standard_normal(shape)), 0), dtype)
+    out = [(s + 1) // 2 for s in shape[1:3]]
+    upstream = tf.cast(rng.standard_normal((shape[0], *out, shape[3])), dtype)
+    y_ref, dx_ref = _pool_and_gradient(lambda x: tf.nn.max_pool2d(x, 2, 2, "SAME"), x, upstream)
+    tied = int(tf.reduce_sum(tf.cast(tf.nn.max_pool2d(x, 2, 2, "SAME") == 0, tf.int32)))
+    assert shape[1] == 1 or tied > 0  # the test holds ties to break
+    for run in (_pool_and_gradient, tf.function(_pool_and_gradient, jit_compile=True)):
+        y, dx = run(fast_forms.max_pool, x, upstream)
+        assert y.dtype == dx.dtype == dtype
+        np.testing.assert_array_equal(y.numpy(), y_ref.numpy())
+        np.testing.assert_array_equal(dx.numpy(), dx_ref.numpy())
+
+
+def test_max_pool_by_reshape_has_no_scatter_for_xla():
+    """Its gradient holds no MaxPoolGrad for TensorFlow to trace and no select-and-scatter
+    for XLA, the op XLA refuses under op determinism (and max_pool2d's has both)."""
+    x = tf.random.normal((2, 7, 8, 3), seed=1)
+
+    def gradient(pool):
+        return tf.function(lambda x: _pool_and_gradient(pool, x, None)[1], jit_compile=True)
+
+    ours, theirs = gradient(fast_forms.max_pool), gradient(lambda x: tf.nn.max_pool2d(
+        x, 2, 2, "SAME"))
+    ops = {op.type for op in ours.get_concrete_function(x).graph.get_operations()}
+    assert "MaxPoolGrad" not in ops and "MaxPool" not in ops
+    assert "select-and-scatter" not in ours.experimental_get_compiler_ir(x)(stage="hlo")
+    assert "select-and-scatter" in theirs.experimental_get_compiler_ir(x)(stage="hlo")
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_conv_pool_with_the_max_pool_by_reshape_is_the_block(activation):
+    """ConvPool with the deterministic pool, the activation after it (relu) or before it
+    (gelu, not monotone), is the block as its layers say."""
+    x = tf.random.normal((3, 9, 10, 2), seed=5)
+    block = _built(blocks.ConvPool(4, 3, activation), x.shape)
+    _assert_same(lambda x: fast_forms.conv_pool(block, x, deterministic_pool=True), block, x,
+                 block.trainable_variables)
+
+
 @pytest.mark.parametrize("crop_grad_as_pad", [True, False])
 def test_transposed_up_block_crops_with_a_pad_gradient(crop_grad_as_pad):
     x = tf.random.normal((2, 4, 4, 3), seed=2)
@@ -462,6 +515,13 @@ def test_choose_groups_only_where_measured_faster(monkeypatch):
     assert not fast_forms.portable(fast_forms.choose(False, "float32")[0]).few_filters_transposed
     for forms, _ in (fast_forms.choose(True, "float32"), fast_forms.choose(False, "float32")):
         assert forms.act_after_pool and forms.subpixel and forms.crop_grad_as_pad
+    # The max-pool by reshape: only where XLA compiles under op determinism, never exported.
+    for args, on in (((True, "float32", None, True), True), ((False, "float32", None, True), False),
+                     ((True, "mixed_bfloat16", False, True), True), ((True, "float32"), False)):
+        assert fast_forms.choose(*args)[0].deterministic_pool == on
+    assert fast_forms.choose(True, "float32", None, True)[0].image_groups == 1
+    assert not fast_forms.portable(fast_forms.choose(True, "float32", None, True)[0]
+                                   ).deterministic_pool
     monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
     assert not fast_forms.onednn_convolutions() and groups(False, "float32") == 1
 

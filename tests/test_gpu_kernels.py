@@ -111,7 +111,8 @@ def test_data_on_device_has_no_per_step_branch_and_no_int32_order():
 
 
 @pytest.mark.parametrize("name, shape, pools", [
-    ("seed", (28, 28, 1), True), ("denoiser", (28, 28, 1), True), ("vae", (28, 28, 1), False),
+    ("seed", (28, 28, 1), True), ("keras_blog", (28, 28, 1), True), ("denoiser", (28, 28, 1), True),
+    ("vae", (28, 28, 1), False),
     ("resnet", (16, 16, 3), False)])
 def test_deterministic_xla_is_off_only_for_a_max_pool_gradient(name, shape, pools):
     """XLA with op determinism refuses select-and-scatter, max-pool's gradient. The
@@ -121,16 +122,24 @@ def test_deterministic_xla_is_off_only_for_a_max_pool_gradient(name, shape, pool
     found = distribute.has_max_pool_gradient(model, shape)
     assert found == pools
 
-    @tf.function(jit_compile=True)
-    def grads(x):
-        with tf.GradientTape() as tape:
-            y = tf.reduce_sum(model(x, training=True))
-        return tape.gradient(y, model.trainable_variables)
+    def hlo():  # traced anew: the forms are Python, read when the model is traced
+        @tf.function(jit_compile=True)
+        def grads(x):
+            with tf.GradientTape() as tape:
+                y = tf.reduce_sum(model(x, training=True))
+            return tape.gradient(y, model.trainable_variables)
 
-    hlo = grads.experimental_get_compiler_ir(tf.zeros((2, *shape)))(stage="hlo")
-    assert ("select-and-scatter" in hlo) == pools
+        return grads.experimental_get_compiler_ir(tf.zeros((2, *shape)))(stage="hlo")
+
+    assert ("select-and-scatter" in hlo()) == pools
     jit, why = distribute.deterministic_jit(True, True, found)
     assert jit is not pools and (why is not None) == pools
     # Not deterministic, or no XLA asked for: nothing changes.
     assert distribute.deterministic_jit(True, False, found) == (True, None)
     assert distribute.deterministic_jit(False, True, found) == (False, None)
+    # In the forms a --deterministic XLA run installs, the blocks' max-pool has no such
+    # gradient: XLA stays on, and its HLO has no select-and-scatter.
+    forms, _ = fast_forms.choose(True, "float32", onednn=False, deterministic=True)
+    assert bool(fast_forms.install(model, forms).deterministic_pool) == pools
+    assert not distribute.has_max_pool_gradient(model, shape)
+    assert "select-and-scatter" not in hlo()

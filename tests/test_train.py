@@ -13,7 +13,7 @@ from core.config import Config
 from core.trainer import Trainer
 from helpers import event_tags, graph_nodes, run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from layers.autoencoders import build_autoencoder
+from layers.autoencoders import build_autoencoder, register
 
 
 def _config(tmp_path, idx_dir, **overrides):
@@ -109,22 +109,57 @@ def test_xla_training_run(tmp_path, idx_dir):
     assert any("train_step" in f for f in xla) and "Conv2D" in nodes.values()  # XLA's step
 
 
-def test_deterministic_xla_trains_a_max_pool_model_without_xla_and_leaves_nothing_on(
+def _pooled(image_shape):
+    """Your own model with Keras' MaxPooling2D, which has no deterministic form."""
+    encoder = tf.keras.Sequential([tf.keras.Input(image_shape),
+                                   tf.keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
+                                   tf.keras.layers.MaxPooling2D()])
+    decoder = tf.keras.Sequential([tf.keras.Input((image_shape[0] // 2, image_shape[1] // 2, 4)),
+                                   tf.keras.layers.Conv2DTranspose(image_shape[2], 3, strides=2,
+                                                                   padding="same")])
+    return encoder, decoder
+
+
+def test_deterministic_xla_keeps_xla_for_the_blocks_max_pool_and_repeats_bit_for_bit(
         tmp_path, caplog):
-    """With op determinism XLA refuses a max-pool's gradient, on this CPU as on GPUs (it was
-    a traceback at the first step): the run trains without XLA and says why. A later run
-    of the same process that does not ask for determinism compiles its step with XLA."""
-    settings = dict(model="seed", dataset="fontdigits", train_steps=2, epochs=None,
-                    batch_size=16, mode="train", jit_compile=True)
+    """XLA has no deterministic form of max-pool's gradient and refuses it under op
+    determinism, on this CPU as on GPUs. The seed model's pool runs in a form without it
+    (layers/fast_forms.max_pool), so --deterministic keeps XLA, and two runs are equal to
+    the bit. Your own MaxPooling2D trains without XLA, and the log says why. A later run of
+    the same process that does not ask for determinism compiles its step with XLA."""
+    settings = dict(dataset="fontdigits", train_steps=4, epochs=None, batch_size=16,
+                    mode="train", jit_compile=True, log_every=1, eval_every=4)
+    runs = []
+    for name in ("a", "b"):
+        with caplog.at_level("INFO", logger="absl"):
+            runs.append(core.run(Config(**settings, model="seed", deterministic=True,
+                                        model_dir=str(tmp_path / name))))
+        _, xla = graph_nodes(str(tmp_path / name / "train"))
+        assert any("train_step" in f for f in xla)
+    assert runs[0]["step"] == runs[1]["step"] == 4
+    assert [h["loss"] for h in runs[0]["history"]] == [h["loss"] for h in runs[1]["history"]]
+    first, second = (tf.train.load_checkpoint(str(tmp_path / name)) for name in "ab")
+    weights = [n for n in first.get_variable_to_shape_map() if "VARIABLE_VALUE" in n]
+    assert len(weights) > 10
+    for n in weights:
+        np.testing.assert_array_equal(first.get_tensor(n), second.get_tensor(n))
+    assert any("max-pool by reshape (deterministic under XLA)" in r.getMessage()
+               for r in caplog.records)
+    assert not any("XLA has no deterministic" in r.getMessage() and r.levelname == "WARNING"
+                   for r in caplog.records)
+
+    register("pooled", _pooled)
+    caplog.clear()
     with caplog.at_level("WARNING", logger="absl"):
-        result = core.run(Config(**settings, deterministic=True,
-                                 model_dir=str(tmp_path / "deterministic")))
-    assert result["step"] == 2
-    assert any("--deterministic with XLA: XLA has no deterministic max-pool gradient"
-               in r.getMessage() for r in caplog.records)
-    _, xla = graph_nodes(str(tmp_path / "deterministic" / "train"))
+        result = core.run(Config(**settings, model="pooled", deterministic=True,
+                                 model_dir=str(tmp_path / "pooled")))
+    assert result["step"] == 4
+    assert any("--deterministic with XLA: XLA has no deterministic gradient for this model's "
+               "max-pooling" in r.getMessage() for r in caplog.records)
+    _, xla = graph_nodes(str(tmp_path / "pooled" / "train"))
     assert not any("train_step" in f for f in xla)
-    assert core.run(Config(**settings, model_dir=str(tmp_path / "xla")))["step"] == 2
+    assert core.run(Config(**settings, model="pooled",
+                           model_dir=str(tmp_path / "xla")))["step"] == 4
     _, xla = graph_nodes(str(tmp_path / "xla" / "train"))
     assert any("train_step" in f for f in xla)
 
