@@ -186,19 +186,21 @@ class ExitOnSignals(_SignalWatcher):
         self.message = message
 
     def _note(self, signum: int) -> None:
-        checkpoints = sys.modules.get("core.checkpoints")  # not imported yet: no lock held
-        if checkpoints:
-            checkpoints.ModelDirLock.release_held()
-        # The message is the last line. The main thread runs on while this one waits for
-        # the GIL or a write: a line it is logging is finished first, and then it logs no
-        # more (its handlers held); anything else written to stderr (TensorFlow's C++
-        # logs) goes to /dev/null, the message to a copy of stderr.
-        _hold_log_handlers()
-        stderr = os.dup(2)
-        null = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(null, 2)
-        os.write(stderr, self.message.format(signal=signal.Signals(signum).name).encode() + b"\n")
-        os._exit(128 + signum)
+        try:
+            checkpoints = sys.modules.get("core.checkpoints")  # not imported: no lock held
+            if checkpoints:
+                checkpoints.ModelDirLock.release_held()
+            # The message is the last line. The main thread runs on while this one waits
+            # for the GIL or a write: a line it is logging is finished first, and then it
+            # logs no more (its handlers held); anything else written to stderr
+            # (TensorFlow's C++ logs) goes to /dev/null, the message to a copy of stderr.
+            _hold_log_handlers()
+            stderr = os.dup(2)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+            os.write(stderr, self.message.format(signal=signal.Signals(signum).name).encode()
+                     + b"\n")
+        finally:  # whatever failed (stderr a closed pipe: `train.py ... 2>&1 | head`), exit
+            os._exit(128 + signum)
 
 
 def _hold_log_handlers(timeout: float = 2.0) -> None:

@@ -473,11 +473,37 @@ def test_the_exit_line_is_the_last_line_while_another_thread_logs():
             "        logging.info('busy %d', i); i += 1\n")
     for _ in range(5):
         proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
-        assert "busy 0" in proc.stderr.readline() + proc.stderr.readline()
-        time.sleep(0.5)  # settle: the pipe fills and the main thread waits in a write
-        proc.send_signal(signal.SIGTERM)
-        time.sleep(0.3)  # settle: the watcher thread takes the signal
-        err = proc.stderr.read()
-        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        try:
+            assert "busy 0" in proc.stderr.readline() + proc.stderr.readline()
+            time.sleep(0.5)  # settle: the pipe fills and the main thread waits in a write
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)  # settle: the watcher thread takes the signal
+            err = proc.stderr.read()
+            assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+        finally:
+            proc.kill()  # it logs forever otherwise (no-op once it has exited)
+            proc.wait()
         lines = err.strip().splitlines()
         assert lines[-1] == "stopped by SIGTERM" and len(lines) > 10, lines[-3:]
+
+
+def test_a_signal_exits_when_stderr_is_a_closed_pipe():
+    """`train.py ... 2>&1 | head`: once head has exited, stderr is a closed pipe. The exit
+    line could not be written, and the watcher thread died of the BrokenPipeError before
+    it exited: the process logged on, and Ctrl-C or SIGTERM never ended it."""
+    code = (f"import sys; sys.path.insert(0, {ROOT!r})\n"
+            "from absl import logging\n"
+            "from core import signals\n"
+            "with signals.ExitOnSignals('stopped by {signal}'):\n"
+            "    print('ready', file=sys.stderr, flush=True)\n"
+            "    while True:\n"
+            "        logging.warning('busy')\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    try:
+        assert "ready" in proc.stderr.readline()
+        proc.stderr.close()  # as head does
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
