@@ -288,9 +288,19 @@ def main(argv):
             if FLAGS.verbose:
                 raise
             # A stop's message says so itself: "stopped by SIGTERM at step N after saving ...".
-            print(f"train.py: {e}" if isinstance(e, Preempted) else f"train.py: error: {e}",
-                  file=sys.stderr)
+            _say(f"train.py: {e}" if isinstance(e, Preempted) else f"train.py: error: {e}")
             sys.exit(e.exit_code)
+
+
+def _say(line: str) -> None:
+    """`line` on stderr. Where stderr is a closed pipe (`train.py ... 2>&1 | head`, once
+    head has exited) it is lost, and the exit code stays the run's: 75 after a SIGTERM
+    and a checkpoint, not Python's 1 for the BrokenPipeError (nor 120 for a failed flush
+    at exit, so stderr is pointed at /dev/null)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except OSError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stderr.fileno())
 
 
 if __name__ == "__main__":

@@ -103,6 +103,22 @@ def test_sigterm_checkpoints_exits_75_and_resumes(tmp_path, idx_dir, uninterrupt
     assert _max_diff(_weights(tf.train.latest_checkpoint(str(tmp_path))), uninterrupted) <= 1e-6
 
 
+def test_sigterm_exits_75_when_stderr_is_a_closed_pipe(tmp_path, idx_dir):
+    """`train.py ... 2>&1 | head`, once head has exited: the stop's line cannot be
+    written, and the exit code is still 75 (checkpoint saved: resume), not Python's 1
+    for the BrokenPipeError, which it was."""
+    proc = _start(_flags(idx_dir, tmp_path, 100000, "--checkpoint_every_steps=50"))
+    try:
+        _wait_for_checkpoint(tmp_path, proc)
+        proc.stderr.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 75
+    finally:
+        proc.kill()
+        proc.wait()
+    assert tf.train.latest_checkpoint(str(tmp_path))
+
+
 def test_second_signal_exits_at_once_even_inside_a_long_loop(tmp_path, idx_dir):
     """A loop of 3000 steps takes many seconds; the second SIGINT must not wait for it."""
     first = run_train(*_flags(idx_dir, tmp_path, 20, "--model=denoiser"))
