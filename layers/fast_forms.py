@@ -254,8 +254,8 @@ def install(model, forms: Forms | None) -> Forms | None:
     if not stacks:
         return None
     if forms is not None:
-        kinds = tuple({type(layer) for stack in stacks
-                       for layer in stack._flatten_layers(include_self=False)})
+        every = [layer for stack in stacks for layer in stack._flatten_layers(include_self=False)]
+        kinds = tuple({type(layer) for layer in every})
 
         def has(*types):
             return any(issubclass(k, types) for k in kinds)
@@ -271,15 +271,13 @@ def install(model, forms: Forms | None) -> Forms | None:
         forms = dataclasses.replace(
             forms, act_after_pool=forms.act_after_pool and has(blocks.ConvPool),
             deterministic_pool=forms.deterministic_pool and any(
-                isinstance(layer, blocks.ConvPool) and layer.pool for stack in stacks
-                for layer in stack._flatten_layers(include_self=False)),
+                isinstance(layer, blocks.ConvPool) and layer.pool for layer in every),
             subpixel=forms.subpixel and has(blocks.UpsampleConv, keras.layers.UpSampling2D),
             crop_grad_as_pad=forms.crop_grad_as_pad and has(blocks.UpsampleConv,
                                                             blocks.ConvTransposeUp),
             norm_act=forms.norm_act and has(keras.layers.GroupNormalization),
             few_filters_transposed=forms.few_filters_transposed and any(
-                _few_filter_conv(layer) for stack in stacks
-                for layer in stack._flatten_layers(include_self=False)),
+                _few_filter_conv(layer) for layer in every),
             image_groups=forms.image_groups if grouped else 1)
     for stack in stacks:
         stack.forms = forms
