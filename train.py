@@ -87,7 +87,8 @@ flags.DEFINE_string("loss", _D.loss, f"Training loss: {', '.join(config_lib.LOSS
                     "sum such as l1+ssim (see --loss_weights).")
 flags.DEFINE_list("loss_weights", None, "One weight per loss of --loss, e.g. 0.16,0.84 "
                   "(default: 1 each).")
-flags.DEFINE_integer("epochs", None, f"Epochs to train (default {_D.epochs} unless --train_steps).")
+flags.DEFINE_integer("epochs", None, f"Epochs to train (default {config_lib.DEFAULT_EPOCHS} unless "
+                     "--train_steps).")
 flags.DEFINE_integer("train_steps", None, "Total training steps (instead of --epochs).")
 flags.DEFINE_integer("batch_size", _D.batch_size, "Global batch size (over all replicas).")
 flags.DEFINE_integer("grad_accum_steps", _D.grad_accum_steps, "Micro-batches of --batch_size "
@@ -231,8 +232,6 @@ def config_from_flags(argv=None) -> config_lib.Config:
                                              "whole number")
         later = _last_given(("epochs", "train_steps"), (argv or sys.argv)[1:])
         values["epochs" if later == "train_steps" else "train_steps"] = None
-    if values["epochs"] is None and values["train_steps"] is None:
-        values["epochs"] = _D.epochs
     for name in ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps",
                  "image_size"):
         values[name] = _numbers(name, values[name])

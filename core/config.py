@@ -40,6 +40,7 @@ _SPLIT_RE = re.compile(r"^(\w+)(\[(-?\d+%?)?:(-?\d+%?)?\])?$")
 
 
 MAX_NUM_IMAGES = 64
+DEFAULT_EPOCHS = 5  # when neither epochs nor train_steps is given
 # Path flags whose leading ~ is the user's home folder.
 PATH_FIELDS = ("model_dir", "data_dir", "checkpoint", "cache", "init_checkpoint")
 # Synthetic splits are generated in memory: refuse more than this many bytes per split.
@@ -95,7 +96,7 @@ class Config:
     loss: str = "bce"
     loss_weights: tuple[float, ...] | None = None  # None: 1 each
     # Optimisation.
-    epochs: int | None = 5
+    epochs: int | None = None  # None: DEFAULT_EPOCHS, unless train_steps is given
     train_steps: int | None = None
     batch_size: int = 256
     grad_accum_steps: int = 1  # micro-batches of batch_size per update
@@ -209,8 +210,10 @@ class Config:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ConfigError(f"--{name}={value}: must be a positive whole number")
-        if (self.epochs is None) == (self.train_steps is None):
+        if self.epochs is not None and self.train_steps is not None:
             raise ConfigError("give exactly one of --epochs and --train_steps")
+        if self.epochs is None and self.train_steps is None:
+            object.__setattr__(self, "epochs", DEFAULT_EPOCHS)
         for name in ("batch_size", "steps_per_loop", "log_every", "keep_checkpoints",
                      "num_images", "grad_accum_steps", "eval_batch_size"):
             value = getattr(self, name)
@@ -496,6 +499,11 @@ class Config:
         return self.eval_batch_size or self.batch_size
 
     def replace(self, **changes) -> Config:
+        """A copy with `changes`; a new length, `epochs` or `train_steps`, replaces the old
+        one, whichever of the two that was (as the later of the two flags wins)."""
+        for new, old in (("epochs", "train_steps"), ("train_steps", "epochs")):
+            if changes.get(new) is not None and old not in changes:
+                changes[old] = None
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -189,6 +189,7 @@ class Controller:
         self.eval_actions = eval_actions
         self.asked: str | None = None  # the action of this process that asked to stop
         self.history: list[dict] = []  # one entry per log line, for tests and figures
+        self.evaluations: list[dict] = []  # {'step': ..., **metrics} per evaluation
         self.nan_retries = 0
         # Since the last log line: loss * steps, steps, seconds, the sum of the steps'
         # gradient norms and how many steps it sums (those with a finite gradient).
@@ -299,6 +300,7 @@ class Controller:
         if due and self.evaluate is not None:
             self.progress.clear()
             results = self.evaluate(step)
+            self.evaluations.append({"step": step, **results})
             if self.eval_actions:
                 asked = self.eval_actions(step, results)
                 self.asked = self.asked or asked

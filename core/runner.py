@@ -654,7 +654,8 @@ class Run:
 # --------------------------------------------------------------------- modes
 def train(run: Run) -> dict:
     """Trains (and evaluates, in train_and_eval) to the configured step; returns the
-    final step and the logged history."""
+    final step, the logged history, every evaluation's metrics and, when the final step
+    was evaluated, its metrics (as --mode=eval returns them)."""
     cfg = run.config
     start = run.checkpointer.restore()
     steps_per_epoch = run.train_split.num_examples // cfg.step_batch
@@ -719,7 +720,9 @@ def train(run: Run) -> dict:
     signals.interruption_point()
     if run.is_chief:
         run.figures(step, cfg.model_dir)
-    return {"step": step, "history": controller.history}
+    evaluations = controller.evaluations
+    last = evaluations[-1] if evaluations and evaluations[-1]["step"] == step else {}
+    return {**last, "step": step, "history": controller.history, "evaluations": evaluations}
 
 
 def _data_error(run: Run, step: int, error: Exception, saved: str) -> DataError:
@@ -877,7 +880,9 @@ MODES = {"train": train, "train_and_eval": train, "eval": evaluate, "export": ex
 def run(config: Config, given: Collection[str] | None = None,
         train_actions: Sequence[actions_lib.Action] = (),
         eval_actions: Sequence[actions_lib.Action] = ()) -> dict:
-    """Runs `config.mode`; returns {'step': ..., ...metrics, history or export dir}.
+    """Runs `config.mode`; returns {'step': ..., **metrics, ...}: in training, the final
+    step's metrics when it was evaluated, the log lines' `history` and every evaluation's
+    metrics (`evaluations`); in export, the `export_dir`.
 
     Args:
       config: the run's configuration.

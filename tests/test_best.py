@@ -22,8 +22,14 @@ def _config(tmp_path, **kw):
 
 def test_the_best_checkpoint_is_kept_apart_and_evaluated(tmp_path):
     config = _config(tmp_path, keep_best="eval/psnr", keep_checkpoints=1)
-    core.run(config)
+    result = core.run(config)
     psnr = dict(event_tags(str(tmp_path / "run" / "eval"))["psnr"])
+    # From Python the run returns every evaluation, and the final one's metrics, as
+    # --mode=eval returns them.
+    assert [e["step"] for e in result["evaluations"]] == [10, 20, 30, 40]
+    assert [e["psnr"] for e in result["evaluations"]] == pytest.approx(
+        [psnr[s] for s in (10, 20, 30, 40)], rel=1e-6)
+    assert result["psnr"] == result["evaluations"][-1]["psnr"] and result["step"] == 40
     best_step = max(psnr, key=psnr.get)
     record = json.load(open(tmp_path / "run" / "best" / "best.json"))
     assert record["metric"] == "eval/psnr" and record["step"] == best_step
@@ -46,11 +52,13 @@ def test_early_stopping_stops_and_stays_stopped(tmp_path):
                      early_stopping_patience=2)
     result = core.run(config)
     assert result["step"] == 30 and result["history"][-1]["step"] == 30
+    assert [e["step"] for e in result["evaluations"]] == [10, 20, 30]
     record = json.load(open(tmp_path / "run" / "best" / "best.json"))
     assert record["step"] == 10 and record["evals_since"] == 2
     assert "ckpt-30.index" in os.listdir(tmp_path / "run")
     again = core.run(config)  # the same command: nothing more to train
-    assert again["step"] == 30 and again["history"] == []
+    assert again["step"] == 30 and again["history"] == [] and again["evaluations"] == []
+    assert "loss" not in again  # nothing was evaluated
 
 
 def test_reduce_lr_on_plateau_lowers_the_rate_and_resumes_on_schedule(tmp_path, caplog):

@@ -57,6 +57,21 @@ def test_defaults_are_valid_and_frozen():
     assert Config(**config.to_dict()) == config
 
 
+def test_from_python_one_length_is_enough_and_a_new_one_replaces_the_old():
+    # As on the command line: --train_steps alone needs no --epochs, the later one wins.
+    assert (Config().epochs, Config().train_steps) == (5, None)
+    assert (Config(train_steps=7).epochs, Config(train_steps=7).train_steps) == (None, 7)
+    assert Config(epochs=2).train_steps is None
+    by_steps = Config().replace(train_steps=9)
+    assert (by_steps.epochs, by_steps.train_steps) == (None, 9)
+    by_epochs = by_steps.replace(epochs=2)
+    assert (by_epochs.epochs, by_epochs.train_steps) == (2, None)
+    assert by_steps.replace(batch_size=8).train_steps == 9
+    assert Config(**by_steps.to_dict()) == by_steps
+    with pytest.raises(ConfigError, match="exactly one of --epochs and --train_steps"):
+        by_steps.replace(epochs=2, train_steps=3)
+
+
 def test_a_leading_tilde_is_the_home_folder(monkeypatch, tmp_path):
     """`--data_dir=~/photos` reaches train.py as written: a shell expands ~ only at the start
     of a word."""
