@@ -40,6 +40,9 @@ _SPLIT_RE = re.compile(r"^(\w+)(\[(-?\d+%?)?:(-?\d+%?)?\])?$")
 
 
 MAX_NUM_IMAGES = 64
+SEQUENCE_FIELDS = ("synthetic_shape", "image_size", "encoder_filters", "decoder_filters",
+                   "loss_weights", "lr_boundaries", "lr_values", "profile_steps",
+                   "train_actions", "eval_actions")
 DEFAULT_EPOCHS = 5  # when neither epochs nor train_steps is given
 # Path flags whose leading ~ is the user's home folder.
 PATH_FIELDS = ("model_dir", "data_dir", "checkpoint", "cache", "init_checkpoint")
@@ -164,6 +167,7 @@ class Config:
     num_images: int = 8  # columns of the reconstruction figure and image summary
 
     def __post_init__(self):
+        self._as_written_by_flags()
         for name in PATH_FIELDS:
             object.__setattr__(self, name, expand_home(getattr(self, name)))
         _check_choice("mode", self.mode, MODES)
@@ -497,6 +501,20 @@ class Config:
     def eval_batch(self) -> int:
         """Examples per evaluation step: --eval_batch_size, or --batch_size."""
         return self.eval_batch_size or self.batch_size
+
+    def _as_written_by_flags(self) -> None:
+        """From Python, the values a flag would give: lists as tuples, one number as a
+        square `image_size`, names as a list or a comma-separated string."""
+        for name in SEQUENCE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, str) and name in ("train_actions", "eval_actions"):
+                value = [v.strip() for v in value.split(",") if v.strip()]
+            elif isinstance(value, (int, float)) and name == "image_size":
+                value = [value]
+            if isinstance(value, (list, tuple)):
+                object.__setattr__(self, name, tuple(value))
+        if isinstance(self.augment, (list, tuple)):
+            object.__setattr__(self, "augment", ",".join(self.augment))
 
     def replace(self, **changes) -> Config:
         """A copy with `changes`; a new length, `epochs` or `train_steps`, replaces the old

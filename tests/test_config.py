@@ -72,6 +72,17 @@ def test_from_python_one_length_is_enough_and_a_new_one_replaces_the_old():
         by_steps.replace(epochs=2, train_steps=3)
 
 
+def test_from_python_values_are_taken_as_the_flags_give_them():
+    config = Config(image_size=64, encoder_filters=[8, 4, 4], decoder_filters=[4, 4, 8],
+                    loss="l1+ssim", loss_weights=[0.2, 0.8], augment=["flip", "crop"],
+                    train_actions="my_actions:log, my_actions:keep")
+    assert config.image_size == (64, 64) and Config(image_size=[64, 48]).image_size == (64, 48)
+    assert config.encoder_filters == (8, 4, 4) and config.loss_weights == (0.2, 0.8)
+    assert config.augmentations == ("flip", "crop")
+    assert config.train_actions == ("my_actions:log", "my_actions:keep")
+    assert config == Config(**config.to_dict()) and hash(config) == hash(config.replace())
+
+
 def test_a_leading_tilde_is_the_home_folder(monkeypatch, tmp_path):
     """`--data_dir=~/photos` reaches train.py as written: a shell expands ~ only at the start
     of a word."""
