@@ -341,8 +341,10 @@ class Checkpointer:
             raise CheckpointError(
                 f"checkpoint {path} holds a different model or optimizer ({first}): give the "
                 "flags it was trained with, or another --checkpoint") from None
-        if self.read_only:
-            status.expect_partial()  # the optimizer's slots are not needed to evaluate
+        # What the file holds beyond our objects (the optimizer's slots for an evaluation,
+        # a weight average this run dropped) is left unread, without TensorFlow's warning
+        # for each of its values.
+        status.expect_partial()
         if self.ema_missing:
             logging.info("%s holds no weight average: --ema_decay starts it from its weights",
                          path)
@@ -650,6 +652,33 @@ def model_differences(saved: dict, current: dict) -> list[str]:
             if k in saved and _norm(saved.get(k)) != _norm(current.get(k))]
 
 
+def _flag(name: str, value) -> str:
+    """`value` as the command line gives it to --name."""
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no{name}"
+    if isinstance(value, (list, tuple)):
+        value = ",".join(map(str, value))
+    return f"--{name}={value}"
+
+
+def resume_flags(saved: dict, current: dict) -> str:
+    """The flags that give the saved run's model again where `current` differs: its model
+    and optimizer flags, and for another image shape its size, channels and data."""
+    def differs(k):
+        return k in saved and _norm(saved.get(k)) != _norm(current.get(k))
+
+    names = [k for k in MODEL_FIELDS + OPTIMIZER_FIELDS if k != "image_shape" and differs(k)]
+    if differs("image_shape"):
+        names += [k for k in ("dataset", "data_dir", "synthetic_shape") if differs(k)]
+    flags = [_flag(k, saved[k]) for k in names if saved[k] is not None]
+    if differs("image_shape"):
+        height, width, channels = saved["image_shape"]
+        flags += [f"--image_size={height},{width}", f"--channels={channels}"]
+    left_out = [f"--{k}" for k in names if saved[k] is None]
+    without = "without " + ", ".join(left_out) if left_out else ""
+    return ", ".join(part for part in (" ".join(flags), without) if part)
+
+
 def check_compatible(model_dir: str, current: dict, log_changes: bool = True) -> None:
     """Compares the run's config with the one saved in `model_dir`, if any.
 
@@ -664,8 +693,9 @@ def check_compatible(model_dir: str, current: dict, log_changes: bool = True) ->
         if k in saved and _norm(saved.get(k)) != _norm(current.get(k))]
     if incompatible:
         raise ConfigError(
-            f"--model_dir={model_dir} holds a different model ({'; '.join(incompatible)}): use the "
-            "saved settings to resume, or a fresh --model_dir for the new model")
+            f"--model_dir={model_dir} holds a different model ({'; '.join(incompatible)}): to "
+            f"resume it, give its settings ({resume_flags(saved, current)}; its {CONFIG_FILE} "
+            "has them all), or a fresh --model_dir for the new model")
     if not log_changes:
         return
     # `resolved_*` record what the saved run ended up running; this run has not chosen yet.
@@ -674,6 +704,11 @@ def check_compatible(model_dir: str, current: dict, log_changes: bool = True) ->
                      and _norm(saved.get(k)) != _norm(current.get(k)))
     for key in changed:
         logging.info("resuming with %s changed: %r -> %r", key, saved.get(key), current.get(key))
+    if saved.get("ema_decay") and not current.get("ema_decay"):
+        logging.warning("--model_dir=%s keeps a weight average (--ema_decay=%s) that this run "
+                        "leaves out: its checkpoints will not hold it and its evaluations use "
+                        "the raw weights; give --ema_decay=%s to keep it", model_dir,
+                        saved["ema_decay"], saved["ema_decay"])
     data = [f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in DATA_FIELDS if k in changed]
     if data:
         logging.warning("--model_dir=%s was trained on other data (%s): this run continues from "

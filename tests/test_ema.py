@@ -80,6 +80,21 @@ def test_eval_and_export_use_the_average_unless_told_not_to(tmp_path):
     assert core.run(plain.replace(ema_decay=0.9, train_steps=20))["step"] == 20
 
 
+def test_a_resume_that_drops_the_average_says_how_to_keep_it(tmp_path, caplog):
+    config = Config(dataset="fontdigits", train_split="train[:640]", eval_split="test[:128]",
+                    model_dir=str(tmp_path / "run"), train_steps=4, batch_size=32,
+                    learning_rate=1e-2, ema_decay=0.9, mode="train")
+    core.run(config)
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        assert core.run(config.replace(ema_decay=None, train_steps=8))["step"] == 8
+    assert (f"--model_dir={tmp_path / 'run'} keeps a weight average (--ema_decay=0.9) that this "
+            "run leaves out") in caplog.text and "give --ema_decay=0.9 to keep it" in caplog.text
+    # What the checkpoint holds beyond this run's objects is left unread without
+    # TensorFlow's warning per value.
+    assert "unrestored values" not in caplog.text and "could not be found" not in caplog.text
+
+
 @pytest.mark.parametrize("value", [0.0, 1.0, -0.5, 1.5])
 def test_bad_ema_decay(value):
     with pytest.raises(ConfigError, match=re.escape(f"--ema_decay={value}: must be between 0 "

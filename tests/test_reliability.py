@@ -273,6 +273,7 @@ def test_incompatible_and_harmless_resume(tmp_path, idx_dir):
     line = [x for x in bad.stderr.splitlines() if x.startswith("train.py: error:")][0]
     assert "holds a different model" in line
     assert "encoder_filters: None -> [8, 8, 4]" in line and "kernel_size: None -> 3" in line
+    assert "to resume it, give its settings (without --encoder_filters, --kernel_size;" in line
     assert checkpoint_files(tmp_path) == before
     ok = run_train(*_flags(idx_dir, tmp_path, 20, "--log_every=7"))
     assert ok.returncode == 0, ok.stderr[-2000:]
