@@ -114,13 +114,18 @@ def resolve_path(path: str, flag: str = "--checkpoint") -> str:
     if tf.io.gfile.isdir(path):
         state = read_state(path)
         found = state.model_checkpoint_path if state else (checkpoints_on_disk(path) or [None])[-1]
+        if not found and tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+            raise ConfigError(f"{flag}={path} is a SavedModel export, not a training "
+                              "checkpoint: give the run's folder or one of its ckpt-* "
+                              "checkpoints (DIR/ckpt-1000)")
         if not found:
             raise ConfigError(f"{flag}={path} is a folder without checkpoints: give a "
                               "path like DIR/ckpt-1000, or a folder that holds ckpt-* files")
         return found
     prefix = re.sub(r"\.(index|data-\d+-of-\d+)$", "", path)
     if not tf.io.gfile.exists(prefix + ".index"):
-        raise ConfigError(f"{flag}={path} does not exist: give a path like "
+        what = "is not a TensorFlow checkpoint" if tf.io.gfile.exists(path) else "does not exist"
+        raise ConfigError(f"{flag}={path} {what}: give a path like "
                           "DIR/ckpt-1000 (with or without .index), or a folder")
     return prefix
 

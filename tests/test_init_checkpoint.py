@@ -192,14 +192,22 @@ def test_a_fully_convolutional_model_starts_from_weights_trained_at_another_size
           image_size=(32, 32)),
      "does not hold this decoder (seed/kernel has shape (4, 4, 8, 3) here, (4, 4, 8, 1) in the "
      "checkpoint)"),
+    (dict(init_checkpoint="{weights}"), "--init_checkpoint={weights} is not a TensorFlow "
+                                        "checkpoint: give a path like DIR/ckpt-1000"),
+    (dict(init_checkpoint="{export}"), "--init_checkpoint={export} is a SavedModel export, not "
+                                       "a training checkpoint: give the run's folder"),
     (dict(init_modules="encoder"), "--init_modules=encoder says what --init_checkpoint reads"),
     (dict(init_checkpoint="{trained}", mode="eval"),
      "--init_checkpoint starts a training run from a checkpoint; --mode=eval reads one with "
      "--checkpoint={trained}"),
-], ids=["missing", "other-model", "other-family", "other-channels", "modules-alone", "eval"])
+], ids=["missing", "other-model", "other-family", "other-channels", "a-keras-file", "an-export",
+        "modules-alone", "eval"])
 def test_a_checkpoint_that_does_not_fit_is_one_line_and_nothing_is_written(
         trained, tmp_path, changes, message):
-    paths = dict(missing=str(tmp_path / "nowhere"), trained=str(trained))
+    paths = dict(missing=str(tmp_path / "nowhere"), trained=str(trained),
+                 weights=str(tmp_path / "model.weights.h5"), export=str(tmp_path / "export"))
+    (tmp_path / "model.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n")  # Keras' weights file
+    tf.saved_model.save(tf.Module(), paths["export"])  # what --mode=export writes
     changes = {k: v.format(**paths) if isinstance(v, str) else v for k, v in changes.items()}
     before = _files(trained)
     model_dir = tmp_path / "run"
