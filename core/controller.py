@@ -111,6 +111,7 @@ class Cadence:
     reduce_lr_factor: float = 0.1
     reduce_lr_min: float = 0.0
     min_delta: float = 0.0  # a new best beats the best by more than this
+    loss: str = ""  # the training loss (its title): what eval/loss measures
     nan_policy: str = "stop"
     nan_max_retries: int = 3
     nan_lr_factor: float = 0.5
@@ -317,15 +318,32 @@ class Controller:
         """Whether evaluations are judged against the best so far."""
         return bool(c.keep_best or c.early_stopping_patience or c.reduce_lr_patience)
 
+    def _measure(self) -> dict:
+        """What evaluations are judged by: the metric, and for eval/loss the training loss it
+        is (a run resumed with another --loss measures anew)."""
+        metric = self.cadence.keep_best or "eval/loss"
+        return {"metric": metric, **({"loss": self.cadence.loss} if metric == "eval/loss" else {})}
+
+    def _measured_alike(self, record: dict) -> bool:
+        """Whether a best record was judged by this run's measure (a record from before the loss
+        was recorded is taken as this loss's)."""
+        return all(record.get(k, v) == v for k, v in self._measure().items())
+
     def _judge(self, step: int, results: dict) -> None:
         """Keeps the best checkpoint of `keep_best`, lowers the learning rate and stops early
         when it stopped improving."""
         c = self.cadence
-        metric = c.keep_best or "eval/loss"
+        measure = self._measure()
+        metric = measure["metric"]
         value = results[metric.split("/", 1)[1]]
         best = self.best
         d = c.min_delta
-        if best and best.get("evaluated_at") == step and best.get("metric") == metric:
+        if best and not self._measured_alike(best):
+            logging.info("%s is judged anew from step %d: the best so far (%.6g at step %d) "
+                         "was of %s", metric, step, best["value"], best["step"],
+                         best.get("loss") if best.get("metric") == metric else best.get("metric"))
+            best = self.best = None
+        if best and best.get("evaluated_at") == step:
             # Judged already, by a run that died after writing the record and before its
             # checkpoint at this step (every evaluation is followed by one): that judgement
             # stands (with its best checkpoint, if it found one), or the evaluation would
@@ -336,10 +354,10 @@ class Controller:
                          best["value"], best["step"], best["evals_since"])
         else:
             higher = c.best_higher if c.keep_best else False
-            improved = best is None or best.get("metric") != metric or (
+            improved = best is None or (
                 value > best["value"] + d if higher else value < best["value"] - d)
             if improved:
-                self.best = {"metric": metric, "value": value, "step": step, "evals_since": 0}
+                self.best = {**measure, "value": value, "step": step, "evals_since": 0}
             else:
                 self.best = {**best, "evals_since": best["evals_since"] + 1}
             self.best["evaluated_at"] = step
@@ -407,7 +425,8 @@ class Controller:
             logging.info("already at step %d of %d: nothing to train", step, self.total_steps)
             return step
         patience = self.cadence.early_stopping_patience
-        if patience and self.best and self.best["evals_since"] >= patience:
+        if (patience and self.best and self._measured_alike(self.best)
+                and self.best["evals_since"] >= patience):
             logging.info("this run stopped early at step %d (no new best %s for %d evaluations): "
                          "nothing to train; raise --early_stopping_patience to go on", step,
                          self.best["metric"], self.best["evals_since"])
