@@ -112,6 +112,7 @@ class Cadence:
     reduce_lr_min: float = 0.0
     min_delta: float = 0.0  # a new best beats the best by more than this
     loss: str = ""  # the training loss (its title): what eval/loss measures
+    eval_data: str = ""  # the evaluated data (dataset, folder, split): what every metric is of
     nan_policy: str = "stop"
     nan_max_retries: int = 3
     nan_lr_factor: float = 0.5
@@ -319,15 +320,21 @@ class Controller:
         return bool(c.keep_best or c.early_stopping_patience or c.reduce_lr_patience)
 
     def _measure(self) -> dict:
-        """What evaluations are judged by: the metric, and for eval/loss the training loss it
-        is (a run resumed with another --loss measures anew)."""
-        metric = self.cadence.keep_best or "eval/loss"
-        return {"metric": metric, **({"loss": self.cadence.loss} if metric == "eval/loss" else {})}
+        """What evaluations are judged by: the metric, the data it is of and, for eval/loss,
+        the training loss it is (a run resumed with another of these judges anew)."""
+        c = self.cadence
+        metric = c.keep_best or "eval/loss"
+        return {"metric": metric, **({"loss": c.loss} if metric == "eval/loss" else {}),
+                "eval_data": c.eval_data}
+
+    def _unlike(self, record: dict) -> list[str]:
+        """How a best record's measure differs from this run's ('loss BCE (now MSE)'); a
+        record from before a field was recorded is taken as this run's."""
+        return [f"{k} {record[k]} (now {v})" for k, v in self._measure().items()
+                if record.get(k, v) != v]
 
     def _measured_alike(self, record: dict) -> bool:
-        """Whether a best record was judged by this run's measure (a record from before the loss
-        was recorded is taken as this loss's)."""
-        return all(record.get(k, v) == v for k, v in self._measure().items())
+        return not self._unlike(record)
 
     def _judge(self, step: int, results: dict) -> None:
         """Keeps the best checkpoint of `keep_best`, lowers the learning rate and stops early
@@ -340,8 +347,8 @@ class Controller:
         d = c.min_delta
         if best and not self._measured_alike(best):
             logging.info("%s is judged anew from step %d: the best so far (%.6g at step %d) "
-                         "was of %s", metric, step, best["value"], best["step"],
-                         best.get("loss") if best.get("metric") == metric else best.get("metric"))
+                         "was judged by %s", metric, step, best["value"], best["step"],
+                         ", ".join(self._unlike(best)))
             best = self.best = None
         if best and best.get("evaluated_at") == step:
             # Judged already, by a run that died after writing the record and before its

@@ -699,7 +699,8 @@ def train(run: Run) -> dict:
         best_higher=bool(cfg.keep_best and config_lib.BEST_METRICS[cfg.keep_best]),
         early_stopping_patience=cfg.early_stopping_patience,
         reduce_lr_patience=cfg.reduce_lr_patience, reduce_lr_factor=cfg.reduce_lr_factor,
-        reduce_lr_min=cfg.reduce_lr_min, min_delta=cfg.min_delta, loss=run.loss.title)
+        reduce_lr_min=cfg.reduce_lr_min, min_delta=cfg.min_delta, loss=run.loss.title,
+        eval_data=" ".join(str(v) for v in (cfg.dataset, cfg.data_dir, cfg.eval_split) if v))
     if cfg.mode == "train_and_eval" and 0 < cfg.early_stopping_patience <= cfg.reduce_lr_patience:
         logging.warning("--early_stopping_patience=%d stops the run before "
                         "--reduce_lr_patience=%d lowers the rate: give early stopping more "

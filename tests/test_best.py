@@ -61,20 +61,27 @@ def test_early_stopping_stops_and_stays_stopped(tmp_path):
     assert "loss" not in again  # nothing was evaluated
 
 
-def test_a_resume_with_another_loss_judges_eval_loss_anew(tmp_path, caplog):
+def test_a_resume_with_another_loss_or_eval_split_judges_anew(tmp_path, caplog):
     """eval/loss is the training loss: after a resume with --loss=mse its values are not
     comparable with the BCE record, so the run that stopped early on BCE trains on, and
-    the first MSE evaluation starts the record."""
+    the first MSE evaluation starts the record; so does another eval split."""
     config = _config(tmp_path, learning_rate=1e-12, early_stopping_patience=2)
     assert core.run(config)["step"] == 30  # stopped early on BCE
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
         result = core.run(config.replace(loss="mse", train_steps=50))
     assert result["step"] == 50
-    assert "eval/loss is judged anew from step 40: the best so far" in caplog.text
-    assert "was of BCE" in caplog.text
+    assert ("eval/loss is judged anew from step 40: the best so far (0.69") in caplog.text
+    assert "at step 10) was judged by loss BCE (now MSE)" in caplog.text
     record = json.load(open(tmp_path / "run" / "best" / "best.json"))
     assert record["loss"] == "MSE" and record["step"] == 40 and record["evals_since"] == 1
     assert record["value"] == pytest.approx(result["evaluations"][0]["mse"], rel=1e-6)
+    caplog.clear()
+    with caplog.at_level("INFO", logger="absl"):
+        core.run(config.replace(loss="mse", train_steps=60, eval_split="test[128:256]"))
+    assert ("judged anew from step 60: the best so far (0.2") in caplog.text
+    assert ("at step 40) was judged by eval_data fontdigits test[:128] (now fontdigits "
+            "test[128:256])") in caplog.text
+    assert json.load(open(tmp_path / "run" / "best" / "best.json"))["step"] == 60
 
 
 def test_reduce_lr_on_plateau_lowers_the_rate_and_resumes_on_schedule(tmp_path, caplog):

@@ -86,7 +86,7 @@ def test_a_resume_that_drops_the_average_says_how_to_keep_it(tmp_path, caplog):
                     learning_rate=1e-2, ema_decay=0.9, mode="train")
     core.run(config)
     caplog.clear()
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
         assert core.run(config.replace(ema_decay=None, train_steps=8))["step"] == 8
     assert (f"--model_dir={tmp_path / 'run'} keeps a weight average (--ema_decay=0.9) that this "
             "run leaves out") in caplog.text and "give --ema_decay=0.9 to keep it" in caplog.text
