@@ -832,12 +832,15 @@ def continuous_evaluate(run: Run) -> dict:
                         "write its eval/ curve; train with --mode=train beside a continuous "
                         "evaluation", cfg.model_dir)
     evaluated, results, deadline = None, None, time.monotonic() + cfg.continuous_eval_timeout
+    evaluations = []  # every checkpoint's results, returned with the last one's
     while True:
         total = (checkpoints.saved_config(cfg.model_dir) or {}).get("resolved_total_steps")
         latest = _latest_checkpoint(cfg.model_dir)
         if latest and latest != evaluated:
             try:
                 results, asked = _evaluate_checkpoint(run, latest, chosen=False)
+                evaluations.append(results)
+                results = {**results, "evaluations": evaluations}
                 evaluated, deadline = latest, time.monotonic() + cfg.continuous_eval_timeout
                 if asked:
                     logging.info("continuous eval: %s returned True at step %d: done", asked,
@@ -883,7 +886,8 @@ def run(config: Config, given: Collection[str] | None = None,
         eval_actions: Sequence[actions_lib.Action] = ()) -> dict:
     """Runs `config.mode`; returns {'step': ..., **metrics, ...}: in training, the final
     step's metrics when it was evaluated, the log lines' `history` and every evaluation's
-    metrics (`evaluations`); in export, the `export_dir`.
+    metrics (`evaluations`); in continuous_eval, the last checkpoint's metrics and every
+    checkpoint's (`evaluations`); in export, the `export_dir`.
 
     Args:
       config: the run's configuration.

@@ -439,7 +439,8 @@ def test_continuous_eval_stops_after_its_timeout_and_refuses_what_makes_no_sense
     with caplog.at_level("WARNING", logger="absl"):
         results = core.run(Config(mode="continuous_eval", model_dir=model_dir,
                                   continuous_eval_timeout=1))
-    assert results["step"] == 4
+    assert results["step"] == 4 and [e["step"] for e in results["evaluations"]] == [4]
+    assert results["evaluations"][0]["psnr"] == results["psnr"]
     assert any("which evaluates too: both write its eval/ curve" in r.getMessage()
                for r in caplog.records)
     with pytest.raises(core.ConfigError, match=r"found no checkpoint in --model_dir=.*empty "
