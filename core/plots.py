@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed on training machines
@@ -77,10 +79,33 @@ def reconstruction_grid(path: str, rows: list[np.ndarray], labels: list[str], ti
     return path
 
 
+def loss_changes(named: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
+    """(step, loss name) where the loss changed, from each start's (step, name)."""
+    return [(step, name) for i, (step, name) in enumerate(named)
+            if i == 0 or name != named[i - 1][1]]
+
+
+def loss_label(loss_name: str, changes: Sequence[tuple[int, str]] = ()) -> str:
+    """The loss as the curves name it: `loss_name`, or with `changes` (step, name) where a
+    resumed run changed it, each name in turn ('L1, then BCE after step 20')."""
+    if len(changes) < 2:
+        return loss_name
+    return changes[0][1] + "".join(f", then {name} after step {step}"
+                                   for step, name in changes[1:])
+
+
 def training_curves(path: str, train: list[tuple[int, float]], evals: list[tuple[int, float]],
-                    title: str, loss_name: str = "BCE") -> str:
-    """Training loss (named `loss_name`) and the same loss on the eval split, against the step."""
+                    title: str, loss_name: str = "BCE",
+                    named: Sequence[tuple[int, str]] = ()) -> str:
+    """Training loss (named `loss_name`) and the same loss on the eval split, against the step.
+    `named`: (step, loss name) of each start; where a resumed run changed the loss, the
+    names follow in turn and a line marks the step.
+    """
     fig, ax = plt.subplots(figsize=(6.4, 4))
+    changes = loss_changes(named)
+    loss_name = loss_label(loss_name, changes)
+    for step, _ in changes[1:]:
+        ax.axvline(step, color="grey", linestyle=":", linewidth=1)
     if train:  # a marker, so that a single point shows
         ax.plot(*zip(*train), marker="." if len(train) < 50 else None,
                 label=f"training: {loss_name}, mean per log window")

@@ -53,6 +53,7 @@ INHERITED = ("model", "encoder_filters", "decoder_filters", "kernel_size", "late
 _TUPLE_FIELDS = ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps",
                  "image_size", "loss_weights")
 SKIPPED_FILE = "skipped_images.txt"
+LOSS_TAG = "loss_function"  # train/: a text summary naming the loss at each start"
 MAX_FIGURE_EXAMPLES = 2000  # eval examples decoded for the latent-space figure
 MAX_DEFAULT_SIDE = 512  # a larger first image needs --image_size: photos are 1000s of px
 LONG_FOLDER_CHECK_SECONDS = 60.0  # a folder opened this slowly logs how to start faster
@@ -535,6 +536,12 @@ class Run:
     def uses_ema(self) -> bool:
         return bool(self.config.ema_decay and self.config.ema)
 
+    @property
+    def loss_name(self) -> str:
+        """The training loss as the curves name it (a VAE adds its KL term)."""
+        variational = hasattr(self.trainer.model, "moments")
+        return f"{self.loss.title} + weighted KL" if variational else self.loss.title
+
     def weights(self):
         """Where evaluation, figures and export read the model: inside, the EMA weights when
         --ema_decay is on (unless --ema=false), the model's own otherwise."""
@@ -614,11 +621,11 @@ class Run:
         if curves:
             train_curve = summaries_lib.read_scalars(os.path.join(cfg.model_dir, "train"), "loss")
             eval_curve = summaries_lib.read_scalars(os.path.join(cfg.model_dir, "eval"), "loss")
+            named = summaries_lib.read_texts(os.path.join(cfg.model_dir, "train"), LOSS_TAG)
             if train_curve or eval_curve:
                 paths.append(plots.training_curves(
                     out.format(FIGURES["curves"]), train_curve, eval_curve,
-                    f"{cfg.model} on {cfg.dataset}",
-                    f"{self.loss.title} + weighted KL" if variational else self.loss.title))
+                    f"{cfg.model} on {cfg.dataset}", self.loss_name, named))
         sample_raw, labels = self.head(MAX_FIGURE_EXAMPLES)
         sample = data.to_float(sample_raw)
         codes = np.concatenate([np.asarray(model.encode(sample[i:i + 500], training=False),
@@ -671,6 +678,8 @@ def train(run: Run) -> dict:
         run.run_config["resolved_total_steps"] = total
         checkpoints.write_config(cfg.model_dir, run.run_config)
         run.summaries.run_header(run.run_config, start)
+        # What train/loss and eval/loss are from this step on (a resume may change --loss).
+        run.summaries.text("train", start, LOSS_TAG, run.loss_name)
         if cfg.augmentations:  # what the step's augmentation does, to look at once
             clean = data.to_float(run.train_split.head(cfg.num_images)[0])
             shown = augment.augment(clean, cfg.augmentations, tf.constant([cfg.seed, -1],

@@ -26,6 +26,19 @@ def read_scalars(folder: str, tag: str) -> list[tuple[int, float]]:
     return sorted(values.items())
 
 
+def read_texts(folder: str, tag: str) -> list[tuple[int, str]]:
+    """(step, text) of a TF2 text summary `tag` in the event files of `folder`, by step;
+    a step written twice keeps the last text."""
+    texts = {}
+    for path in sorted(tf.io.gfile.glob(os.path.join(glob.escape(folder), "events.out.tfevents.*"))):
+        for record in tf.data.TFRecordDataset(path):
+            event = tf.compat.v1.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                if value.tag == tag:
+                    texts[event.step] = tf.make_ndarray(value.tensor).item().decode()
+    return sorted(texts.items())
+
+
 def _hparam_value(value):
     if isinstance(value, (bool, int, float, str)):
         return value

@@ -272,3 +272,24 @@ def test_a_long_title_stays_inside_every_figure(tmp_path):
     for path in paths:
         image = matplotlib.image.imread(path)[..., :3]
         assert image[:, :2].min() == 1.0 and image[:, -2:].min() == 1.0, path
+
+
+def test_a_resume_with_another_loss_names_both_on_the_curves(tmp_path):
+    """train/loss changes meaning where a resumed run changes --loss: each start names its
+    loss in train/ (a text summary), and the curves figure names them in turn."""
+    from core import plots, summaries
+
+    config = Config(dataset="fontdigits", train_split="train[:640]", eval_split="test[:64]",
+                    model_dir=str(tmp_path / "run"), train_steps=10, batch_size=32,
+                    eval_every=10, log_every=5, loss="l1+ssim", loss_weights=(0.16, 0.84))
+    core.run(config)
+    core.run(config.replace(train_steps=20, loss="bce", loss_weights=None))
+    core.run(config.replace(train_steps=30, loss="bce", loss_weights=None))
+    named = summaries.read_texts(str(tmp_path / "run" / "train"), "loss_function")
+    assert named == [(0, "0.16 L1 + 0.84 (1 - SSIM)"), (10, "BCE"), (20, "BCE")]
+    changes = plots.loss_changes(named)
+    assert changes == [(0, "0.16 L1 + 0.84 (1 - SSIM)"), (10, "BCE")]
+    assert plots.loss_label("BCE", changes) == "0.16 L1 + 0.84 (1 - SSIM), then BCE after step 10"
+    assert plots.loss_label("BCE", plots.loss_changes([(0, "BCE"), (10, "BCE")])) == "BCE"
+    image = matplotlib.image.imread(str(tmp_path / "run" / "curves.png"))
+    assert image[..., :3].std() > 0.05
