@@ -13,30 +13,27 @@ import numpy as np
 import tensorflow as tf
 
 
-def read_scalars(folder: str, tag: str) -> list[tuple[int, float]]:
-    """(step, value) of a TF2 scalar summary `tag` in the event files of `folder`, by step;
-    a step written twice (a resumed run) keeps the last value."""
+def _read(folder: str, tag: str) -> list[tuple[int, np.ndarray]]:
+    """(step, value) of the TF2 summary `tag` in the event files of `folder`, by step; a
+    step written twice (a resumed run) keeps the last value."""
     values = {}
     for path in sorted(tf.io.gfile.glob(os.path.join(glob.escape(folder), "events.out.tfevents.*"))):
         for record in tf.data.TFRecordDataset(path):
             event = tf.compat.v1.Event.FromString(record.numpy())
             for value in event.summary.value:
                 if value.tag == tag:
-                    values[event.step] = float(tf.make_ndarray(value.tensor))
+                    values[event.step] = tf.make_ndarray(value.tensor)
     return sorted(values.items())
 
 
+def read_scalars(folder: str, tag: str) -> list[tuple[int, float]]:
+    """(step, value) of a scalar summary `tag` in `folder`, by step."""
+    return [(step, float(value)) for step, value in _read(folder, tag)]
+
+
 def read_texts(folder: str, tag: str) -> list[tuple[int, str]]:
-    """(step, text) of a TF2 text summary `tag` in the event files of `folder`, by step;
-    a step written twice keeps the last text."""
-    texts = {}
-    for path in sorted(tf.io.gfile.glob(os.path.join(glob.escape(folder), "events.out.tfevents.*"))):
-        for record in tf.data.TFRecordDataset(path):
-            event = tf.compat.v1.Event.FromString(record.numpy())
-            for value in event.summary.value:
-                if value.tag == tag:
-                    texts[event.step] = tf.make_ndarray(value.tensor).item().decode()
-    return sorted(texts.items())
+    """(step, text) of a text summary `tag` in `folder`, by step."""
+    return [(step, value.item().decode()) for step, value in _read(folder, tag)]
 
 
 def _hparam_value(value):
