@@ -651,10 +651,20 @@ def _norm(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
+def _differs(saved: dict, current: dict, key: str) -> bool:
+    """Whether the saved config has `key` with another value than `current`."""
+    return key in saved and _norm(saved.get(key)) != _norm(current.get(key))
+
+
+def _differences(saved: dict, current: dict, keys) -> list[str]:
+    """'field: saved -> current' for every field of `keys` that differs."""
+    return [f"{k}: {_norm(saved.get(k))!r} -> {_norm(current.get(k))!r}" for k in keys
+            if _differs(saved, current, k)]
+
+
 def model_differences(saved: dict, current: dict) -> list[str]:
     """'field: saved -> current' for every field of MODEL_FIELDS that differs."""
-    return [f"{k}: {_norm(saved.get(k))!r} -> {_norm(current.get(k))!r}" for k in MODEL_FIELDS
-            if k in saved and _norm(saved.get(k)) != _norm(current.get(k))]
+    return _differences(saved, current, MODEL_FIELDS)
 
 
 def _flag(name: str, value) -> str:
@@ -670,7 +680,7 @@ def resume_flags(saved: dict, current: dict) -> str:
     """The flags that give the saved run's model again where `current` differs: its model
     and optimizer flags, and for another image shape its size, channels and data."""
     def differs(k):
-        return k in saved and _norm(saved.get(k)) != _norm(current.get(k))
+        return _differs(saved, current, k)
 
     names = [k for k in MODEL_FIELDS + OPTIMIZER_FIELDS if k != "image_shape" and differs(k)]
     if differs("image_shape"):
@@ -693,9 +703,7 @@ def check_compatible(model_dir: str, current: dict, log_changes: bool = True) ->
     saved = saved_config(model_dir)
     if saved is None or (read_state(model_dir) is None and not checkpoints_on_disk(model_dir)):
         return  # nothing to restore: any model may start here
-    incompatible = model_differences(saved, current) + [
-        f"{k}: {_norm(saved.get(k))!r} -> {_norm(current.get(k))!r}" for k in OPTIMIZER_FIELDS
-        if k in saved and _norm(saved.get(k)) != _norm(current.get(k))]
+    incompatible = _differences(saved, current, MODEL_FIELDS + OPTIMIZER_FIELDS)
     if incompatible:
         raise ConfigError(
             f"--model_dir={model_dir} holds a different model ({'; '.join(incompatible)}): to "
