@@ -85,14 +85,41 @@ def flags_parser(program: str, command: str):
 
     from absl import flags
 
+    def fail(message: str) -> None:
+        print(f"{program}: error: {message} ({command} --helpshort lists the flags)",
+              file=sys.stderr)
+        sys.exit(2)
+
     def parse(argv: list[str]) -> list[str]:
         try:
-            return flags.FLAGS(argv)
+            rest = flags.FLAGS(argv)
         except flags.Error as e:
             # One line; absl starts a missing flagfile's message with "ERROR:: ".
-            message = " ".join(str(e).replace("ERROR:: ", "").split())
-            print(f"{program}: error: {message} ({command} --helpshort lists the flags)",
-                  file=sys.stderr)
-            sys.exit(2)
+            fail(" ".join(str(e).replace("ERROR:: ", "").split()))
+        swallowed = _swallowed_flag(flags.FLAGS)
+        if swallowed:
+            name, value = swallowed
+            fail(f"--{name} has no value: it took the next argument, {value}, as its value; "
+                 f"give it one as --{name}=VALUE")
+        return rest
 
     return parse
+
+
+def _swallowed_flag(flag_values) -> tuple[str, str] | None:
+    """(name, value) of a flag given without a value whose value is the next flag: absl
+    reads `--keep_best --early_stopping_patience=2` as --keep_best='--early_stopping_patience=2'
+    (a flag other than a boolean takes the next argument as its value), which would then
+    be refused as an unknown metric at best, or be used: `--model_dir --train_steps=5`
+    trained the defaults into a folder named `--train_steps=5`."""
+    for name in flag_values:
+        flag = flag_values[name]
+        if not flag.present or flag.boolean:
+            continue
+        for value in flag.value if isinstance(flag.value, list) else [flag.value]:
+            if not isinstance(value, str) or not value.startswith("-"):
+                continue
+            other = value.lstrip("-").split("=", 1)[0]
+            if other in flag_values or (other.startswith("no") and other[2:] in flag_values):
+                return name, value
+    return None

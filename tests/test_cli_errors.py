@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from helpers import checkpoint_files, run_train
+from helpers import ROOT, checkpoint_files, run_train
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +60,12 @@ def _cases(idx_dir, broken):
         (["--bach_size=3"], 2, "Unknown command line flag 'bach_size'. Did you mean: batch_size"),
         (["--batch_size=abc"], 2, "flag --batch_size=abc: invalid literal for int()"),
         (["--flagfile=/nonexistent.cfg"], 2, "Unable to open flagfile: [Errno 2] No such file"),
+        # absl gives a flag written without its value the next argument
+        (["--keep_best", "--early_stopping_patience=2"], 2,
+         "--keep_best has no value: it took the next argument, --early_stopping_patience=2, as "
+         "its value; give it one as --keep_best=VALUE"),
+        (["--train_actions", "--noverbose"], 2, "--train_actions has no value: it took the next "
+                                                "argument, --noverbose, as its value"),
     ]
 
 
@@ -81,6 +87,17 @@ def test_a_rejected_batch_creates_no_model_dir(tmp_path):
     proc = run_train("--batch_shards=3", f"--model_dir={model_dir}", "--dataset=synthetic")
     assert proc.returncode == 2 and "use a multiple of 3" in proc.stderr
     assert not model_dir.exists()
+
+
+def test_a_model_dir_without_its_value_trains_nothing_into_a_flag_named_folder():
+    """absl reads `--model_dir --eval_every=1` as --model_dir='--eval_every=1': the run
+    trained into a folder of that name in the working directory."""
+    stray = os.path.join(ROOT, "--eval_every=1")
+    proc = run_train("--model_dir", "--eval_every=1", "--train_steps=1", "--dataset=synthetic")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "train.py: error: --model_dir has no value: it took the next argument, " \
+           "--eval_every=1, as its value" in proc.stderr
+    assert not os.path.exists(stray)
 
 
 def test_verbose_shows_the_traceback(tmp_path):
