@@ -174,23 +174,47 @@ def is_run_folder(files: list[str]) -> bool:
     return "checkpoint" in files or any(f.startswith("events.out.tfevents.") for f in files)
 
 
-def list_images(root: str) -> tuple[list[str], dict[str, int], list[str]]:
+def list_images(root: str) -> tuple[list[str], dict[str, int], list[str], list[str]]:
     """(sorted image paths under `root`, {other extension or name: count}, run folders
-    not read), recursively.
+    not read, linked folders not read again), recursively.
 
     Hidden files and folders (named .*) are not read, as `ls` does not show them: macOS
     leaves `._NAME.jpg` resource forks beside copied photos (not images), and notebooks
     `.ipynb_checkpoints/` copies of them. Hidden files are counted as "hidden". Nor are
     training run folders (`is_run_folder`) and what is under them: a --model_dir inside
     the data folder would otherwise add its figures (reconstructions.png, ...) to the
-    training images, and another class, from its second run on."""
-    found, others, runs = [], collections.Counter(), []
+    training images, and another class, from its second run on.
+
+    Links to folders elsewhere are followed (a class folder linked from another disk),
+    each real folder once. A link to a folder inside `root` (or holding it) is not: its
+    images are read where they are. Followed, a link back to `root` was walked 40 levels
+    deep, until the path was too long, and every image was read 40 times, in both slices
+    of train[:90%] / train[90%:]. Whatever the order the walk lists folders in, the same
+    ones are read."""
+    found, others, runs, repeats = [], collections.Counter(), [], []
+    local = not is_remote(root)  # object stores have no links
+    top = os.path.realpath(root) if local else root
+    seen = {top}
+
+    def read_already(path: str) -> bool:
+        if not (local and os.path.islink(path)):
+            return False
+        real = os.path.realpath(path)
+        if real in seen or real.startswith(top + os.sep) or top.startswith(real + os.sep):
+            return True
+        seen.add(real)
+        return False
+
     for folder, subfolders, files in tf.io.gfile.walk(root):
         if is_run_folder(files):
             runs.append(folder)
             subfolders[:] = []
             continue
-        subfolders[:] = [d for d in subfolders if not d.startswith(".")]  # walk skips them
+        subfolders.sort()  # the links followed, whatever order the walk lists them in
+        repeats += [os.path.join(folder, d) for d in subfolders
+                    if not d.startswith(".") and read_already(os.path.join(folder, d))]
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")  # walk skips them
+                         and os.path.join(folder, d) not in repeats]
         for name in files:
             if name.startswith("."):
                 others["hidden"] += 1
@@ -200,7 +224,7 @@ def list_images(root: str) -> tuple[list[str], dict[str, int], list[str]]:
                 found.append(os.path.join(folder, name))
             else:
                 others[ext or name] += 1
-    return sorted(found), dict(sorted(others.items())), sorted(runs)
+    return sorted(found), dict(sorted(others.items())), sorted(runs), sorted(repeats)
 
 
 def class_labels(root: str, paths: list[str]) -> tuple[np.ndarray | None, list[str]]:
@@ -335,7 +359,16 @@ def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
                           "without train/ the whole folder is 'train', sliced like "
                           "'train[:90%]')")
     split_root = roots[name]
-    paths, others, runs = list_images(split_root)
+    paths, others, runs, repeats = list_images(split_root)
+    if repeats:
+        targets = ", ".join(sorted({os.path.realpath(p) for p in repeats})[:4])
+        one = len(repeats) == 1
+        logging.warning("%s: not following the link%s %s: %s (%s) %s read once, by %s own "
+                        "path or an earlier link, and following %s would repeat %s images",
+                        split_root, "" if one else "s", ", ".join(repeats[:4]),
+                        "its folder" if one else "their folders", targets,
+                        "is" if one else "are", "its" if one else "their",
+                        "it" if one else "them", "its" if one else "their")
     if runs:
         logging.warning("%s: not reading %d training run folder%s inside it (%s): they hold "
                         "checkpoints or TensorFlow events, and their images are the runs' "

@@ -122,10 +122,32 @@ def test_hidden_files_and_folders_are_not_read(tmp_path):
     (tmp_path / "train" / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
     save(str(tmp_path / "train" / "cat" / ".ipynb_checkpoints" / "000-checkpoint.png"),
          colour_images(1)[0])
-    paths, others, runs = sources.list_images(str(tmp_path / "train"))
+    paths, others, runs, repeats = sources.list_images(str(tmp_path / "train"))
     assert [os.path.basename(p) for p in paths] == ["000.png", "001.png", "002.png", "003.png"]
-    assert others == {"hidden": 2} and runs == []
+    assert others == {"hidden": 2} and runs == [] and repeats == []
     assert data.open_split("train", "folder", str(tmp_path)).source.num_examples == 4
+
+
+def test_linked_folders_are_read_once(tmp_path, caplog):
+    """A class folder linked from elsewhere is read; a link back to the data folder (or to
+    a folder read already) is not followed again: the walk followed it 40 levels deep, and
+    every image was read 40 times, in both slices of train[:90%] / train[90%:]."""
+    photos, elsewhere = tmp_path / "photos", tmp_path / "disk2" / "dogs"
+    for i, a in enumerate(colour_images(6)):
+        save(str((photos / "cat" if i % 2 else elsewhere) / f"{i:02d}.png"), a)
+    os.symlink(elsewhere, photos / "dog")
+    os.symlink(photos, photos / "cat" / "back")  # a loop
+    os.symlink(photos / "cat", photos / "cat_again")
+    paths, _, _, repeats = sources.list_images(str(photos))
+    assert sorted(os.path.relpath(p, photos) for p in paths) == [
+        "cat/01.png", "cat/03.png", "cat/05.png", "dog/00.png", "dog/02.png", "dog/04.png"]
+    assert sorted(os.path.relpath(p, photos) for p in repeats) == ["cat/back", "cat_again"]
+    with caplog.at_level("WARNING", logger="absl"):
+        split = data.open_split("train", "folder", str(photos))
+    assert split.source.num_examples == 6
+    assert f"{photos}: not following the links {photos}/cat/back, {photos}/cat_again: their " \
+           f"folders ({photos}, {photos}/cat) are read once, by their own path or an earlier " \
+           "link, and following them would repeat their images" in caplog.text
 
 
 def test_a_model_dir_inside_the_data_folder_is_not_read(tmp_path, caplog):
