@@ -704,7 +704,7 @@ def open_tfrecord(data_dir: str, spec: str, split: str, sl: slice, image_size, c
         counts = _count_records(files, compression)
         logging.info("counted %d records in %d shards of %s in %.1f s (no %s beside them)",
                      sum(counts), len(files), split, time.monotonic() - start, INFO_FILE)
-    first = None
+    first, image_key = None, None
     for path in files:  # every shard's first record must hold an image
         try:
             record = next(iter(tf.data.TFRecordDataset(path, compression_type=compression)), None)
@@ -714,14 +714,22 @@ def open_tfrecord(data_dir: str, spec: str, split: str, sl: slice, image_size, c
         if record is None:
             continue
         example = tf.train.Example.FromString(record.numpy())
-        keys = sorted(example.features.feature)
-        if "image/encoded" not in keys:
-            raise DataError(f"{path}: its examples have no image/encoded feature (they have "
-                            f"{', '.join(keys) or 'none'}): write them with python -m core.prepare")
-        first = first or example
+        key = _image_feature(example, path)
+        if image_key not in (None, key):
+            raise DataError(f"{path}: its images are in the feature {key}, those of {files[0]} "
+                            f"in {image_key}: give every shard of a split the same features")
+        first, image_key = first or example, key
     if first is None or not sum(counts):
         raise DataError(f"the {split}-* shards in {data_dir} hold no examples")
-    h, w, c, raw = _first_image_shape(first, files[0])
+    label_key = "image/class/label"
+    if image_key != "image/encoded":
+        feature = first.features.feature
+        label_key = next((k for k in ("image/class/label", "label")
+                          if k in feature and feature[k].WhichOneof("kind") == "int64_list"),
+                         None)
+        logging.info("%s: the images are the encoded files of the feature %r (no image/encoded)"
+                     "%s", split, image_key, f", the labels {label_key!r}" if label_key else "")
+    h, w, c, raw = _first_image_shape(first, files[0], image_key)
     size = tuple(image_size) if image_size else (h, w)
     shape = (info or {}).get("image_shape")  # core.prepare's: one shape for every record
     # PNGs that core.prepare wrote at the output size: decoded straight to it (no resize)
@@ -731,16 +739,45 @@ def open_tfrecord(data_dir: str, spec: str, split: str, sl: slice, image_size, c
     fixed = shape if raw else None
     return TFRecordSource(spec, files, counts, compression, decoding, class_names=info_names,
                           raw_channels=c if raw else None,
-                          fixed_shape=fixed if fixed and list(fixed) == [h, w, c] else None)
+                          fixed_shape=fixed if fixed and list(fixed) == [h, w, c] else None,
+                          image_key=image_key, label_key=label_key)
 
 
-def _first_image_shape(example, path: str) -> tuple[int, int, int, bool]:
+# The first bytes of the encoded files tapeloop decodes.
+_SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF")
+
+
+def _image_feature(example, path: str) -> str:
+    """The feature of an Example that holds its image: Model Garden's `image/encoded`, else
+    the one bytes feature whose value is an encoded image file (`image`, as a TFDS dataset's
+    records or many a user's own shards have it)."""
+    feature = example.features.feature
+    if "image/encoded" in feature:
+        return "image/encoded"
+    found = [k for k in sorted(feature) if feature[k].WhichOneof("kind") == "bytes_list"
+             and feature[k].bytes_list.value
+             and feature[k].bytes_list.value[0].startswith(_SIGNATURES)]
+    if len(found) == 1:
+        return found[0]
+    keys = ", ".join(sorted(feature)) or "none"
+    if found:
+        raise DataError(f"{path}: its examples hold several encoded images ({', '.join(found)}) "
+                        "and no image/encoded feature, which would say which to train on: "
+                        "write the shards with python -m core.prepare")
+    raise DataError(f"{path}: its examples have no image/encoded feature, nor another that "
+                    f"holds an encoded image (they have {keys}): write them with python -m "
+                    "core.prepare")
+
+
+def _first_image_shape(example, path: str,
+                       image_key: str = "image/encoded") -> tuple[int, int, int, bool]:
     """(height, width, channels, raw) of a shard set's first image: decoded, or for raw
     pixels (`image/format` "raw") read from its `image/height`, `image/width` and
     `image/channels`, whose product must be its byte count."""
     feature = example.features.feature
-    encoded = feature["image/encoded"].bytes_list.value[0]
-    fmt = feature["image/format"].bytes_list.value[:1] if "image/format" in feature else []
+    encoded = feature[image_key].bytes_list.value[0]
+    fmt = feature["image/format"].bytes_list.value[:1] \
+        if image_key == "image/encoded" and "image/format" in feature else []
     if fmt and fmt[0].lower() == b"raw":
         shape = [feature[k].int64_list.value[:1] for k in
                  ("image/height", "image/width", "image/channels")]

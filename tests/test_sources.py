@@ -817,12 +817,49 @@ def test_bad_shards(tmp_path):
         w.write(tf.train.Example(features=tf.train.Features(feature={
             "image/raw": tf.train.Feature(bytes_list=tf.train.BytesList(value=[b"x"]))}))
             .SerializeToString())
-    with pytest.raises(DataError, match=r"no image/encoded feature \(they have image/raw\)"):
+    with pytest.raises(DataError, match=r"no image/encoded feature, nor another that holds an "
+                                        r"encoded image \(they have image/raw\)"):
         data.open_split("train", "tfrecord", str(other))
     with pytest.raises(DataError, match="matches no files"):
         data.open_split("train", "tfrecord", str(tmp_path / "out" / "nothing-*"))
     with pytest.raises(DataError, match=r"has no validation-\* TFRecord shards"):
         data.open_split("validation", "tfrecord", str(tmp_path / "out"))
+
+
+def _write_records(path, features_of):
+    with tf.io.TFRecordWriter(str(path)) as w:
+        for features in features_of:
+            w.write(tf.train.Example(features=tf.train.Features(feature={
+                k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+                if isinstance(v, bytes) else tf.train.Feature(int64_list=tf.train.Int64List(
+                    value=[v])) for k, v in features.items()})).SerializeToString())
+
+
+def test_shards_whose_image_feature_is_not_model_gardens(tmp_path):
+    """Shards of one's own (or a TFDS dataset's records) with the image under `image` and
+    the class under `label`: read by finding the feature that holds an encoded image. They
+    were refused for want of image/encoded."""
+    pixels = colour_images(10)
+    png = [tf.io.encode_png(a).numpy() for a in pixels]
+    _write_records(tmp_path / "train-00000-of-00001",
+                   [{"image": p, "label": i % 3, "id": b"x%d" % i} for i, p in enumerate(png)])
+    source = data.open_split("train", "tfrecord", str(tmp_path)).source
+    read = data.materialize(source)
+    np.testing.assert_array_equal(read.images, pixels)
+    np.testing.assert_array_equal(read.labels, [i % 3 for i in range(10)])
+    # Two images per record: which one is meant is not guessed.
+    _write_records(tmp_path / "train-00000-of-00001",
+                   [{"image": p, "mask": p} for p in png])
+    with pytest.raises(DataError, match=r"train-00000-of-00001: its examples hold several "
+                                        r"encoded images \(image, mask\) and no image/encoded"):
+        data.open_split("train", "tfrecord", str(tmp_path))
+    # Shards of one split with the image under different features.
+    _write_records(tmp_path / "train-00000-of-00002", [{"image": p} for p in png])
+    _write_records(tmp_path / "train-00001-of-00002", [{"img": p} for p in png])
+    os.remove(tmp_path / "train-00000-of-00001")
+    with pytest.raises(DataError, match=r"train-00001-of-00002: its images are in the feature "
+                                        r"img, those of .*train-00000-of-00002 in image"):
+        data.open_split("train", "tfrecord", str(tmp_path))
 
 
 def _corrupt_middle(path):
