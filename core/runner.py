@@ -709,7 +709,8 @@ def train(run: Run) -> dict:
         early_stopping_patience=cfg.early_stopping_patience,
         reduce_lr_patience=cfg.reduce_lr_patience, reduce_lr_factor=cfg.reduce_lr_factor,
         reduce_lr_min=cfg.reduce_lr_min, min_delta=cfg.min_delta, loss=run.loss.title,
-        eval_data=" ".join(str(v) for v in (cfg.dataset, cfg.data_dir, cfg.eval_split) if v))
+        eval_data=" ".join(str(v) for v in (cfg.dataset, cfg.data_dir, cfg.eval_split) if v),
+        eval_inputs=f"--resize={cfg.resize} --noise_factor={cfg.noise_factor:g}")
     if cfg.mode == "train_and_eval" and 0 < cfg.early_stopping_patience <= cfg.reduce_lr_patience:
         logging.warning("--early_stopping_patience=%d stops the run before "
                         "--reduce_lr_patience=%d lowers the rate: give early stopping more "

@@ -64,7 +64,8 @@ def test_early_stopping_stops_and_stays_stopped(tmp_path):
 def test_a_resume_with_another_loss_or_eval_split_judges_anew(tmp_path, caplog):
     """eval/loss is the training loss: after a resume with --loss=mse its values are not
     comparable with the BCE record, so the run that stopped early on BCE trains on, and
-    the first MSE evaluation starts the record; so does another eval split."""
+    the first MSE evaluation starts the record; so does another eval split, or another
+    --noise_factor."""
     config = _config(tmp_path, learning_rate=1e-12, early_stopping_patience=2)
     assert core.run(config)["step"] == 30  # stopped early on BCE
     with caplog.at_level("INFO", logger="absl"):
@@ -82,6 +83,16 @@ def test_a_resume_with_another_loss_or_eval_split_judges_anew(tmp_path, caplog):
     assert ("at step 40) was judged by eval_data fontdigits test[:128] (now fontdigits "
             "test[128:256])") in caplog.text
     assert json.load(open(tmp_path / "run" / "best" / "best.json"))["step"] == 60
+    # A denoiser resumed at a higher noise (a curriculum): every metric drops with it.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="absl"):
+        core.run(config.replace(loss="mse", train_steps=70, eval_split="test[128:256]",
+                                noise_factor=0.3))
+    assert ("judged anew from step 70: the best so far (0.2") in caplog.text
+    assert ("at step 60) was judged by eval_inputs --resize=crop --noise_factor=0 (now "
+            "--resize=crop --noise_factor=0.3)") in caplog.text
+    record = json.load(open(tmp_path / "run" / "best" / "best.json"))
+    assert record["step"] == 70 and record["eval_inputs"] == "--resize=crop --noise_factor=0.3"
 
 
 def test_reduce_lr_on_plateau_lowers_the_rate_and_resumes_on_schedule(tmp_path, caplog):
