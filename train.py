@@ -95,7 +95,8 @@ flags.DEFINE_integer("grad_accum_steps", _D.grad_accum_steps, "Micro-batches of 
                      "per update (gradient accumulation: an effective batch N times larger).")
 flags.DEFINE_integer("eval_batch_size", None, "Examples per evaluation step (default: "
                      "--batch_size); evaluation has no gradients, so it can be larger.")
-flags.DEFINE_float("learning_rate", _D.learning_rate, "Adam learning rate.")
+flags.DEFINE_float("learning_rate", _D.learning_rate, "The optimizer's (base) learning rate; "
+                   "--lr_schedule and --warmup_steps scale it by the step.")
 flags.DEFINE_enum("optimizer", _D.optimizer, config_lib.OPTIMIZERS,
                   "adam (fused), adamw (decoupled --weight_decay, not on biases and "
                   "normalisation scales) or sgd (--momentum, --nesterov).")
@@ -116,7 +117,8 @@ flags.DEFINE_float("min_learning_rate", _D.min_learning_rate, "cosine, linear: t
 flags.DEFINE_float("decay_rate", None, "exponential: the factor per epoch, e.g. 0.9.")
 flags.DEFINE_list("lr_boundaries", None, "piecewise: the steps where the rate changes.")
 flags.DEFINE_list("lr_values", None, "piecewise: the rates, one more than the boundaries.")
-flags.DEFINE_integer("seed", _D.seed, "Seed of the weight initialisation and the data order.")
+flags.DEFINE_integer("seed", _D.seed, "Seed of the weight initialisation, the data order and "
+                     "the draws of --noise_factor, --augment and the VAE.")
 flags.DEFINE_bool("jit_compile", None, "XLA-compile the step (default: on with a GPU, off on CPU).")
 flags.DEFINE_bool("eager", _D.eager, "Run the loop eagerly, for debugging (slow).")
 flags.DEFINE_integer("steps_per_loop", _D.steps_per_loop, "Training steps per compiled call.")
