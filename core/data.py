@@ -281,7 +281,9 @@ def cache_to_dir(source, cache_dir: str):
     """A file source decoded once into TFRecord shards under `cache_dir` (--cache=DIR) and
     streamed from there: raw pixels at the output size instead of the original files.
     Reused by every run with the same files and decoding (the folder's name is a hash
-    of both). In-memory datasets are returned as they are.
+    of both: a folder's paths and their byte sizes, so that images saved again under the
+    same names are decoded anew instead of training on the old pixels; shards' names and
+    record counts). In-memory datasets are returned as they are.
     """
     if isinstance(source, Split):
         return source
@@ -292,8 +294,8 @@ def cache_to_dir(source, cache_dir: str):
 
     from core import prepare, sources
 
-    elements = getattr(source, "paths", None) or list(zip(source.files, source.skips,
-                                                          source.counts))
+    elements = (list(zip(source.paths, source.file_sizes)) if getattr(source, "paths", None)
+                else list(zip(source.files, source.skips, source.counts)))
     turned = getattr(source, "orientations", None)  # EXIF orientations, where any file has one
     decoding = (source.decoding,) + (() if turned is None else (turned.tolist(),))
     key = hashlib.sha256(repr((source.kind, elements, *decoding)).encode()).hexdigest()[:16]

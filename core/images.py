@@ -45,6 +45,7 @@ class FileInfo:
     channels: int  # 1 for greyscale, 3 for everything else (alpha and palettes become RGB)
     format: str
     orientation: int = 1  # a JPEG's EXIF orientation, 1-8 (1: stored upright)
+    size: int = 0  # the file's length in bytes
 
 
 class BadImage(Exception):
@@ -150,7 +151,7 @@ def check_file(path: str) -> FileInfo:
     channels = 1 if mode in ("1", "L", "LA", "I", "I;16", "F") else 3
     if orientation >= 5:  # turned by 90 degrees: displayed with the sides swapped
         height, width = width, height
-    return FileInfo(path, height, width, channels, fmt, orientation)
+    return FileInfo(path, height, width, channels, fmt, orientation, size)
 
 
 def orient(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:

@@ -275,6 +275,8 @@ class FolderSource:
 
     orientations: the files' EXIF orientations (images.orient), or None when every file
     is stored upright (then the decode has no orientation step at all).
+    file_sizes: the files' lengths in bytes when they were checked (a `--cache=DIR` copy is
+    of these files: an image saved again under its name is another file).
     """
 
     kind = "folder"
@@ -282,9 +284,10 @@ class FolderSource:
 
     def __init__(self, name: str, paths: list[str], labels: np.ndarray | None,
                  class_names: list[str], decoding: Decoding,
-                 orientations: np.ndarray | None = None):
+                 orientations: np.ndarray | None = None, file_sizes: tuple[int, ...] = ()):
         self.name = name
         self.paths = paths
+        self.file_sizes = tuple(file_sizes)
         self.labels = labels
         self.class_names = class_names
         self.decoding = decoding
@@ -434,7 +437,8 @@ def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
                      "by their EXIF orientation as viewers show them (TensorFlow's and Keras' "
                      "decoders ignore it)", spec, turned, len(infos))
     return (FolderSource(spec, paths, labels, class_names, decoding,
-                         orientations if turned else None), bad, smaller)
+                         orientations if turned else None, tuple(i.size for i in infos)),
+            bad, smaller)
 
 
 # ---------------------------------------------------------------- tfrecord

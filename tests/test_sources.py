@@ -1002,6 +1002,16 @@ def test_cache_dir_decodes_once_into_shards_and_reuses_them(tmp_path):
     other = data.open_split("train", "folder", str(tmp_path / "imgs"), image_size=(8, 8)).source
     data.cache_to_dir(other, str(tmp_path / "cache"))  # another decoding: its own cache
     assert len(os.listdir(tmp_path / "cache")) == 2
+    # An image saved again under its name (edited, re-exported): the cache was of the old
+    # file, and a run trained on its old pixels.
+    edited = src.paths[5]
+    save(edited, np.full((24, 32, 3), 200, np.uint8))
+    src = data.open_split("train", "folder", str(tmp_path / "imgs"), image_size=(12, 16)).source
+    fresh = data.cache_to_dir(src, str(tmp_path / "cache"))
+    assert len(os.listdir(tmp_path / "cache")) == 3
+    images = data.materialize(fresh).images
+    np.testing.assert_array_equal(images, data.materialize(src).images)
+    assert (images[5] == 200).all()
     config = Config(dataset="folder", data_dir=str(tmp_path / "imgs"), cache=str(tmp_path / "c2"),
                     model_dir=str(tmp_path / "run"), epochs=None, train_steps=4, batch_size=8,
                     eval_every=4)
