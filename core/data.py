@@ -228,13 +228,15 @@ def open_split(spec: str, dataset: str, data_dir: str | None = None, verify: boo
     from core import sources
 
     if dataset == "folder":
-        source, skipped, upscaled = sources.open_folder(data_dir, spec, image_size, channels,
-                                                        resize, bad_images)
+        with sources.utf8_names(data_dir):
+            source, skipped, upscaled = sources.open_folder(data_dir, spec, image_size, channels,
+                                                            resize, bad_images)
         return Opened(source, skipped, upscaled)
     if dataset == "tfrecord":
         name, sl = parse_split(spec)
-        return Opened(sources.open_tfrecord(data_dir, spec, name, sl, image_size, channels,
-                                            resize))
+        with sources.utf8_names(data_dir):
+            return Opened(sources.open_tfrecord(data_dir, spec, name, sl, image_size, channels,
+                                                resize))
     if dataset.startswith("tfds:"):
         return Opened(sources.open_tfds(dataset[len("tfds:"):], data_dir, spec, image_size,
                                         channels, resize))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import hashlib
 import glob
@@ -146,10 +147,42 @@ def slice_order(paths: list[str], root: str) -> list[int]:
     return sorted(range(len(paths)), key=key)
 
 
+@contextlib.contextmanager
+def utf8_names(data_dir: str | None):
+    """Inside the block, a file or folder name under `data_dir` that is not UTF-8 (a Latin-1
+    `café.jpg` from an old archive or Windows share) is a DataError naming it: TensorFlow's
+    folder listing decodes every name as UTF-8 and raised UnicodeDecodeError, a traceback."""
+    try:
+        yield
+    except UnicodeDecodeError:
+        found = _first_name_not_utf8(data_dir) if data_dir and not is_remote(data_dir) else None
+        which = (f"{found.decode('utf-8', 'backslashreplace')} has a name" if found else
+                 "a name under it is")
+        raise DataError(f"--data_dir={data_dir}: {which} not in UTF-8, and TensorFlow lists "
+                        "folders by UTF-8 names only: rename it (for a tree of Latin-1 names: "
+                        f"convmv -f latin1 -t utf8 -r --notest {data_dir})") from None
+
+
+def _first_name_not_utf8(folder: str) -> bytes | None:
+    for parent, folders, files in os.walk(os.fsencode(folder)):
+        folders.sort()
+        for name in sorted(folders + files):
+            try:
+                name.decode("utf-8")
+            except UnicodeDecodeError:
+                return os.path.join(parent, name)
+    return None
+
+
 def default_splits(dataset: str, data_dir: str | None) -> tuple[str, str]:
     """(train split, eval split) when the user names none: the first of EVAL_SPLITS
     present for folders, shards and TFDS datasets (a TFDS dataset with only `train` is
     sliced 90/10, as a flat folder), test for the others."""
+    with utf8_names(data_dir):
+        return _default_splits(dataset, data_dir)
+
+
+def _default_splits(dataset: str, data_dir: str | None) -> tuple[str, str]:
     if dataset == "folder":
         splits = folder_splits(data_dir)
         warn_unread_split_folders(data_dir)

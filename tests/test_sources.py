@@ -150,6 +150,30 @@ def test_linked_folders_are_read_once(tmp_path, caplog):
            "link, and following them would repeat their images" in caplog.text
 
 
+def test_a_file_name_that_is_not_utf8_is_named_in_one_line(tmp_path):
+    """TensorFlow lists a folder by UTF-8 names only: a Latin-1 name (café.png copied from
+    an old archive) raised UnicodeDecodeError from its listing, a traceback."""
+    photos = tmp_path / "photos"
+    for i, a in enumerate(colour_images(6)):
+        save(str(photos / "cats" / f"{i}.png"), a)
+    os.rename(photos / "cats" / "3.png", os.path.join(os.fsencode(photos / "cats"), b"caf\xe9.png"))
+    message = (rf"^--data_dir={photos}: {photos}/cats/caf\\xe9.png has a name not in UTF-8, "
+               r"and TensorFlow lists folders by UTF-8 names only: rename it \(for a tree of "
+               rf"Latin-1 names: convmv -f latin1 -t utf8 -r --notest {photos}\)$")
+    with pytest.raises(DataError, match=message):
+        data.open_split("train", "folder", str(photos))
+    config = Config(dataset="folder", data_dir=str(photos), model_dir=str(tmp_path / "run"),
+                    epochs=None, train_steps=2, batch_size=2)
+    with pytest.raises(DataError, match=message):
+        core.run(config)
+    assert not (tmp_path / "run").exists()
+    # Beside the class folders, where the splits are looked for.
+    os.rename(os.path.join(os.fsencode(photos / "cats"), b"caf\xe9.png"),
+              os.path.join(os.fsencode(photos), b"caf\xe9"))
+    with pytest.raises(DataError, match=message.replace("/cats", "").replace(".png", "")):
+        sources.default_splits("folder", str(photos))
+
+
 def test_a_model_dir_inside_the_data_folder_is_not_read(tmp_path, caplog):
     """--model_dir=photos/run with --data_dir=photos: from the second run on, the run's
     figures were training images of a class 'run', and the data changed under the resume."""
