@@ -499,40 +499,58 @@ def _glob(pattern: str) -> list[str]:
     return tf.io.gfile.glob(pattern)
 
 
+# File name endings of TFRecord files that name their split before them (`train.tfrecord`,
+# `test.record`, `train.tfrecord-00000-of-00004`), besides `train-00000-of-00004`.
+_RECORD_ENDINGS = (".tfrecords", ".tfrecord", ".tfrec", ".record")
+
+
+def split_of(name: str) -> str | None:
+    """The split a shard file's name gives (its base name's): `train` of
+    train-00000-of-00004, of train.tfrecord, train.tfrecords.gz, train.record and
+    train.tfrecord-00000-of-00004; None for other files (dataset_info.json)."""
+    name = os.path.basename(name)
+    for ending in _RECORD_ENDINGS:
+        i = name.find(ending)
+        if i > 0 and "-" not in name[:i]:
+            return name[:i]
+    return name.split("-", 1)[0] if "-" in name else None
+
+
 def shard_files(data_dir: str, split: str) -> list[str]:
-    """The sorted `split-*` shards in `data_dir` (a folder, or a glob pattern of shards)."""
+    """The sorted shards of `split` (`split_of`) in `data_dir` (a folder, or a glob
+    pattern of shards)."""
     if not data_dir:
         raise ConfigError("--dataset=tfrecord needs --data_dir=FOLDER with train-* and test-* "
                           "shards (python -m core.prepare writes them)")
     if _is_pattern(data_dir):
         matched = _glob(data_dir)
-        files = sorted(f for f in matched if os.path.basename(f).startswith(f"{split}-"))
         if not matched:
             raise DataError(f"--data_dir={data_dir} matches no files: check the pattern")
     else:
         if not tf.io.gfile.isdir(data_dir):
             raise DataError(f"--data_dir={data_dir} is not a folder: give the folder of the "
                             "TFRecord shards (python -m core.prepare writes them)")
-        files = sorted(tf.io.gfile.glob(_inside(data_dir, f"{split}-*")))
+        matched = tf.io.gfile.glob(_inside(data_dir, f"{split}[-.]*"))
+    files = sorted(f for f in matched if split_of(f) == split)
     if not files:
         present = shard_splits(data_dir)
-        has = f" (it has {', '.join(f'{name}-*' for name in present)})" if present else ""
+        has = f" (it has shards of {', '.join(present)})" if present else ""
         raise DataError(f"--data_dir={data_dir} has no {split}-* TFRecord shards{has}: write them "
                         "with python -m core.prepare, or name the split's files "
-                        f"{split}-00000-of-00001 and so on")
+                        f"{split}-00000-of-00001 (or {split}.tfrecord) and so on")
     return files
 
 
 def shard_splits(data_dir: str) -> list[str]:
-    """The split names of the shards in `data_dir` (their file prefixes: `train` of
-    train-00000-of-00004), sorted; none if it is not a folder or pattern of files."""
+    """The split names of the shards in `data_dir` (`split_of` their names: `train` of
+    train-00000-of-00004 or train.tfrecord), sorted; none if it is not a folder or pattern
+    of files."""
     try:
         files = (_glob(data_dir) if _is_pattern(data_dir)
-                 else tf.io.gfile.glob(_inside(data_dir, "*-*")))
+                 else tf.io.gfile.glob(_inside(data_dir, "*[-.]*")))
     except tf.errors.OpError:
         return []
-    return sorted({os.path.basename(f).split("-", 1)[0] for f in files
-                   if "-" in os.path.basename(f)})
+    return sorted({split for split in map(split_of, files) if split})
 
 
 def _compression(path: str) -> str:

@@ -83,8 +83,8 @@ def test_a_val_folder_beside_train_is_the_eval_split_and_its_shards_too(tmp_path
     assert sources.default_splits("tfrecord", str(tmp_path / "out")) == ("train", held_out)
     records = data.open_split(held_out, "tfrecord", str(tmp_path / "out")).source
     assert records.num_examples == 4
-    with pytest.raises(DataError, match=rf"has no test-\* TFRecord shards \(it has train-\*, "
-                                        rf"{held_out}-\*\)"):
+    with pytest.raises(DataError, match=rf"has no test-\* TFRecord shards \(it has shards of "
+                                        rf"train, {held_out}\)"):
         data.open_split("test", "tfrecord", str(tmp_path / "out"))
     png_tree(str(tmp_path / "imgs"), splits=(("test", 4),))  # test/ first, when present
     assert sources.default_splits("folder", str(tmp_path / "imgs")) == ("train", "test")
@@ -884,6 +884,29 @@ def test_shards_whose_image_feature_is_not_model_gardens(tmp_path):
     with pytest.raises(DataError, match=r"train-00001-of-00002: its images are in the feature "
                                         r"img, those of .*train-00000-of-00002 in image"):
         data.open_split("train", "tfrecord", str(tmp_path))
+
+
+def test_record_files_named_split_dot_tfrecord(tmp_path):
+    """`train.tfrecord` and `test.record` (as TensorFlow's TFRecord tutorial and the object
+    detection API name them), with the tutorial's `image_raw` feature: each file is its
+    split, as train-00000-of-00001 is; they were refused as "no train-* shards"."""
+    pixels = colour_images(12)
+    jpegs = [tf.io.encode_png(a).numpy() for a in pixels]
+    _write_records(tmp_path / "train.tfrecord", [{"image_raw": p, "label": 1} for p in jpegs[:8]])
+    _write_records(tmp_path / "test.record", [{"image_raw": p, "label": 2} for p in jpegs[8:]])
+    _write_records(tmp_path / "train.tfrecord-00001-of-00002", [{"image_raw": jpegs[0]}])
+    (tmp_path / "dataset_info.json.bak").write_text("{}")  # not a split
+    assert sources.shard_splits(str(tmp_path)) == ["test", "train"]
+    assert sources.default_splits("tfrecord", str(tmp_path)) == ("train", "test")
+    assert [os.path.basename(f) for f in sources.shard_files(str(tmp_path), "train")] == [
+        "train.tfrecord", "train.tfrecord-00001-of-00002"]
+    train = data.materialize(data.open_split("train", "tfrecord", str(tmp_path)).source)
+    np.testing.assert_array_equal(train.images, np.concatenate([pixels[:8], pixels[:1]]))
+    test = data.materialize(data.open_split("test", "tfrecord", str(tmp_path)).source)
+    np.testing.assert_array_equal(test.images, pixels[8:])
+    assert [sources.split_of(n) for n in ("train-00000-of-00004", "val.tfrecords.gz",
+                                          "my-data.tfrecord", "dataset_info.json")] == [
+        "train", "val", "my", None]
 
 
 def _corrupt_middle(path):
