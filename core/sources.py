@@ -577,7 +577,8 @@ class TFRecordSource:
     Each shard contributes `counts[i]` records after skipping `skips[i]` (TFDS slices);
     `image_key` and `label_key` name the features (Model Garden's, or a TFDS
     dataset's). `raw_channels`: the images are raw pixels with this many channels
-    (`image/format` "raw", with `image/height` and `image/width`), not encoded files;
+    (`image/format` "raw", with `image/height` and `image/width`, or the `size_keys`
+    features), not encoded files;
     `fixed_shape`: every raw image has this (H, W, C) (`dataset_info.json` says so).
     """
 
@@ -587,8 +588,10 @@ class TFRecordSource:
     def __init__(self, name: str, files: list[str], counts: list[int], compression: str,
                  decoding: Decoding, skips: list[int] | None = None,
                  image_key: str = "image/encoded", label_key: str | None = "image/class/label",
-                 class_names=(), raw_channels: int | None = None, fixed_shape=None):
+                 class_names=(), raw_channels: int | None = None, fixed_shape=None,
+                 size_keys: tuple[str, str] = ("image/height", "image/width")):
         self.name = name
+        self.size_keys = tuple(size_keys)  # a raw image's height and width features
         self.files = files
         self.counts = counts
         self.skips = skips or [0] * len(files)
@@ -603,7 +606,7 @@ class TFRecordSource:
         self.fixed_shape = tuple(fixed_shape) if raw_channels and fixed_shape else None
         if raw_channels:
             self.features.update({k: tf.io.FixedLenFeature([], tf.int64)
-                                  for k in ("image/height", "image/width")})
+                                  for k in self.size_keys})
         if label_key:
             self.features[label_key] = tf.io.FixedLenFeature([], tf.int64, default_value=-1)
         self.image_key, self.label_key = image_key, label_key
@@ -644,9 +647,8 @@ class TFRecordSource:
 
         d = self.decoding
         if self.raw_channels:
-            return images_lib.decode_raw(get(self.image_key), get("image/height"),
-                                         get("image/width"), self.raw_channels, d.size,
-                                         d.channels, d.resize)
+            return images_lib.decode_raw(get(self.image_key), *map(get, self.size_keys),
+                                         self.raw_channels, d.size, d.channels, d.resize)
         return d(get(self.image_key))
 
     def decode_record(self, record: tf.Tensor) -> tf.Tensor:
@@ -655,7 +657,7 @@ class TFRecordSource:
     def decode_chunk(self, records: tf.Tensor) -> tf.Tensor:
         """Records (a vector of static length k) -> uint8 [k, H, W, C]: one parse and k
         decodes in one tf.data map call (data.DECODE_CHUNK says why). Traced."""
-        keys = [self.image_key] + (["image/height", "image/width"] if self.raw_channels else [])
+        keys = [self.image_key] + (list(self.size_keys) if self.raw_channels else [])
         features = tf.io.parse_example(records, {key: self.features[key] for key in keys})
         return tf.stack([self._image(features, j) for j in range(records.shape[0])])
 
@@ -769,11 +771,13 @@ def open_tfrecord(data_dir: str, spec: str, split: str, sl: slice, image_size, c
         if record is None:
             continue
         example = tf.train.Example.FromString(record.numpy())
-        key = _image_feature(example, path)
+        key, raw_shape = _image_feature(example, path)
         if image_key not in (None, key):
             raise DataError(f"{path}: its images are in the feature {key}, those of {files[0]} "
                             f"in {image_key}: give every shard of a split the same features")
-        first, image_key = first or example, key
+        if first is None:
+            first, first_raw = example, raw_shape
+        image_key = key
     if first is None or not sum(counts):
         raise DataError(f"the {split}-* shards in {data_dir} hold no examples")
     label_key = "image/class/label"
@@ -782,9 +786,16 @@ def open_tfrecord(data_dir: str, spec: str, split: str, sl: slice, image_size, c
         label_key = next((k for k in ("image/class/label", "label")
                           if k in feature and feature[k].WhichOneof("kind") == "int64_list"),
                          None)
-        logging.info("%s: the images are the encoded files of the feature %r (no image/encoded)"
-                     "%s", split, image_key, f", the labels {label_key!r}" if label_key else "")
-    h, w, c, raw = _first_image_shape(first, files[0], image_key)
+        shaped_by = ", ".join(repr(k) for k in first_raw[0] if k) if first_raw else ""
+        what = (f"the encoded files of the feature {image_key!r}" if first_raw is None else
+                f"the uint8 pixels of the feature {image_key!r}, shaped by {shaped_by}")
+        logging.info("%s: the images are %s (no image/encoded)%s", split, what,
+                     f", the labels {label_key!r}" if label_key else "")
+    if first_raw is None:
+        h, w, c, raw = _first_image_shape(first, files[0], image_key)
+        size_keys = ("image/height", "image/width")
+    else:
+        (h, w, c), raw, size_keys = first_raw[1], True, first_raw[0][:2]
     size = tuple(image_size) if image_size else (h, w)
     shape = (info or {}).get("image_shape")  # core.prepare's: one shape for every record
     # PNGs that core.prepare wrote at the output size: decoded straight to it (no resize)
@@ -795,30 +806,54 @@ def open_tfrecord(data_dir: str, spec: str, split: str, sl: slice, image_size, c
     return TFRecordSource(spec, files, counts, compression, decoding, class_names=info_names,
                           raw_channels=c if raw else None,
                           fixed_shape=fixed if fixed and list(fixed) == [h, w, c] else None,
-                          image_key=image_key, label_key=label_key)
+                          image_key=image_key, label_key=label_key, size_keys=size_keys)
 
 
 # The first bytes of the encoded files tapeloop decodes.
 _SIGNATURES = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF")
 
 
-def _image_feature(example, path: str) -> str:
-    """The feature of an Example that holds its image: Model Garden's `image/encoded`, else
-    the one bytes feature whose value is an encoded image file (`image`, as a TFDS dataset's
-    records or many a user's own shards have it)."""
+# Features that give a raw image's height, width and channels, as scripts name them (TF 1's
+# convert_to_records.py wrote height, width, depth and image_raw = the pixels' bytes).
+_RAW_SIZE_FEATURES = (("height", "image_height", "rows"), ("width", "image_width", "cols"),
+                      ("depth", "channels", "image_depth", "image_channels"))
+
+
+def _image_feature(example, path: str) -> tuple[str, tuple | None]:
+    """(the feature of an Example that holds its image, None or for raw pixels ((height,
+    width, channels features), (h, w, c)): Model Garden's `image/encoded`; else the one
+    bytes feature whose value is an encoded image file (`image`, as a TFDS dataset's records
+    or many a user's own shards have it); else one of uint8 pixels, h x w x c bytes by its
+    height, width and depth features (`_RAW_SIZE_FEATURES`), c 1 or 3 where no depth is
+    given (float32 pixels, 4 bytes each, would pass for RGBA: those are refused)."""
     feature = example.features.feature
     if "image/encoded" in feature:
-        return "image/encoded"
+        return "image/encoded", None
     found = [k for k in sorted(feature) if feature[k].WhichOneof("kind") == "bytes_list"
              and feature[k].bytes_list.value
              and feature[k].bytes_list.value[0].startswith(_SIGNATURES)]
     if len(found) == 1:
-        return found[0]
+        return found[0], None
     keys = ", ".join(sorted(feature)) or "none"
     if found:
         raise DataError(f"{path}: its examples hold several encoded images ({', '.join(found)}) "
                         "and no image/encoded feature, which would say which to train on: "
-                        "write the shards with python -m core.prepare")
+                        "write the one to train on as image/encoded")
+    names = [next((k for k in options if k in feature
+                   and feature[k].WhichOneof("kind") == "int64_list"
+                   and feature[k].int64_list.value), None) for options in _RAW_SIZE_FEATURES]
+    pixels = [k for k in sorted(feature) if feature[k].WhichOneof("kind") == "bytes_list"
+              and len(feature[k].bytes_list.value) == 1]
+    if names[0] and names[1] and len(pixels) == 1:
+        h, w = (feature[k].int64_list.value[0] for k in names[:2])
+        size = len(feature[pixels[0]].bytes_list.value[0])
+        c = feature[names[2]].int64_list.value[0] if names[2] else size // max(h * w, 1)
+        if h > 0 and w > 0 and h * w * c == size and (c in (1, 3) or names[2] and c in (2, 4)):
+            return pixels[0], (tuple(names), (int(h), int(w), int(c)))
+        raise DataError(f"{path}: its feature {pixels[0]} holds {size:,} bytes, not the "
+                        f"{names[0]} x {names[1]} ({h} x {w}) x {names[2] or '1 or 3'} "
+                        "bytes of uint8 pixels (float pixels?): write the shards with "
+                        "python -m core.prepare")
     raise DataError(f"{path}: its examples have no image/encoded feature, nor another that "
                     f"holds an encoded image (they have {keys}): write them with python -m "
                     "core.prepare")

@@ -886,6 +886,37 @@ def test_shards_whose_image_feature_is_not_model_gardens(tmp_path):
         data.open_split("train", "tfrecord", str(tmp_path))
 
 
+def test_shards_of_raw_pixels_with_height_width_and_depth(tmp_path):
+    """TF 1's convert_to_records.py wrote `image_raw` = the uint8 pixels' bytes beside
+    height, width, depth and label: read by those; float32 pixels are refused in one line."""
+    pixels = colour_images(6)
+    grey = pixels[..., :1]
+    _write_records(tmp_path / "train-00000-of-00001", [
+        {"height": 24, "width": 32, "depth": 1, "label": i, "image_raw": a.tobytes()}
+        for i, a in enumerate(grey)])
+    opened = data.open_split("train", "tfrecord", str(tmp_path))
+    read = data.materialize(opened.source)
+    assert opened.source.image_shape == (24, 32, 1)
+    np.testing.assert_array_equal(read.images, grey)
+    np.testing.assert_array_equal(read.labels, range(6))
+    # RGB without a depth feature: 3 bytes a pixel; asked for 16x16 (resized, as PNGs are).
+    _write_records(tmp_path / "train-00000-of-00001", [
+        {"rows": 24, "cols": 32, "image_raw": a.tobytes()} for a in pixels])
+    source = data.open_split("train", "tfrecord", str(tmp_path), image_size=(16, 16)).source
+    png = tmp_path / "png"
+    _write_records(png.mkdir() or png / "train-00000-of-00001",
+                   [{"image": tf.io.encode_png(a).numpy()} for a in pixels])
+    as_png = data.open_split("train", "tfrecord", str(png), image_size=(16, 16)).source
+    np.testing.assert_array_equal(data.materialize(source).images,
+                                  data.materialize(as_png).images)
+    _write_records(tmp_path / "train-00000-of-00001", [
+        {"height": 24, "width": 32, "depth": 1, "image_raw": a.astype(np.float32).tobytes()}
+        for a in grey])
+    with pytest.raises(DataError, match=r"its feature image_raw holds 3,072 bytes, not the height "
+                                        r"x width \(24 x 32\) x depth bytes of uint8 pixels"):
+        data.open_split("train", "tfrecord", str(tmp_path))
+
+
 def test_record_files_named_split_dot_tfrecord(tmp_path):
     """`train.tfrecord` and `test.record` (as TensorFlow's TFRecord tutorial and the object
     detection API name them), with the tutorial's `image_raw` feature: each file is its
