@@ -11,9 +11,10 @@ path order. A `train/` subfolder and its siblings `test/`, `validation/`, `val/`
 `valid/` are the splits; otherwise the whole folder is the split `train`. The first folder level inside
 a split names the class, as in `keras.utils.image_dataset_from_directory`.
 
-TFRecord layout: `train-*` and `test-*` (or `validation-*`, ...) shards of `tf.train.Example`s with
-Model Garden's keys (`image/encoded`, `image/format`, `image/height`,
-`image/width`, `image/class/label`), optionally GZIP-compressed, plus the
+TFRecord layout: `train-*` and `test-*` (or `validation-*`, ..., or `train.tfrecord`: `split_of`)
+shards of `tf.train.Example`s with Model Garden's keys (`image/encoded`, `image/format`,
+`image/height`, `image/width`, `image/class/label`; others are found by `_image_feature`),
+optionally GZIP-compressed, plus the
 `dataset_info.json` that `python -m core.prepare` writes (example counts and
 byte sizes per shard; without it the shards are counted once at start-up).
 """
