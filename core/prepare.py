@@ -35,7 +35,8 @@ def define_flags() -> None:
     """The command line's flags (defined only when run as a program, so importing this
     module beside train.py defines nothing)."""
     flags.DEFINE_string("dataset", None, "What to convert: folder, mnist, fashion_mnist, fontdigits, "
-                        "shapes, synthetic, or tfds:NAME[/CONFIG].")
+                        "shapes, synthetic, tfrecord (your own shards, rewritten: resized, as "
+                        "raw pixels), or tfds:NAME[/CONFIG].")
     flags.DEFINE_string("data_dir", None, "The dataset's --data_dir (folder: your images).")
     flags.DEFINE_list("splits", None, "Splits to write (default: every split of a folder; "
                       "otherwise train and the split train.py evaluates by default); "
@@ -91,23 +92,24 @@ def write_split(source, split: str, output_dir: str, shards: int, gzip: bool,
     n = source.num_examples
     shards = max(1, min(shards, n))
     bounds = np.linspace(0, n, shards + 1).astype(int)
-    if isinstance(source, data.Split):
-        images = tf.data.Dataset.from_tensor_slices(source.images)
-    elif source.indexable:
-        images = tf.data.Dataset.range(n).map(source.decode_index,
-                                              num_parallel_calls=tf.data.AUTOTUNE,
-                                              deterministic=True)
-    else:
-        images = source.records().map(source.decode_record,
-                                                   num_parallel_calls=tf.data.AUTOTUNE,
-                                                   deterministic=True)
+    # (image, label) pairs: streamed records carry their labels (a TFDS dataset's, your
+    # shards'); the others' are known up front.
     labels = source.labels if source.labels is not None else np.full(n, -1, np.int64)
-    if encoding == "raw":
-        encoded = (x.tobytes() for x in images.prefetch(64).as_numpy_iterator())
+    if isinstance(source, data.Split):
+        pairs = tf.data.Dataset.from_tensor_slices((source.images, labels))
+    elif source.indexable:
+        pairs = tf.data.Dataset.range(n).map(
+            lambda i: (source.decode_index(i), tf.gather(tf.constant(labels), i)),
+            num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     else:
-        encoded = images.map(lambda x: tf.io.encode_png(x, compression=png_compression),
-                             num_parallel_calls=tf.data.AUTOTUNE,
-                             deterministic=True).prefetch(64).as_numpy_iterator()
+        pairs = source.records().map(source.parse, num_parallel_calls=tf.data.AUTOTUNE,
+                                     deterministic=True)
+    if encoding == "raw":
+        encoded = ((x.tobytes(), y) for x, y in pairs.prefetch(64).as_numpy_iterator())
+    else:
+        encoded = pairs.map(lambda x, y: (tf.io.encode_png(x, compression=png_compression), y),
+                            num_parallel_calls=tf.data.AUTOTUNE,
+                            deterministic=True).prefetch(64).as_numpy_iterator()
     options = tf.io.TFRecordOptions(compression_type="GZIP" if gzip else "")
     written = []
     done = 0
@@ -116,8 +118,9 @@ def write_split(source, split: str, output_dir: str, shards: int, gzip: bool,
         path = os.path.join(output_dir, name)
         tmp = path + ".tmp"
         with tf.io.TFRecordWriter(tmp, options) as writer:
-            for j in range(bounds[i], bounds[i + 1]):
-                writer.write(example(next(encoded), source.image_shape, labels[j],
+            for _ in range(bounds[i], bounds[i + 1]):
+                image, label = next(encoded)
+                writer.write(example(image, source.image_shape, int(label),
                                      encoding).SerializeToString())
                 done += 1
                 if progress:
@@ -152,6 +155,10 @@ def _split_names(dataset: str, data_dir: str | None) -> list[str]:
         from core.sources import default_splits
 
         return list(default_splits(dataset, data_dir))
+    if dataset == "tfrecord":  # your own shards: every split they have
+        from core.sources import shard_splits
+
+        return shard_splits(data_dir) or ["train"]
     return ["train", "test"]
 
 
@@ -176,11 +183,17 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
     output_dir, data_dir = expand_home(output_dir), expand_home(data_dir)
 
     check_no_path_in_dataset(dataset, ("folder",))
-    if (dataset not in DATASETS and not dataset.startswith("tfds:")) or dataset == "tfrecord":
-        raise ConfigError(f"--dataset={dataset}: choose one of "
-                          f"{', '.join(d for d in DATASETS if d != 'tfrecord')}")
+    if dataset not in DATASETS and not dataset.startswith("tfds:"):
+        raise ConfigError(f"--dataset={dataset}: choose one of {', '.join(DATASETS)}, or "
+                          "tfds:NAME")
     if not output_dir:
         raise ConfigError("--output_dir is required: the folder the shards go to")
+    def where(path):
+        return path.rstrip("/") if "://" in path else os.path.realpath(path)
+
+    if dataset == "tfrecord" and data_dir and where(output_dir) == where(data_dir):
+        raise ConfigError(f"--output_dir={output_dir} is --data_dir: the shards written would "
+                          "join the split they are written from; choose another folder")
     if shards < 1:
         raise ConfigError(f"--shards={shards}: must be >= 1")
     if encoding not in ENCODINGS:

@@ -744,6 +744,13 @@ def test_tfds_default_eval_split_is_the_held_out_one_it_has(tmp_path):
     info = prepare.convert("tfds:local_flowers/small", str(tmp_path / "shards"),
                            str(tmp_path / "tfds"), progress=None, shards=1)
     assert {k: v["examples"] for k, v in info["splits"].items()} == {"train": 18, "test": 2}
+    # The labels travel along (they were written as -1: streamed records' labels are read
+    # with them, not listed up front).
+    tfds_train = data.open_split("train[:90%]", "tfds:local_flowers/small",
+                                 str(tmp_path / "tfds")).source
+    shards = data.open_split("train", "tfrecord", str(tmp_path / "shards")).source
+    np.testing.assert_array_equal(shards.head(18)[1], tfds_train.head(18)[1])
+    assert set(shards.head(18)[1]) == {0, 1}
 
 
 # ------------------------------------------------------------ bad input
@@ -904,7 +911,8 @@ def test_shards_of_raw_pixels_with_height_width_and_depth(tmp_path):
         {"rows": 24, "cols": 32, "image_raw": a.tobytes()} for a in pixels])
     source = data.open_split("train", "tfrecord", str(tmp_path), image_size=(16, 16)).source
     png = tmp_path / "png"
-    _write_records(png.mkdir() or png / "train-00000-of-00001",
+    png.mkdir()
+    _write_records(png / "train-00000-of-00001",
                    [{"image": tf.io.encode_png(a).numpy()} for a in pixels])
     as_png = data.open_split("train", "tfrecord", str(png), image_size=(16, 16)).source
     np.testing.assert_array_equal(data.materialize(source).images,
@@ -915,6 +923,34 @@ def test_shards_of_raw_pixels_with_height_width_and_depth(tmp_path):
     with pytest.raises(DataError, match=r"its feature image_raw holds 3,072 bytes, not the height "
                                         r"x width \(24 x 32\) x depth bytes of uint8 pixels"):
         data.open_split("train", "tfrecord", str(tmp_path))
+
+
+def test_prepare_rewrites_your_own_shards(tmp_path):
+    """`python -m core.prepare --dataset=tfrecord`: shards of your own (any names and keys
+    tapeloop reads) rewritten at the training size as raw pixels, with their labels, every
+    split; never into the folder they are read from."""
+    pixels = colour_images(10)
+    (tmp_path / "mine").mkdir()
+    _write_records(tmp_path / "mine" / "train.tfrecord",
+                   [{"image": tf.io.encode_png(a).numpy(), "label": i % 2}
+                    for i, a in enumerate(pixels[:7])])
+    _write_records(tmp_path / "mine" / "val.tfrecord",
+                   [{"image": tf.io.encode_png(a).numpy(), "label": 1} for a in pixels[7:]])
+    info = prepare.convert("tfrecord", str(tmp_path / "out"), str(tmp_path / "mine"),
+                           image_size=(12, 16), encoding="raw", shards=2, progress=None)
+    assert {k: v["examples"] for k, v in info["splits"].items()} == {"train": 7, "val": 3}
+    for split in ("train", "val"):
+        theirs = data.open_split(split, "tfrecord", str(tmp_path / "mine"),
+                                 image_size=(12, 16)).source
+        ours = data.open_split(split, "tfrecord", str(tmp_path / "out")).source
+        assert ours.batch_decodable  # raw pixels at the training size
+        np.testing.assert_array_equal(data.materialize(ours).images,
+                                      data.materialize(theirs).images)
+        np.testing.assert_array_equal(ours.head(7)[1], theirs.head(7)[1])
+    with pytest.raises(ConfigError, match=r"--output_dir=.*mine is --data_dir: the shards "
+                                          r"written would join the split"):
+        prepare.convert("tfrecord", str(tmp_path / "mine"), str(tmp_path / "mine") + "/",
+                        progress=None)
 
 
 def test_record_files_named_split_dot_tfrecord(tmp_path):
