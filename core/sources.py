@@ -535,8 +535,9 @@ def shard_files(data_dir: str, split: str) -> list[str]:
     files = sorted(f for f in matched if split_of(f) == split)
     if not files:
         present = shard_splits(data_dir)
-        has = f" (it has shards of {', '.join(present)})" if present else ""
-        raise DataError(f"--data_dir={data_dir} has no {split}-* TFRecord shards{has}: write them "
+        has = (f" (it has shards of {', '.join(present)}): name one of those in --train_split "
+               f"or --eval_split (--mode=train evaluates nothing), or" if present else ":")
+        raise DataError(f"--data_dir={data_dir} has no {split}-* TFRecord shards{has} write them "
                         "with python -m core.prepare, or name the split's files "
                         f"{split}-00000-of-00001 (or {split}.tfrecord) and so on")
     return files

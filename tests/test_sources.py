@@ -84,7 +84,8 @@ def test_a_val_folder_beside_train_is_the_eval_split_and_its_shards_too(tmp_path
     records = data.open_split(held_out, "tfrecord", str(tmp_path / "out")).source
     assert records.num_examples == 4
     with pytest.raises(DataError, match=rf"has no test-\* TFRecord shards \(it has shards of "
-                                        rf"train, {held_out}\)"):
+                                        rf"train, {held_out}\): name one of those in "
+                                        r"--train_split or --eval_split"):
         data.open_split("test", "tfrecord", str(tmp_path / "out"))
     png_tree(str(tmp_path / "imgs"), splits=(("test", 4),))  # test/ first, when present
     assert sources.default_splits("folder", str(tmp_path / "imgs")) == ("train", "test")
