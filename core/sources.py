@@ -413,8 +413,11 @@ def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
                         "s" if len(runs) != 1 else "", ", ".join(runs[:4]))
     if not paths:
         what = (f"only files ending {', '.join(list(others)[:8])}" if others else "no files at all")
+        shards = (": they look like TFRecord shards: pass --dataset=tfrecord"
+                  if shard_splits(split_root) else "")
         raise DataError(f"--data_dir={data_dir}: {split_root} holds no images ({what}); "
-                        f"tapeloop reads {', '.join(images_lib.EXTENSIONS)} files, recursively")
+                        f"tapeloop reads {', '.join(images_lib.EXTENSIONS)} files, recursively"
+                        f"{shards}")
     if others:  # what a user may have expected to be read (.tif, .heic, ...)
         n = sum(others.values())
         logging.info("%s: not reading %d file%s of other types (%s); tapeloop reads %s",
@@ -537,6 +540,9 @@ def shard_files(data_dir: str, split: str) -> list[str]:
         present = shard_splits(data_dir)
         has = (f" (it has shards of {', '.join(present)}): name one of those in --train_split "
                f"or --eval_split (--mode=train evaluates nothing), or" if present else ":")
+        if not present and not _is_pattern(data_dir) and list_images(data_dir)[0]:
+            raise DataError(f"--data_dir={data_dir} has no TFRecord shards but image files: "
+                            "pass --dataset=folder to train on them")
         raise DataError(f"--data_dir={data_dir} has no {split}-* TFRecord shards{has} write them "
                         "with python -m core.prepare, or name the split's files "
                         f"{split}-00000-of-00001 (or {split}.tfrecord) and so on")

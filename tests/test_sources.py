@@ -856,6 +856,14 @@ def test_bad_shards(tmp_path):
         data.open_split("train", "tfrecord", str(tmp_path / "out" / "nothing-*"))
     with pytest.raises(DataError, match=r"has no validation-\* TFRecord shards"):
         data.open_split("validation", "tfrecord", str(tmp_path / "out"))
+    # Each kind of data given as the other.
+    with pytest.raises(DataError, match=r"imgs has no TFRecord shards but image files: pass "
+                                        r"--dataset=folder to train on them$"):
+        data.open_split("train", "tfrecord", str(tmp_path / "imgs"))
+    with pytest.raises(DataError, match=r"out holds no images \(only files ending .*\); tapeloop "
+                                        r"reads .*: they look like TFRecord shards: pass "
+                                        r"--dataset=tfrecord$"):
+        data.open_split("train", "folder", str(tmp_path / "out"))
 
 
 def _write_records(path, features_of):
