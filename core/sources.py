@@ -100,8 +100,10 @@ def folder_splits(data_dir: str) -> dict[str, str]:
     if not data_dir:
         raise ConfigError("--dataset=folder needs --data_dir=FOLDER, the folder of your images")
     if not tf.io.gfile.isdir(data_dir):
+        archive = data_dir.lower().endswith((".zip", ".tar", ".tar.gz", ".tgz", ".7z", ".rar"))
         raise DataError(f"--data_dir={data_dir} is not a folder: give the folder that holds "
-                        "your images")
+                        "your images" + (" (extract the archive into one first)" if archive
+                                         else ""))
     present = {name: os.path.join(data_dir, name) for name in SPLIT_FOLDERS
                if tf.io.gfile.isdir(os.path.join(data_dir, name))}
     if "train" in present:  # train/ alone: sliced 90/10 like a flat folder

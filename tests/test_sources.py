@@ -828,8 +828,13 @@ def test_empty_and_imageless_folders(tmp_path):
     (tmp_path / "docs" / "b.tiff").write_bytes(b"II*\x00")
     with pytest.raises(DataError, match=r"only files ending \.tiff, \.txt.*tapeloop reads \.jpg"):
         data.open_split("train", "folder", str(tmp_path / "docs"))
-    with pytest.raises(DataError, match="is not a folder"):
+    with pytest.raises(DataError, match="is not a folder: give the folder that holds your "
+                                        "images$"):
         data.open_split("train", "folder", str(tmp_path / "missing"))
+    (tmp_path / "photos.zip").write_bytes(b"PK\x05\x06" + bytes(18))  # an empty zip
+    with pytest.raises(DataError, match=r"photos.zip is not a folder: give the folder that holds "
+                                        r"your images \(extract the archive into one first\)$"):
+        data.open_split("train", "folder", str(tmp_path / "photos.zip"))
 
 
 def test_bad_shards(tmp_path):
