@@ -300,7 +300,8 @@ def cache_to_dir(source, cache_dir: str):
                 else list(zip(source.files, source.skips, source.counts)))
     turned = getattr(source, "orientations", None)  # EXIF orientations, where any file has one
     decoding = (source.decoding,) + (() if turned is None else (turned.tolist(),))
-    key = hashlib.sha256(repr((source.kind, elements, *decoding)).encode()).hexdigest()[:16]
+    # 2: streamed sources' caches hold their labels (version 1 wrote -1 for every record).
+    key = hashlib.sha256(repr((2, source.kind, elements, *decoding)).encode()).hexdigest()[:16]
     folder = os.path.join(cache_dir, f"{source.kind}-{key}")
     if not tf.io.gfile.exists(os.path.join(folder, sources.INFO_FILE)):
         logging.info("--cache=%s: decoding %s once into %s", cache_dir, source.name, folder)

@@ -961,6 +961,10 @@ def test_prepare_rewrites_your_own_shards(tmp_path):
         np.testing.assert_array_equal(data.materialize(ours).images,
                                       data.materialize(theirs).images)
         np.testing.assert_array_equal(ours.head(7)[1], theirs.head(7)[1])
+        # --cache=DIR writes the same way: the labels are kept there too (they were -1).
+        cached = data.cache_to_dir(theirs, str(tmp_path / "cache"))
+        np.testing.assert_array_equal(cached.head(7)[1], theirs.head(7)[1])
+    assert set(theirs.head(3)[1]) == {1}
     with pytest.raises(ConfigError, match=r"--output_dir=.*mine is --data_dir: the shards "
                                           r"written would join the split"):
         prepare.convert("tfrecord", str(tmp_path / "mine"), str(tmp_path / "mine") + "/",
