@@ -29,6 +29,7 @@ import hashlib
 import glob
 import json
 import os
+import re
 import time
 
 from absl import logging
@@ -512,14 +513,21 @@ _RECORD_ENDINGS = (".tfrecords", ".tfrecord", ".tfrec", ".record")
 
 def split_of(name: str) -> str | None:
     """The split a shard file's name gives (its base name's): `train` of
-    train-00000-of-00004, of train.tfrecord, train.tfrecords.gz, train.record and
-    train.tfrecord-00000-of-00004; None for other files (dataset_info.json)."""
+    train-00000-of-00004, of train.tfrecord, train.tfrecords.gz, train.record,
+    train.tfrecord-00000-of-00004, and of numbered files (train_003.tfrecord,
+    train00-2071.tfrec); None for other files (dataset_info.json)."""
     name = os.path.basename(name)
+    prefix = None
     for ending in _RECORD_ENDINGS:
         i = name.find(ending)
         if i > 0 and "-" not in name[:i]:
-            return name[:i]
-    return name.split("-", 1)[0] if "-" in name else None
+            prefix = name[:i]
+            break
+    if prefix is None and "-" in name:
+        prefix = name.split("-", 1)[0]
+    if prefix is None or prefix.isdigit():  # 00001.tfrecord: a number, no split
+        return None
+    return re.sub(r"(?<=.)([_-]\d+|\d{2,})$", "", prefix)  # a file's number is not its split
 
 
 def shard_files(data_dir: str, split: str) -> list[str]:
@@ -536,7 +544,7 @@ def shard_files(data_dir: str, split: str) -> list[str]:
         if not tf.io.gfile.isdir(data_dir):
             raise DataError(f"--data_dir={data_dir} is not a folder: give the folder of the "
                             "TFRecord shards (python -m core.prepare writes them)")
-        matched = tf.io.gfile.glob(_inside(data_dir, f"{split}[-.]*"))
+        matched = tf.io.gfile.glob(_inside(data_dir, f"{split}*"))
     files = sorted(f for f in matched if split_of(f) == split)
     if not files:
         present = shard_splits(data_dir)

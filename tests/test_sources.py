@@ -989,9 +989,17 @@ def test_record_files_named_split_dot_tfrecord(tmp_path):
     np.testing.assert_array_equal(train.images, np.concatenate([pixels[:8], pixels[:1]]))
     test = data.materialize(data.open_split("test", "tfrecord", str(tmp_path)).source)
     np.testing.assert_array_equal(test.images, pixels[8:])
-    assert [sources.split_of(n) for n in ("train-00000-of-00004", "val.tfrecords.gz",
-                                          "my-data.tfrecord", "dataset_info.json")] == [
-        "train", "val", "my", None]
+    assert [sources.split_of(n) for n in (
+        "train-00000-of-00004", "val.tfrecords.gz", "my-data.tfrecord", "dataset_info.json",
+        "train_003.tfrecord", "train00-2071.tfrec", "mnist_v2.tfrecord", "00001.tfrecord")] == [
+        "train", "val", "my", None, "train", "train", "mnist_v2", None]
+    # Numbered files of a split (train_000.tfrecord, ...) are that split's shards.
+    for i in range(2):
+        os.rename(tmp_path / ("train.tfrecord", "train.tfrecord-00001-of-00002")[i],
+                  tmp_path / f"train_{i:03d}.tfrecord")
+    assert sources.shard_splits(str(tmp_path)) == ["test", "train"]
+    renamed = data.materialize(data.open_split("train", "tfrecord", str(tmp_path)).source)
+    np.testing.assert_array_equal(renamed.images, train.images)
 
 
 def _corrupt_middle(path):
