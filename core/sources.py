@@ -513,21 +513,17 @@ _RECORD_ENDINGS = (".tfrecords", ".tfrecord", ".tfrec", ".record")
 
 def split_of(name: str) -> str | None:
     """The split a shard file's name gives (its base name's): `train` of
-    train-00000-of-00004, of train.tfrecord, train.tfrecords.gz, train.record,
-    train.tfrecord-00000-of-00004, and of numbered files (train_003.tfrecord,
-    train00-2071.tfrec); None for other files (dataset_info.json)."""
+    train-00000-of-00004 (what precedes the first '-', as it always was: val2017-00000-of-00008
+    is `val2017`), of train.tfrecord, train.tfrecords.gz, train.record,
+    train.tfrecord-00000-of-00004, and of numbered files (train_003.tfrecord); None for
+    other files (dataset_info.json)."""
     name = os.path.basename(name)
-    prefix = None
     for ending in _RECORD_ENDINGS:
         i = name.find(ending)
         if i > 0 and "-" not in name[:i]:
-            prefix = name[:i]
-            break
-    if prefix is None and "-" in name:
-        prefix = name.split("-", 1)[0]
-    if prefix is None or prefix.isdigit():  # 00001.tfrecord: a number, no split
-        return None
-    return re.sub(r"(?<=.)([_-]\d+|\d{2,})$", "", prefix)  # a file's number is not its split
+            prefix = re.sub(r"(?<=.)_\d+$", "", name[:i])  # a file's number is not its split
+            return None if prefix.isdigit() else prefix  # 00001.tfrecord: no split
+    return name.split("-", 1)[0] if "-" in name else None
 
 
 def shard_files(data_dir: str, split: str) -> list[str]:

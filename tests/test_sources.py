@@ -991,8 +991,9 @@ def test_record_files_named_split_dot_tfrecord(tmp_path):
     np.testing.assert_array_equal(test.images, pixels[8:])
     assert [sources.split_of(n) for n in (
         "train-00000-of-00004", "val.tfrecords.gz", "my-data.tfrecord", "dataset_info.json",
-        "train_003.tfrecord", "train00-2071.tfrec", "mnist_v2.tfrecord", "00001.tfrecord")] == [
-        "train", "val", "my", None, "train", "train", "mnist_v2", None]
+        "train_003.tfrecord", "val2017-00000-of-00008", "mnist_v2.tfrecord", "cifar10.tfrecord",
+        "00001.tfrecord")] == ["train", "val", "my", None, "train", "val2017", "mnist_v2",
+                               "cifar10", None]
     # Numbered files of a split (train_000.tfrecord, ...) are that split's shards.
     for i in range(2):
         os.rename(tmp_path / ("train.tfrecord", "train.tfrecord-00001-of-00002")[i],
