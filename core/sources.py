@@ -248,10 +248,10 @@ def list_images(root: str) -> tuple[list[str], dict[str, int], list[str], list[s
             subfolders[:] = []
             continue
         subfolders.sort()  # the links followed, whatever order the walk lists them in
-        repeats += [os.path.join(folder, d) for d in subfolders
-                    if not d.startswith(".") and read_already(os.path.join(folder, d))]
-        subfolders[:] = [d for d in subfolders if not d.startswith(".")  # walk skips them
-                         and os.path.join(folder, d) not in repeats]
+        visible = [d for d in subfolders if not d.startswith(".")]  # walk skips the others
+        skipped = {d for d in visible if read_already(os.path.join(folder, d))}
+        repeats += [os.path.join(folder, d) for d in visible if d in skipped]
+        subfolders[:] = [d for d in visible if d not in skipped]
         for name in files:
             if name.startswith("."):
                 others["hidden"] += 1
