@@ -17,6 +17,27 @@ import tempfile
 import tensorflow as tf
 
 
+def _checked(tensor, shape, signature, name):
+    """`tensor`, once a check in the graph found it [N, *shape].
+
+    A served signature does not check its input's shape: `.signatures[...]`, TF Serving and
+    `saved_model_cli run` feed any shape to the graph. Another image size failed deep inside
+    the model (`Input to reshape is a tensor with 14336 values...`), and images without the
+    batch axis aborted the whole process in oneDNN's convolution (`Check failed: index >= 0`).
+    The shape is compared as text, which holds for any rank, not as a tensor the graph
+    optimiser could fold from the declared shape."""
+    want = ",".join(str(d) for d in shape)
+    got = tf.strings.reduce_join(tf.strings.as_string(tf.shape(tensor)[1:]), separator=",")
+    fix = (f"resize them first, e.g. tf.image.resize(images, {tuple(shape[:2])})"
+           if name == "images" else "the shape of this model's `encode` output")
+    check = tf.debugging.Assert(tf.equal(got, want), [
+        f"{signature}: `{name}` must be float32 [N, {', '.join(str(d) for d in shape)}] "
+        f"(N any batch size), the shape this model was exported for: {fix}. Got shape",
+        tf.shape(tensor)], summarize=8)
+    with tf.control_dependencies([check]):
+        return tf.identity(tensor)
+
+
 class _Serving(tf.Module):
     """The signatures, and the tf.Variables they read.
 
@@ -33,12 +54,15 @@ class _Serving(tf.Module):
         code = tf.TensorSpec([None, *code_shape], tf.float32, name="code")
 
         def encode(images):
+            images = _checked(images, image_shape, "encode", "images")
             return {"code": tf.cast(model.encode(images, training=False), tf.float32)}
 
         def decode(code):
+            code = _checked(code, code_shape, "decode", "code")
             return {"images": tf.cast(model.decode(code, training=False), tf.float32)}
 
         def reconstruct(images):
+            images = _checked(images, image_shape, "reconstruct", "images")
             return {"images": tf.cast(model.reconstruct(images, training=False), tf.float32)}
 
         self.encode = tf.function(encode, input_signature=[images])

@@ -136,6 +136,34 @@ def test_export_again_replaces_the_export_only_once_the_new_one_is_written(denoi
     assert set(loaded.signatures) >= {"encode", "decode", "reconstruct"}
 
 
+def test_the_export_refuses_another_shape_in_one_message(denoiser, tmp_path):
+    """A signature of a SavedModel loaded in a fresh process is fed whatever shape comes:
+    another image size ran (the resnet's decoder gave 8 images of 32x32 for 2 of 64x64),
+    and images without the batch axis aborted the process in oneDNN's convolution. The
+    export checks the shape first and names the one it takes."""
+    run = shutil.copytree(denoiser, tmp_path / "run")
+    export_dir = core.run(Config(mode="export", model_dir=str(run)),
+                          given={"mode", "model_dir"})["export_dir"]
+
+    def call(signature, argument, shape):
+        script = (f"import tensorflow as tf\nm = tf.saved_model.load({export_dir!r})\n"
+                  f"out = m.signatures[{signature!r}]({argument}=tf.zeros({shape}))\n"
+                  "print(list(out.values())[0].shape.as_list())\n")
+        return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              timeout=120, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+
+    good = call("reconstruct", "images", [3, 28, 28, 1])
+    assert good.returncode == 0 and good.stdout.split() == ["[3,", "28,", "28,", "1]"], good
+    for shape in ([2, 56, 56, 1], [28, 28, 1]):
+        bad = call("reconstruct", "images", shape)
+        assert bad.returncode == 1, (bad.returncode, bad.stdout, bad.stderr[-2000:])
+        assert "reconstruct: `images` must be float32 [N, 28, 28, 1]" in bad.stderr
+        assert ("tf.image.resize(images, (28, 28)). Got shape] "
+                f"[{' '.join(map(str, shape))}]") in bad.stderr
+    bad = call("decode", "code", [1, 7, 7, 3])
+    assert bad.returncode == 1 and "decode: `code` must be float32 [N, 7, 7, 32]" in bad.stderr
+
+
 def test_eval_of_an_older_checkpoint_keeps_the_training_curve(denoiser, tmp_path):
     run = shutil.copytree(denoiser, tmp_path / "run")
     before = _scalars(str(run / "eval"), "loss")
