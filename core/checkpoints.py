@@ -38,7 +38,7 @@ MODEL_FIELDS = ("model", "encoder_filters", "decoder_filters", "kernel_size", "i
 OPTIMIZER_FIELDS = ("optimizer",)
 # Fields that name the training data: a resume may change them (fine-tuning), but more
 # often the command meant a new run and forgot --model_dir, so it says so loudly.
-DATA_FIELDS = ("dataset", "data_dir", "train_split")
+DATA_FIELDS = ("dataset", "data_dir", "image_feature", "train_split")
 CONFIG_FILE = "config.json"
 BEST_DIR = "best"  # --keep_best: the best checkpoint, apart from the rolling ones
 BEST_FILE = "best.json"  # in BEST_DIR: the metric, its best value and step, evals since,

@@ -82,6 +82,7 @@ class Config:
     channels: int | None = None  # None: 1 if the images are greyscale, else 3 (data.open_split)
     resize: str = "crop"
     bad_images: str = "error"
+    image_feature: str | None = None  # tfrecord: the feature holding the image (None: found)
     cache: str = "none"
     tf_data_service: str | None = None  # grpc://HOST:PORT of a tf.data service dispatcher
     # Model.
@@ -183,6 +184,10 @@ class Config:
             raise ConfigError(f"--cache={self.cache} is inside --data_dir={self.data_dir}: the "
                               "cache's shards would land among your images; give a folder "
                               "outside it")
+        if self.image_feature is not None and self.dataset != "tfrecord":
+            raise ConfigError(f"--image_feature={self.image_feature} names the feature of "
+                              "TFRecord examples that holds the image: it goes with "
+                              f"--dataset=tfrecord, not --dataset={self.dataset}")
         if self.dataset in FILE_DATASETS and not self.data_dir:
             raise ConfigError(f"--dataset={self.dataset} needs --data_dir: the folder of your "
                               + ("images" if self.dataset == "folder" else "TFRecord shards"))

@@ -215,11 +215,11 @@ class Opened:
 def open_split(spec: str, dataset: str, data_dir: str | None = None, verify: bool = True,
                synthetic_shape: tuple[int, int, int] = (28, 28, 1), image_size=None,
                channels: int | None = None, resize: str = "crop", bad_images: str = "error",
-               sizes: dict[str, int] | None = None) -> Opened:
+               sizes: dict[str, int] | None = None, image_feature: str | None = None) -> Opened:
     """The split `spec` of any dataset: in memory for the built-in ones, streamed from
     files for folder and tfrecord. `image_size` (H, W) defaults to the first image's;
     `channels` to 1 if a folder's images are all greyscale (shards: the first image's),
-    else 3.
+    else 3; `image_feature`: the records' feature that holds the image (tfrecord).
 
     Raises:
       DataError: missing, unreadable or undecodable files (exit 3).
@@ -236,7 +236,7 @@ def open_split(spec: str, dataset: str, data_dir: str | None = None, verify: boo
         name, sl = parse_split(spec)
         with sources.utf8_names(data_dir):
             return Opened(sources.open_tfrecord(data_dir, spec, name, sl, image_size, channels,
-                                                resize))
+                                                resize, image_feature))
     if dataset.startswith("tfds:"):
         return Opened(sources.open_tfds(dataset[len("tfds:"):], data_dir, spec, image_size,
                                         channels, resize))

@@ -47,6 +47,8 @@ def define_flags() -> None:
                          "greyscale, shards: the first image's; else 3).")
     flags.DEFINE_enum("resize", "crop", ("crop", "pad", "stretch"), "How images are fitted.")
     flags.DEFINE_enum("bad_images", "error", ("error", "skip"), "Undecodable files: stop, or skip them.")
+    flags.DEFINE_string("image_feature", None, "--dataset=tfrecord: the feature of your records "
+                        "that holds the image (default: image/encoded, else the one that does).")
     flags.DEFINE_string("output_dir", None, "Where the shards go (created; gs:// works).")
     flags.DEFINE_integer("shards", 4, "Shards per split (at least one per worker you will train on).")
     flags.DEFINE_bool("gzip", False, "GZIP-compress the shards.")
@@ -166,7 +168,8 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
             splits: list[str] | None = None, image_size=None, channels: int | None = None,
             resize: str = "crop", bad_images: str = "error", shards: int = 4,
             gzip: bool = False, overwrite: bool = False, progress=_bar,
-            png_compression: int = 0, encoding: str = "png") -> dict:
+            png_compression: int = 0, encoding: str = "png",
+            image_feature: str | None = None) -> dict:
     """Writes every split of `dataset` (or `splits`) as TFRecord shards in `output_dir`,
     checking every split before writing anything; returns dataset_info.json's content.
 
@@ -194,6 +197,9 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
     if dataset == "tfrecord" and data_dir and where(output_dir) == where(data_dir):
         raise ConfigError(f"--output_dir={output_dir} is --data_dir: the shards written would "
                           "join the split they are written from; choose another folder")
+    if image_feature is not None and dataset != "tfrecord":
+        raise ConfigError(f"--image_feature={image_feature} names the feature of TFRecord "
+                          "examples that holds the image: it goes with --dataset=tfrecord")
     if shards < 1:
         raise ConfigError(f"--shards={shards}: must be >= 1")
     if encoding not in ENCODINGS:
@@ -214,7 +220,7 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
     opened = []
     for spec in specs:  # check everything before writing anything
         o = data.open_split(spec, dataset, data_dir, image_size=size, channels=channels,
-                            resize=resize, bad_images=bad_images)
+                            resize=resize, bad_images=bad_images, image_feature=image_feature)
         size = size or o.source.image_shape[:2]  # every split the first split's size
         channels = channels or o.source.image_shape[2]
         opened.append(o)
@@ -244,7 +250,7 @@ def main(argv) -> int:
         info = convert(flag.dataset, flag.output_dir, flag.data_dir, flag.splits,
                        flag.image_size, flag.channels, flag.resize, flag.bad_images, flag.shards,
                        flag.gzip, flag.overwrite, png_compression=flag.png_compression,
-                       encoding=flag.encoding)
+                       encoding=flag.encoding, image_feature=flag.image_feature)
     except TapeloopError as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return e.exit_code

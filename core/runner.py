@@ -48,7 +48,7 @@ FIGURES = {
 # What eval and export take from the trained run's config.json unless given as flags.
 INHERITED = ("model", "encoder_filters", "decoder_filters", "kernel_size", "latent_dim",
              "kl_weight", "blocks_per_stage", "latent_channels", "noise_factor", "dataset",
-             "data_dir", "train_split", "eval_split", "synthetic_shape", "image_size",
+             "data_dir", "image_feature", "train_split", "eval_split", "synthetic_shape", "image_size",
              "channels", "resize", "seed", "loss", "loss_weights", "ema_decay")
 _TUPLE_FIELDS = ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps",
                  "image_size", "loss_weights")
@@ -92,7 +92,7 @@ def inherit_run_config(config: Config, saved: dict | None,
     # parts of the run's data, not of this one; this data's default splits apply.
     other = {name for name in ("dataset", "data_dir")
              if name in given and name in saved and getattr(config, name) != saved[name]}
-    not_taken = (({"data_dir"} if "dataset" in other else set())
+    not_taken = (({"data_dir", "image_feature"} if "dataset" in other else set())
                  | ({"train_split", "eval_split"} if other else set()))
     changes = {}
     for name in INHERITED:
@@ -306,7 +306,8 @@ class Run:
             self.config = config = config.replace(data_on_device=False)
         load = dict(dataset=config.dataset, data_dir=config.data_dir,
                     verify=config.verify_checksums, synthetic_shape=config.synthetic_shape,
-                    channels=config.channels, resize=config.resize, bad_images=config.bad_images)
+                    channels=config.channels, resize=config.resize, bad_images=config.bad_images,
+                    image_feature=config.image_feature)
         training = config.mode in ("train", "train_and_eval")
         start = time.monotonic()
         if training:
@@ -709,7 +710,9 @@ def train(run: Run) -> dict:
         early_stopping_patience=cfg.early_stopping_patience,
         reduce_lr_patience=cfg.reduce_lr_patience, reduce_lr_factor=cfg.reduce_lr_factor,
         reduce_lr_min=cfg.reduce_lr_min, min_delta=cfg.min_delta, loss=run.loss.title,
-        eval_data=" ".join(str(v) for v in (cfg.dataset, cfg.data_dir, cfg.eval_split) if v),
+        eval_data=" ".join(str(v) for v in (
+            cfg.dataset, cfg.data_dir, cfg.eval_split,
+            cfg.image_feature and f"--image_feature={cfg.image_feature}") if v),
         eval_inputs=f"--resize={cfg.resize} --noise_factor={cfg.noise_factor:g}")
     if cfg.mode == "train_and_eval" and 0 < cfg.early_stopping_patience <= cfg.reduce_lr_patience:
         logging.warning("--early_stopping_patience=%d stops the run before "

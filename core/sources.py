@@ -746,8 +746,9 @@ def _count_records(files: list[str], compression: str) -> list[int]:
 
 
 def open_tfrecord(data_dir: str, spec: str, split: str, sl: slice, image_size, channels,
-                  resize: str) -> TFRecordSource:
-    """Finds, checks and counts one split's shards.
+                  resize: str, image_feature: str | None = None) -> TFRecordSource:
+    """Finds, checks and counts one split's shards; `image_feature` is the feature that
+    holds the image (default: found, `_image_feature`).
 
     Raises:
       DataError: no shards, truncated or unreadable shards, records without images.
@@ -785,7 +786,7 @@ def open_tfrecord(data_dir: str, spec: str, split: str, sl: slice, image_size, c
         if record is None:
             continue
         example = tf.train.Example.FromString(record.numpy())
-        key, raw_shape = _image_feature(example, path)
+        key, raw_shape = _image_feature(example, path, image_feature)
         if image_key not in (None, key):
             raise DataError(f"{path}: its images are in the feature {key}, those of {files[0]} "
                             f"in {image_key}: give every shard of a split the same features")
@@ -833,31 +834,42 @@ _RAW_SIZE_FEATURES = (("height", "image_height", "rows"), ("width", "image_width
                       ("depth", "channels", "image_depth", "image_channels"))
 
 
-def _image_feature(example, path: str) -> tuple[str, tuple | None]:
+def _image_feature(example, path: str,
+                   given: str | None = None) -> tuple[str, tuple | None]:
     """(the feature of an Example that holds its image, None or for raw pixels ((height,
-    width, channels features), (h, w, c)): Model Garden's `image/encoded`; else the one
-    bytes feature whose value is an encoded image file (`image`, as a TFDS dataset's records
-    or many a user's own shards have it); else one of uint8 pixels, h x w x c bytes by its
-    height, width and depth features (`_RAW_SIZE_FEATURES`), c 1 or 3 where no depth is
-    given (float32 pixels, 4 bytes each, would pass for RGBA: those are refused)."""
+    width, channels features), (h, w, c)): the `given` one (--image_feature); else Model
+    Garden's `image/encoded`; else the one bytes feature whose value is an encoded image file
+    (`image`, as a TFDS dataset's records or many a user's own shards have it); else one of
+    uint8 pixels, h x w x c bytes by its height, width and depth features
+    (`_RAW_SIZE_FEATURES`), c 1 or 3 where no depth is given (float32 pixels, 4 bytes each,
+    would pass for RGBA: those are refused)."""
     feature = example.features.feature
-    if "image/encoded" in feature:
+    keys = ", ".join(sorted(feature)) or "none"
+    if given and (given not in feature or feature[given].WhichOneof("kind") != "bytes_list"
+                  or len(feature[given].bytes_list.value) != 1):
+        what = ("has no feature" if given not in feature else
+                "has no single bytes value in the feature")
+        raise DataError(f"{path}: each example {what} {given!r} to hold its image (its "
+                        f"features: {keys}): give --image_feature one that holds an image")
+    if given and feature[given].bytes_list.value[0].startswith(_SIGNATURES):
+        return given, None
+    if given == "image/encoded" or not given and "image/encoded" in feature:
         return "image/encoded", None
     found = [k for k in sorted(feature) if feature[k].WhichOneof("kind") == "bytes_list"
              and feature[k].bytes_list.value
              and feature[k].bytes_list.value[0].startswith(_SIGNATURES)]
-    if len(found) == 1:
+    if len(found) == 1 and not given:
         return found[0], None
-    keys = ", ".join(sorted(feature)) or "none"
-    if found:
+    if found and not given:
         raise DataError(f"{path}: its examples hold several encoded images ({', '.join(found)}) "
                         "and no image/encoded feature, which would say which to train on: "
-                        "write the one to train on as image/encoded")
+                        f"name it, e.g. --image_feature={found[0]}")
     names = [next((k for k in options if k in feature
                    and feature[k].WhichOneof("kind") == "int64_list"
                    and feature[k].int64_list.value), None) for options in _RAW_SIZE_FEATURES]
-    pixels = [k for k in sorted(feature) if feature[k].WhichOneof("kind") == "bytes_list"
-              and len(feature[k].bytes_list.value) == 1]
+    pixels = [given] if given else [
+        k for k in sorted(feature) if feature[k].WhichOneof("kind") == "bytes_list"
+        and len(feature[k].bytes_list.value) == 1]
     if names[0] and names[1] and len(pixels) == 1:
         h, w = (feature[k].int64_list.value[0] for k in names[:2])
         size = len(feature[pixels[0]].bytes_list.value[0])
@@ -866,11 +878,16 @@ def _image_feature(example, path: str) -> tuple[str, tuple | None]:
             return pixels[0], (tuple(names), (int(h), int(w), int(c)))
         raise DataError(f"{path}: its feature {pixels[0]} holds {size:,} bytes, not the "
                         f"{names[0]} x {names[1]} ({h} x {w}) x {names[2] or '1 or 3'} "
-                        "bytes of uint8 pixels (float pixels?): write the shards with "
-                        "python -m core.prepare")
+                        "bytes of uint8 pixels (float pixels?): " + (
+                            "give --image_feature one that holds the image" if given else
+                            "write the shards with python -m core.prepare"))
+    if given:
+        raise DataError(f"{path}: its feature {given!r} holds neither an encoded image (PNG, "
+                        "JPEG, GIF, BMP) nor uint8 pixels shaped by height and width features "
+                        f"(its features: {keys}): give --image_feature one that holds an image")
     raise DataError(f"{path}: its examples have no image/encoded feature, nor another that "
-                    f"holds an encoded image (they have {keys}): write them with python -m "
-                    "core.prepare")
+                    f"holds an encoded image (they have {keys}): name the one that does with "
+                    "--image_feature, or write them with python -m core.prepare")
 
 
 def _first_image_shape(example, path: str,

@@ -93,6 +93,43 @@ def test_train_on_a_folder_then_on_its_shards(tmp_path, photo_dir):
     assert evaluated["step"] == 6 and evaluated["bce"] > 0
 
 
+def test_records_with_two_images_train_on_the_one_named(tmp_path):
+    """Segmentation-style records (an image and its mask, as TFDS writes oxford_iiit_pet):
+    --image_feature names the one to train on; eval takes it from config.json; without it,
+    or beside data that is not TFRecords, one line and nothing written."""
+    from test_sources import _write_records
+
+    pixels, masks = colour_images(24, 16, 16, seed=3), colour_images(24, 16, 16, seed=4)
+    (tmp_path / "pets").mkdir()
+    for split, part in (("train", slice(0, 16)), ("test", slice(16, 24))):
+        _write_records(tmp_path / "pets" / f"{split}.tfrecord", [
+            {"image": tf.io.encode_png(a).numpy(), "segmentation_mask":
+             tf.io.encode_png(m[..., :1]).numpy(), "label": i % 2}
+            for i, (a, m) in enumerate(zip(pixels[part], masks[part]))])
+    common = ["--dataset=tfrecord", f"--data_dir={tmp_path / 'pets'}", "--train_steps=2",
+              "--batch_size=8"]
+    unnamed = run_train(*common, f"--model_dir={tmp_path / 'unnamed'}")
+    assert unnamed.returncode == 3, unnamed.stderr[-2000:]
+    assert ("hold several encoded images (image, segmentation_mask) and no image/encoded "
+            "feature, which would say which to train on: name it, e.g. --image_feature=image"
+            ) in unnamed.stderr and "Traceback" not in unnamed.stderr
+    assert not (tmp_path / "unnamed").exists()
+    masked = run_train(*common, "--image_feature=segmentation_mask",
+                       f"--model_dir={tmp_path / 'masks'}")
+    assert masked.returncode == 0, masked.stderr[-2000:]
+    assert "16 examples in 1 TFRecord shard(s) of 16x16x1" in masked.stderr
+    assert "the images are the encoded files of the feature 'segmentation_mask'" in masked.stderr
+    # Without the feature from config.json, the eval split would be refused as above.
+    evaluated = core.run(Config(mode="eval", model_dir=str(tmp_path / "masks")))
+    assert evaluated["step"] == 2 and evaluated["bce"] > 0
+    wrong = run_train("--dataset=synthetic", "--image_feature=image",
+                      f"--model_dir={tmp_path / 'wrong'}")
+    assert wrong.returncode == 2 and not (tmp_path / "wrong").exists()
+    assert ("train.py: error: --image_feature=image names the feature of TFRecord examples "
+            "that holds the image: it goes with --dataset=tfrecord, not --dataset=synthetic"
+            ) in wrong.stderr
+
+
 # (Every other bad input has an in-process test in test_sources.py; these two prove the
 # exit code and the untouched disk for a folder and for shards.)
 @pytest.mark.parametrize("case", ["truncated", "no_match"])

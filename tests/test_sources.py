@@ -892,12 +892,26 @@ def test_shards_whose_image_feature_is_not_model_gardens(tmp_path):
     read = data.materialize(source)
     np.testing.assert_array_equal(read.images, pixels)
     np.testing.assert_array_equal(read.labels, [i % 3 for i in range(10)])
-    # Two images per record: which one is meant is not guessed.
+    # Two images per record: which one is meant is not guessed, but named by --image_feature.
+    masks = 255 - pixels
     _write_records(tmp_path / "train-00000-of-00001",
-                   [{"image": p, "mask": p} for p in png])
+                   [{"image": p, "mask": tf.io.encode_png(m).numpy(), "label": 2}
+                    for p, m in zip(png, masks)])
     with pytest.raises(DataError, match=r"train-00000-of-00001: its examples hold several "
-                                        r"encoded images \(image, mask\) and no image/encoded"):
+                                        r"encoded images \(image, mask\) and no image/encoded "
+                                        r"feature, .*: name it, e.g. --image_feature=image$"):
         data.open_split("train", "tfrecord", str(tmp_path))
+    for key, expected in (("mask", masks), ("image", pixels)):
+        read = data.materialize(data.open_split("train", "tfrecord", str(tmp_path),
+                                                image_feature=key).source)
+        np.testing.assert_array_equal(read.images, expected)
+        np.testing.assert_array_equal(read.labels, [2] * 10)
+    for key, problem in (("nope", "has no feature 'nope'"),
+                         ("label", "has no single bytes value in the feature 'label'")):
+        with pytest.raises(DataError, match=rf"each example {problem} to hold its image \(its "
+                                            r"features: image, label, mask\): give "
+                                            r"--image_feature one that holds an image$"):
+            data.open_split("train", "tfrecord", str(tmp_path), image_feature=key)
     # Shards of one split with the image under different features.
     _write_records(tmp_path / "train-00000-of-00002", [{"image": p} for p in png])
     _write_records(tmp_path / "train-00001-of-00002", [{"img": p} for p in png])
@@ -937,6 +951,26 @@ def test_shards_of_raw_pixels_with_height_width_and_depth(tmp_path):
     with pytest.raises(DataError, match=r"its feature image_raw holds 3,072 bytes, not the height "
                                         r"x width \(24 x 32\) x depth bytes of uint8 pixels"):
         data.open_split("train", "tfrecord", str(tmp_path))
+    # Raw pixels beside another bytes feature: found only when named.
+    _write_records(tmp_path / "train-00000-of-00001", [
+        {"height": 24, "width": 32, "depth": 1, "image_raw": a.tobytes(), "name": b"n%d" % i}
+        for i, a in enumerate(grey)])
+    with pytest.raises(DataError, match=r"no image/encoded feature, nor another that holds an "
+                                        r"encoded image .*: name the one that does with "
+                                        r"--image_feature, or write them"):
+        data.open_split("train", "tfrecord", str(tmp_path))
+    named = data.open_split("train", "tfrecord", str(tmp_path), image_feature="image_raw")
+    np.testing.assert_array_equal(data.materialize(named.source).images, grey)
+    with pytest.raises(DataError, match=r"its feature name holds 2 bytes, not the height x width "
+                                        r"\(24 x 32\) x depth bytes of uint8 pixels \(float "
+                                        r"pixels\?\): give --image_feature one that holds the image$"):
+        data.open_split("train", "tfrecord", str(tmp_path), image_feature="name")
+    _write_records(tmp_path / "train-00000-of-00001", [{"image_raw": a.tobytes(), "name": b"n"}
+                                                       for a in grey])
+    with pytest.raises(DataError, match=r"its feature 'image_raw' holds neither an encoded image "
+                                        r".* nor uint8 pixels shaped by height and width "
+                                        r"features \(its features: image_raw, name\)"):
+        data.open_split("train", "tfrecord", str(tmp_path), image_feature="image_raw")
 
 
 def test_prepare_rewrites_your_own_shards(tmp_path):
@@ -965,6 +999,20 @@ def test_prepare_rewrites_your_own_shards(tmp_path):
         cached = data.cache_to_dir(theirs, str(tmp_path / "cache"))
         np.testing.assert_array_equal(cached.head(7)[1], theirs.head(7)[1])
     assert set(theirs.head(3)[1]) == {1}
+    # Named as it is found, and as tapeloop's own raw shards name it.
+    named = prepare.convert("tfrecord", str(tmp_path / "named"), str(tmp_path / "mine"),
+                            image_size=(12, 16), encoding="raw", shards=2, progress=None,
+                            image_feature="image")
+    assert {k: v["examples"] for k, v in named["splits"].items()} == {"train": 7, "val": 3}
+    found = data.open_split("train", "tfrecord", str(tmp_path / "named")).source
+    given = data.open_split("train", "tfrecord", str(tmp_path / "named"),
+                            image_feature="image/encoded").source
+    np.testing.assert_array_equal(data.materialize(given).images,
+                                  data.materialize(found).images)
+    with pytest.raises(ConfigError, match=r"--image_feature=image names the feature of "
+                                          r"TFRecord examples .*: it goes with --dataset=tfrecord"):
+        prepare.convert("folder", str(tmp_path / "f"), str(tmp_path / "mine"), progress=None,
+                        image_feature="image")
     with pytest.raises(ConfigError, match=r"--output_dir=.*mine is --data_dir: the shards "
                                           r"written would join the split"):
         prepare.convert("tfrecord", str(tmp_path / "mine"), str(tmp_path / "mine") + "/",
