@@ -911,8 +911,10 @@ def run(config: Config, given: Collection[str] | None = None,
         summaries and after every evaluation, after those `config` names
         (core/actions.py).
     """
+    from core.sources import utf8_names
+
     # From Python (a notebook), Ctrl-C outside training interrupts at a safe point only.
-    with signals.deferred_interrupt():
+    with signals.deferred_interrupt(), utf8_names(config.model_dir, "--model_dir"):
         if config.mode == "continuous_eval":
             wait_for_checkpoint(config)
         the_run = Run(config, given, train_actions, eval_actions)

@@ -152,19 +152,24 @@ def slice_order(paths: list[str], root: str) -> list[int]:
 
 
 @contextlib.contextmanager
-def utf8_names(data_dir: str | None):
-    """Inside the block, a file or folder name under `data_dir` that is not UTF-8 (a Latin-1
-    `café.jpg` from an old archive or Windows share) is a DataError naming it: TensorFlow's
-    folder listing decodes every name as UTF-8 and raised UnicodeDecodeError, a traceback."""
+def utf8_names(folder: str | None, flag: str = "--data_dir"):
+    """Inside the block, a file or folder name under `folder` that is not UTF-8 (a Latin-1
+    `café.jpg` from an old archive or Windows share) is an error naming it: TensorFlow's
+    folder listing decodes every name as UTF-8 and raised UnicodeDecodeError, a traceback.
+    A DataError under --data_dir (where an unnamed one is also assumed to be); under
+    another folder (--model_dir), a ConfigError, and only for a name found there."""
     try:
         yield
     except UnicodeDecodeError:
-        found = _first_name_not_utf8(data_dir) if data_dir and not is_remote(data_dir) else None
+        found = _first_name_not_utf8(folder) if folder and not is_remote(folder) else None
+        if flag != "--data_dir" and not found:
+            raise
         which = (f"{found.decode('utf-8', 'backslashreplace')} has a name" if found else
                  "a name under it is")
-        raise DataError(f"--data_dir={data_dir}: {which} not in UTF-8, and TensorFlow lists "
-                        "folders by UTF-8 names only: rename it (for a tree of Latin-1 names: "
-                        f"convmv -f latin1 -t utf8 -r --notest {data_dir})") from None
+        error = DataError if flag == "--data_dir" else ConfigError
+        raise error(f"{flag}={folder}: {which} not in UTF-8, and TensorFlow lists "
+                    "folders by UTF-8 names only: rename it (for a tree of Latin-1 names: "
+                    f"convmv -f latin1 -t utf8 -r --notest {folder})") from None
 
 
 def _first_name_not_utf8(folder: str) -> bytes | None:

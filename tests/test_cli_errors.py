@@ -129,6 +129,25 @@ def test_a_model_dir_with_a_bracket_is_refused_with_its_checkpoints_intact(tmp_p
     assert not fresh.exists()
 
 
+def test_a_model_dir_holding_a_name_not_in_utf8_is_one_line_with_its_checkpoints_intact(
+        tmp_path):
+    """A Latin-1 `café.txt` a user keeps in the run's folder: TensorFlow's folder listing
+    (of the checkpoint manager) raised UnicodeDecodeError, a traceback."""
+    model_dir = tmp_path / "run"
+    first = run_train(f"--model_dir={model_dir}", "--dataset=synthetic", "--train_steps=2",
+                      "--batch_size=8")
+    assert first.returncode == 0, first.stderr[-2000:]
+    (model_dir / "caf\udce9.txt").write_bytes(b"notes")  # the bytes caf\xe9.txt
+    before = checkpoint_files(model_dir)
+    proc = run_train(f"--model_dir={model_dir}", "--dataset=synthetic", "--train_steps=4",
+                     "--batch_size=8")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (f"train.py: error: --model_dir={model_dir}: {model_dir}/caf\\xe9.txt has a name not "
+            "in UTF-8, and TensorFlow lists folders by UTF-8 names only: rename it (for a tree "
+            f"of Latin-1 names: convmv -f latin1 -t utf8 -r --notest {model_dir})") in proc.stderr
+    assert "Traceback" not in proc.stderr and checkpoint_files(model_dir) == before
+
+
 def test_model_dir_that_is_a_file(tmp_path):
     path = tmp_path / "file"
     path.write_text("x")
