@@ -402,7 +402,9 @@ def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
         raise ConfigError(f"split {spec!r}: {data_dir} has the splits {', '.join(roots)} "
                           f"({'/, '.join(SPLIT_FOLDERS)}/ subfolders beside train/ make splits; "
                           "without train/ the whole folder is 'train', sliced like "
-                          "'train[:90%]')")
+                          "'train[:90%]'): give one of them" + (
+                              ", e.g. --eval_split=train[90%:] and --train_split=train[:90%]"
+                              if list(roots) == ["train"] else ""))
     split_root = roots[name]
     paths, others, runs, repeats = list_images(split_root)
     if repeats:

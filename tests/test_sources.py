@@ -200,7 +200,9 @@ def test_a_flat_folder_is_train_sliced_90_10(tmp_path):
     assert (train.num_examples, held.num_examples) == (18, 2)
     assert not set(train.paths) & set(held.paths)
     assert train.labels is None  # unlabelled: fine
-    with pytest.raises(ConfigError, match="has the splits train"):
+    with pytest.raises(ConfigError, match=r"has the splits train \(.*\): give one of them, e.g. "
+                                          r"--eval_split=train\[90%:\] and "
+                                          r"--train_split=train\[:90%\]$"):
         data.open_split("test", "folder", str(tmp_path))
     one = tmp_path / "one"
     save(str(one / "a.png"), colour_images(1)[0])
