@@ -252,6 +252,34 @@ def open_split(spec: str, dataset: str, data_dir: str | None = None, verify: boo
                         split.name, split.class_names), upscaled=upscaled)
 
 
+def shared_examples(dataset: str, data_dir: str | None, train_spec: str, eval_spec: str,
+                    train_source, eval_source) -> int:
+    """How many examples of the eval split the training split holds too: slices of one
+    split that overlap (`test[:5000]` and `test[4000:]`), or one split for both (shards
+    cannot be sliced). Folders compare their files; the others their slices' indices."""
+    name, other = (spec.split("[", 1)[0].strip() for spec in (train_spec, eval_spec))
+    if name != other:
+        return 0
+    paths = getattr(train_source, "paths", None), getattr(eval_source, "paths", None)
+    if paths[0] is not None and paths[1] is not None:
+        return len(set(paths[0]) & set(paths[1]))
+    if dataset == "tfrecord":
+        return eval_source.num_examples
+    if dataset.startswith("tfds:"):
+        from core import sources
+
+        splits = sources.tfds_builder(dataset[len("tfds:"):], data_dir).info.splits
+        sizes = {name: splits[name].num_examples}
+    elif dataset == "shapes":
+        from core import shapes
+
+        sizes = shapes.SPLIT_SIZES
+    else:
+        sizes = SPLIT_SIZES
+    ranges = [range(sizes[name])[parse_split(spec, sizes)[1]] for spec in (train_spec, eval_spec)]
+    return max(0, min(r.stop for r in ranges) - max(r.start for r in ranges))
+
+
 def materialize(source) -> Split:
     """A file source decoded once into a uint8 array in host memory (--cache=memory,
     --data_on_device); an in-memory Split is returned as it is."""

@@ -92,6 +92,37 @@ def test_a_val_folder_beside_train_is_the_eval_split_and_its_shards_too(tmp_path
     np.testing.assert_array_equal(held.head(4)[0], arrays[held_out][[0, 2, 1, 3]])
 
 
+def test_an_eval_split_that_overlaps_the_training_split_is_warned_of(tmp_path, caplog):
+    """Evaluating on examples the model trains on (`test[:5000]`, `test[4000:]`; a folder's
+    `train` and `train[90%:]`) gave metrics that looked held-out, without a word."""
+    for i, a in enumerate(colour_images(20)):
+        save(str(tmp_path / "flat" / f"img{i:02d}.png"), a)
+    folder = {spec: data.open_split(spec, "folder", str(tmp_path / "flat")).source
+              for spec in ("train", "train[:90%]", "train[90%:]", "train[85%:]")}
+    for train, held, shared in (("train", "train[90%:]", 2), ("train[:90%]", "train[90%:]", 0),
+                                ("train[:90%]", "train[85%:]", 1)):
+        assert data.shared_examples("folder", None, train, held, folder[train],
+                                    folder[held]) == shared
+    for train, held, shared in (("test[:5000]", "test[4000:]", 1000), ("test[:50%]", "test[50%:]", 0),
+                                ("test[-100:]", "test", 100), ("train", "test", 0)):
+        assert data.shared_examples("mnist", None, train, held, None, None) == shared
+    os.makedirs(tmp_path / "shards")
+    _write_records(tmp_path / "shards" / "train.tfrecord",
+                   [{"image": tf.io.encode_png(a).numpy()} for a in colour_images(3)])
+    records = data.open_split("train", "tfrecord", str(tmp_path / "shards")).source
+    assert data.shared_examples("tfrecord", None, "train", "train", records, records) == 3
+    for held, warned in (("test[20:60]", ["shares 20 of its 40 examples with --train_split="
+                                          "test[:40]: its metrics are partly of images"]),
+                         ("test[40:60]", [])):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="absl"):
+            core.run(Config(dataset="synthetic", train_split="test[:40]", eval_split=held,
+                            train_steps=1, batch_size=8,
+                            model_dir=str(tmp_path / f"run{len(warned)}")))
+        assert [m[m.index("shares"):m.index(" the model")] for m in
+                (r.getMessage() for r in caplog.records) if "--eval_split=" in m] == warned
+
+
 def test_folders_that_look_like_splits_but_are_not_read_as_splits_are_named(tmp_path, caplog):
     """Kaggle's Training/ and Testing/ are read as two classes of one split (no train/):
     the log says so, and how to name them. Beside train/, a Test/ is not read: said too."""
@@ -711,6 +742,9 @@ def test_tfds_dataset_from_local_files(tmp_path):
     second = data.open_split("train[50%:]", "tfds:local_pets/small", str(tmp_path / "tfds"))
     halves = [data.materialize(h.source).images for h in (first, second)]
     np.testing.assert_array_equal(np.concatenate(halves), whole.images)  # TFDS slicing
+    for train, held, shared in (("train[:50%]", "train[50%:]", 0), ("train", "train[-25%:]", 10)):
+        assert data.shared_examples("tfds:local_pets/small", str(tmp_path / "tfds"), train, held,
+                                    first.source, second.source) == shared
     assert len(arrays["train"]) == 40
     resumed = _first_batches(data.train_dataset(src, 8, seed=1, start_step=3), 4)
     whole_run = _first_batches(data.train_dataset(src, 8, seed=1), 7)
