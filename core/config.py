@@ -184,10 +184,11 @@ class Config:
             raise ConfigError(f"--cache={self.cache} is inside --data_dir={self.data_dir}: the "
                               "cache's shards would land among your images; give a folder "
                               "outside it")
-        if self.image_feature is not None and self.dataset != "tfrecord":
+        if self.image_feature is not None and not (self.dataset == "tfrecord"
+                                                   or self.dataset.startswith("tfds:")):
             raise ConfigError(f"--image_feature={self.image_feature} names the feature of "
                               "TFRecord examples that holds the image: it goes with "
-                              f"--dataset=tfrecord, not --dataset={self.dataset}")
+                              f"--dataset=tfrecord or tfds:NAME, not --dataset={self.dataset}")
         if self.dataset in FILE_DATASETS and not self.data_dir:
             raise ConfigError(f"--dataset={self.dataset} needs --data_dir: the folder of your "
                               + ("images" if self.dataset == "folder" else "TFRecord shards"))

@@ -219,7 +219,8 @@ def open_split(spec: str, dataset: str, data_dir: str | None = None, verify: boo
     """The split `spec` of any dataset: in memory for the built-in ones, streamed from
     files for folder and tfrecord. `image_size` (H, W) defaults to the first image's;
     `channels` to 1 if a folder's images are all greyscale (shards: the first image's),
-    else 3; `image_feature`: the records' feature that holds the image (tfrecord).
+    else 3; `image_feature`: the records' feature that holds the image (tfrecord,
+    tfds).
 
     Raises:
       DataError: missing, unreadable or undecodable files (exit 3).
@@ -239,7 +240,7 @@ def open_split(spec: str, dataset: str, data_dir: str | None = None, verify: boo
                                                 resize, image_feature))
     if dataset.startswith("tfds:"):
         return Opened(sources.open_tfds(dataset[len("tfds:"):], data_dir, spec, image_size,
-                                        channels, resize))
+                                        channels, resize, image_feature))
     split = load_split(spec, dataset, data_dir, verify, synthetic_shape, sizes)
     if image_size is None and channels is None:
         return Opened(split)

@@ -47,8 +47,9 @@ def define_flags() -> None:
                          "greyscale, shards: the first image's; else 3).")
     flags.DEFINE_enum("resize", "crop", ("crop", "pad", "stretch"), "How images are fitted.")
     flags.DEFINE_enum("bad_images", "error", ("error", "skip"), "Undecodable files: stop, or skip them.")
-    flags.DEFINE_string("image_feature", None, "--dataset=tfrecord: the feature of your records "
-                        "that holds the image (default: image/encoded, else the one that does).")
+    flags.DEFINE_string("image_feature", None, "--dataset=tfrecord or tfds:NAME: the feature "
+                        "that holds the image (default: image/encoded, else the one that does; "
+                        "TFDS: the first Image feature).")
     flags.DEFINE_string("output_dir", None, "Where the shards go (created; gs:// works).")
     flags.DEFINE_integer("shards", 4, "Shards per split (at least one per worker you will train on).")
     flags.DEFINE_bool("gzip", False, "GZIP-compress the shards.")
@@ -197,9 +198,10 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
     if dataset == "tfrecord" and data_dir and where(output_dir) == where(data_dir):
         raise ConfigError(f"--output_dir={output_dir} is --data_dir: the shards written would "
                           "join the split they are written from; choose another folder")
-    if image_feature is not None and dataset != "tfrecord":
+    if image_feature is not None and not (dataset == "tfrecord" or dataset.startswith("tfds:")):
         raise ConfigError(f"--image_feature={image_feature} names the feature of TFRecord "
-                          "examples that holds the image: it goes with --dataset=tfrecord")
+                          "examples that holds the image: it goes with --dataset=tfrecord or "
+                          "tfds:NAME")
     if shards < 1:
         raise ConfigError(f"--shards={shards}: must be >= 1")
     if encoding not in ENCODINGS:

@@ -953,12 +953,13 @@ def tfds_builder(name: str, data_dir: str | None):
 
 
 def open_tfds(name: str, data_dir: str | None, spec: str, image_size, channels,
-              resize: str) -> TFRecordSource:
+              resize: str, image_feature: str | None = None) -> TFRecordSource:
     """A split of a TFDS dataset (`name` is NAME or NAME/CONFIG), with TFDS's split syntax.
 
     Prepares the dataset if it is not in `data_dir` yet (TFDS downloads it). Its
     TFRecord files are then read like ours (the same streaming, order and resume),
-    with the dataset's first Image feature and its `label` ClassLabel.
+    with its Image feature `image_feature` (default: `image`, or its only one) and its
+    `label` ClassLabel.
 
     Raises:
       ConfigError: tensorflow-datasets is not installed, or the split is unknown.
@@ -977,6 +978,21 @@ def open_tfds(name: str, data_dir: str | None, spec: str, image_size, channels,
     if not images:
         raise DataError(f"tfds:{name} has no Image feature (its features: "
                         f"{', '.join(info.features)}): tapeloop trains on images")
+    if image_feature and image_feature not in images:
+        raise DataError(f"--image_feature={image_feature}: tfds:{name} has no Image feature of "
+                        f"that name (its Image features: {', '.join(sorted(images))})")
+    # The order of a prepared dataset's features is not theirs (oxford_iiit_pet read back
+    # lists segmentation_mask before image): "the first" is no rule for several.
+    chosen = image_feature or ("image" if "image" in images else
+                               images[0] if len(images) == 1 else None)
+    if chosen is None:
+        raise DataError(f"tfds:{name} has several Image features ({', '.join(sorted(images))})"
+                        f": name the one to train on, e.g. --image_feature={sorted(images)[0]}")
+    if not image_feature and len(images) > 1:
+        logging.info("tfds:%s: training on its Image feature %r (it also has %s: "
+                     "--image_feature=NAME picks another)", name, chosen,
+                     ", ".join(sorted(set(images) - {chosen})))
+    images = [chosen]
     label = "label" if "label" in info.features and isinstance(
         info.features["label"], tfds.features.ClassLabel) else None
     if str(getattr(info, "file_format", "tfrecord")).lower().split(".")[-1] != "tfrecord":

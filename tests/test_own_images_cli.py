@@ -126,7 +126,8 @@ def test_records_with_two_images_train_on_the_one_named(tmp_path):
                       f"--model_dir={tmp_path / 'wrong'}")
     assert wrong.returncode == 2 and not (tmp_path / "wrong").exists()
     assert ("train.py: error: --image_feature=image names the feature of TFRecord examples "
-            "that holds the image: it goes with --dataset=tfrecord, not --dataset=synthetic"
+            "that holds the image: it goes with --dataset=tfrecord or tfds:NAME, not "
+            "--dataset=synthetic"
             ) in wrong.stderr
 
 

@@ -728,6 +728,57 @@ def tfds_from_files(root, data_dir, splits=("train", "test"), name="local_pets")
     builder.download_and_prepare()
 
 
+def test_tfds_dataset_with_an_image_and_a_mask_trains_on_the_one_named(tmp_path, caplog):
+    """A TFDS dataset with two Image features (oxford_iiit_pet's image and
+    segmentation_mask): `image` by default (it was "the first", which read back was the
+    mask), with a log line naming the other and the flag; --image_feature picks the other;
+    a name that is no Image feature is one line."""
+    import tensorflow_datasets as tfds
+
+    pixels = colour_images(6)
+    masks = (pixels[..., :1] // 128) * 255
+    tfds.dataset_builders.TfDataBuilder(
+        name="local_seg", config="small", version="1.0.0", data_dir=str(tmp_path),
+        split_datasets={"train": tf.data.Dataset.from_tensor_slices(
+            {"image": pixels, "segmentation_mask": masks, "label": np.arange(6) % 2})},
+        features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(24, 32, 3)),
+            "segmentation_mask": tfds.features.Image(shape=(24, 32, 1)),
+            "label": tfds.features.ClassLabel(names=["cat", "dog"])})).download_and_prepare()
+    with caplog.at_level("INFO", logger="absl"):
+        first = data.open_split("train", "tfds:local_seg/small", str(tmp_path)).source
+    assert any("tfds:local_seg/small: training on its Image feature 'image' (it also has "
+               "segmentation_mask: --image_feature=NAME picks another)" in r.getMessage()
+               for r in caplog.records)
+    named = data.open_split("train", "tfds:local_seg/small", str(tmp_path),
+                            image_feature="segmentation_mask").source
+    assert (first.image_shape, named.image_shape) == ((24, 32, 3), (24, 32, 1))
+    order = [bytes(a) for a in pixels]  # TFDS shuffled the examples once, when preparing them
+    read = data.materialize(first)
+    at = [order.index(bytes(a)) for a in read.images]
+    np.testing.assert_array_equal(data.materialize(named).images, masks[at])
+    np.testing.assert_array_equal(data.materialize(named).labels, read.labels)
+    with pytest.raises(DataError, match=r"^--image_feature=label: tfds:local_seg/small has no "
+                                        r"Image feature of that name \(its Image features: "
+                                        r"image, segmentation_mask\)$"):
+        data.open_split("train", "tfds:local_seg/small", str(tmp_path), image_feature="label")
+    # Several, none named `image`: not guessed (a prepared dataset's feature order is not
+    # the builder's: this one's read back lists segmentation_mask first).
+    tfds.dataset_builders.TfDataBuilder(
+        name="local_pair", config="small", version="1.0.0", data_dir=str(tmp_path),
+        split_datasets={"train": tf.data.Dataset.from_tensor_slices(
+            {"left": pixels, "right": pixels})},
+        features=tfds.features.FeaturesDict({
+            "left": tfds.features.Image(shape=(24, 32, 3)),
+            "right": tfds.features.Image(shape=(24, 32, 3))})).download_and_prepare()
+    with pytest.raises(DataError, match=r"^tfds:local_pair/small has several Image features "
+                                        r"\(left, right\): name the one to train on, e.g. "
+                                        r"--image_feature=left$"):
+        data.open_split("train", "tfds:local_pair/small", str(tmp_path))
+    assert data.open_split("train", "tfds:local_pair/small", str(tmp_path),
+                           image_feature="right").source.image_shape == (24, 32, 3)
+
+
 def test_tfds_dataset_from_local_files(tmp_path):
     arrays = png_tree(str(tmp_path / "imgs"))
     tfds_from_files(tmp_path / "imgs", tmp_path / "tfds")
