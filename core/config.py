@@ -82,7 +82,7 @@ class Config:
     channels: int | None = None  # None: 1 if the images are greyscale, else 3 (data.open_split)
     resize: str = "crop"
     bad_images: str = "error"
-    image_feature: str | None = None  # tfrecord: the feature holding the image (None: found)
+    image_feature: str | None = None  # tfrecord, tfds: the image's feature (None: found)
     cache: str = "none"
     tf_data_service: str | None = None  # grpc://HOST:PORT of a tf.data service dispatcher
     # Model.

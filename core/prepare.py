@@ -49,7 +49,7 @@ def define_flags() -> None:
     flags.DEFINE_enum("bad_images", "error", ("error", "skip"), "Undecodable files: stop, or skip them.")
     flags.DEFINE_string("image_feature", None, "--dataset=tfrecord or tfds:NAME: the feature "
                         "that holds the image (default: image/encoded, else the one that does; "
-                        "TFDS: the first Image feature).")
+                        "TFDS: image, or its only Image feature).")
     flags.DEFINE_string("output_dir", None, "Where the shards go (created; gs:// works).")
     flags.DEFINE_integer("shards", 4, "Shards per split (at least one per worker you will train on).")
     flags.DEFINE_bool("gzip", False, "GZIP-compress the shards.")
