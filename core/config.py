@@ -184,11 +184,7 @@ class Config:
             raise ConfigError(f"--cache={self.cache} is inside --data_dir={self.data_dir}: the "
                               "cache's shards would land among your images; give a folder "
                               "outside it")
-        if self.image_feature is not None and not (self.dataset == "tfrecord"
-                                                   or self.dataset.startswith("tfds:")):
-            raise ConfigError(f"--image_feature={self.image_feature} names the feature of "
-                              "TFRecord examples that holds the image: it goes with "
-                              f"--dataset=tfrecord or tfds:NAME, not --dataset={self.dataset}")
+        check_image_feature(self.dataset, self.image_feature)
         if self.dataset in FILE_DATASETS and not self.data_dir:
             raise ConfigError(f"--dataset={self.dataset} needs --data_dir: the folder of your "
                               + ("images" if self.dataset == "folder" else "TFRecord shards"))
@@ -567,6 +563,14 @@ def check_no_path_in_dataset(dataset: str, kinds: tuple[str, ...]) -> None:
     if sep and kind in kinds and path:
         raise ConfigError(f"--dataset={dataset!r}: the path goes in its own flag: "
                           f"--dataset={kind} --data_dir={path}")
+
+
+def check_image_feature(dataset: str, image_feature: str | None) -> None:
+    """--image_feature names a feature of TFRecord examples: only shards and TFDS have one."""
+    if image_feature is not None and not (dataset == "tfrecord" or dataset.startswith("tfds:")):
+        raise ConfigError(f"--image_feature={image_feature} names the feature of TFRecord "
+                          "examples that holds the image: it goes with --dataset=tfrecord or "
+                          f"tfds:NAME, not --dataset={dataset}")
 
 
 def _check_choice(name: str, value: str, choices) -> None:

@@ -180,7 +180,7 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
     import tensorflow as tf
 
     from core import data
-    from core.config import DATASETS, check_no_path_in_dataset, expand_home
+    from core.config import DATASETS, check_image_feature, check_no_path_in_dataset, expand_home
     from core.config import image_size as config_image_size
     from core.errors import ConfigError
 
@@ -198,10 +198,7 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
     if dataset == "tfrecord" and data_dir and where(output_dir) == where(data_dir):
         raise ConfigError(f"--output_dir={output_dir} is --data_dir: the shards written would "
                           "join the split they are written from; choose another folder")
-    if image_feature is not None and not (dataset == "tfrecord" or dataset.startswith("tfds:")):
-        raise ConfigError(f"--image_feature={image_feature} names the feature of TFRecord "
-                          "examples that holds the image: it goes with --dataset=tfrecord or "
-                          "tfds:NAME")
+    check_image_feature(dataset, image_feature)
     if shards < 1:
         raise ConfigError(f"--shards={shards}: must be >= 1")
     if encoding not in ENCODINGS:
