@@ -58,8 +58,8 @@ flags.DEFINE_enum("bad_images", _D.bad_images, config_lib.BAD_IMAGES, "Undecodab
                   "(stop, exit 3) or skip (log them to <model_dir>/skipped_images.txt).")
 flags.DEFINE_string("image_feature", None, "--dataset=tfrecord or tfds:NAME: the feature "
                     "that holds the image, as an encoded file or uint8 pixels (default: "
-                    "image/encoded, else the one feature that holds an image; TFDS: the first "
-                    "Image feature), e.g. segmentation_mask.")
+                    "image/encoded, else the one feature that holds an image; TFDS: image, else "
+                    "the one Image feature), e.g. segmentation_mask.")
 flags.DEFINE_string("tf_data_service", None, "grpc://HOST:PORT of a tf.data service dispatcher: "
                     "file reading and decoding run on its workers (README, Datasets).")
 flags.DEFINE_string("cache", _D.cache, "none; memory: decode a file dataset once and keep the "
