@@ -139,7 +139,7 @@ class Controller:
       evaluate: step -> metrics, or None (no evaluation; checkpoints keep the cadence).
       checkpointer: has `save()`, `restore(path)` and `latest`.
       summaries: has `scalars(writer, step, values)`, `histograms(writer, step,
-        variables)` and `flush()`.
+        variables)`, `restart(step, writers)` and `flush()`.
       profile_dir: where the profiler trace goes.
       stop_requested: asked -> ("signal", name) if a stop signal was received, ("asked",
         who) if an action asked to stop (`asked`, this process's, or another worker's), or
@@ -237,8 +237,13 @@ class Controller:
                 f"the training loss became {loss} {where}{why}; the last good checkpoint "
                 f"({last}) is untouched: {hint}")
         self.nan_retries += 1
+        blew_up = self.trainer.base_learning_rate
         restored = self.checkpointer.restore(last)
-        lr = self.trainer.base_learning_rate * c.nan_lr_factor
+        self.summaries.restart(restored, ("train", "eval") if self.evaluate else ("train",))
+        # The lower of the checkpoint's rate and the one that blew up, times the factor: a
+        # second rollback to the same checkpoint lowers it again, where the checkpoint's
+        # rate alone would repeat the first retry (and, with --deterministic, its NaN).
+        lr = min(self.trainer.base_learning_rate, blew_up) * c.nan_lr_factor
         self.trainer.set_learning_rate(lr)
         logging.warning("rollback %d/%d: loss was %s %s; restored %s (step %d), learning rate now "
                         "%.3g", self.nan_retries, c.nan_max_retries, loss, where, last, restored,

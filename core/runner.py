@@ -689,6 +689,7 @@ def train(run: Run) -> dict:
         run.run_config["resolved_total_steps"] = total
         checkpoints.write_config(cfg.model_dir, run.run_config)
         run.summaries.run_header(run.run_config, start)
+        run.summaries.restart(start, ("train", "eval") if cfg.mode == "train_and_eval" else ("train",))
         # What train/loss and eval/loss are from this step on (a resume may change --loss).
         run.summaries.text("train", start, LOSS_TAG, run.loss_name)
         if cfg.augmentations:  # what the step's augmentation does, to look at once

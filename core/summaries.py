@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import glob
 import os
+import time
 
 import numpy as np
 import tensorflow as tf
@@ -74,6 +75,24 @@ class Summaries:
             hp.hparams({k: _hparam_value(v) for k, v in config.items()},
                        trial_id=os.path.basename(os.path.abspath(config["model_dir"])))
         self.writer("run").flush()
+
+    def restart(self, step: int, writers: tuple[str, ...]) -> None:
+        """Marks that training goes on from `step` (a start, a resume, a rollback): a
+        SessionLog START event at `step + 1` in each of `writers`. A run resumed from an
+        earlier checkpoint than it had logged to writes the steps after it again; from a
+        folder's second START on, TensorBoard's Python loader (`--load_fast=false`) drops
+        the points it holds from that step on, as its data server and the curves figure
+        keep the newer ones anyway. TensorFlow has no public call that writes an Event, only
+        Summary protos (`write_raw_pb`): `import_event` is the one `tf.summary` writers use
+        to take whole events."""
+        from tensorflow.python.ops import summary_ops_v2
+
+        event = tf.compat.v1.Event(
+            wall_time=time.time(), step=step + 1,
+            session_log=tf.compat.v1.SessionLog(status=tf.compat.v1.SessionLog.START))
+        for name in writers:
+            with self.writer(name).as_default():
+                summary_ops_v2.import_event(tf.constant(event.SerializeToString()))
 
     def scalars(self, writer: str, step: int, values: dict[str, float]) -> None:
         with self.writer(writer).as_default(step=step):

@@ -4,6 +4,7 @@ config compatibility, damaged checkpoints and a full disk. Subprocesses, bounded
 import errno
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import core
 from core.checkpoints import ModelDirLock
 from core.config import Config
 from core.errors import CheckpointError
+from core.summaries import read_scalars
 from helpers import ROOT, Notebook, checkpoint_files, event_tags, run_train
 from layers.autoencoders import build_autoencoder
 
@@ -223,6 +225,45 @@ def test_nan_guard(tmp_path, idx_dir, policy):
         # The rollback restored ckpt-20's rate (0.004) and halved it.
         rates = [v for s, v in event_tags(str(tmp_path / "train"))["learning_rate"] if s > 25]
         assert rates and all(r == pytest.approx(0.002) for r in rates)
+
+
+def _tensorboard_scalars(folder, tag):
+    """[(step, value)] of `tag` as TensorBoard's Python loader (`--load_fast=false`) serves
+    them: its own accumulator, orphaned data purged as TensorBoard does by default."""
+    from tensorboard.backend.event_processing import plugin_event_accumulator
+
+    acc = plugin_event_accumulator.EventAccumulator(folder, size_guidance={"tensors": 0},
+                                                    purge_orphaned_data=True)
+    acc.Reload()
+    return [(e.step, float(tf.make_ndarray(e.tensor_proto))) for e in acc.Tensors(tag)]
+
+
+def test_each_rollback_lowers_the_rate_again_and_tensorboard_keeps_the_last_steps(
+        tmp_path, idx_dir):
+    """The rate jumps to 1e30 at step 27, so every retry of steps 26-30 blows up: both
+    rollbacks go back to ckpt-20, and each lowers the rate again (the checkpoint's rate
+    halved twice would repeat the first retry's NaN). Each retry, and then a resume from
+    ckpt-20, logs step 25 again: TensorBoard shows it once, as last written."""
+    schedule = ["--checkpoint_every_steps=10", "--log_every=5", "--lr_schedule=piecewise",
+                "--lr_boundaries=27", "--lr_values=0.004,1e30", "--nan_policy=rollback",
+                "--nan_max_retries=2", "--nan_lr_factor=0.5", "--mode=train"]
+    failed = run_train(*_flags(idx_dir, tmp_path, 40, *schedule))
+    assert failed.returncode == 4, failed.stderr[-2000:]
+    rates = re.findall(r"rollback (\d)/2: .* restored \S+ckpt-20 \(step 20\), learning rate now "
+                       r"(\S+)", failed.stderr)
+    # The base rate is --learning_rate's 0.003; the schedule's 0.004 before step 27 is 4/3 of it.
+    assert rates == [("1", "0.0015"), ("2", "0.00075")], failed.stderr[-2000:]
+    assert _tensorboard_scalars(str(tmp_path / "train"), "learning_rate")[4:] == [
+        (25, pytest.approx(0.001))]  # the second retry's, 0.00075 x 4/3
+    resumed = run_train(*_flags(idx_dir, tmp_path, 25, *schedule))  # stops before step 27
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming from step 20" in resumed.stderr
+    shown = _tensorboard_scalars(str(tmp_path / "train"), "learning_rate")
+    assert shown == [(s, pytest.approx(0.004)) for s in (5, 10, 15, 20, 25)]
+    losses = _tensorboard_scalars(str(tmp_path / "train"), "loss")
+    assert [s for s, _ in losses] == [5, 10, 15, 20, 25]
+    # What the run's own curves figure reads: the same points.
+    assert read_scalars(str(tmp_path / "train"), "loss") == losses
 
 
 def test_nan_before_any_checkpoint_says_so(tmp_path, idx_dir):
