@@ -72,7 +72,7 @@ def op_error_reason(error: Exception) -> str:
         line = re.sub(r"\{\{[^}]*\}\}|\s*\[\[.*|\s*\[Op:.*", "", line).strip()
         line = re.sub(r"^Error in user-defined function .*? with iterator: \S+: ", "", line)
         if line and not line.startswith(("Graph execution error", "Detected at node", "<stack",
-                                         "File ", "Defined at")):
+                                         'File "', "Defined at")):
             return first_line(line)
     return type(error).__name__
 

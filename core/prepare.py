@@ -192,6 +192,10 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
                           "tfds:NAME")
     if not output_dir:
         raise ConfigError("--output_dir is required: the folder the shards go to")
+    from core.sources import reachable
+
+    reachable(data_dir, "--data_dir")
+    reachable(output_dir, "--output_dir")
     def where(path):
         return path.rstrip("/") if "://" in path else os.path.realpath(path)
 

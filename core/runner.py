@@ -922,8 +922,13 @@ def run(config: Config, given: Collection[str] | None = None,
         summaries and after every evaluation, after those `config` names
         (core/actions.py).
     """
-    from core.sources import utf8_names
+    from core.sources import reachable, utf8_names
 
+    for flag, path in (("--model_dir", config.model_dir), ("--data_dir", config.data_dir),
+                       ("--init_checkpoint", config.init_checkpoint),
+                       ("--checkpoint", config.checkpoint if config.checkpoint != "best" else None),
+                       ("--cache", config.cache if config.cache not in ("none", "memory") else None)):
+        reachable(path, flag)
     # From Python (a notebook), Ctrl-C outside training interrupts at a safe point only.
     with signals.deferred_interrupt(), utf8_names(config.model_dir, "--model_dir"):
         if config.mode == "continuous_eval":

@@ -172,6 +172,34 @@ def utf8_names(folder: str | None, flag: str = "--data_dir"):
                     f"convmv -f latin1 -t utf8 -r --notest {folder})") from None
 
 
+def reachable(path: str | None, flag: str) -> None:
+    """Raises an error of one line where TensorFlow cannot ask `path`'s file system about
+    it: a scheme it has no file system for (`s3://`), or an object store it cannot reach
+    (no network, no credentials). TensorFlow's own error is a traceback, and its `isdir`
+    says False instead, which reads as a wrong path. A DataError for --data_dir, else a
+    ConfigError."""
+    if not path:
+        return
+    error = DataError if flag == "--data_dir" else ConfigError
+    try:
+        tf.io.gfile.exists(path)
+    except tf.errors.UnimplementedError:
+        raise error(f"{flag}={path}: TensorFlow has no file system for "
+                    f"{path.split('://', 1)[0]}://: give a local path or a gs:// one") from None
+    except tf.errors.OpError as e:
+        # "All 10 retry attempts failed. The last failure: Error executing an HTTP request:
+        # libcurl code 6 meaning '...', error details: Could not resolve host: ...".
+        reason = first_line(e.message, limit=10_000)
+        for wrapper in (r"^All \d+ retry attempts failed\. The last failure: ",
+                        r"^Error executing an HTTP request: .*?error details: "):
+            reason = re.sub(wrapper, "", reason)
+        reason = first_line(reason)
+        who = (" and your credentials (gcloud auth application-default login, or "
+               "GOOGLE_APPLICATION_CREDENTIALS)" if path.startswith("gs://") else "")
+        raise error(f"{flag}={path}: cannot reach it ({reason}): check the network{who}, "
+                    "then run the same command again") from None
+
+
 def _first_name_not_utf8(folder: str) -> bytes | None:
     for parent, folders, files in os.walk(os.fsencode(folder)):
         folders.sort()

@@ -148,6 +148,52 @@ def test_a_model_dir_holding_a_name_not_in_utf8_is_one_line_with_its_checkpoints
     assert "Traceback" not in proc.stderr and checkpoint_files(model_dir) == before
 
 
+def test_a_file_system_tensorflow_cannot_reach_is_one_line_before_anything_is_written(
+        tmp_path, trained_dir, idx_dir):
+    """gs:// without a network or credentials, and s3:// (TensorFlow 2.21 has no file system
+    for it): TensorFlow's error was a traceback and exit 1, or for --data_dir its isdir's
+    False, read as "is not a folder". The network here is a proxy on a closed local port,
+    so gs:// fails alike on a machine with internet; no retries, so it fails at once."""
+    offline = {"https_proxy": "http://127.0.0.1:9", "http_proxy": "http://127.0.0.1:9",
+               "GOOGLE_AUTH_TOKEN_FOR_TESTING": "none", "GCS_RETRY_CONFIG_MAX_RETRIES": "0"}
+    unreachable = ("cannot reach it (Failed to connect to 127.0.0.1 port 9 after 0 ms: Could "
+                   "not connect to server): check the network and your credentials (gcloud "
+                   "auth application-default login, or GOOGLE_APPLICATION_CREDENTIALS), then "
+                   "run the same command again")
+    fresh = tmp_path / "new"
+    bucket = "gs://tapeloop-test-bucket"
+    cases = [
+        ([f"--model_dir={bucket}/run"], 2, f"--model_dir={bucket}/run: {unreachable}"),
+        (["--model_dir=s3://tapeloop-test-bucket/run"], 2, "--model_dir=s3://tapeloop-test-"
+         "bucket/run: TensorFlow has no file system for s3://: give a local path or a gs:// one"),
+        ([f"--model_dir={trained_dir}", "--dataset=folder", f"--data_dir={bucket}/photos"], 3,
+         f"--data_dir={bucket}/photos: {unreachable}"),
+        ([f"--model_dir={fresh}", f"--init_checkpoint={bucket}/run"], 2,
+         f"--init_checkpoint={bucket}/run: {unreachable}"),
+        ([f"--model_dir={trained_dir}", "--mode=eval", f"--checkpoint={bucket}/run/ckpt-4"], 2,
+         f"--checkpoint={bucket}/run/ckpt-4: {unreachable}"),
+    ]
+    before = checkpoint_files(trained_dir)
+    for flags, code, message in cases:
+        proc = run_train("--dataset=mnist", f"--data_dir={idx_dir}", "--train_split=test[:512]",
+                         "--eval_split=test[9900:]", "--train_steps=8", *flags, env=offline)
+        lines = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error:")]
+        assert proc.returncode == code, (flags, proc.stderr[-2000:])
+        assert lines == [f"train.py: error: {message}"], (flags, proc.stderr[-2000:])
+        assert "Traceback" not in proc.stderr, flags
+        assert checkpoint_files(trained_dir) == before and not fresh.exists(), flags
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "core.prepare", "--dataset=mnist",
+                           f"--data_dir={idx_dir}", "--splits=test[:64]",
+                           f"--output_dir={bucket}/shards"], capture_output=True, text=True,
+                          cwd=ROOT, env=dict(os.environ, **offline), timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"prepare: error: --output_dir={bucket}/shards: {unreachable}")
+
+
 def test_model_dir_that_is_a_file(tmp_path):
     path = tmp_path / "file"
     path.write_text("x")
