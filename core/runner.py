@@ -684,6 +684,20 @@ def train(run: Run) -> dict:
         saved = checkpoints.saved_config(cfg.model_dir)
         if saved and saved.get("learning_rate") != cfg.learning_rate:
             run.trainer.set_learning_rate(cfg.learning_rate)  # the flag wins over the checkpoint
+        before = saved and saved.get("batch_size", cfg.batch_size) * saved.get("grad_accum_steps", 1)
+        if before and before != cfg.step_batch:
+            # The data's position is the step times the examples a step (stateless, as
+            # big_vision's): a new batch size moves it.
+            logging.warning(
+                "resuming with %d examples a step where the run had %d: the data order goes "
+                "on from step %d, which is example %s of the epochs' order at %d a step and was "
+                "%s at %d, so %s examples of it are %s; the epoch column and --epochs count "
+                "steps of %d from here. Resume with --batch_size=%d%s for the run's own order",
+                cfg.step_batch, before, start, f"{start * cfg.step_batch:,}", cfg.step_batch,
+                f"{start * before:,}", before, f"{abs(start * (cfg.step_batch - before)):,}",
+                "skipped" if cfg.step_batch > before else "read again", cfg.step_batch,
+                saved.get("batch_size"), f" --grad_accum_steps={saved['grad_accum_steps']}"
+                if saved.get("grad_accum_steps", 1) > 1 else "")
     if run.is_chief:
         # The step a continuous evaluation beside this run stops after.
         run.run_config["resolved_total_steps"] = total

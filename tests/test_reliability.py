@@ -328,6 +328,17 @@ def test_incompatible_and_harmless_resume(tmp_path, idx_dir):
     assert other.returncode == 0, other.stderr[-2000:]
     assert (f"--model_dir={tmp_path} was trained on other data (train_split 'test[:1024]' -> "
             "'test[512:1024]')") in other.stderr
+    # A new batch size moves the data's position (step x examples a step): said, with the
+    # count skipped and the flags that keep the order.
+    bigger = run_train(*_flags(idx_dir, tmp_path, 36, "--train_split=test[512:1024]",
+                               "--batch_size=16", "--grad_accum_steps=4"))
+    assert bigger.returncode == 0, bigger.stderr[-2000:]
+    assert ("resuming with 64 examples a step where the run had 32: the data order goes on "
+            "from step 30, which is example 1,920 of the epochs' order at 64 a step and was 960 "
+            "at 32, so 960 examples of it are skipped; the epoch column and --epochs count "
+            "steps of 64 from here. Resume with --batch_size=32 for the run's own order"
+            ) in bigger.stderr
+    assert "examples a step where" not in ok.stderr + other.stderr
 
 
 def _config(tmp_path, idx_dir, **kw):
