@@ -257,11 +257,16 @@ def shared_examples(dataset: str, data_dir: str | None, train_spec: str, eval_sp
                     train_source, eval_source) -> int:
     """How many examples of the eval split the training split holds too: slices of one
     split that overlap (`test[:5000]` and `test[4000:]`), or one split for both (shards
-    cannot be sliced). Folders compare their files; the others their slices' indices."""
+    cannot be sliced). Folders compare their files; the others their slices' indices.
+    `train_source` may be None (an evaluation, which does not open it)."""
     name, other = (spec.split("[", 1)[0].strip() for spec in (train_spec, eval_spec))
     if name != other:
         return 0
     paths = getattr(train_source, "paths", None), getattr(eval_source, "paths", None)
+    if dataset == "folder" and paths[0] is None and paths[1] is not None:
+        from core import sources  # an evaluation opens no training split: list its files
+
+        paths = sources.split_paths(data_dir, train_spec), paths[1]
     if paths[0] is not None and paths[1] is not None:
         return len(set(paths[0]) & set(paths[1]))
     if dataset == "tfrecord":

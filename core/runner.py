@@ -333,16 +333,22 @@ class Run:
                     **load, "channels": config.channels or (saved_shape[2] if saved_shape else None)})
         self.eval_split = self._report(opened, config.eval_split)
         self.image_shape = self.eval_split.image_shape
-        shared = training and data.shared_examples(
-            config.dataset, config.data_dir, config.train_split, config.eval_split,
-            self.train_split, self.eval_split)
+        # The split the model trains (or, evaluated, trained) on, if this is its data.
+        own_data = self.saved and all(self.saved.get(k) == getattr(config, k)
+                                      for k in ("dataset", "data_dir"))
+        trained_on = (config.train_split if training else
+                      self.saved.get("train_split") if own_data else None)
+        shared = trained_on and data.shared_examples(
+            config.dataset, config.data_dir, trained_on, config.eval_split,
+            self.train_split if training else None, self.eval_split)
         if shared:
             logging.warning(
-                "--eval_split=%s shares %s of its %s examples with --train_split=%s: its metrics "
-                "are %sof images the model trains on, not held-out ones; give splits that do "
-                "not overlap for those", config.eval_split, f"{shared:,}",
-                f"{self.eval_split.num_examples:,}", config.train_split,
-                "" if shared == self.eval_split.num_examples else "partly ")
+                "--eval_split=%s shares %s of its %s examples with %s--train_split=%s: its "
+                "metrics are %sof images the model %s on, not held-out ones; give splits that "
+                "do not overlap for those", config.eval_split, f"{shared:,}",
+                f"{self.eval_split.num_examples:,}", "" if training else "the run's ", trained_on,
+                "" if shared == self.eval_split.num_examples else "partly ",
+                "trains" if training else "trained")
         if config.dataset == "folder" and time.monotonic() - start > LONG_FOLDER_CHECK_SECONDS:
             logging.info("a folder's files are checked at every start of a run that reads them "
                          "(a resume, an evaluation); python -m core.prepare --dataset=folder "

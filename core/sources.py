@@ -413,6 +413,28 @@ class FolderSource:
         return None
 
 
+def split_paths(data_dir: str, spec: str) -> list[str]:
+    """The files of folder split `spec` as `open_folder` picks them, neither checked nor
+    decoded (no file is opened); none for a split the folder does not have."""
+    roots = folder_splits(data_dir)
+    name = spec.split("[", 1)[0].strip()
+    if name not in roots:
+        return []
+    paths = list_images(roots[name])[0]
+    return [paths[i] for i in _picked(paths, roots[name], spec)]
+
+
+def _picked(paths: list[str], root: str, spec: str) -> list[int] | range:
+    """The indices into `paths` (split `spec`'s files under `root`) that its slice takes,
+    in path order: a slice cuts the hash order (`slice_order`), so every class is in both
+    `train[:90%]` and `train[90%:]`."""
+    from core.data import parse_split
+
+    name = spec.split("[", 1)[0].strip()
+    _, sl = parse_split(spec, {name: len(paths)})
+    return sorted(slice_order(paths, root)[sl]) if sl != slice(None) else range(len(paths))
+
+
 def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
                 bad_images: str) -> tuple[FolderSource, dict[str, str], int]:
     """Lists, slices and checks one folder split (`spec`, e.g. 'train[:90%]').
@@ -422,8 +444,6 @@ def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
     Raises:
       DataError: no images, or bad files with --bad_images=error.
     """
-    from core.data import parse_split
-
     roots = folder_splits(data_dir)
     name = spec.split("[", 1)[0].strip()
     if name not in roots:
@@ -463,8 +483,7 @@ def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
                      ", ".join(f"{k} {v}" for k, v in list(others.items())[:8]),
                      " ".join(images_lib.EXTENSIONS))
     labels, class_names = class_labels(split_root, paths)
-    _, sl = parse_split(spec, {name: len(paths)})
-    picked = sorted(slice_order(paths, split_root)[sl]) if sl != slice(None) else range(len(paths))
+    picked = _picked(paths, split_root, spec)
     total = len(paths)
     paths = [paths[i] for i in picked]
     labels = labels[list(picked)] if labels is not None else None

@@ -103,6 +103,9 @@ def test_an_eval_split_that_overlaps_the_training_split_is_warned_of(tmp_path, c
                                 ("train[:90%]", "train[85%:]", 1)):
         assert data.shared_examples("folder", None, train, held, folder[train],
                                     folder[held]) == shared
+        # An evaluation opens no training split: its files are listed, not opened.
+        assert data.shared_examples("folder", str(tmp_path / "flat"), train, held, None,
+                                    folder[held]) == shared
     for train, held, shared in (("test[:5000]", "test[4000:]", 1000), ("test[:50%]", "test[50%:]", 0),
                                 ("test[-100:]", "test", 100), ("train", "test", 0)):
         assert data.shared_examples("mnist", None, train, held, None, None) == shared
@@ -119,6 +122,17 @@ def test_an_eval_split_that_overlaps_the_training_split_is_warned_of(tmp_path, c
             core.run(Config(dataset="synthetic", train_split="test[:40]", eval_split=held,
                             train_steps=1, batch_size=8,
                             model_dir=str(tmp_path / f"run{len(warned)}")))
+        assert [m[m.index("shares"):m.index(" the model")] for m in
+                (r.getMessage() for r in caplog.records) if "--eval_split=" in m] == warned
+    # --mode=eval on the run's own data, with the run's training split from its config.json.
+    for held, warned in (("test[30:50]", ["shares 10 of its 20 examples with the run's "
+                                          "--train_split=test[:40]: its metrics are partly of "
+                                          "images"]),
+                         ("test[40:60]", []), ("train[:20]", [])):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="absl"):
+            core.run(Config(mode="eval", eval_split=held, model_dir=str(tmp_path / "run1")),
+                     given={"mode", "eval_split", "model_dir"})
         assert [m[m.index("shares"):m.index(" the model")] for m in
                 (r.getMessage() for r in caplog.records) if "--eval_split=" in m] == warned
 
