@@ -196,6 +196,7 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
 
     reachable(data_dir, "--data_dir")
     reachable(output_dir, "--output_dir")
+
     def where(path):
         return path.rstrip("/") if "://" in path else os.path.realpath(path)
 

@@ -82,9 +82,9 @@ class Summaries:
         earlier checkpoint than it had logged to writes the steps after it again; from a
         folder's second START on, TensorBoard's Python loader (`--load_fast=false`) drops
         the points it holds from that step on, as its data server and the curves figure
-        keep the newer ones anyway. TensorFlow has no public call that writes an Event, only
-        Summary protos (`write_raw_pb`): `import_event` is the one `tf.summary` writers use
-        to take whole events."""
+        keep the newer ones anyway. TensorFlow exports no call that writes an Event, only
+        Summary protos (`write_raw_pb`); its `summary_ops_v2.import_event` writes one into
+        the writer's own file, after what it wrote before."""
         from tensorflow.python.ops import summary_ops_v2
 
         event = tf.compat.v1.Event(
