@@ -27,8 +27,8 @@ from google.protobuf import text_format
 import tensorflow as tf
 from tensorflow.python.training.checkpoint_state_pb2 import CheckpointState
 
-from core.errors import CheckpointError, ConfigError, first_line
-from core.process import write_file
+from core.errors import CheckpointError, ConfigError, WriteError, first_line, write_reason
+from core.process import WRITE_ERRORS, write_file
 
 # Fields that change the model's variables: a resume that changes one cannot restore.
 MODEL_FIELDS = ("model", "encoder_filters", "decoder_filters", "kernel_size", "image_shape",
@@ -268,8 +268,9 @@ class Checkpointer:
         found = checkpoints_on_disk(self.restore_dir)
         return found[-1] if found else None
 
-    def remove_orphans(self) -> None:
-        """Removes what a save that was cut off (killed, disk full) left behind.
+    def remove_orphans(self, folder: str | None = None) -> None:
+        """Removes what a save that was cut off (killed, disk full) left behind in the model
+        dir (or `folder`, the best checkpoint's).
 
         TensorFlow writes a checkpoint's shards into `ckpt-N_temp/`, merges them into
         `ckpt-N.index` and `ckpt-N.data-*`, and writes the `checkpoint` state file
@@ -281,14 +282,15 @@ class Checkpointer:
         """
         if self.read_only:
             raise RuntimeError("a read-only Checkpointer never deletes files")
-        state = read_state(self.model_dir)
+        folder = folder or self.model_dir
+        state = read_state(folder)
         if state is None:
             return
         newest = checkpoint_step(state.model_checkpoint_path)
-        names = tf.io.gfile.listdir(self.model_dir)
+        names = tf.io.gfile.listdir(folder)
         for name in names:
             name = name.rstrip("/")
-            path = os.path.join(self.model_dir, name)
+            path = os.path.join(folder, name)
             if name.startswith(STATE_FILE + ".tmp") or (name.startswith("ckpt-")
                                                         and name.endswith("_temp")):
                 logging.warning("removing %s, left by a checkpoint save that did not finish", path)
@@ -299,18 +301,17 @@ class Checkpointer:
         newer = sorted({int(m.group(1)) for name in names
                         if (m := _CKPT_RE.match(name.rstrip("/"))) and int(m.group(1)) > newest})
         for step in newer:
-            prefix = os.path.join(self.model_dir, f"ckpt-{step}")
+            prefix = os.path.join(folder, f"ckpt-{step}")
             if readable(prefix):
                 logging.warning("keeping %s: it is complete, but a save cut off before the state "
-                                "file was updated left it out of %s/checkpoint", prefix,
-                                self.model_dir)
+                                "file was updated left it out of %s/checkpoint", prefix, folder)
                 continue
             for name in names:
                 m = _CKPT_RE.match(name.rstrip("/"))
                 if m and int(m.group(1)) == step:
                     logging.warning("removing %s, left by a checkpoint save that did not finish",
-                                    os.path.join(self.model_dir, name))
-                    tf.io.gfile.remove(os.path.join(self.model_dir, name))
+                                    os.path.join(folder, name))
+                    tf.io.gfile.remove(os.path.join(folder, name))
 
     def restore(self, path: str | None = None) -> int:
         """Restores `path` (default: the latest); returns the restored step, 0 if none.
@@ -420,7 +421,12 @@ class Checkpointer:
             if self._best_manager is None:
                 self._best_manager = tf.train.CheckpointManager(
                     self.checkpoint, folder, max_to_keep=1, step_counter=self.trainer.step)
-            record["path"] = self._best_manager.save(checkpoint_number=record["step"])
+            try:
+                record["path"] = self._best_manager.save(checkpoint_number=record["step"])
+            except WRITE_ERRORS as e:  # a full disk: the best before stays the best
+                self.remove_orphans(folder)
+                raise WriteError(f"the best checkpoint at step {record['step']} in {folder}",
+                                 write_reason(e)) from None
             logging.info("new best %s %.6g at step %d: saved %s", record["metric"],
                          record["value"], record["step"], record["path"])
         tf.io.gfile.makedirs(folder)
@@ -442,9 +448,9 @@ class Checkpointer:
             path = self.manager.save(checkpoint_number=step)
         except (OSError, tf.errors.OpError) as e:
             self.remove_orphans()
-            reason = getattr(e, "strerror", None) or first_line(e, 160)
             raise CheckpointError(
-                f"could not write the checkpoint at step {step} in {self.model_dir} ({reason}): "
+                f"could not write the checkpoint at step {step} in {self.model_dir} "
+                f"({write_reason(e)}): "
                 f"free space or fix permissions, then rerun to resume from "
                 f"{self.latest or 'the start'}, which is intact") from None
         self._saved = path

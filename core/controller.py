@@ -20,7 +20,8 @@ import tensorflow as tf
 
 from core import signals
 from core.actions import ActionError
-from core.errors import NonFiniteLossError, OutOfMemoryError, Preempted, op_error_reason
+from core.errors import (NonFiniteLossError, OutOfMemoryError, Preempted, WriteError,
+                         op_error_reason)
 
 def format_line(kind: str, **fields) -> str:
     """The one log-line format: 'train | step 1200/4680 | loss 0.0931 | 10,450 ex/s'."""
@@ -411,6 +412,15 @@ class Controller:
             return OutOfMemoryError(f"{error}; the steps before it are saved in {path}")
         return error
 
+    def _write_failed(self, error: WriteError) -> WriteError:
+        """`error` (TensorBoard's events, best.json: the disk is full), after saving the
+        steps trained. A checkpoint that does not fit either raises its own CheckpointError,
+        which names the last one saved."""
+        self.progress.clear()
+        path = self.checkpointer.save()
+        return WriteError(error.what, error.reason, f"saved {path}; free space or fix "
+                          "permissions, then run the same command to resume")
+
     def _first_step(self, iterator, step: int) -> float:
         """Runs the first step alone: it traces (and compiles), which the throughput excludes."""
         jit = self.trainer.jit_compile
@@ -506,11 +516,16 @@ class Controller:
                 self.progress.clear()
                 raise ActionError(f"{e}; saved {self.checkpointer.save()}: fix it and run the "
                                   "same command to resume") from e.__cause__
+            except WriteError as e:  # a full disk: the steps are saved if a checkpoint fits
+                raise self._write_failed(e) from None
             if self.stopped_early:
                 break
         if self._profiling:
             tf.profiler.experimental.stop()
         self.progress.clear()
         self.checkpointer.save()
-        self.summaries.flush()
+        try:
+            self.summaries.flush()
+        except WriteError as e:
+            raise self._write_failed(e) from None
         return step

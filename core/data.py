@@ -21,7 +21,7 @@ import numpy as np
 import tensorflow as tf
 
 from core import idx
-from core.errors import ConfigError, DataError, first_line
+from core.errors import ConfigError, DataError, WriteError, first_line, write_reason
 
 # Where Keras' own loaders fetch from, and the file names they cache.
 MNIST_NPZ_URL = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
@@ -323,12 +323,13 @@ def cache_to_dir(source, cache_dir: str):
     """
     if isinstance(source, Split):
         return source
+    import contextlib
     import hashlib
     import json
     import os
     import uuid
 
-    from core import prepare, sources
+    from core import prepare, process, sources
 
     elements = (list(zip(source.paths, source.file_sizes)) if getattr(source, "paths", None)
                 else list(zip(source.files, source.skips, source.counts)))
@@ -340,15 +341,23 @@ def cache_to_dir(source, cache_dir: str):
     if not tf.io.gfile.exists(os.path.join(folder, sources.INFO_FILE)):
         logging.info("--cache=%s: decoding %s once into %s", cache_dir, source.name, folder)
         staging = folder if "://" in folder else f"{folder}.tmp-{uuid.uuid4().hex[:8]}"
-        tf.io.gfile.makedirs(staging)
-        shards = max(1, min(64, source.num_examples // 2000))
-        written = prepare.write_split(source, "train", staging, shards, gzip=False,
-                                      encoding="raw")
-        info = {"from": source.name, "image_shape": list(source.image_shape),
-                "class_names": list(source.class_names), "encoding": "raw",
-                "shards": written["shards"]}
-        with tf.io.gfile.GFile(os.path.join(staging, sources.INFO_FILE), "w") as f:
-            f.write(json.dumps(info, indent=2))  # last: its presence means complete
+        try:
+            tf.io.gfile.makedirs(staging)
+            shards = max(1, min(64, source.num_examples // 2000))
+            written = prepare.write_split(source, "train", staging, shards, gzip=False,
+                                          encoding="raw")
+            info = {"from": source.name, "image_shape": list(source.image_shape),
+                    "class_names": list(source.class_names), "encoding": "raw",
+                    "shards": written["shards"]}
+            with tf.io.gfile.GFile(os.path.join(staging, sources.INFO_FILE), "w") as f:
+                f.write(json.dumps(info, indent=2))  # last: its presence means complete
+        except (WriteError, *process.WRITE_ERRORS) as e:  # a full disk: leave nothing half
+            with contextlib.suppress(OSError, tf.errors.OpError):
+                tf.io.gfile.rmtree(staging)
+            raise WriteError(f"the --cache shards of {source.name} in {cache_dir}",
+                             e.reason if isinstance(e, WriteError) else write_reason(e),
+                             "free space there or give another --cache, then run the same "
+                             "command again") from None
         if staging != folder:
             try:
                 tf.io.gfile.rename(staging, folder)

@@ -37,6 +37,17 @@ class CheckpointError(TapeloopError):
     exit_code = 5
 
 
+class WriteError(CheckpointError):
+    """A file of the model dir (TensorBoard's events, a figure, config.json, a results
+    file) could not be written: a full disk or quota, or permissions. Exit code 5, as for
+    a checkpoint: the checkpoints written before are intact."""
+
+    def __init__(self, what: str, reason: str,
+                 then: str = "free space or fix permissions, then run the same command again"):
+        self.what, self.reason = what, reason
+        super().__init__(f"could not write {what} ({reason}): {then}")
+
+
 class OutOfMemoryError(TapeloopError):
     """A step or an evaluation needed more device memory than there is; the steps trained
     before it were saved first."""
@@ -75,6 +86,16 @@ def op_error_reason(error: Exception) -> str:
                                          'File "', "Defined at")):
             return first_line(line)
     return type(error).__name__
+
+
+def write_reason(error: Exception) -> str:
+    """Why a write failed, as the system says it ("No space left on device", "File too
+    large", "Permission denied"): an OSError's own words, or the end of TensorFlow's
+    "PATH; REASON" (with the op and the path of its temporary file before it)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    line = op_error_reason(error)
+    return line.rsplit("; ", 1)[-1] if "; " in line else line
 
 
 def flags_parser(program: str, command: str):

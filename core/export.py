@@ -11,10 +11,14 @@ Signatures (N is any batch size; H, W, C the image shape; h, w, c the code's):
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 
 import tensorflow as tf
+
+from core.errors import WriteError, write_reason
+from core.process import WRITE_ERRORS
 
 
 def _checked(tensor, shape, signature, name):
@@ -121,7 +125,12 @@ def export_saved_model(model, image_shape, export_dir: str) -> str:
     for leftover in (tmp, old):  # of an export that was stopped
         if tf.io.gfile.exists(leftover):
             tf.io.gfile.rmtree(leftover)
-    tf.saved_model.save(module, tmp, signatures=signatures)
+    try:
+        tf.saved_model.save(module, tmp, signatures=signatures)
+    except WRITE_ERRORS as e:  # a full disk: the export there before stays as it was
+        with contextlib.suppress(OSError, tf.errors.OpError):
+            tf.io.gfile.rmtree(tmp)
+        raise WriteError(f"the export {export_dir}", write_reason(e)) from None
     # A half-written export never has the final name, and the one it replaces is kept
     # until it is written.
     if tf.io.gfile.exists(export_dir):

@@ -87,10 +87,14 @@ def write_split(source, split: str, output_dir: str, shards: int, gzip: bool,
     Returns:
       {"split", "examples", "bytes", "shards": [{"file", "examples", "bytes"}]}.
     """
+    import contextlib
+
     import numpy as np
     import tensorflow as tf
 
     from core import data
+    from core.errors import WriteError, write_reason
+    from core.process import WRITE_ERRORS
 
     n = source.num_examples
     shards = max(1, min(shards, n))
@@ -120,15 +124,20 @@ def write_split(source, split: str, output_dir: str, shards: int, gzip: bool,
         name = f"{split}-{i:05d}-of-{shards:05d}"
         path = os.path.join(output_dir, name)
         tmp = path + ".tmp"
-        with tf.io.TFRecordWriter(tmp, options) as writer:
-            for _ in range(bounds[i], bounds[i + 1]):
-                image, label = next(encoded)
-                writer.write(example(image, source.image_shape, int(label),
-                                     encoding).SerializeToString())
-                done += 1
-                if progress:
-                    progress(split, done, n)
-        tf.io.gfile.rename(tmp, path, overwrite=True)
+        try:
+            with tf.io.TFRecordWriter(tmp, options) as writer:
+                for _ in range(bounds[i], bounds[i + 1]):
+                    image, label = next(encoded)
+                    writer.write(example(image, source.image_shape, int(label),
+                                         encoding).SerializeToString())
+                    done += 1
+                    if progress:
+                        progress(split, done, n)
+            tf.io.gfile.rename(tmp, path, overwrite=True)
+        except WRITE_ERRORS as e:  # a full disk (an image that fails to decode is not one)
+            with contextlib.suppress(OSError, tf.errors.OpError):
+                tf.io.gfile.remove(tmp)
+            raise WriteError(path, write_reason(e)) from None
         written.append({"file": name, "examples": int(bounds[i + 1] - bounds[i]),
                         "bytes": int(tf.io.gfile.stat(path).length)})
     return {"split": split, "examples": n, "bytes": sum(s["bytes"] for s in written),
@@ -176,13 +185,15 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
 
     Raises:
       ConfigError, DataError: bad arguments or data (nothing is written).
+      WriteError: the disk filled up (the shards written are removed).
     """
     import tensorflow as tf
 
     from core import data
     from core.config import DATASETS, check_image_feature, check_no_path_in_dataset, expand_home
     from core.config import image_size as config_image_size
-    from core.errors import ConfigError
+    from core.errors import ConfigError, WriteError
+    from core.process import write_file
 
     output_dir, data_dir = expand_home(output_dir), expand_home(data_dir)
 
@@ -229,9 +240,23 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
         channels = channels or o.source.image_shape[2]
         opened.append(o)
     tf.io.gfile.makedirs(output_dir)
-    results = [write_split(o.source, name, output_dir, shards, gzip, progress, png_compression,
-                           encoding) for o, name in zip(opened, names)]
-    info = {"dataset": dataset, "data_dir": data_dir,
+    try:
+        results = [write_split(o.source, name, output_dir, shards, gzip, progress,
+                               png_compression, encoding) for o, name in zip(opened, names)]
+        info = _info(dataset, data_dir, opened, names, specs, results, gzip, encoding, start)
+        write_file(os.path.join(output_dir, "dataset_info.json"), json.dumps(info, indent=2))
+    except WriteError as e:  # a full disk: no split left half written
+        for name in names:
+            for path in tf.io.gfile.glob(os.path.join(glob.escape(output_dir), f"{name}-*-of-*")):
+                tf.io.gfile.remove(path)
+        raise WriteError(f"the shards in {output_dir}", e.reason, "free space there, then run "
+                         "the same command again (the shards written are removed)") from None
+    return info
+
+
+def _info(dataset, data_dir, opened, names, specs, results, gzip, encoding, start) -> dict:
+    """dataset_info.json: what was written, from what, and how long it took."""
+    return {"dataset": dataset, "data_dir": data_dir,
             "image_shape": list(opened[0].source.image_shape),
             "class_names": list(getattr(opened[0].source, "class_names", ()) or ()),
             "compression": "GZIP" if gzip else "", "encoding": encoding,
@@ -240,9 +265,6 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
             "shards": [s for r in results for s in r["shards"]],
             "skipped": sorted(p for o in opened for p in o.skipped),
             "seconds": round(time.monotonic() - start, 1)}
-    with tf.io.gfile.GFile(os.path.join(output_dir, "dataset_info.json"), "w") as f:
-        f.write(json.dumps(info, indent=2))
-    return info
 
 
 def main(argv) -> int:

@@ -3,6 +3,7 @@ model dir, and how files are written into it (the signals: core/signals.py)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 
@@ -11,7 +12,7 @@ import tensorflow as tf
 
 from core import distribute
 from core.config import Config
-from core.errors import ConfigError
+from core.errors import ConfigError, WriteError, write_reason
 
 
 # Whether a run of this process turned op determinism on (a notebook's, or a test's).
@@ -80,13 +81,25 @@ def prepare_model_dir(model_dir: str) -> None:
     try:  # os.access says yes to root even on read-only mounts: try it
         with tf.io.gfile.GFile(probe, "w") as f:
             f.write("x")
-        tf.io.gfile.remove(probe)
     except (OSError, tf.errors.OpError) as e:
-        reason = getattr(e, "strerror", None) or str(e).split(";")[-1].strip()
+        reason = write_reason(e)
         if isinstance(e, tf.errors.OpError) and "Read-only" in str(e):
             reason = "Read-only file system"
-        raise ConfigError(f"--model_dir={model_dir} is not writable ({reason}): choose a "
-                          "folder you can write to or fix its permissions") from None
+        fix = ("free space on it, then run the same command again"
+               if reason in ("No space left on device", "Disk quota exceeded") else
+               "choose a folder you can write to or fix its permissions")
+        raise ConfigError(f"--model_dir={model_dir} is not writable ({reason}): {fix}") from None
+    finally:  # a full disk makes the file, then fails to write it
+        with contextlib.suppress(OSError, tf.errors.OpError):
+            tf.io.gfile.remove(probe)
+
+
+# What a write raises through TensorFlow's file system when the disk is full or a quota
+# reached (RESOURCE_EXHAUSTED), a file would pass its size limit (`ulimit -f`, FAT32's
+# 4 GB: OUT_OF_RANGE), or it may not write (PERMISSION_DENIED, a read-only mount too);
+# not what a decoder or a reader raises.
+WRITE_ERRORS = (OSError, tf.errors.ResourceExhaustedError, tf.errors.OutOfRangeError,
+                tf.errors.PermissionDeniedError)
 
 
 def write_file(path: str, data: str | bytes) -> None:
@@ -94,8 +107,17 @@ def write_file(path: str, data: str | bytes) -> None:
     never sees half a file, a process that exits at any moment (`signals.ExitOnSignals`)
     leaves the old file or the new one, and two processes writing the same file (an
     `--mode=eval` beside a continuous evaluation, which both write eval_results.json and
-    the figures) never rename each other's half-written file."""
+    the figures) never rename each other's half-written file.
+
+    Raises:
+      WriteError: it could not be written (a full disk); nothing of it is left behind.
+    """
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
-    with tf.io.gfile.GFile(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-        f.write(data)
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    try:
+        with tf.io.gfile.GFile(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        tf.io.gfile.rename(tmp, path, overwrite=True)
+    except (OSError, tf.errors.OpError) as e:  # a full disk: the old file stays as it was
+        with contextlib.suppress(OSError, tf.errors.OpError):
+            tf.io.gfile.remove(tmp)
+        raise WriteError(path, write_reason(e)) from None

@@ -6,24 +6,30 @@ XLA-compiled code (XLA has no kernels for summary ops).
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import time
 
+from absl import logging
 import numpy as np
 import tensorflow as tf
+
+from core.errors import WriteError, write_reason
 
 
 def _read(folder: str, tag: str) -> list[tuple[int, np.ndarray]]:
     """(step, value) of the TF2 summary `tag` in the event files of `folder`, by step; a
-    step written twice (a resumed run) keeps the last value."""
+    step written twice (a resumed run) keeps the last value. A file that ends in a record
+    cut short (its disk filled up) is read up to it, as TensorBoard reads it."""
     values = {}
     for path in sorted(tf.io.gfile.glob(os.path.join(glob.escape(folder), "events.out.tfevents.*"))):
-        for record in tf.data.TFRecordDataset(path):
-            event = tf.compat.v1.Event.FromString(record.numpy())
-            for value in event.summary.value:
-                if value.tag == tag:
-                    values[event.step] = tf.make_ndarray(value.tensor)
+        with contextlib.suppress(tf.errors.DataLossError):
+            for record in tf.data.TFRecordDataset(path):
+                event = tf.compat.v1.Event.FromString(record.numpy())
+                for value in event.summary.value:
+                    if value.tag == tag:
+                        values[event.step] = tf.make_ndarray(value.tensor)
     return sorted(values.items())
 
 
@@ -56,9 +62,24 @@ class Summaries:
         """The writer of TensorBoard run `name` (a folder under the model dir; "run" is the
         model dir itself), created on first use: a run that writes nothing makes no file."""
         if name not in self.writers:
-            folder = self.model_dir if name == "run" else os.path.join(self.model_dir, name)
-            self.writers[name] = tf.summary.create_file_writer(folder)
+            self.writers[name] = tf.summary.create_file_writer(self._folder(name))
         return self.writers[name]
+
+    def _folder(self, name: str) -> str:
+        return self.model_dir if name == "run" else os.path.join(self.model_dir, name)
+
+    @contextlib.contextmanager
+    def _into(self, name: str, step: int | None = None):
+        """Writer `name` as the default (at `step`). Its events reach the file when it
+        flushes, at the block's end: a full disk fails there, as a WriteError."""
+        try:
+            with self.writer(name).as_default(step=step):
+                yield
+        except (OSError, tf.errors.OpError) as e:
+            raise self._failed(name, e) from None
+
+    def _failed(self, name: str, error: Exception) -> WriteError:
+        return WriteError(f"TensorBoard summaries to {self._folder(name)}", write_reason(error))
 
     def run_header(self, config: dict, step: int) -> None:
         """The config as a text summary, and the hyperparameters for the HParams dashboard."""
@@ -71,10 +92,9 @@ class Summaries:
         # one run's domain, or none. Without one, TensorBoard infers each one's type and
         # domain from all the runs, marks those that differ between them, and takes the
         # metrics from the runs' train/ and eval/ scalars.
-        with self.writer("run").as_default(step=step):
+        with self._into("run", step):
             hp.hparams({k: _hparam_value(v) for k, v in config.items()},
                        trial_id=os.path.basename(os.path.abspath(config["model_dir"])))
-        self.writer("run").flush()
 
     def restart(self, step: int, writers: tuple[str, ...]) -> None:
         """Marks that training goes on from `step` (a start, a resume, a rollback): a
@@ -91,11 +111,11 @@ class Summaries:
             wall_time=time.time(), step=step + 1,
             session_log=tf.compat.v1.SessionLog(status=tf.compat.v1.SessionLog.START))
         for name in writers:
-            with self.writer(name).as_default():
+            with self._into(name):
                 summary_ops_v2.import_event(tf.constant(event.SerializeToString()))
 
     def scalars(self, writer: str, step: int, values: dict[str, float]) -> None:
-        with self.writer(writer).as_default(step=step):
+        with self._into(writer, step):
             for name, value in values.items():
                 tf.summary.scalar(name, value)
 
@@ -104,7 +124,7 @@ class Summaries:
         kernel`): what Keras' TensorBoard callback writes with `histogram_freq`. Under a
         distribution strategy a variable reads as its first replica's copy, which the
         all-reduced updates keep equal to the others."""
-        with self.writer(writer).as_default(step=step):
+        with self._into(writer, step):
             for v in variables:
                 tf.summary.histogram(getattr(v, "path", None) or v.name, v)
 
@@ -117,23 +137,31 @@ class Summaries:
         rows, _ = wrap_rows(rows, [""] * len(rows))
         strips = [np.concatenate(list(row), axis=1) for row in rows]  # (H, n*W, C) each
         grid = np.concatenate(strips, axis=0)[None]  # (1, rows*H, n*W, C)
-        with self.writer(writer).as_default(step=step):
+        with self._into(writer, step):
             tf.summary.image(name, grid, max_outputs=1, description=description)
 
     def graph(self, writer: str, step: int, graph: tf.Graph) -> None:
         """`graph` for TensorBoard's Graphs tab (what Keras' TensorBoard callback writes of
         its train function)."""
-        with self.writer(writer).as_default(step=step):
+        with self._into(writer, step):
             tf.summary.graph(graph)
 
     def text(self, writer: str, step: int, name: str, text: str) -> None:
-        with self.writer(writer).as_default(step=step):
+        with self._into(writer, step):
             tf.summary.text(name, text)
 
     def flush(self) -> None:
-        for writer in self.writers.values():
-            writer.flush()
+        for name, writer in self.writers.items():
+            try:
+                writer.flush()
+            except (OSError, tf.errors.OpError) as e:
+                raise self._failed(name, e) from None
 
     def close(self) -> None:
-        for writer in self.writers.values():
-            writer.close()
+        """Closes every writer. Called on the way out, after an error too, so a write that
+        fails here (the disk filled up) is logged, not raised over that error."""
+        for name, writer in self.writers.items():
+            try:
+                writer.close()
+            except (OSError, tf.errors.OpError) as e:
+                logging.warning("%s", self._failed(name, e))

@@ -1,7 +1,7 @@
 """Never lose a run: kill -9 and SIGTERM then resume, NaN policies, the model-dir lock,
 config compatibility, damaged checkpoints and a full disk. Subprocesses, bounded in time."""
 
-import errno
+import json
 import os
 import random
 import re
@@ -17,8 +17,10 @@ import tensorflow as tf
 import core
 from core.checkpoints import ModelDirLock
 from core.config import Config
-from core.errors import CheckpointError
+from core import prepare
+from core.errors import CheckpointError, ConfigError, WriteError
 from core.summaries import read_scalars
+from conftest import random_images
 from helpers import ROOT, Notebook, checkpoint_files, event_tags, run_train
 from layers.autoencoders import build_autoencoder
 
@@ -374,23 +376,131 @@ def test_corrupted_and_deleted_checkpoints(tmp_path, idx_dir):
         core.run(_config(tmp_path, idx_dir, train_steps=20))
 
 
-def test_disk_full_while_checkpointing(tmp_path, idx_dir, monkeypatch):
-    core.run(_config(tmp_path, idx_dir))
-    before = checkpoint_files(tmp_path)
-    real_save = tf.train.CheckpointManager.save
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MB file system (tmpfs), unmounted after the test."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"cannot mount a tmpfs: {mounted.stderr}"
+    yield disk
+    subprocess.run(["umount", str(disk)], capture_output=True)
 
-    def full_disk(self, *args, **kwargs):
-        # Half a checkpoint lands on disk, then the device is full.
-        open(os.path.join(self.directory, "ckpt-20.index"), "wb").write(b"partial")
-        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(tf.train.CheckpointManager, "save", full_disk)
-    with pytest.raises(CheckpointError, match=r"could not write the checkpoint at step 20 .*"
-                                              r"No space left on device.*ckpt-10, which is intact"):
-        core.run(_config(tmp_path, idx_dir, train_steps=20))
-    monkeypatch.setattr(tf.train.CheckpointManager, "save", real_save)
-    assert checkpoint_files(tmp_path) == before  # the partial file was removed
-    assert core.run(_config(tmp_path, idx_dir, train_steps=20))["step"] == 20
+def _fill(disk, leave_kb):
+    """Fills `disk` up to `leave_kb` KB free."""
+    st = os.statvfs(disk)
+    with open(disk / "filler", "wb") as f:
+        f.write(bytes(st.f_bavail * st.f_frsize - leave_kb * 1024))
+
+
+def _leftovers(folder):
+    return [name for _, dirs, files in os.walk(folder) for name in dirs + files
+            if "tmp" in name or "_temp" in name or name.startswith(".write-test")]
+
+
+def test_a_full_disk_loses_nothing(small_disk, tmp_path, idx_dir):
+    """A disk that fills up: each write that fails is one line naming the file and the
+    system's reason, leaves no half-written file, and the checkpoints stay as they were."""
+    run = small_disk / "run"
+    core.run(_config(run, idx_dir))
+    before = checkpoint_files(run)
+    _fill(small_disk, 20)  # the run starts; a write after it fails, and the checkpoint too
+    with pytest.raises(CheckpointError, match=r"^could not write the checkpoint at step \d+ in "
+                       r".*run \(No space left on device\): free space or fix permissions, then "
+                       r"rerun to resume from .*run/ckpt-10, which is intact$"):
+        core.run(_config(run, idx_dir, train_steps=20))
+    assert checkpoint_files(run) == before
+    assert _leftovers(run) == []
+    os.remove(small_disk / "filler")
+    _fill(small_disk, 20)
+    with pytest.raises(WriteError, match=r"^could not write the export .*run/export/10 \(No "
+                       r"space left on device\): free space or fix permissions, then run the "
+                       r"same command again$"):
+        core.run(_config(run, idx_dir, mode="export"))
+    assert os.listdir(run / "export") == []
+    assert checkpoint_files(run) == before
+
+    os.remove(small_disk / "filler")
+    _fill(small_disk, 0)
+    with pytest.raises(ConfigError, match=r"is not writable \(No space left on device\): free "
+                                          r"space on it, then run the same command again$"):
+        core.run(_config(run, idx_dir, train_steps=20))
+    # --cache's shards and core.prepare's: nothing half written is left to be read later.
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, image in enumerate(random_images(40, (32, 32, 3))):
+        tf.io.write_file(str(photos / f"{i}.png"),
+                         tf.io.encode_png(tf.image.convert_image_dtype(image, tf.uint8)))
+    cache = small_disk / "cache"
+    with pytest.raises(WriteError, match=r"^could not write the --cache shards of train\[.*\] in "
+                       r".*cache \(No space left on device\): free space there or give another "
+                       r"--cache, then run the same command again$"):
+        core.run(Config(dataset="folder", data_dir=str(photos), model_dir=str(tmp_path / "c"),
+                        cache=str(cache), train_steps=2, batch_size=4, strategy="default"))
+    assert os.listdir(cache) == []
+    with pytest.raises(WriteError, match=r"^could not write the shards in .*prepared \(No space "
+                       r"left on device\): free space there, then run the same command again "
+                       r"\(the shards written are removed\)$"):
+        prepare.convert("folder", str(small_disk / "prepared"), str(photos), progress=None)
+    assert os.listdir(small_disk / "prepared") == []
+    assert checkpoint_files(run) == before
+
+    os.remove(small_disk / "filler")  # space again: the same command resumes from ckpt-10
+    assert core.run(_config(run, idx_dir, train_steps=20))["step"] == 20
+
+
+def test_summaries_that_cannot_be_written_save_the_steps(tmp_path, idx_dir):
+    """TensorBoard's events file passes the size a process may write (`ulimit -f`, as a
+    quota or a FAT32 disk's 4 GB would stop it) while a checkpoint still fits: the run
+    saves the steps it trained, says so in one line, exit 5, and the same command resumes
+    there."""
+    import resource
+
+    def limited():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+    flags = [f"--data_dir={idx_dir}", "--dataset=mnist", "--train_split=test[:512]",
+             "--eval_split=test[9900:]", "--train_steps=40", "--log_every=5",
+             "--histogram_every=1", f"--model_dir={tmp_path}"]
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags],
+                          capture_output=True, text=True, timeout=300, cwd=ROOT,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"), preexec_fn=limited)
+    assert proc.returncode == 5, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    saved = re.fullmatch(
+        r"train.py: error: could not write TensorBoard summaries to .*/train \(File too "
+        r"large\): saved (.*/ckpt-(\d+)); free space or fix permissions, then run the same "
+        r"command to resume", last)
+    assert saved, last
+    assert tf.train.latest_checkpoint(str(tmp_path)) == saved[1]
+    proc = run_train(*flags)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"restored {saved[1]} (step {saved[2]})" in proc.stderr
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-40")
+
+def test_a_best_checkpoint_that_cannot_be_written(tmp_path, idx_dir):
+    """--keep_best's folder refuses the best checkpoint (a read-only mount here; a full disk
+    alike): one line naming it and the reason, and the steps trained saved in the model
+    dir; once it takes writes again, the same command goes on and keeps its best."""
+    best = tmp_path / "best"
+    best.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(best)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"cannot mount a read-only tmpfs: {mounted.stderr}"
+    kw = dict(mode="train_and_eval", eval_every=10, keep_best="eval/psnr")
+    try:
+        with pytest.raises(WriteError, match=r"^could not write the best checkpoint at step 10 "
+                           r"in .*best \(Read-only file system\): saved .*/ckpt-10; free space "
+                           r"or fix permissions, then run the same command to resume$"):
+            core.run(_config(tmp_path, idx_dir, **kw))
+    finally:
+        subprocess.run(["umount", str(best)], capture_output=True)
+    assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-10")
+    assert core.run(_config(tmp_path, idx_dir, train_steps=20, **kw))["step"] == 20
+    assert json.load(open(best / "best.json"))["path"].endswith("ckpt-20")
+
 
 
 def test_unwritable_model_dir(tmp_path):
