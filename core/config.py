@@ -310,8 +310,12 @@ class Config:
             metrics = [m for m in BEST_METRICS if self.model == "vae" or
                        m not in ("eval/kl", "eval/elbo")]
             if self.keep_best not in metrics:
+                # psnr, val_psnr (Keras' monitor): the name TensorBoard shows is eval/psnr.
+                meant = "eval/" + re.sub(r"^(val_|eval_)", "", self.keep_best.lower())
+                hint = (f": did you mean --keep_best={meant}, as TensorBoard names it?"
+                        if meant in metrics else "")
                 raise ConfigError(f"--keep_best={self.keep_best} is unknown: choose one of "
-                                  f"{', '.join(metrics)}")
+                                  f"{', '.join(metrics)}{hint}")
         if self.early_stopping_patience < 0:
             raise ConfigError(f"--early_stopping_patience={self.early_stopping_patience}: "
                               "must be >= 0 (0 = off)")

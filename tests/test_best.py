@@ -205,6 +205,8 @@ def test_min_delta_is_what_a_new_best_must_beat_by(tmp_path, caplog):
     (dict(keep_best="eval/accuracy"), "--keep_best=eval/accuracy is unknown: choose one of "
                                       "eval/loss, eval/bce"),
     (dict(keep_best="eval/kl"), "--keep_best=eval/kl is unknown"),  # the VAE's only
+    (dict(keep_best="psnr"), "eval/ssim: did you mean --keep_best=eval/psnr, as TensorBoard"),
+    (dict(keep_best="val_loss"), "did you mean --keep_best=eval/loss"),  # Keras' monitor
     (dict(keep_best="eval/loss", mode="train"), "--mode=train runs none"),
     (dict(early_stopping_patience=-1), "--early_stopping_patience=-1: must be >= 0"),
 ])
