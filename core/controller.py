@@ -114,6 +114,7 @@ class Cadence:
     min_delta: float = 0.0  # a new best beats the best by more than this
     loss: str = ""  # the training loss (its title): what eval/loss measures
     eval_data: str = ""  # the evaluated data (dataset, folder, split): what every metric is of
+    eval_examples: int = 0  # how many images it holds (a folder's split gains files)
     eval_inputs: str = ""  # how the evaluated images are made (resize, noise): the same
     nan_policy: str = "stop"
     nan_max_retries: int = 3
@@ -327,14 +328,16 @@ class Controller:
         return bool(c.keep_best or c.early_stopping_patience or c.reduce_lr_patience)
 
     def _measure(self) -> dict:
-        """What evaluations are judged by: the metric, the data it is of, how its inputs are
+        """What evaluations are judged by: the metric, the data it is of (and how many
+        images: files added to a folder's split change every metric), how its inputs are
         made (a denoiser's noise: a resume at a higher --noise_factor, as a curriculum does,
         lowers every metric) and, for eval/loss, the training loss it is (a run resumed with
         another of these judges anew)."""
         c = self.cadence
         metric = c.keep_best or "eval/loss"
         return {"metric": metric, **({"loss": c.loss} if metric == "eval/loss" else {}),
-                "eval_data": c.eval_data, "eval_inputs": c.eval_inputs}
+                "eval_data": c.eval_data, "eval_inputs": c.eval_inputs,
+                **({"eval_examples": c.eval_examples} if c.eval_examples else {})}
 
     def _unlike(self, record: dict) -> list[str]:
         """How a best record's measure differs from this run's ('loss BCE (now MSE)'); a

@@ -704,9 +704,19 @@ def train(run: Run) -> dict:
                 "skipped" if cfg.step_batch > before else "read again", cfg.step_batch,
                 saved.get("batch_size"), f" --grad_accum_steps={saved['grad_accum_steps']}"
                 if saved.get("grad_accum_steps", 1) > 1 else "")
+        had = saved and saved.get("resolved_train_examples")
+        if had and had != run.train_split.num_examples:
+            # A folder's files added or removed: the epochs are drawn over the new set.
+            logging.warning(
+                "resuming on %s training examples where the run had %s (files added or "
+                "removed?): the epochs' order is drawn anew over them, so the rest of this "
+                "epoch reads a random share of them, and the epoch column and --epochs count "
+                "epochs of %s from here", f"{run.train_split.num_examples:,}", f"{had:,}",
+                f"{run.train_split.num_examples:,}")
     if run.is_chief:
         # The step a continuous evaluation beside this run stops after.
         run.run_config["resolved_total_steps"] = total
+        run.run_config["resolved_train_examples"] = run.train_split.num_examples
         checkpoints.write_config(cfg.model_dir, run.run_config)
         run.summaries.run_header(run.run_config, start)
         run.summaries.restart(start, ("train", "eval") if cfg.mode == "train_and_eval" else ("train",))
@@ -744,7 +754,8 @@ def train(run: Run) -> dict:
         eval_data=" ".join(str(v) for v in (
             cfg.dataset, cfg.data_dir, cfg.eval_split,
             cfg.image_feature and f"--image_feature={cfg.image_feature}") if v),
-        eval_inputs=f"--resize={cfg.resize} --noise_factor={cfg.noise_factor:g}")
+        eval_inputs=f"--resize={cfg.resize} --noise_factor={cfg.noise_factor:g}",
+        eval_examples=run.eval_split.num_examples if run.eval_split is not None else 0)
     if cfg.mode == "train_and_eval" and 0 < cfg.early_stopping_patience <= cfg.reduce_lr_patience:
         logging.warning("--early_stopping_patience=%d stops the run before "
                         "--reduce_lr_patience=%d lowers the rate: give early stopping more "

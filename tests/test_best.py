@@ -222,3 +222,36 @@ def test_checkpoint_best_when_none_was_kept(tmp_path):
         core.run(config.replace(mode="eval", checkpoint="best"),
                  given={"mode", "model_dir", "checkpoint"})
     assert not os.path.exists(tmp_path / "run" / "best")
+
+
+def test_files_added_to_a_folder_are_judged_anew_and_warned_of(tmp_path, caplog):
+    """Images added to a folder between runs: the eval split's metrics are of another set
+    of images, so the best is judged anew (by the count, the names being the same); the
+    training split's epochs are drawn over another set, which the resume warns of."""
+    import tensorflow as tf
+
+    def add(split, start, n):
+        os.makedirs(tmp_path / "photos" / split, exist_ok=True)
+        for i in range(start, start + n):
+            image = tf.random.stateless_uniform((16, 16, 3), (i, 0), maxval=256, dtype=tf.int32)
+            tf.io.write_file(str(tmp_path / "photos" / split / f"{i}.png"),
+                             tf.io.encode_png(tf.cast(image, tf.uint8)))
+
+    add("train", 0, 40)
+    add("val", 100, 8)
+    config = Config(dataset="folder", data_dir=str(tmp_path / "photos"), batch_size=8,
+                    model_dir=str(tmp_path / "run"), train_steps=10, epochs=None, eval_every=10,
+                    keep_best="eval/psnr", strategy="default")
+    core.run(config)
+    assert json.load(open(tmp_path / "run" / "config.json"))["resolved_train_examples"] == 40
+    assert json.load(open(tmp_path / "run" / "best" / "best.json"))["eval_examples"] == 8
+    add("train", 40, 8)
+    add("val", 108, 4)
+    with caplog.at_level("INFO", logger="absl"):
+        core.run(config.replace(train_steps=20))
+    assert ("resuming on 48 training examples where the run had 40 (files added or removed?): "
+            "the epochs' order is drawn anew") in caplog.text
+    assert re.search(r"eval/psnr is judged anew from step 20: the best so far \(\S+ at step 10\) "
+                     r"was judged by eval_examples 8 \(now 12\)", caplog.text)
+    record = json.load(open(tmp_path / "run" / "best" / "best.json"))
+    assert record["step"] == 20 and record["eval_examples"] == 12
