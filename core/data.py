@@ -286,6 +286,48 @@ def shared_examples(dataset: str, data_dir: str | None, train_spec: str, eval_sp
     return max(0, min(r.stop for r in ranges) - max(r.start for r in ranges))
 
 
+def available_memory() -> int | None:
+    """Bytes of host memory available to a new allocation without swapping (Linux's
+    MemAvailable), or None where the system does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _decode_batch(image_bytes: int) -> int:
+    """Images `materialize` decodes a batch: 1024, or fewer to keep a batch within 256 MB
+    (tf.data's batch fails to allocate one of 5 GB with four times that free)."""
+    return max(1, min(1024, 2**28 // max(image_bytes, 1)))
+
+
+def check_fits_in_memory(sources, flag: str) -> None:
+    """Raises ConfigError if decoding `sources` (those not in memory yet) into host memory,
+    as `flag` asks, needs more than the memory available: the decode would run for as long
+    as the files take, and then the kernel would kill the process without a word."""
+    pending = [s for s in sources if s is not None and not isinstance(s, Split)]
+    if not pending:
+        return
+    sizes = [(s.num_examples, int(np.prod(s.image_shape))) for s in pending]
+    # The arrays, and `materialize`'s batches in flight while it fills one (3 at most).
+    need = sum(n * size for n, size in sizes) + max(
+        min(3 * _decode_batch(size), n) * size for n, size in sizes)
+    have = available_memory()
+    if have is not None and need > have:
+        raise ConfigError(
+            f"{flag}: decoding {' and '.join(s.name for s in pending)} into memory needs "
+            f"{need / 2**30:,.1f} GiB, more than the {have / 2**30:,.1f} GiB available here: "
+            "give --cache=DIR to decode once to disk (or write shards with python -m "
+            "core.prepare), or leave the files on disk with --cache=none")
+
+
 def materialize(source) -> Split:
     """A file source decoded once into a uint8 array in host memory (--cache=memory,
     --data_on_device); an in-memory Split is returned as it is."""
@@ -301,7 +343,7 @@ def materialize(source) -> Split:
     images = np.empty((source.num_examples, *source.image_shape), np.uint8)
     labels = np.empty(source.num_examples, np.int64)
     start = 0
-    for batch, label in ds.batch(1024).prefetch(2):
+    for batch, label in ds.batch(_decode_batch(images[0].nbytes)).prefetch(2):
         images[start:start + len(batch)] = batch.numpy()
         labels[start:start + len(batch)] = label.numpy()
         start += len(batch)

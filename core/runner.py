@@ -357,6 +357,7 @@ class Run:
         if config.tf_data_service and training:
             data.wait_for_service(config.tf_data_service, SERVICE_WAIT_SECONDS)
         if config.cache == "memory":
+            data.check_fits_in_memory([self.eval_split, self.train_split], "--cache=memory")
             self.eval_split = data.materialize(self.eval_split)
         elif config.cache != "none":
             self.eval_split = data.cache_to_dir(self.eval_split, config.cache)
@@ -383,6 +384,8 @@ class Run:
                     f"over --data_on_device_max_mb={config.data_on_device_max_mb}: raise the "
                     "limit if the device has room, or drop --data_on_device")
         if config.cache == "memory" or config.data_on_device:
+            data.check_fits_in_memory([self.train_split], "--cache=memory" if config.cache
+                                      == "memory" else "--data_on_device")
             self.train_split = data.materialize(self.train_split)
         elif config.cache != "none":
             self.train_split = data.cache_to_dir(self.train_split, config.cache)

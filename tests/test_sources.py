@@ -3,6 +3,7 @@ files the tests write; their order, resume, sharding, and remote (ram://) storag
 
 import io
 import json
+import math
 import os
 import shutil
 
@@ -1419,3 +1420,36 @@ def test_remote_lock_is_a_lease_with_a_heartbeat():
     taker.acquire()  # stale: taken over
     assert json.loads(tf.io.gfile.GFile("ram://leases/run/.lock").read())["owner"] == taker.owner
     taker.release()
+
+
+def test_a_split_larger_than_memory_is_refused_before_decoding(tmp_path):
+    """--cache=memory (or --data_on_device) of splits whose pixels do not fit in the memory
+    available: one line before a file is decoded, not a decode of hours that the kernel
+    then kills without a word. The size asked for makes the 32 training files alone more
+    than this machine has, whatever it has."""
+    png_tree(str(tmp_path / "imgs"), splits=(("train", 32), ("test", 8)))
+    have = data.available_memory()
+    side = math.ceil(math.sqrt(have / (32 * 3))) + 32
+    base = Config(dataset="folder", data_dir=str(tmp_path / "imgs"), epochs=None,
+                  train_steps=4, batch_size=8, image_size=(side, side),
+                  model_dir=str(tmp_path / "run"))
+    with pytest.raises(ConfigError, match=r"^--cache=memory: decoding test and train into "
+                       r"memory needs [\d,.]+ GiB, more than the [\d,.]+ GiB available here: "
+                       r"give --cache=DIR .*--cache=none$"):
+        core.run(base.replace(cache="memory"))
+    with pytest.raises(ConfigError, match=r"^--data_on_device: decoding train into memory"):
+        core.run(base.replace(data_on_device=True, data_on_device_max_mb=10**7))
+    assert not os.path.exists(tmp_path / "run" / "checkpoint")
+
+
+def test_large_images_decode_into_memory_in_batches_within_256_mb(tmp_path):
+    """--cache=memory of large images decodes them a few at a time (tf.data's batch of 108
+    4096x4096 images failed to allocate its 5 GB with 22 GB free): 2048x2048x3 images go 21
+    a batch, and the array holds every image in its place across batches."""
+    png_tree(str(tmp_path / "imgs"), splits=(("train", 32),))
+    source = data.open_split("train", "folder", str(tmp_path / "imgs"),
+                             image_size=(2048, 2048)).source
+    split = data.materialize(source)
+    assert split.images.shape == (32, 2048, 2048, 3)
+    for i in (0, 20, 21, 31):  # either side of the first batch's end
+        np.testing.assert_array_equal(split.images[i], source.decode_index(i).numpy())
