@@ -37,10 +37,13 @@ class CheckpointError(TapeloopError):
     exit_code = 5
 
 
-class WriteError(CheckpointError):
-    """A file of the model dir (TensorBoard's events, a figure, config.json, a results
-    file) could not be written: a full disk or quota, or permissions. Exit code 5, as for
-    a checkpoint: the checkpoints written before are intact."""
+class WriteError(TapeloopError):
+    """A file could not be written (TensorBoard's events, a figure, config.json, the best
+    checkpoint, an export, shards): a full disk or quota, or permissions. Exit code 5, as
+    for a checkpoint: the checkpoints written before are intact. Not a CheckpointError,
+    which a continuous evaluation takes for a checkpoint rotated away as it read it."""
+
+    exit_code = 5
 
     def __init__(self, what: str, reason: str,
                  then: str = "free space or fix permissions, then run the same command again"):
