@@ -11,8 +11,10 @@ Two rules keep checkpoints safe:
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import gc
+import glob
 import json
 import logging as std_logging
 import os
@@ -313,6 +315,19 @@ class Checkpointer:
                                     os.path.join(folder, name))
                     tf.io.gfile.remove(os.path.join(folder, name))
 
+    def _discard(self, folder: str, step: int) -> None:
+        """Removes what this process's save of `step` into `folder` left when it failed:
+        its `ckpt-STEP_temp/`, and its files if they do not read back, with or without a
+        state file (a run's first save has none yet); then `remove_orphans`."""
+        prefix = os.path.join(folder, f"ckpt-{step}")
+        with contextlib.suppress(OSError, tf.errors.OpError):
+            if tf.io.gfile.exists(prefix + "_temp"):
+                tf.io.gfile.rmtree(prefix + "_temp")
+            if not readable(prefix):
+                for path in tf.io.gfile.glob(glob.escape(prefix) + ".*"):
+                    tf.io.gfile.remove(path)
+            self.remove_orphans(folder)
+
     def restore(self, path: str | None = None) -> int:
         """Restores `path` (default: the latest); returns the restored step, 0 if none.
 
@@ -424,7 +439,7 @@ class Checkpointer:
             try:
                 record["path"] = self._best_manager.save(checkpoint_number=record["step"])
             except WRITE_ERRORS as e:  # a full disk: the best before stays the best
-                self.remove_orphans(folder)
+                self._discard(folder, record["step"])
                 raise WriteError(f"the best checkpoint at step {record['step']} in {folder}",
                                  write_reason(e)) from None
             logging.info("new best %s %.6g at step %d: saved %s", record["metric"],
@@ -447,12 +462,12 @@ class Checkpointer:
         try:
             path = self.manager.save(checkpoint_number=step)
         except (OSError, tf.errors.OpError) as e:
-            self.remove_orphans()
+            self._discard(self.model_dir, step)
+            then = (f"rerun to resume from {self.latest}, which is intact" if self.latest else
+                    "run the same command again (the run had saved no checkpoint yet)")
             raise CheckpointError(
                 f"could not write the checkpoint at step {step} in {self.model_dir} "
-                f"({write_reason(e)}): "
-                f"free space or fix permissions, then rerun to resume from "
-                f"{self.latest or 'the start'}, which is intact") from None
+                f"({write_reason(e)}): free space or fix permissions, then {then}") from None
         self._saved = path
         logging.info("saved checkpoint %s", path)
         return path

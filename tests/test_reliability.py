@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -449,6 +450,15 @@ def test_a_full_disk_loses_nothing(small_disk, tmp_path, idx_dir):
 
     os.remove(small_disk / "filler")  # space again: the same command resumes from ckpt-10
     assert core.run(_config(run, idx_dir, train_steps=20))["step"] == 20
+
+    # A new run whose first checkpoint does not fit: nothing of it is left, state file or not.
+    shutil.rmtree(run)
+    _fill(small_disk, 20)
+    with pytest.raises(CheckpointError, match=r"^could not write the checkpoint at step \d+ in "
+                       r".*run \(No space left on device\): free space or fix permissions, then "
+                       r"run the same command again \(the run had saved no checkpoint yet\)$"):
+        core.run(_config(run, idx_dir))
+    assert checkpoint_files(run) == {} and _leftovers(run) == []
 
 
 def test_summaries_that_cannot_be_written_save_the_steps(tmp_path, idx_dir):
