@@ -343,7 +343,7 @@ def materialize(source) -> Split:
     images = np.empty((source.num_examples, *source.image_shape), np.uint8)
     labels = np.empty(source.num_examples, np.int64)
     start = 0
-    for batch, label in ds.batch(_decode_batch(images[0].nbytes)).prefetch(2):
+    for batch, label in ds.batch(_decode_batch(int(np.prod(source.image_shape)))).prefetch(2):
         images[start:start + len(batch)] = batch.numpy()
         labels[start:start + len(batch)] = label.numpy()
         start += len(batch)

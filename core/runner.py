@@ -384,8 +384,8 @@ class Run:
                     f"over --data_on_device_max_mb={config.data_on_device_max_mb}: raise the "
                     "limit if the device has room, or drop --data_on_device")
         if config.cache == "memory" or config.data_on_device:
-            data.check_fits_in_memory([self.train_split], "--cache=memory" if config.cache
-                                      == "memory" else "--data_on_device")
+            if config.cache != "memory":  # --cache=memory checked both splits above
+                data.check_fits_in_memory([self.train_split], "--data_on_device")
             self.train_split = data.materialize(self.train_split)
         elif config.cache != "none":
             self.train_split = data.cache_to_dir(self.train_split, config.cache)
