@@ -171,6 +171,9 @@ flags.DEFINE_string("init_checkpoint", None, "Start a new training run from this
                     "and schedule start afresh. Ignored once --model_dir has checkpoints.")
 flags.DEFINE_enum("init_modules", _D.init_modules, config_lib.INIT_MODULES,
                   "What --init_checkpoint reads: the whole model, or only its encoder or decoder.")
+flags.DEFINE_enum("freeze", _D.freeze, config_lib.FREEZE,
+                  "Keep the encoder's or the decoder's weights as they are and train the other "
+                  "part only (with --init_checkpoint: fine-tune on a trained part).")
 flags.DEFINE_string("keep_best", None, "Keep the best checkpoint by this metric in "
                     f"<model_dir>/best/: one of {', '.join(config_lib.BEST_METRICS)}.")
 flags.DEFINE_integer("early_stopping_patience", 0, "Stop after N evaluations without a new "

@@ -37,7 +37,9 @@ MODEL_FIELDS = ("model", "encoder_filters", "decoder_filters", "kernel_size", "i
                 "latent_dim", "blocks_per_stage", "latent_channels")
 # Fields that change the optimizer's variables: a resume cannot restore across them either
 # (eval and export read no optimizer state and ignore them).
-OPTIMIZER_FIELDS = ("optimizer",)
+OPTIMIZER_FIELDS = ("optimizer", "freeze")  # --freeze: which weights the optimizer holds
+# What a field read in a config.json written before it existed: the behaviour of then.
+_IMPLIED = {"freeze": "none"}
 # Fields that name the training data: a resume may change them (fine-tuning), but more
 # often the command meant a new run and forgot --model_dir, so it says so loudly.
 DATA_FIELDS = ("dataset", "data_dir", "image_feature", "train_split")
@@ -169,28 +171,32 @@ def initialise(model, path: str, modules: str = "all", average: bool = True) -> 
 
 def _read_average(model, prefix: str, modules: str) -> bool:
     """Puts the checkpoint's weight average (`ema/`) into the trainable weights of `model`
-    or its part; False (nothing read) if it has none, or it does not line up with them.
+    or its part; False (nothing read) if it has none for them, or it does not line up.
 
     The average is a list in the order of the source model's `trainable_variables` (the
-    trainer's `ema`): the encoder's come first and the decoder's last, so a part's are the
-    list's first or last entries; every shape is checked."""
+    trainer's `ema`): the encoder's come first and the decoder's last. A source trained
+    with --freeze averaged only the part it trained (its frozen part's weights are their
+    own average), so the list is the whole model's, the encoder's or the decoder's: the
+    first of those its length and shapes match. Only what `modules` names is read."""
     reader = tf.compat.v1.train.NewCheckpointReader(prefix)
     shapes = reader.get_variable_to_shape_map()
     keys = sorted((k for k in shapes if re.fullmatch(r"ema/\d+/\.ATTRIBUTES/VARIABLE_VALUE", k)),
                   key=lambda k: int(k.split("/")[1]))
     if not keys:
         return False
-    ours = (model if modules == "all" else getattr(model, modules)).trainable_variables
-    chosen = {"all": keys if len(keys) == len(ours) else [], "encoder": keys[:len(ours)],
-              "decoder": keys[-len(ours):]}[modules]
-    if len(chosen) != len(ours) or any(
-            tuple(shapes[k]) != tuple(v.shape) for k, v in zip(chosen, ours)):
+    spans = (model.trainable_variables, model.encoder.trainable_variables,
+             model.decoder.trainable_variables)
+    span = next((variables for variables in spans if len(variables) == len(keys) and all(
+        tuple(shapes[k]) == tuple(v.shape) for k, v in zip(keys, variables))), None)
+    if span is None:
         logging.warning("%s's weight average does not line up with this model's weights: "
                         "reading its raw weights", prefix)
         return False
-    for key, variable in zip(chosen, ours):
+    wanted = {id(v) for v in (model if modules == "all" else getattr(model, modules)).weights}
+    chosen = [(key, v) for key, v in zip(keys, span) if id(v) in wanted]
+    for key, variable in chosen:
         variable.assign(reader.get_tensor(key).astype(variable.dtype))
-    return True
+    return bool(chosen)
 
 
 def _read_model(model, prefix: str, modules: str) -> str | None:
@@ -672,14 +678,20 @@ def _norm(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
+def _saved(saved: dict, key: str):
+    """The saved config's `key` (for an older config without it, what it then was)."""
+    return saved.get(key, _IMPLIED.get(key))
+
+
 def _differs(saved: dict, current: dict, key: str) -> bool:
     """Whether the saved config has `key` with another value than `current`."""
-    return key in saved and _norm(saved.get(key)) != _norm(current.get(key))
+    return ((key in saved or key in _IMPLIED)
+            and _norm(_saved(saved, key)) != _norm(current.get(key)))
 
 
 def _differences(saved: dict, current: dict, keys) -> list[str]:
     """'field: saved -> current' for every field of `keys` that differs."""
-    return [f"{k}: {_norm(saved.get(k))!r} -> {_norm(current.get(k))!r}" for k in keys
+    return [f"{k}: {_norm(_saved(saved, k))!r} -> {_norm(current.get(k))!r}" for k in keys
             if _differs(saved, current, k)]
 
 
@@ -706,11 +718,11 @@ def resume_flags(saved: dict, current: dict) -> str:
     names = [k for k in MODEL_FIELDS + OPTIMIZER_FIELDS if k != "image_shape" and differs(k)]
     if differs("image_shape"):
         names += [k for k in ("dataset", "data_dir", "synthetic_shape") if differs(k)]
-    flags = [_flag(k, saved[k]) for k in names if saved[k] is not None]
+    flags = [_flag(k, _saved(saved, k)) for k in names if _saved(saved, k) is not None]
     if differs("image_shape"):
         height, width, channels = saved["image_shape"]
         flags += [f"--image_size={height},{width}", f"--channels={channels}"]
-    left_out = [f"--{k}" for k in names if saved[k] is None]
+    left_out = [f"--{k}" for k in names if _saved(saved, k) is None]
     without = "without " + ", ".join(left_out) if left_out else ""
     return ", ".join(part for part in (" ".join(flags), without) if part)
 

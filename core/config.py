@@ -32,6 +32,7 @@ LOSSES = ("bce", "mse", "l1", "charbonnier", "ssim")  # core/losses.py
 AUGMENTATIONS = ("flip", "crop")  # core/augment.py
 OPTIMIZERS = ("adam", "adamw", "sgd")
 INIT_MODULES = ("all", "encoder", "decoder")  # what --init_checkpoint reads
+FREEZE = ("none", "encoder", "decoder")  # the part of the model --freeze keeps as it is
 # --keep_best metrics, and whether higher is better (kl and elbo: the VAE's only).
 BEST_METRICS = {"eval/loss": False, "eval/bce": False, "eval/mse": False, "eval/psnr": True,
                 "eval/ssim": True, "eval/kl": False, "eval/elbo": True}
@@ -147,6 +148,7 @@ class Config:
     # A new training run starts from this checkpoint's model (a run's folder: its latest).
     init_checkpoint: str | None = None
     init_modules: str = "all"  # INIT_MODULES: what of the model it reads
+    freeze: str = "none"  # FREEZE: train the other part only (fine-tuning)
     continuous_eval_timeout: float = 3600.0  # continuous_eval: seconds without a new checkpoint
     keep_best: str | None = None  # a metric of BEST_METRICS: keep its best checkpoint in best/
     early_stopping_patience: int = 0  # stop after N evaluations without a new best; 0 = off
@@ -323,6 +325,7 @@ class Config:
         if self.init_modules != "all" and not self.init_checkpoint:
             raise ConfigError(f"--init_modules={self.init_modules} says what --init_checkpoint "
                               "reads; give --init_checkpoint=RUN_DIR (or DIR/ckpt-N) too")
+        _check_choice("freeze", self.freeze, FREEZE)
         if self.init_checkpoint and self.mode in INFERENCE_MODES:
             raise ConfigError(f"--init_checkpoint starts a training run from a checkpoint; "
                               f"--mode={self.mode} reads one with --checkpoint="

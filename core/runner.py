@@ -53,6 +53,7 @@ INHERITED = ("model", "encoder_filters", "decoder_filters", "kernel_size", "late
 _TUPLE_FIELDS = ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps",
                  "image_size", "loss_weights")
 SKIPPED_FILE = "skipped_images.txt"
+_OTHER = {"encoder": "decoder", "decoder": "encoder"}  # --freeze's part, and the one it trains
 LOSS_TAG = "loss_function"  # train/: a text summary naming the loss at each start"
 MAX_FIGURE_EXAMPLES = 2000  # eval examples decoded for the latent-space figure
 MAX_DEFAULT_SIDE = 512  # a larger first image needs --image_size: photos are 1000s of px
@@ -194,6 +195,8 @@ class Run:
         self.model = self._build_model()  # a user's factory can fail: before any write
         if config.init_checkpoint and not inference:
             self._initialise_model()  # so can another run's checkpoint
+        if config.freeze != "none" and not inference:
+            self._freeze()  # after the read: a source's weight average is the whole model's
         signals.interruption_point()
         # The faster forms of the model's functions (layers/fast_forms.py), once, for this
         # run: for XLA as asked, and again below if XLA turns out to be impossible.
@@ -454,13 +457,17 @@ class Run:
             except ModelError as e:
                 raise ConfigError(str(e)) from e
 
+    def _has_checkpoints(self) -> bool:
+        """Whether --model_dir has checkpoints, which this run resumes."""
+        model_dir = self.config.model_dir
+        return tf.io.gfile.isdir(model_dir) and bool(
+            checkpoints.read_state(model_dir) or checkpoints.checkpoints_on_disk(model_dir))
+
     def _initialise_model(self) -> None:
         """--init_checkpoint: a new run starts from another run's weights (all, or the
         encoder's or decoder's); a run with checkpoints of its own resumes them instead."""
         config = self.config
-        if tf.io.gfile.isdir(config.model_dir) and (
-                checkpoints.read_state(config.model_dir)
-                or checkpoints.checkpoints_on_disk(config.model_dir)):
+        if self._has_checkpoints():
             logging.info("--init_checkpoint=%s is not read: %s has checkpoints of its own, which "
                          "this run resumes", config.init_checkpoint, config.model_dir)
             return
@@ -475,6 +482,30 @@ class Run:
                     "its raw weights)"
         logging.info("initialised %s from %s (its step %d); the optimizer, the step and the "
                      "schedule start afresh", what, prefix, checkpoints.checkpoint_step(prefix))
+
+    def _freeze(self) -> None:
+        """--freeze: the part's weights are no longer trainable, so the gradient, the
+        optimizer's slots, weight decay and the weight average cover the other part only,
+        and a BatchNormalization in it normalises with its moving statistics (Keras' frozen
+        layers). Its weights are checkpointed and exported as before."""
+        config, model = self.config, self.model
+        part = getattr(model, config.freeze)
+        part.trainable = False
+        if not model.trainable_weights:
+            raise ConfigError(f"--freeze={config.freeze} leaves nothing to train: the "
+                              f"{_OTHER[config.freeze]} has no trainable weights")
+        frozen = sum(int(np.prod(w.shape)) for w in part.weights)
+        trained = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+        logging.info("--freeze=%s: its %s parameters stay as they are; the optimizer trains the "
+                     "%s's %s", config.freeze, f"{frozen:,}", _OTHER[config.freeze],
+                     f"{trained:,}")
+        read = config.init_checkpoint and config.init_modules in ("all", config.freeze)
+        if not (read or self._has_checkpoints()):
+            logging.warning("--freeze=%s without --init_checkpoint%s: the %s stays at its random "
+                            "initialisation (--seed); give --init_checkpoint=RUN_DIR to freeze "
+                            "trained weights", config.freeze,
+                            f" reading it (--init_modules={config.init_modules})"
+                            if config.init_checkpoint else "", config.freeze)
 
     def _build(self, inference: bool) -> None:
         config, model = self.config, self.model
