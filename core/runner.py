@@ -152,6 +152,10 @@ class Run:
             self.saved = checkpoints.saved_config(source) or (
                 checkpoints.saved_config(config.model_dir) if source != config.model_dir else None)
             config = inherit_run_config(config, self.saved, given)
+            if self.saved and config.freeze != self.saved.get("freeze", "none"):
+                # Not a choice of this run: the part the run trained is the one its weight
+                # average holds (without a config.json, --freeze says which).
+                config = config.replace(freeze=self.saved.get("freeze", "none"))
         self.config = config
         distribute.check_batch(self.strategy, config.batch_size, config.batch_shards)
         replicas = self.strategy.num_replicas_in_sync
@@ -195,8 +199,8 @@ class Run:
         self.model = self._build_model()  # a user's factory can fail: before any write
         if config.init_checkpoint and not inference:
             self._initialise_model()  # so can another run's checkpoint
-        if config.freeze != "none" and not inference:
-            self._freeze()  # after the read: a source's weight average is the whole model's
+        if config.freeze != "none":  # after the read: a source's average is the whole model's
+            self._freeze(inference)  # (eval and export: the run's, whose average is its part's)
         signals.interruption_point()
         # The faster forms of the model's functions (layers/fast_forms.py), once, for this
         # run: for XLA as asked, and again below if XLA turns out to be impossible.
@@ -483,14 +487,18 @@ class Run:
         logging.info("initialised %s from %s (its step %d); the optimizer, the step and the "
                      "schedule start afresh", what, prefix, checkpoints.checkpoint_step(prefix))
 
-    def _freeze(self) -> None:
+    def _freeze(self, inference: bool) -> None:
         """--freeze: the part's weights are no longer trainable, so the gradient, the
         optimizer's slots, weight decay and the weight average cover the other part only,
         and a BatchNormalization in it normalises with its moving statistics (Keras' frozen
-        layers). Its weights are checkpointed and exported as before."""
+        layers). Its weights are checkpointed and exported as before. An evaluation or
+        export of a frozen run freezes the part too, so that the run's weight average
+        lines up with the weights it averaged."""
         config, model = self.config, self.model
         part = getattr(model, config.freeze)
         part.trainable = False
+        if inference:
+            return
         if not model.trainable_weights:
             raise ConfigError(f"--freeze={config.freeze} leaves nothing to train: the "
                               f"{_OTHER[config.freeze]} has no trainable weights")

@@ -123,6 +123,27 @@ def test_a_run_from_before_freeze_existed_resumes_only_unfrozen(tmp_path):
     assert (model_dir / "ckpt-2.index").exists()
 
 
+def test_a_frozen_run_is_evaluated_and_exported_with_the_average_of_its_trained_part(
+        trained, tmp_path):
+    """Eval and export freeze the part the run froze (config.json says which, whatever
+    --freeze they are given): its weight average lines up with the part it averaged."""
+    model_dir = tmp_path / "fine"
+    core.run(_config(model_dir, init_checkpoint=str(trained), freeze="encoder", ema_decay=0.5,
+                     learning_rate=0.05))
+    evaluated = core.run(_config(model_dir, mode="eval", ema_decay=0.5, freeze="none"))
+    assert evaluated["step"] == 3 and evaluated["bce"] > 0
+    exported = core.run(_config(model_dir, mode="export"))
+    reader = tf.train.load_checkpoint(f"{exported['export_dir']}/variables/variables")
+    served = [reader.get_tensor(key) for key in reader.get_variable_to_shape_map()
+              if key != "_CHECKPOINTABLE_OBJECT_GRAPH"]
+    average = list(_variables(model_dir, 3, "ema").values())
+    expected = average + list(_variables(model_dir, 3, "model", "encoder").values())
+    for value in expected:  # the decoder's average and the encoder's weights, each exported
+        assert [v for v in served if v.shape == value.shape and np.array_equal(v, value)]
+    decoder = list(_variables(model_dir, 3, "model", "decoder").values())
+    assert not any(np.array_equal(v, d) for v in served for d in decoder if v.shape == d.shape)
+
+
 def test_a_frozen_encoder_stays_frozen_over_two_replicas_with_xla(trained, tmp_path):
     model_dir = tmp_path / "mirrored"
     core.run(_config(model_dir, init_checkpoint=str(trained), freeze="encoder",
