@@ -678,7 +678,7 @@ def _norm(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def _saved(saved: dict, key: str):
+def saved_value(saved: dict, key: str):
     """The saved config's `key` (for an older config without it, what it then was)."""
     return saved.get(key, _IMPLIED.get(key))
 
@@ -686,12 +686,12 @@ def _saved(saved: dict, key: str):
 def _differs(saved: dict, current: dict, key: str) -> bool:
     """Whether the saved config has `key` with another value than `current`."""
     return ((key in saved or key in _IMPLIED)
-            and _norm(_saved(saved, key)) != _norm(current.get(key)))
+            and _norm(saved_value(saved, key)) != _norm(current.get(key)))
 
 
 def _differences(saved: dict, current: dict, keys) -> list[str]:
     """'field: saved -> current' for every field of `keys` that differs."""
-    return [f"{k}: {_norm(_saved(saved, k))!r} -> {_norm(current.get(k))!r}" for k in keys
+    return [f"{k}: {_norm(saved_value(saved, k))!r} -> {_norm(current.get(k))!r}" for k in keys
             if _differs(saved, current, k)]
 
 
@@ -718,11 +718,11 @@ def resume_flags(saved: dict, current: dict) -> str:
     names = [k for k in MODEL_FIELDS + OPTIMIZER_FIELDS if k != "image_shape" and differs(k)]
     if differs("image_shape"):
         names += [k for k in ("dataset", "data_dir", "synthetic_shape") if differs(k)]
-    flags = [_flag(k, _saved(saved, k)) for k in names if _saved(saved, k) is not None]
+    flags = [_flag(k, saved_value(saved, k)) for k in names if saved_value(saved, k) is not None]
     if differs("image_shape"):
         height, width, channels = saved["image_shape"]
         flags += [f"--image_size={height},{width}", f"--channels={channels}"]
-    left_out = [f"--{k}" for k in names if _saved(saved, k) is None]
+    left_out = [f"--{k}" for k in names if saved_value(saved, k) is None]
     without = "without " + ", ".join(left_out) if left_out else ""
     return ", ".join(part for part in (" ".join(flags), without) if part)
 

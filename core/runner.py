@@ -152,10 +152,10 @@ class Run:
             self.saved = checkpoints.saved_config(source) or (
                 checkpoints.saved_config(config.model_dir) if source != config.model_dir else None)
             config = inherit_run_config(config, self.saved, given)
-            if self.saved and config.freeze != self.saved.get("freeze", "none"):
+            if self.saved:
                 # Not a choice of this run: the part the run trained is the one its weight
                 # average holds (without a config.json, --freeze says which).
-                config = config.replace(freeze=self.saved.get("freeze", "none"))
+                config = config.replace(freeze=checkpoints.saved_value(self.saved, "freeze"))
         self.config = config
         distribute.check_batch(self.strategy, config.batch_size, config.batch_shards)
         replicas = self.strategy.num_replicas_in_sync
