@@ -23,6 +23,7 @@ INFERENCE_MODES = ("eval", "export", "continuous_eval")
 NAN_POLICIES = ("stop", "rollback")
 DATASETS = ("fontdigits", "mnist", "fashion_mnist", "shapes", "synthetic", "folder", "tfrecord")
 FILE_DATASETS = ("folder", "tfrecord")  # decoded from image files, streamed
+BUILT_IN_DATASETS = ("fontdigits", "shapes", "synthetic")  # generated here: no --data_dir
 RESIZE_MODES = ("crop", "pad", "stretch")
 BAD_IMAGES = ("error", "skip")
 CACHES = ("none", "memory")  # or a folder: decoded once into TFRecord shards there
@@ -187,6 +188,8 @@ class Config:
                               "cache's shards would land among your images; give a folder "
                               "outside it")
         check_image_feature(self.dataset, self.image_feature)
+        if self.mode not in INFERENCE_MODES:  # eval and export check once the run's are known
+            check_data_dir_is_read(self.dataset, self.data_dir)
         if self.dataset in FILE_DATASETS and not self.data_dir:
             raise ConfigError(f"--dataset={self.dataset} needs --data_dir: the folder of your "
                               + ("images" if self.dataset == "folder" else "TFRecord shards"))
@@ -570,6 +573,15 @@ def check_no_path_in_dataset(dataset: str, kinds: tuple[str, ...]) -> None:
     if sep and kind in kinds and path:
         raise ConfigError(f"--dataset={dataset!r}: the path goes in its own flag: "
                           f"--dataset={kind} --data_dir={path}")
+
+
+def check_data_dir_is_read(dataset: str, data_dir: str | None, whose: str = "") -> None:
+    """A --data_dir beside a built-in dataset would be ignored: a run meant for your images
+    would train (or be judged) on generated ones. `whose`: how the dataset was chosen."""
+    if data_dir and dataset in BUILT_IN_DATASETS:
+        raise ConfigError(f"--data_dir={data_dir} is not read by --dataset={dataset}{whose}, "
+                          "which is built in: for your images add --dataset=folder (TFRecord "
+                          "shards: --dataset=tfrecord), or leave out --data_dir")
 
 
 def check_image_feature(dataset: str, image_feature: str | None) -> None:

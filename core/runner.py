@@ -152,6 +152,10 @@ class Run:
             self.saved = checkpoints.saved_config(source) or (
                 checkpoints.saved_config(config.model_dir) if source != config.model_dir else None)
             config = inherit_run_config(config, self.saved, given)
+            config_lib.check_data_dir_is_read(
+                config.dataset, config.data_dir,
+                "" if self.saved is None or config.dataset != self.saved.get("dataset")
+                else " (the trained run's)")
             if self.saved:
                 # Not a choice of this run: the part the run trained is the one its weight
                 # average holds (without a config.json, --freeze says which).

@@ -34,7 +34,16 @@ BAD = [
      r"reads a checkpoint's files back by a file pattern, in which '\[' is a pattern character"),
     (dict(init_checkpoint="runs/a[1]"), r"^--init_checkpoint='runs/a\[1\]': TensorFlow reads"),
     (dict(mode="eval", checkpoint="runs/a[1]/ckpt-6"), r"^--checkpoint='runs/a\[1\]/ckpt-6'"),
+    (dict(data_dir="/data/photos"), r"^--data_dir=/data/photos is not read by "
+     r"--dataset=fontdigits, which is built in: for your images add --dataset=folder"),
+    (dict(dataset="synthetic", mode="train_and_eval", data_dir="x"), r"--dataset=synthetic"),
 ]
+
+
+def test_eval_checks_the_data_dir_once_it_knows_the_runs_dataset():
+    """The flags' default dataset is not yet the one eval runs on (the run's config.json
+    gives it): Config leaves the check to the runner (test_modes.py runs it)."""
+    assert Config(mode="eval", data_dir="/data/photos").data_dir == "/data/photos"
 
 
 def test_a_cache_beside_the_images_is_fine(tmp_path):

@@ -221,6 +221,29 @@ def test_a_failed_eval_on_a_trained_run_adds_nothing(denoiser):
     assert set(os.listdir(denoiser)) == names
 
 
+def test_a_data_dir_a_built_in_dataset_would_ignore_is_refused(tmp_path):
+    """A user who gives their folder but not --dataset=folder: training, and eval of a run
+    on built-in data, would use the generated images instead. One line, exit 2, nothing
+    written."""
+    run = tmp_path / "run"
+    proc = run_train("--dataset=synthetic", "--synthetic_shape=8,8,1", f"--model_dir={run}",
+                     "--train_steps=2", "--batch_size=8", "--eval_split=test[:16]")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    names = {path: os.path.getmtime(path) for path in glob.glob(f"{run}/**", recursive=True)}
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for flags, whose in ((["--mode=eval"], " (the trained run's)"),
+                         (["--train_steps=4", "--dataset=synthetic"], "")):
+        proc = run_train(*flags, f"--model_dir={run}", f"--data_dir={photos}")
+        lines = [x for x in proc.stderr.splitlines() if x.startswith("train.py: error:")]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+        assert lines[0].endswith(f"--data_dir={photos} is not read by --dataset=synthetic{whose}, "
+                                 "which is built in: for your images add --dataset=folder "
+                                 "(TFRecord shards: --dataset=tfrecord), or leave out --data_dir")
+        assert {path: os.path.getmtime(path)
+                for path in glob.glob(f"{run}/**", recursive=True)} == names
+
+
 def test_profile_window_after_the_last_step_is_reported(tmp_path):
     proc = run_train("--dataset=synthetic", "--synthetic_shape=8,8,1", f"--model_dir={tmp_path}",
                      "--train_steps=6", "--batch_size=16", "--profile_steps=100,110")
