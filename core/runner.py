@@ -721,6 +721,27 @@ class Run:
         return paths
 
 
+def _warn_if_the_schedule_moved(saved: dict, schedule: schedules.Multiplier,
+                                learning_rate: float, start: int) -> None:
+    """A resume whose schedule gives another rate at its first step than the run's did:
+    most often a cosine or linear schedule stretched by a longer --train_steps or
+    --epochs (they span the run), so the rate jumps (a warm restart), silently."""
+    before = schedules.from_saved(saved)
+    if before is None:
+        return
+    was, now = float(before(start)), float(schedule(start))
+    if abs(was - now) <= 0.01 * max(abs(was), abs(now)):
+        return
+    base = saved["learning_rate"]
+    logging.warning(
+        "resuming at step %d with another learning-rate schedule: the run's (%s) was at %.4g "
+        "here, this one (%s) is at %.4g, so the rate jumps at this step%s", start,
+        before.describe(base), base * was, schedule.describe(learning_rate),
+        learning_rate * now, " (a cosine or linear schedule spans --train_steps or --epochs: "
+        "a longer run stretches it)" if before.total_steps != schedule.total_steps
+        and schedule.kind in ("cosine", "linear") else "")
+
+
 # --------------------------------------------------------------------- modes
 def train(run: Run) -> dict:
     """Trains (and evaluates, in train_and_eval) to the configured step; returns the
@@ -736,6 +757,8 @@ def train(run: Run) -> dict:
         saved = checkpoints.saved_config(cfg.model_dir)
         if saved and saved.get("learning_rate") != cfg.learning_rate:
             run.trainer.set_learning_rate(cfg.learning_rate)  # the flag wins over the checkpoint
+        if saved:
+            _warn_if_the_schedule_moved(saved, run.schedule, cfg.learning_rate, start)
         before = saved and saved.get("batch_size", cfg.batch_size) * saved.get("grad_accum_steps", 1)
         if before and before != cfg.step_batch:
             # The data's position is the step times the examples a step (stateless, as

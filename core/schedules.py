@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 
 import tensorflow as tf
 
@@ -82,3 +83,18 @@ def from_config(config, total_steps: int, steps_per_epoch: int) -> Multiplier:
         steps_per_epoch=max(steps_per_epoch, 1),
         boundaries=tuple(config.lr_boundaries or ()),
         ratios=tuple(v / base for v in config.lr_values or ()))
+
+
+def from_saved(saved: dict) -> Multiplier | None:
+    """The schedule a run's config.json (`checkpoints.saved_config`) trained with; None when
+    it does not say (a config.json from before the schedules, or without its length)."""
+    total = saved.get("resolved_total_steps") or saved.get("train_steps")
+    if "lr_schedule" not in saved or not total or not saved.get("learning_rate"):
+        return None
+    step_batch = saved.get("batch_size", 1) * saved.get("grad_accum_steps", 1)
+    steps_per_epoch = (saved.get("resolved_train_examples") or step_batch) // step_batch
+    fields = dict(lr_schedule="constant", warmup_steps=0, min_learning_rate=0.0,
+                  decay_rate=None, lr_boundaries=None, lr_values=None)
+    config = types.SimpleNamespace(**{k: saved.get(k, v) for k, v in fields.items()},
+                                   learning_rate=saved["learning_rate"])
+    return from_config(config, int(total), steps_per_epoch)

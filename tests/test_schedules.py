@@ -1,6 +1,7 @@
 """Learning-rate schedules: closed forms, the update they scale, logging, resume, rollback,
 bad input."""
 
+import logging
 import math
 import re
 
@@ -66,7 +67,7 @@ def test_a_rollback_scales_the_whole_schedule():
     assert trainer.learning_rate == pytest.approx(0.25e-2)
 
 
-def test_the_logged_rate_follows_the_step_through_a_resume(tmp_path):
+def test_the_logged_rate_follows_the_step_through_a_resume(tmp_path, caplog):
     def config(name, steps):
         return Config(dataset="fontdigits", train_split="train[:640]", eval_split="test[:64]",
                       model_dir=str(tmp_path / name), train_steps=steps, epochs=None,
@@ -76,8 +77,22 @@ def test_the_logged_rate_follows_the_step_through_a_resume(tmp_path):
 
     core.run(config("whole", 20))
     core.run(config("resumed", 10))
+    caplog.clear()
     resumed = core.run(config("resumed", 20))
     assert resumed["step"] == 20
+    # The longer run stretched the schedule: the rate jumps at step 10, and the log says so.
+    warned = [r.getMessage() for r in caplog.records if "learning-rate schedule" in r.getMessage()]
+    assert warned == [
+        "resuming at step 10 with another learning-rate schedule: the run's (cosine from 0.01 "
+        "to 0.001 over 10 steps, 5 warm-up steps) was at 0.001 here, this one (cosine from 0.01 "
+        "to 0.001 over 20 steps, 5 warm-up steps) is at 0.00775, so the rate jumps at this step "
+        "(a cosine or linear schedule spans --train_steps or --epochs: a longer run stretches "
+        "it)"]
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="absl")
+    core.run(config("whole", 20))  # the same schedule: nothing to say
+    assert "resuming from step 20 towards 20" in caplog.text
+    assert "learning-rate schedule" not in caplog.text
     whole = dict(event_tags(str(tmp_path / "whole" / "train"))["learning_rate"])
     again = dict(event_tags(str(tmp_path / "resumed" / "train"))["learning_rate"])
     # Steps 15 and 20 come from the resumed run (its first part ran a 10-step schedule,
