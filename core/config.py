@@ -333,6 +333,11 @@ class Config:
             raise ConfigError(f"--init_checkpoint starts a training run from a checkpoint; "
                               f"--mode={self.mode} reads one with --checkpoint="
                               f"{self.init_checkpoint}")
+        if self.checkpoint and self.mode not in INFERENCE_MODES:
+            raise ConfigError(
+                f"--checkpoint={self.checkpoint} names what --mode=eval and export read; "
+                f"--mode={self.mode} resumes the newest checkpoint of --model_dir: to start a "
+                f"run from its weights, give --init_checkpoint={self.checkpoint}")
         if self.mode == "continuous_eval" and self.checkpoint:
             raise ConfigError("--mode=continuous_eval evaluates each new checkpoint of --model_dir"
                               f" as it appears; --checkpoint={self.checkpoint} names one: use "

@@ -37,6 +37,10 @@ BAD = [
     (dict(data_dir="/data/photos"), r"^--data_dir=/data/photos is not read by "
      r"--dataset=fontdigits, which is built in: for your images add --dataset=folder"),
     (dict(dataset="synthetic", mode="train_and_eval", data_dir="x"), r"--dataset=synthetic"),
+    (dict(checkpoint="runs/a/ckpt-20"), r"^--checkpoint=runs/a/ckpt-20 names what --mode=eval "
+     r"and export read; --mode=train_and_eval resumes the newest checkpoint of --model_dir: to "
+     r"start a run from its weights, give --init_checkpoint=runs/a/ckpt-20$"),
+    (dict(mode="train", checkpoint="best"), r"^--checkpoint=best names what"),
 ]
 
 
@@ -97,11 +101,11 @@ def test_a_leading_tilde_is_the_home_folder(monkeypatch, tmp_path):
     of a word."""
     monkeypatch.setenv("HOME", str(tmp_path))
     c = Config(dataset="folder", data_dir="~/photos", model_dir="~/runs/a",
-               checkpoint="~/runs/b/ckpt-3", cache="~/cache")
+               checkpoint="~/runs/b/ckpt-3", cache="~/cache", mode="eval")
     assert (c.data_dir, c.model_dir, c.checkpoint, c.cache) == tuple(
         str(tmp_path / p) for p in ("photos", "runs/a", "runs/b/ckpt-3", "cache"))
     assert Config(dataset="folder", data_dir="gs://b/~x", cache="memory").data_dir == "gs://b/~x"
-    assert c.replace(mode="eval").data_dir == str(tmp_path / "photos")
+    assert c.replace(mode="export").data_dir == str(tmp_path / "photos")
 
 
 def test_one_image_size_number_is_a_square(tmp_path):
