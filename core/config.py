@@ -281,6 +281,8 @@ class Config:
             if value is not None and (not value or min(value) <= 0):
                 raise ConfigError(f"--{name}={value}: give positive filter counts, e.g. 8,4,4")
         self._check_stages()
+        if self.mode not in INFERENCE_MODES:
+            self._check_model_flags_are_read()
         if len(self.synthetic_shape) != 3 or min(self.synthetic_shape) <= 0:
             raise ConfigError(
                 f"--synthetic_shape={self.synthetic_shape}: give H,W,C as three positive numbers")
@@ -483,6 +485,26 @@ class Config:
             if not all(w > 0 and math.isfinite(w) for w in weights):
                 raise ConfigError(f"--loss_weights={','.join(map(str, weights))}: every weight "
                                   "must be positive and finite")
+
+    def _check_model_flags_are_read(self) -> None:
+        """A flag of another model's (say --latent_dim with the seed model) would be ignored:
+        a training run that looks configured one way would run another. Eval and export take
+        the model from the run, so only training checks."""
+        from layers.registry import MODELS
+
+        spec = MODELS.get(self.model)
+        owners = {"latent_dim": ("the VAE's latent size", "vae", spec and spec.variational),
+                  "kl_weight": ("the VAE's KL weight", "vae", spec and spec.variational),
+                  "blocks_per_stage": ("the resnet's residual blocks per stage", "resnet",
+                                       spec and spec.family == "resnet"),
+                  "latent_channels": ("the resnet's code channels", "resnet",
+                                      spec and spec.family == "resnet")}
+        defaults = Config.__dataclass_fields__
+        for name, (what, owner, read) in owners.items():
+            value = getattr(self, name)
+            if not read and value != defaults[name].default:
+                raise ConfigError(f"--{name}={value} is {what}; --model={self.model} does not "
+                                  f"read it: drop --{name}, or use --model={owner}")
 
     def _check_stages(self) -> None:
         from layers.registry import MODELS

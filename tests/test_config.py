@@ -41,7 +41,23 @@ BAD = [
      r"and export read; --mode=train_and_eval resumes the newest checkpoint of --model_dir: to "
      r"start a run from its weights, give --init_checkpoint=runs/a/ckpt-20$"),
     (dict(mode="train", checkpoint="best"), r"^--checkpoint=best names what"),
+    (dict(latent_dim=32), r"^--latent_dim=32 is the VAE's latent size; --model=seed does not "
+     r"read it: drop --latent_dim, or use --model=vae$"),
+    (dict(model="resnet", kl_weight=0.5), r"^--kl_weight=0.5 is the VAE's KL weight; "),
+    (dict(model="vae", latent_channels=8), r"^--latent_channels=8 is the resnet's code channels; "
+     r"--model=vae does not read it: drop --latent_channels, or use --model=resnet$"),
+    (dict(model="denoiser", blocks_per_stage=2), r"^--blocks_per_stage=2 is the resnet's"),
+    (dict(model="mine:build", latent_dim=8), r"^--latent_dim=8 is the VAE's latent size; "
+     r"--model=mine:build does not read it"),
 ]
+
+
+def test_each_model_takes_its_own_flags():
+    assert Config(model="vae", latent_dim=32, kl_weight=0.5).latent_dim == 32
+    assert Config(model="resnet", latent_channels=8, blocks_per_stage=2).latent_channels == 8
+    # Eval and export take the model from the run: a VAE run's --latent_dim is not refused
+    # before its model is known.
+    assert Config(mode="eval", latent_dim=32).latent_dim == 32
 
 
 def test_eval_checks_the_data_dir_once_it_knows_the_runs_dataset():
