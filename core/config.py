@@ -286,6 +286,12 @@ class Config:
         if len(self.synthetic_shape) != 3 or min(self.synthetic_shape) <= 0:
             raise ConfigError(
                 f"--synthetic_shape={self.synthetic_shape}: give H,W,C as three positive numbers")
+        if (self.mode not in INFERENCE_MODES and self.dataset != "synthetic"
+                and tuple(self.synthetic_shape) != Config.__dataclass_fields__["synthetic_shape"].default):
+            raise ConfigError(f"--synthetic_shape={','.join(map(str, self.synthetic_shape))} "
+                              f"shapes --dataset=synthetic's images; --dataset={self.dataset} "
+                              "does not read it: drop it, or give --image_size (and --channels) "
+                              "to resize these")
         for name in ("train_split", "eval_split"):
             if getattr(self, name) is not None and not _SPLIT_RE.match(getattr(self, name)):
                 raise ConfigError(

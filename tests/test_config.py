@@ -47,6 +47,9 @@ BAD = [
     (dict(model="vae", latent_channels=8), r"^--latent_channels=8 is the resnet's code channels; "
      r"--model=vae does not read it: drop --latent_channels, or use --model=resnet$"),
     (dict(model="denoiser", blocks_per_stage=2), r"^--blocks_per_stage=2 is the resnet's"),
+    (dict(synthetic_shape=(8, 8, 3)), r"^--synthetic_shape=8,8,3 shapes --dataset=synthetic's "
+     r"images; --dataset=fontdigits does not read it: drop it, or give --image_size \(and "
+     r"--channels\) to resize these$"),
     (dict(model="mine:build", latent_dim=8), r"^--latent_dim=8 is the VAE's latent size; "
      r"--model=mine:build does not read it"),
 ]

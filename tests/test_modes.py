@@ -204,9 +204,9 @@ def test_a_model_mismatch_with_checkpoint_says_so_and_never_suggests_deleting(de
 ])
 def test_a_failed_run_creates_nothing(tmp_path, flags, code, message):
     model_dir = tmp_path / "new"
-    data = [] if any(f.startswith("--dataset") for f in flags) else ["--dataset=synthetic"]
-    proc = run_train(*data, *flags, f"--model_dir={model_dir}", "--synthetic_shape=8,8,1",
-                     "--train_steps=5")
+    data = [] if any(f.startswith("--dataset") for f in flags) else ["--dataset=synthetic",
+                                                                      "--synthetic_shape=8,8,1"]
+    proc = run_train(*data, *flags, f"--model_dir={model_dir}", "--train_steps=5")
     assert proc.returncode == code, (flags, proc.stderr[-2000:])
     lines = [x for x in proc.stderr.splitlines() if x.startswith("train.py: error:")]
     assert len(lines) == 1 and message in lines[0], (flags, proc.stderr[-2000:])
