@@ -190,7 +190,8 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
     import tensorflow as tf
 
     from core import data
-    from core.config import DATASETS, check_image_feature, check_no_path_in_dataset, expand_home
+    from core.config import (DATASETS, check_data_dir_is_read, check_image_feature,
+                             check_no_path_in_dataset, expand_home)
     from core.config import image_size as config_image_size
     from core.errors import ConfigError, WriteError
     from core.process import write_file
@@ -203,6 +204,7 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
                           "tfds:NAME")
     if not output_dir:
         raise ConfigError("--output_dir is required: the folder the shards go to")
+    check_data_dir_is_read(dataset, data_dir)
     from core.sources import reachable
 
     reachable(data_dir, "--data_dir")

@@ -694,6 +694,11 @@ def test_raw_shards_read_back_as_the_png_ones_and_convert_like_them(tmp_path):
     with pytest.raises(ConfigError, match=r"^--dataset='folder:.*imgs': the path goes in its "
                        r"own flag: --dataset=folder --data_dir=.*imgs$"):
         prepare.convert(f"folder:{tmp_path / 'imgs'}", str(tmp_path / "x"), progress=None)
+    with pytest.raises(ConfigError, match=r"^--data_dir=.*imgs is not read by "
+                       r"--dataset=fontdigits, which is built in: for your images add "
+                       r"--dataset=folder"):  # it wrote the built-in digits
+        prepare.convert("fontdigits", str(tmp_path / "x"), data_dir=str(tmp_path / "imgs"),
+                        progress=None)
     assert not (tmp_path / "x").exists()  # refused before anything is written
 
 
