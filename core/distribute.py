@@ -236,7 +236,7 @@ def make_strategy(name: str, num_cpu_devices: int = 0) -> tf.distribute.Strategy
         elif num_cpu_devices > 1:
             name = "mirrored"
         else:
-            logging.info("no GPU found: training on the CPU with the default strategy")
+            logging.info("no GPU found: running on the CPU with the default strategy")
             name = "default"
     if name == "default":
         return tf.distribute.get_strategy()
