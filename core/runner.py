@@ -12,6 +12,7 @@ unless a flag overrides them.
 from __future__ import annotations
 
 import functools
+import glob
 import json
 import os
 import re
@@ -110,6 +111,19 @@ def inherit_run_config(config: Config, saved: dict | None,
     return config.replace(**changes)
 
 
+def _check_the_runs_data_is_here(data_dir: str) -> None:
+    """Eval's --data_dir taken from the run's config.json: on another machine, or after the
+    data moved, it names a path that is not there, which the user never gave."""
+    if glob.has_magic(data_dir):  # a pattern of shards: the source says what it matches
+        return
+    from core.sources import reachable
+
+    reachable(data_dir, "--data_dir")
+    if not tf.io.gfile.exists(data_dir):
+        raise DataError(f"--data_dir={data_dir}, the trained run's (its config.json), does not "
+                        "exist: give --data_dir where the data is now")
+
+
 def _devices(strategy: tf.distribute.Strategy) -> list[str]:
     """The devices the replicas run on (the default strategy: the first GPU, else the CPU)."""
     try:
@@ -151,11 +165,14 @@ class Run:
             source = os.path.dirname(self.checkpoint_path)
             self.saved = checkpoints.saved_config(source) or (
                 checkpoints.saved_config(config.model_dir) if source != config.model_dir else None)
+            flags_data_dir = config.data_dir
             config = inherit_run_config(config, self.saved, given)
             config_lib.check_data_dir_is_read(
                 config.dataset, config.data_dir,
                 "" if self.saved is None or config.dataset != self.saved.get("dataset")
                 else " (the trained run's)")
+            if config.mode != "export" and config.data_dir != flags_data_dir:
+                _check_the_runs_data_is_here(config.data_dir)
             if self.saved:
                 # Not a choice of this run: the part the run trained is the one its weight
                 # average holds (without a config.json, --freeze says which).

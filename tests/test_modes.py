@@ -244,6 +244,23 @@ def test_a_data_dir_a_built_in_dataset_would_ignore_is_refused(tmp_path):
                 for path in glob.glob(f"{run}/**", recursive=True)} == names
 
 
+def test_eval_of_a_run_whose_data_is_not_here_names_where_the_path_came_from(denoiser,
+                                                                              tmp_path):
+    """A run dir copied to another machine: its config.json names data that is not there,
+    which the user never gave as a flag."""
+    run = shutil.copytree(denoiser, tmp_path / "run")
+    saved = json.load(open(run / "config.json"))
+    saved["data_dir"] = str(tmp_path / "elsewhere" / "mnist")
+    (run / "config.json").write_text(json.dumps(saved))
+    names = set(os.listdir(run))
+    proc = run_train("--mode=eval", f"--model_dir={run}")
+    lines = [x for x in proc.stderr.splitlines() if x.startswith("train.py: error:")]
+    assert proc.returncode == 3 and len(lines) == 1, proc.stderr[-2000:]
+    assert lines[0].endswith(f"--data_dir={tmp_path}/elsewhere/mnist, the trained run's (its "
+                             "config.json), does not exist: give --data_dir where the data is now")
+    assert set(os.listdir(run)) == names
+
+
 def test_profile_window_after_the_last_step_is_reported(tmp_path):
     proc = run_train("--dataset=synthetic", "--synthetic_shape=8,8,1", f"--model_dir={tmp_path}",
                      "--train_steps=6", "--batch_size=16", "--profile_steps=100,110")
