@@ -142,6 +142,30 @@ def gpus() -> list:
     return tf.config.list_physical_devices("GPU")
 
 
+def trainers_in_tf_config(text: str | None) -> int:
+    """How many training tasks (chief and workers) TF_CONFIG's cluster names; 0 without one.
+    Lenient: `parse_tf_config` says what is wrong with a TF_CONFIG that is used."""
+    try:
+        cluster = json.loads(text or "{}").get("cluster") or {}
+        return sum(len(cluster.get(kind) or ()) for kind in ("chief", "worker"))
+    except (ValueError, AttributeError, TypeError):
+        return 0
+
+
+def strategy_of_cluster(config):
+    """--strategy=auto in training where TF_CONFIG names several training tasks (a cluster
+    manager sets it for each machine of a job): MultiWorkerMirroredStrategy. The default
+    strategy would train each machine alone into the same --model_dir. Evaluation, and an
+    explicit strategy, stay on this machine."""
+    tasks = trainers_in_tf_config(os.environ.get("TF_CONFIG"))
+    if config.strategy != "auto" or config.mode not in ("train", "train_and_eval") or tasks < 2:
+        return config
+    logging.info("TF_CONFIG names a cluster of %d training tasks: --strategy=auto joins it "
+                 "(--strategy=multi_worker); give --strategy=mirrored, or unset TF_CONFIG, to "
+                 "train on this machine alone", tasks)
+    return config.replace(strategy="multi_worker")
+
+
 def parse_tf_config(text: str | None) -> dict:
     """Validates the standard TF_CONFIG of a multi-worker job; returns it as a dict.
 
@@ -210,7 +234,8 @@ def make_strategy(name: str, num_cpu_devices: int = 0) -> tf.distribute.Strategy
 
     auto: MirroredStrategy over all GPUs if there are several, OneDeviceStrategy
       on one GPU, MirroredStrategy over the logical CPUs if --num_cpu_devices > 1,
-      else the default strategy.
+      else the default strategy (`strategy_of_cluster` first makes it multi_worker where
+      TF_CONFIG names a cluster).
     """
     if name == "multi_worker":
         parse_tf_config(os.environ.get("TF_CONFIG"))

@@ -151,6 +151,7 @@ class Run:
                  train_actions: Sequence[actions_lib.Action] = (),
                  eval_actions: Sequence[actions_lib.Action] = ()):
         inference = config.mode in config_lib.INFERENCE_MODES
+        config = distribute.strategy_of_cluster(config)
         requested = config
         config, chosen = distribute.cpu_defaults(config, len(distribute.gpus()),
                                                  distribute.usable_cores())

@@ -336,6 +336,24 @@ def test_malformed_tf_config(text, message):
         distribute.parse_tf_config(text)
 
 
+def test_auto_joins_the_cluster_tf_config_names_in_training_only(monkeypatch):
+    """A cluster manager sets TF_CONFIG on each machine: auto joins a cluster of several
+    training tasks (test_multi_worker.py trains two so); one task, evaluation, an explicit
+    strategy and no TF_CONFIG stay on this machine."""
+    cluster = '{"cluster": {"chief": ["c:0"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}'
+    monkeypatch.setenv("TF_CONFIG", cluster)
+    assert distribute.strategy_of_cluster(Config()).strategy == "multi_worker"
+    for config in (Config(mode="eval"), Config(mode="continuous_eval"), Config(mode="export"),
+                   Config(strategy="mirrored"), Config(strategy="default")):
+        assert distribute.strategy_of_cluster(config) == config
+    for text in ('{"cluster": {"chief": ["c:0"]}, "task": {"type": "chief", "index": 0}}',
+                 "{not json", '["a"]'):  # one machine (Vertex AI sets this), or no cluster
+        monkeypatch.setenv("TF_CONFIG", text)
+        assert distribute.strategy_of_cluster(Config()).strategy == "auto"
+    monkeypatch.delenv("TF_CONFIG")
+    assert distribute.strategy_of_cluster(Config()).strategy == "auto"
+
+
 def test_valid_tf_config():
     cfg = distribute.parse_tf_config(
         '{"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}')

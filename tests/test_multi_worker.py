@@ -36,7 +36,8 @@ def _last_eval(log, metric):
 
 def test_two_workers_train_together(tmp_path, idx_dir):
     """From a checkpoint's weight average (--init_checkpoint), with a weight average of
-    their own (--ema_decay): the loss and the EMA's evaluation match one process's."""
+    their own (--ema_decay): the loss and the EMA's evaluation match one process's. Without
+    --strategy (auto), as a cluster manager that sets TF_CONFIG starts them: they join."""
     data = ["--dataset=mnist", f"--data_dir={idx_dir}", "--train_split=test[:2000]",
             "--eval_split=test[9000:]", "--log_every=10", "--batch_size=64"]
     source = run_train(f"--model_dir={tmp_path / 'source'}", "--strategy=default",
@@ -61,7 +62,7 @@ def test_two_workers_train_together(tmp_path, idx_dir):
                    TF_CONFIG=json.dumps({"cluster": {"worker": workers},
                                          "task": {"type": "worker", "index": index}}))
         procs.append(subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "train.py"), "--strategy=multi_worker",
+            [sys.executable, os.path.join(ROOT, "train.py"),
              f"--model_dir={model_dir}", "--train_actions=worker_actions:record",
              "--eval_actions=worker_actions:record", *flags, "--train_steps=30"],
             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
@@ -75,6 +76,7 @@ def test_two_workers_train_together(tmp_path, idx_dir):
             proc.kill()
     for proc, log in zip(procs, logs):
         assert proc.returncode == 0, log[-3000:]
+        assert "TF_CONFIG names a cluster of 2 training tasks: --strategy=auto joins it" in log
         assert "2 workers, 2 replicas in sync" in log
         assert "initialised the model's weights (its weight average, which" in log
     # The chief (worker 0) wrote everything; worker 1 wrote to a temporary dir it removed.
