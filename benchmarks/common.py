@@ -26,6 +26,42 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from core.errors import TapeloopError  # noqa: E402
+
+
+class Failed(TapeloopError):
+    """A part of a benchmark failed: a worker process, or a train.py it ran. Its exit code
+    is theirs."""
+
+    def __init__(self, message: str, exit_code: int = 1):
+        super().__init__(message)
+        self.exit_code = exit_code or 1
+
+
+def failed_run(what: str, proc) -> Failed:
+    """The failure of a `train.py` a benchmark ran (a CompletedProcess with text stderr):
+    train.py's own one-line error where it printed one, else the end of its log."""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train.py: error: ")]
+    reason = (errors[-1][len("train.py: error: "):] if errors
+              else "the end of its log:\n" + proc.stderr[-3000:])
+    return Failed(f"{what} failed (exit code {proc.returncode}): {reason}", proc.returncode)
+
+
+def run(main) -> None:
+    """`app.run(main)`, with tapeloop's errors (a bad flag, missing data, a failed part) as
+    one line and their exit code, as train.py prints them, instead of a traceback."""
+    from absl import app
+
+    def main_with_errors(argv):
+        try:
+            return main(argv)
+        except TapeloopError as e:
+            print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+            sys.stderr.flush()
+            sys.exit(e.exit_code)
+
+    app.run(main_with_errors)
+
 
 def cpu_name() -> str:
     try:

@@ -25,7 +25,7 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from benchmarks import common  # noqa: E402
 
@@ -71,7 +71,7 @@ def run_once(model: str, batch: int, extra: list[str]) -> tuple[float, str]:
         proc = subprocess.run(cmd, cwd=common.ROOT, capture_output=True, text=True,
                               env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
         if proc.returncode:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+            raise common.failed_run(" ".join(cmd[1:]), proc)
         chosen = [line.split("] ", 1)[-1] for line in proc.stderr.splitlines()
                   if "CPU defaults:" in line]
         kind = ("" if not chosen else "recipe" if "the CPU recipe" in chosen[0]
@@ -130,4 +130,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -199,11 +199,11 @@ def main(argv):
                               cwd=common.ROOT, env=env, capture_output=True, text=True)
         seconds = time.perf_counter() - start
         if proc.returncode:
-            raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+            raise common.failed_run(f"training {name}", proc)
         proc = subprocess.run([sys.executable, "train.py", *common_flags, "--mode=eval"],
                               cwd=common.ROOT, env=env, capture_output=True, text=True)
         if proc.returncode:
-            raise RuntimeError(f"{name} eval failed:\n{proc.stderr[-3000:]}")
+            raise common.failed_run(f"the eval of {name}", proc)
         with open(os.path.join(model_dir, "eval_results.json")) as f:
             metrics = json.load(f)
         results[name] = {**metrics, "seconds": seconds, "config": os.path.relpath(cfg, common.ROOT),
@@ -227,7 +227,7 @@ def main(argv):
             proc = subprocess.run([sys.executable, "train.py", *common_flags, "--mode=export"],
                                   cwd=common.ROOT, env=env, capture_output=True, text=True)
             if proc.returncode:
-                raise RuntimeError(f"{name} export failed:\n{proc.stderr[-3000:]}")
+                raise common.failed_run(f"the export of {name}", proc)
             export_dir = re.search(r"reconstruct to (\S+)", proc.stderr).group(1)
             results[name]["eight_bit"] = eight_bit_codes(export_dir, dataset, split.images)
         print(f"{name}: bce {metrics['bce']:.4f}, psnr {metrics['psnr']:.2f} in {seconds:.0f} s",
@@ -259,4 +259,4 @@ def main(argv):
                             {"context": context, "results": colour}, lines)
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -365,8 +365,8 @@ class Worker:
             if line.startswith("@@"):
                 return json.loads(line[2:])
         code = self.proc.wait()
-        raise RuntimeError(f"the {self.setting!r} worker exited with code {code} (its error is "
-                           "above)")
+        raise common.Failed(f"the {self.setting!r} worker exited with code {code} (its error "
+                            "is above)", code)
 
     def request_round(self) -> dict:
         self.proc.stdin.write("round\n")
@@ -518,4 +518,4 @@ def report(context, chosen, rates, step_times, compile_s, skipped) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    common.run(main)

@@ -171,7 +171,11 @@ def load_split(spec: str, dataset: str, data_dir: str | None = None, verify: boo
 
     Raises:
       DataError: unknown split, missing, corrupted or unreachable files.
+      ConfigError: a `data_dir` that a built-in dataset would ignore.
     """
+    from core.config import check_data_dir_is_read
+
+    check_data_dir_is_read(dataset, data_dir)
     if dataset == "shapes":
         from core import shapes
 

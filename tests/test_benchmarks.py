@@ -57,6 +57,30 @@ def test_throughput_smoke(tmp_path, mnist_flags):
     assert "| `sharded_device_32` | float32 | per_core |" in (tmp_path / "throughput.md").read_text()
 
 
+def test_bad_input_is_one_line_with_its_exit_code_not_a_traceback(tmp_path):
+    """A benchmark's own bad input, its worker's, and a train.py it runs: each one line
+    saying what failed, and the exit code of the error (3: data)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    missing = tmp_path / "nope"
+    for script, flags, lines in [
+        ("throughput.py", ["--dataset=mnist", "--variants=tf_function", "--peaks=false"],
+         [f"throughput.py: error: --data_dir={missing} is not a folder: give the folder that "
+          "holds train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz",
+          "throughput.py: error: the 'default' worker exited with code 3 (its error is above)"]),
+        ("quality.py", ["--rows=seed"],
+         [f"quality.py: error: training seed failed (exit code 3): --data_dir={missing} is not "
+          "a folder: give the folder that holds t10k-images-idx3-ubyte.gz and "
+          "t10k-labels-idx1-ubyte.gz"]),
+    ]:
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *flags,
+                               f"--data_dir={missing}", f"--output_dir={tmp_path / 'out'}"],
+                              capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+        assert proc.returncode == 3, proc.stderr[-3000:]
+        assert [x for x in proc.stderr.splitlines() if ": error: " in x] == lines
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_throughput_rejects_unknown_variants(tmp_path):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"),
