@@ -760,6 +760,21 @@ def _warn_if_the_schedule_moved(saved: dict, schedule: schedules.Multiplier,
         and schedule.kind in ("cosine", "linear") else "")
 
 
+def _warn_of_a_schedule_past_the_end(schedule: schedules.Multiplier, total: int) -> None:
+    """A warm-up, or piecewise boundaries, at or after the run's last step: most often a
+    recipe's run cut short (--train_steps=10 to try it), or steps taken for epochs."""
+    if schedule.warmup_steps >= total:
+        after = (f", and the {schedule.kind} schedule after it never starts"
+                 if schedule.kind in ("cosine", "linear") else "")
+        logging.warning("--warmup_steps=%d reaches past the run's %d steps: the rate only ramps "
+                        "up, to %.0f%% of --learning_rate at the last step%s",
+                        schedule.warmup_steps, total, 100 * total / schedule.warmup_steps, after)
+    late = [b for b in schedule.boundaries if b >= total]
+    if schedule.kind == "piecewise" and late:
+        logging.warning("--lr_boundaries %s come at or after the run's last step (%d): the rate "
+                        "never changes there", ",".join(map(str, late)), total)
+
+
 # --------------------------------------------------------------------- modes
 def train(run: Run) -> dict:
     """Trains (and evaluates, in train_and_eval) to the configured step; returns the
@@ -770,6 +785,7 @@ def train(run: Run) -> dict:
     steps_per_epoch = run.train_split.num_examples // cfg.step_batch
     total = cfg.train_steps or cfg.epochs * steps_per_epoch
     logging.info("learning rate: %s", run.schedule.describe(cfg.learning_rate))
+    _warn_of_a_schedule_past_the_end(run.schedule, total)
     if start:
         logging.info("resuming from step %d towards %d", start, total)
         saved = checkpoints.saved_config(cfg.model_dir)

@@ -105,6 +105,26 @@ def test_the_logged_rate_follows_the_step_through_a_resume(tmp_path, caplog):
         assert rate == pytest.approx(expected * min(1, (step + 1) / 5), rel=1e-5), step
 
 
+def test_a_schedule_that_reaches_past_the_run_says_so(tmp_path, caplog):
+    """A recipe's schedule on a run cut short: the warm-up never ends, and a boundary after
+    the last step never moves the rate."""
+    def run(name, **schedule):
+        caplog.clear()
+        core.run(Config(dataset="fontdigits", train_split="train[:320]", eval_split="test[:32]",
+                        model_dir=str(tmp_path / name), train_steps=4, epochs=None,
+                        batch_size=32, mode="train", **schedule))
+        return [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+
+    assert run("cosine", lr_schedule="cosine", warmup_steps=8) == [
+        "--warmup_steps=8 reaches past the run's 4 steps: the rate only ramps up, to 50% of "
+        "--learning_rate at the last step, and the cosine schedule after it never starts"]
+    # A piecewise schedule runs under its warm-up: only the late boundaries are said.
+    assert run("piecewise", lr_schedule="piecewise", lr_boundaries=(2, 4, 50),
+               lr_values=(3e-3, 1e-3, 3e-4, 1e-4), warmup_steps=2) == [
+        "--lr_boundaries 4,50 come at or after the run's last step (4): the rate never changes "
+        "there"]
+
+
 @pytest.mark.parametrize("changes, message", [
     (dict(lr_schedule="step"), "--lr_schedule='step' is unknown"),
     (dict(warmup_steps=-1), "--warmup_steps=-1: must be >= 0"),
