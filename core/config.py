@@ -257,6 +257,11 @@ class Config:
             raise ConfigError("--data_on_device needs compiled loops: drop --eager")
         if self.num_cpu_devices < 0:
             raise ConfigError(f"--num_cpu_devices={self.num_cpu_devices}: must be >= 0")
+        if self.num_cpu_devices > 1 and self.strategy in ("default", "one_device", "multi_worker"):
+            raise ConfigError(
+                f"--num_cpu_devices={self.num_cpu_devices} splits the CPU for --strategy=mirrored "
+                f"(or auto), but --strategy={self.strategy} runs on one device of this machine: "
+                "drop --num_cpu_devices, or give --strategy=mirrored")
         for name in ("num_intra_threads", "num_inter_threads"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"--{name}={getattr(self, name)}: must be >= 0 "

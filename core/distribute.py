@@ -253,6 +253,9 @@ def make_strategy(name: str, num_cpu_devices: int = 0) -> tf.distribute.Strategy
     setup_logical_cpus(num_cpu_devices)
     gpu_devices = [d.name for d in tf.config.list_logical_devices("GPU")]
     cpu_devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    if gpu_devices and num_cpu_devices > 1:
+        logging.warning("--num_cpu_devices=%d is not used: this machine has %d GPU(s), which "
+                        "--strategy=%s runs on", num_cpu_devices, len(gpu_devices), name)
     if name == "auto":
         if len(gpu_devices) > 1:
             name = "mirrored"

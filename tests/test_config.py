@@ -5,6 +5,11 @@ from core.config import Config
 from core.errors import ConfigError
 
 BAD = [
+    (dict(strategy="default", num_cpu_devices=2),
+     r"^--num_cpu_devices=2 splits the CPU for --strategy=mirrored \(or auto\), but "
+     r"--strategy=default runs on one device of this machine: drop --num_cpu_devices"),
+    (dict(strategy="one_device", num_cpu_devices=4), r"but --strategy=one_device runs on one"),
+    (dict(strategy="multi_worker", num_cpu_devices=2), r"but --strategy=multi_worker runs on one"),
     (dict(dataset="imagenet"), r"--dataset='imagenet' is unknown: choose one of fontdigits"),
     (dict(dataset="folder:~/photos"),
      r"^--dataset='folder:~/photos': the path goes in its own flag: --dataset=folder "
