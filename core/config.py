@@ -190,6 +190,10 @@ class Config:
         check_image_feature(self.dataset, self.image_feature)
         if self.mode not in INFERENCE_MODES:  # eval and export check once the run's are known
             check_data_dir_is_read(self.dataset, self.data_dir)
+            check_cache_is_read(self.dataset, self.cache)
+        elif self.tf_data_service is not None:
+            raise ConfigError(f"--tf_data_service feeds training; --mode={self.mode} reads its "
+                              "data on this machine: drop --tf_data_service")
         if self.dataset in FILE_DATASETS and not self.data_dir:
             raise ConfigError(f"--dataset={self.dataset} needs --data_dir: the folder of your "
                               + ("images" if self.dataset == "folder" else "TFRecord shards"))
@@ -620,6 +624,15 @@ def check_data_dir_is_read(dataset: str, data_dir: str | None, whose: str = "") 
         raise ConfigError(f"--data_dir={data_dir} is not read by --dataset={dataset}{whose}, "
                           "which is built in: for your images add --dataset=folder (TFRecord "
                           "shards: --dataset=tfrecord), or leave out --data_dir")
+
+
+def check_cache_is_read(dataset: str, cache: str, whose: str = "") -> None:
+    """--cache keeps what image files decode to; a dataset held in memory has none, and
+    would ignore it. `whose`: how the dataset was chosen."""
+    if cache != "none" and dataset not in FILE_DATASETS and not dataset.startswith("tfds:"):
+        raise ConfigError(f"--cache={cache} keeps image files decoded, but --dataset={dataset}"
+                          f"{whose} is held in memory already: drop --cache (it is for folder, "
+                          "tfrecord and tfds:NAME data)")
 
 
 def check_image_feature(dataset: str, image_feature: str | None) -> None:

@@ -168,10 +168,11 @@ class Run:
                 checkpoints.saved_config(config.model_dir) if source != config.model_dir else None)
             flags_data_dir = config.data_dir
             config = inherit_run_config(config, self.saved, given)
-            config_lib.check_data_dir_is_read(
-                config.dataset, config.data_dir,
-                "" if self.saved is None or config.dataset != self.saved.get("dataset")
-                else " (the trained run's)")
+            whose = ("" if self.saved is None or config.dataset != self.saved.get("dataset")
+                     else " (the trained run's)")
+            config_lib.check_data_dir_is_read(config.dataset, config.data_dir, whose)
+            if config.mode != "export":
+                config_lib.check_cache_is_read(config.dataset, config.cache, whose)
             if config.mode != "export" and config.data_dir != flags_data_dir:
                 _check_the_runs_data_is_here(config.data_dir)
             if self.saved:

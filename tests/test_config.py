@@ -5,6 +5,11 @@ from core.config import Config
 from core.errors import ConfigError
 
 BAD = [
+    (dict(dataset="mnist", cache="/tmp/cache"), r"^--cache=/tmp/cache keeps image files "
+     r"decoded, but --dataset=mnist is held in memory already: drop --cache \(it is for folder"),
+    (dict(cache="memory"), r"^--cache=memory keeps image files decoded, but --dataset=fontdigits"),
+    (dict(mode="eval", tf_data_service="grpc://localhost:5050"), r"^--tf_data_service feeds "
+     r"training; --mode=eval reads its data on this machine: drop --tf_data_service$"),
     (dict(strategy="default", num_cpu_devices=2),
      r"^--num_cpu_devices=2 splits the CPU for --strategy=mirrored \(or auto\), but "
      r"--strategy=default runs on one device of this machine: drop --num_cpu_devices"),

@@ -224,7 +224,7 @@ def test_a_failed_eval_on_a_trained_run_adds_nothing(denoiser):
 def test_a_data_dir_a_built_in_dataset_would_ignore_is_refused(tmp_path):
     """A user who gives their folder but not --dataset=folder: training, and eval of a run
     on built-in data, would use the generated images instead. One line, exit 2, nothing
-    written."""
+    written. The same for --cache, which a dataset held in memory would ignore."""
     run = tmp_path / "run"
     proc = run_train("--dataset=synthetic", "--synthetic_shape=8,8,1", f"--model_dir={run}",
                      "--train_steps=2", "--batch_size=8", "--eval_split=test[:16]")
@@ -242,6 +242,17 @@ def test_a_data_dir_a_built_in_dataset_would_ignore_is_refused(tmp_path):
                                  "(TFRecord shards: --dataset=tfrecord), or leave out --data_dir")
         assert {path: os.path.getmtime(path)
                 for path in glob.glob(f"{run}/**", recursive=True)} == names
+    for flags, whose in ((["--mode=eval", "--cache=memory"], " (the trained run's)"),
+                         (["--train_steps=4", "--dataset=synthetic", f"--cache={tmp_path}/c"], "")):
+        proc = run_train(*flags, f"--model_dir={run}")
+        lines = [x for x in proc.stderr.splitlines() if x.startswith("train.py: error:")]
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-2000:]
+        assert lines[0].endswith(f"--cache={flags[-1].split('=')[1]} keeps image files decoded, "
+                                 f"but --dataset=synthetic{whose} is held in memory already: drop "
+                                 "--cache (it is for folder, tfrecord and tfds:NAME data)")
+        assert {path: os.path.getmtime(path)
+                for path in glob.glob(f"{run}/**", recursive=True)} == names
+    assert not os.path.exists(tmp_path / "c")
 
 
 def test_eval_of_a_run_whose_data_is_not_here_names_where_the_path_came_from(denoiser,
