@@ -727,13 +727,14 @@ def resume_flags(saved: dict, current: dict) -> str:
     return ", ".join(part for part in (" ".join(flags), without) if part)
 
 
-def check_compatible(model_dir: str, current: dict, log_changes: bool = True) -> None:
+def check_compatible(model_dir: str, current: dict, log_changes: bool = True,
+                     saved: dict | None = None) -> None:
     """Compares the run's config with the one saved in `model_dir`, if any.
 
     Raises:
       ConfigError: a field that shapes the model's variables differs (listing them all).
     """
-    saved = saved_config(model_dir)
+    saved = saved_config(model_dir) if saved is None else saved
     if saved is None or (read_state(model_dir) is None and not checkpoints_on_disk(model_dir)):
         return  # nothing to restore: any model may start here
     incompatible = _differences(saved, current, MODEL_FIELDS + OPTIMIZER_FIELDS)

@@ -114,6 +114,7 @@ class Cadence:
     min_delta: float = 0.0  # a new best beats the best by more than this
     loss: str = ""  # the training loss (its title): what eval/loss measures
     eval_data: str = ""  # the evaluated data (dataset, folder, split): what every metric is of
+    eval_data_moved_from: str | None = None  # eval_data at the run's --data_dir, moved since
     eval_examples: int = 0  # how many images it holds (a folder's split gains files)
     eval_inputs: str = ""  # how the evaluated images are made (resize, noise): the same
     nan_policy: str = "stop"
@@ -342,7 +343,10 @@ class Controller:
     def _unlike(self, record: dict) -> list[str]:
         """How a best record's measure differs from this run's ('loss BCE (now MSE)'); a
         record from before a field was recorded is taken as this run's."""
-        return [f"{k} {record[k]} (now {v})" for k, v in self._measure().items()
+        measure = self._measure()
+        if record.get("eval_data") == self.cadence.eval_data_moved_from:  # the same data
+            record = {**record, "eval_data": measure["eval_data"]}
+        return [f"{k} {record[k]} (now {v})" for k, v in measure.items()
                 if record.get(k, v) != v]
 
     def _measured_alike(self, record: dict) -> bool:
@@ -378,7 +382,8 @@ class Controller:
             if improved:
                 self.best = {**measure, "value": value, "step": step, "evals_since": 0}
             else:
-                self.best = {**best, "evals_since": best["evals_since"] + 1}
+                # The measure written anew: the same data at its new place, once it moved.
+                self.best = {**best, **measure, "evals_since": best["evals_since"] + 1}
             self.best["evaluated_at"] = step
             self.checkpointer.write_best(self.best, save=improved and bool(c.keep_best))
         since = self.best["evals_since"]

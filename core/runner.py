@@ -111,6 +111,43 @@ def inherit_run_config(config: Config, saved: dict | None,
     return config.replace(**changes)
 
 
+def _is_here(path: str) -> bool:
+    """Whether a folder, file or pattern of shards names something here (an unreachable
+    file system: no)."""
+    try:
+        return bool(tf.io.gfile.glob(path)) if glob.has_magic(path) else tf.io.gfile.exists(path)
+    except tf.errors.OpError:
+        return False
+
+
+def where_the_data_moved(config: Config, saved: dict | None,
+                         given: Collection[str] | None) -> dict | None:
+    """The trained run's config.json (`saved`) for a run given --data_dir where the run's
+    own is not here (a run dir copied to another machine, data moved): the same data, moved,
+    unless --dataset names another. An eval keeps the run's splits and its eval/ curves, a
+    resumed training run its best so far; otherwise another --data_dir is other data
+    (eval_DATA/ and its default splits; judged anew)."""
+    old = (saved or {}).get("data_dir")
+    if not old or config.mode == "export" or config.data_dir in (None, old):
+        return saved
+    training = config.mode not in config_lib.INFERENCE_MODES
+    defaults = Config.__dataclass_fields__
+    if given is None or training:  # training takes no flag from the run
+        given = {f for f in ("dataset", "data_dir") if getattr(config, f) != defaults[f].default}
+    if "data_dir" not in given or ("dataset" in given and config.dataset != saved.get("dataset")):
+        return saved
+    if config.dataset != saved.get("dataset", config.dataset) and training:
+        return saved
+    if _is_here(old):
+        return saved
+    logging.info("the run's --data_dir=%s (its config.json) is not here: --data_dir=%s is taken "
+                 "as the same data, moved (%s)", old, config.data_dir,
+                 "its best so far stands; a fresh --model_dir starts a run on other data"
+                 if training else "the run's splits and eval/ curves; --eval_split or --dataset "
+                 "evaluates other data")
+    return {**saved, "data_dir": config.data_dir}
+
+
 def _check_the_runs_data_is_here(data_dir: str) -> None:
     """Eval's --data_dir taken from the run's config.json: on another machine, or after the
     data moved, it names a path that is not there, which the user never gave."""
@@ -161,12 +198,19 @@ class Run:
         process.check_model_dir(config.model_dir)
         self.checkpoint_path = None
         self.saved = None
+        self.data_moved_from = None  # training: the run's --data_dir, where its data moved from
+        if not inference:
+            resumed = (checkpoints.saved_config(config.model_dir)
+                       if checkpoints.checkpoints_on_disk(config.model_dir) else None)
+            if where_the_data_moved(config, resumed, given) is not resumed:
+                self.data_moved_from = resumed["data_dir"]
         if inference:
             self.checkpoint_path = self._find_checkpoint(config)
             source = os.path.dirname(self.checkpoint_path)
             self.saved = checkpoints.saved_config(source) or (
                 checkpoints.saved_config(config.model_dir) if source != config.model_dir else None)
             flags_data_dir = config.data_dir
+            self.saved = where_the_data_moved(config, self.saved, given)
             config = inherit_run_config(config, self.saved, given)
             whose = ("" if self.saved is None or config.dataset != self.saved.get("dataset")
                      else " (the trained run's)")
@@ -435,7 +479,10 @@ class Run:
 
     def _check_model(self, inference: bool) -> None:
         if not inference:
-            checkpoints.check_compatible(self.config.model_dir, self.run_config)
+            saved = checkpoints.saved_config(self.config.model_dir)
+            if saved and self.data_moved_from:  # the same data: no "other data" warning
+                saved["data_dir"] = self.config.data_dir
+            checkpoints.check_compatible(self.config.model_dir, self.run_config, saved=saved)
             return
         differences = checkpoints.model_differences(self.saved or {}, self.run_config)
         if differences:
@@ -776,6 +823,12 @@ def _warn_of_a_schedule_past_the_end(schedule: schedules.Multiplier, total: int)
                         "never changes there", ",".join(map(str, late)), total)
 
 
+def _eval_data(cfg: Config, data_dir: str | None) -> str:
+    """What a best is judged on: the evaluated data ('folder /data/photos train[90%:]')."""
+    return " ".join(str(v) for v in (cfg.dataset, data_dir, cfg.eval_split, cfg.image_feature
+                                     and f"--image_feature={cfg.image_feature}") if v)
+
+
 # --------------------------------------------------------------------- modes
 def train(run: Run) -> dict:
     """Trains (and evaluates, in train_and_eval) to the configured step; returns the
@@ -855,9 +908,8 @@ def train(run: Run) -> dict:
         early_stopping_patience=cfg.early_stopping_patience,
         reduce_lr_patience=cfg.reduce_lr_patience, reduce_lr_factor=cfg.reduce_lr_factor,
         reduce_lr_min=cfg.reduce_lr_min, min_delta=cfg.min_delta, loss=run.loss.title,
-        eval_data=" ".join(str(v) for v in (
-            cfg.dataset, cfg.data_dir, cfg.eval_split,
-            cfg.image_feature and f"--image_feature={cfg.image_feature}") if v),
+        eval_data=_eval_data(cfg, cfg.data_dir),
+        eval_data_moved_from=run.data_moved_from and _eval_data(cfg, run.data_moved_from),
         eval_inputs=f"--resize={cfg.resize} --noise_factor={cfg.noise_factor:g}",
         eval_examples=run.eval_split.num_examples if run.eval_split is not None else 0)
     if cfg.mode == "train_and_eval" and 0 < cfg.early_stopping_patience <= cfg.reduce_lr_patience:

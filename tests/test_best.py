@@ -255,3 +255,45 @@ def test_files_added_to_a_folder_are_judged_anew_and_warned_of(tmp_path, caplog)
                      r"was judged by eval_examples 8 \(now 12\)", caplog.text)
     record = json.load(open(tmp_path / "run" / "best" / "best.json"))
     assert record["step"] == 20 and record["eval_examples"] == 12
+
+
+def test_a_folder_that_moved_keeps_the_runs_best(tmp_path, caplog):
+    """The run's --data_dir is not there any more and the command names where it went: the
+    same data, so the best stands (it was judged anew, and a worse evaluation became the
+    best); a copy beside the run's own folder is other data, judged anew."""
+    import shutil
+
+    import tensorflow as tf
+
+    for i in range(48):
+        split = "train" if i < 40 else "val"
+        os.makedirs(tmp_path / "photos" / split, exist_ok=True)
+        image = tf.random.stateless_uniform((16, 16, 3), (i, 0), maxval=256, dtype=tf.int32)
+        tf.io.write_file(str(tmp_path / "photos" / split / f"{i}.png"),
+                         tf.io.encode_png(tf.cast(image, tf.uint8)))
+    # At a rate of 1e-12 the weights do not move: every evaluation equals the first, which
+    # stays the best unless the run judges anew.
+    config = Config(dataset="folder", data_dir=str(tmp_path / "photos"), batch_size=8,
+                    model_dir=str(tmp_path / "run"), train_steps=10, epochs=None, eval_every=10,
+                    keep_best="eval/psnr", learning_rate=1e-12, strategy="default")
+    core.run(config)
+    os.rename(tmp_path / "photos", tmp_path / "moved")
+    moved = config.replace(data_dir=str(tmp_path / "moved"), train_steps=20)
+    with caplog.at_level("INFO", logger="absl"):
+        core.run(moved)
+    assert (f"the run's --data_dir={tmp_path}/photos (its config.json) is not here: "
+            f"--data_dir={tmp_path}/moved is taken as the same data, moved (its best so far "
+            "stands") in caplog.text
+    assert "judged anew" not in caplog.text and "trained on other data" not in caplog.text
+    record = json.load(open(tmp_path / "run" / "best" / "best.json"))
+    assert (record["step"], record["evals_since"]) == (10, 1)
+    assert record["eval_data"] == f"folder {tmp_path}/moved val"  # the measure's new place
+    # The run's folder is here now: a copy elsewhere is other data.
+    shutil.copytree(tmp_path / "moved", tmp_path / "copy")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="absl"):
+        core.run(moved.replace(data_dir=str(tmp_path / "copy"), train_steps=30))
+    assert "is taken as the same data" not in caplog.text
+    assert "was trained on other data" in caplog.text
+    assert "eval/psnr is judged anew from step 30" in caplog.text
+    assert json.load(open(tmp_path / "run" / "best" / "best.json"))["step"] == 30

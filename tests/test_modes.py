@@ -255,10 +255,11 @@ def test_a_data_dir_a_built_in_dataset_would_ignore_is_refused(tmp_path):
     assert not os.path.exists(tmp_path / "c")
 
 
-def test_eval_of_a_run_whose_data_is_not_here_names_where_the_path_came_from(denoiser,
+def test_eval_of_a_run_whose_data_is_not_here_names_where_the_path_came_from(denoiser, idx_dir,
                                                                               tmp_path):
     """A run dir copied to another machine: its config.json names data that is not there,
-    which the user never gave as a flag."""
+    which the user never gave as a flag. Given where it is now, the eval is the run's own:
+    its splits, its eval/ curves and results, not another dataset's."""
     run = shutil.copytree(denoiser, tmp_path / "run")
     saved = json.load(open(run / "config.json"))
     saved["data_dir"] = str(tmp_path / "elsewhere" / "mnist")
@@ -270,6 +271,15 @@ def test_eval_of_a_run_whose_data_is_not_here_names_where_the_path_came_from(den
     assert lines[0].endswith(f"--data_dir={tmp_path}/elsewhere/mnist, the trained run's (its "
                              "config.json), does not exist: give --data_dir where the data is now")
     assert set(os.listdir(run)) == names
+    trained = dict(_scalars(os.path.join(denoiser, "eval"), "loss"))
+    proc = run_train("--mode=eval", f"--model_dir={run}", f"--data_dir={idx_dir}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (f"the run's --data_dir={tmp_path}/elsewhere/mnist (its config.json) is not here: "
+            f"--data_dir={idx_dir} is taken as the same data, moved") in proc.stderr
+    assert not [f for f in os.listdir(run) if f.startswith("eval_") and (run / f).is_dir()]
+    results = json.load(open(run / "eval_results.json"))
+    assert (results["split"], results["data_dir"]) == ("test[9800:]", str(idx_dir))
+    assert results["bce"] == pytest.approx(trained[30], abs=1e-6)
 
 
 def test_profile_window_after_the_last_step_is_reported(tmp_path):
