@@ -134,13 +134,17 @@ def resolve_path(path: str, flag: str = "--checkpoint") -> str:
     return prefix
 
 
-def initialise(model, path: str, modules: str = "all", average: bool = True) -> tuple[str, bool]:
+def initialise(model, path: str, modules: str = "all", average: bool = True,
+               advice: str | None = None) -> tuple[str, bool]:
     """Reads the weights of `model` ('all'), or of its 'encoder' or 'decoder', from the
     checkpoint `path` (a prefix, one of its files, or a folder: its latest), and nothing
     else of it: not the optimizer, the step or the random states. With `average`, the
     trainable weights come from the checkpoint's weight average where it has one (what its
     run evaluates and exports with --ema_decay). Returns (the prefix read, whether the
     average was). Only reads.
+
+    `advice`: what the error says to do when the checkpoint does not hold the model (None:
+    give its model flags, or --init_modules).
 
     Raises:
       ConfigError: no checkpoint there, or it does not hold every variable of that part of
@@ -164,8 +168,8 @@ def initialise(model, path: str, modules: str = "all", average: bool = True) -> 
             raise ConfigError(f"{flag}: {prefix} is damaged: its files do not read back "
                               f"({first_line(failure)}): give another checkpoint")
         raise ConfigError(f"{flag}: {prefix} does not hold this {what} ({_short(failure)}): "
-                          "give the model flags it was trained with (its config.json), or "
-                          "--init_modules for the part that matches")
+                          + (advice or "give the model flags it was trained with (its "
+                             "config.json), or --init_modules for the part that matches"))
     return prefix, average and _read_average(model, prefix, modules)
 
 
@@ -695,9 +699,9 @@ def _differences(saved: dict, current: dict, keys) -> list[str]:
             if _differs(saved, current, k)]
 
 
-def model_differences(saved: dict, current: dict) -> list[str]:
-    """'field: saved -> current' for every field of MODEL_FIELDS that differs."""
-    return _differences(saved, current, MODEL_FIELDS)
+def model_differences(saved: dict, current: dict, keys=MODEL_FIELDS) -> list[str]:
+    """'field: saved -> current' for every field of `keys` (MODEL_FIELDS) that differs."""
+    return _differences(saved, current, keys)
 
 
 def _flag(name: str, value) -> str:

@@ -546,7 +546,8 @@ class Run:
                          "this run resumes", config.init_checkpoint, config.model_dir)
             return
         prefix, averaged = checkpoints.initialise(self.model, config.init_checkpoint,
-                                                  config.init_modules, average=config.ema)
+                                                  config.init_modules, average=config.ema,
+                                                  advice=self._init_shape_advice())
         what = ("the model's weights" if config.init_modules == "all" else
                 f"the {config.init_modules}'s weights (the "
                 f"{'decoder' if config.init_modules == 'encoder' else 'encoder'} starts from "
@@ -556,6 +557,33 @@ class Run:
                     "its raw weights)"
         logging.info("initialised %s from %s (its step %d); the optimizer, the step and the "
                      "schedule start afresh", what, prefix, checkpoints.checkpoint_step(prefix))
+
+    def _init_shape_advice(self) -> str | None:
+        """What to do when --init_checkpoint's run trained the same model on images of
+        another shape (its config.json says), on which a model's weights may depend (the
+        VAE's dense layer, the first and last convolutions' channels); None where it did not,
+        or cannot be told."""
+        try:
+            folder = os.path.dirname(checkpoints.resolve_path(self.config.init_checkpoint,
+                                                              "--init_checkpoint"))
+            saved = checkpoints.saved_config(folder) or (
+                checkpoints.saved_config(os.path.dirname(folder))
+                if os.path.basename(folder) == checkpoints.BEST_DIR else None)
+        except (ConfigError, CheckpointError):
+            return None  # initialise says what is wrong with the path
+        shape = _saved_image_shape(saved)
+        model = [k for k in checkpoints.MODEL_FIELDS if k != "image_shape"]
+        if (not shape or shape == tuple(self.image_shape)
+                or checkpoints.model_differences(saved, self.run_config, model)):
+            return None
+        h, w, c = shape
+        # The channels first: every model's first and last convolutions depend on them; the
+        # size only where a layer is sized by it (the VAE's Dense layers).
+        fix, on = ((f"--channels={c}", "channels") if c != self.image_shape[2] else
+                   (f"--image_size={h},{w}", "size"))
+        return (f"its run trained on {h}x{w}x{c} images, these are "
+                f"{'x'.join(map(str, self.image_shape))}: give {fix} (this model's weights "
+                f"depend on the image's {on}), or --init_modules for the part that matches")
 
     def _freeze(self, inference: bool) -> None:
         """--freeze: the part's weights are no longer trainable, so the gradient, the

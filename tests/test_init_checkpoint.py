@@ -191,7 +191,9 @@ def test_a_fully_convolutional_model_starts_from_weights_trained_at_another_size
     (dict(init_checkpoint="{trained}", init_modules="decoder", dataset="shapes",
           image_size=(32, 32)),
      "does not hold this decoder (seed/kernel has shape (4, 4, 8, 3) here, (4, 4, 8, 1) in the "
-     "checkpoint)"),
+     "checkpoint): its run trained on 28x28x1 images, these are 32x32x3: give "
+     "--channels=1 (this model's weights depend on the image's channels), or --init_modules "
+     "for the part that matches"),
     (dict(init_checkpoint="{weights}"), "--init_checkpoint={weights} is not a TensorFlow "
                                         "checkpoint: give a path like DIR/ckpt-1000"),
     (dict(init_checkpoint="{export}"), "--init_checkpoint={export} is a SavedModel export, not "
