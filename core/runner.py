@@ -68,6 +68,11 @@ def _smaller_size(height: int, width: int, long_side: int = 256) -> tuple[int, i
     return tuple(max(32, round(side * scale / 16) * 16) for side in (height, width))
 
 
+def _shown(value) -> str:
+    """A flag's value as a log line shows it: 'test[:200]', 48,48."""
+    return ",".join(map(str, value)) if isinstance(value, (tuple, list)) else repr(value)
+
+
 def inherit_run_config(config: Config, saved: dict | None,
                        given: Collection[str] | None) -> Config:
     """The config of an eval or export: the trained run's settings (`saved`, its
@@ -104,8 +109,9 @@ def inherit_run_config(config: Config, saved: dict | None,
         value = tuple(value) if name in _TUPLE_FIELDS and value is not None else value
         if name in given:
             if getattr(config, name) != value:
-                logging.info("--%s=%r overrides the trained run's %r", name,
-                             getattr(config, name), value)
+                logging.info("--%s=%s overrides the trained run's %s", name,
+                             _shown(getattr(config, name)),
+                             "default (unset)" if value is None else _shown(value))
         elif getattr(config, name) != value:
             changes[name] = value
     return config.replace(**changes)

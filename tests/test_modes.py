@@ -65,9 +65,12 @@ def test_a_larger_eval_batch_gives_the_same_metrics(denoiser, tmp_path):
 
 def test_an_explicit_flag_overrides_the_run_with_a_log_line(denoiser):
     proc = run_train("--mode=eval", f"--model_dir={denoiser}", "--noise_factor=0",
-                     "--eval_split=test[:200]", "--checkpoint=" + os.path.join(denoiser, "ckpt-30"))
+                     "--eval_split=test[:200]", "--checkpoint=" + os.path.join(denoiser, "ckpt-30"),
+                     "--image_size=28")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--noise_factor=0.0 overrides the trained run's 0.3" in proc.stderr
+    # As the flag is written (it was "(28, 28) overrides the trained run's None").
+    assert "--image_size=28,28 overrides the trained run's default (unset)" in proc.stderr
     assert "--eval_split='test[:200]' overrides the trained run's 'test[9800:]'" in proc.stderr
     # Another split and a chosen checkpoint: a TensorBoard run of their own.
     out, = glob.glob(os.path.join(denoiser, "eval_ckpt-30_mnist-*-test-200"))
