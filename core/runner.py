@@ -140,11 +140,9 @@ def where_the_data_moved(config: Config, saved: dict | None,
     defaults = Config.__dataclass_fields__
     if given is None or training:  # training takes no flag from the run
         given = {f for f in ("dataset", "data_dir") if getattr(config, f) != defaults[f].default}
-    if "data_dir" not in given or ("dataset" in given and config.dataset != saved.get("dataset")):
-        return saved
-    if config.dataset != saved.get("dataset", config.dataset) and training:
-        return saved
-    if _is_here(old):
+    # The dataset this run reads: an eval without --dataset takes the run's.
+    dataset = config.dataset if training or "dataset" in given else saved.get("dataset")
+    if "data_dir" not in given or dataset != saved.get("dataset") or _is_here(old):
         return saved
     logging.info("the run's --data_dir=%s (its config.json) is not here: --data_dir=%s is taken "
                  "as the same data, moved (%s)", old, config.data_dir,
