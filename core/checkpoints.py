@@ -107,14 +107,28 @@ def readable(prefix: str) -> bool:
         return False
 
 
-def resolve_path(path: str, flag: str = "--checkpoint") -> str:
+def resolve_path(path: str, flag: str = "--checkpoint", model_dir: str | None = None) -> str:
     """The checkpoint prefix a user meant: 'D/ckpt-9', 'D/ckpt-9.index', 'D/ckpt-9.data-...'
-    or a folder (its latest checkpoint).
+    or a folder (its latest checkpoint). With `model_dir`, a bare name that is nothing here
+    ('ckpt-9', 'ckpt-9.index', or the step '9') is that checkpoint of `model_dir`.
 
     Raises:
       ConfigError: nothing there is a checkpoint.
     """
     path = path.rstrip("/")
+    if model_dir and "/" not in path and not tf.io.gfile.exists(path):
+        name = f"ckpt-{path}" if path.isdigit() else path
+        inside = os.path.join(model_dir, name)
+        prefix = re.sub(r"\.(index|data-\d+-of-\d+)$", "", inside)
+        if tf.io.gfile.exists(prefix + ".index"):
+            logging.info("%s=%s: the checkpoint %s of --model_dir", flag, path, prefix)
+            return prefix
+        have = [os.path.basename(p) for p in checkpoints_on_disk(model_dir)]
+        if have:
+            shown = ", ".join(have if len(have) <= 6 else [*have[:2], "...", *have[-3:]])
+            raise ConfigError(f"{flag}={path} is neither a path here nor a checkpoint of "
+                              f"--model_dir={model_dir}, which has {shown}: give one of those "
+                              f"(e.g. {flag}={have[-1]}) or a path like DIR/ckpt-1000")
     if tf.io.gfile.isdir(path):
         state = read_state(path)
         found = state.model_checkpoint_path if state else (checkpoints_on_disk(path) or [None])[-1]

@@ -353,7 +353,7 @@ class Run:
                                   "a checkpoint path")
             return state.model_checkpoint_path
         if config.checkpoint:
-            return checkpoints.resolve_path(config.checkpoint)
+            return checkpoints.resolve_path(config.checkpoint, model_dir=config.model_dir)
         state = checkpoints.read_state(config.model_dir) if tf.io.gfile.isdir(
             config.model_dir) else None
         found = state.model_checkpoint_path if state else (

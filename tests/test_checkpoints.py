@@ -46,9 +46,12 @@ def copy(trained, tmp_path):
 def test_eval_of_a_checkpoint_without_state_file_deletes_nothing(copy):
     os.remove(os.path.join(copy, "checkpoint"))  # copied from elsewhere, or deleted by hand
     before = checkpoint_files(copy)
-    for path in (f"{copy}/ckpt-30", f"{copy}/ckpt-20.index", f"{copy}/ckpt-10.data-00000-of-00001"):
+    # (a bare step is the model dir's checkpoint: train.py runs in the repo, without a "30")
+    for path, step in (("30", 30), (f"{copy}/ckpt-20.index", 20),
+                       (f"{copy}/ckpt-10.data-00000-of-00001", 10)):
         proc = run_train("--mode=eval", f"--model_dir={copy}", f"--checkpoint={path}")
         assert proc.returncode == 0, proc.stderr[-2000:]
+        assert f"restored {copy}/ckpt-{step} (step {step})" in proc.stderr
         assert "removing" not in proc.stderr
     assert checkpoint_files(copy) == before
     # Without --checkpoint, the newest checkpoint is found by its files.
@@ -183,7 +186,7 @@ def test_read_only_checkpointer_refuses_to_write(copy):
         ro.remove_orphans()
 
 
-def test_checkpoint_paths_a_user_may_give(copy):
+def test_checkpoint_paths_a_user_may_give(copy, tmp_path, monkeypatch):
     assert checkpoints.resolve_path(f"{copy}/ckpt-20.index") == f"{copy}/ckpt-20"
     assert checkpoints.resolve_path(f"{copy}/ckpt-20.data-00000-of-00001") == f"{copy}/ckpt-20"
     assert checkpoints.resolve_path(copy + "/") == f"{copy}/ckpt-30"
@@ -191,6 +194,19 @@ def test_checkpoint_paths_a_user_may_give(copy):
 
     with pytest.raises(ConfigError, match="ckpt-99 does not exist"):
         checkpoints.resolve_path(f"{copy}/ckpt-99")
+    # A bare name or step that is nothing in the working directory: the model dir's.
+    monkeypatch.chdir(tmp_path)
+    for name in ("ckpt-20", "ckpt-20.index", "20"):
+        assert checkpoints.resolve_path(name, model_dir=copy) == f"{copy}/ckpt-20", name
+    with pytest.raises(ConfigError, match=r"^--checkpoint=ckpt-99 is neither a path here nor a "
+                       rf"checkpoint of --model_dir={copy}, which has ckpt-10, ckpt-20, ckpt-30: "
+                       r"give one of those \(e.g. --checkpoint=ckpt-30\)"):
+        checkpoints.resolve_path("ckpt-99", model_dir=copy)
+    with pytest.raises(ConfigError, match="^--checkpoint=20 does not exist"):
+        checkpoints.resolve_path("20")  # without a model dir, a path only
+    # A name that is a path here stays that path, though the model dir has one of that name.
+    shutil.copytree(copy, tmp_path / "ckpt-20")
+    assert checkpoints.resolve_path("ckpt-20", model_dir=copy) == "ckpt-20/ckpt-30"
     os.remove(os.path.join(copy, "checkpoint"))
     assert checkpoints.resolve_path(copy) == f"{copy}/ckpt-30"
     with pytest.raises(CheckpointError):
