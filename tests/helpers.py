@@ -8,14 +8,25 @@ import sys
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import forkserver
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_train(*flags, timeout=300, env=None):
-    """Runs `python train.py FLAGS...`; returns the CompletedProcess (text)."""
+FRESH = os.environ.get("TAPELOOP_TESTS_FRESH") == "1"
+
+
+def run_train(*flags, timeout=300, env=None, fresh=False):
+    """Runs `python train.py FLAGS...`; returns the CompletedProcess (text). A fork of a
+    process that has imported TensorFlow runs it (tests/forkserver.py), unless the run
+    needs an environment of its own (`env`), asks for a `fresh` interpreter, or
+    TAPELOOP_TESTS_FRESH=1."""
     full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
-    return subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), *flags],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=full_env)
+    argv = [os.path.join(ROOT, "train.py"), *flags]
+    if not (env or fresh or FRESH):
+        return forkserver.run(argv, full_env, ROOT, timeout)
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env=full_env)
 
 
 class Notebook:

@@ -102,3 +102,41 @@ def test_a_cpu_run_prints_no_cuda_error_nor_tensorflow_info(tmp_path):
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert prepared.returncode == 0, prepared.stderr[-2000:]
     assert "wrote 8 images" in prepared.stdout and "cuInit" not in prepared.stderr
+
+
+def test_a_run_of_the_fork_server_is_a_fresh_interpreters_run(tmp_path):
+    """The tests' train.py runs are forks of a process that has imported TensorFlow
+    (tests/forkserver.py): each gives the fresh interpreter's exit code, output and
+    weights, and a run past its timeout is killed as subprocess.run kills it."""
+    import helpers
+
+    flags = ["--dataset=synthetic", "--synthetic_shape=8,8,1", "--train_steps=3",
+             "--batch_size=16", "--log_every=1", "--deterministic", "--eval_every=3"]
+    runs = {}
+    for how in ("fork", "fresh"):
+        proc = run_train(*flags, f"--model_dir={tmp_path / how}", fresh=how == "fresh")
+        assert proc.returncode == 0, (how, proc.stderr[-2000:])
+        runs[how] = proc
+    if not helpers.FRESH:  # (TAPELOOP_TESTS_FRESH=1 makes both fresh)
+        assert "oneDNN custom operations" not in runs["fork"].stderr  # TensorFlow's import
+        assert "oneDNN custom operations" in runs["fresh"].stderr
+
+    def logged(proc):  # the log lines without their time, thread id and speed
+        return [line.split("] ", 1)[1].split(" ex/s")[0].rsplit("|", 1)[0]
+                for line in proc.stderr.splitlines() if " | step " in line]
+
+    assert logged(runs["fork"]) == logged(runs["fresh"]) and len(logged(runs["fork"])) == 4
+    import numpy as np
+    import tensorflow as tf
+
+    fork, fresh = (tf.train.load_checkpoint(str(tmp_path / how / "ckpt-3")) for how in runs)
+    names = fork.get_variable_to_shape_map()
+    assert names == fresh.get_variable_to_shape_map()
+    for name in names:
+        assert np.array_equal(fork.get_tensor(name), fresh.get_tensor(name)), name
+    bad = [run_train("--batch_size=0", fresh=how == "fresh") for how in runs]
+    assert [p.returncode for p in bad] == [2, 2] and bad[0].stderr == bad[1].stderr
+    assert bad[0].stdout == bad[1].stdout == ""
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_train(*flags[:3], "--train_steps=100000", f"--model_dir={tmp_path / 'long'}",
+                  timeout=15)
