@@ -107,6 +107,11 @@ def readable(prefix: str) -> bool:
         return False
 
 
+def _prefix_of(path: str) -> str:
+    """A checkpoint's prefix from the prefix itself or one of its files."""
+    return re.sub(r"\.(index|data-\d+-of-\d+)$", "", path)
+
+
 def resolve_path(path: str, flag: str = "--checkpoint", model_dir: str | None = None) -> str:
     """The checkpoint prefix a user meant: 'D/ckpt-9', 'D/ckpt-9.index', 'D/ckpt-9.data-...'
     or a folder (its latest checkpoint). With `model_dir`, a bare name that is nothing here
@@ -118,8 +123,7 @@ def resolve_path(path: str, flag: str = "--checkpoint", model_dir: str | None = 
     path = path.rstrip("/")
     if model_dir and "/" not in path and not tf.io.gfile.exists(path):
         name = f"ckpt-{path}" if path.isdigit() else path
-        inside = os.path.join(model_dir, name)
-        prefix = re.sub(r"\.(index|data-\d+-of-\d+)$", "", inside)
+        prefix = _prefix_of(os.path.join(model_dir, name))
         if tf.io.gfile.exists(prefix + ".index"):
             logging.info("%s=%s: the checkpoint %s of --model_dir", flag, path, prefix)
             return prefix
@@ -140,7 +144,7 @@ def resolve_path(path: str, flag: str = "--checkpoint", model_dir: str | None = 
             raise ConfigError(f"{flag}={path} is a folder without checkpoints: give a "
                               "path like DIR/ckpt-1000, or a folder that holds ckpt-* files")
         return found
-    prefix = re.sub(r"\.(index|data-\d+-of-\d+)$", "", path)
+    prefix = _prefix_of(path)
     if not tf.io.gfile.exists(prefix + ".index"):
         what = "is not a TensorFlow checkpoint" if tf.io.gfile.exists(path) else "does not exist"
         raise ConfigError(f"{flag}={path} {what}: give a path like "

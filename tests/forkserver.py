@@ -130,7 +130,7 @@ class _Server:
                 line = cls.proc.stdout.readline()
                 if line.strip() != "ready":
                     raise RuntimeError(f"the fork server did not start (exit {cls.proc.wait()})")
-            return cls.path, cls.env
+            return cls.path
 
 
 def _line(conn):
@@ -147,7 +147,7 @@ def _line(conn):
 def run(argv, env, cwd, timeout):
     """`subprocess.run([sys.executable, *argv], capture_output=True, text=True, ...)` by a
     fork of a server started with the environment `env`."""
-    path, _ = _Server.address(env)
+    path = _Server.address(env)
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err, \
             open(os.devnull, "rb") as stdin, \
             socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
