@@ -1,9 +1,9 @@
-"""Runs `python train.py FLAGS...` for the tests without paying TensorFlow's import each
-time: a server process imports TensorFlow and tapeloop once, then forks a child per run,
-which runs train.py as `python train.py` would (as __main__, its argv, the working
-directory, the environment, stdin from /dev/null, stdout and stderr to the caller's
-files) and exits with its exit code. The import is about 4 s of CPU a run, and the suite
-runs train.py a few hundred times.
+"""Runs `python train.py FLAGS...` (or a benchmark script) for the tests without paying
+TensorFlow's import each time: a server process imports TensorFlow and tapeloop once, then
+forks a child per run, which runs the script as `python SCRIPT` would (as __main__, its
+argv, sys.path[0] its folder, the working directory, the environment, stdin from
+/dev/null, stdout and stderr to the caller's files) and exits with its exit code. The
+import is about 4 s of CPU a run, and the suite runs train.py a few hundred times.
 
 The fork is safe because the server imports only: it never starts TensorFlow's runtime
 (no eager context, no device, no thread pool), which the server checks. A run that needs
@@ -95,6 +95,7 @@ def _main(path):
     os.environ.clear()
     os.environ.update(request["env"])
     sys.argv = request["argv"]
+    sys.path[0] = os.path.dirname(sys.argv[0])  # as `python SCRIPT` has it: its folder
     import runpy
 
     runpy.run_path(sys.argv[0], run_name="__main__")

@@ -1,4 +1,4 @@
-"""Helpers for end-to-end tests: run train.py or a notebook-style script, read TensorBoard
+"""Helpers for end-to-end tests: run train.py, a benchmark or a notebook-style script, read TensorBoard
 event files."""
 
 import os
@@ -21,8 +21,14 @@ def run_train(*flags, timeout=300, env=None, fresh=False):
     process that has imported TensorFlow runs it (tests/forkserver.py), unless the run
     needs an environment of its own (`env`), asks for a `fresh` interpreter, or
     TAPELOOP_TESTS_FRESH=1."""
+    return run_script("train.py", *flags, timeout=timeout, env=env, fresh=fresh)
+
+
+def run_script(script, *flags, timeout=300, env=None, fresh=False):
+    """Runs `python SCRIPT FLAGS...` (SCRIPT relative to the repo, e.g.
+    benchmarks/throughput.py) in the repo, as run_train runs train.py."""
     full_env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
-    argv = [os.path.join(ROOT, "train.py"), *flags]
+    argv = [os.path.join(ROOT, script), *flags]
     if not (env or fresh or FRESH):
         return forkserver.run(argv, full_env, ROOT, timeout)
     return subprocess.run([sys.executable, *argv], capture_output=True, text=True,

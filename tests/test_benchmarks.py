@@ -3,18 +3,15 @@ reports with the expected keys. No speed is asserted here (benchmarks measure sp
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
-from helpers import ROOT
+from helpers import ROOT, run_script
 
 
 def _run(script, *flags, timeout=400):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *flags],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    proc = run_script(os.path.join("benchmarks", script), *flags, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
 
@@ -60,7 +57,6 @@ def test_throughput_smoke(tmp_path, mnist_flags):
 def test_bad_input_is_one_line_with_its_exit_code_not_a_traceback(tmp_path):
     """A benchmark's own bad input, its worker's, and a train.py it runs: each one line
     saying what failed, and the exit code of the error (3: data)."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     missing = tmp_path / "nope"
     for script, flags, lines in [
         ("throughput.py", ["--dataset=mnist", "--variants=tf_function", "--peaks=false"],
@@ -72,9 +68,8 @@ def test_bad_input_is_one_line_with_its_exit_code_not_a_traceback(tmp_path):
           "a folder: give the folder that holds t10k-images-idx3-ubyte.gz and "
           "t10k-labels-idx1-ubyte.gz"]),
     ]:
-        proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *flags,
-                               f"--data_dir={missing}", f"--output_dir={tmp_path / 'out'}"],
-                              capture_output=True, text=True, timeout=300, env=env, cwd=ROOT)
+        proc = run_script(os.path.join("benchmarks", script), *flags, f"--data_dir={missing}",
+                          f"--output_dir={tmp_path / 'out'}")
         assert proc.returncode == 3, proc.stderr[-3000:]
         assert [x for x in proc.stderr.splitlines() if ": error: " in x] == lines
         assert "Traceback" not in proc.stderr
@@ -82,11 +77,8 @@ def test_bad_input_is_one_line_with_its_exit_code_not_a_traceback(tmp_path):
 
 
 def test_throughput_rejects_unknown_variants(tmp_path):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "throughput.py"),
-                           "--variants=warp_drive", f"--output_dir={tmp_path}", "--peaks=false",
-                           "--dataset=synthetic"], capture_output=True, text=True, timeout=200,
-                          env=env)
+    proc = run_script("benchmarks/throughput.py", "--variants=warp_drive",
+                      f"--output_dir={tmp_path}", "--peaks=false", "--dataset=synthetic")
     assert proc.returncode != 0 and "unknown variants ['warp_drive']" in proc.stderr
 
 
@@ -119,9 +111,8 @@ def test_grouped_layout_smoke(tmp_path):
 @pytest.mark.parametrize("entry,message", [("8x14", "expected kind:cin:size:filters:kernel"),
                                            ("dense:8:14:4:4", "unknown kind 'dense'")])
 def test_grouped_layout_rejects_bad_entries(tmp_path, entry, message):
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "grouped_layout.py"),
-                           f"--blocks={entry}", f"--output_dir={tmp_path}"],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT)
+    proc = run_script("benchmarks/grouped_layout.py", f"--blocks={entry}",
+                      f"--output_dir={tmp_path}")
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not list(tmp_path.iterdir())  # nothing written
