@@ -23,8 +23,9 @@ TINY = 1e-9
 
 
 def _config(model_dir, **changes):
-    settings = dict(model="seed", dataset="fontdigits", train_steps=1, epochs=None,
-                    batch_size=32, mode="train", model_dir=str(model_dir))
+    settings = dict(model="seed", dataset="fontdigits", train_split="train[:1024]",
+                    eval_split="test[:256]", train_steps=1, epochs=None, batch_size=32,
+                    mode="train", model_dir=str(model_dir))
     return Config(**{**settings, **changes})
 
 
