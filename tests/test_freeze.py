@@ -15,6 +15,7 @@ import core
 from core.config import Config
 from core.errors import ConfigError
 from layers.autoencoders import register
+from helpers import FONTDIGITS_SLICES
 from test_init_checkpoint import TINY, _files
 
 
@@ -22,9 +23,8 @@ keras = tf.keras
 
 
 def _config(model_dir, **changes):
-    settings = dict(model="seed", dataset="fontdigits", train_split="train[:1024]",
-                    eval_split="test[:256]", train_steps=3, epochs=None, batch_size=32,
-                    mode="train", model_dir=str(model_dir))
+    settings = dict(model="seed", **FONTDIGITS_SLICES, train_steps=3, epochs=None,
+                    batch_size=32, mode="train", model_dir=str(model_dir))
     return Config(**{**settings, **changes})
 
 

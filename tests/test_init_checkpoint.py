@@ -15,7 +15,7 @@ import tensorflow as tf
 import core
 from core.config import Config
 from core.errors import ConfigError
-from helpers import ROOT
+from helpers import FONTDIGITS_SLICES, ROOT
 
 # A learning rate so small that one Adam step (which moves a weight by about the rate)
 # leaves the weights where the checkpoint put them, to 1e-8.
@@ -23,9 +23,8 @@ TINY = 1e-9
 
 
 def _config(model_dir, **changes):
-    settings = dict(model="seed", dataset="fontdigits", train_split="train[:1024]",
-                    eval_split="test[:256]", train_steps=1, epochs=None, batch_size=32,
-                    mode="train", model_dir=str(model_dir))
+    settings = dict(model="seed", **FONTDIGITS_SLICES, train_steps=1, epochs=None,
+                    batch_size=32, mode="train", model_dir=str(model_dir))
     return Config(**{**settings, **changes})
 
 

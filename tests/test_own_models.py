@@ -15,7 +15,7 @@ from core import distribute, losses
 from core.config import Config
 from core.errors import ConfigError
 from core.trainer import Trainer
-from helpers import ROOT, event_tags, run_train, served
+from helpers import FONTDIGITS_SLICES, ROOT, event_tags, run_train, served
 from layers.autoencoders import build_autoencoder, register
 
 keras = tf.keras
@@ -125,10 +125,9 @@ def functional(image_shape):
 def test_registered_models_train_resume_and_evaluate(tmp_path, name, code_shape, setting):
     register("sub", lambda shape: (SubEncoder(), SubDecoder(shape)))
     register("functional", functional)
-    config = Config(model=name, dataset="fontdigits", train_split="train[:1024]",
-                    eval_split="test[:256]", model_dir=str(tmp_path / name), train_steps=10,
-                    epochs=None, batch_size=32, eval_every=10, log_every=5, steps_per_loop=5,
-                    **setting)
+    config = Config(model=name, **FONTDIGITS_SLICES, model_dir=str(tmp_path / name),
+                    train_steps=10, epochs=None, batch_size=32, eval_every=10, log_every=5,
+                    steps_per_loop=5, **setting)
     first = core.run(config)
     assert first["step"] == 10 and np.isfinite([h["loss"] for h in first["history"]]).all()
     resumed = core.run(config.replace(train_steps=15, mode="train"))
@@ -157,8 +156,7 @@ def test_own_model_in_bfloat16_on_a_cpu_is_warned_of_bias_gradients(tmp_path, ca
     """Your own layers stay as written, and TensorFlow's CPU kernel sums an unfused bias's
     gradient in bfloat16: a bfloat16 run without XLA on a CPU says so; float32 does not."""
     register("functional", functional)
-    config = Config(model="functional", dataset="fontdigits", train_split="train[:1024]",
-                    eval_split="test[:256]", model_dir=str(tmp_path / "run"),
+    config = Config(model="functional", **FONTDIGITS_SLICES, model_dir=str(tmp_path / "run"),
                     train_steps=2, epochs=None, batch_size=32, precision=precision)
     with caplog.at_level("WARNING", logger="absl"):
         assert core.run(config)["step"] == 2

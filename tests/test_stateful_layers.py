@@ -14,7 +14,7 @@ from core import distribute
 from core.config import Config
 from core.errors import ConfigError
 from core.trainer import Trainer
-from helpers import served
+from helpers import FONTDIGITS_SLICES, served
 from layers.autoencoders import build_autoencoder, register
 
 keras = tf.keras
@@ -193,8 +193,7 @@ def test_a_resumed_run_with_dropout_and_batchnorm_is_the_uninterrupted_run(tmp_p
                                                                            draws_per_step):
     """The Dropout's seed state is in the checkpoint, so the resumed run draws the masks the
     uninterrupted one did: the same weights and moving statistics, bit for bit."""
-    config = Config(model="bn_dropout", dataset="fontdigits", train_split="train[:1024]",
-                    eval_split="test[:256]", train_steps=12, epochs=None,
+    config = Config(model="bn_dropout", **FONTDIGITS_SLICES, train_steps=12, epochs=None,
                     batch_size=32, eval_every=0, steps_per_loop=6, deterministic=True,
                     model_dir=str(tmp_path / "straight"), **setting)
     core.run(config)
@@ -382,8 +381,7 @@ def test_stateful_random_ops_are_warned_of_as_not_resumable(tmp_path, caplog):
     for name in ("noisy_tf", "noisy_keras"):
         caplog.clear()
         with caplog.at_level("WARNING", logger="absl"):
-            core.run(Config(model=name, dataset="fontdigits", train_split="train[:1024]",
-                            eval_split="test[:256]", train_steps=2, epochs=None,
+            core.run(Config(model=name, **FONTDIGITS_SLICES, train_steps=2, epochs=None,
                             batch_size=16, mode="train", model_dir=str(tmp_path / name)))
         warned[name] = [r.getMessage() for r in caplog.records
                         if "stateful random ops" in r.getMessage()]

@@ -11,7 +11,7 @@ import core
 from core import data
 from core.config import Config
 from core.trainer import Trainer
-from helpers import event_tags, graph_nodes, run_train
+from helpers import FONTDIGITS_SLICES, event_tags, graph_nodes, run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from layers.autoencoders import build_autoencoder, register
 
@@ -127,9 +127,8 @@ def test_deterministic_xla_keeps_xla_for_the_blocks_max_pool_and_repeats_bit_for
     (layers/fast_forms.max_pool), so --deterministic keeps XLA, and two runs are equal to
     the bit. Your own MaxPooling2D trains without XLA, and the log says why. A later run of
     the same process that does not ask for determinism compiles its step with XLA."""
-    settings = dict(dataset="fontdigits", train_split="train[:1024]", eval_split="test[:256]",
-                    train_steps=4, epochs=None, batch_size=16, mode="train", jit_compile=True,
-                    log_every=1, eval_every=4)
+    settings = dict(**FONTDIGITS_SLICES, train_steps=4, epochs=None, batch_size=16,
+                    mode="train", jit_compile=True, log_every=1, eval_every=4)
     runs = []
     for name in ("a", "b"):
         with caplog.at_level("INFO", logger="absl"):
