@@ -45,7 +45,10 @@ def _serve(path):
     while True:
         ready, _, _ = select.select([server, sys.stdin], [], [])
         if sys.stdin in ready and not os.read(sys.stdin.fileno(), 1):
-            os._exit(0)  # the tests' process is gone
+            # The tests' process is gone, perhaps killed before its atexit could remove
+            # the socket's folder: remove it here, or /tmp keeps one per killed run.
+            shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+            os._exit(0)
         if server not in ready:
             continue
         conn, _ = server.accept()
