@@ -73,16 +73,22 @@ MONOTONE = ("relu", "relu6", "elu", "selu", "leaky_relu", "sigmoid", "tanh", "so
             "linear", None)
 
 
-def onednn_convolutions() -> bool:
-    """Whether oneDNN runs this process's convolutions, the only kernels the grouped
-    layout was measured faster on: TensorFlow built with it (the x86 Linux wheels; not
-    ARM or macOS builds), not turned off with TF_ENABLE_ONEDNN_OPTS=0, and no GPU
-    (which would run the convolutions instead)."""
-    from tensorflow.python.util import _pywrap_util_port  # how TensorFlow itself asks
+def onednn_convolutions(dtype: str = "float32") -> bool:
+    """Whether oneDNN runs this process's convolutions in `dtype`, the only kernels the
+    grouped layout was measured faster on (and the only CPU kernels with a grouped
+    convolution's gradient): TensorFlow built with it (the x86 Linux wheels; not ARM or
+    macOS builds), and on (by default only on CPUs with AVX-512 VNNI or BF16 or AMX;
+    elsewhere with TF_ENABLE_ONEDNN_OPTS=1; never with =0); `dtype` one oneDNN computes
+    on this CPU (bfloat16 needs AVX-512: elsewhere TensorFlow's own kernels run it); and
+    no GPU (which would run the convolutions instead)."""
+    from tensorflow.python.util import _pywrap_util_port, _pywrap_utils  # how TensorFlow asks
 
     if os.environ.get("TF_ENABLE_ONEDNN_OPTS", "").strip().lower() in ("0", "false", "off"):
         return False
-    return bool(_pywrap_util_port.IsMklEnabled()) and not tf.config.list_physical_devices("GPU")
+    return (bool(_pywrap_util_port.IsMklEnabled())
+            and bool(_pywrap_utils.IsDataTypeSupportedByOneDNNOnThisCPU(
+                tf.as_dtype(dtype).as_datatype_enum))
+            and not tf.config.list_physical_devices("GPU"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,18 +223,21 @@ def choose(jit_compile: bool, precision: str, onednn: bool | None = None,
     images-as-channels layout where oneDNN runs the convolutions
     (`onednn_convolutions()` unless given), XLA does not compile them (its CPU
     convolutions are not oneDNN's: grouped ones run several times slower there) and the
-    compute dtype is float32 or bfloat16 (`precision`: a Keras dtype policy name)."""
-    onednn = onednn_convolutions() if onednn is None else onednn
+    compute dtype is float32 or bfloat16 (`precision`: a Keras dtype policy name) and,
+    unless `onednn` is given, one oneDNN computes on this CPU."""
     dtype = keras.DTypePolicy(precision).compute_dtype
     if jit_compile and deterministic:
         return (Forms(deterministic_pool=True),
                 "--deterministic with XLA, which has no deterministic form of max-pool's gradient")
-    if not onednn:
+    if not (onednn_convolutions() if onednn is None else onednn):
         why = "oneDNN does not run the convolutions (a GPU, or oneDNN off or absent)"
     elif jit_compile:
         why = "XLA compiles the step, and its CPU convolutions are not oneDNN's"
     elif dtype not in GROUPED_DTYPES:
         why = f"{dtype} was not measured"
+    elif onednn is None and not onednn_convolutions(dtype):
+        why = (f"oneDNN has no {dtype} convolutions on this CPU, which lacks AVX-512, and "
+               "TensorFlow's own have no grouped convolution gradient")
     else:
         return (Forms(few_filters_transposed=True, image_groups=IMAGE_GROUP),
                 f"oneDNN runs the convolutions, without XLA, in {dtype}")

@@ -7,12 +7,20 @@ The suite needs nothing outside the repo: `idx_dir` is a folder of real-format I
 files (MNIST's test-split names and layout) that the session writes, holding
 digits the fontdigits generator draws with another seed than the built-in dataset.
 Checks that need the real MNIST digits live in benchmarks/, which take --data_dir.
+
+oneDNN runs the convolutions in every test process (TF_ENABLE_ONEDNN_OPTS=1, before
+TensorFlow starts, inherited by the processes the tests start): the seam's oneDNN-only
+forms (images as channels, few-filter convs transposed) are tested for real on any x86
+host. TensorFlow's x86 wheels turn oneDNN on by themselves only on CPUs with AVX-512
+VNNI/BF16 or AMX; on an AVX2-only CPU they leave it off, and a grouped convolution has no
+gradient without it. The tests of oneDNN off set TF_ENABLE_ONEDNN_OPTS=0 themselves.
 """
 
 import os
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 

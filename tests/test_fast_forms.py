@@ -17,6 +17,17 @@ from layers import blocks, fast_forms
 from layers.autoencoders import build_autoencoder
 
 GROUP = fast_forms.IMAGE_GROUP
+# Whether oneDNN computes bfloat16 convolutions on this CPU (it needs AVX-512; conftest.py
+# turns oneDNN on). Where it does not, the bfloat16 forms' tests check that the runner does
+# not choose them, and why: TensorFlow's own kernels run those convolutions.
+ONEDNN_BFLOAT16 = fast_forms.onednn_convolutions("bfloat16")
+
+
+def _bfloat16_forms_not_chosen():
+    forms, why = fast_forms.choose(False, "mixed_bfloat16")
+    assert forms.image_groups == 1 and not forms.few_filters_transposed
+    assert why.startswith("oneDNN has no bfloat16 convolutions on this CPU")
+    assert fast_forms.choose(False, "float32")[0].image_groups == GROUP
 
 
 def _value_and_gradients(fn, x, variables):
@@ -124,6 +135,9 @@ def test_few_filter_conv_by_transpose_in_bfloat16():
     conv.build(x.shape)
     conv.set_weights(reference.get_weights())
     assert fast_forms.conv_by_transpose(conv, x).dtype == tf.bfloat16
+    if not ONEDNN_BFLOAT16:  # measured only on oneDNN's kernels, so not chosen here
+        _bfloat16_forms_not_chosen()
+        return
 
     @tf.function  # as training traces it (eagerly, BiasAddGrad happens to sum well)
     def value_and_gradients(fn, layer):
@@ -487,6 +501,11 @@ def test_image_groups_in_bfloat16():
     y_ref, grads_ref = _value_and_gradients(reference, x, reference.trainable_variables)
     fast_forms.install(model, fast_forms.Forms(image_groups=GROUP))
     assert _grouped_convs(tf.function(_model_fn(model)), x) == 7
+    if not ONEDNN_BFLOAT16:  # TensorFlow's own kernels: no grouped gradient, so not chosen
+        with pytest.raises(tf.errors.InvalidArgumentError, match="grouped convolutions"):
+            _value_and_gradients(model, x, model.trainable_variables)
+        _bfloat16_forms_not_chosen()
+        return
     y, grads = _value_and_gradients(model, x, model.trainable_variables)
     scale = float(tf.reduce_max(tf.abs(y_ref)))
     np.testing.assert_allclose(y.numpy(), y_ref.numpy(), atol=0.05 * scale)
@@ -502,13 +521,15 @@ def test_choose_groups_only_where_measured_faster(monkeypatch):
         return fast_forms.choose(*args, **kwargs)[0].image_groups
 
     assert fast_forms.onednn_convolutions()  # the x86 Linux wheel, no GPU: oneDNN runs them
-    assert groups(False, "float32") == groups(False, "mixed_bfloat16") == GROUP
+    assert groups(False, "float32") == groups(False, "mixed_bfloat16", onednn=True) == GROUP
+    assert groups(False, "mixed_bfloat16") == (GROUP if ONEDNN_BFLOAT16 else 1)
     assert groups(False, "mixed_float16") == 1
     assert groups(True, "float32") == 1
     assert groups(False, "float32", onednn=False) == 1  # a GPU
     assert fast_forms.choose(True, "float32")[1].startswith("XLA compiles the step")
     # The few-filter convs transposed: chosen with the layout, and never exported.
-    for args, on in (((False, "float32"), True), ((False, "mixed_bfloat16"), True),
+    for args, on in (((False, "float32"), True), ((False, "mixed_bfloat16", True), True),
+                     ((False, "mixed_bfloat16"), ONEDNN_BFLOAT16),
                      ((False, "mixed_float16"), False), ((True, "float32"), False)):
         assert fast_forms.choose(*args)[0].few_filters_transposed == on
     assert not fast_forms.choose(False, "float32", onednn=False)[0].few_filters_transposed
