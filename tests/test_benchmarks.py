@@ -118,6 +118,20 @@ def test_grouped_layout_rejects_bad_entries(tmp_path, entry, message):
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+def test_grouped_layout_without_onednn_is_one_line(tmp_path):
+    """Where oneDNN is off (by default on a CPU without AVX-512), the grouped layout
+    cannot run: one line that names the setting to change, exit 2, nothing written."""
+    proc = run_script("benchmarks/grouped_layout.py", "--blocks=pool:1:8:4:4",
+                      f"--output_dir={tmp_path}", env={"TF_ENABLE_ONEDNN_OPTS": "0"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "grouped_layout.py: error: the grouped layout needs oneDNN's convolutions "
+        "(TensorFlow's own have no grouped convolution gradient), and this process has them "
+        "off: run with TF_ENABLE_ONEDNN_OPTS=1 (on by default only on CPUs with AVX-512 VNNI "
+        "or BF16 or AMX)")
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 def test_loss_forms_smoke(tmp_path):
     """The script also checks that the three forms agree (value and gradient) before timing."""
     _run("loss_forms.py", f"--output_dir={tmp_path}", "--batch_size=16", "--iterations=1",
