@@ -79,7 +79,10 @@ def test_output_depends_on_input_only_through_the_code():
         out = model.decode_logits(code)
     dec = tape.jacobian(out, code).numpy().reshape(64, -1)
     np.testing.assert_allclose(total, dec @ enc, atol=1e-5 * np.abs(total).max())
-    assert np.linalg.matrix_rank(total, tol=1e-6 * np.abs(total).max()) <= enc.shape[0] == 8
+    # Rank <= the code's 8 numbers: past the 8th, singular values are float32 rounding
+    # (~2e-7 of the largest; oneDNN's sums reach that), where the 8th is ~4e-2 of it.
+    singular = np.linalg.svd(total, compute_uv=False)
+    assert enc.shape[0] == 8 and singular[8] < 1e-4 * singular[0]
 
 
 @pytest.mark.parametrize("jit", [False, True])
