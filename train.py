@@ -21,6 +21,7 @@ import sys
 import core  # imports no TensorFlow
 
 core.quiet_tensorflow()
+core.prefer_onednn()
 
 from absl import app, flags, logging  # noqa: E402
 

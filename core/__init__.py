@@ -5,6 +5,7 @@ Nothing here reads absl flags: `train.py` turns flags into a `Config` and calls
 """
 
 import os
+import platform
 
 from core.config import Config
 from core.errors import ConfigError, DataError, TapeloopError
@@ -17,6 +18,17 @@ def quiet_tensorflow() -> None:
     TF_CPP_MIN_LOG_LEVEL set by the user wins. Importing `core` does not call it."""
     gpu_driver = os.path.exists("/proc/driver/nvidia/version") or os.path.exists("/dev/nvidiactl")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2" if gpu_driver else "3")
+
+
+def prefer_onednn() -> None:
+    """For command-line entry points, before TensorFlow is imported: on x86, oneDNN runs
+    the CPU's convolutions, as TensorFlow itself has it only on CPUs with AVX-512 VNNI or
+    BF16 or AMX. On an AVX2-only CPU it would leave them to its own kernels, where the
+    default job took 3x as long (README, "oneDNN on every x86 CPU") and the
+    images-as-channels layout cannot run. TF_ENABLE_ONEDNN_OPTS set by the user wins
+    (0 turns oneDNN off). Importing `core` does not call it."""
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
 def run(config: Config, given=None, train_actions=(), eval_actions=()) -> dict:

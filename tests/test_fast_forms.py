@@ -4,13 +4,15 @@ chosen, and the runner chooses, logs and records the forms once."""
 
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
 import core
-from conftest import random_images
+from conftest import ROOT, random_images
 from core.config import Config
 from helpers import run_train, served
 from layers import blocks, fast_forms
@@ -570,6 +572,22 @@ def test_with_onednn_off_the_runner_keeps_the_ordinary_layout(tmp_path):
     saved = json.load(open(model_dir / "config.json"))
     assert saved["resolved_forms"].endswith("ordinary layout")
     assert "computation forms: " in proc.stderr and "oneDNN does not run" in proc.stderr
+
+
+def test_train_py_turns_onednn_on_unless_told_otherwise(tmp_path):
+    """train.py sets TF_ENABLE_ONEDNN_OPTS=1 where it is unset (TensorFlow would leave
+    oneDNN off on an AVX2-only CPU): a process started without the variable trains in
+    the images-as-channels layout on any x86 host."""
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    model_dir = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "train.py", "--dataset=fontdigits", "--train_split=train[:256]",
+         "--eval_split=test[:64]", f"--model_dir={model_dir}", "--train_steps=2",
+         "--batch_size=32"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "oneDNN runs the convolutions, without XLA, in float32" in proc.stderr
+    saved = json.load(open(model_dir / "config.json"))
+    assert saved["resolved_forms"].endswith(f"images-as-channels groups of {GROUP}")
 
 
 def test_the_runner_records_the_forms_and_exports_the_portable_ones(tmp_path):
