@@ -113,8 +113,8 @@ def main(argv):
     if not fast_forms.onednn_convolutions():
         raise common.Failed("the grouped layout needs oneDNN's convolutions (TensorFlow's own "
                              "have no grouped convolution gradient), and this process has "
-                             "them off: run with TF_ENABLE_ONEDNN_OPTS=1 (on by default only "
-                             "on CPUs with AVX-512 VNNI or BF16 or AMX)", 2)
+                             "them off (TF_ENABLE_ONEDNN_OPTS=0, or a TensorFlow without "
+                             "oneDNN): unset TF_ENABLE_ONEDNN_OPTS or set it to 1", 2)
     groups = fast_forms.IMAGE_GROUP
     if batch % groups:
         raise app.UsageError(f"--batch_size={FLAGS.batch_size}: each core's share ({batch}) must "

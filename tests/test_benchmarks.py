@@ -119,16 +119,17 @@ def test_grouped_layout_rejects_bad_entries(tmp_path, entry, message):
 
 
 def test_grouped_layout_without_onednn_is_one_line(tmp_path):
-    """Where oneDNN is off (by default on a CPU without AVX-512), the grouped layout
-    cannot run: one line that names the setting to change, exit 2, nothing written."""
+    """Where oneDNN is off (TF_ENABLE_ONEDNN_OPTS=0; the benchmarks turn it on otherwise),
+    the grouped layout cannot run: one line that names the setting to change, exit 2,
+    nothing written."""
     proc = run_script("benchmarks/grouped_layout.py", "--blocks=pool:1:8:4:4",
                       f"--output_dir={tmp_path}", env={"TF_ENABLE_ONEDNN_OPTS": "0"})
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
         "grouped_layout.py: error: the grouped layout needs oneDNN's convolutions "
         "(TensorFlow's own have no grouped convolution gradient), and this process has them "
-        "off: run with TF_ENABLE_ONEDNN_OPTS=1 (on by default only on CPUs with AVX-512 VNNI "
-        "or BF16 or AMX)")
+        "off (TF_ENABLE_ONEDNN_OPTS=0, or a TensorFlow without oneDNN): unset "
+        "TF_ENABLE_ONEDNN_OPTS or set it to 1")
     assert not list(tmp_path.iterdir())  # nothing written
 
 
