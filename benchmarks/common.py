@@ -77,6 +77,24 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+# The vector units that decide a CPU's speed here: oneDNN's float32 kernels with AVX2 or
+# AVX-512, bfloat16 with AVX-512 (BF16 or AMX for native units). Linux /proc/cpuinfo names.
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_features() -> list[str] | None:
+    """Which of CPU_FEATURES this CPU has, or None where /proc/cpuinfo cannot say."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [name for name in CPU_FEATURES if name in flags]
+    except OSError:
+        pass
+    return None
+
+
 def matmul_shape() -> tuple[int, int]:
     """(n, matmuls per timed call) of the peak measurement: on a GPU, 8192x8192 (a 2048 one
     leaves tensor cores idle) and 16 chained matmuls per sync (~0.2 s of work at 100 TFLOP/s,
@@ -130,6 +148,8 @@ def one_core(global_batch: int) -> tuple[int, int]:
 
 
 def machine_context(with_peaks: bool = True) -> dict:
+    from layers import fast_forms
+
     gpus = tf.config.list_physical_devices("GPU")
     device = (tf.config.experimental.get_device_details(gpus[0]).get("device_name", "GPU")
               if gpus else cpu_name())
@@ -141,6 +161,10 @@ def machine_context(with_peaks: bool = True) -> dict:
         "keras": tf.keras.version(),
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),
+        # Whether oneDNN ran the convolutions: 1.3-3x on an AVX2 CPU (README, "oneDNN on
+        # every x86 CPU"), so a table means little without it.
+        "cpu_features": cpu_features(),
+        "onednn": None if gpus else fast_forms.onednn_convolutions("float32"),
     }
     if with_peaks:
         n, inner = matmul_shape()
@@ -433,9 +457,25 @@ def write_report(output_dir: str, name: str, payload: dict, lines: list[str]) ->
     print(f"wrote {json_path} and {md_path}")
 
 
+def _cpu_markdown(context: dict) -> str:
+    """'; AVX2, no AVX-512; oneDNN on' (empty for a report written before they were kept)."""
+    parts = []
+    features = context.get("cpu_features")
+    if features is not None:
+        names = {"avx2": "AVX2", "avx512f": "AVX-512", "avx512_bf16": "AVX512-BF16",
+                 "amx_bf16": "AMX-BF16"}
+        parts.append(", ".join(names[f] for f in features) or "no AVX2")
+        if features and "avx512f" not in features:
+            parts[-1] += ", no AVX-512"
+    if context.get("onednn") is not None:
+        parts.append("oneDNN " + ("on" if context["onednn"] else "off"))
+    return "".join("; " + p for p in parts)
+
+
 def context_markdown(context: dict) -> str:
-    lines = [f"Machine: {context['device']} ({context['device_type']}, {context['cpu_cores']} cores), "
-             f"TensorFlow {context['tensorflow']}, Keras {context['keras']}, {context['date']}."]
+    lines = [f"Machine: {context['device']} ({context['device_type']}, {context['cpu_cores']} cores"
+             f"{_cpu_markdown(context)}), TensorFlow {context['tensorflow']}, "
+             f"Keras {context['keras']}, {context['date']}."]
     peaks = context.get("matmul_peak_flops")
     if peaks:
         method = context.get("matmul_peak_method", {"n": 2048, "tf32": None})

@@ -347,14 +347,34 @@ def test_the_peak_says_how_it_was_measured():
     assert "(TF32 off)" in common.context_markdown(context)
 
 
+def test_a_report_says_the_cpus_vector_units_and_whether_onednn_ran():
+    """A CPU table's rates differ 1.3-3x by oneDNN on an AVX2 CPU (README, "oneDNN on every
+    x86 CPU"): the Machine line says which, and a GPU's says no oneDNN state."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from benchmarks import common
+
+    context = {"device": "AMD EPYC", "device_type": "CPU", "cpu_cores": 2, "tensorflow": "2.21",
+               "keras": "3", "date": "2026-12-04", "cpu_features": ["avx2"], "onednn": True}
+    assert common.context_markdown(context).startswith(
+        "Machine: AMD EPYC (CPU, 2 cores; AVX2, no AVX-512; oneDNN on), TensorFlow 2.21")
+    context.update(cpu_features=["avx2", "avx512f", "avx512_bf16"], onednn=False)
+    assert "(CPU, 2 cores; AVX2, AVX-512, AVX512-BF16; oneDNN off)" in \
+        common.context_markdown(context)
+    context.update(device_type="GPU", cpu_features=None, onednn=None)
+    assert "(GPU, 2 cores), TensorFlow" in common.context_markdown(context)
+
+
 def test_ssim_forms_smoke(tmp_path):
     """The script checks that both SSIM forms agree before timing them."""
     _run("ssim_forms.py", f"--output_dir={tmp_path}", "--shapes=4x28x28x1,2x16x12x3", "--rounds=1")
     rows = json.loads((tmp_path / "ssim_forms.json").read_text())["results"]
     assert len(rows) == 8 and {r["form"] for r in rows} == {"tf.image.ssim", "core.metrics.ssim"}
     assert all(r["min_ms"] <= r["ms"] <= r["max_ms"] for r in rows)
-    assert "| 2x16x12x3 | value and gradient | `core.metrics.ssim` |" in \
-        (tmp_path / "ssim_forms.md").read_text()
+    text = (tmp_path / "ssim_forms.md").read_text()
+    assert "| 2x16x12x3 | value and gradient | `core.metrics.ssim` |" in text
+    # The tests run oneDNN on (conftest), and a benchmark leaves a set variable alone.
+    cpu = json.loads((tmp_path / "ssim_forms.json").read_text())["context"]
+    assert cpu["onednn"] is True and "oneDNN on)" in text.splitlines()[2]
 
 
 def test_norm_forms_smoke(tmp_path):
