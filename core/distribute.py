@@ -425,6 +425,20 @@ def default_precision(compute_capability: tuple[int, int] | None) -> str:
     return "float32"
 
 
+# What a collective op raises on a worker whose partner has stopped or cannot be reached
+# ("Collective ops is aborted by: Socket closed"). Only multi-worker runs take them so.
+LOST_WORKER_ERRORS = (tf.errors.UnavailableError, tf.errors.AbortedError,
+                      tf.errors.CancelledError, tf.errors.DeadlineExceededError)
+
+
+def num_workers(strategy: tf.distribute.Strategy) -> int:
+    """How many worker processes train together: above 1 only under
+    MultiWorkerMirroredStrategy with a cluster."""
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return getattr(strategy.extended, "_num_workers", 1)
+    return 1
+
+
 class AgreedStop:
     """Whether to stop now, agreed by every worker: `signal()` is this process's own stop
     signal (its name, or None); an action of yours may ask too (on the chief, where they
@@ -441,9 +455,8 @@ class AgreedStop:
 
     def __init__(self, strategy: tf.distribute.Strategy, signal):
         self.signal = signal
-        workers = getattr(strategy.extended, "_num_workers", 1)
         self._count = None
-        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and workers > 1:
+        if num_workers(strategy) > 1:
             @tf.function(autograph=False)
             def count(flags):
                 per_replica = strategy.run(lambda: tf.identity(flags))

@@ -51,6 +51,13 @@ class WriteError(TapeloopError):
         super().__init__(f"could not write {what} ({reason}): {then}")
 
 
+class LostWorkerError(TapeloopError):
+    """Another worker of a multi-worker run stopped or cannot be reached, so this one cannot
+    go on alone; the chief's checkpoints are intact. Exit code 8."""
+
+    exit_code = 8
+
+
 class OutOfMemoryError(TapeloopError):
     """A step or an evaluation needed more device memory than there is; the steps trained
     before it were saved first."""

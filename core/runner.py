@@ -31,8 +31,8 @@ from core.checkpoints import Checkpointer, ModelDirLock
 from core import config as config_lib
 from core.config import Config
 from core.controller import Cadence, Controller, format_line
-from core.errors import (CheckpointError, ConfigError, DataError, OutOfMemoryError,
-                         op_error_reason)
+from core.errors import (CheckpointError, ConfigError, DataError, LostWorkerError,
+                         OutOfMemoryError, op_error_reason)
 from core.summaries import Summaries
 from core.trainer import Trainer
 from layers import fast_forms
@@ -960,13 +960,36 @@ def train(run: Run) -> dict:
             train_actions=run.train_actions, eval_actions=run.eval_actions,
             stop_requested=distribute.AgreedStop(run.strategy, stop),
             data_error=functools.partial(_data_error, run))
-        step = controller.train()
+        try:
+            step = controller.train()
+        except distribute.LOST_WORKER_ERRORS as e:
+            if distribute.num_workers(run.strategy) < 2:
+                raise
+            raise _lost_worker(run, e) from None
     signals.interruption_point()
     if run.is_chief:
         run.figures(step, cfg.model_dir)
     evaluations = controller.evaluations
     last = evaluations[-1] if evaluations and evaluations[-1]["step"] == step else {}
     return {**last, "step": step, "history": controller.history, "evaluations": evaluations}
+
+
+def _lost_worker(run: Run, error: Exception) -> LostWorkerError:
+    """The one line for a multi-worker run whose partner died (its collectives aborted):
+    what remains is the chief's latest checkpoint, in the model dir."""
+    try:
+        state = checkpoints.read_state(run.config.model_dir)
+        latest = state.model_checkpoint_path if state else None
+    except (CheckpointError, OSError, tf.errors.OpError):
+        latest = "?"
+    where = ("step 0 (the chief has saved no checkpoint yet)" if latest is None else
+             f"the chief's latest checkpoint, {run.config.model_dir}" if latest == "?" else
+             f"the chief's latest checkpoint, {latest}")
+    return LostWorkerError(
+        f"lost another worker of the cluster in training ({op_error_reason(error)}): it "
+        "stopped or cannot be reached, and its own log says why; the steps after the last "
+        "checkpoint are lost. Fix that, then start every worker again with the same command "
+        f"to resume from {where}")
 
 
 def _data_error(run: Run, step: int, error: Exception, saved: str) -> DataError:

@@ -11,6 +11,7 @@ import threading
 import time
 
 import pytest
+import tensorflow as tf
 
 from helpers import ROOT, run_train
 
@@ -179,6 +180,46 @@ def test_a_stop_signal_to_either_worker_stops_both_at_one_saved_step(tmp_path, i
     for index in range(2):
         assert f"resuming from step {step} towards {step + 10}" in again.log(index)
     assert (model_dir / f"ckpt-{step + 10}.index").exists()
+
+
+@pytest.mark.parametrize("dead", [0, 1], ids=["chief_killed", "worker1_killed"])
+def test_a_worker_that_dies_is_one_line_on_the_other(tmp_path, idx_dir, dead):
+    """SIGKILL to one worker mid-run (a lost machine): the other's next all-reduce aborts,
+    and it exits 8 with one line naming the chief's checkpoint to resume from, which is
+    intact, instead of TensorFlow's traceback."""
+    flags = ["--dataset=mnist", f"--data_dir={idx_dir}", "--train_split=test[:2000]",
+             "--eval_split=test[9000:]", "--log_every=5", "--steps_per_loop=5",
+             "--batch_size=64", "--checkpoint_every_steps=10", "--train_steps=100000"]
+    model_dir = tmp_path / "run"
+    workers = _Workers(model_dir, flags)
+    try:
+        deadline = time.monotonic() + 240
+        while not (model_dir / "ckpt-10.index").exists():
+            assert time.monotonic() < deadline, workers.log(0)[-3000:]
+            assert all(p.poll() is None for p in workers.procs), workers.log(0)[-3000:]
+            time.sleep(0.1)
+        os.kill(workers.procs[dead].pid, signal.SIGKILL)
+        code = workers.procs[1 - dead].wait(timeout=120)
+        workers.readers[1 - dead].join(timeout=30)
+    finally:
+        workers.kill()
+    log = workers.log(1 - dead)
+    assert code == 8, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    last = log.strip().splitlines()[-1]
+    named = re.fullmatch(
+        r"train\.py: error: lost another worker of the cluster in training \(.+\): it stopped "
+        r"or cannot be reached, and its own log says why; the steps after the last checkpoint "
+        r"are lost\. Fix that, then start every worker again with the same command to resume "
+        r"from the chief's latest checkpoint, (\S+)", last)
+    assert named, last
+    # It is the state file's, and whole: its step is the one its name says.
+    state = re.search(r'^model_checkpoint_path: "(.+)"$', (model_dir / "checkpoint").read_text(),
+                      re.M)
+    assert named.group(1) == str(model_dir / state.group(1))
+    reader = tf.train.load_checkpoint(named.group(1))
+    assert f"ckpt-{reader.get_tensor('step/.ATTRIBUTES/VARIABLE_VALUE')}" == \
+        os.path.basename(named.group(1))
 
 
 def test_a_nan_rolls_both_workers_back_together(tmp_path, idx_dir):
