@@ -17,6 +17,7 @@ gradient without it. The tests of oneDNN off set TF_ENABLE_ONEDNN_OPTS=0 themsel
 """
 
 import os
+import subprocess
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -67,6 +68,25 @@ def _cache_dir(tmp_path_factory):
         os.environ.pop("TAPELOOP_CACHE_DIR", None)
     else:
         os.environ["TAPELOOP_CACHE_DIR"] = old
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MB file system (tmpfs), unmounted after the test."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"cannot mount a tmpfs: {mounted.stderr}"
+    yield disk
+    subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+def fill(disk, leave_kb):
+    """Fills `disk` up to `leave_kb` KB free."""
+    st = os.statvfs(disk)
+    with open(disk / "filler", "wb") as f:
+        f.write(bytes(st.f_bavail * st.f_frsize - leave_kb * 1024))
 
 
 def random_images(n=16, shape=(28, 28, 1), seed=0):

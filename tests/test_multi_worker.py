@@ -13,6 +13,7 @@ import time
 import pytest
 import tensorflow as tf
 
+from conftest import fill
 from helpers import ROOT, run_train
 
 
@@ -182,15 +183,18 @@ def test_a_stop_signal_to_either_worker_stops_both_at_one_saved_step(tmp_path, i
     assert (model_dir / f"ckpt-{step + 10}.index").exists()
 
 
-@pytest.mark.parametrize("dead", [0, 1], ids=["chief_killed", "worker1_killed"])
-def test_a_worker_that_dies_is_one_line_on_the_other(tmp_path, idx_dir, dead):
-    """SIGKILL to one worker mid-run (a lost machine): the other's next all-reduce aborts,
-    and it exits 8 with one line naming the chief's checkpoint to resume from, which is
-    intact, instead of TensorFlow's traceback."""
+@pytest.mark.parametrize("how", ["chief_killed", "worker1_killed", "chief_disk_full"])
+def test_a_worker_that_dies_is_one_line_on_the_other(tmp_path, idx_dir, request, how):
+    """SIGKILL to one worker mid-run (a lost machine), or the chief's disk filling up (it
+    exits 5 with its own line): the other's next all-reduce aborts, and it exits 8 with one
+    line naming the chief's checkpoint to resume from, which is intact, instead of
+    TensorFlow's traceback."""
     flags = ["--dataset=mnist", f"--data_dir={idx_dir}", "--train_split=test[:2000]",
              "--eval_split=test[9000:]", "--log_every=5", "--steps_per_loop=5",
              "--batch_size=64", "--checkpoint_every_steps=10", "--train_steps=100000"]
-    model_dir = tmp_path / "run"
+    disk = request.getfixturevalue("small_disk") if how == "chief_disk_full" else tmp_path
+    model_dir = disk / "run"
+    dead = 1 if how == "worker1_killed" else 0
     workers = _Workers(model_dir, flags)
     try:
         deadline = time.monotonic() + 240
@@ -198,9 +202,17 @@ def test_a_worker_that_dies_is_one_line_on_the_other(tmp_path, idx_dir, dead):
             assert time.monotonic() < deadline, workers.log(0)[-3000:]
             assert all(p.poll() is None for p in workers.procs), workers.log(0)[-3000:]
             time.sleep(0.1)
-        os.kill(workers.procs[dead].pid, signal.SIGKILL)
+        if how == "chief_disk_full":
+            fill(disk, 10)
+        else:
+            os.kill(workers.procs[dead].pid, signal.SIGKILL)
         code = workers.procs[1 - dead].wait(timeout=120)
         workers.readers[1 - dead].join(timeout=30)
+        if how == "chief_disk_full":
+            assert workers.procs[0].wait(timeout=60) == 5
+            workers.readers[0].join(timeout=30)
+            assert re.search(r"train\.py: error: could not write the checkpoint at step \d+ in "
+                             r".*\(No space left on device\)", workers.log(0)), workers.log(0)
     finally:
         workers.kill()
     log = workers.log(1 - dead)

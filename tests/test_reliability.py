@@ -21,7 +21,7 @@ from core.config import Config
 from core import prepare
 from core.errors import CheckpointError, ConfigError, WriteError
 from core.summaries import read_scalars
-from conftest import random_images
+from conftest import fill, random_images
 from helpers import ROOT, Notebook, checkpoint_files, event_tags, run_train
 from layers.autoencoders import build_autoencoder
 
@@ -377,25 +377,6 @@ def test_corrupted_and_deleted_checkpoints(tmp_path, idx_dir):
         core.run(_config(tmp_path, idx_dir, train_steps=20))
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 2 MB file system (tmpfs), unmounted after the test."""
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
-                             capture_output=True, text=True)
-    assert mounted.returncode == 0, f"cannot mount a tmpfs: {mounted.stderr}"
-    yield disk
-    subprocess.run(["umount", str(disk)], capture_output=True)
-
-
-def _fill(disk, leave_kb):
-    """Fills `disk` up to `leave_kb` KB free."""
-    st = os.statvfs(disk)
-    with open(disk / "filler", "wb") as f:
-        f.write(bytes(st.f_bavail * st.f_frsize - leave_kb * 1024))
-
-
 def _leftovers(folder):
     return [name for _, dirs, files in os.walk(folder) for name in dirs + files
             if "tmp" in name or "_temp" in name or name.startswith(".write-test")]
@@ -407,7 +388,7 @@ def test_a_full_disk_loses_nothing(small_disk, tmp_path, idx_dir):
     run = small_disk / "run"
     core.run(_config(run, idx_dir))
     before = checkpoint_files(run)
-    _fill(small_disk, 20)  # the run starts; a write after it fails, and the checkpoint too
+    fill(small_disk, 20)  # the run starts; a write after it fails, and the checkpoint too
     with pytest.raises(CheckpointError, match=r"^could not write the checkpoint at step \d+ in "
                        r".*run \(No space left on device\): free space or fix permissions, then "
                        r"rerun to resume from .*run/ckpt-10, which is intact$"):
@@ -415,7 +396,7 @@ def test_a_full_disk_loses_nothing(small_disk, tmp_path, idx_dir):
     assert checkpoint_files(run) == before
     assert _leftovers(run) == []
     os.remove(small_disk / "filler")
-    _fill(small_disk, 20)
+    fill(small_disk, 20)
     with pytest.raises(WriteError, match=r"^could not write the export .*run/export/10 \(No "
                        r"space left on device\): free space or fix permissions, then run the "
                        r"same command again$"):
@@ -424,7 +405,7 @@ def test_a_full_disk_loses_nothing(small_disk, tmp_path, idx_dir):
     assert checkpoint_files(run) == before
 
     os.remove(small_disk / "filler")
-    _fill(small_disk, 0)
+    fill(small_disk, 0)
     with pytest.raises(ConfigError, match=r"is not writable \(No space left on device\): free "
                                           r"space on it, then run the same command again$"):
         core.run(_config(run, idx_dir, train_steps=20))
@@ -453,7 +434,7 @@ def test_a_full_disk_loses_nothing(small_disk, tmp_path, idx_dir):
 
     # A new run whose first checkpoint does not fit: nothing of it is left, state file or not.
     shutil.rmtree(run)
-    _fill(small_disk, 20)
+    fill(small_disk, 20)
     with pytest.raises(CheckpointError, match=r"^could not write the checkpoint at step \d+ in "
                        r".*run \(No space left on device\): free space or fix permissions, then "
                        r"run the same command again \(the run had saved no checkpoint yet\)$"):
