@@ -979,12 +979,10 @@ def _lost_worker(run: Run, error: Exception) -> LostWorkerError:
     what remains is the chief's latest checkpoint, in the model dir."""
     try:
         state = checkpoints.read_state(run.config.model_dir)
-        latest = state.model_checkpoint_path if state else None
-    except (CheckpointError, OSError, tf.errors.OpError):
-        latest = "?"
-    where = ("step 0 (the chief has saved no checkpoint yet)" if latest is None else
-             f"the chief's latest checkpoint, {run.config.model_dir}" if latest == "?" else
-             f"the chief's latest checkpoint, {latest}")
+        where = (f"the chief's latest checkpoint, {state.model_checkpoint_path}" if state else
+                 "step 0 (the chief has saved no checkpoint yet)")
+    except (CheckpointError, OSError, tf.errors.OpError):  # the model dir is lost too
+        where = f"the chief's latest checkpoint in {run.config.model_dir}"
     return LostWorkerError(
         f"lost another worker of the cluster in training ({op_error_reason(error)}): it "
         "stopped or cannot be reached, and its own log says why; the steps after the last "
