@@ -66,15 +66,20 @@ def run(main) -> None:
     app.run(main_with_errors)
 
 
-def cpu_name() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The first `field` line's value in Linux's /proc/cpuinfo, or None."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    return None
+
+
+def cpu_name() -> str:
+    return _cpuinfo("model name") or platform.processor() or "unknown CPU"
 
 
 # The vector units that decide a CPU's speed here: oneDNN's float32 kernels with AVX2 or
@@ -84,15 +89,8 @@ CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 def cpu_features() -> list[str] | None:
     """Which of CPU_FEATURES this CPU has, or None where /proc/cpuinfo cannot say."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return [name for name in CPU_FEATURES if name in flags]
-    except OSError:
-        pass
-    return None
+    flags = _cpuinfo("flags")
+    return None if flags is None else [name for name in CPU_FEATURES if name in flags.split()]
 
 
 def matmul_shape() -> tuple[int, int]:
