@@ -32,7 +32,7 @@ from core import config as config_lib
 from core.config import Config
 from core.controller import Cadence, Controller, format_line
 from core.errors import (CheckpointError, ConfigError, DataError, LostWorkerError,
-                         OutOfMemoryError, op_error_reason)
+                         OutOfMemoryError, Preempted, TapeloopError, op_error_reason)
 from core.summaries import Summaries
 from core.trainer import Trainer
 from layers import fast_forms
@@ -966,6 +966,12 @@ def train(run: Run) -> dict:
             if distribute.num_workers(run.strategy) < 2:
                 raise
             raise _lost_worker(run, e) from None
+        except TapeloopError as e:  # this worker's own failure: the others stop too (exit 8)
+            workers = distribute.num_workers(run.strategy)
+            if workers >= 2 and not isinstance(e, Preempted):  # a stop is agreed by all
+                e.args = (f"{e}; this was one worker of {workers}: start every worker again "
+                          "with the same command",)
+            raise
     signals.interruption_point()
     if run.is_chief:
         run.figures(step, cfg.model_dir)
