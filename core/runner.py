@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Collection, Sequence
@@ -323,7 +325,7 @@ class Run:
         # Every check has passed: only now does anything touch the disk.
         self.output_dir = config.model_dir
         if not self.is_chief:  # other workers' saves and summaries are thrown away
-            self.output_dir = tempfile.mkdtemp(prefix=f"tapeloop-{distribute.task_id(self.strategy)}-")
+            self.output_dir = _worker_dir(config.model_dir, distribute.task_id(self.strategy))
         process.prepare_model_dir(config.model_dir)
         # A continuous evaluation runs beside the training run that holds the lock.
         self.lock = (ModelDirLock(config.model_dir)
@@ -978,6 +980,21 @@ def train(run: Run) -> dict:
     evaluations = controller.evaluations
     last = evaluations[-1] if evaluations and evaluations[-1]["step"] == step else {}
     return {**last, "step": step, "history": controller.history, "evaluations": evaluations}
+
+
+def _worker_dir(model_dir: str, task: str) -> str:
+    """A non-chief worker's local dir for the checkpoints and summaries it throws away (Run.close
+    removes it). One per model dir and task, so that the dir of a worker killed before it
+    could remove it (SIGKILL, a lost machine: a checkpoint of the whole model) is removed
+    when that worker starts again, instead of staying in /tmp for good."""
+    key = hashlib.sha256(model_dir.encode()).hexdigest()[:12]
+    path = os.path.join(tempfile.gettempdir(), f"tapeloop-{task}-{key}")
+    if os.path.lexists(path):
+        shutil.rmtree(path)
+        logging.info("removed %s, which an earlier run of this worker left", path)
+    os.mkdir(path, 0o700)  # fails, rather than writes into it, if another process made it
+    logging.info("this worker's checkpoints and summaries go to %s, removed at the end", path)
+    return path
 
 
 def _lost_worker(run: Run, error: Exception) -> LostWorkerError:

@@ -228,6 +228,9 @@ def test_a_worker_that_dies_is_one_line_on_the_other(tmp_path, idx_dir, request,
         r"are lost\. Fix that, then start every worker again with the same command to resume "
         r"from the chief's latest checkpoint, (\S+)", last)
     assert named, last
+    if dead == 0:  # worker 1 survived: its temporary dir (a checkpoint or two) is gone
+        temp = re.search(r"removed this worker's temporary dir (\S+)", log)
+        assert temp and not os.path.exists(temp.group(1)), log[-3000:]
     # It is the state file's, and whole: its step is the one its name says.
     state = re.search(r'^model_checkpoint_path: "(.+)"$', (model_dir / "checkpoint").read_text(),
                       re.M)
@@ -235,6 +238,22 @@ def test_a_worker_that_dies_is_one_line_on_the_other(tmp_path, idx_dir, request,
     reader = tf.train.load_checkpoint(named.group(1))
     assert f"ckpt-{reader.get_tensor('step/.ATTRIBUTES/VARIABLE_VALUE')}" == \
         os.path.basename(named.group(1))
+    if dead == 1:
+        # The killed worker could not remove its temporary dir (a checkpoint of the model);
+        # started again as the line says, it removes it, and both resume from the chief's.
+        left = re.search(r"checkpoints and summaries go to (\S+),", workers.log(1)).group(1)
+        assert os.path.isdir(left)
+        step = int(named.group(1).rsplit("-", 1)[1])
+        again = _Workers(model_dir, [*flags[:-1], f"--train_steps={step + 5}"])
+        try:
+            codes = again.wait(timeout=240)
+        finally:
+            again.kill()
+        assert codes == [0, 0], again.log(0)[-2000:] + again.log(1)[-2000:]
+        assert f"removed {left}, which an earlier run of this worker left" in again.log(1)
+        for index in range(2):
+            assert f"resuming from step {step} towards {step + 5}" in again.log(index)
+        assert not os.path.exists(left)
 
 
 def test_a_nan_rolls_both_workers_back_together(tmp_path, idx_dir):
