@@ -479,8 +479,10 @@ class Run:
         if source.kind != "memory":
             logging.info("%s %s: %s", self.config.dataset, spec, source.describe_decoding())
         if opened.upscaled:
-            logging.info("%d images of %s are smaller than %s and are upscaled", opened.upscaled,
-                         spec, "x".join(map(str, source.image_shape[:2])))
+            one = opened.upscaled == 1
+            logging.info("%d image%s of %s %s smaller than %s and upscaled", opened.upscaled,
+                         "" if one else "s", spec, "is" if one else "are",
+                         "x".join(map(str, source.image_shape[:2])))
         return source
 
     def _check_model(self, inference: bool) -> None:
