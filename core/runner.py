@@ -973,8 +973,8 @@ def train(run: Run) -> dict:
         except TapeloopError as e:  # this worker's own failure: the others stop too (exit 8)
             workers = distribute.num_workers(run.strategy)
             if workers >= 2 and not isinstance(e, Preempted):  # a stop is agreed by all
-                e.args = (f"{e}; this was one worker of {workers}: start every worker again "
-                          "with the same command",)
+                e.args = (f"{e}; this was one worker of {workers}, and the others stop too: "
+                          "start every worker again, all with the same flags",)
             raise
     signals.interruption_point()
     if run.is_chief:

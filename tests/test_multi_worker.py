@@ -213,9 +213,9 @@ def test_a_worker_that_dies_is_one_line_on_the_other(tmp_path, idx_dir, request,
             workers.readers[0].join(timeout=30)
             # Its own line says to restart every worker, not just itself: the others stop.
             assert re.search(r"train\.py: error: could not write the checkpoint at step \d+ in "
-                             r".*\(No space left on device\).*; this was one worker of 2: start "
-                             r"every worker again with the same command$", workers.log(0),
-                             re.M), workers.log(0)
+                             r".*\(No space left on device\).*; this was one worker of 2, and the "
+                             r"others stop too: start every worker again, all with the same flags$",
+                             workers.log(0), re.M), workers.log(0)
     finally:
         workers.kill()
     log = workers.log(1 - dead)
