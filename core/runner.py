@@ -964,14 +964,14 @@ def train(run: Run) -> dict:
             train_actions=run.train_actions, eval_actions=run.eval_actions,
             stop_requested=distribute.AgreedStop(run.strategy, stop),
             data_error=functools.partial(_data_error, run))
+        workers = distribute.num_workers(run.strategy)
         try:
             step = controller.train()
         except distribute.LOST_WORKER_ERRORS as e:
-            if distribute.num_workers(run.strategy) < 2:
+            if workers < 2:
                 raise
             raise _lost_worker(run, e) from None
         except TapeloopError as e:  # this worker's own failure: the others stop too (exit 8)
-            workers = distribute.num_workers(run.strategy)
             if workers >= 2 and not isinstance(e, Preempted):  # a stop is agreed by all
                 e.args = (f"{e}; this was one worker of {workers}, and the others stop too: "
                           "start every worker again, all with the same flags",)
