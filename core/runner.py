@@ -34,7 +34,8 @@ from core import config as config_lib
 from core.config import Config
 from core.controller import Cadence, Controller, format_line
 from core.errors import (CheckpointError, ConfigError, DataError, LostWorkerError,
-                         OutOfMemoryError, Preempted, TapeloopError, op_error_reason)
+                         OutOfMemoryError, Preempted, TapeloopError, WriteError,
+                         op_error_reason)
 from core.summaries import Summaries
 from core.trainer import Trainer
 from layers import fast_forms
@@ -990,11 +991,22 @@ def _worker_dir(model_dir: str, task: str) -> str:
     could remove it (SIGKILL, a lost machine: a checkpoint of the whole model) is removed
     when that worker starts again, instead of staying in /tmp for good."""
     key = hashlib.sha256(model_dir.encode()).hexdigest()[:12]
-    path = os.path.join(tempfile.gettempdir(), f"tapeloop-{task}-{key}")
-    if os.path.lexists(path):
-        shutil.rmtree(path)
-        logging.info("removed %s, which an earlier run of this worker left", path)
-    os.mkdir(path, 0o700)  # fails, rather than writes into it, if another process made it
+    user = f"{os.getuid()}-" if hasattr(os, "getuid") else ""  # no other user's dir in the way
+    path = os.path.join(tempfile.gettempdir(), f"tapeloop-{task}-{user}{key}")
+    try:
+        if os.path.lexists(path):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+                logging.info("removed %s, which an earlier run of this worker left", path)
+            else:  # removed, never followed
+                os.unlink(path)
+                logging.info("removed %s, a symlink or file in the way of this worker's dir",
+                             path)
+        os.mkdir(path, 0o700)  # fails, rather than writes into it, if another process made it
+    except OSError as e:
+        raise WriteError(f"this worker's temporary dir {path}", e.strerror or str(e),
+                         "remove it, or set TMPDIR to a folder of your own, then start every "
+                         "worker again") from e
     logging.info("this worker's checkpoints and summaries go to %s, removed at the end", path)
     return path
 

@@ -172,6 +172,14 @@ def test_a_stop_signal_to_either_worker_stops_both_at_one_saved_step(tmp_path, i
     assert (model_dir / f"ckpt-{step}.index").exists()
     assert "Traceback" not in logs[0] + logs[1]
 
+    # Worker 1's temporary dir is its user's (the uid in its name), and a symlink planted
+    # where it goes is removed, not followed: the folder it points to keeps its file.
+    temp = re.search(r"checkpoints and summaries go to (\S+),", logs[1]).group(1)
+    assert f"tapeloop-worker1-{os.getuid()}-" in temp and not os.path.exists(temp)
+    decoy = tmp_path / "decoy"
+    decoy.mkdir()
+    (decoy / "keep.txt").write_text("mine")
+    os.symlink(decoy, temp)
     again = _Workers(model_dir, [*flags, f"--train_steps={step + 10}"])
     try:
         codes = again.wait(timeout=240)
@@ -181,6 +189,8 @@ def test_a_stop_signal_to_either_worker_stops_both_at_one_saved_step(tmp_path, i
     for index in range(2):
         assert f"resuming from step {step} towards {step + 10}" in again.log(index)
     assert (model_dir / f"ckpt-{step + 10}.index").exists()
+    assert f"removed {temp}, a symlink or file in the way of this worker's dir" in again.log(1)
+    assert (decoy / "keep.txt").read_text() == "mine" and not os.path.lexists(temp)
 
 
 @pytest.mark.parametrize("how", ["chief_killed", "worker1_killed", "chief_disk_full"])
