@@ -6,6 +6,7 @@ import json
 import math
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -729,6 +730,17 @@ def test_tfrecord_order_is_a_function_of_seed_and_epoch_and_resumes_exactly(tmp_
 
 
 # -------------------------------------------------------------------- tfds
+@pytest.fixture
+def tfds_temp(tmp_path, monkeypatch):
+    """Python's temp dir inside tmp_path: TFDS 4.9.10 makes an empty `tmpXXXXtfds` there for
+    each builder of an unprepared dataset (`DatasetInfo.initialize_from_bucket`, before it
+    finds GCS disabled) and never removes it; the tests' five stayed in /tmp for good."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    return temp
+
+
 def tfds_from_files(root, data_dir, splits=("train", "test"), name="local_pets"):
     """A real TFDS dataset, prepared by a TFDS builder from the PNG files under `root`."""
     import tensorflow_datasets as tfds
@@ -748,7 +760,7 @@ def tfds_from_files(root, data_dir, splits=("train", "test"), name="local_pets")
     builder.download_and_prepare()
 
 
-def test_tfds_dataset_with_an_image_and_a_mask_trains_on_the_one_named(tmp_path, caplog):
+def test_tfds_dataset_with_an_image_and_a_mask_trains_on_the_one_named(tmp_path, caplog, tfds_temp):
     """A TFDS dataset with two Image features (oxford_iiit_pet's image and
     segmentation_mask): `image` by default (it was "the first", which read back was the
     mask), with a log line naming the other and the flag; --image_feature picks the other;
@@ -799,7 +811,7 @@ def test_tfds_dataset_with_an_image_and_a_mask_trains_on_the_one_named(tmp_path,
                            image_feature="right").source.image_shape == (24, 32, 3)
 
 
-def test_tfds_dataset_from_local_files(tmp_path):
+def test_tfds_dataset_from_local_files(tmp_path, tfds_temp):
     arrays = png_tree(str(tmp_path / "imgs"))
     tfds_from_files(tmp_path / "imgs", tmp_path / "tfds")
     folder = data.materialize(data.open_split("train", "folder", str(tmp_path / "imgs")).source)
@@ -833,7 +845,7 @@ def test_tfds_dataset_from_local_files(tmp_path):
         "train", "test")
 
 
-def test_tfds_default_eval_split_is_the_held_out_one_it_has(tmp_path):
+def test_tfds_default_eval_split_is_the_held_out_one_it_has(tmp_path, tfds_temp):
     """Imagenette has train and validation, tf_flowers only train: a run without
     --eval_split evaluates on validation, or on train[90%:], not on a missing test."""
     png_tree(str(tmp_path / "imgs"), splits=(("train", 20), ("validation", 4)))
