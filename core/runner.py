@@ -15,6 +15,7 @@ import functools
 import glob
 import hashlib
 import json
+import logging as std_logging
 import os
 import re
 import shutil
@@ -64,6 +65,28 @@ MAX_DEFAULT_SIDE = 512  # a larger first image needs --image_size: photos are 10
 LONG_FOLDER_CHECK_SECONDS = 60.0  # a folder opened this slowly logs how to start faster
 SERVICE_WAIT_SECONDS = 60.0  # how long a --tf_data_service dispatcher may take to come up
 
+
+
+class _OneTracePerRun(std_logging.Filter):
+    """Drops TensorFlow's "N out of the last M calls to F triggered tf.function retracing"
+    for the functions every Run builds anew: its training loop, evaluation batch,
+    device-data reorder and figure reconstruction. TensorFlow counts the traces of every
+    tf.function made from the same code together (tensorflow/tensorflow#42441, which it
+    calls expected), so from the fifth run in one process (a sweep in a notebook) each new
+    Run's first trace of its own model read as excessive retracing, for no fault of the
+    user's. A retrace within one run is what that warning is for; the tests count them
+    (`Trainer.train_traces`). Other functions' warnings pass."""
+
+    PER_RUN = ("Trainer._train_loop_body", "Trainer._eval_batch_body", "DeviceData.reorder.",
+               "Run.reconstruct.")
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not ("triggered tf.function retracing" in message
+                    and any(name in message for name in self.PER_RUN))
+
+
+std_logging.getLogger("tensorflow").addFilter(_OneTracePerRun())
 
 def _smaller_size(height: int, width: int, long_side: int = 256) -> tuple[int, int]:
     """(H, W) with the long side `long_side` and the aspect kept, sides multiples of 16."""

@@ -11,7 +11,7 @@ import core
 from core import data
 from core.config import Config
 from core.trainer import Trainer
-from helpers import FONTDIGITS_SLICES, event_tags, graph_nodes, run_train
+from helpers import FONTDIGITS_SLICES, ROOT, event_tags, graph_nodes, run_script, run_train
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from layers.autoencoders import build_autoencoder, register
 
@@ -249,3 +249,38 @@ def test_vae_reports_kl_and_elbo_and_draws_samples(tmp_path, idx_dir):
     assert result["elbo"] == pytest.approx(-(28 * 28 * result["bce"] + result["kl"]), rel=1e-5)
     tags = event_tags(os.path.join(config.model_dir, "eval"))
     assert {"kl", "elbo"} <= set(tags)
+
+
+_SWEEP = """
+import sys
+
+sys.path.insert(0, sys.argv[1])
+import tensorflow as tf
+
+import core
+
+for i in range(6):  # a sweep in a notebook: six runs in one process
+    config = core.Config(dataset="synthetic", synthetic_shape=(8, 8, 1), batch_size=16,
+                         train_split="train[:256]", eval_split="test[:32]",
+                         train_steps=4, epochs=None, eval_every=2, data_on_device=True,
+                         model_dir=f"{sys.argv[2]}/run{i}", mode="train_and_eval")
+    print("evaluated", len(core.run(config)["evaluations"]), flush=True)
+mine = tf.function(lambda x: x + 1)  # the user's own function, retraced on every call
+for n in range(1, 7):
+    mine(tf.zeros([n]))
+"""
+
+
+def test_a_sweep_of_runs_in_one_process_warns_of_no_retracing(tmp_path):
+    """TensorFlow counts the traces of all tf.functions made from the same code together:
+    each new run's own training loop, evaluation, device-data reorder and figure
+    reconstruction, traced once, would read as excessive retracing from the fifth run on.
+    Only those warnings are dropped; a user's own function that retraces still warns."""
+    script = tmp_path / "sweep.py"
+    script.write_text(_SWEEP)
+    proc = run_script(str(script), ROOT, str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("evaluated 2") == 6
+    retracing = [line for line in proc.stderr.splitlines() if "triggered tf.function retracing" in line]
+    assert retracing and all("calls to <function <lambda> at" in line for line in retracing), \
+        retracing
