@@ -66,7 +66,6 @@ LONG_FOLDER_CHECK_SECONDS = 60.0  # a folder opened this slowly logs how to star
 SERVICE_WAIT_SECONDS = 60.0  # how long a --tf_data_service dispatcher may take to come up
 
 
-
 class _OneTracePerRun(std_logging.Filter):
     """Drops TensorFlow's "N out of the last M calls to F triggered tf.function retracing"
     for the functions every Run builds anew: its training loop, evaluation batch,
@@ -87,6 +86,7 @@ class _OneTracePerRun(std_logging.Filter):
 
 
 std_logging.getLogger("tensorflow").addFilter(_OneTracePerRun())
+
 
 def _smaller_size(height: int, width: int, long_side: int = 256) -> tuple[int, int]:
     """(H, W) with the long side `long_side` and the aspect kept, sides multiples of 16."""
