@@ -124,17 +124,23 @@ def test_sigterm_exits_75_when_stderr_is_a_closed_pipe(tmp_path, idx_dir):
     assert tf.train.latest_checkpoint(str(tmp_path))
 
 
-def test_second_signal_exits_at_once_even_inside_a_long_loop(tmp_path, idx_dir):
-    """A loop of 3000 steps takes many seconds; the second SIGINT must not wait for it."""
+def test_second_signal_exits_at_once_even_inside_a_long_loop(tmp_path, tmp_path_factory,
+                                                              idx_dir):
+    """A loop of 3000 steps takes many seconds; the second SIGINT must not wait for it. The
+    exit skips Python's atexit handlers, yet leaves none of AutoGraph's temporary files."""
     first = run_train(*_flags(idx_dir, tmp_path, 20, "--model=denoiser"))
     assert first.returncode == 0, first.stderr[-2000:]
     before = checkpoint_files(tmp_path)
+    temp = tmp_path_factory.mktemp("temp")  # the run's temporary dir (Python's tempfile)
     proc = _start(_flags(idx_dir, tmp_path, 20_000, "--steps_per_loop=3000",
-                         "--model=denoiser", "--log_every=3000"))
+                         "--model=denoiser", "--log_every=3000",
+                         "--nodata_on_device"),  # tf.data's map functions: AutoGraph's
+                   env={"TMPDIR": str(temp)})
     for line in proc.stderr:  # the first step ran alone: the long loop starts now
         if "compiled in" in line:
             break
     time.sleep(1.0)
+    assert list(temp.glob("__autograph_generated_file*.py"))  # the functions it converted
     proc.send_signal(signal.SIGINT)
     acknowledged = proc.stderr.readline()
     proc.send_signal(signal.SIGINT)
@@ -145,6 +151,7 @@ def test_second_signal_exits_at_once_even_inside_a_long_loop(tmp_path, idx_dir):
     assert proc.returncode == 128 + signal.SIGINT, err[-2000:]
     assert "second signal (SIGINT): exiting now" in err and "train | step" not in err
     assert checkpoint_files(tmp_path) == before  # the last complete checkpoint, intact
+    assert not list(temp.glob("__autograph_generated_file*"))
     resumed = run_train(*_flags(idx_dir, tmp_path, 25, "--model=denoiser"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "(step 20)" in resumed.stderr
@@ -677,3 +684,40 @@ def test_a_signal_exits_when_stderr_is_a_closed_pipe():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_an_exit_on_a_signal_leaves_no_autograph_files(tmp_path):
+    """AutoGraph writes each function it converts (a tf.data map's, say) to a temporary
+    `__autograph_generated_file*.py`, which an atexit handler removes; the exit on a
+    signal (`os._exit`) skips atexit, and every Ctrl-C outside training left a few in
+    /tmp. Now they are removed before the exit."""
+    script = tmp_path / "script.py"  # a file: AutoGraph reads the function's source
+    script.write_text(f"import sys; sys.path.insert(0, {ROOT!r})\n"
+                      "import time\n"
+                      "import tensorflow as tf\n"
+                      "from core import signals\n"
+                      "def double_past_one(x):\n"
+                      "    return x * 2 if x > 1 else x\n"
+                      "with signals.ExitOnSignals('stopped by {signal}'):\n"
+                      "    ds = tf.data.Dataset.range(4).map(double_past_one)\n"
+                      "    print('ready', [int(x) for x in ds], file=sys.stderr,\n"
+                      "          flush=True)\n"
+                      "    while True:\n"
+                      "        time.sleep(0.1)\n")
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, TMPDIR=str(temp), TF_CPP_MIN_LOG_LEVEL="2"))
+    try:
+        for line in proc.stderr:
+            if line.startswith("ready"):
+                break
+        assert line.strip() == "ready [0, 1, 4, 6]"  # AutoGraph converted the `if`
+        assert list(temp.glob("__autograph_generated_file*.py"))
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "stopped by SIGTERM" in proc.stderr.read()
+    assert not list(temp.glob("__autograph_generated_file*"))
