@@ -268,6 +268,7 @@ for i in range(6):  # a sweep in a notebook: six runs in one process
 mine = tf.function(lambda x: x + 1)  # the user's own function, retraced on every call
 for n in range(1, 7):
     mine(tf.zeros([n]))
+tf.get_logger().warning("a warning of the script's own")
 """
 
 
@@ -275,7 +276,9 @@ def test_a_sweep_of_runs_in_one_process_warns_of_no_retracing(tmp_path):
     """TensorFlow counts the traces of all tf.functions made from the same code together:
     each new run's own training loop, evaluation, device-data reorder and figure
     reconstruction, traced once, would read as excessive retracing from the fifth run on.
-    Only those warnings are dropped; a user's own function that retraces still warns."""
+    Only those warnings are dropped; a user's own function that retraces still warns, and
+    once: TensorFlow's logger, given a handler of its own when imported before logging was
+    configured, printed every warning twice after absl configured the root logger."""
     script = tmp_path / "sweep.py"
     script.write_text(_SWEEP)
     proc = run_script(str(script), ROOT, str(tmp_path))
@@ -284,3 +287,5 @@ def test_a_sweep_of_runs_in_one_process_warns_of_no_retracing(tmp_path):
     retracing = [line for line in proc.stderr.splitlines() if "triggered tf.function retracing" in line]
     assert retracing and all("calls to <function <lambda> at" in line for line in retracing), \
         retracing
+    assert len(set(retracing)) == len(retracing), retracing
+    assert proc.stderr.count("a warning of the script's own") == 1, proc.stderr[-3000:]
