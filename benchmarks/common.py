@@ -56,6 +56,7 @@ def run(main) -> None:
     from absl import app
 
     def main_with_errors(argv):
+        core.one_copy_of_tensorflow_logs()  # TensorFlow was imported before app.run's handler
         try:
             return main(argv)
         except TapeloopError as e:

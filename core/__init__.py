@@ -31,6 +31,28 @@ def prefer_onednn() -> None:
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
+def one_copy_of_tensorflow_logs() -> None:
+    """Leaves TensorFlow's log records to the root logger's handlers, configuring those as
+    absl's first log line would. TensorFlow gives its logger a handler of its own when it
+    is imported before the root logger has one (a notebook, a script, a benchmark that
+    imports it before `app.run`); once absl configures the root logger
+    (`logging.basicConfig()` at its first line, or its own handler in `app.run`), every
+    TensorFlow record printed twice, once by each (tensorflow/tensorflow#8023, which
+    TensorFlow calls intended for a root logger configured later). TensorFlow's own rule is
+    to add no handler when the root logger has one; this restores it. Its handler is the
+    plain StreamHandler with logging's basic format that it adds; any other handler on its
+    logger stays. `core.run` calls it."""
+    import logging
+
+    if not logging.getLogger().handlers:
+        logging.basicConfig()
+    tensorflow = logging.getLogger("tensorflow")
+    for handler in list(tensorflow.handlers):
+        if (type(handler) is logging.StreamHandler and handler.formatter is not None
+                and handler.formatter._fmt == logging.BASIC_FORMAT):
+            tensorflow.removeHandler(handler)
+
+
 def run(config: Config, given=None, train_actions=(), eval_actions=()) -> dict:
     """Runs `config.mode` (train, train_and_eval, eval, export); returns the final metrics.
 

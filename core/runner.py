@@ -27,6 +27,7 @@ from absl import logging
 import numpy as np
 import tensorflow as tf
 
+import core
 from core import actions as actions_lib
 from core import augment, checkpoints, data, distribute, losses, plots, process, schedules, signals
 from core import summaries as summaries_lib
@@ -87,25 +88,6 @@ class _OneTracePerRun(std_logging.Filter):
 
 std_logging.getLogger("tensorflow").addFilter(_OneTracePerRun())
 
-
-def _one_copy_of_tensorflow_logs() -> None:
-    """Leaves TensorFlow's log records to the root logger's handlers, configuring those as
-    absl's first log line would. TensorFlow gives its logger a handler of its own when
-    it is imported before the root logger has one (a notebook, a script); absl then
-    configures the root logger (`logging.basicConfig()`) at the run's first line, and from
-    there every TensorFlow warning printed twice, once by each (tensorflow/tensorflow#8023,
-    which TensorFlow calls intended for a root logger configured later). TensorFlow's own
-    rule is to add no handler when the root logger has one; this restores it. Its handler
-    is the plain StreamHandler with logging's basic format that it adds; any other
-    handler on its logger stays."""
-    root = std_logging.getLogger()
-    if not root.handlers:
-        std_logging.basicConfig()
-    tensorflow = std_logging.getLogger("tensorflow")
-    for handler in list(tensorflow.handlers):
-        if (type(handler) is std_logging.StreamHandler and handler.formatter is not None
-                and handler.formatter._fmt == std_logging.BASIC_FORMAT):
-            tensorflow.removeHandler(handler)
 
 
 def _smaller_size(height: int, width: int, long_side: int = 256) -> tuple[int, int]:
@@ -1244,7 +1226,7 @@ def run(config: Config, given: Collection[str] | None = None,
     """
     from core.sources import reachable, utf8_names
 
-    _one_copy_of_tensorflow_logs()
+    core.one_copy_of_tensorflow_logs()
     for flag, path in (("--model_dir", config.model_dir), ("--data_dir", config.data_dir),
                        ("--init_checkpoint", config.init_checkpoint),
                        ("--checkpoint", config.checkpoint if config.checkpoint != "best" else None),

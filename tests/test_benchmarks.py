@@ -52,6 +52,9 @@ def test_throughput_smoke(tmp_path, mnist_flags):
     # 3x the forward convolutions (861,184 FLOPs), less the first one's input gradient.
     assert report["config"]["train_flops_per_example"] == 3 * 861_184 - 200_704
     assert "| `sharded_device_32` | float32 | per_core |" in (tmp_path / "throughput.md").read_text()
+    # TensorFlow's records (MirroredStrategy's "Reduce to ...") print once, by absl's handler:
+    # TensorFlow, imported before app.run, had given its logger a handler of its own too.
+    assert "cross_device_ops.py" in proc.stderr and "INFO:tensorflow:" not in proc.stderr
 
 
 def test_bad_input_is_one_line_with_its_exit_code_not_a_traceback(tmp_path):
