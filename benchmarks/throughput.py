@@ -307,7 +307,7 @@ def worker_main(setting: str, names: list[str]) -> None:
     """Builds and compiles `names` under one thread setting, then times one round of all
     of them per 'round' line on stdin, until 'exit'."""
     sys.stdout = sys.stderr  # keep stdout for the protocol
-    from core import data, distribute
+    from core import data, distribute, signals
 
     distribute.set_cpu_threads(*THREADS[setting])
     if setting == "deterministic":
@@ -338,10 +338,10 @@ def worker_main(setting: str, names: list[str]) -> None:
             rates[name] = steps * batch / seconds
             step_times[name] = seconds / steps
         _send({"rates": rates, "step_times": step_times})
-    # Exit at once: interpreter shutdown can hang on the distributed iterators' threads,
-    # and there is nothing left to clean up.
+    # Exit at once: interpreter shutdown can hang on the distributed iterators' threads.
+    # exit_now removes AutoGraph's temporary files first, which os._exit alone leaves.
     sys.__stdout__.flush()
-    os._exit(0)
+    signals.exit_now(0)
 
 
 # ------------------------------------------------------------------ driver side

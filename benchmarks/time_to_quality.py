@@ -65,8 +65,15 @@ TUTORIAL = re.compile(r"^epoch (\d+) \| held-out bce ([0-9.]+)")
 
 def timed_run(cmd: list[str], pattern: re.Pattern, target: float, max_seconds: float) -> dict:
     """Runs `cmd`, timing each line that matches `pattern` (groups: step, bce) from launch;
-    kills the process at the first BCE <= target or after `max_seconds`."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    kills the process at the first BCE <= target or after `max_seconds`. The process gets
+    a temporary dir of its own, removed after it: a killed process leaves the temporary
+    files that it would have removed at exit (AutoGraph's `__autograph_generated_file*`)."""
+    with tempfile.TemporaryDirectory(prefix="ttq-tmp-") as temp:
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1", TMPDIR=temp)
+        return _timed_run(cmd, pattern, target, max_seconds, env)
+
+
+def _timed_run(cmd, pattern, target, max_seconds, env) -> dict:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=common.ROOT, env=env)

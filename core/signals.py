@@ -156,7 +156,7 @@ class StopSignals(_SignalWatcher):
             return
         if count >= 2:
             logging.warning("second signal (%s): exiting now", name)
-            _exit_now(128 + signum)
+            exit_now(128 + signum)
         if self.received is None:
             self.received = name
             again = ("press it again to interrupt without saving" if self.from_python
@@ -200,10 +200,10 @@ class ExitOnSignals(_SignalWatcher):
             os.write(stderr, self.message.format(signal=signal.Signals(signum).name).encode()
                      + b"\n")
         finally:  # whatever failed (stderr a closed pipe: `train.py ... 2>&1 | head`), exit
-            _exit_now(128 + signum)
+            exit_now(128 + signum)
 
 
-def _exit_now(code: int) -> None:
+def exit_now(code: int) -> None:
     """Ends the process at once with `code` (`os._exit`: no atexit handlers, no waiting for
     the main thread). AutoGraph writes each function it converts to a temporary
     `__autograph_generated_file*.py` and removes it only at exit, by atexit, which
