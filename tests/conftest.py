@@ -70,6 +70,23 @@ def _cache_dir(tmp_path_factory):
         os.environ["TAPELOOP_CACHE_DIR"] = old
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _tmpdir_of_the_processes(tmp_path_factory):
+    """The processes the tests start put their temporary files (AutoGraph's converted
+    functions, a non-chief worker's dir, the fork server's socket) in this session's
+    folder. A process a test kills (SIGKILL, a timeout) cannot remove its own, and pytest
+    keeps only the last three sessions' folders, so they do not pile up in /tmp. The tests that check
+    what a process leaves give it a TMPDIR of their own."""
+    path = str(tmp_path_factory.mktemp("tmp"))
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = path
+    yield path
+    if old is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 2 MB file system (tmpfs), unmounted after the test."""
