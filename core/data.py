@@ -48,8 +48,10 @@ class Split:
     def describe(self) -> str:
         return f"{self.num_examples:,} images in memory"
 
-    def head(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
-        return self.images[:k], (self.labels[:k] if self.labels is not None else None)
+    def examples(self, positions) -> tuple[np.ndarray, np.ndarray | None]:
+        """The examples at `positions` (ascending) and their labels."""
+        index = np.asarray(positions, np.int64)
+        return self.images[index], (self.labels[index] if self.labels is not None else None)
 
     @property
     def num_examples(self) -> int:
@@ -58,6 +60,16 @@ class Split:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(int(d) for d in self.images.shape[1:])
+
+
+def spread(num_examples: int, k: int) -> np.ndarray:
+    """The positions of `k` examples evenly spaced over `num_examples` (all of them if
+    there are no more than `k`), ascending from the first: the examples the figures show.
+    A folder split is in path order, a class after another, and so are shards written from
+    it: its first examples would show its first class only."""
+    if num_examples <= k:
+        return np.arange(num_examples, dtype=np.int64)
+    return np.arange(k, dtype=np.int64) * num_examples // k
 
 
 def parse_split(spec: str, sizes: dict[str, int] | None = None) -> tuple[str, slice]:

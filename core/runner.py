@@ -769,18 +769,23 @@ class Run:
         self.summaries.flush()
         return results
 
-    def head(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
-        """The first `k` eval examples (uint8) and labels, decoded once and kept."""
-        if getattr(self, "_head", None) is None or len(self._head[0]) < k:
-            self._head = self.eval_split.head(max(k, MAX_FIGURE_EXAMPLES))
-        images, labels = self._head
-        return images[:k], (labels[:k] if labels is not None else None)
+    def shown(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """`k` (at most MAX_FIGURE_EXAMPLES) eval examples (uint8) spread evenly over the
+        eval split, and their labels: every class of a folder's split, not its first
+        (`data.spread`). The figures' largest sample is decoded once and kept; a smaller
+        one is spread over it."""
+        if getattr(self, "_shown", None) is None:
+            self._shown = self.eval_split.examples(
+                data.spread(self.eval_split.num_examples, MAX_FIGURE_EXAMPLES))
+        images, labels = self._shown
+        index = data.spread(len(images), k)
+        return images[index], (labels[index] if labels is not None else None)
 
     def examples(self) -> tuple[list[np.ndarray], list[str]]:
-        """Rows of the first `num_images` eval examples, in [0, 1], and their names: inputs
+        """Rows of `num_images` eval examples, in [0, 1], and their names: inputs
         and reconstructions; noisy inputs, denoised and clean images for a denoiser."""
         cfg = self.config
-        raw = self.head(cfg.num_images)[0]
+        raw = self.shown(cfg.num_images)[0]
         clean = data.to_float(raw).numpy()
         if not cfg.noise_factor:
             return [clean, self.reconstruct(clean)], ["input", "reconstruction"]
@@ -817,7 +822,7 @@ class Run:
                 paths.append(plots.training_curves(
                     out.format(FIGURES["curves"]), train_curve, eval_curve,
                     f"{cfg.model} on {cfg.dataset}", self.loss_name, named))
-        sample_raw, labels = self.head(MAX_FIGURE_EXAMPLES)
+        sample_raw, labels = self.shown(MAX_FIGURE_EXAMPLES)
         sample = data.to_float(sample_raw)
         codes = np.concatenate([np.asarray(model.encode(sample[i:i + 500], training=False),
                                            np.float32) for i in range(0, len(sample), 500)])
@@ -942,7 +947,8 @@ def train(run: Run) -> dict:
         # What train/loss and eval/loss are from this step on (a resume may change --loss).
         run.summaries.text("train", start, LOSS_TAG, run.loss_name)
         if cfg.augmentations:  # what the step's augmentation does, to look at once
-            clean = data.to_float(run.train_split.head(cfg.num_images)[0])
+            clean = data.to_float(run.train_split.examples(
+                data.spread(run.train_split.num_examples, cfg.num_images))[0])
             shown = augment.augment(clean, cfg.augmentations, tf.constant([cfg.seed, -1],
                                                                           tf.int64))
             run.summaries.image_rows(

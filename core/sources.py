@@ -4,7 +4,7 @@ A source is one split. It lists its elements (file paths, or shards of
 records), knows how many examples it has and their shape, and decodes one
 element to uint8 [H, W, C] (`core.images.decode`). `core.data` builds the one
 tf.data pipeline they all share; nothing here holds decoded images, except
-`head`, which decodes the first few for figures.
+`examples`, which decodes the few the figures show.
 
 Folder layout: every JPEG/PNG/WebP/BMP/GIF under the folder, recursively, in sorted
 path order. A `train/` subfolder and its siblings `test/`, `validation/`, `val/`,
@@ -394,12 +394,13 @@ class FolderSource:
                                        None if orientations is None else orientations[j])
                          for j in range(indices.shape[0])])
 
-    def head(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
-        k = min(k, self.num_examples)
-        ds = tf.data.Dataset.range(k).map(self.decode_index, num_parallel_calls=tf.data.AUTOTUNE,
-                                          deterministic=True).batch(max(k, 1))
-        images = next(iter(ds)).numpy()
-        return images, (self.labels[:k] if self.labels is not None else None)
+    def examples(self, positions) -> tuple[np.ndarray, np.ndarray | None]:
+        """The examples at `positions` (ascending), decoded, and their labels."""
+        index = np.asarray(positions, np.int64)
+        ds = tf.data.Dataset.from_tensor_slices(index).map(
+            self.decode_index, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        images = next(iter(ds.batch(max(len(index), 1)))).numpy()
+        return images, (self.labels[index] if self.labels is not None else None)
 
     def find_bad(self, indices) -> tuple[str, str] | None:
         """The first of `indices` whose file does not decode: (path, reason)."""
@@ -667,7 +668,7 @@ class TFRecordSource:
         self.decoding = decoding
         self.image_shape = decoding.image_shape
         self.num_examples = int(sum(counts))
-        self.labels = None  # read with the records (head)
+        self.labels = None  # read with the records (examples)
         self.class_names = list(class_names)
         self.features = {image_key: tf.io.FixedLenFeature([], tf.string)}
         self.raw_channels = raw_channels
@@ -749,8 +750,13 @@ class TFRecordSource:
             pixels = tf.io.decode_raw(encoded, tf.uint8, fixed_length=size)
         return tf.reshape(pixels, (-1, *self.fixed_shape))
 
-    def head(self, k: int) -> tuple[np.ndarray, np.ndarray | None]:
-        pairs = [self.parse(r) for r in self.records().take(k)]
+    def examples(self, positions) -> tuple[np.ndarray, np.ndarray | None]:
+        """The examples at `positions` (ascending), decoded, and their labels (None if any
+        record has none): one pass over the records up to the last, parsing those only."""
+        wanted = tf.constant(np.asarray(positions, np.int64))
+        last = int(wanted[-1]) if len(positions) else -1
+        pairs = [self.parse(r) for _, r in self.records().take(last + 1).enumerate().filter(
+            lambda i, _: tf.reduce_any(tf.equal(i, wanted)))]
         images = np.stack([p[0].numpy() for p in pairs])
         labels = np.array([int(p[1]) for p in pairs], np.int64)
         return images, (labels if len(labels) and (labels >= 0).all() else None)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import core
 from core import prepare
@@ -196,3 +197,30 @@ def test_kill_9_then_resume_is_exact(tmp_path, kind):
     a, b = _model_weights(tmp_path / "whole"), _model_weights(tmp_path / "cut")
     assert a.keys() == b.keys() and len(a) >= 8
     assert max(float(np.max(np.abs(a[k] - b[k]))) for k in a) <= 1e-6
+
+
+def _top_strip_cells(folder, tag, size):
+    """The mean of each image of the top row of image summary `tag` (rows of size x size
+    images side by side, as `Summaries.image_rows` lays them out) in `folder`."""
+    acc = EventAccumulator(str(folder), size_guidance={"tensors": 0})
+    acc.Reload()
+    png = acc.Tensors(tag)[0].tensor_proto.string_val[2]
+    strip = tf.io.decode_png(png).numpy()[:size].astype(float)
+    return [round(strip[:, i:i + size].mean()) for i in range(0, strip.shape[1], size)]
+
+
+def test_the_figures_show_every_class_of_a_folder(tmp_path):
+    """A folder's split is in path order, a class after another (and so are shards written
+    from it): the images the figures and TensorBoard show are spread over the split, so
+    they show both classes, not the first class alone."""
+    for split in ("train", "test"):
+        for name, value in (("black", 0), ("white", 255)):
+            for i in range(12):
+                save(str(tmp_path / "photos" / split / name / f"{i:02d}.png"),
+                     np.full((16, 16, 3), value, np.uint8))
+    proc = run_train("--dataset=folder", f"--data_dir={tmp_path / 'photos'}", "--train_steps=2",
+                     "--batch_size=8", "--eval_every=2", "--num_images=8", "--augment=flip",
+                     f"--model_dir={tmp_path / 'run'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _top_strip_cells(tmp_path / "run" / "eval", "reconstructions", 16) == [0] * 4 + [255] * 4
+    assert _top_strip_cells(tmp_path / "run" / "train", "augmented", 16) == [0] * 4 + [255] * 4

@@ -67,7 +67,7 @@ def test_folder_splits_labels_and_sorted_order(tmp_path):
     names = [os.path.relpath(p, tmp_path) for p in src.paths]
     assert names == sorted(names) and names[0] == os.path.join("train", "cat", "000.png")
     np.testing.assert_array_equal(src.labels, [0] * 20 + [1] * 20)
-    head, labels = src.head(3)
+    head, labels = src.examples(range(3))
     np.testing.assert_array_equal(head, arrays["train"][[0, 2, 4]])  # PNG: exact pixels
     assert sources.default_splits("folder", str(tmp_path)) == ("train", "test")
 
@@ -91,7 +91,7 @@ def test_a_val_folder_beside_train_is_the_eval_split_and_its_shards_too(tmp_path
         data.open_split("test", "tfrecord", str(tmp_path / "out"))
     png_tree(str(tmp_path / "imgs"), splits=(("test", 4),))  # test/ first, when present
     assert sources.default_splits("folder", str(tmp_path / "imgs")) == ("train", "test")
-    np.testing.assert_array_equal(held.head(4)[0], arrays[held_out][[0, 2, 1, 3]])
+    np.testing.assert_array_equal(held.examples(range(4))[0], arrays[held_out][[0, 2, 1, 3]])
 
 
 def test_an_eval_split_that_overlaps_the_training_split_is_warned_of(tmp_path, caplog):
@@ -367,7 +367,7 @@ def test_folder_images_are_resized_and_smaller_ones_counted(tmp_path):
     save(str(tmp_path / "a" / "small.png"), colour_images(1, 10, 12)[0])
     opened = data.open_split("train", "folder", str(tmp_path), image_size=(32, 32), channels=1)
     assert opened.source.image_shape == (32, 32, 1) and opened.upscaled == 1
-    head, _ = opened.source.head(2)
+    head, _ = opened.source.examples(range(2))
     assert head.shape == (2, 32, 32, 1)
 
 
@@ -382,19 +382,19 @@ def test_files_that_decode_to_the_size_skip_the_resize(tmp_path):
     assert src.decoding.exact and src.decoding.jpeg_ratio == 4
     assert src.decoding.describe() == "JPEGs decoded by libjpeg at 1/4 scale straight to 24x32, no resize"
     fitted = sources.Decoding((24, 32), 3, jpeg_ratio=4)  # decode at 1/4, then images.fit
-    head, _ = src.head(6)
+    head, _ = src.examples(range(6))
     for i, got in enumerate(head):
         want = fitted(tf.io.read_file(str(tmp_path / "jpg" / f"{i}.jpg"))).numpy()
         np.testing.assert_array_equal(got, want)
     grey = data.open_split("train", "folder", str(tmp_path / "jpg"), image_size=(24, 32),
                            channels=1).source
-    assert grey.decoding.exact and grey.head(2)[0].shape == (2, 24, 32, 1)
+    assert grey.decoding.exact and grey.examples(range(2))[0].shape == (2, 24, 32, 1)
 
     save(str(tmp_path / "jpg" / "odd.jpg"), colour_images(1, 100, 128)[0])  # 25x32 at 1/4
     src = data.open_split("train", "folder", str(tmp_path / "jpg"), image_size=(24, 32)).source
     assert not src.decoding.exact and src.decoding.jpeg_ratio == 4
     assert "then resized to 24x32 where they differ (--resize=crop)" in src.decoding.describe()
-    assert src.head(7)[0].shape == (7, 24, 32, 3)
+    assert src.examples(range(7))[0].shape == (7, 24, 32, 3)
     lying = sources.Decoding((24, 32), 3, jpeg_ratio=4, exact=True)
     with pytest.raises(tf.errors.InvalidArgumentError, match="25,32,3"):
         lying(tf.io.read_file(str(tmp_path / "jpg" / "odd.jpg")))
@@ -406,7 +406,7 @@ def test_files_that_decode_to_the_size_skip_the_resize(tmp_path):
     save(str(tmp_path / "png" / "train" / "only" / "x.jpg"), colour_images(1)[0])
     src = data.open_split("train", "folder", str(tmp_path / "png")).source
     assert not src.decoding.exact  # a JPEG among the PNGs: decoded by the general path
-    assert src.head(5)[0].shape == (5, 24, 32, 3)
+    assert src.examples(range(5))[0].shape == (5, 24, 32, 3)
 
 
 def test_webp_files_are_read_like_pngs(tmp_path):
@@ -425,7 +425,7 @@ def test_webp_files_are_read_like_pngs(tmp_path):
     assert (info.height, info.width, info.channels, info.format) == (240, 320, 3, "WEBP")
     src = data.open_split("train", "folder", str(tmp_path / "w")).source
     assert src.num_examples == 5 and src.decoding.exact
-    head = src.head(5)[0]
+    head = src.examples(range(5))[0]
     for i in range(3):
         np.testing.assert_array_equal(head[i], arrays[i])
     np.testing.assert_array_equal(head[3], colour_images(1, 240, 320, seed=5)[0])
@@ -463,7 +463,7 @@ def test_jpegs_are_turned_upright_by_their_exif_orientation(tmp_path):
     for folder, orientations in (("tall", range(1, 5)), ("wide", range(5, 9))):
         src = data.open_split("train", "folder", str(tmp_path / folder)).source
         assert src.decoding.exact and list(src.orientations) == list(orientations)
-        for got, o in zip(src.head(4)[0], orientations):
+        for got, o in zip(src.examples(range(4))[0], orientations):
             path = str(tmp_path / folder / f"{o}.jpg")
             info = images.check_file(path)
             assert info.orientation == o and (info.height, info.width) == got.shape[:2]
@@ -480,7 +480,7 @@ def test_jpegs_are_turned_upright_by_their_exif_orientation(tmp_path):
     save(str(tmp_path / "mixed" / "b.jpg"), _quadrants(192, 96))  # 1/4 scale for 48x24
     src = data.open_split("train", "folder", str(tmp_path / "mixed"), image_size=(48, 24)).source
     assert src.decoding.jpeg_ratio is None and list(src.orientations) == [6, 1]
-    turned, plain = src.head(2)[0].astype(int)
+    turned, plain = src.examples(range(2))[0].astype(int)
     upright = np.rot90(blocks, k=-1)  # 90 degrees clockwise, as orientation 6 asks
     want = images.fit(tf.constant(np.ascontiguousarray(upright)), (48, 24)).numpy()
     assert np.abs(turned - want).mean() < 4, np.abs(turned - want).mean()
@@ -576,6 +576,26 @@ def prepare_shards(data_dir, output_dir, shards=2, **kw):
     return prepare.convert("folder", output_dir, data_dir, shards=shards, progress=None, **kw)
 
 
+def test_the_figures_examples_are_spread_over_a_split_and_its_shards(tmp_path):
+    """data.spread's positions run evenly from the first; a folder split (in path order:
+    all of cat/, then dog/), its shards and its copy in memory give the same images and
+    labels at them, both classes among them (the first few are cats only)."""
+    assert list(data.spread(10, 4)) == [0, 2, 5, 7] and list(data.spread(3, 8)) == [0, 1, 2]
+    png_tree(str(tmp_path / "imgs"))
+    prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "out"), shards=3)
+    folder = data.open_split("train", "folder", str(tmp_path / "imgs")).source
+    shards = data.open_split("train", "tfrecord", str(tmp_path / "out")).source
+    memory = data.materialize(folder)
+    positions = data.spread(40, 6)
+    assert list(positions) == [0, 6, 13, 20, 26, 33]
+    for source in (folder, shards, memory):
+        images, labels = source.examples(positions)
+        np.testing.assert_array_equal(images, memory.images[positions])
+        np.testing.assert_array_equal(labels, memory.labels[positions])
+    assert list(memory.labels[positions]) == [0, 0, 0, 1, 1, 1]
+    assert set(folder.examples(range(6))[1]) == {0}
+
+
 def test_prepare_writes_model_garden_examples_that_read_back_exactly(tmp_path):
     png_tree(str(tmp_path / "imgs"))
     info = prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "out"), shards=3)
@@ -598,7 +618,7 @@ def test_prepare_writes_model_garden_examples_that_read_back_exactly(tmp_path):
     np.testing.assert_array_equal(back.labels, folder.labels)
     assert back.class_names == ("cat", "dog")  # named in the latent-space figure
     smaller = data.open_split("train", "tfrecord", str(tmp_path / "out"), image_size=(12, 16))
-    assert not smaller.source.decoding.exact and smaller.source.head(2)[0].shape == (2, 12, 16, 3)
+    assert not smaller.source.decoding.exact and smaller.source.examples(range(2))[0].shape == (2, 12, 16, 3)
     # Without dataset_info.json the shards are counted; gzip is found by its magic bytes.
     prepare_shards(str(tmp_path / "imgs"), str(tmp_path / "gz"), 2, gzip=True)
     os.remove(tmp_path / "gz" / "dataset_info.json")
@@ -869,8 +889,8 @@ def test_tfds_default_eval_split_is_the_held_out_one_it_has(tmp_path, tfds_temp)
     tfds_train = data.open_split("train[:90%]", "tfds:local_flowers/small",
                                  str(tmp_path / "tfds")).source
     shards = data.open_split("train", "tfrecord", str(tmp_path / "shards")).source
-    np.testing.assert_array_equal(shards.head(18)[1], tfds_train.head(18)[1])
-    assert set(shards.head(18)[1]) == {0, 1}
+    np.testing.assert_array_equal(shards.examples(range(18))[1], tfds_train.examples(range(18))[1])
+    assert set(shards.examples(range(18))[1]) == {0, 1}
 
 
 # ------------------------------------------------------------ bad input
@@ -1113,11 +1133,11 @@ def test_prepare_rewrites_your_own_shards(tmp_path):
         assert ours.batch_decodable  # raw pixels at the training size
         np.testing.assert_array_equal(data.materialize(ours).images,
                                       data.materialize(theirs).images)
-        np.testing.assert_array_equal(ours.head(7)[1], theirs.head(7)[1])
+        np.testing.assert_array_equal(ours.examples(range(7))[1], theirs.examples(range(7))[1])
         # --cache=DIR writes the same way: the labels are kept there too (they were -1).
         cached = data.cache_to_dir(theirs, str(tmp_path / "cache"))
-        np.testing.assert_array_equal(cached.head(7)[1], theirs.head(7)[1])
-    assert set(theirs.head(3)[1]) == {1}
+        np.testing.assert_array_equal(cached.examples(range(7))[1], theirs.examples(range(7))[1])
+    assert set(theirs.examples(range(3))[1]) == {1}
     # Named as it is found, and as tapeloop's own raw shards name it.
     named = prepare.convert("tfrecord", str(tmp_path / "named"), str(tmp_path / "mine"),
                             image_size=(12, 16), encoding="raw", shards=2, progress=None,
@@ -1299,7 +1319,7 @@ def test_cache_dir_decodes_once_into_shards_and_reuses_them(tmp_path):
     assert cached.kind == "tfrecord" and cached.num_examples == 32
     assert cached.image_shape == (12, 16, 3)
     np.testing.assert_array_equal(data.materialize(cached).images, data.materialize(src).images)
-    np.testing.assert_array_equal(cached.head(32)[1], src.labels)  # labels travel along
+    np.testing.assert_array_equal(cached.examples(range(32))[1], src.labels)  # labels travel along
     assert cached.raw_channels == 3  # raw pixels: reading them decodes nothing
     folders = os.listdir(tmp_path / "cache")
     assert len(folders) == 1 and folders[0].startswith("folder-")
