@@ -57,17 +57,22 @@ def idx_dir(tmp_path_factory):
     return str(folder)
 
 
+def _session_folder_in_env(tmp_path_factory, variable, name):
+    """Sets `variable` to a new folder of this session's for the session, then restores it."""
+    path = str(tmp_path_factory.mktemp(name))
+    old = os.environ.get(variable)
+    os.environ[variable] = path
+    yield path
+    if old is None:
+        os.environ.pop(variable, None)
+    else:
+        os.environ[variable] = old
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory):
     """fontdigits caches go to a per-session folder, so tests never see a stale cache."""
-    path = str(tmp_path_factory.mktemp("cache"))
-    old = os.environ.get("TAPELOOP_CACHE_DIR")
-    os.environ["TAPELOOP_CACHE_DIR"] = path
-    yield path
-    if old is None:
-        os.environ.pop("TAPELOOP_CACHE_DIR", None)
-    else:
-        os.environ["TAPELOOP_CACHE_DIR"] = old
+    yield from _session_folder_in_env(tmp_path_factory, "TAPELOOP_CACHE_DIR", "cache")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -75,16 +80,9 @@ def _tmpdir_of_the_processes(tmp_path_factory):
     """The processes the tests start put their temporary files (AutoGraph's converted
     functions, a non-chief worker's dir, the fork server's socket) in this session's
     folder. A process a test kills (SIGKILL, a timeout) cannot remove its own, and pytest
-    keeps only the last three sessions' folders, so they do not pile up in /tmp. The tests that check
-    what a process leaves give it a TMPDIR of their own."""
-    path = str(tmp_path_factory.mktemp("tmp"))
-    old = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = path
-    yield path
-    if old is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = old
+    keeps only the last three sessions' folders, so they do not pile up in /tmp. The
+    tests that check what a process leaves give it a TMPDIR of their own."""
+    yield from _session_folder_in_env(tmp_path_factory, "TMPDIR", "tmp")
 
 
 @pytest.fixture
