@@ -89,7 +89,6 @@ class _OneTracePerRun(std_logging.Filter):
 std_logging.getLogger("tensorflow").addFilter(_OneTracePerRun())
 
 
-
 def _smaller_size(height: int, width: int, long_side: int = 256) -> tuple[int, int]:
     """(H, W) with the long side `long_side` and the aspect kept, sides multiples of 16."""
     scale = long_side / max(height, width)

@@ -752,11 +752,19 @@ class TFRecordSource:
 
     def examples(self, positions) -> tuple[np.ndarray, np.ndarray | None]:
         """The examples at `positions` (ascending), decoded, and their labels (None if any
-        record has none): one pass over the records up to the last, parsing those only."""
-        wanted = tf.constant(np.asarray(positions, np.int64))
-        last = int(wanted[-1]) if len(positions) else -1
-        pairs = [self.parse(r) for _, r in self.records().take(last + 1).enumerate().filter(
-            lambda i, _: tf.reduce_any(tf.equal(i, wanted)))]
+        record has none). A shard is read in order up to its last wanted record, and only
+        those are parsed: a few records of each shard for a few examples spread over many
+        shards, not the whole split (the `--augment` preview of a large training split)."""
+        positions = np.asarray(positions, np.int64)
+        starts = np.cumsum([0, *self.counts[:-1]])
+        shard_of = np.searchsorted(starts, positions, side="right") - 1  # empty shards: none
+        pairs = []
+        for shard in np.unique(shard_of):
+            offsets = positions[shard_of == shard] - starts[shard]
+            wanted = tf.constant(offsets)
+            records = self.shard_records(self.files[shard], self.skips[shard], offsets[-1] + 1)
+            pairs += [self.parse(r) for _, r in records.enumerate().filter(
+                lambda i, _, wanted=wanted: tf.reduce_any(tf.equal(i, wanted)))]
         images = np.stack([p[0].numpy() for p in pairs])
         labels = np.array([int(p[1]) for p in pairs], np.int64)
         return images, (labels if len(labels) and (labels >= 0).all() else None)

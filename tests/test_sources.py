@@ -594,6 +594,16 @@ def test_the_figures_examples_are_spread_over_a_split_and_its_shards(tmp_path):
         np.testing.assert_array_equal(labels, memory.labels[positions])
     assert list(memory.labels[positions]) == [0, 0, 0, 1, 1, 1]
     assert set(folder.examples(range(6))[1]) == {0}
+    # A shard is read only up to its last wanted record: a damaged last record of the
+    # first shard is not reached when its first record and the next shard's are wanted.
+    first = tmp_path / "out" / "train-00000-of-00003"
+    damaged = bytearray(first.read_bytes())
+    damaged[-10] ^= 0xFF  # inside the last record's data: its CRC no longer matches
+    first.write_bytes(bytes(damaged))
+    with pytest.raises(tf.errors.DataLossError):
+        list(shards.records())
+    images, _ = shards.examples([0, shards.counts[0]])
+    np.testing.assert_array_equal(images, memory.images[[0, shards.counts[0]]])
 
 
 def test_prepare_writes_model_garden_examples_that_read_back_exactly(tmp_path):
