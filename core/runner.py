@@ -55,7 +55,7 @@ FIGURES = {
 INHERITED = ("model", "encoder_filters", "decoder_filters", "kernel_size", "latent_dim",
              "kl_weight", "blocks_per_stage", "latent_channels", "noise_factor", "dataset",
              "data_dir", "image_feature", "train_split", "eval_split", "synthetic_shape", "image_size",
-             "channels", "resize", "seed", "loss", "loss_weights", "ema_decay")
+             "channels", "resize", "seed", "loss", "loss_weights", "ema_decay", "ema")
 _TUPLE_FIELDS = ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps",
                  "image_size", "loss_weights")
 SKIPPED_FILE = "skipped_images.txt"
@@ -727,6 +727,19 @@ class Run:
         return bool(self.config.ema_decay and self.config.ema)
 
     @property
+    def other_weights(self) -> str | None:
+        """'noema' ('ema') when an eval or export reads the raw weights (the average) of a
+        run that evaluated its average (raw weights), by its config.json; None when it reads
+        the weights the run evaluated. Their results and exports are kept apart from the
+        run's (`eval_noema/`, `export_noema/<step>/`), which they would otherwise replace."""
+        saved = self.saved or {}
+        if not (self.config.ema_decay and saved.get("ema_decay")):
+            return None
+        if bool(saved.get("ema", True)) == bool(self.config.ema):
+            return None
+        return "ema" if self.config.ema else "noema"
+
+    @property
     def loss_name(self) -> str:
         """The training loss as the curves name it (a VAE adds its KL term)."""
         variational = hasattr(self.trainer.model, "moments")
@@ -1077,9 +1090,10 @@ def _data_error(run: Run, step: int, error: Exception, saved: str) -> DataError:
 def evaluate(run: Run) -> dict:
     """Evaluates one checkpoint. The latest, on the run's own eval split, goes to the run's
     `eval/` curves and figures; a chosen `--checkpoint`, or other data (another --dataset,
-    --data_dir or --eval_split), to a TensorBoard run of its own, `eval_ckpt-N/`,
-    `eval_DATA/` or `eval_ckpt-N_DATA/` (with its results and figures), so the training
-    run's curves are never rewritten nor mixed with other data's."""
+    --data_dir or --eval_split), or other weights (`--noema` of a run that evaluated its
+    average), to a TensorBoard run of its own, `eval_ckpt-N/`, `eval_DATA/`, `eval_noema/`
+    or a combination (`eval_ckpt-N_noema_DATA/`, with its results and figures), so the
+    training run's curves are never rewritten nor mixed with other data's or weights'."""
     results, _ = _evaluate_checkpoint(run, run.checkpoint_path,
                                       chosen=run.config.checkpoint is not None)
     return results  # one evaluation: an action's True has nothing to stop
@@ -1104,6 +1118,7 @@ def _evaluate_checkpoint(run: Run, path: str, chosen: bool) -> tuple[dict, str |
     step = run.checkpointer.restore(path)
     other = other_data_name(cfg, run.saved)
     writer = "_".join(["eval"] + ([os.path.basename(path)] if chosen else [])
+                      + ([run.other_weights] if run.other_weights else [])
                       + ([other] if other else []))
     apart = writer != "eval"
     if other:
@@ -1195,11 +1210,13 @@ def continuous_evaluate(run: Run) -> dict:
 
 
 def export(run: Run) -> dict:
-    """Writes a SavedModel of one checkpoint to `<model_dir>/export/<step>/`."""
+    """Writes a SavedModel of one checkpoint to `<model_dir>/export/<step>/` (the weights
+    the run evaluated; the others, `--noema` of a run with an average, to `export_noema/`)."""
     from core.export import export_saved_model
 
     step = run.checkpointer.restore(run.checkpoint_path)
-    path = os.path.join(run.config.model_dir, "export", str(step))
+    base = "_".join(["export"] + ([run.other_weights] if run.other_weights else []))
+    path = os.path.join(run.config.model_dir, base, str(step))
     signals.interruption_point()
     with run.weights():
         export_saved_model(run.trainer.model, run.image_shape, path)

@@ -15,7 +15,7 @@ from core.checkpoints import Checkpointer
 from core.config import Config
 from core.errors import ConfigError
 from core.trainer import Trainer
-from helpers import served
+from helpers import event_tags, served
 from layers.autoencoders import build_autoencoder
 
 
@@ -59,12 +59,23 @@ def test_eval_and_export_use_the_average_unless_told_not_to(tmp_path):
     trained = core.run(config)
     assert trained["step"] == 20
     with_ema = core.run(Config(mode="eval", model_dir=model_dir), given={"mode", "model_dir"})
+    exported = core.run(Config(mode="export", model_dir=model_dir), given={"mode", "model_dir"})
     raw = core.run(Config(mode="eval", model_dir=model_dir, ema=False),
                    given={"mode", "model_dir", "ema"})
     assert with_ema["bce"] != pytest.approx(raw["bce"], rel=1e-4)
+    # The raw weights' results go apart: the run's results, curve and export stay the
+    # average's (they were replaced, and eval/ held two values at step 20).
     saved = json.load(open(os.path.join(model_dir, "eval_results.json")))
-    assert saved["bce"] == raw["bce"]  # the last eval wrote it
-    exported = core.run(Config(mode="export", model_dir=model_dir), given={"mode", "model_dir"})
+    assert saved["bce"] == with_ema["bce"]
+    apart = json.load(open(os.path.join(model_dir, "eval_noema", "eval_results.json")))
+    assert apart["bce"] == raw["bce"]
+    assert os.path.exists(os.path.join(model_dir, "eval_noema", "reconstructions.png"))
+    assert [s for s, _ in event_tags(os.path.join(model_dir, "eval"))["bce"]] == [20, 20]
+    assert event_tags(os.path.join(model_dir, "eval_noema"))["bce"] == [
+        (20, pytest.approx(raw["bce"], rel=1e-6))]
+    raw_export = core.run(Config(mode="export", model_dir=model_dir, ema=False),
+                          given={"mode", "model_dir", "ema"})
+    assert raw_export["export_dir"] == os.path.join(model_dir, "export_noema", "20")
     loaded = tf.saved_model.load(exported["export_dir"])
     images = data.to_float(data.load_split("test[:128]", "fontdigits").images)
     out = loaded.signatures["reconstruct"](images=images)["images"]
@@ -74,6 +85,16 @@ def test_eval_and_export_use_the_average_unless_told_not_to(tmp_path):
     np.testing.assert_allclose(
         served(exported["export_dir"], "reconstruct", images=images[:8].numpy())["images"],
         out[:8].numpy(), atol=1e-6)
+    out = tf.saved_model.load(raw_export["export_dir"]).signatures["reconstruct"](
+        images=images)["images"]
+    bce = float(tf.reduce_mean(tf.keras.losses.binary_crossentropy(images, out)))
+    assert bce == pytest.approx(raw["bce"], rel=2e-3)
+    # A run that evaluated its raw weights (--noema) is evaluated as it was by default.
+    trained_raw = core.run(config.replace(model_dir=str(tmp_path / "raw"), ema=False))
+    again = core.run(Config(mode="eval", model_dir=str(tmp_path / "raw")),
+                     given={"mode", "model_dir"})
+    assert again["bce"] == pytest.approx(trained_raw["bce"], rel=1e-5)
+    assert not os.path.exists(str(tmp_path / "raw" / "eval_ema"))
     # Turned on over a run without an average: it starts from the restored weights.
     plain = config.replace(model_dir=str(tmp_path / "plain"), ema_decay=None, train_steps=10)
     core.run(plain)
