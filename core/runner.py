@@ -727,6 +727,14 @@ class Run:
         return bool(self.config.ema_decay and self.config.ema)
 
     @property
+    def weights_name(self) -> str | None:
+        """Which weights evaluation, figures and export read, for the log and the titles,
+        where a run has a weight average: 'EMA weights', or 'raw weights' (--noema)."""
+        if not self.config.ema_decay:
+            return None
+        return "EMA weights" if self.config.ema else "raw weights"
+
+    @property
     def other_weights(self) -> str | None:
         """'noema' ('ema') when an eval or export reads the raw weights (the average) of a
         run that evaluated its average (raw weights), by its config.json; None when it reads
@@ -772,7 +780,7 @@ class Run:
                 f"out of memory evaluating at step {step} ({op_error_reason(e)}): lower "
                 f"--eval_batch_size (now {cfg.eval_batch}; the metrics do not depend on it)"
             ) from None
-        logging.info(format_line("eval (EMA weights)" if self.uses_ema else "eval", step=step,
+        logging.info(format_line(f"eval ({self.weights_name})" if self.weights_name else "eval", step=step,
                                  **results))
         self.summaries.scalars(writer, step, results)
         rows, labels = self.examples()
@@ -820,7 +828,7 @@ class Run:
     def _figures(self, step: int, out_dir: str, curves: bool = True) -> list[str]:
         cfg, model = self.config, self.trainer.model
         where = f"{cfg.model} on {cfg.dataset} {cfg.eval_split}, step {step}" + (
-            " (EMA weights)" if self.uses_ema else "")
+            f" ({self.weights_name})" if self.weights_name else "")
         out = os.path.join(out_dir, "{}")
         rows, labels = self.examples()
         paths = [plots.reconstruction_grid(out.format(FIGURES["reconstructions"]), rows, labels,
@@ -1221,7 +1229,7 @@ def export(run: Run) -> dict:
     with run.weights():
         export_saved_model(run.trainer.model, run.image_shape, path)
     logging.info("exported SavedModel%s with signatures encode, decode, reconstruct to %s",
-                 " of the EMA weights" if run.uses_ema else "", path)
+                 f" of the {run.weights_name}" if run.weights_name else "", path)
     return {"step": step, "export_dir": path}
 
 

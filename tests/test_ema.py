@@ -51,7 +51,7 @@ def test_the_average_follows_its_recurrence(replicas, tmp_path):
         np.testing.assert_array_equal(v.numpy(), r)
 
 
-def test_eval_and_export_use_the_average_unless_told_not_to(tmp_path):
+def test_eval_and_export_use_the_average_unless_told_not_to(tmp_path, caplog):
     model_dir = str(tmp_path / "run")
     config = Config(dataset="fontdigits", train_split="train[:640]", eval_split="test[:128]",
                     model_dir=model_dir, train_steps=20, epochs=None, batch_size=32,
@@ -60,8 +60,10 @@ def test_eval_and_export_use_the_average_unless_told_not_to(tmp_path):
     assert trained["step"] == 20
     with_ema = core.run(Config(mode="eval", model_dir=model_dir), given={"mode", "model_dir"})
     exported = core.run(Config(mode="export", model_dir=model_dir), given={"mode", "model_dir"})
-    raw = core.run(Config(mode="eval", model_dir=model_dir, ema=False),
-                   given={"mode", "model_dir", "ema"})
+    with caplog.at_level("INFO", logger="absl"):
+        raw = core.run(Config(mode="eval", model_dir=model_dir, ema=False),
+                       given={"mode", "model_dir", "ema"})
+    assert "eval (raw weights) | step 20 |" in caplog.text  # which weights, as for the average
     assert with_ema["bce"] != pytest.approx(raw["bce"], rel=1e-4)
     # The raw weights' results go apart: the run's results, curve and export stay the
     # average's (they were replaced, and eval/ held two values at step 20).
