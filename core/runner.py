@@ -250,6 +250,11 @@ class Run:
                 config_lib.check_cache_is_read(config.dataset, config.cache, whose)
             if config.mode != "export" and config.data_dir != flags_data_dir:
                 _check_the_runs_data_is_here(config.data_dir)
+            if self.saved and config.ema_decay and not self.saved.get("ema_decay"):
+                logging.warning("--ema_decay=%s: %s keeps no weight average, so its own weights "
+                                "are %s", config.ema_decay, config.model_dir,
+                                "exported" if config.mode == "export" else "evaluated")
+                config = config.replace(ema_decay=None)
             if self.saved:
                 # Not a choice of this run: the part the run trained is the one its weight
                 # average holds (without a config.json, --freeze says which).

@@ -100,6 +100,15 @@ def test_eval_and_export_use_the_average_unless_told_not_to(tmp_path, caplog):
     # Turned on over a run without an average: it starts from the restored weights.
     plain = config.replace(model_dir=str(tmp_path / "plain"), ema_decay=None, train_steps=10)
     core.run(plain)
+    # Asked of an eval of a run without one, it says so and evaluates the run's weights,
+    # not under the average's name.
+    caplog.clear()
+    with caplog.at_level("INFO", logger="absl"):
+        core.run(Config(mode="eval", model_dir=plain.model_dir, ema_decay=0.9),
+                 given={"mode", "model_dir", "ema_decay"})
+    assert (f"--ema_decay=0.9: {plain.model_dir} keeps no weight average, so its own weights "
+            "are evaluated") in caplog.text
+    assert "eval | step 10 |" in caplog.text and "EMA" not in caplog.text
     assert core.run(plain.replace(ema_decay=0.9, train_steps=20))["step"] == 20
 
 
