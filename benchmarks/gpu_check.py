@@ -173,16 +173,18 @@ def run_path(path: dict, images, on_gpu: bool) -> dict:
                steps_per_sec=1 / statistics.median(times) if times else None,
                host_ops=host_ops(lines, on_gpu), placed=len(lines))
     if FLAGS.keras and times:
-        row["keras_steps_per_sec"], row["keras_spe"] = keras_rate(strategy, images, precision,
-                                                                  path)
+        row["keras_steps_per_sec"], row["keras_spe"], row["keras_xla"] = keras_rate(
+            strategy, images, precision, path)
     row["finite"] = bool(np.isfinite(loss)) if loss is not None else None
     return row
 
 
-def keras_rate(strategy, images, precision, path) -> tuple[float, int]:
-    """(steps/s, steps_per_execution) of the same model through Keras fit on the same
-    devices: steps_per_execution 32, or 1 where fit fails with more (Keras 3 under
-    MirroredStrategy over 2 logical CPUs: "You must feed a value for placeholder tensor")."""
+def keras_rate(strategy, images, precision, path) -> tuple[float, int, bool]:
+    """(steps/s, steps_per_execution, whether fit compiled with XLA) of the same model
+    through Keras fit on the same devices: steps_per_execution 32, or 1 where fit fails with
+    more (Keras 3 under MirroredStrategy over 2 logical CPUs: "You must feed a value for
+    placeholder tensor"). Keras turns XLA off itself under a tf.distribute strategy (its
+    "auto") and under op determinism (`model_supports_jit`, with a warning)."""
     import tensorflow as tf
 
     from core import data
@@ -207,7 +209,7 @@ def keras_rate(strategy, images, precision, path) -> tuple[float, int]:
         steps = max(spe, (FLAGS.steps - FLAGS.steps_per_loop) // spe * spe)
         start = time.perf_counter()
         model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)
-        return steps / (time.perf_counter() - start), spe
+        return steps / (time.perf_counter() - start), spe, bool(model.jit_compile)
     raise AssertionError("unreachable")
 
 
@@ -322,11 +324,19 @@ def main(argv):
                                * reference)
             lines.append(
                 f"| {r['name']} | {r['replicas']} | {r['compile_s']:.1f} | "
-                f"{r['steps_per_sec'] or 0:.1f} | {keras or 0:.1f} (spe {r.get('keras_spe')}) | "
+                f"{r['steps_per_sec'] or 0:.1f} | {keras or 0:.1f} (spe {r.get('keras_spe')}"
+                f"{', no XLA' if keras and r['jit'] and not r.get('keras_xla') else ''}) | "
                 f"{(r['steps_per_sec'] / keras) if keras else float('nan'):.2f}x | "
                 f"{r['loss']:.4f} | {'yes' if r['agrees'] else 'NO'} | "
                 f"{(', '.join(r['host_ops']) or 'none') if on_gpu else 'n/a: simulated'} "
                 f"({r['placed']} placements read) |")
+        if any(r.get("keras_steps_per_sec") and r["jit"] and not r.get("keras_xla")
+               for r in rows):
+            lines += ["", "Keras fit ran without XLA where its cell says `no XLA`, though the "
+                      "path's own loop used it: Keras turns XLA off itself under a "
+                      "tf.distribute strategy (`jit_compile=\"auto\"`, its default there) and "
+                      "under op determinism (`model_supports_jit`), so those ratios include "
+                      "XLA's gain."]
     else:
         lines += ["", "**No GPU found: only the checks above ran.** What only a GPU run can "
                   "show: that the placer keeps every op of the step on the GPU, the paths' "

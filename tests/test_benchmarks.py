@@ -343,7 +343,19 @@ def test_gpu_check_without_a_gpu_and_simulated(tmp_path):
     ran = [p for p in report["paths"] if "skipped" not in p]
     assert report["simulated"] and report["ok"] and len(ran) == 7
     assert all(p["placed"] > 0 and p["agrees"] and p["keras_steps_per_sec"] > 0 for p in ran)
-    assert "Simulated on 2 logical CPU devices" in (tmp_path / "sim" / "gpu_check.md").read_text()
+    text = (tmp_path / "sim" / "gpu_check.md").read_text()
+    assert "Simulated on 2 logical CPU devices" in text
+    # Keras fit drops XLA under op determinism and, with "auto", under MirroredStrategy: the
+    # report says so where it did, and not where fit compiled with XLA.
+    rows = {r["name"]: r for r in ran}
+    assert not rows["1 GPU, deterministic, XLA (max-pool by reshape)"]["keras_xla"]
+    assert rows["1 GPU, XLA"]["keras_xla"] and not rows["1 GPU, float32"]["keras_xla"]
+    cells = {line.split(" | ")[0][2:]: line.split(" | ")[4] for line in text.splitlines()
+             if line.startswith("| 1 GPU") or line.startswith("| 2 GPUs")}
+    assert cells["1 GPU, deterministic, XLA (max-pool by reshape)"].endswith(", no XLA)")
+    assert cells["2 GPUs mirrored, XLA, float32"].endswith(", no XLA)")
+    assert not cells["1 GPU, XLA"].endswith("no XLA)")
+    assert "Keras fit ran without XLA where its cell says `no XLA`" in text
 
 
 def test_the_peak_says_how_it_was_measured():
