@@ -58,6 +58,9 @@ INHERITED = ("model", "encoder_filters", "decoder_filters", "kernel_size", "late
              "channels", "resize", "seed", "loss", "loss_weights", "ema_decay", "ema")
 _TUPLE_FIELDS = ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps",
                  "image_size", "loss_weights")
+# What an eval given another value than the trained run's computes differently: its
+# results go apart from the run's, named by it (Run.other_settings).
+SETTINGS_APART = ("resize", "noise_factor", "seed", "loss", "loss_weights", "kl_weight")
 SKIPPED_FILE = "skipped_images.txt"
 _OTHER = {"encoder": "decoder", "decoder": "encoder"}  # --freeze's part, and the one it trains
 LOSS_TAG = "loss_function"  # train/: a text summary naming the loss at each start"
@@ -127,7 +130,10 @@ def inherit_run_config(config: Config, saved: dict | None,
     other = {name for name in ("dataset", "data_dir")
              if name in given and name in saved and getattr(config, name) != saved[name]}
     not_taken = (({"data_dir", "image_feature"} if "dataset" in other else set())
-                 | ({"train_split", "eval_split"} if other else set()))
+                 | ({"train_split", "eval_split"} if other else set())
+                 # Another loss: the run's weights were its losses'.
+                 | ({"loss_weights"} if "loss" in given and "loss" in saved
+                    and config.loss != saved["loss"] else set()))
     changes = {}
     for name in INHERITED:
         if name not in saved or name in not_taken:
@@ -402,7 +408,10 @@ class Run:
         self.skipped: dict[str, str] = {}
         saved_shape = _saved_image_shape(self.saved)
         if config.mode == "export" and saved_shape:
-            self.image_shape = saved_shape  # export needs no data at all
+            # Export needs no data at all. A given --image_size is not ignored: it is
+            # another model, which the restore refuses as eval does.
+            self.image_shape = (*config.image_size, saved_shape[2]) if config.image_size \
+                else saved_shape
             return
         if config.train_split is None or config.eval_split is None:
             from core.sources import default_splits
@@ -751,6 +760,25 @@ class Run:
         if bool(saved.get("ema", True)) == bool(self.config.ema):
             return None
         return "ema" if self.config.ema else "noema"
+
+    def other_settings(self) -> list[str]:
+        """'noise_factor-0.8', 'loss-mse', ...: each setting given to an eval that computes
+        other results than the trained run's evaluations (its config.json), so that they are
+        kept apart from the run's (`eval_noise_factor-0.8/`). (Another image size is another
+        model, refused.)"""
+        saved, cfg = self.saved or {}, self.config
+        out = []
+        for name in SETTINGS_APART:
+            if name not in saved or (name == "seed" and not cfg.noise_factor) or (
+                    name == "loss_weights" and cfg.loss != saved.get("loss")):
+                continue  # the seed draws the denoiser's noise only; another loss its weights
+            value, ran = getattr(cfg, name), saved[name]
+            if name in _TUPLE_FIELDS:
+                value, ran = (tuple(v) if v is not None else None for v in (value, ran))
+            if value != ran:
+                shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
+                out.append(re.sub(r"[^A-Za-z0-9_.,]+", "-", f"{name}-{shown}"))
+        return out
 
     @property
     def loss_name(self) -> str:
@@ -1103,10 +1131,11 @@ def _data_error(run: Run, step: int, error: Exception, saved: str) -> DataError:
 def evaluate(run: Run) -> dict:
     """Evaluates one checkpoint. The latest, on the run's own eval split, goes to the run's
     `eval/` curves and figures; a chosen `--checkpoint`, or other data (another --dataset,
-    --data_dir or --eval_split), or other weights (`--noema` of a run that evaluated its
-    average), to a TensorBoard run of its own, `eval_ckpt-N/`, `eval_DATA/`, `eval_noema/`
-    or a combination (`eval_ckpt-N_noema_DATA/`, with its results and figures), so the
-    training run's curves are never rewritten nor mixed with other data's or weights'."""
+    --data_dir or --eval_split), other weights (`--noema` of a run that evaluated its
+    average) or other settings (SETTINGS_APART) to a TensorBoard run of its
+    own, `eval_ckpt-N/`, `eval_DATA/`, `eval_noema/`, `eval_noise_factor-0.8/` or a
+    combination (`eval_ckpt-N_noema_DATA/`, with its results and figures), so the training
+    run's curves are never rewritten nor mixed with other data's, weights' or settings'."""
     results, _ = _evaluate_checkpoint(run, run.checkpoint_path,
                                       chosen=run.config.checkpoint is not None)
     return results  # one evaluation: an action's True has nothing to stop
@@ -1132,8 +1161,14 @@ def _evaluate_checkpoint(run: Run, path: str, chosen: bool) -> tuple[dict, str |
     other = other_data_name(cfg, run.saved)
     writer = "_".join(["eval"] + ([os.path.basename(path)] if chosen else [])
                       + ([run.other_weights] if run.other_weights else [])
-                      + ([other] if other else []))
+                      + run.other_settings() + ([other] if other else []))
     apart = writer != "eval"
+    if run.other_weights or run.other_settings():
+        what = " and ".join(w for w, on in (("weights", run.other_weights),
+                                            ("settings", run.other_settings())) if on)
+        logging.info("evaluating other %s than the run's evaluations (%s): results in %s/",
+                     what, ", ".join(([run.other_weights] if run.other_weights else [])
+                                     + run.other_settings()), os.path.join(cfg.model_dir, writer))
     if other:
         logging.info("evaluating other data than the run's (%s %s): results in %s/", cfg.dataset,
                      cfg.eval_split, os.path.join(cfg.model_dir, writer))

@@ -73,7 +73,7 @@ def test_an_explicit_flag_overrides_the_run_with_a_log_line(denoiser):
     assert "--image_size=28,28 overrides the trained run's default (unset)" in proc.stderr
     assert "--eval_split='test[:200]' overrides the trained run's 'test[9800:]'" in proc.stderr
     # Another split and a chosen checkpoint: a TensorBoard run of their own.
-    out, = glob.glob(os.path.join(denoiser, "eval_ckpt-30_mnist-*-test-200"))
+    out, = glob.glob(os.path.join(denoiser, "eval_ckpt-30_noise_factor-0.0_mnist-*-test-200"))
     results = json.load(open(os.path.join(out, "eval_results.json")))
     assert results["split"] == "test[:200]" and results["dataset"] == "mnist"
 
@@ -107,6 +107,51 @@ def test_eval_on_other_data_takes_its_splits_and_keeps_the_runs_results(denoiser
     assert _scalars(str(run / "eval"), "loss") == curve  # the run's own curve, untouched
     assert (run / "eval_results.json").exists() == root_results
     assert not root_results or (run / "eval_results.json").read_bytes() == before
+
+
+def test_eval_with_other_settings_keeps_the_runs_results(denoiser, tmp_path):
+    """The denoiser evaluated at another noise level: its results went into the run's
+    eval_results.json and figures, and a second value at step 30 into its eval/ curve."""
+    run = shutil.copytree(denoiser, tmp_path / "run")
+    curve = _scalars(str(run / "eval"), "loss")
+    results_file = run / "eval_results.json"
+    before = results_file.read_bytes() if results_file.exists() else None
+    proc = run_train("--mode=eval", f"--model_dir={run}", "--noise_factor=0.6")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = run / "eval_noise_factor-0.6"
+    assert (f"evaluating other settings than the run's evaluations (noise_factor-0.6): results "
+            f"in {out}/") in proc.stderr
+    results = json.load(open(out / "eval_results.json"))
+    assert results["bce"] > dict(curve)[30] * 1.01  # heavier noise: worse reconstructions
+    assert (out / "reconstructions.png").exists()
+    assert _scalars(str(run / "eval"), "loss") == curve
+    assert (results_file.read_bytes() if results_file.exists() else None) == before
+    # Another seed draws other noise: apart too; the same settings as the run's are not.
+    proc = run_train("--mode=eval", f"--model_dir={run}", "--seed=6", "--noise_factor=0.3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (run / "eval_seed-6" / "eval_results.json").exists()
+    assert _scalars(str(run / "eval"), "loss") == curve
+
+
+def test_another_loss_in_eval_does_not_take_the_runs_loss_weights():
+    """--loss=mse in an eval of a run trained with --loss=l1+ssim --loss_weights=0.16,0.84
+    stopped on 'gives 2 weight(s) for the 1 loss(es)': the weights were the run's losses'."""
+    from core.runner import inherit_run_config
+
+    saved = {"loss": "l1+ssim", "loss_weights": [0.16, 0.84], "model": "seed"}
+    config = inherit_run_config(Config(mode="eval", loss="mse"), saved, given={"mode", "loss"})
+    assert config.loss == "mse" and config.loss_weights is None
+    config = inherit_run_config(Config(mode="eval"), saved, given={"mode"})
+    assert config.loss == "l1+ssim" and config.loss_weights == (0.16, 0.84)
+
+
+def test_export_at_another_image_size_is_refused_as_eval_is(denoiser, tmp_path):
+    """It logged '--image_size=32,32 overrides the trained run's' and exported at 28x28."""
+    run = shutil.copytree(denoiser, tmp_path / "run")
+    proc = run_train("--mode=export", f"--model_dir={run}", "--image_size=32")
+    assert proc.returncode == 2
+    assert "holds a different model (image_shape: [28, 28, 1] -> [32, 32, 1])" in proc.stderr
+    assert not (run / "export").exists()
 
 
 def test_export_needs_no_data(denoiser, tmp_path):
