@@ -1221,7 +1221,8 @@ def continuous_evaluate(run: Run) -> dict:
     `resolved_total_steps`), or after --continuous_eval_timeout seconds without a new
     checkpoint."""
     cfg = run.config
-    if (run.saved or {}).get("mode") == "train_and_eval":
+    apart = run.other_weights or run.other_settings() or other_data_name(cfg, run.saved)
+    if (run.saved or {}).get("mode") == "train_and_eval" and not apart:
         logging.warning("%s was trained with --mode=train_and_eval, which evaluates too: both "
                         "write its eval/ curve; train with --mode=train beside a continuous "
                         "evaluation", cfg.model_dir)

@@ -582,6 +582,13 @@ def test_continuous_eval_stops_after_its_timeout_and_refuses_what_makes_no_sense
     assert results["evaluations"][0]["psnr"] == results["psnr"]
     assert any("which evaluates too: both write its eval/ curve" in r.getMessage()
                for r in caplog.records)
+    # With another loss it writes a curve of its own, which the run's evaluations do not.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="absl"):
+        core.run(Config(mode="continuous_eval", model_dir=model_dir, continuous_eval_timeout=1,
+                        loss="mse"))
+    assert not any("which evaluates too" in r.getMessage() for r in caplog.records)
+    assert (tmp_path / "run" / "eval_loss-mse" / "eval_results.json").exists()
     with pytest.raises(core.ConfigError, match=r"found no checkpoint in --model_dir=.*empty "
                        r"within --continuous_eval_timeout=0.5 s: start the training run"):
         core.run(Config(mode="continuous_eval", model_dir=str(tmp_path / "empty"),
