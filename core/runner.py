@@ -780,6 +780,11 @@ class Run:
                 out.append(re.sub(r"[^A-Za-z0-9_.,]+", "-", f"{name}-{shown}"))
         return out
 
+    def apart(self) -> list[str]:
+        """The names of what makes an eval's results other than the run's evaluations:
+        other_weights, then other_settings (empty: the run's own)."""
+        return ([self.other_weights] if self.other_weights else []) + self.other_settings()
+
     @property
     def loss_name(self) -> str:
         """The training loss as the curves name it (a VAE adds its KL term)."""
@@ -813,8 +818,8 @@ class Run:
                 f"out of memory evaluating at step {step} ({op_error_reason(e)}): lower "
                 f"--eval_batch_size (now {cfg.eval_batch}; the metrics do not depend on it)"
             ) from None
-        logging.info(format_line(f"eval ({self.weights_name})" if self.weights_name else "eval", step=step,
-                                 **results))
+        logging.info(format_line(f"eval ({self.weights_name})" if self.weights_name else "eval",
+                                 step=step, **results))
         self.summaries.scalars(writer, step, results)
         rows, labels = self.examples()
         self.summaries.image_rows(writer, step, "reconstructions", rows,
@@ -1159,16 +1164,14 @@ def _evaluate_checkpoint(run: Run, path: str, chosen: bool) -> tuple[dict, str |
     cfg = run.config
     step = run.checkpointer.restore(path)
     other = other_data_name(cfg, run.saved)
-    writer = "_".join(["eval"] + ([os.path.basename(path)] if chosen else [])
-                      + ([run.other_weights] if run.other_weights else [])
-                      + run.other_settings() + ([other] if other else []))
+    writer = "_".join(["eval"] + ([os.path.basename(path)] if chosen else []) + run.apart()
+                      + ([other] if other else []))
     apart = writer != "eval"
-    if run.other_weights or run.other_settings():
+    if run.apart():
         what = " and ".join(w for w, on in (("weights", run.other_weights),
                                             ("settings", run.other_settings())) if on)
         logging.info("evaluating other %s than the run's evaluations (%s): results in %s/",
-                     what, ", ".join(([run.other_weights] if run.other_weights else [])
-                                     + run.other_settings()), os.path.join(cfg.model_dir, writer))
+                     what, ", ".join(run.apart()), os.path.join(cfg.model_dir, writer))
     if other:
         logging.info("evaluating other data than the run's (%s %s): results in %s/", cfg.dataset,
                      cfg.eval_split, os.path.join(cfg.model_dir, writer))
@@ -1221,7 +1224,7 @@ def continuous_evaluate(run: Run) -> dict:
     `resolved_total_steps`), or after --continuous_eval_timeout seconds without a new
     checkpoint."""
     cfg = run.config
-    apart = run.other_weights or run.other_settings() or other_data_name(cfg, run.saved)
+    apart = run.apart() or other_data_name(cfg, run.saved)
     if (run.saved or {}).get("mode") == "train_and_eval" and not apart:
         logging.warning("%s was trained with --mode=train_and_eval, which evaluates too: both "
                         "write its eval/ curve; train with --mode=train beside a continuous "
