@@ -778,6 +778,13 @@ def check_compatible(model_dir: str, current: dict, log_changes: bool = True,
                         "leaves out: its checkpoints will not hold it and its evaluations use "
                         "the raw weights; give --ema_decay=%s to keep it", model_dir,
                         saved["ema_decay"], saved["ema_decay"])
+    elif (saved.get("ema_decay") and current.get("ema_decay")
+          and bool(saved.get("ema", True)) != bool(current.get("ema", True))):
+        weights = "the weight average" if current.get("ema", True) else "the raw weights"
+        logging.warning("--model_dir=%s evaluated %s until now: this run's evaluations use %s, "
+                        "in the same eval/ curve; give --%s to go on as before", model_dir,
+                        "the raw weights" if current.get("ema", True) else "its weight average",
+                        weights, "noema" if current.get("ema", True) else "ema")
     data = [f"{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in DATA_FIELDS if k in changed]
     if data:
         logging.warning("--model_dir=%s was trained on other data (%s): this run continues from "

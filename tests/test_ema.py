@@ -117,6 +117,12 @@ def test_a_resume_that_drops_the_average_says_how_to_keep_it(tmp_path, caplog):
                     model_dir=str(tmp_path / "run"), train_steps=4, batch_size=32,
                     learning_rate=1e-2, ema_decay=0.9, mode="train")
     core.run(config)
+    # A resume that turns to the raw weights says its curve changes meaning.
+    with caplog.at_level("INFO", logger="absl"):
+        assert core.run(config.replace(train_steps=6, ema=False))["step"] == 6
+    assert (f"--model_dir={tmp_path / 'run'} evaluated its weight average until now: this "
+            "run's evaluations use the raw weights, in the same eval/ curve; give --ema to go "
+            "on as before") in caplog.text
     caplog.clear()
     with caplog.at_level("INFO", logger="absl"):
         assert core.run(config.replace(ema_decay=None, train_steps=8))["step"] == 8
