@@ -777,7 +777,7 @@ class Run:
                 value, ran = (tuple(v) if v is not None else None for v in (value, ran))
             if value != ran:
                 shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-                out.append(re.sub(r"[^A-Za-z0-9_.,]+", "-", f"{name}-{shown}"))
+                out.append(_folder_safe(f"{name}-{shown}"))
         return out
 
     def apart(self) -> list[str]:
@@ -1155,6 +1155,11 @@ def other_data_name(config: Config, saved: dict | None) -> str | None:
         return None
     where = os.path.basename(config.data_dir.rstrip("/")) if config.data_dir else ""
     name = "-".join(p for p in (config.dataset, where, config.eval_split) if p)
+    return _folder_safe(name)
+
+
+def _folder_safe(name: str) -> str:
+    """'folder-photos-test[:90%]' -> 'folder-photos-test-90': a TensorBoard run's name."""
     return re.sub(r"[^A-Za-z0-9_.]+", "-", name).strip("-")
 
 
@@ -1164,14 +1169,15 @@ def _evaluate_checkpoint(run: Run, path: str, chosen: bool) -> tuple[dict, str |
     cfg = run.config
     step = run.checkpointer.restore(path)
     other = other_data_name(cfg, run.saved)
-    writer = "_".join(["eval"] + ([os.path.basename(path)] if chosen else []) + run.apart()
+    names = run.apart()
+    writer = "_".join(["eval"] + ([os.path.basename(path)] if chosen else []) + names
                       + ([other] if other else []))
     apart = writer != "eval"
-    if run.apart():
-        what = " and ".join(w for w, on in (("weights", run.other_weights),
-                                            ("settings", run.other_settings())) if on)
+    if names:
+        what = ("weights and settings" if run.other_weights and names[1:] else
+                "weights" if run.other_weights else "settings")
         logging.info("evaluating other %s than the run's evaluations (%s): results in %s/",
-                     what, ", ".join(run.apart()), os.path.join(cfg.model_dir, writer))
+                     what, ", ".join(names), os.path.join(cfg.model_dir, writer))
     if other:
         logging.info("evaluating other data than the run's (%s %s): results in %s/", cfg.dataset,
                      cfg.eval_split, os.path.join(cfg.model_dir, writer))
