@@ -963,13 +963,18 @@ def train(run: Run) -> dict:
     start = run.checkpointer.restore()
     steps_per_epoch = run.train_split.num_examples // cfg.step_batch
     total = cfg.train_steps or cfg.epochs * steps_per_epoch
-    logging.info("learning rate: %s", run.schedule.describe(cfg.learning_rate))
+    saved = checkpoints.saved_config(cfg.model_dir) if start else None
+    if saved and saved.get("learning_rate") != cfg.learning_rate:
+        run.trainer.set_learning_rate(cfg.learning_rate)  # the flag wins over the checkpoint
+    base = run.trainer.base_learning_rate if start else cfg.learning_rate
+    # --reduce_lr_patience and NaN rollbacks lower the checkpointed base rate.
+    lowered = (f" (the run's --learning_rate={cfg.learning_rate:g}, lowered by "
+               "--reduce_lr_patience or NaN rollbacks before step "
+               f"{start})" if abs(base - cfg.learning_rate) > 1e-6 * cfg.learning_rate else "")
+    logging.info("learning rate: %s%s", run.schedule.describe(base), lowered)
     _warn_of_a_schedule_past_the_end(run.schedule, total)
     if start:
         logging.info("resuming from step %d towards %d", start, total)
-        saved = checkpoints.saved_config(cfg.model_dir)
-        if saved and saved.get("learning_rate") != cfg.learning_rate:
-            run.trainer.set_learning_rate(cfg.learning_rate)  # the flag wins over the checkpoint
         if saved:
             _warn_if_the_schedule_moved(saved, run.schedule, cfg.learning_rate, start)
         before = saved and saved.get("batch_size", cfg.batch_size) * saved.get("grad_accum_steps", 1)

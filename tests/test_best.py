@@ -116,10 +116,14 @@ def test_reduce_lr_on_plateau_lowers_the_rate_and_resumes_on_schedule(tmp_path, 
     assert not os.path.exists(tmp_path / "run" / "best" / "ckpt-10.index")  # none kept
 
     # Resumed with a higher floor: the next reduction is due at 4 evaluations past 30, step 70.
+    # The start's line gives the rate it resumes at, not the flag's (it said "constant 1e-12").
     caplog.clear()
     with caplog.at_level("INFO", logger="absl"):
         core.run(config.replace(train_steps=80, reduce_lr_min=1e-13))
-    lines = [r.getMessage() for r in caplog.records if "--reduce_lr_patience" in r.getMessage()]
+    messages = [r.getMessage() for r in caplog.records]
+    assert ("learning rate: constant 3e-13 (the run's --learning_rate=1e-12, lowered by "
+            "--reduce_lr_patience or NaN rollbacks before step 60)") in messages
+    lines = [m for m in messages if "--reduce_lr_patience)" in m]
     assert len(lines) == 1 and lines[0].startswith("learning rate 3e-13 -> 1.5e-13 at step 70")
     rates = dict(event_tags(str(tmp_path / "run" / "train"))["learning_rate"])
     assert rates[70] == pytest.approx(3e-13) and rates[80] == pytest.approx(1.5e-13)
