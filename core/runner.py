@@ -1071,6 +1071,11 @@ def train(run: Run) -> dict:
                 e.args = (f"{e}; this was one worker of {workers}, and the others stop too: "
                           "start every worker again, all with the same flags",)
             raise
+    if run.is_chief and step < total:
+        # Ended before its last step (early stopping, an action's True): no checkpoint will
+        # follow, so a continuous evaluation beside it ends here, not at its timeout.
+        run.run_config["resolved_stopped_early_at"] = step
+        checkpoints.write_config(cfg.model_dir, run.run_config)
     signals.interruption_point()
     if run.is_chief:
         run.figures(step, cfg.model_dir)
@@ -1233,7 +1238,8 @@ def continuous_evaluate(run: Run) -> dict:
     deletes a checkpoint. It always takes the newest (one evaluated while two newer
     appeared skips the middle one), stops after the training's last step (config.json's
     `resolved_total_steps`), or after --continuous_eval_timeout seconds without a new
-    checkpoint."""
+    checkpoint; a run that ended before its last step (early stopping, an action's True)
+    records the step it ended at (`resolved_stopped_early_at`), which ends the evaluation there."""
     cfg = run.config
     apart = run.apart() or other_data_name(cfg, run.saved)
     if (run.saved or {}).get("mode") == "train_and_eval" and not apart:
@@ -1243,7 +1249,13 @@ def continuous_evaluate(run: Run) -> dict:
     evaluated, results, deadline = None, None, time.monotonic() + cfg.continuous_eval_timeout
     evaluations = []  # every checkpoint's results, returned with the last one's
     while True:
-        total = (checkpoints.saved_config(cfg.model_dir) or {}).get("resolved_total_steps")
+        saved = checkpoints.saved_config(cfg.model_dir) or {}
+        stopped = saved.get("resolved_stopped_early_at")
+        last = stopped or saved.get("resolved_total_steps")
+        if results and last and results["step"] >= last:
+            logging.info("continuous eval: evaluated step %d, %s: done", results["step"],
+                         "where the training stopped early" if stopped else "the training's last")
+            return results
         latest = _latest_checkpoint(cfg.model_dir)
         if latest and latest != evaluated:
             try:
@@ -1253,10 +1265,6 @@ def continuous_evaluate(run: Run) -> dict:
                 evaluated, deadline = latest, time.monotonic() + cfg.continuous_eval_timeout
                 if asked:
                     logging.info("continuous eval: %s returned True at step %d: done", asked,
-                                 results["step"])
-                    return results
-                if total and results["step"] >= total:
-                    logging.info("continuous eval: evaluated step %d, the training's last: done",
                                  results["step"])
                     return results
                 continue

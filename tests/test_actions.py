@@ -158,9 +158,40 @@ def test_an_action_that_returns_true_stops_the_run_at_that_step(tmp_path, kind, 
     assert any(re.match(stopping, r.getMessage()) for r in caplog.records)
 
 
+def test_a_continuous_evaluation_ends_where_the_training_stopped_early(tmp_path, caplog):
+    """A run stopped at step 20 of 60 (by an action, or early stopping) writes no more
+    checkpoints: a continuous evaluation beside it waited for its timeout (an hour by
+    default). The run records where it stopped, and the evaluation ends there; a resume that
+    goes on clears the record."""
+    config = _config(tmp_path, train_steps=60, mode="train")
+    core.run(config, train_actions=[lambda step, m: step >= 20])
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["resolved_stopped_early_at"] == 20 and saved["resolved_total_steps"] == 60
+    with caplog.at_level("INFO", logger="absl"):
+        results = core.run(Config(mode="continuous_eval", model_dir=str(tmp_path / "run"),
+                                  continuous_eval_timeout=120),
+                           given={"mode", "model_dir", "continuous_eval_timeout"})
+    assert results["step"] == 20 and [e["step"] for e in results["evaluations"]] == [20]
+    messages = [r.getMessage() for r in caplog.records]
+    assert ("continuous eval: evaluated step 20, where the training stopped early: done"
+            in messages)
+    assert not any("no new checkpoint" in m for m in messages)
+    core.run(config.replace(train_steps=40))  # resumed, to its end
+    assert "resolved_stopped_early_at" not in json.loads(
+        (tmp_path / "run" / "config.json").read_text())
+    # Early stopping: a train_and_eval run on weights that cannot move stops after 2 flat
+    # evaluations, at step 60 of 200.
+    early = _config(tmp_path, model_dir=str(tmp_path / "early"), learning_rate=1e-12,
+                    train_steps=200, early_stopping_patience=2)
+    assert core.run(early)["step"] == 60
+    results = core.run(Config(mode="continuous_eval", model_dir=early.model_dir,
+                              continuous_eval_timeout=120),
+                       given={"mode", "model_dir", "continuous_eval_timeout"})
+    assert results["step"] == 60 and len(results["evaluations"]) == 1
+
+
 def test_an_eval_action_that_returns_true_ends_a_continuous_evaluation(tmp_path, caplog):
-    """A run stopped at step 20 of 60 (by an action) will write no more checkpoints: the
-    continuous evaluation would wait for its timeout; an eval action's True ends it."""
+    """An eval action's True ends a continuous evaluation at the step it returned True."""
     core.run(_config(tmp_path, train_steps=60, mode="train"),
              train_actions=[lambda step, m: step >= 20])
     with caplog.at_level("INFO", logger="absl"):
