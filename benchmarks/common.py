@@ -57,12 +57,14 @@ def run(main) -> None:
 
     def main_with_errors(argv):
         core.one_copy_of_tensorflow_logs()  # TensorFlow was imported before app.run's handler
+        from layers.autoencoders import ModelError
+
         try:
             return main(argv)
-        except TapeloopError as e:
+        except (TapeloopError, ModelError) as e:  # ModelError: a --model that does not build
             print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
             sys.stderr.flush()
-            sys.exit(e.exit_code)
+            sys.exit(getattr(e, "exit_code", 2))
 
     app.run(main_with_errors)
 

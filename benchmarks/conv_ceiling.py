@@ -30,9 +30,9 @@ from benchmarks import common  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "seed", "Registered model.")
 flags.DEFINE_list("image_shape", ["28", "28", "1"], "H,W,C of the images.")
-flags.DEFINE_integer("batch_size", 256, "Global batch; each core's share is what is timed.")
-flags.DEFINE_integer("iterations", 20, "Ops per timed call.")
-flags.DEFINE_integer("repeats", 5, "Timed calls per op (the median counts).")
+flags.DEFINE_integer("batch_size", 256, "Global batch; each core's share is what is timed.", lower_bound=1)
+flags.DEFINE_integer("iterations", 20, "Ops per timed call.", lower_bound=1)
+flags.DEFINE_integer("repeats", 5, "Timed calls per op (the median counts).", lower_bound=1)
 flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "Precisions to time.")
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"), "Reports go here.")
 

@@ -32,8 +32,8 @@ from benchmarks import common  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["seed", "denoiser"], "Models to measure.")
 flags.DEFINE_list("batch_sizes", ["32", "64", "256"], "Global batch sizes.")
-flags.DEFINE_integer("steps", 300, "Training steps per run (the first is compilation).")
-flags.DEFINE_integer("repeats", 3, "Turns of every variant per cell.")
+flags.DEFINE_integer("steps", 300, "Training steps per run (the first is compilation).", lower_bound=1)
+flags.DEFINE_integer("repeats", 3, "Turns of every variant per cell.", lower_bound=1)
 flags.DEFINE_string("dataset", "fontdigits", "Dataset flag for train.py.")
 flags.DEFINE_string("data_dir", None, "Data dir flag for train.py.")
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"),

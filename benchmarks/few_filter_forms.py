@@ -37,7 +37,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("shapes", ["16x64x64x32x3", "16x8x8x64x4", "16x64x64x32x8", "16x64x64x8x3"],
                   "BxHxWxC_inxC_out: one shard's input and the conv's filters (3x3 kernel).")
 flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16"], "Compute dtype.")
-flags.DEFINE_integer("rounds", 11, "Timed calls per form, interleaved (median and range).")
+flags.DEFINE_integer("rounds", 11, "Timed calls per form, interleaved (median and range).", lower_bound=1)
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"),
                     "Reports go here.")
 

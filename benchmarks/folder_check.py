@@ -30,8 +30,8 @@ from absl import flags  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("files", 4000, "PNG files to write and check.")
-flags.DEFINE_integer("rounds", 7, "Interleaved rounds (medians and ranges reported).")
+flags.DEFINE_integer("files", 4000, "PNG files to write and check.", lower_bound=1)
+flags.DEFINE_integer("rounds", 7, "Interleaved rounds (medians and ranges reported).", lower_bound=1)
 flags.DEFINE_list("threads", ["1", "2", "4", "8", "32"], "Thread counts to time.")
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"),
                     "Reports go here.")

@@ -42,9 +42,9 @@ from absl import flags  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("steps", 300, "Training steps per path.")
-flags.DEFINE_integer("steps_per_loop", 50, "Steps per compiled loop call.")
-flags.DEFINE_integer("batch_size", 256, "Global batch (divided over the GPUs when mirrored).")
+flags.DEFINE_integer("steps", 300, "Training steps per path.", lower_bound=1)
+flags.DEFINE_integer("steps_per_loop", 50, "Steps per compiled loop call.", lower_bound=1)
+flags.DEFINE_integer("batch_size", 256, "Global batch (divided over the GPUs when mirrored).", lower_bound=1)
 flags.DEFINE_bool("simulate_on_cpu", False, "Run the GPU paths on 2 logical CPU devices "
                   "(checks the script, not a GPU).")
 flags.DEFINE_bool("keras", True, "Time Keras fit beside each path.")

@@ -44,9 +44,9 @@ flags.DEFINE_list("blocks", [
     "up:8:7:16:3", "up:16:14:1:3",
     "pool:1:28:32:3", "pool:32:14:32:3", "up:32:7:32:3"],
     "kind:cin:size:filters:kernel entries to time (kinds: " + ", ".join(KINDS) + ").")
-flags.DEFINE_integer("batch_size", 256, "Global batch; each core's share is what is timed.")
-flags.DEFINE_integer("iterations", 20, "Training passes per timed call.")
-flags.DEFINE_integer("rounds", 9, "Timed calls per layout, interleaved (the median counts).")
+flags.DEFINE_integer("batch_size", 256, "Global batch; each core's share is what is timed.", lower_bound=1)
+flags.DEFINE_integer("iterations", 20, "Training passes per timed call.", lower_bound=1)
+flags.DEFINE_integer("rounds", 9, "Timed calls per layout, interleaved (the median counts).", lower_bound=1)
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"), "Reports go here.")
 
 

@@ -51,12 +51,12 @@ from absl import flags  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("num_images", 20_000, "Images to generate (256x256).")
+flags.DEFINE_integer("num_images", 20_000, "Images to generate (256x256).", lower_bound=1)
 flags.DEFINE_string("work_dir", "/tmp/tapeloop-image-files", "Generated files go here (reused).")
-flags.DEFINE_integer("batch_size", 256, "Batch size.")
-flags.DEFINE_integer("batches", 40, "Batches per timed round of each input path.")
-flags.DEFINE_integer("train_steps", 40, "Steps per timed round of each training variant.")
-flags.DEFINE_integer("rounds", 3, "Timed rounds.")
+flags.DEFINE_integer("batch_size", 256, "Batch size.", lower_bound=1)
+flags.DEFINE_integer("batches", 40, "Batches per timed round of each input path.", lower_bound=1)
+flags.DEFINE_integer("train_steps", 40, "Steps per timed round of each training variant.", lower_bound=1)
+flags.DEFINE_integer("rounds", 3, "Timed rounds.", lower_bound=1)
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"),
                     "Reports go here.")
 

@@ -26,10 +26,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", "fontdigits", "Dataset.")
 flags.DEFINE_string("data_dir", None, "For mnist/fashion_mnist.")
 flags.DEFINE_string("train_split", "train", "Training split.")
-flags.DEFINE_integer("batch_size", 256, "Global batch size.")
-flags.DEFINE_integer("batches", 400, "Batches per timed round of each pipeline.")
-flags.DEFINE_integer("train_steps", 64, "Steps per timed round of training.")
-flags.DEFINE_integer("rounds", 5, "Timed rounds.")
+flags.DEFINE_integer("batch_size", 256, "Global batch size.", lower_bound=1)
+flags.DEFINE_integer("batches", 400, "Batches per timed round of each pipeline.", lower_bound=1)
+flags.DEFINE_integer("train_steps", 64, "Steps per timed round of training.", lower_bound=1)
+flags.DEFINE_integer("rounds", 5, "Timed rounds.", lower_bound=1)
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"), "Reports go here.")
 
 

@@ -31,10 +31,10 @@ from absl import flags  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("batch_size", 256, "Global batch; each core's share is what is timed.")
-flags.DEFINE_integer("image_size", 28, "Logits are image_size x image_size x 1 per example.")
-flags.DEFINE_integer("iterations", 50, "Loss + gradient evaluations per timed call.")
-flags.DEFINE_integer("rounds", 15, "Timed calls per form, interleaved (the median counts).")
+flags.DEFINE_integer("batch_size", 256, "Global batch; each core's share is what is timed.", lower_bound=1)
+flags.DEFINE_integer("image_size", 28, "Logits are image_size x image_size x 1 per example.", lower_bound=1)
+flags.DEFINE_integer("iterations", 50, "Loss + gradient evaluations per timed call.", lower_bound=1)
+flags.DEFINE_integer("rounds", 15, "Timed calls per form, interleaved (the median counts).", lower_bound=1)
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"), "Reports go here.")
 
 

@@ -32,8 +32,8 @@ from benchmarks import common  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_list("shapes", ["16x64x64x32", "16x32x32x64", "16x16x16x64", "16x8x8x64"],
                   "BxHxWxC: one shard's activations at each stage of the default resnet.")
-flags.DEFINE_integer("groups", 8, "GroupNorm's groups (the resnet's: gcd(channels, 8)).")
-flags.DEFINE_integer("rounds", 11, "Timed calls per form, interleaved (median and range).")
+flags.DEFINE_integer("groups", 8, "GroupNorm's groups (the resnet's: gcd(channels, 8)).", lower_bound=1)
+flags.DEFINE_integer("rounds", 11, "Timed calls per form, interleaved (median and range).", lower_bound=1)
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"),
                     "Reports go here.")
 

@@ -34,15 +34,16 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("model", "seed", "Registered model.")
 flags.DEFINE_string("dataset", "fontdigits", "Dataset of the training split.")
 flags.DEFINE_string("data_dir", None, "For mnist/fashion_mnist.")
-flags.DEFINE_integer("batch_size", 256, "Global batch size.")
-flags.DEFINE_integer("batch_shards", 1, "Trainer batch_shards.")
-flags.DEFINE_integer("num_intra_threads", 0, "Threads per op (0: TensorFlow's choice).")
-flags.DEFINE_integer("num_inter_threads", 0, "Ops at once (0: TensorFlow's choice).")
+flags.DEFINE_integer("batch_size", 256, "Global batch size.", lower_bound=1)
+flags.DEFINE_integer("batch_shards", 1, "Trainer batch_shards.", lower_bound=1)
+flags.DEFINE_integer("num_intra_threads", 0, "Threads per op (0: TensorFlow's choice).", lower_bound=0)
+flags.DEFINE_integer("num_inter_threads", 0, "Ops at once (0: TensorFlow's choice).", lower_bound=0)
 flags.DEFINE_string("precision", "float32", "float32 or mixed_bfloat16.")
-flags.DEFINE_integer("steps", 16, "Traced steps (one compiled call; longer traces lose small ops' events).")
+flags.DEFINE_integer("steps", 16, "Traced steps (one compiled call; longer traces lose small "
+                     "ops' events).", lower_bound=1)
 flags.DEFINE_list("without", [], "Names of `fast_forms.Forms` fields turned off (what one "
                   "form changes in the profile).")
-flags.DEFINE_integer("top", 25, "Rows of each Markdown table.")
+flags.DEFINE_integer("top", 25, "Rows of each Markdown table.", lower_bound=1)
 flags.DEFINE_string("report_name", "op_profile", "Writes REPORT_NAME.{json,md}.")
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"), "Reports go here.")
 

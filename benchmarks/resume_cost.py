@@ -30,8 +30,8 @@ from benchmarks import common  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", "/tmp/tapeloop-image-files/tfrecord_prepared-20000",
                     "TFRecord shards (benchmarks/image_files.py writes these).")
-flags.DEFINE_integer("batch_size", 256, "Batch size.")
-flags.DEFINE_integer("repeats", 3, "Repeats of each measurement (median reported).")
+flags.DEFINE_integer("batch_size", 256, "Batch size.", lower_bound=1)
+flags.DEFINE_integer("repeats", 3, "Repeats of each measurement (median reported).", lower_bound=1)
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"),
                     "Reports go here.")
 

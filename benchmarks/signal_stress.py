@@ -43,11 +43,11 @@ from absl import flags  # noqa: E402
 from benchmarks import common  # noqa: E402
 
 FLAGS = flags.FLAGS
-flags.DEFINE_integer("runs", 60, "Processes to interrupt.")
+flags.DEFINE_integer("runs", 60, "Processes to interrupt.", lower_bound=1)
 flags.DEFINE_string("checkout", common.ROOT, "The tapeloop checkout whose train.py runs.")
 flags.DEFINE_integer("seed", 0, "Seed of the random delays.")
 flags.DEFINE_integer("busy", 2, "CPU-bound processes run beside, as CI's test workers do: "
-                     "on an idle machine the races below are rarer.")
+                     "on an idle machine the races below are rarer.", lower_bound=0)
 flags.DEFINE_bool("python", False, "Interrupt core.run called from Python (a notebook), "
                   "not train.py.")
 flags.DEFINE_string("name", None, "Report name (default: signal_stress, with --python "

@@ -32,7 +32,7 @@ from benchmarks import common  # noqa: E402
 FLAGS = flags.FLAGS
 flags.DEFINE_list("shapes", ["2000x28x28x1", "256x64x64x3"],
                   "BxHxWxC: 2000 MNIST images (the fast recipe's evaluation), a colour batch.")
-flags.DEFINE_integer("rounds", 11, "Timed calls per form, interleaved (median and range).")
+flags.DEFINE_integer("rounds", 11, "Timed calls per form, interleaved (median and range).", lower_bound=1)
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"),
                     "Reports go here.")
 

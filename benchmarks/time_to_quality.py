@@ -44,7 +44,7 @@ flags.DEFINE_string("data_dir", None, "MNIST's files (the t10k IDX .gz files or 
 flags.DEFINE_string("dataset", "mnist", "The dataset both recipes read.")
 flags.DEFINE_list("splits", ["test[:8000]:test[8000:]", "test[2000:]:test[:2000]"],
                   "TRAIN:EVAL split pairs; the first is the one the recipe was tuned on.")
-flags.DEFINE_integer("seeds", 5, "Seeds 0..N-1 of each recipe on each split.")
+flags.DEFINE_integer("seeds", 5, "Seeds 0..N-1 of each recipe on each split.", lower_bound=1)
 flags.DEFINE_string("recipe", os.path.join(common.ROOT, "configs", "fast_mnist.cfg"),
                     "tapeloop's recipe: a train.py flag file.")
 flags.DEFINE_list("extra_flags", [], "More train.py flags for tapeloop's runs (recipe trials), "

@@ -30,7 +30,7 @@ flags.DEFINE_string("train_split", "test[:8000]", "Training split.")
 flags.DEFINE_string("eval_split", "test[8000:]", "Held-out split.")
 flags.DEFINE_integer("seed", 0, "Weight initialisation and shuffling.")
 flags.DEFINE_float("target", 0.14, "Stop once the held-out BCE is at or below this.")
-flags.DEFINE_integer("max_epochs", 30, "Stop after this many epochs.")
+flags.DEFINE_integer("max_epochs", 30, "Stop after this many epochs.", lower_bound=1)
 
 
 def main(argv):

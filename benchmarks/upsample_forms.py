@@ -40,7 +40,7 @@ flags.DEFINE_list("shapes", ["16x32x32x32x32", "16x16x16x64x64", "16x8x8x64x64"]
                   "BxHxWxC_inxC_out: one shard's small map and the conv's filters at each up "
                   "stage of the default resnet decoder.")
 flags.DEFINE_bool("jit_compile", False, "Compile each form with XLA (the GPU default).")
-flags.DEFINE_integer("rounds", 11, "Timed calls per form, interleaved (median and range).")
+flags.DEFINE_integer("rounds", 11, "Timed calls per form, interleaved (median and range).", lower_bound=1)
 flags.DEFINE_string("output_dir", os.path.join(common.ROOT, "benchmarks", "results"),
                     "Reports go here.")
 

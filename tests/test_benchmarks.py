@@ -79,6 +79,23 @@ def test_bad_input_is_one_line_with_its_exit_code_not_a_traceback(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_model_that_does_not_build_or_a_count_below_one_is_one_line(tmp_path):
+    """A --model that does not import was a traceback through the benchmark (its
+    workers' too); a count of 0 (--steps=0) a TypeError deep in the report. Now the
+    model's one line (exit 2), and absl's refusal of the flag (exit 1)."""
+    proc = run_script("benchmarks/conv_ceiling.py", "--model=nope", f"--output_dir={tmp_path}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert [x for x in proc.stderr.splitlines() if ": error: " in x] == [
+        "conv_ceiling.py: error: --model=nope: importing nope failed (ModuleNotFoundError: No "
+        "module named 'nope'): put nope.py in the working directory or on PYTHONPATH, and fix "
+        "what it raises"]
+    proc = run_script("benchmarks/gpu_check.py", "--simulate_on_cpu", "--steps=0",
+                      f"--output_dir={tmp_path}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "flag --steps=0: 0 is not a positive integer" in proc.stderr
+    assert not list(tmp_path.iterdir())
+
+
 def test_throughput_rejects_unknown_variants(tmp_path):
     proc = run_script("benchmarks/throughput.py", "--variants=warp_drive",
                       f"--output_dir={tmp_path}", "--peaks=false", "--dataset=synthetic")
