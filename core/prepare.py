@@ -198,6 +198,9 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
 
     output_dir, data_dir = expand_home(output_dir), expand_home(data_dir)
 
+    if not dataset:
+        raise ConfigError("--dataset is required: what to convert, e.g. --dataset=folder "
+                          "--data_dir=~/photos, or mnist, tfrecord, tfds:NAME")
     check_no_path_in_dataset(dataset, ("folder",))
     if dataset not in DATASETS and not dataset.startswith("tfds:"):
         raise ConfigError(f"--dataset={dataset}: choose one of {', '.join(DATASETS)}, or "
@@ -223,8 +226,16 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
         raise ConfigError(f"--encoding={encoding}: choose one of {', '.join(ENCODINGS)}")
     if not -1 <= png_compression <= 9:
         raise ConfigError(f"--png_compression={png_compression}: 0 (none) to 9, or -1 (zlib's)")
-    size = config_image_size([int(v) for v in image_size]) if image_size else None
+    try:
+        size = config_image_size([int(v) for v in image_size]) if image_size else None
+    except ValueError:  # not numbers: the same line as numbers that are not sizes
+        raise ConfigError(f"--image_size={','.join(image_size)}: give HEIGHT,WIDTH as two "
+                          "positive numbers, e.g. 64,48, or one for a square, e.g. 64") from None
+    if channels not in (None, 1, 3):  # (2 wrote the images' own channels, without a word)
+        raise ConfigError(f"--channels={channels}: 1 (greyscale) or 3 (RGB)")
     specs = list(splits or _split_names(dataset, data_dir))
+    if len(set(specs)) != len(specs):  # (train,train wrote train's images as train and test)
+        raise ConfigError(f"--splits={','.join(specs)}: names a split twice; give each once")
     names = [s.split("[")[0] for s in specs]
     if len(specs) == 2 and len(set(names)) == 1:  # train[:90%], train[90%:]
         names = ["train", "test"]
@@ -282,9 +293,6 @@ def main(argv) -> int:
     except TapeloopError as e:
         print(f"prepare: error: {e}", file=sys.stderr)
         return e.exit_code
-    except ValueError as e:  # --image_size that is not numbers
-        print(f"prepare: error: {e}", file=sys.stderr)
-        return 2
     size_mb = sum(s["bytes"] for s in info["shards"]) / 2**20
     total = sum(s["examples"] for s in info["shards"])
     print(f"wrote {total:,} images ({'x'.join(map(str, info['image_shape']))}) in "

@@ -35,6 +35,25 @@ def test_a_bad_flag_value_is_one_line_and_exit_2(tmp_path):
     assert lines == ["prepare: error: flag --encoding=jpeg: value should be one of <png|raw> "
                      "(python -m core.prepare --helpshort lists the flags)"], proc.stderr
     assert not (tmp_path / "out").exists()
+    # Without --dataset: an AttributeError's traceback ('NoneType' ... 'partition').
+    proc = _prepare(f"--output_dir={tmp_path / 'out'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == (
+        "prepare: error: --dataset is required: what to convert, e.g. --dataset=folder "
+        "--data_dir=~/photos, or mnist, tfrecord, tfds:NAME")
+    assert not (tmp_path / "out").exists()
+    # Values the flags' types let through: --channels=2 wrote the images' own channels,
+    # --splits=train,train train's images as train and test, and letters for a size were
+    # Python's own words ("invalid literal for int()").
+    for flag, line in [
+            ("--channels=2", "--channels=2: 1 (greyscale) or 3 (RGB)"),
+            ("--splits=train,train", "--splits=train,train: names a split twice; give each once"),
+            ("--image_size=a,b", "--image_size=a,b: give HEIGHT,WIDTH as two positive numbers, "
+                                 "e.g. 64,48, or one for a square, e.g. 64")]:
+        proc = _prepare("--dataset=shapes", flag, f"--output_dir={tmp_path / 'out'}")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert proc.stderr.splitlines()[-1] == f"prepare: error: {line}"
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture(scope="module")
