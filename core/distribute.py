@@ -156,9 +156,27 @@ def strategy_of_cluster(config):
     """--strategy=auto in training where TF_CONFIG names several training tasks (a cluster
     manager sets it for each machine of a job): MultiWorkerMirroredStrategy. The default
     strategy would train each machine alone into the same --model_dir. Evaluation, and an
-    explicit strategy, stay on this machine."""
-    tasks = trainers_in_tf_config(os.environ.get("TF_CONFIG"))
-    if config.strategy != "auto" or config.mode not in ("train", "train_and_eval") or tasks < 2:
+    explicit strategy, stay on this machine.
+
+    Raises:
+      ConfigError: in training with auto, a TF_CONFIG that is not a JSON object.
+    """
+    text = os.environ.get("TF_CONFIG")
+    if config.strategy != "auto" or config.mode not in ("train", "train_and_eval"):
+        return config
+    if text and text.strip():  # else a typo left every machine training alone, silently
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"TF_CONFIG is not valid JSON ({e.msg} at character {e.pos}): "
+                              f"--strategy=auto reads it to join a cluster; fix it, or unset "
+                              f"TF_CONFIG to train on this machine alone") from None
+        if not isinstance(cfg, dict) or not isinstance(cfg.get("cluster", {}), dict):
+            raise ConfigError(f"TF_CONFIG is not an object with a 'cluster' object ({text[:60]!r}): "
+                              f"--strategy=auto reads it to join a cluster; fix it, or unset "
+                              f"TF_CONFIG to train on this machine alone")
+    tasks = trainers_in_tf_config(text)
+    if tasks < 2:
         return config
     logging.info("TF_CONFIG names a cluster of %d training tasks: --strategy=auto joins it "
                  "(--strategy=multi_worker); give --strategy=mirrored, or unset TF_CONFIG, to "

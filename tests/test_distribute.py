@@ -341,7 +341,7 @@ def test_malformed_tf_config(text, message):
 def test_auto_joins_the_cluster_tf_config_names_in_training_only(monkeypatch):
     """A cluster manager sets TF_CONFIG on each machine: auto joins a cluster of several
     training tasks (test_multi_worker.py trains two so); one task, evaluation, an explicit
-    strategy and no TF_CONFIG stay on this machine."""
+    strategy and no TF_CONFIG stay on this machine; one it cannot read is one line."""
     cluster = '{"cluster": {"chief": ["c:0"], "worker": ["a:1"]}, "task": {"type": "chief", "index": 0}}'
     monkeypatch.setenv("TF_CONFIG", cluster)
     assert distribute.strategy_of_cluster(Config()).strategy == "multi_worker"
@@ -349,9 +349,15 @@ def test_auto_joins_the_cluster_tf_config_names_in_training_only(monkeypatch):
                    Config(strategy="mirrored"), Config(strategy="default")):
         assert distribute.strategy_of_cluster(config) == config
     for text in ('{"cluster": {"chief": ["c:0"]}, "task": {"type": "chief", "index": 0}}',
-                 "{not json", '["a"]'):  # one machine (Vertex AI sets this), or no cluster
+                 "{}", " "):  # one machine (Vertex AI sets this), or no cluster
         monkeypatch.setenv("TF_CONFIG", text)
         assert distribute.strategy_of_cluster(Config()).strategy == "auto"
+    for text in ("{not json", '["a"]', '{"cluster": ["a:1", "b:2"]}'):
+        monkeypatch.setenv("TF_CONFIG", text)  # silently trained each machine alone
+        with pytest.raises(ConfigError, match="TF_CONFIG is not .*: --strategy=auto reads it to "
+                           "join a cluster; fix it, or unset TF_CONFIG to train on this machine"):
+            distribute.strategy_of_cluster(Config())
+        assert distribute.strategy_of_cluster(Config(mode="eval")).strategy == "auto"
     monkeypatch.delenv("TF_CONFIG")
     assert distribute.strategy_of_cluster(Config()).strategy == "auto"
 
