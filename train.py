@@ -242,7 +242,11 @@ def config_from_flags(argv=None) -> config_lib.Config:
                 raise config_lib.ConfigError(f"--{name}={values[name]}: must be a positive "
                                              "whole number")
         later = _last_given(("epochs", "train_steps"), (argv or sys.argv)[1:])
-        values["epochs" if later == "train_steps" else "train_steps"] = None
+        earlier = "epochs" if later == "train_steps" else "train_steps"
+        logging.info("--%s=%d and --%s=%d both given: the later, --%s=%d, sets the run's "
+                     "length", earlier, values[earlier], later, values[later], later,
+                     values[later])
+        values[earlier] = None
     for name in ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps",
                  "image_size"):
         values[name] = _numbers(name, values[name])

@@ -56,9 +56,14 @@ def test_the_fast_recipe_takes_the_data_splits_and_seed_from_the_command_line(pa
     assert config.dataset == "mnist" and config.model == "seed"
 
 
-def test_the_last_of_epochs_and_train_steps_wins_on_the_command_line(parse):
-    assert parse("--epochs=3", "--train_steps=7").train_steps == 7
-    assert parse("--train_steps=7", "--epochs=3").epochs == 3
+def test_the_last_of_epochs_and_train_steps_wins_on_the_command_line(parse, caplog):
+    with caplog.at_level("INFO", logger="absl"):  # --verbosity=0: parsing resets the level
+        assert parse("--verbosity=0", "--epochs=3", "--train_steps=7").train_steps == 7
+        assert parse("--verbosity=0", "--train_steps=7", "--epochs=3").epochs == 3
+    # The log says which set the length: --train_steps=10 --epochs=2 trained 468 steps unsaid.
+    assert ("--train_steps=7 and --epochs=3 both given: the later, --epochs=3, sets the run's "
+            "length") in caplog.text
+    assert "--epochs=3 and --train_steps=7 both given: the later, --train_steps=7" in caplog.text
 
 
 def test_help_imports_no_tensorflow_and_lists_the_models():
