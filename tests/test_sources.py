@@ -297,6 +297,22 @@ def test_every_format_and_mode_decodes_to_the_requested_channels(tmp_path, fmt, 
         assert channels == 1 or np.abs(out[..., 0].astype(int) - out[..., 2]).max() > 10
 
 
+def test_an_animated_gif_decodes_to_its_first_frame(tmp_path):
+    """As in Keras (expand_animations=False); the up-front check lets it through."""
+    frames = [Image.fromarray(a).convert("P") for a in colour_images(3, 30, 40)]
+    path = str(tmp_path / "anim.gif")
+    frames[0].save(path, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    with Image.open(path) as im:
+        first = np.array(im.convert("RGB"))
+        im.seek(2)
+        last = np.array(im.convert("RGB"))
+    assert images.check_file(path).format == "GIF"
+    with open(path, "rb") as f:
+        out = images.decode(tf.constant(f.read()), (30, 40), 3).numpy()
+    np.testing.assert_array_equal(out, first)
+    assert np.abs(out.astype(int) - last).max() > 100
+
+
 def test_resize_modes_crop_pad_stretch():
     # 40x80: red left and right quarters, blue middle half.
     a = np.zeros((40, 80, 3), np.uint8)
