@@ -375,21 +375,38 @@ class Checkpointer:
                 f"{self.restore_dir}/checkpoint names {path}, whose files are missing: restore "
                 "them, or move the 'checkpoint' file away and the newest checkpoint left is "
                 "used, or use a fresh --model_dir")
+        tensorflow_log = std_logging.getLogger("tensorflow")
+        level, failure = tensorflow_log.level, None
+        # A restore that fails leaves objects that log, when collected, every value they did
+        # not restore (lines after the error's one), as in `initialise`.
+        tensorflow_log.setLevel(std_logging.ERROR)
         try:
             status = self._matching(path).restore(path)
             # Every object of ours must get a saved value: a partial restore would silently
             # go on from a mix of old and fresh weights.
             status.assert_existing_objects_matched()
         except Exception as e:  # noqa: BLE001 - damage surfaces as OpError, ValueError...
-            first = first_line(e)
+            failure = first_line(e)
+        finally:
+            if failure is not None:
+                gc.collect()
+            tensorflow_log.setLevel(level)
+        if failure is not None:
             if not readable(path):
                 raise CheckpointError(
-                    f"checkpoint {path} is damaged: its files do not read back ({first}); "
+                    f"checkpoint {path} is damaged: its files do not read back ({failure}); "
                     "move its files and the 'checkpoint' state file away and the newest "
-                    "remaining checkpoint is used, or use a fresh --model_dir") from None
+                    "remaining checkpoint is used, or use a fresh --model_dir")
+            if self.read_only:
+                fix = ("the code that builds the model differs from the code that saved it "
+                       "(your --model module, edited?), or the checkpoint is another run's: use "
+                       "that code, or a --checkpoint of the run whose --model_dir this is")
+            else:  # the flags matched its config.json: the code that builds the model differs
+                fix = ("its config.json matches these flags, so the code that builds the model "
+                       "differs from the code that saved it (your --model module, edited?): "
+                       "resume with that code, or use a fresh --model_dir for this one")
             raise CheckpointError(
-                f"checkpoint {path} holds a different model or optimizer ({first}): give the "
-                "flags it was trained with, or another --checkpoint") from None
+                f"checkpoint {path} holds a different model or optimizer ({failure}): {fix}")
         # What the file holds beyond our objects (the optimizer's slots for an evaluation,
         # a weight average this run dropped) is left unread, without TensorFlow's warning
         # for each of its values.

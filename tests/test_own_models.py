@@ -1,5 +1,6 @@
 """Your own model (`--model=MODULE:FACTORY`, `register`) and the losses (`--loss`)."""
 
+import gc
 import json
 import os
 import re
@@ -13,7 +14,7 @@ import tensorflow as tf
 import core
 from core import distribute, losses
 from core.config import Config
-from core.errors import ConfigError
+from core.errors import CheckpointError, ConfigError
 from core.trainer import Trainer
 from helpers import FONTDIGITS_SLICES, ROOT, event_tags, run_train, served
 from layers.autoencoders import build_autoencoder, register
@@ -237,6 +238,36 @@ def test_a_bad_factory_is_one_line_before_anything_is_written(tmp_path, monkeypa
                         train_steps=1, epochs=None))
     assert "\n" not in str(raised.value)
     assert not model_dir.exists()
+
+
+def test_a_model_module_edited_since_its_checkpoint_is_named_on_resume_and_eval(tmp_path,
+                                                                                 monkeypatch,
+                                                                                 caplog):
+    """The flags match config.json, so the code differs: it said "give the flags it was
+    trained with, or another --checkpoint", neither of which helps (nor is --checkpoint a
+    training flag)."""
+    factory = ("def make(shape):\n    return (tf.keras.Sequential([tf.keras.layers.Conv2D(\n"
+               "        {}, 3, strides=2, padding='same')], name='enc'), tf.keras.Sequential(\n"
+               "        [tf.keras.layers.Conv2DTranspose(1, 3, strides=2, padding='same')]))\n")
+    model_dir = tmp_path / "run"
+    config = Config(model="bad_models:make", dataset="fontdigits", model_dir=str(model_dir),
+                    train_steps=2, batch_size=8)
+    _factory_module(tmp_path, monkeypatch, factory.format(4))
+    core.run(config)
+    before = {n: (model_dir / n).read_bytes() for n in os.listdir(model_dir) if "ckpt-" in n}
+    _factory_module(tmp_path, monkeypatch, factory.format(6))  # the user edits the module
+    with pytest.raises(CheckpointError, match=re.escape(
+            "its config.json matches these flags, so the code that builds the model differs "
+            "from the code that saved it (your --model module, edited?): resume with that "
+            "code, or use a fresh --model_dir for this one")), caplog.at_level("WARNING"):
+        core.run(config.replace(train_steps=4))
+    gc.collect()  # nor, after the one line, TensorFlow's for each value left unrestored
+    assert not [r for r in caplog.records if r.name == "tensorflow"], caplog.text[-2000:]
+    with pytest.raises(CheckpointError, match=re.escape(
+            "the code that builds the model differs from the code that saved it (your --model "
+            "module, edited?), or the checkpoint is another run's")):
+        core.run(Config(mode="eval", model_dir=str(model_dir)), given={"mode", "model_dir"})
+    assert {n: (model_dir / n).read_bytes() for n in os.listdir(model_dir) if "ckpt-" in n} == before
 
 
 def test_filter_flags_are_refused_with_your_own_model():
