@@ -874,6 +874,12 @@ def open_tfrecord(data_dir: str, spec: str, split: str, sl: slice, image_size, c
                 f"the uint8 pixels of the feature {image_key!r}, shaped by {shaped_by}")
         logging.info("%s: the images are %s (no image/encoded)%s", split, what,
                      f", the labels {label_key!r}" if label_key else "")
+        unread = [k for k in ("image/class/label", "label") if k in feature and not label_key]
+        if unread:  # class names as bytes, say: a vocabulary would need every record read
+            logging.info("%s: the feature %r holds %s, not int64 class ids: the examples are "
+                         "read unlabelled (the latent-space figure is not drawn)", split,
+                         unread[0], {"bytes_list": "bytes", "float_list": "floats"}.get(
+                             feature[unread[0]].WhichOneof("kind"), "no values"))
     if first_raw is None:
         h, w, c, raw = _first_image_shape(first, files[0], image_key)
         size_keys = ("image/height", "image/width")

@@ -1045,7 +1045,7 @@ def _write_records(path, features_of):
                     value=[v])) for k, v in features.items()})).SerializeToString())
 
 
-def test_shards_whose_image_feature_is_not_model_gardens(tmp_path):
+def test_shards_whose_image_feature_is_not_model_gardens(tmp_path, caplog):
     """Shards of one's own (or a TFDS dataset's records) with the image under `image` and
     the class under `label`: read by finding the feature that holds an encoded image. They
     were refused for want of image/encoded."""
@@ -1077,6 +1077,15 @@ def test_shards_whose_image_feature_is_not_model_gardens(tmp_path):
                                             r"features: image, label, mask\): give "
                                             r"--image_feature one that holds an image$"):
             data.open_split("train", "tfrecord", str(tmp_path), image_feature=key)
+    # Class names as bytes under `label`: read unlabelled, and the log says why.
+    _write_records(tmp_path / "train-00000-of-00001",
+                   [{"image": p, "label": b"cat"} for p in png])
+    with caplog.at_level("INFO", logger="absl"):
+        read = data.materialize(data.open_split("train", "tfrecord", str(tmp_path)).source)
+    np.testing.assert_array_equal(read.images, pixels)
+    assert read.labels is None
+    assert ("train: the feature 'label' holds bytes, not int64 class ids: the examples are "
+            "read unlabelled") in caplog.text
     # Shards of one split with the image under different features.
     _write_records(tmp_path / "train-00000-of-00002", [{"image": p} for p in png])
     _write_records(tmp_path / "train-00001-of-00002", [{"img": p} for p in png])
