@@ -132,7 +132,10 @@ flags.DEFINE_bool("data_on_device", _D.data_on_device,
                   "loop (default: on with the CPU recipe, see --batch_shards).")
 flags.DEFINE_integer("data_on_device_max_mb", _D.data_on_device_max_mb,
                      "Refuse --data_on_device for a training split larger than this (MB per device).")
-flags.DEFINE_enum("strategy", _D.strategy, config_lib.STRATEGIES, "Distribution strategy.")
+flags.DEFINE_enum("strategy", _D.strategy, config_lib.STRATEGIES,
+                  "Distribution strategy; auto: mirrored over several GPUs, one_device on one, "
+                  "default on a CPU, and in training multi_worker where TF_CONFIG names a "
+                  "cluster of several training tasks.")
 flags.DEFINE_integer("num_cpu_devices", _D.num_cpu_devices,
                      "Split the CPU into N logical devices (test multi-device code without GPUs).")
 flags.DEFINE_integer("num_intra_threads", _D.num_intra_threads,
