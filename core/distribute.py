@@ -159,7 +159,8 @@ def strategy_of_cluster(config):
     explicit strategy, stay on this machine.
 
     Raises:
-      ConfigError: in training with auto, a TF_CONFIG that is not a JSON object.
+      ConfigError: in training with auto, a TF_CONFIG that is not a JSON object, or whose
+        task is the evaluator.
     """
     text = os.environ.get("TF_CONFIG")
     if config.strategy != "auto" or config.mode not in ("train", "train_and_eval"):
@@ -175,6 +176,11 @@ def strategy_of_cluster(config):
             raise ConfigError(f"TF_CONFIG is not an object with a 'cluster' object ({text[:60]!r}): "
                               f"--strategy=auto reads it to join a cluster; fix it, or unset "
                               f"TF_CONFIG to train on this machine alone")
+        task = cfg.get("task")
+        if isinstance(task, dict) and task.get("type") == "evaluator":
+            # With one chief it trained a whole run alone into the chief's --model_dir.
+            raise ConfigError("TF_CONFIG's task is the evaluator, which does not train: run it "
+                              "with --mode=continuous_eval and the workers' --model_dir")
     tasks = trainers_in_tf_config(text)
     if tasks < 2:
         return config

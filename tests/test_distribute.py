@@ -358,6 +358,14 @@ def test_auto_joins_the_cluster_tf_config_names_in_training_only(monkeypatch):
                            "join a cluster; fix it, or unset TF_CONFIG to train on this machine"):
             distribute.strategy_of_cluster(Config())
         assert distribute.strategy_of_cluster(Config(mode="eval")).strategy == "auto"
+    # A cluster manager starts the evaluator with the trainers' command: it trained too, alone
+    # into the chief's --model_dir, where the cluster had one training task.
+    monkeypatch.setenv("TF_CONFIG", '{"cluster": {"chief": ["c:0"], "evaluator": ["e:0"]}, '
+                                    '"task": {"type": "evaluator", "index": 0}}')
+    with pytest.raises(ConfigError, match="TF_CONFIG's task is the evaluator, which does not "
+                       "train: run it with --mode=continuous_eval"):
+        distribute.strategy_of_cluster(Config())
+    assert distribute.strategy_of_cluster(Config(mode="continuous_eval")).strategy == "auto"
     monkeypatch.delenv("TF_CONFIG")
     assert distribute.strategy_of_cluster(Config()).strategy == "auto"
 
