@@ -152,6 +152,21 @@ def resolve_path(path: str, flag: str = "--checkpoint", model_dir: str | None = 
     return prefix
 
 
+@contextlib.contextmanager
+def _unrestored_values_unlogged():
+    """A read that fails leaves restore objects that log, when collected, every value of the
+    checkpoint they did not read: one line is the error, not those after it. Collects them
+    here, with TensorFlow's warnings off."""
+    tensorflow_log = std_logging.getLogger("tensorflow")
+    level = tensorflow_log.level
+    tensorflow_log.setLevel(std_logging.ERROR)
+    try:
+        yield
+    finally:
+        gc.collect()
+        tensorflow_log.setLevel(level)
+
+
 def initialise(model, path: str, modules: str = "all", average: bool = True,
                advice: str | None = None) -> tuple[str, bool]:
     """Reads the weights of `model` ('all'), or of its 'encoder' or 'decoder', from the
@@ -170,16 +185,8 @@ def initialise(model, path: str, modules: str = "all", average: bool = True,
     """
     flag = f"--init_checkpoint={path}"
     prefix = resolve_path(path, "--init_checkpoint")
-    tensorflow_log = std_logging.getLogger("tensorflow")
-    level = tensorflow_log.level
-    # A read that fails leaves a restore status that logs, when it is collected, every value
-    # of the checkpoint it did not read (the optimizer's): one line is the error, not that.
-    tensorflow_log.setLevel(std_logging.ERROR)
-    try:
+    with _unrestored_values_unlogged():
         failure = _read_model(model, prefix, modules)
-        gc.collect()
-    finally:
-        tensorflow_log.setLevel(level)
     if failure is not None:
         what = "model" if modules == "all" else modules
         if not readable(prefix):
@@ -375,22 +382,15 @@ class Checkpointer:
                 f"{self.restore_dir}/checkpoint names {path}, whose files are missing: restore "
                 "them, or move the 'checkpoint' file away and the newest checkpoint left is "
                 "used, or use a fresh --model_dir")
-        tensorflow_log = std_logging.getLogger("tensorflow")
-        level, failure = tensorflow_log.level, None
-        # A restore that fails leaves objects that log, when collected, every value they did
-        # not restore (lines after the error's one), as in `initialise`.
-        tensorflow_log.setLevel(std_logging.ERROR)
-        try:
-            status = self._matching(path).restore(path)
-            # Every object of ours must get a saved value: a partial restore would silently
-            # go on from a mix of old and fresh weights.
-            status.assert_existing_objects_matched()
-        except Exception as e:  # noqa: BLE001 - damage surfaces as OpError, ValueError...
-            failure = first_line(e)
-        finally:
-            if failure is not None:
-                gc.collect()
-            tensorflow_log.setLevel(level)
+        failure = None
+        with _unrestored_values_unlogged():
+            try:
+                status = self._matching(path).restore(path)
+                # Every object of ours must get a saved value: a partial restore would
+                # silently go on from a mix of old and fresh weights.
+                status.assert_existing_objects_matched()
+            except Exception as e:  # noqa: BLE001 - damage surfaces as OpError, ValueError...
+                failure = first_line(e)
         if failure is not None:
             if not readable(path):
                 raise CheckpointError(

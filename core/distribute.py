@@ -142,14 +142,8 @@ def gpus() -> list:
     return tf.config.list_physical_devices("GPU")
 
 
-def trainers_in_tf_config(text: str | None) -> int:
-    """How many training tasks (chief and workers) TF_CONFIG's cluster names; 0 without one.
-    Lenient: `parse_tf_config` says what is wrong with a TF_CONFIG that is used."""
-    try:
-        cluster = json.loads(text or "{}").get("cluster") or {}
-        return sum(len(cluster.get(kind) or ()) for kind in ("chief", "worker"))
-    except (ValueError, AttributeError, TypeError):
-        return 0
+_EVALUATOR = ("TF_CONFIG's task is the evaluator, which does not train: run it with "
+              "--mode=continuous_eval and the workers' --model_dir")
 
 
 def strategy_of_cluster(config):
@@ -162,26 +156,23 @@ def strategy_of_cluster(config):
       ConfigError: in training with auto, a TF_CONFIG that is not a JSON object, or whose
         task is the evaluator.
     """
-    text = os.environ.get("TF_CONFIG")
-    if config.strategy != "auto" or config.mode not in ("train", "train_and_eval"):
+    text = (os.environ.get("TF_CONFIG") or "").strip()
+    if config.strategy != "auto" or config.mode not in ("train", "train_and_eval") or not text:
         return config
-    if text and text.strip():  # else a typo left every machine training alone, silently
-        try:
-            cfg = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"TF_CONFIG is not valid JSON ({e.msg} at character {e.pos}): "
-                              f"--strategy=auto reads it to join a cluster; fix it, or unset "
-                              f"TF_CONFIG to train on this machine alone") from None
-        if not isinstance(cfg, dict) or not isinstance(cfg.get("cluster", {}), dict):
-            raise ConfigError(f"TF_CONFIG is not an object with a 'cluster' object ({text[:60]!r}): "
-                              f"--strategy=auto reads it to join a cluster; fix it, or unset "
-                              f"TF_CONFIG to train on this machine alone")
-        task = cfg.get("task")
-        if isinstance(task, dict) and task.get("type") == "evaluator":
-            # With one chief it trained a whole run alone into the chief's --model_dir.
-            raise ConfigError("TF_CONFIG's task is the evaluator, which does not train: run it "
-                              "with --mode=continuous_eval and the workers' --model_dir")
-    tasks = trainers_in_tf_config(text)
+    fix = "--strategy=auto reads it to join a cluster; fix it, or unset TF_CONFIG to train on "
+    try:  # a typo in it left every machine training alone, silently
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"TF_CONFIG is not valid JSON ({e.msg} at character {e.pos}): "
+                          f"{fix}this machine alone") from None
+    cluster = cfg.get("cluster") or {} if isinstance(cfg, dict) else None
+    if not isinstance(cluster, dict):
+        raise ConfigError(f"TF_CONFIG is not an object with a 'cluster' object ({text[:60]!r}): "
+                          f"{fix}this machine alone")
+    task = cfg.get("task")
+    if isinstance(task, dict) and task.get("type") == "evaluator":
+        raise ConfigError(_EVALUATOR)  # beside one chief, it trained into the chief's dir
+    tasks = sum(len(cluster.get(kind) or ()) for kind in ("chief", "worker"))
     if tasks < 2:
         return config
     logging.info("TF_CONFIG names a cluster of %d training tasks: --strategy=auto joins it "
@@ -226,9 +217,7 @@ def parse_tf_config(text: str | None) -> dict:
         raise ConfigError(f"TF_CONFIG needs a task with type and index, e.g. {example}")
     kind, index = task["type"], task["index"]
     if kind == "evaluator":  # else it trained a whole run alone and threw it away
-        raise ConfigError("TF_CONFIG's task is the evaluator, which does not train: run it "
-                          "with --mode=continuous_eval and the workers' --model_dir, "
-                          "without --strategy=multi_worker")
+        raise ConfigError(f"{_EVALUATOR}, without --strategy=multi_worker")
     if kind not in cluster or not isinstance(index, int) or not 0 <= index < len(cluster[kind]):
         raise ConfigError(f"TF_CONFIG task {kind}:{index} is not in the cluster "
                           f"({ {k: len(v) for k, v in cluster.items()} }): fix task.type or task.index")
