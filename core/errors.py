@@ -1,5 +1,7 @@
 """Errors a user can cause. `train.py` prints them as one line, without a traceback."""
 
+import re
+
 
 class TapeloopError(Exception):
     """Base class: the message says what was wrong and how to fix it."""
@@ -86,7 +88,6 @@ def op_error_reason(error: Exception) -> str:
     size 4752"), without what wraps it: "Graph execution error:", "Detected at node ...",
     tf.data's "Error in user-defined function ... with iterator: ...:", "{{node ...}}"
     and "[Op:...]"."""
-    import re
 
     text = str(getattr(error, "message", error))
     for line in text.splitlines():
@@ -126,15 +127,39 @@ def flags_parser(program: str, command: str):
             rest = flags.FLAGS(argv)
         except flags.Error as e:
             # One line; absl starts a missing flagfile's message with "ERROR:: ".
-            fail(" ".join(str(e).replace("ERROR:: ", "").split()))
+            message = " ".join(str(e).replace("ERROR:: ", "").split())
+            value = re.match(r"flag --\w+=(.*?): ", message)
+            if value and re.search(r"\s(#|//|--?\w)", value.group(1)):
+                message += f"; {_ONE_PER_LINE}"
+            fail(message)
         swallowed = _swallowed_flag(flags.FLAGS)
         if swallowed:
             name, value = swallowed
             fail(f"--{name} has no value: it took the next argument, {value}, as its value; "
                  f"give it one as --{name}=VALUE")
+        joined = _joined_flag(flags.FLAGS)
+        if joined:
+            name, value = joined
+            fail(f"--{name}={value}: {_ONE_PER_LINE}")
         return rest
 
     return parse
+
+
+_ONE_PER_LINE = ("a --flagfile line is one flag, the rest of the line its value: put each "
+                 "flag, and each comment (# ...), on a line of its own")
+
+
+def _joined_flag(flag_values) -> tuple[str, str] | None:
+    """(name, value) of a flag whose value holds another flag or a comment after a space.
+    A --flagfile line is one flag, the rest of the line its value: `--model_dir=runs/a
+    --train_steps=5` trained the defaults into a folder named `runs/a --train_steps=5`,
+    and `--model_dir=runs/a  # baseline` into `runs/a  # baseline`."""
+    for name, value in _given_strings(flag_values):
+        if re.search(r"\s#\s", value) or any(
+                _is_flag(other, flag_values) for other in re.findall(r"\s--?(\w+)", value)):
+            return name, value
+    return None
 
 
 def _swallowed_flag(flag_values) -> tuple[str, str] | None:
@@ -143,14 +168,21 @@ def _swallowed_flag(flag_values) -> tuple[str, str] | None:
     (a flag other than a boolean takes the next argument as its value), which would then
     be refused as an unknown metric at best, or be used: `--model_dir --train_steps=5`
     trained the defaults into a folder named `--train_steps=5`."""
+    for name, value in _given_strings(flag_values):
+        if value.startswith("-") and _is_flag(value.lstrip("-").split("=", 1)[0], flag_values):
+            return name, value
+    return None
+
+
+def _given_strings(flag_values):
+    """(name, value) of each string given to a flag other than a boolean (each item of a
+    list flag's)."""
     for name in flag_values:
         flag = flag_values[name]
-        if not flag.present or flag.boolean:
-            continue
-        for value in flag.value if isinstance(flag.value, list) else [flag.value]:
-            if not isinstance(value, str) or not value.startswith("-"):
-                continue
-            other = value.lstrip("-").split("=", 1)[0]
-            if other in flag_values or (other.startswith("no") and other[2:] in flag_values):
-                return name, value
-    return None
+        if flag.present and not flag.boolean:
+            values = flag.value if isinstance(flag.value, list) else [flag.value]
+            yield from ((name, value) for value in values if isinstance(value, str))
+
+
+def _is_flag(name: str, flag_values) -> bool:
+    return name in flag_values or (name.startswith("no") and name[2:] in flag_values)

@@ -100,6 +100,35 @@ def test_a_model_dir_without_its_value_trains_nothing_into_a_flag_named_folder()
     assert not os.path.exists(stray)
 
 
+def test_two_flags_or_a_comment_on_one_flagfile_line_are_one_line_and_nothing_written(tmp_path):
+    """absl reads a --flagfile line as one flag and the rest of the line as its value:
+    `--model_dir=X --train_steps=5` trained the defaults into a folder named
+    `X --train_steps=5`, and `--model_dir=X  # baseline` into `X  # baseline`; a number
+    flag's line got absl's bare `invalid literal for int()`."""
+    model_dir = tmp_path / "run"
+    for line, said in [(f"--model_dir={model_dir} --train_steps=5", f"--model_dir={model_dir} "
+                        "--train_steps=5: a --flagfile line is one flag"),
+                       (f"--model_dir={model_dir}  # baseline", f"--model_dir={model_dir}  # "
+                        "baseline: a --flagfile line is one flag"),
+                       ("--train_steps=20 --eval_every=10", "flag --train_steps=20 "
+                        "--eval_every=10: invalid literal for int() with base 10: '20 "
+                        "--eval_every=10'; a --flagfile line is one flag, the rest of the line "
+                        "its value: put each flag, and each comment (# ...), on a line of its "
+                        "own"),
+                       ("--train_steps=20  # short", "'20 # short'; a --flagfile line is one")]:
+        flagfile = tmp_path / "experiment.cfg"
+        flagfile.write_text(f"--dataset=synthetic\n{line}\n")
+        proc = run_train(f"--model_dir={model_dir}", f"--flagfile={flagfile}")
+        errors = [text for text in proc.stderr.splitlines() if "error:" in text]
+        assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
+        assert said in errors[0], (line, errors[0])
+        assert list(tmp_path.iterdir()) == [flagfile], line
+    # A path with a space (and a # not between spaces) is a path.
+    photos = tmp_path / "my photos #2"
+    proc = run_train("--dataset=folder", f"--data_dir={photos}", f"--model_dir={model_dir}")
+    assert proc.returncode == 3 and f"--data_dir={photos} is not a folder" in proc.stderr
+
+
 def test_verbose_shows_the_traceback(tmp_path):
     proc = run_train("--batch_size=0", f"--model_dir={tmp_path}", "--verbose")
     assert proc.returncode != 0
