@@ -51,9 +51,15 @@ def failed_run(what: str, proc) -> Failed:
 
 
 def run(main) -> None:
-    """`app.run(main)`, with tapeloop's errors (a bad flag, missing data, a failed part) as
-    one line and their exit code, as train.py prints them, instead of a traceback."""
+    """`app.run(main)`, with tapeloop's errors (a bad flag, missing data, a failed part) and
+    absl's (a flag it cannot parse, a script's `app.UsageError`) as one line and their
+    exit code (2 for flags), as train.py prints them, instead of a traceback or absl's
+    two lines and exit 1."""
     from absl import app
+
+    from core import errors
+
+    program = os.path.basename(sys.argv[0])
 
     def main_with_errors(argv):
         core.one_copy_of_tensorflow_logs()  # TensorFlow was imported before app.run's handler
@@ -61,12 +67,13 @@ def run(main) -> None:
 
         try:
             return main(argv)
-        except (TapeloopError, ModelError) as e:  # ModelError: a --model that does not build
-            print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr)
+        except (TapeloopError, ModelError, app.UsageError) as e:  # ModelError: a --model
+            print(f"{program}: error: {e}", file=sys.stderr)       # that does not build
             sys.stderr.flush()
             sys.exit(getattr(e, "exit_code", 2))
 
-    app.run(main_with_errors)
+    app.run(main_with_errors,
+            flags_parser=errors.flags_parser(program, f"python benchmarks/{program}"))
 
 
 def _cpuinfo(field: str) -> str | None:

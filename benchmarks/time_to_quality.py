@@ -77,7 +77,8 @@ def _timed_run(cmd, pattern, target, max_seconds, env) -> dict:
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=common.ROOT, env=env)
-    timer = threading.Timer(max_seconds, proc.kill)
+    timed_out = threading.Event()
+    timer = threading.Timer(max_seconds, lambda: (timed_out.set(), proc.kill()))
     timer.start()
     curve, reached, tail = [], None, []
     try:
@@ -96,11 +97,15 @@ def _timed_run(cmd, pattern, target, max_seconds, env) -> dict:
         timer.cancel()
         proc.kill()
         proc.wait()
-    if not curve:  # it could not run (e.g. a batch that does not divide over the GPUs)
+    if not curve and not timed_out.is_set():
+        # It could not run (missing data, a batch that does not divide over the GPUs): the
+        # benchmark stops with its line, before a report of failures replaces the last one.
         errors = [line.strip() for line in tail if "error" in line.lower()]
-        return {"seconds": None, "final_bce": None, "curve": [],
-                "error": (errors or [line.strip() for line in tail] or ["no output"])[-1]}
-    return {"seconds": reached, "final_bce": curve[-1][2], "curve": curve}
+        last = (errors or [text.strip() for text in tail] or ["no output"])[-1]
+        raise common.Failed(f"{os.path.basename(cmd[1])} exited with code {proc.returncode} "
+                            "before its first evaluation: "
+                            + re.sub(r"^\S+: error: ", "", last), proc.returncode)
+    return {"seconds": reached, "final_bce": curve[-1][2] if curve else None, "curve": curve}
 
 
 def run_ours(train_split, eval_split, seed) -> dict:
@@ -131,8 +136,7 @@ def summarize(runs: list[dict]) -> dict:
             "worst": max(reached) if len(reached) == len(runs) else None,
             "best": min(reached) if reached else None,
             "worst_final_bce": max((r["final_bce"] for r in runs if r["final_bce"] is not None),
-                                   default=None),
-            "errors": sorted({r["error"] for r in runs if "error" in r})}
+                                   default=None)}
 
 
 def split_pair(pair: str) -> tuple[str, str]:
@@ -172,10 +176,10 @@ def main(argv):
             for name in FLAGS.contenders:
                 run = runners[name](train_split, eval_split, seed)
                 runs[name].append(run)
-                print(f"{role} {key} | {name} seed {seed} | " + (
-                    f"could not run: {run['error']}" if "error" in run else
-                    (f"{run['seconds']:.1f} s" if run["seconds"] else "not reached")
-                    + f" | bce {run['final_bce']:.4f}"), flush=True)
+                print(f"{role} {key} | {name} seed {seed} | "
+                      + (f"{run['seconds']:.1f} s" if run["seconds"] else "not reached")
+                      + (f" | bce {run['final_bce']:.4f}" if run["curve"] else
+                         " | no evaluation in --max_seconds"), flush=True)
         entry = {"role": role, "train_split": train_split, "eval_split": eval_split,
                  "runs": runs, "summary": {n: summarize(r) for n, r in runs.items()}}
         if set(FLAGS.contenders) == set(runners):
@@ -234,9 +238,6 @@ def main(argv):
                          + ", ".join(fmt(r["seconds"]) for r in runs) + " |")
     lines.append("")
     for key, entry in results.items():
-        for name, s in entry["summary"].items():
-            for error in s["errors"]:
-                lines.append(f"- {entry['role']} ({key}): {name} could not run: {error}")
         if "median_fraction" in entry:
             lines.append(f"- {entry['role']} ({key}): tapeloop's median is "
                          f"{entry['median_fraction']:.2f} of the tutorial's median (target <= "

@@ -66,6 +66,10 @@ def test_bad_input_is_one_line_with_its_exit_code_not_a_traceback(tmp_path):
          [f"throughput.py: error: --data_dir={missing} is not a folder: give the folder that "
           "holds train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz",
           "throughput.py: error: the 'default' worker exited with code 3 (its error is above)"]),
+        ("time_to_quality.py", ["--seeds=1"],
+         [f"time_to_quality.py: error: train.py exited with code 3 before its first "
+          f"evaluation: --data_dir={missing} is not a folder: give the folder that holds "
+          "t10k-images-idx3-ubyte.gz and t10k-labels-idx1-ubyte.gz"]),
         ("quality.py", ["--rows=seed"],
          [f"quality.py: error: training seed failed (exit code 3): --data_dir={missing} is not "
           "a folder: give the folder that holds t10k-images-idx3-ubyte.gz and "
@@ -82,7 +86,8 @@ def test_bad_input_is_one_line_with_its_exit_code_not_a_traceback(tmp_path):
 def test_a_model_that_does_not_build_or_a_count_below_one_is_one_line(tmp_path):
     """A --model that does not import was a traceback through the benchmark (its
     workers' too); a count of 0 (--steps=0) a TypeError deep in the report. Now the
-    model's one line (exit 2), and absl's refusal of the flag (exit 1)."""
+    model's one line (exit 2), and absl's refusal of the flag (one line, exit 2, as
+    train.py's)."""
     proc = run_script("benchmarks/conv_ceiling.py", "--model=nope", f"--output_dir={tmp_path}")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert [x for x in proc.stderr.splitlines() if ": error: " in x] == [
@@ -91,15 +96,22 @@ def test_a_model_that_does_not_build_or_a_count_below_one_is_one_line(tmp_path):
         "what it raises"]
     proc = run_script("benchmarks/gpu_check.py", "--simulate_on_cpu", "--steps=0",
                       f"--output_dir={tmp_path}")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert "flag --steps=0: 0 is not a positive integer" in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1] == (
+        "gpu_check.py: error: flag --steps=0: 0 is not a positive integer (python "
+        "benchmarks/gpu_check.py --helpshort lists the flags)")
     assert not list(tmp_path.iterdir())
 
 
 def test_throughput_rejects_unknown_variants(tmp_path):
+    """One line and exit 2, as a flag train.py refuses (absl's UsageError: a blank line,
+    then the message, exit 1)."""
     proc = run_script("benchmarks/throughput.py", "--variants=warp_drive",
                       f"--output_dir={tmp_path}", "--peaks=false", "--dataset=synthetic")
-    assert proc.returncode != 0 and "unknown variants ['warp_drive']" in proc.stderr
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[-1].startswith(
+        "throughput.py: error: unknown variants ['warp_drive']: choose from [")
+    assert not list(tmp_path.iterdir())
 
 
 def test_conv_ceiling_smoke(tmp_path):
@@ -250,18 +262,24 @@ def test_time_to_quality_smoke(tmp_path, idx_dir):
         tmp_path / "time_to_quality.md").read_text()
 
 
-def test_time_to_quality_reports_a_recipe_that_cannot_run(tmp_path, idx_dir):
+def test_time_to_quality_stops_at_a_recipe_that_cannot_run_and_keeps_its_report(tmp_path,
+                                                                                 idx_dir):
     """A recipe train.py refuses (a batch that does not divide over the replicas, as on 3
-    GPUs) is reported with train.py's own reason, not a crash."""
-    _run("time_to_quality.py", f"--data_dir={idx_dir}", f"--output_dir={tmp_path}",
-         "--seeds=1", "--contenders=tapeloop", "--splits=test[:2000]:test[9000:]",
-         "--extra_flags=--strategy=mirrored,--num_cpu_devices=2,--batch_size=31")
-    report = json.loads((tmp_path / "time_to_quality.json").read_text())
-    summary = report["results"]["test[:2000] -> test[9000:]"]["summary"]["tapeloop"]
-    assert summary["reached"] == 0 and len(summary["errors"]) == 1
-    assert "--batch_size=31 does not divide evenly over 2 replicas" in summary["errors"][0]
-    assert "could not run: train.py: error: --batch_size=31" in (
-        tmp_path / "time_to_quality.md").read_text()
+    GPUs) stops the benchmark with train.py's own reason, one line and its exit code; the
+    last report stays. It wrote a report of failures over it (with a --data_dir that does
+    not exist, every row "not reached")."""
+    report = tmp_path / "time_to_quality.md"
+    report.write_text("the last run's table")
+    proc = run_script("benchmarks/time_to_quality.py", f"--data_dir={idx_dir}",
+                      f"--output_dir={tmp_path}", "--seeds=1", "--contenders=tapeloop",
+                      "--splits=test[:2000]:test[9000:]",
+                      "--extra_flags=--strategy=mirrored,--num_cpu_devices=2,--batch_size=31")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert [x for x in proc.stderr.splitlines() if ": error: " in x] == [
+        "time_to_quality.py: error: train.py exited with code 2 before its first evaluation: "
+        "--batch_size=31 does not divide evenly over 2 replicas: use a multiple of 2"]
+    assert sorted(os.listdir(tmp_path)) == ["time_to_quality.md"]
+    assert report.read_text() == "the last run's table"
 
 
 def test_quality_smoke(tmp_path, idx_dir):
