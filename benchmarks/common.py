@@ -21,9 +21,9 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import core  # noqa: E402  (imports no TensorFlow)
 
+core.quiet_tensorflow()  # as train.py: no "failed call to cuInit" on a machine without GPUs
 core.prefer_onednn()  # as train.py: what it runs is what is timed
 
 import numpy as np  # noqa: E402

@@ -90,8 +90,9 @@ def test_a_stray_argument_is_one_line(tmp_path):
 
 
 def test_a_cpu_run_prints_no_cuda_error_nor_tensorflow_info(tmp_path):
-    """On a machine without an NVIDIA driver, CUDA's failed initialisation stays quiet; so do
-    the INFO lines TensorFlow's Python modules write with absl's logger, ours stay."""
+    """On a machine without an NVIDIA driver, CUDA's failed initialisation stays quiet (in
+    train.py, core.prepare and the benchmarks); so do the INFO lines TensorFlow's Python
+    modules write with absl's logger, ours stay."""
     assert not os.path.exists("/proc/driver/nvidia/version")  # this suite runs on CPUs
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--dataset=synthetic",
@@ -107,6 +108,11 @@ def test_a_cpu_run_prints_no_cuda_error_nor_tensorflow_info(tmp_path):
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert prepared.returncode == 0, prepared.stderr[-2000:]
     assert "wrote 8 images" in prepared.stdout and "cuInit" not in prepared.stderr
+    benchmark = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "op_profile.py"),
+                                "--model=nope", f"--output_dir={tmp_path}/report"], cwd=ROOT,
+                               env=env, capture_output=True, text=True, timeout=300)
+    assert benchmark.returncode == 2 and "op_profile.py: error: --model=nope" in benchmark.stderr
+    assert "cuInit" not in benchmark.stderr, benchmark.stderr[-2000:]
 
 
 def test_a_run_of_the_fork_server_is_a_fresh_interpreters_run(tmp_path):
