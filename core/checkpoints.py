@@ -114,21 +114,24 @@ def _prefix_of(path: str) -> str:
 
 def resolve_path(path: str, flag: str = "--checkpoint", model_dir: str | None = None) -> str:
     """The checkpoint prefix a user meant: 'D/ckpt-9', 'D/ckpt-9.index', 'D/ckpt-9.data-...'
-    or a folder (its latest checkpoint). With `model_dir`, a bare name that is nothing here
-    ('ckpt-9', 'ckpt-9.index', or the step '9') is that checkpoint of `model_dir`.
+    or a folder (its latest checkpoint). With `model_dir`, a relative path that is nothing
+    here ('ckpt-9', 'ckpt-9.index', the step '9', or 'best/ckpt-12', as the log names
+    `--keep_best`'s) is that checkpoint of `model_dir`.
 
     Raises:
       ConfigError: nothing there is a checkpoint.
     """
     path = path.rstrip("/")
-    if model_dir and "/" not in path and not tf.io.gfile.exists(path):
+    relative = not os.path.isabs(path) and "://" not in path
+    if model_dir and relative and not tf.io.gfile.exists(_prefix_of(path) + ".index") \
+            and not tf.io.gfile.exists(path):
         name = f"ckpt-{path}" if path.isdigit() else path
         prefix = _prefix_of(os.path.join(model_dir, name))
         if tf.io.gfile.exists(prefix + ".index"):
             logging.info("%s=%s: the checkpoint %s of --model_dir", flag, path, prefix)
             return prefix
         have = [os.path.basename(p) for p in checkpoints_on_disk(model_dir)]
-        if have:
+        if have and "/" not in path:
             shown = ", ".join(have if len(have) <= 6 else [*have[:2], "...", *have[-3:]])
             raise ConfigError(f"{flag}={path} is neither a path here nor a checkpoint of "
                               f"--model_dir={model_dir}, which has {shown}: give one of those "

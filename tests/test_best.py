@@ -40,6 +40,10 @@ def test_the_best_checkpoint_is_kept_apart_and_evaluated(tmp_path):
                          given={"mode", "model_dir", "checkpoint"})
     assert evaluated["step"] == best_step
     assert evaluated["psnr"] == pytest.approx(psnr[best_step], rel=1e-5)
+    # As the log names it ("saved DIR/best/ckpt-N"), relative to the model dir.
+    named = core.run(config.replace(mode="eval", checkpoint=f"best/ckpt-{best_step}"),
+                     given={"mode", "model_dir", "checkpoint"})
+    assert named["step"] == best_step and named["psnr"] == evaluated["psnr"]
     exported = core.run(config.replace(mode="export", checkpoint="best"),
                         given={"mode", "model_dir", "checkpoint"})
     assert exported["export_dir"].endswith(os.path.join("export", str(best_step)))
