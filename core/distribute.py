@@ -322,8 +322,16 @@ def check_batch(strategy: tf.distribute.Strategy, global_batch_size: int,
         if batch_shards > 1:
             over += f" x {batch_shards} shards (--batch_shards)"
         raise ConfigError(f"--batch_size={global_batch_size} does not divide evenly over {over}: "
-                          f"use a multiple of {replicas * batch_shards}")
+                          + use_a_multiple("--batch_size", global_batch_size,
+                                           replicas * batch_shards))
     return global_batch_size // replicas
+
+
+def use_a_multiple(flag: str, value: int, multiple: int) -> str:
+    """'use a multiple of 3, e.g. --batch_size=255 or --batch_size=258': the nearest ones."""
+    below, above = value // multiple * multiple, (value // multiple + 1) * multiple
+    nearest = " or ".join(f"{flag}={v}" for v in (below, above) if v > 0)
+    return f"use a multiple of {multiple}, e.g. {nearest}"
 
 
 def default_jit_compile() -> bool:

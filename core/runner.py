@@ -270,7 +270,8 @@ class Run:
         replicas = self.strategy.num_replicas_in_sync
         if config.eval_batch % replicas:
             raise ConfigError(f"--eval_batch_size={config.eval_batch} does not divide evenly over "
-                              f"{replicas} replicas: use a multiple of {replicas}")
+                              f"{replicas} replicas: " + distribute.use_a_multiple(
+                                  "--eval_batch_size", config.eval_batch, replicas))
         self.is_chief = distribute.is_chief(self.strategy)
         self.precision = (config.precision if config.precision != "auto" else
                           distribute.default_precision(distribute.gpu_compute_capability()))

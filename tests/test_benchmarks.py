@@ -277,7 +277,8 @@ def test_time_to_quality_stops_at_a_recipe_that_cannot_run_and_keeps_its_report(
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert [x for x in proc.stderr.splitlines() if ": error: " in x] == [
         "time_to_quality.py: error: train.py exited with code 2 before its first evaluation: "
-        "--batch_size=31 does not divide evenly over 2 replicas: use a multiple of 2"]
+        "--batch_size=31 does not divide evenly over 2 replicas: use a multiple of 2, e.g. "
+        "--batch_size=30 or --batch_size=32"]
     assert sorted(os.listdir(tmp_path)) == ["time_to_quality.md"]
     assert report.read_text() == "the last run's table"
 

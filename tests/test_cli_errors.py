@@ -42,12 +42,14 @@ def _cases(idx_dir, broken):
         (["--batch_size=0"], 2, "--batch_size=0: must be a positive whole number"),
         (["--eval_batch_size=0"], 2, "--eval_batch_size=0: must be a positive whole number"),
         (["--strategy=mirrored", "--num_cpu_devices=2", "--eval_batch_size=5"], 2,
-         "--eval_batch_size=5 does not divide evenly over 2 replicas: use a multiple of 2"),
+         "--eval_batch_size=5 does not divide evenly over 2 replicas: use a multiple of 2, "
+         "e.g. --eval_batch_size=4 or --eval_batch_size=6"),
         (["--learning_rate=-1"], 2, "--learning_rate=-1.0: must be a positive, finite number"),
         (["--epochs=0"], 2, "--epochs=0: must be a positive whole number"),
         (["--batch_shards=0"], 2, "--batch_shards=0: must be >= 1 (1 = no split)"),
         (["--batch_shards=3"], 2, "--batch_size=256 does not divide evenly over 1 replica x 3 "
-                                  "shards (--batch_shards): use a multiple of 3"),
+                                  "shards (--batch_shards): use a multiple of 3, e.g. "
+                                  "--batch_size=255 or --batch_size=258"),
         (["--num_intra_threads=-1"], 2, "--num_intra_threads=-1: must be >= 0"),
         ([*mnist, "--data_dir=/nonexistent"], 3, "--data_dir=/nonexistent is not a folder"),
         (["--dataset=mnist", "--train_split=train", f"--data_dir={idx_dir}"], 3,
