@@ -251,14 +251,27 @@ def make_strategy(name: str, num_cpu_devices: int = 0) -> tf.distribute.Strategy
       TF_CONFIG names a cluster).
     """
     if name == "multi_worker":
-        parse_tf_config(os.environ.get("TF_CONFIG"))
+        tf_config = parse_tf_config(os.environ.get("TF_CONFIG"))
         setup_logical_cpus(num_cpu_devices)
         # Reads TF_CONFIG.
         options = communication_options(len(gpus()))
         logging.info("multi-worker: joining the cluster of TF_CONFIG, which waits until every "
                      "worker has started (Ctrl-C ends the wait)")
-        with signals.joining_a_cluster():
-            strategy = tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+        try:
+            with signals.joining_a_cluster():
+                strategy = tf.distribute.MultiWorkerMirroredStrategy(
+                    communication_options=options)
+        except tf.errors.UnknownError as e:
+            if "Could not start gRPC server" not in str(e):
+                raise
+            task = tf_config["task"]
+            address = tf_config["cluster"][task["type"]][task["index"]]
+            raise ConfigError(
+                f"TF_CONFIG gives this task ({task['type']}:{task['index']}) the address "
+                f"{address}, and TensorFlow could not start its server on that port: another "
+                f"process listens there (a worker of an earlier run, still waiting?) or the port "
+                f"is not open to this user: stop that process, or give the task a free port in "
+                f"TF_CONFIG") from None
         logging.info("multi-worker: task %s of %d workers, %d replicas in sync, all-reduce %s",
                      task_id(strategy), strategy.extended._num_workers,  # noqa: SLF001
                      strategy.num_replicas_in_sync, options.implementation.name)

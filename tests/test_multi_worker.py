@@ -310,6 +310,26 @@ def test_an_evaluator_task_is_one_line_and_trains_nothing(tmp_path):
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
+def test_a_task_whose_port_is_taken_is_one_line_and_writes_nothing(tmp_path):
+    """Another process listens on this task's port of TF_CONFIG (a worker of an earlier run
+    still waiting, say): TensorFlow's "Could not start gRPC server" was a traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        workers = [f"127.0.0.1:{taken.getsockname()[1]}", f"127.0.0.1:{_free_ports(1)[0]}"]
+        proc = run_train("--strategy=multi_worker", f"--model_dir={tmp_path / 'run'}",
+                         "--train_steps=1", "--dataset=synthetic", env={"TF_CONFIG": json.dumps(
+                             {"cluster": {"worker": workers},
+                              "task": {"type": "worker", "index": 0}})})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == (
+        f"train.py: error: TF_CONFIG gives this task (worker:0) the address {workers[0]}, and "
+        "TensorFlow could not start its server on that port: another process listens there (a "
+        "worker of an earlier run, still waiting?) or the port is not open to this user: stop "
+        "that process, or give the task a free port in TF_CONFIG")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
+
+
 def _worker(tmp_path, workers, *flags):
     """Worker 0 of `workers` through train.py, its stderr collected as it comes."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
