@@ -473,6 +473,64 @@ def num_workers(strategy: tf.distribute.Strategy) -> int:
     return 1
 
 
+# Flags a worker may set for its own machine (where its data is, how it uses its cores);
+# every other must be the same on every worker.
+MACHINE_FLAGS = ("data_dir", "cache", "verify_checksums", "num_intra_threads",
+                 "num_inter_threads", "batch_shards", "data_on_device", "data_on_device_max_mb",
+                 "profile_steps")
+
+
+def check_the_same_command(strategy: tf.distribute.Strategy, config) -> None:
+    """Raises ConfigError on a worker started with other flags than the others (other than
+    MACHINE_FLAGS): with another --batch_size, say, the workers trained on, each at its own
+    batch, and failed in their first evaluation with a traceback. One all-reduce of a hash
+    of each flag's value, through the strategy's own collectives; nothing where there is one
+    worker.
+
+    Raises:
+      LOST_WORKER_ERRORS: another worker stopped before it got here.
+    """
+    if num_workers(strategy) < 2:
+        return
+    import dataclasses
+    import hashlib
+
+    names = [f.name for f in dataclasses.fields(config) if f.name not in MACHINE_FLAGS]
+    # Two hashes of each value, of as many bits as keep their sum over every replica exact
+    # in float32 (AgreedStop's all-reduce: every device and all-reduce takes float32).
+    replicas = strategy.num_replicas_in_sync
+    bits = 24 - max(1, replicas - 1).bit_length()
+    mine = []
+    for name in names:
+        digest = int.from_bytes(hashlib.sha256(repr(getattr(config, name)).encode()).digest()[:8],
+                                "big")
+        mine += [digest % 2**bits, (digest >> 32) % 2**bits]
+
+    @tf.function(autograph=False)
+    def total(values):
+        per_replica = strategy.run(lambda: tf.identity(values))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    totals = total(tf.constant(mine, tf.float32)).numpy()
+    differ = [name for i, name in enumerate(names)
+              if any(totals[j] != mine[j] * replicas for j in (2 * i, 2 * i + 1))]
+    if differ:
+        here = ", ".join(f"--{name}={_as_flag(getattr(config, name))}" for name in differ)
+        raise ConfigError(f"this worker ({task_id(strategy)}) was started with other flags than "
+                          f"another worker of TF_CONFIG: {here} here: start every worker with the "
+                          "same command (--data_dir, --cache and the CPU flags may differ by "
+                          "machine)")
+
+
+def _as_flag(value) -> str:
+    """A Config value as its flag is written: (64, 64) -> 64,64; None -> '' (not given)."""
+    if value is None:
+        return "''"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 class AgreedStop:
     """Whether to stop now, agreed by every worker: `signal()` is this process's own stop
     signal (its name, or None); an action of yours may ask too (on the chief, where they

@@ -232,6 +232,13 @@ class Run:
         process.setup_tensorflow(config, requested)
         logging.info(chosen)
         self.strategy = distribute.make_strategy(config.strategy, config.num_cpu_devices)
+        try:
+            distribute.check_the_same_command(self.strategy, requested)
+        except distribute.LOST_WORKER_ERRORS as e:
+            raise LostWorkerError(
+                f"lost another worker of the cluster before training ({op_error_reason(e)}): it "
+                "stopped or cannot be reached, and its own log says why; fix that, then start "
+                "every worker again with the same command") from None
         process.check_model_dir(config.model_dir)
         self.checkpoint_path = None
         self.saved = None

@@ -110,7 +110,7 @@ def test_two_workers_train_together(tmp_path, idx_dir):
 class _Workers:
     """Two train.py workers on 127.0.0.1; their stderr is collected as it comes."""
 
-    def __init__(self, model_dir, flags):
+    def __init__(self, model_dir, flags, each=((), ())):
         workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
         self.procs, self.logs, self.readers = [], [[], []], []
         for index in range(2):
@@ -118,7 +118,7 @@ class _Workers:
                 {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
             proc = subprocess.Popen(
                 [sys.executable, os.path.join(ROOT, "train.py"), "--strategy=multi_worker",
-                 f"--model_dir={model_dir}", *flags],
+                 f"--model_dir={model_dir}", *flags, *each[index]],
                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             reader = threading.Thread(
                 target=lambda p=proc, log=self.logs[index]: log.extend(p.stderr), daemon=True)
@@ -139,6 +139,34 @@ class _Workers:
     def kill(self):
         for proc in self.procs:
             proc.kill()
+
+
+def test_workers_started_with_other_flags_are_one_line_each_and_write_nothing(tmp_path):
+    """A worker started with another --batch_size trained on, each worker at its own batch
+    (the all-reduce sums gradients of any batch), and both failed in their first evaluation
+    with a traceback. Flags of the machine (--data_dir, the thread counts) may differ."""
+    model_dir = tmp_path / "run"
+    flags = ["--dataset=synthetic", "--synthetic_shape=8,8,1", "--train_steps=2"]
+    workers = _Workers(model_dir, flags, each=(["--batch_size=64", "--num_intra_threads=1"],
+                                               ["--batch_size=128", "--seed=3"]))
+    try:
+        codes = workers.wait(timeout=240)
+    finally:
+        workers.kill()
+    assert codes == [2, 2], workers.log(0)[-2000:] + workers.log(1)[-2000:]
+    for index, here in enumerate(["--batch_size=64, --seed=0", "--batch_size=128, --seed=3"]):
+        assert workers.log(index).splitlines()[-1] == (
+            f"train.py: error: this worker (worker{index}) was started with other flags than "
+            f"another worker of TF_CONFIG: {here} here: start every worker with the same "
+            "command (--data_dir, --cache and the CPU flags may differ by machine)")
+    assert not model_dir.exists()
+    same = _Workers(model_dir, flags, each=(["--num_intra_threads=1"], []))
+    try:
+        codes = same.wait(timeout=240)
+    finally:
+        same.kill()
+    assert codes == [0, 0], same.log(0)[-2000:] + same.log(1)[-2000:]
+    assert (model_dir / "ckpt-2.index").exists()
 
 
 @pytest.mark.parametrize("victim", [0, 1], ids=["sigterm_to_chief", "sigterm_to_worker1"])
