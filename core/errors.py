@@ -132,7 +132,7 @@ def flags_parser(program: str, command: str):
             if value and re.search(r"\s(#|//|--?\w)", value.group(1)):
                 message += f"; {_ONE_PER_LINE}"
             fail(message)
-        swallowed = _swallowed_flag(flags.FLAGS)
+        swallowed = _swallowed_flag(flags.FLAGS, argv)
         if swallowed:
             name, value = swallowed
             fail(f"--{name} has no value: it took the next argument, {value}, as its value; "
@@ -162,15 +162,23 @@ def _joined_flag(flag_values) -> tuple[str, str] | None:
     return None
 
 
-def _swallowed_flag(flag_values) -> tuple[str, str] | None:
+def _swallowed_flag(flag_values, argv: list[str]) -> tuple[str, str] | None:
     """(name, value) of a flag given without a value whose value is the next flag: absl
     reads `--keep_best --early_stopping_patience=2` as --keep_best='--early_stopping_patience=2'
     (a flag other than a boolean takes the next argument as its value), which would then
     be refused as an unknown metric at best, or be used: `--model_dir --train_steps=5`
-    trained the defaults into a folder named `--train_steps=5`."""
-    for name, value in _given_strings(flag_values):
-        if value.startswith("-") and _is_flag(value.lstrip("-").split("=", 1)[0], flag_values):
-            return name, value
+    trained the defaults into a folder named `--train_steps=5`. Read from the arguments
+    (each --flagfile's lines in its place): a value written after `=` that is a flag, as a
+    benchmark's `--extra_flags=--seed=1`, is the value given."""
+    args = flag_values.read_flags_from_files(argv[1:], force_gnu=False)
+    for arg, following in zip(args, args[1:]):
+        if arg == "--":
+            break
+        name = arg.lstrip("-")
+        if (arg.startswith("-") and "=" not in arg and name in flag_values
+                and not flag_values[name].boolean and following.startswith("-")
+                and _is_flag(following.lstrip("-").split("=", 1)[0], flag_values)):
+            return name, following
     return None
 
 
