@@ -235,10 +235,7 @@ class Run:
         try:
             distribute.check_the_same_command(self.strategy, requested)
         except distribute.LOST_WORKER_ERRORS as e:
-            raise LostWorkerError(
-                f"lost another worker of the cluster before training ({op_error_reason(e)}): it "
-                "stopped or cannot be reached, and its own log says why; fix that, then start "
-                "every worker again with the same command") from None
+            raise _lost_worker_at_start(e) from None
         process.check_model_dir(config.model_dir)
         self.checkpoint_path = None
         self.saved = None
@@ -383,6 +380,11 @@ class Run:
             logging.info("wrote the %d skipped files to %s", len(self.skipped), path)
         try:
             self._build(inference)
+        except distribute.LOST_WORKER_ERRORS as e:  # the weights' first values are broadcast
+            self.close()
+            if distribute.num_workers(self.strategy) < 2:
+                raise
+            raise _lost_worker_at_start(e) from None
         except BaseException:
             self.close()
             raise
@@ -1116,6 +1118,15 @@ def _worker_dir(model_dir: str, task: str) -> str:
                          "worker again") from e
     logging.info("this worker's checkpoints and summaries go to %s, removed at the end", path)
     return path
+
+
+def _lost_worker_at_start(error: Exception) -> LostWorkerError:
+    """The one line for a multi-worker run whose partner stopped before training (its own
+    bad data, say): this worker's first collective aborted."""
+    return LostWorkerError(
+        f"lost another worker of the cluster before training ({op_error_reason(error)}): it "
+        "stopped or cannot be reached, and its own log says why; fix that, then start every "
+        "worker again with the same command")
 
 
 def _lost_worker(run: Run, error: Exception) -> LostWorkerError:

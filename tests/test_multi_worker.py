@@ -169,6 +169,30 @@ def test_workers_started_with_other_flags_are_one_line_each_and_write_nothing(tm
     assert (model_dir / "ckpt-2.index").exists()
 
 
+def test_a_worker_whose_data_is_missing_is_one_line_on_the_other_before_training(tmp_path,
+                                                                                 idx_dir):
+    """Worker 1's --data_dir is not there (a flag of its machine): it stops with its own
+    line, and worker 0, in its first collective (the weights' first values), said so with a
+    traceback; now one line, exit 8."""
+    flags = ["--dataset=mnist", "--train_split=test[:512]", "--eval_split=test[9900:]",
+             "--train_steps=2", "--batch_size=64"]
+    workers = _Workers(tmp_path / "run", flags, each=([f"--data_dir={idx_dir}"],
+                                                      [f"--data_dir={tmp_path / 'nowhere'}"]))
+    try:
+        codes = workers.wait(timeout=240)
+    finally:
+        workers.kill()
+    assert codes == [8, 3], workers.log(0)[-2000:] + workers.log(1)[-2000:]
+    assert workers.log(1).splitlines()[-1].startswith(
+        f"train.py: error: --data_dir={tmp_path / 'nowhere'} is not a folder")
+    assert workers.log(0).splitlines()[-1].startswith(
+        "train.py: error: lost another worker of the cluster before training (")
+    assert workers.log(0).splitlines()[-1].endswith(
+        "): it stopped or cannot be reached, and its own log says why; fix that, then start "
+        "every worker again with the same command")
+    assert "Traceback" not in workers.log(0) + workers.log(1)
+
+
 @pytest.mark.parametrize("victim", [0, 1], ids=["sigterm_to_chief", "sigterm_to_worker1"])
 def test_a_stop_signal_to_either_worker_stops_both_at_one_saved_step(tmp_path, idx_dir, victim):
     """SIGTERM to one worker: both stop at the same step, the chief's checkpoint holds it,
