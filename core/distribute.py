@@ -483,43 +483,68 @@ MACHINE_FLAGS = ("data_dir", "cache", "verify_checksums", "num_intra_threads",
 def check_the_same_command(strategy: tf.distribute.Strategy, config) -> None:
     """Raises ConfigError on a worker started with other flags than the others (other than
     MACHINE_FLAGS): with another --batch_size, say, the workers trained on, each at its own
-    batch, and failed in their first evaluation with a traceback. One all-reduce of a hash
-    of each flag's value, through the strategy's own collectives; nothing where there is one
-    worker.
+    batch, and failed in their first evaluation with a traceback. Nothing where there is
+    one worker.
 
     Raises:
       LOST_WORKER_ERRORS: another worker stopped before it got here.
     """
-    if num_workers(strategy) < 2:
-        return
     import dataclasses
+
+    values = {f"--{f.name}={_as_flag(getattr(config, f.name))}": getattr(config, f.name)
+              for f in dataclasses.fields(config) if f.name not in MACHINE_FLAGS}
+    differ = _differ_between_workers(strategy, values)
+    if differ:
+        raise ConfigError(f"this worker ({task_id(strategy)}) was started with other flags than "
+                          f"another worker of TF_CONFIG: {', '.join(differ)} here: start every "
+                          "worker with the same command (--data_dir, --cache and the CPU flags "
+                          "may differ by machine)")
+
+
+def check_the_same_data(strategy: tf.distribute.Strategy, facts: dict[str, object],
+                        data_dir: str | None) -> None:
+    """Raises ConfigError on a worker whose data differs from the others' by `facts` (e.g.
+    {"1,000 training examples": 1000}): workers of one command whose --data_dir holds
+    more images on one machine planned other numbers of steps, and waited for each other
+    in mismatched collectives for good. Nothing where there is one worker.
+
+    Raises:
+      LOST_WORKER_ERRORS: another worker stopped before it got here.
+    """
+    differ = _differ_between_workers(strategy, facts)
+    if differ:
+        raise ConfigError(f"this worker ({task_id(strategy)}) reads other data than another "
+                          f"worker of TF_CONFIG: {', '.join(differ)} here"
+                          + (f" (--data_dir={data_dir})" if data_dir else "")
+                          + ": give every worker the same data")
+
+
+def _differ_between_workers(strategy: tf.distribute.Strategy, values: dict[str, object]
+                            ) -> list[str]:
+    """The names of `values` whose value differs on some other worker: one all-reduce of
+    two hashes of each, through the strategy's own collectives; [] with one worker. Every
+    worker must call it with the same names in the same order."""
+    if num_workers(strategy) < 2:
+        return []
     import hashlib
 
-    names = [f.name for f in dataclasses.fields(config) if f.name not in MACHINE_FLAGS]
     # Two hashes of each value, of as many bits as keep their sum over every replica exact
     # in float32 (AgreedStop's all-reduce: every device and all-reduce takes float32).
     replicas = strategy.num_replicas_in_sync
     bits = 24 - max(1, replicas - 1).bit_length()
     mine = []
-    for name in names:
-        digest = int.from_bytes(hashlib.sha256(repr(getattr(config, name)).encode()).digest()[:8],
-                                "big")
+    for value in values.values():
+        digest = int.from_bytes(hashlib.sha256(repr(value).encode()).digest()[:8], "big")
         mine += [digest % 2**bits, (digest >> 32) % 2**bits]
 
     @tf.function(autograph=False)
-    def total(values):
-        per_replica = strategy.run(lambda: tf.identity(values))
+    def total(hashes):
+        per_replica = strategy.run(lambda: tf.identity(hashes))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
     totals = total(tf.constant(mine, tf.float32)).numpy()
-    differ = [name for i, name in enumerate(names)
-              if any(totals[j] != mine[j] * replicas for j in (2 * i, 2 * i + 1))]
-    if differ:
-        here = ", ".join(f"--{name}={_as_flag(getattr(config, name))}" for name in differ)
-        raise ConfigError(f"this worker ({task_id(strategy)}) was started with other flags than "
-                          f"another worker of TF_CONFIG: {here} here: start every worker with the "
-                          "same command (--data_dir, --cache and the CPU flags may differ by "
-                          "machine)")
+    return [name for i, name in enumerate(values)
+            if any(totals[j] != mine[j] * replicas for j in (2 * i, 2 * i + 1))]
 
 
 def _as_flag(value) -> str:

@@ -282,6 +282,16 @@ class Run:
         self.jit_compile = (False if config.eager else config.jit_compile
                             if config.jit_compile is not None else distribute.default_jit_compile())
         self._load_data(inference)
+        if not inference:
+            train, held_out = self.train_split.num_examples, self.eval_split.num_examples
+            try:
+                distribute.check_the_same_data(self.strategy, {
+                    f"{train:,} training examples": train,
+                    f"{held_out:,} evaluation examples": held_out,
+                    f"images of {'x'.join(map(str, self.image_shape))}": self.image_shape},
+                    config.data_dir)
+            except distribute.LOST_WORKER_ERRORS as e:
+                raise _lost_worker_at_start(e) from None
         signals.interruption_point()  # a deferred Ctrl-C (from Python): nothing written yet
         config = self.config  # with the data-dependent choices made
         self.run_config = {**config.to_dict(), "image_shape": list(self.image_shape),

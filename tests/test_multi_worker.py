@@ -169,6 +169,31 @@ def test_workers_started_with_other_flags_are_one_line_each_and_write_nothing(tm
     assert (model_dir / "ckpt-2.index").exists()
 
 
+def test_workers_whose_folders_hold_other_images_are_one_line_each(tmp_path):
+    """One command, but one machine's copy of the folder holds more images: the workers
+    planned other numbers of steps and waited for each other in mismatched collectives for
+    good (a hang until killed). Now each says its own counts, exit 2, nothing written."""
+    for name, count in (("a", 20), ("b", 40)):
+        (tmp_path / name).mkdir()
+        for i in range(count):
+            png = tf.io.encode_png(tf.fill([8, 8, 3], tf.constant(i * 5, tf.uint8)))
+            tf.io.write_file(str(tmp_path / name / f"{i:03d}.png"), png)
+    flags = ["--dataset=folder", "--epochs=2", "--batch_size=4", "--image_size=8"]
+    workers = _Workers(tmp_path / "run", flags, each=([f"--data_dir={tmp_path / 'a'}"],
+                                                      [f"--data_dir={tmp_path / 'b'}"]))
+    try:
+        codes = workers.wait(timeout=240)
+    finally:
+        workers.kill()
+    assert codes == [2, 2], workers.log(0)[-2000:] + workers.log(1)[-2000:]
+    for index, (name, train, held_out) in enumerate([("a", 18, 2), ("b", 36, 4)]):
+        assert workers.log(index).splitlines()[-1] == (
+            f"train.py: error: this worker (worker{index}) reads other data than another "
+            f"worker of TF_CONFIG: {train} training examples, {held_out} evaluation examples "
+            f"here (--data_dir={tmp_path / name}): give every worker the same data")
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_worker_whose_data_is_missing_is_one_line_on_the_other_before_training(tmp_path,
                                                                                  idx_dir):
     """Worker 1's --data_dir is not there (a flag of its machine): it stops with its own
