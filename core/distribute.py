@@ -523,7 +523,7 @@ def _differ_between_workers(strategy: tf.distribute.Strategy, values: dict[str, 
                             ) -> list[str]:
     """The names of `values` whose value differs on some other worker: one all-reduce of
     two hashes of each, through the strategy's own collectives; [] with one worker. Every
-    worker must call it with the same names in the same order."""
+    worker calls it with as many values, in the same order (the names may hold them)."""
     if num_workers(strategy) < 2:
         return []
     import hashlib
