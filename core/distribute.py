@@ -269,9 +269,9 @@ def make_strategy(name: str, num_cpu_devices: int = 0) -> tf.distribute.Strategy
             raise ConfigError(
                 f"TF_CONFIG gives this task ({task['type']}:{task['index']}) the address "
                 f"{address}, and TensorFlow could not start its server on that port: another "
-                f"process listens there (a worker of an earlier run, still waiting?) or the port "
-                f"is not open to this user: stop that process, or give the task a free port in "
-                f"TF_CONFIG") from None
+                f"process listens there (a worker of an earlier run, still waiting, or one given "
+                f"this task's index too?) or the port is not open to this user: stop that "
+                f"process, or give the task a free port in TF_CONFIG") from None
         logging.info("multi-worker: task %s of %d workers, %d replicas in sync, all-reduce %s",
                      task_id(strategy), strategy.extended._num_workers,  # noqa: SLF001
                      strategy.num_replicas_in_sync, options.implementation.name)

@@ -402,8 +402,9 @@ def test_a_task_whose_port_is_taken_is_one_line_and_writes_nothing(tmp_path):
     assert proc.stderr.splitlines()[-1] == (
         f"train.py: error: TF_CONFIG gives this task (worker:0) the address {workers[0]}, and "
         "TensorFlow could not start its server on that port: another process listens there (a "
-        "worker of an earlier run, still waiting?) or the port is not open to this user: stop "
-        "that process, or give the task a free port in TF_CONFIG")
+        "worker of an earlier run, still waiting, or one given this task's index too?) or the "
+        "port is not open to this user: stop that process, or give the task a free port in "
+        "TF_CONFIG")
     assert "Traceback" not in proc.stderr and not (tmp_path / "run").exists()
 
 
