@@ -150,9 +150,18 @@ def _bar(split: str, done: int, total: int) -> None:
     width = 30
     filled = width * done // total
     sys.stderr.write(f"\r{split:>10} [{'#' * filled}{'.' * (width - filled)}] {done:,}/{total:,}")
+    _bar.open = done != total  # a line left open: what is said next starts a line of its own
     if done == total:
         sys.stderr.write("\n")
     sys.stderr.flush()
+
+
+_bar.open = False
+
+
+def _own_line(text: str) -> str:
+    """`text` on a line of its own, after a progress bar cut short (a stop, an error)."""
+    return ("\n" if _bar.open else "") + text
 
 
 def _split_names(dataset: str, data_dir: str | None) -> list[str]:
@@ -256,6 +265,13 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
     try:
         results = [write_split(o.source, name, output_dir, shards, gzip, progress,
                                png_compression, encoding) for o, name in zip(opened, names)]
+        # --overwrite: the earlier shards of these splits that were not written over (of
+        # another count, or one a stopped prepare left as NAME.tmp), or a reader takes both.
+        written = {os.path.join(output_dir, s["file"]) for r in results for s in r["shards"]}
+        for name in names:
+            for path in tf.io.gfile.glob(os.path.join(glob.escape(output_dir), f"{name}-*-of-*")):
+                if path not in written:
+                    tf.io.gfile.remove(path)
         info = _info(dataset, data_dir, opened, names, specs, results, gzip, encoding, start)
         write_file(os.path.join(output_dir, "dataset_info.json"), json.dumps(info, indent=2))
     except WriteError as e:  # a full disk: no split left half written
@@ -284,14 +300,26 @@ def main(argv) -> int:
     del argv
     from core.errors import TapeloopError
 
+    from core import signals
+
     flag = flags.FLAGS
+    # A stop exits at once: the shards written are whole, the one being written is left as
+    # NAME.tmp, which readers skip, and without dataset_info.json (written last) a reader
+    # finds the set incomplete; --overwrite writes them all again.
+    def stopped(signal: str) -> str:
+        return _own_line(f"prepare: stopped by {signal}: {flag.output_dir} holds only the "
+                         "shards written so far, if any; run the same command with --overwrite "
+                         "to write them all")
+
     try:
-        info = convert(flag.dataset, flag.output_dir, flag.data_dir, flag.splits,
-                       flag.image_size, flag.channels, flag.resize, flag.bad_images, flag.shards,
-                       flag.gzip, flag.overwrite, png_compression=flag.png_compression,
-                       encoding=flag.encoding, image_feature=flag.image_feature)
+        with signals.ExitOnSignals(stopped):
+            info = convert(flag.dataset, flag.output_dir, flag.data_dir, flag.splits,
+                           flag.image_size, flag.channels, flag.resize, flag.bad_images,
+                           flag.shards, flag.gzip, flag.overwrite,
+                           png_compression=flag.png_compression, encoding=flag.encoding,
+                           image_feature=flag.image_feature)
     except TapeloopError as e:
-        print(f"prepare: error: {e}", file=sys.stderr)
+        print(_own_line(f"prepare: error: {e}"), file=sys.stderr)
         return e.exit_code
     size_mb = sum(s["bytes"] for s in info["shards"]) / 2**20
     total = sum(s["examples"] for s in info["shards"])

@@ -181,7 +181,8 @@ class ExitOnSignals(_SignalWatcher):
     hands them back after.
     """
 
-    def __init__(self, message: str):
+    def __init__(self, message):
+        """`message`: a str with `{signal}` in it, or a function of the signal's name."""
         super().__init__()
         self.message = message
 
@@ -197,8 +198,10 @@ class ExitOnSignals(_SignalWatcher):
             _hold_log_handlers()
             stderr = os.dup(2)
             os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-            os.write(stderr, self.message.format(signal=signal.Signals(signum).name).encode()
-                     + b"\n")
+            name = signal.Signals(signum).name
+            line = self.message(name) if callable(self.message) else self.message.format(
+                signal=name)
+            os.write(stderr, line.encode() + b"\n")
         finally:  # whatever failed (stderr a closed pipe: `train.py ... 2>&1 | head`), exit
             exit_now(128 + signum)
 

@@ -596,7 +596,10 @@ def shard_files(data_dir: str, split: str) -> list[str]:
             raise DataError(f"--data_dir={data_dir} is not a folder: give the folder of the "
                             "TFRecord shards (python -m core.prepare writes them)")
         matched = tf.io.gfile.glob(_inside(data_dir, f"{split}*"))
-    files = sorted(f for f in matched if split_of(f) == split)
+    # A shard being written (core.prepare's NAME.tmp, left by a prepare that stopped) is none.
+    files = sorted(f for f in matched if split_of(f) == split and not f.endswith(".tmp"))
+    if files and not _is_pattern(data_dir):  # a pattern may pick some shards on purpose
+        _check_whole_set(data_dir, split, files)
     if not files:
         present = shard_splits(data_dir)
         has = (f" (it has shards of {', '.join(present)}): name one of those in --train_split "
@@ -608,6 +611,33 @@ def shard_files(data_dir: str, split: str) -> list[str]:
                         "with python -m core.prepare, or name the split's files "
                         f"{split}-00000-of-00001 (or {split}.tfrecord) and so on")
     return files
+
+
+def _check_whole_set(data_dir: str, split: str, files: list[str]) -> None:
+    """Raises DataError where the numbered shards of `split` (NAME-00001-of-00004) are not one
+    whole set: some missing (a copy, or a core.prepare, that stopped part way), or two sets
+    of other counts (an older set beside a newer): either trained on part of the data, or
+    on some twice, without a word."""
+    numbered = [m for m in (re.search(r"-(\d+)-of-(\d+)(?:\.\w+)?$", os.path.basename(f))
+                            for f in files) if m]
+    counts = sorted({int(m.group(2)) for m in numbered})
+    again = ("write them again with python -m core.prepare --overwrite (it removes the "
+             "old ones)")
+    if len(counts) > 1:
+        sets = ", ".join(f"-of-{n:05d}" for n in counts)
+        raise DataError(f"--data_dir={data_dir} holds {len(counts)} sets of {split} shards "
+                        f"({sets}): remove the older set, or {again}")
+    if counts:
+        have = {int(m.group(1)) for m in numbered}
+        missing = sorted(set(range(counts[0])) - have)
+        if missing:
+            first = numbered[0]  # the others' names: its own, with their number
+            prefix, width = first.string[:first.start()], len(first.group(1))
+            shown = ", ".join(f"{prefix}-{i:0{width}d}-of-{first.group(2)}"
+                              for i in missing[:3]) + (", ..." if len(missing) > 3 else "")
+            raise DataError(f"--data_dir={data_dir} has {len(have)} of the {counts[0]} {split} "
+                            f"shards (missing {shown}): a copy or a core.prepare that stopped "
+                            f"part way? copy the missing ones, or {again}")
 
 
 def shard_splits(data_dir: str) -> list[str]:

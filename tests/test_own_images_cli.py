@@ -243,3 +243,56 @@ def test_the_figures_show_every_class_of_a_folder(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert _top_strip_cells(tmp_path / "run" / "eval", "reconstructions", 16) == [0] * 4 + [255] * 4
     assert _top_strip_cells(tmp_path / "run" / "train", "augmented", 16) == [0] * 4 + [255] * 4
+
+
+def test_a_stopped_prepare_is_one_line_and_its_part_of_the_shards_is_refused(tmp_path):
+    """Ctrl-C during core.prepare was a KeyboardInterrupt traceback, and it left shards
+    0..k and NAME.tmp of shard k+1 without dataset_info.json: train.py read those, the
+    .tmp as a shard too, on part of the data without a word. --overwrite then left an
+    earlier set of another count beside the new one, and both were read."""
+    out = tmp_path / "shards"
+    proc = subprocess.Popen([sys.executable, "-m", "core.prepare", "--dataset=fontdigits",
+                             "--splits=train", "--shards=4", "--png_compression=9",
+                             f"--output_dir={out}"], cwd=ROOT, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL,
+                            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    seen = b""
+    while b"/60,000" not in seen or not list(out.glob("train-00000-of-00004")):
+        chunk = proc.stderr.read1(4096)
+        assert chunk, seen[-2000:]  # it ended before its first shard
+        seen += chunk
+    proc.send_signal(signal.SIGINT)
+    seen += proc.stderr.read()
+    assert proc.wait(timeout=60) == 128 + signal.SIGINT, seen[-2000:]
+    last = seen.decode().replace("\r", "\n").splitlines()[-1]
+    assert last == (f"prepare: stopped by SIGINT: {out} holds only the shards written so far, "
+                    "if any; run the same command with --overwrite to write them all")
+    assert "Traceback" not in seen.decode()
+    names = sorted(os.listdir(out))
+    assert "dataset_info.json" not in names and "train-00000-of-00004" in names
+    assert "train-00003-of-00004" not in names, "the prepare ended before the signal"
+    proc = run_train("--dataset=tfrecord", f"--data_dir={out}", "--eval_split=train[:64]",
+                     f"--model_dir={tmp_path / 'run'}", "--train_steps=1")
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    missing = [f"train-0000{i}-of-00004" for i in range(4) if f"train-0000{i}-of-00004" not in names]
+    assert proc.stderr.splitlines()[-1] == (
+        f"train.py: error: --data_dir={out} has {4 - len(missing)} of the 4 train shards "
+        f"(missing {', '.join(missing)}): a copy or a core.prepare that stopped part way? copy "
+        "the missing ones, or write them again with python -m core.prepare --overwrite (it "
+        "removes the old ones)")
+    # --overwrite with another count: the old set and the .tmp go.
+    again = _prepare("--dataset=fontdigits", "--splits=train[:2000]", "--shards=2",
+                     "--overwrite", f"--output_dir={out}")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["dataset_info.json", "train-00000-of-00002",
+                                       "train-00001-of-00002"]
+    # An older set beside a newer one (copied in by hand) is refused too.
+    for name in ("train-00000-of-00003", "train-00001-of-00003", "train-00002-of-00003"):
+        (out / name).write_bytes((out / "train-00000-of-00002").read_bytes())
+    proc = run_train("--dataset=tfrecord", f"--data_dir={out}", "--eval_split=train[:64]",
+                     f"--model_dir={tmp_path / 'run'}", "--train_steps=1")
+    assert proc.returncode == 3 and proc.stderr.splitlines()[-1] == (
+        f"train.py: error: --data_dir={out} holds 2 sets of train shards (-of-00002, "
+        "-of-00003): remove the older set, or write them again with python -m core.prepare "
+        "--overwrite (it removes the old ones)"), proc.stderr[-2000:]
+    assert not (tmp_path / "run").exists()
