@@ -1201,12 +1201,12 @@ def test_record_files_named_split_dot_tfrecord(tmp_path):
     jpegs = [tf.io.encode_png(a).numpy() for a in pixels]
     _write_records(tmp_path / "train.tfrecord", [{"image_raw": p, "label": 1} for p in jpegs[:8]])
     _write_records(tmp_path / "test.record", [{"image_raw": p, "label": 2} for p in jpegs[8:]])
-    _write_records(tmp_path / "train.tfrecord-00001-of-00002", [{"image_raw": jpegs[0]}])
+    _write_records(tmp_path / "train.tfrecord-00000-of-00001", [{"image_raw": jpegs[0]}])
     (tmp_path / "dataset_info.json.bak").write_text("{}")  # not a split
     assert sources.shard_splits(str(tmp_path)) == ["test", "train"]
     assert sources.default_splits("tfrecord", str(tmp_path)) == ("train", "test")
     assert [os.path.basename(f) for f in sources.shard_files(str(tmp_path), "train")] == [
-        "train.tfrecord", "train.tfrecord-00001-of-00002"]
+        "train.tfrecord", "train.tfrecord-00000-of-00001"]
     train = data.materialize(data.open_split("train", "tfrecord", str(tmp_path)).source)
     np.testing.assert_array_equal(train.images, np.concatenate([pixels[:8], pixels[:1]]))
     test = data.materialize(data.open_split("test", "tfrecord", str(tmp_path)).source)
@@ -1218,7 +1218,7 @@ def test_record_files_named_split_dot_tfrecord(tmp_path):
                                "cifar10", None]
     # Numbered files of a split (train_000.tfrecord, ...) are that split's shards.
     for i in range(2):
-        os.rename(tmp_path / ("train.tfrecord", "train.tfrecord-00001-of-00002")[i],
+        os.rename(tmp_path / ("train.tfrecord", "train.tfrecord-00000-of-00001")[i],
                   tmp_path / f"train_{i:03d}.tfrecord")
     assert sources.shard_splits(str(tmp_path)) == ["test", "train"]
     renamed = data.materialize(data.open_split("train", "tfrecord", str(tmp_path)).source)
