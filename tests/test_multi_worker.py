@@ -141,31 +141,33 @@ class _Workers:
             proc.kill()
 
 
+def _run_workers(model_dir, flags, each=((), ())):
+    """Two workers run to their end: their exit codes and logs."""
+    workers = _Workers(model_dir, flags, each)
+    try:
+        codes = workers.wait(timeout=240)
+    finally:
+        workers.kill()
+    return codes, [workers.log(0), workers.log(1)]
+
+
 def test_workers_started_with_other_flags_are_one_line_each_and_write_nothing(tmp_path):
     """A worker started with another --batch_size trained on, each worker at its own batch
     (the all-reduce sums gradients of any batch), and both failed in their first evaluation
     with a traceback. Flags of the machine (--data_dir, the thread counts) may differ."""
     model_dir = tmp_path / "run"
     flags = ["--dataset=synthetic", "--synthetic_shape=8,8,1", "--train_steps=2"]
-    workers = _Workers(model_dir, flags, each=(["--batch_size=64", "--num_intra_threads=1"],
-                                               ["--batch_size=128", "--seed=3"]))
-    try:
-        codes = workers.wait(timeout=240)
-    finally:
-        workers.kill()
-    assert codes == [2, 2], workers.log(0)[-2000:] + workers.log(1)[-2000:]
+    codes, logs = _run_workers(model_dir, flags, each=(
+        ["--batch_size=64", "--num_intra_threads=1"], ["--batch_size=128", "--seed=3"]))
+    assert codes == [2, 2], logs[0][-2000:] + logs[1][-2000:]
     for index, here in enumerate(["--batch_size=64, --seed=0", "--batch_size=128, --seed=3"]):
-        assert workers.log(index).splitlines()[-1] == (
+        assert logs[index].splitlines()[-1] == (
             f"train.py: error: this worker (worker{index}) was started with other flags than "
             f"another worker of TF_CONFIG: {here} here: start every worker with the same "
             "command (--data_dir, --cache and the CPU flags may differ by machine)")
     assert not model_dir.exists()
-    same = _Workers(model_dir, flags, each=(["--num_intra_threads=1"], []))
-    try:
-        codes = same.wait(timeout=240)
-    finally:
-        same.kill()
-    assert codes == [0, 0], same.log(0)[-2000:] + same.log(1)[-2000:]
+    codes, logs = _run_workers(model_dir, flags, each=(["--num_intra_threads=1"], []))
+    assert codes == [0, 0], logs[0][-2000:] + logs[1][-2000:]
     assert (model_dir / "ckpt-2.index").exists()
 
 
@@ -179,15 +181,11 @@ def test_workers_whose_folders_hold_other_images_are_one_line_each(tmp_path):
             png = tf.io.encode_png(tf.fill([8, 8, 3], tf.constant(i * 5, tf.uint8)))
             tf.io.write_file(str(tmp_path / name / f"{i:03d}.png"), png)
     flags = ["--dataset=folder", "--epochs=2", "--batch_size=4", "--image_size=8"]
-    workers = _Workers(tmp_path / "run", flags, each=([f"--data_dir={tmp_path / 'a'}"],
-                                                      [f"--data_dir={tmp_path / 'b'}"]))
-    try:
-        codes = workers.wait(timeout=240)
-    finally:
-        workers.kill()
-    assert codes == [2, 2], workers.log(0)[-2000:] + workers.log(1)[-2000:]
+    codes, logs = _run_workers(tmp_path / "run", flags, each=(
+        [f"--data_dir={tmp_path / 'a'}"], [f"--data_dir={tmp_path / 'b'}"]))
+    assert codes == [2, 2], logs[0][-2000:] + logs[1][-2000:]
     for index, (name, train, held_out) in enumerate([("a", 18, 2), ("b", 36, 4)]):
-        assert workers.log(index).splitlines()[-1] == (
+        assert logs[index].splitlines()[-1] == (
             f"train.py: error: this worker (worker{index}) reads other data than another "
             f"worker of TF_CONFIG: {train} training examples, {held_out} evaluation examples "
             f"here (--data_dir={tmp_path / name}): give every worker the same data")
@@ -201,21 +199,17 @@ def test_a_worker_whose_data_is_missing_is_one_line_on_the_other_before_training
     traceback; now one line, exit 8."""
     flags = ["--dataset=mnist", "--train_split=test[:512]", "--eval_split=test[9900:]",
              "--train_steps=2", "--batch_size=64"]
-    workers = _Workers(tmp_path / "run", flags, each=([f"--data_dir={idx_dir}"],
-                                                      [f"--data_dir={tmp_path / 'nowhere'}"]))
-    try:
-        codes = workers.wait(timeout=240)
-    finally:
-        workers.kill()
-    assert codes == [8, 3], workers.log(0)[-2000:] + workers.log(1)[-2000:]
-    assert workers.log(1).splitlines()[-1].startswith(
+    codes, logs = _run_workers(tmp_path / "run", flags, each=(
+        [f"--data_dir={idx_dir}"], [f"--data_dir={tmp_path / 'nowhere'}"]))
+    assert codes == [8, 3], logs[0][-2000:] + logs[1][-2000:]
+    assert logs[1].splitlines()[-1].startswith(
         f"train.py: error: --data_dir={tmp_path / 'nowhere'} is not a folder")
-    assert workers.log(0).splitlines()[-1].startswith(
+    assert logs[0].splitlines()[-1].startswith(
         "train.py: error: lost another worker of the cluster before training (")
-    assert workers.log(0).splitlines()[-1].endswith(
+    assert logs[0].splitlines()[-1].endswith(
         "): it stopped or cannot be reached, and its own log says why; fix that, then start "
         "every worker again with the same command")
-    assert "Traceback" not in workers.log(0) + workers.log(1)
+    assert "Traceback" not in logs[0] + logs[1]
 
 
 @pytest.mark.parametrize("victim", [0, 1], ids=["sigterm_to_chief", "sigterm_to_worker1"])
