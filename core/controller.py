@@ -407,8 +407,9 @@ class Controller:
         patience = c.early_stopping_patience
         if patience and since >= patience and step < self.total_steps:
             logging.info("early stopping at step %d: %s has not improved on %.6g (step %d) for "
-                         "%d evaluations (--early_stopping_patience)", step, metric,
-                         self.best["value"], self.best["step"], patience)
+                         "%d evaluation%s (--early_stopping_patience)", step, metric,
+                         self.best["value"], self.best["step"], patience,
+                         "s" if patience > 1 else "")
             self.stopped_early = True
 
     def _out_of_memory(self, error: OutOfMemoryError, start_step: int) -> OutOfMemoryError:

@@ -49,12 +49,16 @@ def test_the_best_checkpoint_is_kept_apart_and_evaluated(tmp_path):
     assert exported["export_dir"].endswith(os.path.join("export", str(best_step)))
 
 
-def test_early_stopping_stops_and_stays_stopped(tmp_path):
+def test_early_stopping_stops_and_stays_stopped(tmp_path, caplog):
     """At a rate of 1e-12 the weights do not move (below float32's resolution): the eval loss
     repeats exactly, so after 2 evaluations without a new best the run stops, at step 30."""
     config = _config(tmp_path, learning_rate=1e-12, keep_best="eval/loss",
                      early_stopping_patience=2)
-    result = core.run(config)
+    with caplog.at_level("INFO"):
+        result = core.run(config)
+    assert any(r.getMessage().startswith("early stopping at step 30: eval/loss has not improved")
+               and r.getMessage().endswith("for 2 evaluations (--early_stopping_patience)")
+               for r in caplog.records)
     assert result["step"] == 30 and result["history"][-1]["step"] == 30
     assert [e["step"] for e in result["evaluations"]] == [10, 20, 30]
     record = json.load(open(tmp_path / "run" / "best" / "best.json"))
