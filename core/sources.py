@@ -637,7 +637,9 @@ def _check_whole_set(data_dir: str, split: str, files: list[str]) -> None:
                               for i in missing[:3]) + (", ..." if len(missing) > 3 else "")
             raise DataError(f"--data_dir={data_dir} has {len(have)} of the {counts[0]} {split} "
                             f"shards (missing {shown}): a copy or a core.prepare that stopped "
-                            f"part way? copy the missing ones, or {again}")
+                            f"part way? copy the missing ones, or {again}; to train on "
+                            f"these alone, give them as a pattern, e.g. --data_dir="
+                            f"{os.path.join(data_dir, first.string[:first.start()])}-*")
 
 
 def shard_splits(data_dir: str) -> list[str]:

@@ -279,7 +279,13 @@ def test_a_stopped_prepare_is_one_line_and_its_part_of_the_shards_is_refused(tmp
         f"train.py: error: --data_dir={out} has {4 - len(missing)} of the 4 train shards "
         f"(missing {', '.join(missing)}): a copy or a core.prepare that stopped part way? copy "
         "the missing ones, or write them again with python -m core.prepare --overwrite (it "
-        "removes the old ones)")
+        f"removes the old ones); to train on these alone, give them as a pattern, e.g. "
+        f"--data_dir={out}/train-*")
+    # As the line says, a pattern reads those shards alone (not the .tmp).
+    proc = run_train("--dataset=tfrecord", f"--data_dir={out}/train-*", "--train_steps=1",
+                     "--eval_split=train", f"--model_dir={tmp_path / 'part'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"in {4 - len(missing)} TFRecord shard(s)" in proc.stderr
     # --overwrite with another count: the old set and the .tmp go.
     again = _prepare("--dataset=fontdigits", "--splits=train[:2000]", "--shards=2",
                      "--overwrite", f"--output_dir={out}")
