@@ -54,7 +54,7 @@ def test_early_stopping_stops_and_stays_stopped(tmp_path, caplog):
     repeats exactly, so after 2 evaluations without a new best the run stops, at step 30."""
     config = _config(tmp_path, learning_rate=1e-12, keep_best="eval/loss",
                      early_stopping_patience=2)
-    with caplog.at_level("INFO"):
+    with caplog.at_level("INFO", logger="absl"):
         result = core.run(config)
     assert any(r.getMessage().startswith("early stopping at step 30: eval/loss has not improved")
                and r.getMessage().endswith("for 2 evaluations (--early_stopping_patience)")
