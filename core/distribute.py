@@ -519,6 +519,17 @@ def check_the_same_data(strategy: tf.distribute.Strategy, facts: dict[str, objec
                           + ": give every worker the same data")
 
 
+def summed_over_replicas(strategy: tf.distribute.Strategy):
+    """A function: a float32 vector -> its sum over every replica of every worker, through
+    the strategy's own collectives (each replica gives this worker's vector)."""
+    @tf.function(autograph=False)
+    def summed(values):
+        per_replica = strategy.run(lambda: tf.identity(values))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    return summed
+
+
 def _differ_between_workers(strategy: tf.distribute.Strategy, values: dict[str, object]
                             ) -> list[str]:
     """The names of `values` whose value differs on some other worker: one all-reduce of
@@ -536,13 +547,7 @@ def _differ_between_workers(strategy: tf.distribute.Strategy, values: dict[str, 
     for value in values.values():
         digest = int.from_bytes(hashlib.sha256(repr(value).encode()).digest()[:8], "big")
         mine += [digest % 2**bits, (digest >> 32) % 2**bits]
-
-    @tf.function(autograph=False)
-    def total(hashes):
-        per_replica = strategy.run(lambda: tf.identity(hashes))
-        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-
-    totals = total(tf.constant(mine, tf.float32)).numpy()
+    totals = summed_over_replicas(strategy)(tf.constant(mine, tf.float32)).numpy()
     return [name for i, name in enumerate(values)
             if any(totals[j] != mine[j] * replicas for j in (2 * i, 2 * i + 1))]
 
@@ -574,12 +579,7 @@ class AgreedStop:
         self.signal = signal
         self._count = None
         if num_workers(strategy) > 1:
-            @tf.function(autograph=False)
-            def count(flags):
-                per_replica = strategy.run(lambda: tf.identity(flags))
-                return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
-
-            self._count = count
+            self._count = summed_over_replicas(strategy)
 
     def __call__(self, asked: str | None = None) -> tuple[str, str] | None:
         """("signal", its name) if a worker got a stop signal, else ("asked", the action) if
