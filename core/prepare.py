@@ -323,12 +323,33 @@ def main(argv) -> int:
         return e.exit_code
     size_mb = sum(s["bytes"] for s in info["shards"]) / 2**20
     total = sum(s["examples"] for s in info["shards"])
-    print(f"wrote {total:,} images ({'x'.join(map(str, info['image_shape']))}) in "
-          f"{len(info['shards'])} shards, {size_mb:,.1f} MB, to {flag.output_dir} in "
+    shards = len(info["shards"])
+    print(f"wrote {total:,} image{'s' if total != 1 else ''} "
+          f"({'x'.join(map(str, info['image_shape']))}) in {shards} shard"
+          f"{'s' if shards != 1 else ''}, {size_mb:,.1f} MB, to {flag.output_dir} in "
           f"{info['seconds']:.1f} s"
           + (f"; skipped {len(info['skipped'])} undecodable files" if info["skipped"] else "")
-          + f"\ntrain on them: python train.py --dataset=tfrecord --data_dir={flag.output_dir}")
+          + "\n" + _next_command(list(info["splits"]), flag.output_dir))
     return 0
+
+
+def _next_command(splits: list[str], output_dir: str) -> str:
+    """The train.py command that reads the splits written, as their names make it: held-out
+    shards evaluate a training run, shards of train alone train with --mode=train, shards
+    without train evaluate a run."""
+    from core.sources import EVAL_SPLITS
+
+    command = f"python train.py --dataset=tfrecord --data_dir={output_dir}"
+    held_out = next((s for s in EVAL_SPLITS if s in splits), None)
+    other = next((s for s in splits if s != "train"), None)
+    if "train" not in splits:
+        return f"evaluate a run on them: {command} --mode=eval --model_dir=RUN"
+    if held_out:
+        return f"train on them: {command}"
+    if other:
+        return f"train on them: {command} --eval_split={other}"
+    return (f"train on them: {command} --mode=train (no held-out split was written to evaluate "
+            "on: --splits=train[:90%],train[90%:] writes one)")
 
 
 def run() -> None:

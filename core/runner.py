@@ -433,6 +433,7 @@ class Run:
             self.image_shape = (*config.image_size, saved_shape[2]) if config.image_size \
                 else saved_shape
             return
+        chosen = {}
         if config.train_split is None or config.eval_split is None:
             from core.sources import default_splits
 
@@ -441,6 +442,19 @@ class Run:
                       if getattr(config, k) is None}
             logging.info("%s: %s", config.dataset, ", ".join(f"--{k}={v}" for k, v in chosen.items()))
             self.config = config = config.replace(**chosen)
+        # Shards of the training split alone: --mode=train evaluates nothing, and its figures
+        # show training images.
+        if config.mode == "train" and "eval_split" in chosen and config.dataset == "tfrecord":
+            from core.sources import shard_splits
+            no_held_out = config.eval_split not in shard_splits(config.data_dir)
+        else:
+            no_held_out = False
+        if no_held_out:
+            logging.info("%s has no %s shards: --mode=train evaluates nothing, and its figures "
+                         "show training images (--eval_split=%s); an evaluation needs held-out "
+                         "shards, e.g. python -m core.prepare --splits=train[:90%%],train[90%%:] "
+                         "of the source", config.data_dir, config.eval_split, config.train_split)
+            self.config = config = config.replace(eval_split=config.train_split)
         if config.data_on_device is None and config.mode not in ("train", "train_and_eval"):
             self.config = config = config.replace(data_on_device=False)
         load = dict(dataset=config.dataset, data_dir=config.data_dir,
@@ -465,19 +479,21 @@ class Run:
                     f"the size to train at, e.g. --image_size={h},{w} (the same aspect) or "
                     f"--image_size=128, or --image_size={shape[0]},{shape[1]} for full size")
             load["channels"] = shape[2]
-            opened = data.open_split(config.eval_split, image_size=shape[:2], **load)
+            opened = None if no_held_out else data.open_split(config.eval_split,
+                                                              image_size=shape[:2], **load)
         else:
             opened = data.open_split(config.eval_split, image_size=config.image_size or (
                 saved_shape[:2] if saved_shape else None), **{
                     **load, "channels": config.channels or (saved_shape[2] if saved_shape else None)})
-        self.eval_split = self._report(opened, config.eval_split)
-        self.image_shape = self.eval_split.image_shape
+        # Without held-out shards, the training split (as cached below) shows the figures.
+        self.eval_split = self._report(opened, config.eval_split) if opened else None
+        self.image_shape = (self.eval_split or self.train_split).image_shape
         # The split the model trains (or, evaluated, trained) on, if this is its data.
         own_data = self.saved and all(self.saved.get(k) == getattr(config, k)
                                       for k in ("dataset", "data_dir"))
         trained_on = (config.train_split if training else
                       self.saved.get("train_split") if own_data else None)
-        shared = trained_on and data.shared_examples(
+        shared = trained_on and not no_held_out and data.shared_examples(
             config.dataset, config.data_dir, trained_on, config.eval_split,
             self.train_split if training else None, self.eval_split)
         if shared:
@@ -496,9 +512,11 @@ class Run:
         if config.tf_data_service and training:
             data.wait_for_service(config.tf_data_service, SERVICE_WAIT_SECONDS)
         if config.cache == "memory":
-            data.check_fits_in_memory([self.eval_split, self.train_split], "--cache=memory")
-            self.eval_split = data.materialize(self.eval_split)
-        elif config.cache != "none":
+            data.check_fits_in_memory([s for s in (self.eval_split, self.train_split) if s],
+                                      "--cache=memory")
+            if self.eval_split:
+                self.eval_split = data.materialize(self.eval_split)
+        elif config.cache != "none" and self.eval_split:
             self.eval_split = data.cache_to_dir(self.eval_split, config.cache)
         if not training:
             return
@@ -528,6 +546,8 @@ class Run:
             self.train_split = data.materialize(self.train_split)
         elif config.cache != "none":
             self.train_split = data.cache_to_dir(self.train_split, config.cache)
+        if self.eval_split is None:
+            self.eval_split = self.train_split
 
     def _report(self, opened: data.Opened, spec: str):
         """Logs what was opened (and what was skipped or upscaled); returns the source."""

@@ -603,7 +603,9 @@ def shard_files(data_dir: str, split: str) -> list[str]:
     if not files:
         present = shard_splits(data_dir)
         has = (f" (it has shards of {', '.join(present)}): name one of those in --train_split "
-               f"or --eval_split (--mode=train evaluates nothing), or" if present else ":")
+               "or --eval_split" + (" (with --mode=train, which evaluates nothing, give no "
+                                    "--eval_split)" if split in EVAL_SPLITS else "") + ", or"
+               if present else ":")
         if not present and not _is_pattern(data_dir) and list_images(data_dir)[0]:
             raise DataError(f"--data_dir={data_dir} has no TFRecord shards but image files: "
                             "pass --dataset=folder to train on them")

@@ -2,6 +2,7 @@
 two files --bad_images=skip drops) and on shards from core.prepare, bad files (exit 3,
 nothing written), and kill -9 then resume, exact on both."""
 
+import json
 import os
 import signal
 import subprocess
@@ -302,3 +303,48 @@ def test_a_stopped_prepare_is_one_line_and_its_part_of_the_shards_is_refused(tmp
         "-of-00003): remove the older set, or write them again with python -m core.prepare "
         "--overwrite (it removes the old ones)"), proc.stderr[-2000:]
     assert not (tmp_path / "run").exists()
+
+
+def test_shards_of_train_alone_train_with_mode_train_as_prepare_says(tmp_path):
+    """Shards of the training split alone (`--splits=train`): core.prepare said `train on
+    them: python train.py --dataset=tfrecord --data_dir=DIR`, and that command, and even
+    --mode=train, which evaluates nothing, failed for want of test-* shards. --mode=train
+    now trains on them, its figures showing training images."""
+    out = tmp_path / "shards"
+    prepared = _prepare("--dataset=fontdigits", "--splits=train[:96]", "--shards=2",
+                        f"--output_dir={out}")
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    command = (f"python train.py --dataset=tfrecord --data_dir={out} --mode=train")
+    assert prepared.stdout.splitlines()[-1] == (
+        f"train on them: {command} (no held-out split was written to evaluate on: "
+        "--splits=train[:90%],train[90%:] writes one)")
+    flags = command.split()[2:]
+    run = run_train(*flags, f"--model_dir={tmp_path / 'run'}", "--train_steps=2",
+                    "--batch_size=16", "--eval_every=2")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"{out} has no test shards: --mode=train evaluates nothing, and its figures show " \
+           "training images (--eval_split=train)" in run.stderr
+    assert tf.train.latest_checkpoint(str(tmp_path / "run")).endswith("-2")
+    assert (tmp_path / "run" / "reconstructions.png").exists()
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["eval_split"] == "train"
+    # Training with evaluations needs held-out shards; so does an evaluation named by hand.
+    for extra in ([], ["--mode=train", "--eval_split=test"]):
+        proc = run_train(*flags[:2], *extra, f"--model_dir={tmp_path / 'evaluated'}",
+                         "--train_steps=2", "--batch_size=16")
+        assert proc.returncode == 3, proc.stderr[-2000:]
+        assert proc.stderr.splitlines()[-1] == (
+            f"train.py: error: --data_dir={out} has no test-* TFRecord shards (it has shards "
+            "of train): name one of those in --train_split or --eval_split (with --mode=train, "
+            "which evaluates nothing, give no --eval_split), or write them with python -m "
+            "core.prepare, or name the split's files test-00000-of-00001 (or test.tfrecord) "
+            "and so on")
+        assert not (tmp_path / "evaluated").exists()
+    # Shards of a held-out split alone evaluate a run; one image is one image.
+    held_out = _prepare("--dataset=fontdigits", "--splits=test[:1]", "--shards=1",
+                        f"--output_dir={tmp_path / 'one'}")
+    assert held_out.returncode == 0, held_out.stderr[-2000:]
+    assert held_out.stdout.splitlines()[0].startswith("wrote 1 image (28x28x1) in 1 shard, ")
+    assert held_out.stdout.splitlines()[-1] == (
+        "evaluate a run on them: python train.py --dataset=tfrecord "
+        f"--data_dir={tmp_path / 'one'} --mode=eval --model_dir=RUN")
