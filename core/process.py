@@ -63,8 +63,9 @@ def check_model_dir(model_dir: str) -> None:
         raise ConfigError(f"--model_dir={model_dir} is a file: give a folder path")
 
 
-def prepare_model_dir(model_dir: str) -> None:
+def prepare_model_dir(model_dir: str, read_elsewhere: str = "") -> None:
     """Creates `model_dir` and proves it writable. Call after every other check.
+    `read_elsewhere` ends the line of a folder that is not writable: how else to read it.
 
     Raises:
       ConfigError: it is a file, cannot be created, or is not writable.
@@ -88,7 +89,9 @@ def prepare_model_dir(model_dir: str) -> None:
         fix = ("free space on it, then run the same command again"
                if reason in ("No space left on device", "Disk quota exceeded") else
                "choose a folder you can write to or fix its permissions")
-        raise ConfigError(f"--model_dir={model_dir} is not writable ({reason}): {fix}") from None
+        raise ConfigError(f"--model_dir={model_dir} is not writable ({reason}): {fix}"
+                          + (f"; {read_elsewhere}" if read_elsewhere and "space" not in fix
+                             else "")) from None
     finally:  # a full disk makes the file, then fails to write it
         with contextlib.suppress(OSError, tf.errors.OpError):
             tf.io.gfile.remove(probe)

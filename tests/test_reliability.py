@@ -521,6 +521,43 @@ def test_unwritable_model_dir(tmp_path):
         subprocess.run(["umount", str(ro)], capture_output=True)
 
 
+def test_a_run_that_cannot_be_written_is_evaluated_and_exported_into_a_folder_of_your_own(
+        tmp_path):
+    """Eval and export write their results into the model dir: of a run you cannot write to
+    (a read-only mount, another user's), the line said only to choose another folder; it
+    now names the flags that read its checkpoint and write elsewhere, which work."""
+    run = tmp_path / "shared"
+    run.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(run)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"cannot mount a tmpfs: {mounted.stderr}"
+    try:
+        trained = run_train(f"--model_dir={run}", "--dataset=synthetic", "--train_steps=2",
+                            "--eval_every=2", "--batch_size=8")
+        assert trained.returncode == 0, trained.stderr[-2000:]
+        remounted = subprocess.run(["mount", "-o", "remount,ro", str(run)], capture_output=True,
+                                   text=True)
+        assert remounted.returncode == 0, remounted.stderr
+        before = sorted(os.listdir(run))
+        for mode, verb in (("eval", "evaluate"), ("export", "export")):
+            proc = run_train(f"--mode={mode}", f"--model_dir={run}")
+            assert proc.returncode == 2, proc.stderr[-2000:]
+            assert proc.stderr.splitlines()[-1] == (
+                f"train.py: error: --model_dir={run} is not writable (Read-only file system): "
+                "choose a folder you can write to or fix its permissions; to "
+                f"{verb} a run you cannot write to, give its checkpoint and a folder of your "
+                f"own: --checkpoint={run}/ckpt-2 --model_dir=YOUR_FOLDER")
+            # As the line says.
+            mine = tmp_path / "mine"
+            proc = run_train(f"--mode={mode}", f"--checkpoint={run}/ckpt-2", f"--model_dir={mine}")
+            assert proc.returncode == 0, proc.stderr[-2000:]
+        assert sorted(os.listdir(run)) == before
+        assert (mine / "eval_ckpt-2" / "reconstructions.png").exists()
+        assert (mine / "export" / "2" / "saved_model.pb").exists()
+    finally:
+        subprocess.run(["umount", str(run)], capture_output=True)
+
+
 class GreedyDecoder(tf.keras.Model):
     """A decoder that, on batches of `greedy_from` images or more, also asks TensorFlow's
     allocator for 4 TiB: it refuses at once with the ResourceExhaustedError a GPU gives a
