@@ -380,8 +380,9 @@ class Run:
         # Eval and export write only their results: another run's checkpoint is read from
         # its folder, and the results go to one of yours.
         process.prepare_model_dir(config.model_dir, read_elsewhere=(
-            f"to {'evaluate' if config.mode == 'eval' else 'export'} a run you cannot write to, give its checkpoint and a folder of "
-            f"your own: --checkpoint={self.checkpoint_path} --model_dir=YOUR_FOLDER"
+            f"to {'evaluate' if config.mode == 'eval' else 'export'} a run you cannot write "
+            f"to, give its checkpoint and a folder of your own: "
+            f"--checkpoint={self.checkpoint_path} --model_dir=YOUR_FOLDER"
             if config.mode in ("eval", "export") and self.checkpoint_path
             and os.path.dirname(self.checkpoint_path) == config.model_dir.rstrip("/") else ""))
         # A continuous evaluation runs beside the training run that holds the lock.

@@ -121,8 +121,12 @@ def warn_unread_split_folders(data_dir: str) -> None:
     """Logs the subfolders of `data_dir` that look like splits (`Training/`, `Test/`,
     `dev/`...) but are read as classes of one split, or not read at all."""
     splits = folder_splits(data_dir)
-    names = sorted(n.rstrip("/") for n in tf.io.gfile.listdir(data_dir)
-                   if tf.io.gfile.isdir(os.path.join(data_dir, n)))
+    try:
+        listed = tf.io.gfile.listdir(data_dir)
+    except tf.errors.PermissionDeniedError:
+        raise DataError(f"--data_dir={data_dir} is not readable (permission denied): fix its "
+                        "permissions") from None
+    names = sorted(n.rstrip("/") for n in listed if tf.io.gfile.isdir(os.path.join(data_dir, n)))
     odd = [n for n in names if n.lower() in _SPLIT_LIKE and n not in splits]
     if not odd:
         return
@@ -275,7 +279,7 @@ def list_images(root: str) -> tuple[list[str], dict[str, int], list[str], list[s
         seen.add(real)
         return False
 
-    for folder, subfolders, files in tf.io.gfile.walk(root):
+    for folder, subfolders, files in _walk(root):
         if is_run_folder(files):
             runs.append(folder)
             subfolders[:] = []
@@ -295,6 +299,19 @@ def list_images(root: str) -> tuple[list[str], dict[str, int], list[str], list[s
             else:
                 others[ext or name] += 1
     return sorted(found), dict(sorted(others.items())), sorted(runs), sorted(repeats)
+
+
+def _walk(root: str):
+    """tf.io.gfile.walk, whose one error passed on, a folder it may not list, is one line."""
+    try:
+        yield from tf.io.gfile.walk(root)
+    except tf.errors.PermissionDeniedError as e:
+        folder = e.message.rsplit(";", 1)[0]
+        if folder.rstrip("/") == root.rstrip("/"):
+            raise DataError(f"{root} is not readable (permission denied): fix its "
+                            "permissions") from None
+        raise DataError(f"{folder} is not readable (permission denied): fix its permissions, "
+                        f"or move it out of {root}") from None
 
 
 def class_labels(root: str, paths: list[str]) -> tuple[np.ndarray | None, list[str]]:
@@ -657,8 +674,12 @@ def shard_splits(data_dir: str) -> list[str]:
 
 
 def _compression(path: str) -> str:
-    with tf.io.gfile.GFile(path, "rb") as f:
-        return "GZIP" if f.read(2) == b"\x1f\x8b" else ""
+    try:
+        with tf.io.gfile.GFile(path, "rb") as f:
+            return "GZIP" if f.read(2) == b"\x1f\x8b" else ""
+    except tf.errors.OpError as e:
+        _refuse_if_permission(path, e)
+        raise
 
 
 def read_info(data_dir: str) -> dict | None:
@@ -670,6 +691,7 @@ def read_info(data_dir: str) -> dict | None:
         with tf.io.gfile.GFile(path) as f:
             return json.load(f)
     except (ValueError, tf.errors.OpError) as e:
+        _refuse_if_permission(path, e)
         raise DataError(f"{path} is not readable JSON ({e}): delete it, and the shards are "
                         "counted at start-up") from None
 
@@ -842,9 +864,17 @@ def _count_records(files: list[str], compression: str) -> list[int]:
         try:
             counts.append(_records_in(path, compression))
         except (tf.errors.OpError, OSError, EOFError) as e:
+            _refuse_if_permission(path, e)
             raise DataError(f"{path} is not a readable TFRecord file ({str(e).splitlines()[0]}): "
                             "write the shards again with python -m core.prepare") from None
     return counts
+
+
+def _refuse_if_permission(path: str, error: Exception) -> None:
+    """A shard this user may not read is not a bad shard: its line says so."""
+    if isinstance(error, (tf.errors.PermissionDeniedError, PermissionError)):
+        raise DataError(f"{path} is not readable (permission denied): fix its permissions") \
+            from None
 
 
 def open_tfrecord(data_dir: str, spec: str, split: str, sl: slice, image_size, channels,
@@ -883,6 +913,7 @@ def open_tfrecord(data_dir: str, spec: str, split: str, sl: slice, image_size, c
         try:
             record = next(iter(tf.data.TFRecordDataset(path, compression_type=compression)), None)
         except tf.errors.OpError as e:
+            _refuse_if_permission(path, e)
             raise DataError(f"{path} is not a readable TFRecord file ({e.message.splitlines()[0]})"
                             ": write the shards again with python -m core.prepare") from None
         if record is None:

@@ -4,6 +4,7 @@ nothing written), and kill -9 then resume, exact on both."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -348,3 +349,66 @@ def test_shards_of_train_alone_train_with_mode_train_as_prepare_says(tmp_path):
     assert held_out.stdout.splitlines()[-1] == (
         "evaluate a run on them: python train.py --dataset=tfrecord "
         f"--data_dir={tmp_path / 'one'} --mode=eval --model_dir=RUN")
+
+
+_UNREADABLE = """
+import json, sys
+import core
+from core.config import Config
+from core.errors import DataError
+for kw in json.loads(sys.argv[1]):
+    try:
+        core.run(Config(train_steps=1, batch_size=4, **kw))
+        print("trained")
+    except DataError as e:
+        print(f"{e} (exit {e.exit_code})")
+"""
+
+
+def test_data_this_user_may_not_read_is_one_line_each(tmp_path):
+    """A folder or shard this user may not read (another user's, a mount's): a class folder
+    or the data folder was TensorFlow's PermissionDeniedError traceback, a shard 'not a
+    readable TFRecord file (... {{function_node ...}} ...): write the shards again' and
+    dataset_info.json 'not readable JSON: delete it'. Root reads every file whatever its
+    mode, so as root the runs go without the capabilities that let it."""
+    png_tree(str(tmp_path / "photos"), splits=(("train", 12), ("test", 4)))
+    shards = tmp_path / "shards"
+    prepared = _prepare("--dataset=folder", f"--data_dir={tmp_path / 'photos'}",
+                        f"--output_dir={shards}", "--shards=2")
+    assert prepared.returncode == 0, prepared.stderr[-2000:]
+    for copy in ("class", "root", "split"):
+        shutil.copytree(tmp_path / "photos", tmp_path / copy)
+    for copy in ("info", "counted"):  # shards without dataset_info.json are counted
+        shutil.copytree(shards, tmp_path / copy)
+    (tmp_path / "counted" / "dataset_info.json").unlink()
+    locked = [tmp_path / "class" / "train" / "dog", tmp_path / "root",
+              tmp_path / "split" / "train", tmp_path / "info" / "dataset_info.json",
+              tmp_path / "counted" / "train-00001-of-00002"]
+    cases = [dict(dataset="folder", data_dir=str(tmp_path / "class")),
+             dict(dataset="folder", data_dir=str(tmp_path / "root")),
+             dict(dataset="folder", data_dir=str(tmp_path / "split"), train_split="train",
+                  eval_split="test"),
+             dict(dataset="tfrecord", data_dir=str(tmp_path / "info")),
+             dict(dataset="tfrecord", data_dir=str(tmp_path / "counted"))]
+    expected = [f"{locked[0]} is not readable (permission denied): fix its permissions, or "
+                f"move it out of {tmp_path}/class/train",
+                f"--data_dir={locked[1]} is not readable (permission denied): fix its "
+                "permissions"] + [
+                f"{path} is not readable (permission denied): fix its permissions"
+                for path in locked[2:]]
+    without = (["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+               if os.geteuid() == 0 else [])
+    for path in locked:
+        path.chmod(0)
+    try:
+        proc = subprocess.run(
+            [*without, sys.executable, "-c", _UNREADABLE, json.dumps(
+                [dict(kw, model_dir=str(tmp_path / "run")) for kw in cases])],
+            capture_output=True, text=True, timeout=300, cwd=ROOT,
+            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    finally:
+        for path in locked:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == [f"{line} (exit 3)" for line in expected]
+    assert not (tmp_path / "run").exists()
