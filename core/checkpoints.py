@@ -76,7 +76,7 @@ def read_state(directory: str) -> CheckpointState | None:
             raise ValueError("it names no checkpoint")
     except (tf.errors.OpError, text_format.ParseError, ValueError, UnicodeDecodeError) as e:
         reason = first_line(e, 120)
-        raise CheckpointError(
+        raise CheckpointError(_denied(path, reason) or
             f"{path} is unreadable ({reason}): nothing was deleted; restore the file, or move "
             "it away and the newest checkpoint is found by its files") from None
     for i, name in enumerate(state.all_model_checkpoint_paths):
@@ -94,6 +94,14 @@ def checkpoints_on_disk(directory: str) -> list[str]:
     steps = sorted({int(m.group(1)) for name in tf.io.gfile.listdir(directory)
                     if name.endswith(".index") and (m := _CKPT_RE.match(name.rstrip("/")))})
     return [os.path.join(directory, f"ckpt-{s}") for s in steps]
+
+
+def _denied(what: str, reason: str) -> str | None:
+    """The line for `what`, a file or checkpoint of the run that this user may not read
+    (another user's, a mount's): its permissions are the fault, not its contents."""
+    if "Permission denied" not in reason:
+        return None
+    return f"{what} is not readable ({reason}): fix its permissions; nothing was changed"
 
 
 def readable(prefix: str) -> bool:
@@ -193,7 +201,8 @@ def initialise(model, path: str, modules: str = "all", average: bool = True,
     if failure is not None:
         what = "model" if modules == "all" else modules
         if not readable(prefix):
-            raise ConfigError(f"{flag}: {prefix} is damaged: its files do not read back "
+            raise ConfigError(_denied(f"{flag}: {prefix}", failure) or
+                              f"{flag}: {prefix} is damaged: its files do not read back "
                               f"({first_line(failure)}): give another checkpoint")
         raise ConfigError(f"{flag}: {prefix} does not hold this {what} ({_short(failure)}): "
                           + (advice or "give the model flags it was trained with (its "
@@ -396,7 +405,7 @@ class Checkpointer:
                 failure = first_line(e)
         if failure is not None:
             if not readable(path):
-                raise CheckpointError(
+                raise CheckpointError(_denied(f"checkpoint {path}", failure) or
                     f"checkpoint {path} is damaged: its files do not read back ({failure}); "
                     "move its files and the 'checkpoint' state file away and the newest "
                     "remaining checkpoint is used, or use a fresh --model_dir")
@@ -703,8 +712,9 @@ def saved_config(model_dir: str) -> dict | None:
     try:
         value = json.loads(tf.io.gfile.GFile(path, "r").read())
     except (tf.errors.OpError, ValueError) as e:
-        raise CheckpointError(f"{path} is unreadable ({first_line(e, 120)}): restore it or use a "
-                              "fresh --model_dir") from None
+        reason = first_line(e, 120)
+        raise CheckpointError(_denied(path, reason) or f"{path} is unreadable ({reason}): "
+                              "restore it or use a fresh --model_dir") from None
     if not isinstance(value, dict):
         raise CheckpointError(f"{path} holds a JSON {type(value).__name__}, not the run's config "
                               "object: restore it or use a fresh --model_dir")

@@ -1,6 +1,7 @@
 """Helpers for end-to-end tests: run train.py, a benchmark or a notebook-style script, read
 TensorBoard event files."""
 
+import json
 import os
 import signal
 import subprocess
@@ -75,6 +76,34 @@ class Notebook:
         """Waits for the end; returns (exit code, the whole output)."""
         out, _ = self.proc.communicate(timeout=timeout)
         return self.proc.returncode, "".join(self.lines) + out
+
+
+_RUN_EACH = """
+import json, sys
+import core
+from core.config import Config
+from core.errors import TapeloopError
+for kw in json.loads(sys.argv[1]):
+    try:
+        core.run(Config(**kw))
+        print("ran")
+    except TapeloopError as e:
+        print(f"{e} (exit {e.exit_code})")
+"""
+
+
+def run_unprivileged(configs, timeout=300):
+    """Runs `core.run(Config(**c))` for each dict `c` of `configs` in one fresh interpreter,
+    whose file modes count even as root (it goes without the capabilities that read and
+    search any file: `setpriv`); returns one line each, the error and its exit code, or
+    'ran'."""
+    without = (["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+               if os.geteuid() == 0 else [])
+    proc = subprocess.run([*without, sys.executable, "-c", _RUN_EACH, json.dumps(configs)],
+                          capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.splitlines()
 
 
 def event_tags(folder):

@@ -15,7 +15,7 @@ import tensorflow as tf
 from core import checkpoints
 from core.checkpoints import Checkpointer
 from core.errors import CheckpointError
-from helpers import ROOT, checkpoint_files, run_train
+from helpers import ROOT, checkpoint_files, run_train, run_unprivileged
 
 
 def _flags(idx_dir, model_dir, *extra):
@@ -276,3 +276,44 @@ def test_a_checkpoint_from_before_upsample_conv_held_a_conv2d_evaluates_and_resu
     assert resumed["step"] == 5 and [h["step"] for h in resumed["history"]] == [5]
     assert int(tf.train.load_variable(os.path.join(model_dir, "ckpt-5"),
                                       "optimizer/_iterations/.ATTRIBUTES/VARIABLE_VALUE")) == 5
+
+
+def test_a_checkpoint_this_user_may_not_read_is_named_so_and_nothing_changes(tmp_path):
+    """A run's files that this user may not read (another user's run, a mount's): its
+    checkpoint was 'damaged ... move its files and the state file away', which would throw
+    its steps away for a permission, and config.json and the state file 'unreadable:
+    restore it'. Each is now a permission to fix, with nothing changed."""
+    trained = run_train(f"--model_dir={tmp_path / 'run'}", "--dataset=synthetic",
+                        "--train_steps=2", "--eval_every=2", "--batch_size=8")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    for copy in ("data", "config", "state"):
+        shutil.copytree(tmp_path / "run", tmp_path / copy)
+    locked = [tmp_path / "data" / "ckpt-2.data-00000-of-00001",
+              tmp_path / "config" / "config.json", tmp_path / "state" / "checkpoint"]
+    common = dict(dataset="synthetic", train_steps=4, eval_every=2, batch_size=8)
+    cases = [dict(common, model_dir=str(tmp_path / "data")),
+             dict(common, model_dir=str(tmp_path / "fresh"),
+                  init_checkpoint=str(tmp_path / "data")),
+             dict(mode="eval", model_dir=str(tmp_path / "config")),
+             dict(common, model_dir=str(tmp_path / "state"))]
+    before = {copy: checkpoint_files(str(tmp_path / copy)) for copy in ("data", "config", "state")}
+    for path in locked:
+        path.chmod(0)
+    try:
+        seen = run_unprivileged(cases)
+    finally:
+        for path in locked:
+            path.chmod(0o644)
+    data, config, state = locked
+    assert seen == [
+        f"checkpoint {tmp_path}/data/ckpt-2 is not readable ({data}; Permission denied): fix "
+        "its permissions; nothing was changed (exit 5)",
+        f"--init_checkpoint={tmp_path}/data: {tmp_path}/data/ckpt-2 is not readable ({data}; "
+        "Permission denied): fix its permissions; nothing was changed (exit 2)",
+        f"{config} is not readable ({config}; Permission denied): fix its permissions; nothing "
+        "was changed (exit 5)",
+        f"{state} is not readable ({state}; Permission denied): fix its permissions; nothing "
+        "was changed (exit 5)"]
+    assert {copy: checkpoint_files(str(tmp_path / copy))
+            for copy in ("data", "config", "state")} == before
+    assert not (tmp_path / "fresh").exists()

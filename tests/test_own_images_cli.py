@@ -20,7 +20,7 @@ import core
 from core import prepare
 from core.config import Config
 from core.errors import ConfigError
-from helpers import ROOT, run_train
+from helpers import ROOT, run_train, run_unprivileged
 from test_sources import colour_images, png_tree, save
 
 
@@ -351,19 +351,6 @@ def test_shards_of_train_alone_train_with_mode_train_as_prepare_says(tmp_path):
         f"--data_dir={tmp_path / 'one'} --mode=eval --model_dir=RUN")
 
 
-_UNREADABLE = """
-import json, sys
-import core
-from core.config import Config
-from core.errors import DataError
-for kw in json.loads(sys.argv[1]):
-    try:
-        core.run(Config(train_steps=1, batch_size=4, **kw))
-        print("trained")
-    except DataError as e:
-        print(f"{e} (exit {e.exit_code})")
-"""
-
 
 def test_data_this_user_may_not_read_is_one_line_each(tmp_path):
     """A folder or shard this user may not read (another user's, a mount's): a class folder
@@ -396,19 +383,13 @@ def test_data_this_user_may_not_read_is_one_line_each(tmp_path):
                 "permissions"] + [
                 f"{path} is not readable (permission denied): fix its permissions"
                 for path in locked[2:]]
-    without = (["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
-               if os.geteuid() == 0 else [])
     for path in locked:
         path.chmod(0)
     try:
-        proc = subprocess.run(
-            [*without, sys.executable, "-c", _UNREADABLE, json.dumps(
-                [dict(kw, model_dir=str(tmp_path / "run")) for kw in cases])],
-            capture_output=True, text=True, timeout=300, cwd=ROOT,
-            env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
+        seen = run_unprivileged([dict(kw, model_dir=str(tmp_path / "run"), train_steps=1,
+                                      batch_size=4) for kw in cases])
     finally:
         for path in locked:
             path.chmod(0o755 if path.is_dir() else 0o644)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.splitlines() == [f"{line} (exit 3)" for line in expected]
+    assert seen == [f"{line} (exit 3)" for line in expected]
     assert not (tmp_path / "run").exists()
