@@ -253,6 +253,8 @@ class Config:
             if len(steps) != 2 or not 0 <= steps[0] < steps[1]:
                 raise ConfigError(f"--profile_steps={','.join(map(str, steps))}: give START,STOP "
                                   "with 0 <= START < STOP, e.g. 100,110")
+        if not 0 <= self.seed < 2**32:  # Keras' and NumPy's seeds are 32-bit unsigned
+            raise ConfigError(f"--seed={self.seed}: must be between 0 and {2**32 - 1}")
         if self.eval_every < 0:
             raise ConfigError(f"--eval_every={self.eval_every}: must be >= 0 (0 = once per epoch)")
         if self.data_on_device_max_mb <= 0:

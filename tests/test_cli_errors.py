@@ -51,6 +51,7 @@ def _cases(idx_dir, broken):
                                   "shards (--batch_shards): use a multiple of 3, e.g. "
                                   "--batch_size=255 or --batch_size=258"),
         (["--num_intra_threads=-1"], 2, "--num_intra_threads=-1: must be >= 0"),
+        (["--seed=-1"], 2, "--seed=-1: must be between 0 and 4294967295"),  # a traceback
         ([*mnist, "--data_dir=/nonexistent"], 3, "--data_dir=/nonexistent is not a folder"),
         (["--dataset=mnist", "--train_split=train", f"--data_dir={idx_dir}"], 3,
          "has no train images: expected train-images-idx3-ubyte.gz or train-images-idx3-ubyte"),
