@@ -491,8 +491,15 @@ def check_the_same_command(strategy: tf.distribute.Strategy, config) -> None:
     """
     import dataclasses
 
-    values = {f"--{f.name}={_as_flag(getattr(config, f.name))}": getattr(config, f.name)
-              for f in dataclasses.fields(config) if f.name not in MACHINE_FLAGS}
+    # Another tapeloop (other flags) would all-reduce a vector of another length below,
+    # which fails in a traceback: its flags' names go first, as one value of fixed size.
+    names = [f.name for f in dataclasses.fields(config)]
+    if _differ_between_workers(strategy, {"flags": names}):
+        raise ConfigError(f"this worker ({task_id(strategy)}) runs a tapeloop of other flags than "
+                          f"another worker of TF_CONFIG ({len(names)} flags here): install the "
+                          "same tapeloop on every machine")
+    values = {f"--{name}={_as_flag(getattr(config, name))}": getattr(config, name)
+              for name in names if name not in MACHINE_FLAGS}
     differ = _differ_between_workers(strategy, values)
     if differ:
         raise ConfigError(f"this worker ({task_id(strategy)}) was started with other flags than "

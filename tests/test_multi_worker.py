@@ -1,5 +1,6 @@
 """Two worker processes on 127.0.0.1 train together with MultiWorkerMirroredStrategy."""
 
+import dataclasses
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import pytest
 import tensorflow as tf
 
 from conftest import fill
+from core.config import Config
 from helpers import ROOT, run_train
 
 
@@ -110,13 +112,15 @@ def test_two_workers_train_together(tmp_path, idx_dir):
 class _Workers:
     """Two train.py workers on 127.0.0.1; their stderr is collected as it comes."""
 
-    def __init__(self, model_dir, flags, each=((), ())):
+    def __init__(self, model_dir, flags, each=((), ()), commands=(None, None)):
+        """`commands`: a worker's own argv instead of train.py's (its flags not added)."""
         workers = [f"127.0.0.1:{p}" for p in _free_ports(2)]
         self.procs, self.logs, self.readers = [], [[], []], []
         for index in range(2):
             env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
                 {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}))
             proc = subprocess.Popen(
+                commands[index] or
                 [sys.executable, os.path.join(ROOT, "train.py"), "--strategy=multi_worker",
                  f"--model_dir={model_dir}", *flags, *each[index]],
                 cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -141,9 +145,9 @@ class _Workers:
             proc.kill()
 
 
-def _run_workers(model_dir, flags, each=((), ())):
+def _run_workers(model_dir, flags, each=((), ()), commands=(None, None)):
     """Two workers run to their end: their exit codes and logs."""
-    workers = _Workers(model_dir, flags, each)
+    workers = _Workers(model_dir, flags, each, commands)
     try:
         codes = workers.wait(timeout=240)
     finally:
@@ -169,6 +173,41 @@ def test_workers_started_with_other_flags_are_one_line_each_and_write_nothing(tm
     codes, logs = _run_workers(model_dir, flags, each=(["--num_intra_threads=1"], []))
     assert codes == [0, 0], logs[0][-2000:] + logs[1][-2000:]
     assert (model_dir / "ckpt-2.index").exists()
+
+
+_NEWER = """
+import dataclasses, sys
+import core
+from core.config import Config
+
+@dataclasses.dataclass(frozen=True)
+class Newer(Config):  # a later tapeloop, with one flag more
+    a_newer_flag: int = 0
+
+try:
+    core.run(Newer(strategy="multi_worker", model_dir=sys.argv[1], dataset="synthetic",
+                   synthetic_shape=(8, 8, 1), train_steps=2))
+except core.errors.TapeloopError as e:
+    print(e, file=sys.stderr)
+    sys.exit(e.exit_code)
+"""
+
+
+def test_workers_of_other_tapeloop_versions_are_one_line_each(tmp_path):
+    """A worker on a machine with another tapeloop (a flag more or less) all-reduced a
+    vector of flags of another length: both failed in a CollectiveReduceV2 traceback."""
+    model_dir = tmp_path / "run"
+    codes, logs = _run_workers(
+        model_dir, ["--dataset=synthetic", "--synthetic_shape=8,8,1", "--train_steps=2"],
+        commands=(None, [sys.executable, "-c", _NEWER, str(model_dir)]))
+    assert codes == [2, 2], logs[0][-2000:] + logs[1][-2000:]
+    flags = len(dataclasses.fields(Config))
+    for index, (prefix, count) in enumerate([("train.py: error: ", flags), ("", flags + 1)]):
+        assert logs[index].splitlines()[-1] == (
+            f"{prefix}this worker (worker{index}) runs a tapeloop of other flags than another "
+            f"worker of TF_CONFIG ({count} flags here): install the same tapeloop on every "
+            "machine")
+    assert not model_dir.exists()
 
 
 def test_workers_whose_folders_hold_other_images_are_one_line_each(tmp_path):
