@@ -440,10 +440,10 @@ class Run:
             self.image_shape = (*config.image_size, saved_shape[2]) if config.image_size \
                 else saved_shape
             return
+        from core.sources import default_splits, shard_splits
+
         chosen = {}
         if config.train_split is None or config.eval_split is None:
-            from core.sources import default_splits
-
             train_split, eval_split = default_splits(config.dataset, config.data_dir)
             chosen = {k: v for k, v in (("train_split", train_split), ("eval_split", eval_split))
                       if getattr(config, k) is None}
@@ -451,11 +451,9 @@ class Run:
             self.config = config = config.replace(**chosen)
         # Shards of the training split alone: --mode=train evaluates nothing, and its figures
         # show training images.
-        if config.mode == "train" and "eval_split" in chosen and config.dataset == "tfrecord":
-            from core.sources import shard_splits
-            no_held_out = config.eval_split not in shard_splits(config.data_dir)
-        else:
-            no_held_out = False
+        no_held_out = (config.mode == "train" and "eval_split" in chosen
+                       and config.dataset == "tfrecord"
+                       and config.eval_split not in shard_splits(config.data_dir))
         if no_held_out:
             logging.info("%s has no %s shards: --mode=train evaluates nothing, and its figures "
                          "show training images (--eval_split=%s); an evaluation needs held-out "
