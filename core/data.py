@@ -250,9 +250,9 @@ def open_split(spec: str, dataset: str, data_dir: str | None = None, verify: boo
                                                             resize, bad_images)
         return Opened(source, skipped, upscaled)
     if dataset == "tfrecord":
-        name, sl = parse_split(spec)
+        name, _ = parse_split(spec.split("[", 1)[0])  # the name; a slice is refused there
         with sources.utf8_names(data_dir):
-            return Opened(sources.open_tfrecord(data_dir, spec, name, sl, image_size, channels,
+            return Opened(sources.open_tfrecord(data_dir, spec, name, image_size, channels,
                                                 resize, image_feature))
     if dataset.startswith("tfds:"):
         return Opened(sources.open_tfds(dataset[len("tfds:"):], data_dir, spec, image_size,
@@ -422,8 +422,7 @@ def cache_to_dir(source, cache_dir: str):
             except tf.errors.OpError:  # another run cached the same split first
                 tf.io.gfile.rmtree(staging)
     d = source.decoding
-    cached = sources.open_tfrecord(folder, source.name, "train", slice(None), d.size, d.channels,
-                                   d.resize)
+    cached = sources.open_tfrecord(folder, "train", "train", d.size, d.channels, d.resize)
     cached.name = f"{source.name} (cached in {folder})"
     return cached
 

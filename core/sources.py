@@ -877,18 +877,21 @@ def _refuse_if_permission(path: str, error: Exception) -> None:
             from None
 
 
-def open_tfrecord(data_dir: str, spec: str, split: str, sl: slice, image_size, channels,
+def open_tfrecord(data_dir: str, spec: str, split: str, image_size, channels,
                   resize: str, image_feature: str | None = None) -> TFRecordSource:
-    """Finds, checks and counts one split's shards; `image_feature` is the feature that
-    holds the image (default: found, `_image_feature`).
+    """Finds, checks and counts one split's shards (`spec`: `split`, unsliced);
+    `image_feature` is the feature that holds the image (default: found, `_image_feature`).
 
     Raises:
       DataError: no shards, truncated or unreadable shards, records without images.
+      ConfigError: `spec` is a slice (`train[:90%]`).
     """
-    if sl != slice(None):
+    if spec.replace(" ", "") != split:
         raise ConfigError(f"split {spec!r}: TFRecord splits cannot be sliced (records are "
-                          f"streamed, not indexed): use --train_split={split}, or write the "
-                          "slice as its own shards with python -m core.prepare")
+                          "streamed in the order they were written, often class by class): "
+                          f"name the whole split ({split}), or write the slices from the images "
+                          "the shards came from, e.g. python -m core.prepare --dataset=folder "
+                          "--splits=train[:90%],train[90%:]")
     files = shard_files(data_dir, split)
     compression = _compression(files[0])
     info = read_info(data_dir)

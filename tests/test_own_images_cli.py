@@ -341,6 +341,17 @@ def test_shards_of_train_alone_train_with_mode_train_as_prepare_says(tmp_path):
             "core.prepare, or name the split's files test-00000-of-00001 (or test.tfrecord) "
             "and so on")
         assert not (tmp_path / "evaluated").exists()
+    # Nor can the shards be sliced into one, by core.prepare (it said 'percentages need the
+    # split size') or train.py: records stream in the order written, often class by class.
+    sliced = _prepare("--dataset=tfrecord", f"--data_dir={out}", "--splits=train[:90%],train[90%:]",
+                      f"--output_dir={tmp_path / 'sliced'}")
+    assert sliced.returncode == 2, sliced.stderr[-2000:]
+    assert sliced.stderr.splitlines()[-1] == (
+        "prepare: error: split 'train[:90%]': TFRecord splits cannot be sliced (records are "
+        "streamed in the order they were written, often class by class): name the whole split "
+        "(train), or write the slices from the images the shards came from, e.g. python -m "
+        "core.prepare --dataset=folder --splits=train[:90%],train[90%:]")
+    assert not (tmp_path / "sliced").exists()
     # Shards of a held-out split alone evaluate a run; one image is one image.
     held_out = _prepare("--dataset=fontdigits", "--splits=test[:1]", "--shards=1",
                         f"--output_dir={tmp_path / 'one'}")
