@@ -382,12 +382,11 @@ def cache_to_dir(source, cache_dir: str):
     if isinstance(source, Split):
         return source
     import contextlib
+    import glob
     import hashlib
-    import json
-    import os
     import uuid
 
-    from core import prepare, process, sources
+    from core import process, signals, sources
 
     elements = (list(zip(source.paths, source.file_sizes)) if getattr(source, "paths", None)
                 else list(zip(source.files, source.skips, source.counts)))
@@ -398,17 +397,15 @@ def cache_to_dir(source, cache_dir: str):
     folder = os.path.join(cache_dir, f"{source.kind}-{key}")
     if not tf.io.gfile.exists(os.path.join(folder, sources.INFO_FILE)):
         logging.info("--cache=%s: decoding %s once into %s", cache_dir, source.name, folder)
+        others = tf.io.gfile.glob(glob.escape(folder) + ".tmp-*")
+        if others:  # a stop removes its own (removed_if_exiting); a kill -9 cannot
+            logging.warning("--cache=%s holds %s, the same cache being decoded by another run, "
+                            "or left by a run that was killed: remove it if no run is writing "
+                            "it", cache_dir, ", ".join(os.path.basename(o) for o in others))
         staging = folder if "://" in folder else f"{folder}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            tf.io.gfile.makedirs(staging)
-            shards = max(1, min(64, source.num_examples // 2000))
-            written = prepare.write_split(source, "train", staging, shards, gzip=False,
-                                          encoding="raw")
-            info = {"from": source.name, "image_shape": list(source.image_shape),
-                    "class_names": list(source.class_names), "encoding": "raw",
-                    "shards": written["shards"]}
-            with tf.io.gfile.GFile(os.path.join(staging, sources.INFO_FILE), "w") as f:
-                f.write(json.dumps(info, indent=2))  # last: its presence means complete
+            with signals.removed_if_exiting(staging if staging != folder else None):
+                _write_cache(source, staging)
         except (WriteError, *process.WRITE_ERRORS) as e:  # a full disk: leave nothing half
             with contextlib.suppress(OSError, tf.errors.OpError):
                 tf.io.gfile.rmtree(staging)
@@ -416,6 +413,10 @@ def cache_to_dir(source, cache_dir: str):
                              e.reason if isinstance(e, WriteError) else write_reason(e),
                              "free space there or give another --cache, then run the same "
                              "command again") from None
+        except BaseException:  # a KeyboardInterrupt from Python (a notebook's stop)
+            with contextlib.suppress(OSError, tf.errors.OpError):
+                tf.io.gfile.rmtree(staging)
+            raise
         if staging != folder:
             try:
                 tf.io.gfile.rename(staging, folder)
@@ -425,6 +426,22 @@ def cache_to_dir(source, cache_dir: str):
     cached = sources.open_tfrecord(folder, "train", "train", d.size, d.channels, d.resize)
     cached.name = f"{source.name} (cached in {folder})"
     return cached
+
+
+def _write_cache(source, staging: str) -> None:
+    """Writes `source` as raw shards into `staging`, dataset_info.json last."""
+    import json
+
+    from core import prepare, sources
+
+    tf.io.gfile.makedirs(staging)
+    shards = max(1, min(64, source.num_examples // 2000))
+    written = prepare.write_split(source, "train", staging, shards, gzip=False, encoding="raw")
+    info = {"from": source.name, "image_shape": list(source.image_shape),
+            "class_names": list(source.class_names), "encoding": "raw",
+            "shards": written["shards"]}
+    with tf.io.gfile.GFile(os.path.join(staging, sources.INFO_FILE), "w") as f:
+        f.write(json.dumps(info, indent=2))  # last: its presence means complete
 
 
 def resize_array(images: np.ndarray, size: tuple[int, int], channels: int,

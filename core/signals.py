@@ -206,13 +206,34 @@ class ExitOnSignals(_SignalWatcher):
             exit_now(128 + signum)
 
 
+_PARTIAL: list[str] = []  # local folders being written, which `exit_now` removes
+
+
+@contextlib.contextmanager
+def removed_if_exiting(folder: str | None):
+    """While this runs, an exit at once (`exit_now`: a signal outside training) removes
+    `folder`, a local folder being written under a name of its own (a --cache being
+    decoded), which nothing would read or remove after. None: nothing to remove."""
+    if folder:
+        _PARTIAL.append(folder)
+    try:
+        yield
+    finally:
+        if folder:
+            _PARTIAL.remove(folder)
+
+
 def exit_now(code: int) -> None:
     """Ends the process at once with `code` (`os._exit`: no atexit handlers, no waiting for
     the main thread). AutoGraph writes each function it converts to a temporary
     `__autograph_generated_file*.py` and removes it only at exit, by atexit, which
     `os._exit` skips: those files are removed here first, or every such exit would leave a
-    few in the temporary dir."""
+    few in the temporary dir; so are the folders being written (`removed_if_exiting`)."""
     try:
+        import shutil
+
+        for folder in list(_PARTIAL):
+            shutil.rmtree(folder, ignore_errors=True)
         for name, module in list(sys.modules.items()):
             if name.startswith("__autograph_generated_file"):
                 with contextlib.suppress(OSError, AttributeError, TypeError):

@@ -758,3 +758,46 @@ def test_an_exit_on_a_signal_leaves_no_autograph_files(tmp_path):
         proc.wait()
     assert "stopped by SIGTERM" in proc.stderr.read()
     assert not list(temp.glob("__autograph_generated_file*"))
+
+
+def test_a_stop_while_a_cache_is_decoded_leaves_no_part_of_it(tmp_path):
+    """Ctrl-C while --cache=DIR decodes a split: the exit at once left its staging folder
+    (NAME.tmp-XXXX, the whole part decoded so far) in DIR for good; every later run
+    decodes into one of its own name. Now the stop removes it, and a run that finds one
+    (another run's, or left by a kill -9) says so."""
+    from PIL import Image
+
+    photos = tmp_path / "photos" / "a"
+    photos.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3000):  # about a second of decoding for the training split
+        Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(
+            photos / f"{i}.png", compress_level=0)
+    cache = tmp_path / "cache"
+    flags = ["--dataset=folder", f"--data_dir={tmp_path / 'photos'}", f"--cache={cache}",
+             f"--model_dir={tmp_path / 'run'}", "--train_steps=2", "--batch_size=8"]
+    proc = _start(flags)
+    deadline = time.monotonic() + 120
+    while not (cache.exists() and any(".tmp-" in p.name for p in cache.iterdir())):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.splitlines()[-1] == ("train.py: stopped by SIGINT outside training: the "
+                                    "checkpoints are as they were")
+    names = sorted(p.name for p in cache.iterdir())
+    assert len(names) < 2 and not any(".tmp-" in n for n in names), names  # stopped part way
+    again = run_train(*flags)
+    assert again.returncode == 0, again.stderr[-2000:]
+    done = sorted(p.name for p in cache.iterdir())
+    assert len(done) == 2 and not any(".tmp-" in n for n in done), done
+    # A staging folder a kill -9 left is named, and the run decodes into one of its own.
+    shutil.rmtree(cache / done[0])
+    (cache / f"{done[0]}.tmp-dead0000").mkdir()
+    again = run_train(*flags)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert (f"--cache={cache} holds {done[0]}.tmp-dead0000, the same cache being decoded by "
+            "another run, or left by a run that was killed: remove it if no run is writing "
+            "it") in again.stderr
+    assert sorted(p.name for p in cache.iterdir()) == sorted([*done, f"{done[0]}.tmp-dead0000"])
