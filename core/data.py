@@ -404,7 +404,7 @@ def cache_to_dir(source, cache_dir: str):
                             "it", cache_dir, ", ".join(os.path.basename(o) for o in others))
         staging = folder if "://" in folder else f"{folder}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            with signals.removed_if_exiting(staging if staging != folder else None):
+            with signals.removed_if_exiting(staging):
                 _write_cache(source, staging)
         except (WriteError, *process.WRITE_ERRORS) as e:  # a full disk: leave nothing half
             with contextlib.suppress(OSError, tf.errors.OpError):

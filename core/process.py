@@ -10,7 +10,7 @@ import uuid
 from absl import logging
 import tensorflow as tf
 
-from core import distribute
+from core import distribute, signals
 from core.config import Config
 from core.errors import ConfigError, WriteError, write_reason
 
@@ -117,9 +117,10 @@ def write_file(path: str, data: str | bytes) -> None:
     """
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        with tf.io.gfile.GFile(tmp, "wb" if isinstance(data, bytes) else "w") as f:
-            f.write(data)
-        tf.io.gfile.rename(tmp, path, overwrite=True)
+        with signals.removed_if_exiting(tmp):
+            with tf.io.gfile.GFile(tmp, "wb" if isinstance(data, bytes) else "w") as f:
+                f.write(data)
+            tf.io.gfile.rename(tmp, path, overwrite=True)
     except (OSError, tf.errors.OpError) as e:  # a full disk: the old file stays as it was
         with contextlib.suppress(OSError, tf.errors.OpError):
             tf.io.gfile.remove(tmp)

@@ -206,21 +206,23 @@ class ExitOnSignals(_SignalWatcher):
             exit_now(128 + signum)
 
 
-_PARTIAL: list[str] = []  # local folders being written, which `exit_now` removes
+_PARTIAL: list[str] = []  # local files and folders being written, which `exit_now` removes
 
 
 @contextlib.contextmanager
-def removed_if_exiting(folder: str | None):
+def removed_if_exiting(path: str | None):
     """While this runs, an exit at once (`exit_now`: a signal outside training) removes
-    `folder`, a local folder being written under a name of its own (a --cache being
-    decoded), which nothing would read or remove after. None: nothing to remove."""
-    if folder:
-        _PARTIAL.append(folder)
+    `path`, a local file or folder being written under a name of its own (a --cache being
+    decoded, a file written beside before its rename), which nothing would read or remove
+    after. None, or an object store's path: nothing to remove."""
+    path = path if path and "://" not in path else None
+    if path:
+        _PARTIAL.append(path)
     try:
         yield
     finally:
-        if folder:
-            _PARTIAL.remove(folder)
+        if path:
+            _PARTIAL.remove(path)
 
 
 def exit_now(code: int) -> None:
@@ -232,8 +234,12 @@ def exit_now(code: int) -> None:
     try:
         import shutil
 
-        for folder in list(_PARTIAL):
-            shutil.rmtree(folder, ignore_errors=True)
+        for path in list(_PARTIAL):
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
         for name, module in list(sys.modules.items()):
             if name.startswith("__autograph_generated_file"):
                 with contextlib.suppress(OSError, AttributeError, TypeError):
