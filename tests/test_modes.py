@@ -97,10 +97,15 @@ def test_eval_on_other_data_takes_its_splits_and_keeps_the_runs_results(denoiser
     proc = run_train("--mode=eval", f"--model_dir={run}", "--dataset=folder",
                      f"--data_dir={tmp_path / 'digits'}")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "folder: --train_split=train[:90%], --eval_split=train[90%:]" in proc.stderr
-    out = run / "eval_folder-digits-train-90"
+    # The whole folder, which the run never trained on: it evaluated 2 of the 20 images,
+    # the tenth a training run on it would hold out.
+    assert ("folder: --eval_split=train (all of it: other data than the run's; of a copy of "
+            "the data it trained on, --eval_split=train[90%:] is the tenth it held out)\n"
+            ) in proc.stderr
+    assert "folder train: 20 image files (unlabelled) of 28x28x1" in proc.stderr
+    out = run / "eval_folder-digits-train"
     results = json.load(open(out / "eval_results.json"))
-    assert results["dataset"] == "folder" and results["split"] == "train[90%:]"
+    assert results["dataset"] == "folder" and results["split"] == "train"
     assert results["data_dir"] == str(tmp_path / "digits")
     assert [s for s, _ in _scalars(str(out), "loss")] == [30]
     assert (out / "reconstructions.png").exists()
