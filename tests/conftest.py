@@ -16,6 +16,7 @@ VNNI/BF16 or AMX; on an AVX2-only CPU they leave it off, and a grouped convoluti
 gradient without it. The tests of oneDNN off set TF_ENABLE_ONEDNN_OPTS=0 themselves.
 """
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -85,16 +86,27 @@ def _tmpdir_of_the_processes(tmp_path_factory):
     yield from _session_folder_in_env(tmp_path_factory, "TMPDIR", "tmp")
 
 
+@contextlib.contextmanager
+def tmpfs(folder, options):
+    """A real file system (tmpfs, `options` as mount's -o: size=2m, ro, ...) mounted on
+    the existing `folder` while this runs. Root writes anywhere file modes say no; a
+    read-only mount stops even root."""
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    assert mounted.returncode == 0, f"cannot mount a tmpfs: {mounted.stderr}"
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], capture_output=True)
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 2 MB file system (tmpfs), unmounted after the test."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
-                             capture_output=True, text=True)
-    assert mounted.returncode == 0, f"cannot mount a tmpfs: {mounted.stderr}"
-    yield disk
-    subprocess.run(["umount", str(disk)], capture_output=True)
+    with tmpfs(disk, "size=2m"):
+        yield disk
 
 
 def fill(disk, leave_kb):

@@ -21,7 +21,7 @@ from core.config import Config
 from core import prepare
 from core.errors import CheckpointError, ConfigError, WriteError
 from core.summaries import read_scalars
-from conftest import fill, random_images
+from conftest import fill, random_images, tmpfs
 from helpers import ROOT, Notebook, checkpoint_files, event_tags, run_train
 from layers.autoencoders import build_autoencoder
 
@@ -484,17 +484,12 @@ def test_a_best_checkpoint_that_cannot_be_written(tmp_path, idx_dir):
     dir; once it takes writes again, the same command goes on and keeps its best."""
     best = tmp_path / "best"
     best.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(best)],
-                             capture_output=True, text=True)
-    assert mounted.returncode == 0, f"cannot mount a read-only tmpfs: {mounted.stderr}"
     kw = dict(mode="train_and_eval", eval_every=10, keep_best="eval/psnr")
-    try:
-        with pytest.raises(WriteError, match=r"^could not write the best checkpoint at step 10 "
-                           r"in .*best \(Read-only file system\): saved .*/ckpt-10; free space "
-                           r"or fix permissions, then run the same command to resume$"):
-            core.run(_config(tmp_path, idx_dir, **kw))
-    finally:
-        subprocess.run(["umount", str(best)], capture_output=True)
+    with tmpfs(best, "ro,size=1m"), pytest.raises(
+            WriteError, match=r"^could not write the best checkpoint at step 10 "
+            r"in .*best \(Read-only file system\): saved .*/ckpt-10; free space "
+            r"or fix permissions, then run the same command to resume$"):
+        core.run(_config(tmp_path, idx_dir, **kw))
     assert tf.train.latest_checkpoint(str(tmp_path)).endswith("ckpt-10")
     assert core.run(_config(tmp_path, idx_dir, train_steps=20, **kw))["step"] == 20
     assert json.load(open(best / "best.json"))["path"].endswith("ckpt-20")
@@ -509,16 +504,10 @@ def test_unwritable_model_dir(tmp_path):
     assert f"--model_dir={parent}/run cannot be created" in proc.stderr
     ro = tmp_path / "ro"
     ro.mkdir()
-    # Root may write anywhere permissions say no; a read-only mount stops even root.
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(ro)],
-                             capture_output=True, text=True)
-    assert mounted.returncode == 0, f"cannot mount a read-only tmpfs: {mounted.stderr}"
-    try:
+    with tmpfs(ro, "ro,size=1m"):
         proc = run_train(f"--model_dir={ro}", "--dataset=synthetic", "--train_steps=1")
-        assert proc.returncode == 2
-        assert f"--model_dir={ro} is not writable (Read-only file system)" in proc.stderr
-    finally:
-        subprocess.run(["umount", str(ro)], capture_output=True)
+    assert proc.returncode == 2
+    assert f"--model_dir={ro} is not writable (Read-only file system)" in proc.stderr
 
 
 def test_a_run_that_cannot_be_written_is_evaluated_and_exported_into_a_folder_of_your_own(
@@ -528,10 +517,7 @@ def test_a_run_that_cannot_be_written_is_evaluated_and_exported_into_a_folder_of
     now names the flags that read its checkpoint and write elsewhere, which work."""
     run = tmp_path / "shared"
     run.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(run)],
-                             capture_output=True, text=True)
-    assert mounted.returncode == 0, f"cannot mount a tmpfs: {mounted.stderr}"
-    try:
+    with tmpfs(run, "size=8m"):
         trained = run_train(f"--model_dir={run}", "--dataset=synthetic", "--train_steps=2",
                             "--eval_every=2", "--batch_size=8")
         assert trained.returncode == 0, trained.stderr[-2000:]
@@ -554,8 +540,6 @@ def test_a_run_that_cannot_be_written_is_evaluated_and_exported_into_a_folder_of
         assert sorted(os.listdir(run)) == before
         assert (mine / "eval_ckpt-2" / "reconstructions.png").exists()
         assert (mine / "export" / "2" / "saved_model.pb").exists()
-    finally:
-        subprocess.run(["umount", str(run)], capture_output=True)
 
 
 class GreedyDecoder(tf.keras.Model):
