@@ -447,16 +447,19 @@ class Run:
             train_split, eval_split = default_splits(config.dataset, config.data_dir)
             chosen = {k: v for k, v in (("train_split", train_split), ("eval_split", eval_split))
                       if getattr(config, k) is None}
-            whole = inference and (train_split, chosen.get("eval_split")) == ("train[:90%]",
-                                                                              "train[90%:]")
+            whole = inference and "eval_split" in chosen and (
+                (train_split, eval_split) == ("train[:90%]", "train[90%:]")
+                or config.dataset == "tfrecord" and shard_splits(config.data_dir) == ["train"])
             if whole:
                 # Data of one split evaluated by a run that did not train on it (a run's own
                 # data keeps its splits): the whole of it, not the tenth training would hold out.
                 chosen.update(train_split="train", eval_split="train")
             logging.info("%s: %s%s", config.dataset, ", ".join(
                 f"--{k}={v}" for k, v in chosen.items() if not inference or k == "eval_split"),
-                " (all of it: other data than the run's; of a copy of the data it trained on, "
-                "--eval_split=train[90%:] is the tenth it held out)" if whole else "")
+                " (all of it: other data than the run's" + (
+                    "" if config.dataset == "tfrecord" else "; of a copy of the data it "
+                    "trained on, --eval_split=train[90%:] is the tenth it held out") + ")"
+                if whole else "")
             self.config = config = config.replace(**chosen)
         # Shards of the training split alone: --mode=train evaluates nothing, and its figures
         # show training images.

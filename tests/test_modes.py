@@ -112,6 +112,17 @@ def test_eval_on_other_data_takes_its_splits_and_keeps_the_runs_results(denoiser
     assert _scalars(str(run / "eval"), "loss") == curve  # the run's own curve, untouched
     assert (run / "eval_results.json").exists() == root_results
     assert not root_results or (run / "eval_results.json").read_bytes() == before
+    # So are shards of train alone (there was no test-* split to evaluate).
+    from core import prepare
+
+    prepare.convert("folder", str(tmp_path / "shards"), str(tmp_path / "digits"),
+                    splits=["train"], progress=None)
+    proc = run_train("--mode=eval", f"--model_dir={run}", "--dataset=tfrecord",
+                     f"--data_dir={tmp_path / 'shards'}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "tfrecord: --eval_split=train (all of it: other data than the run's)\n" in proc.stderr
+    results = json.load(open(run / "eval_tfrecord-shards-train" / "eval_results.json"))
+    assert results["split"] == "train" and "tfrecord train: 20 examples in" in proc.stderr
 
 
 def test_eval_with_other_settings_keeps_the_runs_results(denoiser, tmp_path):
