@@ -549,8 +549,11 @@ class ModelDirLock:
     LEASE_SECS = 120.0
     _held: set[ModelDirLock] = set()  # this process's, for an exit that skips `finally`
 
-    def __init__(self, model_dir: str):
+    def __init__(self, model_dir: str, meanwhile: str = ""):
+        """`meanwhile`: what else to do while the run that holds it goes on (the end of
+        the line of a dir in use)."""
         self.path = os.path.join(model_dir, ".lock")
+        self.meanwhile = f"; {meanwhile}" if meanwhile else ""
         self.fd = None
         self.owner = f"pid {os.getpid()} on {socket.gethostname()} ({uuid.uuid4().hex[:8]})"
         self._stop = None
@@ -572,7 +575,8 @@ class ModelDirLock:
             os.close(fd)
             raise CheckpointError(
                 f"--model_dir={os.path.dirname(self.path)} is in use by a live run ({holder}): "
-                "wait for it to finish, stop it, or choose another --model_dir") from None
+                f"wait for it to finish, stop it, or choose another --model_dir{self.meanwhile}"
+            ) from None
         previous = os.read(fd, 200).decode(errors="replace").strip()
         if previous:
             logging.warning("taking over the stale lock of a run that ended without releasing "
@@ -605,7 +609,7 @@ class ModelDirLock:
                 raise CheckpointError(
                     f"--model_dir={os.path.dirname(self.path)} is in use by a live run "
                     f"({lease.get('owner')}, heartbeat {age:.0f} s ago): wait for it to finish, "
-                    "stop it, or choose another --model_dir")
+                    f"stop it, or choose another --model_dir{self.meanwhile}")
             logging.warning("taking over the lease of a run whose heartbeat stopped %.0f s ago "
                             "(%s)", age, lease.get("owner"))
         self._write_lease()

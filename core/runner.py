@@ -377,16 +377,20 @@ class Run:
         self.output_dir = config.model_dir
         if not self.is_chief:  # other workers' saves and summaries are thrown away
             self.output_dir = _worker_dir(config.model_dir, distribute.task_id(self.strategy))
-        # Eval and export write only their results: another run's checkpoint is read from
-        # its folder, and the results go to one of yours.
-        process.prepare_model_dir(config.model_dir, read_elsewhere=(
-            f"to {'evaluate' if config.mode == 'eval' else 'export'} a run you cannot write "
-            f"to, give its checkpoint and a folder of your own: "
-            f"--checkpoint={self.checkpoint_path} --model_dir=YOUR_FOLDER"
-            if config.mode in ("eval", "export") and self.checkpoint_path
-            and os.path.dirname(self.checkpoint_path) == config.model_dir.rstrip("/") else ""))
+        # Eval and export write only their results: a run's checkpoint is read from its
+        # folder, and the results may go to one of yours.
+        verb = {"eval": "evaluate", "export": "export"}.get(config.mode)
+        elsewhere = (f"--checkpoint={self.checkpoint_path if config.checkpoint else config.model_dir}"
+                     f" --model_dir=YOUR_FOLDER reads {'that' if config.checkpoint else 'its latest'}"
+                     " checkpoint and writes into your folder" if verb and self.checkpoint_path
+                     and os.path.dirname(self.checkpoint_path) == config.model_dir.rstrip("/")
+                     else "")
+        process.prepare_model_dir(config.model_dir, read_elsewhere=elsewhere and (
+            f"to {verb} a run you cannot write to, {elsewhere}"))
         # A continuous evaluation runs beside the training run that holds the lock.
-        self.lock = (ModelDirLock(config.model_dir)
+        self.lock = (ModelDirLock(config.model_dir, meanwhile=elsewhere and (
+            f"to {verb} it while it trains, " + ("run --mode=continuous_eval beside it, or "
+                                                  if verb == "evaluate" else "") + elsewhere))
                      if self.is_chief and config.mode != "continuous_eval" else None)
         if self.lock:
             self.lock.acquire()

@@ -299,11 +299,26 @@ def test_a_live_run_holds_the_model_dir(tmp_path, idx_dir):
 
 
 def test_two_concurrent_runs(tmp_path, idx_dir):
-    first = _start(_flags(idx_dir, tmp_path, STEPS, "--checkpoint_every_steps=50"))
+    # Long enough to be training still when the last command below starts.
+    first = _start(_flags(idx_dir, tmp_path, 100 * STEPS, "--checkpoint_every_steps=2000"))
     try:
         _wait_for_checkpoint(tmp_path, first)
         second = run_train(*_flags(idx_dir, tmp_path, 5))
         assert second.returncode == 5 and "is in use by a live run" in second.stderr
+        # Eval and export of it while it trains: the line says how, and that works.
+        for mode, how in (("eval", "evaluate it while it trains, run --mode=continuous_eval "
+                                   "beside it, or "), ("export", "export it while it trains, ")):
+            proc = run_train(f"--mode={mode}", f"--model_dir={tmp_path}")
+            assert proc.returncode == 5, proc.stderr[-2000:]
+            assert proc.stderr.splitlines()[-1].endswith(
+                f"or choose another --model_dir; to {how}--checkpoint={tmp_path} "
+                "--model_dir=YOUR_FOLDER reads its latest checkpoint and writes into your "
+                "folder"), proc.stderr[-2000:]
+            proc = run_train(f"--mode={mode}", f"--checkpoint={tmp_path}",
+                             f"--model_dir={tmp_path / 'mine'}")
+            assert proc.returncode == 0, proc.stderr[-2000:]
+        assert list((tmp_path / "mine" / "export").iterdir())
+        assert list((tmp_path / "mine").glob("eval_ckpt-*/eval_results.json"))
     finally:
         first.kill()
         first.communicate(timeout=60)
@@ -531,11 +546,11 @@ def test_a_run_that_cannot_be_written_is_evaluated_and_exported_into_a_folder_of
             assert proc.stderr.splitlines()[-1] == (
                 f"train.py: error: --model_dir={run} is not writable (Read-only file system): "
                 "choose a folder you can write to or fix its permissions; to "
-                f"{verb} a run you cannot write to, give its checkpoint and a folder of your "
-                f"own: --checkpoint={run}/ckpt-2 --model_dir=YOUR_FOLDER")
+                f"{verb} a run you cannot write to, --checkpoint={run} --model_dir=YOUR_FOLDER "
+                "reads its latest checkpoint and writes into your folder")
             # As the line says.
             mine = tmp_path / "mine"
-            proc = run_train(f"--mode={mode}", f"--checkpoint={run}/ckpt-2", f"--model_dir={mine}")
+            proc = run_train(f"--mode={mode}", f"--checkpoint={run}", f"--model_dir={mine}")
             assert proc.returncode == 0, proc.stderr[-2000:]
         assert sorted(os.listdir(run)) == before
         assert (mine / "eval_ckpt-2" / "reconstructions.png").exists()
