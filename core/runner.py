@@ -377,14 +377,7 @@ class Run:
         self.output_dir = config.model_dir
         if not self.is_chief:  # other workers' saves and summaries are thrown away
             self.output_dir = _worker_dir(config.model_dir, distribute.task_id(self.strategy))
-        # Eval and export write only their results: a run's checkpoint is read from its
-        # folder, and the results may go to one of yours.
-        verb = {"eval": "evaluate", "export": "export"}.get(config.mode)
-        elsewhere = (f"--checkpoint={self.checkpoint_path if config.checkpoint else config.model_dir}"
-                     f" --model_dir=YOUR_FOLDER reads {'that' if config.checkpoint else 'its latest'}"
-                     " checkpoint and writes into your folder" if verb and self.checkpoint_path
-                     and os.path.dirname(self.checkpoint_path) == config.model_dir.rstrip("/")
-                     else "")
+        verb, elsewhere = _results_elsewhere(config, self.checkpoint_path)
         process.prepare_model_dir(config.model_dir, read_elsewhere=elsewhere and (
             f"to {verb} a run you cannot write to, {elsewhere}"))
         # A continuous evaluation runs beside the training run that holds the lock.
@@ -1143,6 +1136,22 @@ def train(run: Run) -> dict:
     evaluations = controller.evaluations
     last = evaluations[-1] if evaluations and evaluations[-1]["step"] == step else {}
     return {**last, "step": step, "history": controller.history, "evaluations": evaluations}
+
+
+def _results_elsewhere(config: Config, checkpoint_path: str | None) -> tuple[str, str]:
+    """(the mode's verb, the flags that read the model dir's checkpoint and write the
+    results into a folder of the user's own), for eval and export of a run in a folder
+    they cannot write to or that a training run holds; ("", "") otherwise. Without
+    --checkpoint, the run's folder: its latest checkpoint when the command runs, which a
+    training run's rotation cannot delete from under it."""
+    verb = {"eval": "evaluate", "export": "export"}.get(config.mode, "")
+    if not (verb and checkpoint_path
+            and os.path.dirname(checkpoint_path) == config.model_dir.rstrip("/")):
+        return "", ""
+    target, which = ((checkpoint_path, "that") if config.checkpoint else
+                     (config.model_dir, "its latest"))
+    return verb, (f"--checkpoint={target} --model_dir=YOUR_FOLDER reads {which} checkpoint and "
+                  "writes into your folder")
 
 
 def _worker_dir(model_dir: str, task: str) -> str:
