@@ -230,7 +230,8 @@ def exit_now(code: int) -> None:
     the main thread). AutoGraph writes each function it converts to a temporary
     `__autograph_generated_file*.py` and removes it only at exit, by atexit, which
     `os._exit` skips: those files are removed here first, or every such exit would leave a
-    few in the temporary dir; so are the folders being written (`removed_if_exiting`)."""
+    few in the temporary dir; so are the files and folders being written
+    (`removed_if_exiting`)."""
     try:
         import shutil
 
