@@ -931,23 +931,27 @@ def open_tfrecord(data_dir: str, spec: str, split: str, image_size, channels,
         image_key = key
     if first is None or not sum(counts):
         raise DataError(f"the {split}-* shards in {data_dir} hold no examples")
-    label_key = "image/class/label"
+    feature = first.features.feature
+    # Model Garden's records label by image/class/label (absent: unlabelled); others may
+    # by label. Labels that are not int64 class ids are not read.
+    names = ("image/class/label",) if image_key == "image/encoded" else ("image/class/label",
+                                                                         "label")
+    label_key = next((k for k in names if k in feature
+                      and feature[k].WhichOneof("kind") == "int64_list"), None)
+    if image_key == "image/encoded" and names[0] not in feature:
+        label_key = names[0]  # in none of the first records, perhaps in later ones
     if image_key != "image/encoded":
-        feature = first.features.feature
-        label_key = next((k for k in ("image/class/label", "label")
-                          if k in feature and feature[k].WhichOneof("kind") == "int64_list"),
-                         None)
         shaped_by = ", ".join(repr(k) for k in first_raw[0] if k) if first_raw else ""
         what = (f"the encoded files of the feature {image_key!r}" if first_raw is None else
                 f"the uint8 pixels of the feature {image_key!r}, shaped by {shaped_by}")
         logging.info("%s: the images are %s (no image/encoded)%s", split, what,
                      f", the labels {label_key!r}" if label_key else "")
-        unread = [k for k in ("image/class/label", "label") if k in feature and not label_key]
-        if unread:  # class names as bytes, say: a vocabulary would need every record read
-            logging.info("%s: the feature %r holds %s, not int64 class ids: the examples are "
-                         "read unlabelled (the latent-space figure is not drawn)", split,
-                         unread[0], {"bytes_list": "bytes", "float_list": "floats"}.get(
-                             feature[unread[0]].WhichOneof("kind"), "no values"))
+    unread = [k for k in names if k in feature and not label_key]
+    if unread:  # class names as bytes, say: a vocabulary would need every record read
+        logging.info("%s: the feature %r holds %s, not int64 class ids: the examples are "
+                     "read unlabelled (the latent-space figure is not drawn)", split,
+                     unread[0], {"bytes_list": "bytes", "float_list": "floats"}.get(
+                         feature[unread[0]].WhichOneof("kind"), "no values"))
     if first_raw is None:
         h, w, c, raw = _first_image_shape(first, files[0], image_key)
         size_keys = ("image/height", "image/width")

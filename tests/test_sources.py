@@ -1086,6 +1086,17 @@ def test_shards_whose_image_feature_is_not_model_gardens(tmp_path, caplog):
     assert read.labels is None
     assert ("train: the feature 'label' holds bytes, not int64 class ids: the examples are "
             "read unlabelled") in caplog.text
+    # So under Model Garden's names (image/encoded, image/class/label): it was a
+    # ParseExampleV2 'Data types don't match' traceback at the first batch.
+    _write_records(tmp_path / "train-00000-of-00001",
+                   [{"image/encoded": p, "image/class/label": b"cat"} for p in png])
+    caplog.clear()
+    with caplog.at_level("INFO", logger="absl"):
+        read = data.materialize(data.open_split("train", "tfrecord", str(tmp_path)).source)
+    np.testing.assert_array_equal(read.images, pixels)
+    assert read.labels is None
+    assert ("train: the feature 'image/class/label' holds bytes, not int64 class ids: the "
+            "examples are read unlabelled") in caplog.text
     # Shards of one split with the image under different features.
     _write_records(tmp_path / "train-00000-of-00002", [{"image": p} for p in png])
     _write_records(tmp_path / "train-00001-of-00002", [{"img": p} for p in png])
