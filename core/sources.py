@@ -933,11 +933,12 @@ def open_tfrecord(data_dir: str, spec: str, split: str, image_size, channels,
         raise DataError(f"the {split}-* shards in {data_dir} hold no examples")
     feature = first.features.feature
     # Model Garden's records label by image/class/label (absent: unlabelled); others may
-    # by label. Labels that are not int64 class ids are not read.
+    # by label. Labels that are not one int64 class id are not read.
     names = ("image/class/label",) if image_key == "image/encoded" else ("image/class/label",
                                                                          "label")
     label_key = next((k for k in names if k in feature
-                      and feature[k].WhichOneof("kind") == "int64_list"), None)
+                      and feature[k].WhichOneof("kind") == "int64_list"
+                      and len(feature[k].int64_list.value) == 1), None)
     if image_key == "image/encoded" and names[0] not in feature:
         label_key = names[0]  # in none of the first records, perhaps in later ones
     if image_key != "image/encoded":
@@ -948,10 +949,12 @@ def open_tfrecord(data_dir: str, spec: str, split: str, image_size, channels,
                      f", the labels {label_key!r}" if label_key else "")
     unread = [k for k in names if k in feature and not label_key]
     if unread:  # class names as bytes, say: a vocabulary would need every record read
-        logging.info("%s: the feature %r holds %s, not int64 class ids: the examples are "
+        kind = feature[unread[0]].WhichOneof("kind")
+        held = (f"{len(feature[unread[0]].int64_list.value)} int64 values" if kind == "int64_list"
+                else {"bytes_list": "bytes", "float_list": "floats"}.get(kind, "no values"))
+        logging.info("%s: the feature %r holds %s, not one int64 class id: the examples are "
                      "read unlabelled (the latent-space figure is not drawn)", split,
-                     unread[0], {"bytes_list": "bytes", "float_list": "floats"}.get(
-                         feature[unread[0]].WhichOneof("kind"), "no values"))
+                     unread[0], held)
     if first_raw is None:
         h, w, c, raw = _first_image_shape(first, files[0], image_key)
         size_keys = ("image/height", "image/width")

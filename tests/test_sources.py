@@ -1042,7 +1042,8 @@ def _write_records(path, features_of):
             w.write(tf.train.Example(features=tf.train.Features(feature={
                 k: tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
                 if isinstance(v, bytes) else tf.train.Feature(int64_list=tf.train.Int64List(
-                    value=[v])) for k, v in features.items()})).SerializeToString())
+                    value=v if isinstance(v, list) else [v])) for k, v in features.items()}
+            )).SerializeToString())
 
 
 def test_shards_whose_image_feature_is_not_model_gardens(tmp_path, caplog):
@@ -1084,8 +1085,8 @@ def test_shards_whose_image_feature_is_not_model_gardens(tmp_path, caplog):
         read = data.materialize(data.open_split("train", "tfrecord", str(tmp_path)).source)
     np.testing.assert_array_equal(read.images, pixels)
     assert read.labels is None
-    assert ("train: the feature 'label' holds bytes, not int64 class ids: the examples are "
-            "read unlabelled") in caplog.text
+    assert ("train: the feature 'label' holds bytes, not one int64 class id: the examples "
+            "are read unlabelled") in caplog.text
     # So under Model Garden's names (image/encoded, image/class/label): it was a
     # ParseExampleV2 'Data types don't match' traceback at the first batch.
     _write_records(tmp_path / "train-00000-of-00001",
@@ -1095,8 +1096,18 @@ def test_shards_whose_image_feature_is_not_model_gardens(tmp_path, caplog):
         read = data.materialize(data.open_split("train", "tfrecord", str(tmp_path)).source)
     np.testing.assert_array_equal(read.images, pixels)
     assert read.labels is None
-    assert ("train: the feature 'image/class/label' holds bytes, not int64 class ids: the "
+    assert ("train: the feature 'image/class/label' holds bytes, not one int64 class id: the "
             "examples are read unlabelled") in caplog.text
+    # Or several ids a record (multi-label): 'Some int64_list slice was not parsed'.
+    _write_records(tmp_path / "train-00000-of-00001",
+                   [{"image/encoded": p, "image/class/label": [1, 5]} for p in png])
+    caplog.clear()
+    with caplog.at_level("INFO", logger="absl"):
+        read = data.materialize(data.open_split("train", "tfrecord", str(tmp_path)).source)
+    np.testing.assert_array_equal(read.images, pixels)
+    assert read.labels is None
+    assert ("train: the feature 'image/class/label' holds 2 int64 values, not one int64 class "
+            "id: the examples are read unlabelled") in caplog.text
     # Shards of one split with the image under different features.
     _write_records(tmp_path / "train-00000-of-00002", [{"image": p} for p in png])
     _write_records(tmp_path / "train-00001-of-00002", [{"img": p} for p in png])
