@@ -1078,36 +1078,24 @@ def test_shards_whose_image_feature_is_not_model_gardens(tmp_path, caplog):
                                             r"features: image, label, mask\): give "
                                             r"--image_feature one that holds an image$"):
             data.open_split("train", "tfrecord", str(tmp_path), image_feature=key)
-    # Class names as bytes under `label`: read unlabelled, and the log says why.
-    _write_records(tmp_path / "train-00000-of-00001",
-                   [{"image": p, "label": b"cat"} for p in png])
-    with caplog.at_level("INFO", logger="absl"):
-        read = data.materialize(data.open_split("train", "tfrecord", str(tmp_path)).source)
-    np.testing.assert_array_equal(read.images, pixels)
-    assert read.labels is None
-    assert ("train: the feature 'label' holds bytes, not one int64 class id: the examples "
-            "are read unlabelled") in caplog.text
-    # So under Model Garden's names (image/encoded, image/class/label): it was a
-    # ParseExampleV2 'Data types don't match' traceback at the first batch.
-    _write_records(tmp_path / "train-00000-of-00001",
-                   [{"image/encoded": p, "image/class/label": b"cat"} for p in png])
-    caplog.clear()
-    with caplog.at_level("INFO", logger="absl"):
-        read = data.materialize(data.open_split("train", "tfrecord", str(tmp_path)).source)
-    np.testing.assert_array_equal(read.images, pixels)
-    assert read.labels is None
-    assert ("train: the feature 'image/class/label' holds bytes, not one int64 class id: the "
-            "examples are read unlabelled") in caplog.text
-    # Or several ids a record (multi-label): 'Some int64_list slice was not parsed'.
-    _write_records(tmp_path / "train-00000-of-00001",
-                   [{"image/encoded": p, "image/class/label": [1, 5]} for p in png])
-    caplog.clear()
-    with caplog.at_level("INFO", logger="absl"):
-        read = data.materialize(data.open_split("train", "tfrecord", str(tmp_path)).source)
-    np.testing.assert_array_equal(read.images, pixels)
-    assert read.labels is None
-    assert ("train: the feature 'image/class/label' holds 2 int64 values, not one int64 class "
-            "id: the examples are read unlabelled") in caplog.text
+    # Labels that are not one int64 id are read unlabelled, and the log says why: class
+    # names as bytes under `label`; so under Model Garden's names (image/encoded,
+    # image/class/label), where they were a ParseExampleV2 'Data types don't match'
+    # traceback at the first batch, as several ids a record (multi-label) were ('Some
+    # int64_list slice was not parsed').
+    for image_key, label_key, label, held in (
+            ("image", "label", b"cat", "bytes"),
+            ("image/encoded", "image/class/label", b"cat", "bytes"),
+            ("image/encoded", "image/class/label", [1, 5], "2 int64 values")):
+        _write_records(tmp_path / "train-00000-of-00001",
+                       [{image_key: p, label_key: label} for p in png])
+        caplog.clear()
+        with caplog.at_level("INFO", logger="absl"):
+            read = data.materialize(data.open_split("train", "tfrecord", str(tmp_path)).source)
+        np.testing.assert_array_equal(read.images, pixels)
+        assert read.labels is None
+        assert (f"train: the feature {label_key!r} holds {held}, not one int64 class id: the "
+                "examples are read unlabelled") in caplog.text
     # Shards of one split with the image under different features.
     _write_records(tmp_path / "train-00000-of-00002", [{"image": p} for p in png])
     _write_records(tmp_path / "train-00001-of-00002", [{"img": p} for p in png])
