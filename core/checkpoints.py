@@ -147,20 +147,39 @@ def resolve_path(path: str, flag: str = "--checkpoint", model_dir: str | None = 
     if tf.io.gfile.isdir(path):
         state = read_state(path)
         found = state.model_checkpoint_path if state else (checkpoints_on_disk(path) or [None])[-1]
-        if not found and tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
+        if found:
+            return found
+        run = _run_above(path)
+        give = (f"give the run's folder, {flag}={run} (its latest checkpoint), or one of its "
+                f"ckpt-* checkpoints" if run else
+                "give the run's folder or one of its ckpt-* checkpoints (DIR/ckpt-1000)")
+        if tf.io.gfile.exists(os.path.join(path, "saved_model.pb")):
             raise ConfigError(f"{flag}={path} is a SavedModel export, not a training "
-                              "checkpoint: give the run's folder or one of its ckpt-* "
-                              "checkpoints (DIR/ckpt-1000)")
-        if not found:
-            raise ConfigError(f"{flag}={path} is a folder without checkpoints: give a "
-                              "path like DIR/ckpt-1000, or a folder that holds ckpt-* files")
-        return found
+                              f"checkpoint: {give}")
+        if run:
+            raise ConfigError(f"{flag}={path} is a folder inside the run {run}, without "
+                              f"checkpoints: {give}")
+        raise ConfigError(f"{flag}={path} is a folder without checkpoints: give a "
+                          "path like DIR/ckpt-1000, or a folder that holds ckpt-* files")
     prefix = _prefix_of(path)
     if not tf.io.gfile.exists(prefix + ".index"):
         what = "is not a TensorFlow checkpoint" if tf.io.gfile.exists(path) else "does not exist"
         raise ConfigError(f"{flag}={path} {what}: give a path like "
                           "DIR/ckpt-1000 (with or without .index), or a folder")
     return prefix
+
+
+def _run_above(path: str) -> str | None:
+    """The run folder one or two levels above `path` (its `export/`, `export/20`, `train/`
+    or `best/`... folder, which a user may name for the run), or None."""
+    for _ in range(2):
+        parent = os.path.dirname(path)
+        if not parent or parent == path or parent.endswith(":") or parent.endswith(":/"):
+            return None
+        path = parent
+        if tf.io.gfile.exists(os.path.join(path, STATE_FILE)) or checkpoints_on_disk(path):
+            return path
+    return None
 
 
 @contextlib.contextmanager

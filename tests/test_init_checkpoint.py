@@ -220,6 +220,32 @@ def test_a_checkpoint_that_does_not_fit_is_one_line_and_nothing_is_written(
     assert _files(trained) == before
 
 
+@pytest.mark.parametrize("flag", ["init_checkpoint", "checkpoint"])
+def test_a_folder_inside_a_run_names_the_run(trained, tmp_path, flag):
+    """The run's export/, export/20 or train/ folder, given for the run (the log names
+    export/20 on export), is one line naming the run's folder, which reads."""
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in os.listdir(trained):
+        if os.path.isfile(trained / name):
+            (run / name).write_bytes((trained / name).read_bytes())
+    tf.saved_model.save(tf.Module(), str(run / "export" / "6"))
+    (run / "train").mkdir()
+    before = _files(run)
+    mode = dict(mode="train") if flag == "init_checkpoint" else dict(mode="eval")
+    target = tmp_path / "new" if flag == "init_checkpoint" else run
+    give = (f"give the run's folder, --{flag}={run} (its latest checkpoint), or one of its "
+            "ckpt-* checkpoints")
+    for inside, what in [("export/6", "is a SavedModel export, not a training checkpoint"),
+                         ("export", f"is a folder inside the run {run}, without checkpoints"),
+                         ("train", f"is a folder inside the run {run}, without checkpoints")]:
+        with pytest.raises(ConfigError) as raised:
+            core.run(_config(target, **mode, **{flag: str(run / inside)}))
+        assert str(raised.value) == f"--{flag}={run / inside} {what}: {give}"
+    assert _files(run) == before and not (tmp_path / "new").exists()
+    core.run(_config(target, **mode, **{flag: str(run)}))  # what the line says reads
+
+
 def test_train_py_exits_2_with_one_line(trained, tmp_path):
     result = subprocess.run(
         [sys.executable, "train.py", f"--model_dir={tmp_path / 'run'}", "--train_steps=1",
