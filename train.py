@@ -170,7 +170,8 @@ flags.DEFINE_float("checkpoint_every_secs", _D.checkpoint_every_secs,
                    "Also checkpoint when this many seconds passed since the last one (0: off).")
 flags.DEFINE_string("checkpoint", None, "--mode=eval/export: this checkpoint instead of the "
                     "latest: a path (DIR/ckpt-N), a name or step of --model_dir's (ckpt-936 "
-                    "or 936), or best (the one --keep_best kept).")
+                    "or 936), or best (the one --keep_best kept). --mode=continuous_eval: a "
+                    "run's folder, whose new checkpoints are evaluated into --model_dir.")
 flags.DEFINE_string("init_checkpoint", None, "Start a new training run from this checkpoint's "
                     "model weights (DIR/ckpt-N, or a run's folder: its latest); optimizer, step "
                     "and schedule start afresh. Ignored once --model_dir has checkpoints.")

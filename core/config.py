@@ -67,6 +67,20 @@ def model_names() -> tuple[str, ...]:
     return tuple(MODELS) + tuple(FACTORIES)
 
 
+def names_one_checkpoint(checkpoint: str) -> bool:
+    """Whether --checkpoint names one checkpoint ('best', a step, 'DIR/ckpt-9[.index]'),
+    not a run's folder."""
+    name = os.path.basename(checkpoint.rstrip("/"))
+    return checkpoint == "best" or name.isdigit() or bool(
+        re.fullmatch(r"ckpt-\d+(\.index|\.data-\d+-of-\d+)?", name))
+
+
+def continuous_eval_of_one(checkpoint: str) -> str:
+    return (f"--mode=continuous_eval evaluates each new checkpoint of a run as it appears; "
+            f"--checkpoint={checkpoint} names one: use --mode=eval for it (--checkpoint=RUN_DIR "
+            "--model_dir=YOUR_FOLDER evaluates each new checkpoint of RUN_DIR into your folder)")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything a run needs. Field names are the `train.py` flag names."""
@@ -357,10 +371,9 @@ class Config:
                 f"--checkpoint={self.checkpoint} names what --mode=eval and export read; "
                 f"--mode={self.mode} resumes the newest checkpoint of --model_dir: to start a "
                 f"run from its weights, give --init_checkpoint={self.checkpoint}")
-        if self.mode == "continuous_eval" and self.checkpoint:
-            raise ConfigError("--mode=continuous_eval evaluates each new checkpoint of --model_dir"
-                              f" as it appears; --checkpoint={self.checkpoint} names one: use "
-                              "--mode=eval for it")
+        if self.mode == "continuous_eval" and self.checkpoint and names_one_checkpoint(
+                self.checkpoint):
+            raise ConfigError(continuous_eval_of_one(self.checkpoint))
         if self.mode == "continuous_eval" and self.strategy == "multi_worker":
             raise ConfigError("--mode=continuous_eval runs beside the workers, not among them: "
                               "drop --strategy=multi_worker (and give it no TF_CONFIG of theirs)")

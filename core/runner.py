@@ -927,9 +927,11 @@ class Run:
                                            where)]
         variational = hasattr(model, "moments")
         if curves:
-            train_curve = summaries_lib.read_scalars(os.path.join(cfg.model_dir, "train"), "loss")
+            # A continuous evaluation of another folder's run draws that run's training.
+            trained = watched_run(cfg) if cfg.mode == "continuous_eval" else cfg.model_dir
+            train_curve = summaries_lib.read_scalars(os.path.join(trained, "train"), "loss")
             eval_curve = summaries_lib.read_scalars(os.path.join(cfg.model_dir, "eval"), "loss")
-            named = summaries_lib.read_texts(os.path.join(cfg.model_dir, "train"), LOSS_TAG)
+            named = summaries_lib.read_texts(os.path.join(trained, "train"), LOSS_TAG)
             if train_curve or eval_curve:
                 paths.append(plots.training_curves(
                     out.format(FIGURES["curves"]), train_curve, eval_curve,
@@ -1140,14 +1142,18 @@ def train(run: Run) -> dict:
 
 def _results_elsewhere(config: Config, checkpoint_path: str | None) -> tuple[str, str]:
     """(the mode's verb, the flags that read the model dir's checkpoint and write the
-    results into a folder of the user's own), for eval and export of a run in a folder
-    they cannot write to or that a training run holds; ("", "") otherwise. Without
+    results into a folder of the user's own), for eval, export and continuous_eval of a run
+    in a folder they cannot write to or that a training run holds; ("", "") otherwise. Without
     --checkpoint, the run's folder: its latest checkpoint when the command runs, which a
     training run's rotation cannot delete from under it."""
-    verb = {"eval": "evaluate", "export": "export"}.get(config.mode, "")
+    verb = {"eval": "evaluate", "export": "export", "continuous_eval": "evaluate"}.get(
+        config.mode, "")
     if not (verb and checkpoint_path
             and os.path.dirname(checkpoint_path) == config.model_dir.rstrip("/")):
         return "", ""
+    if config.mode == "continuous_eval":
+        return verb, (f"--checkpoint={config.model_dir} --model_dir=YOUR_FOLDER evaluates each "
+                      "new checkpoint of it into your folder")
     target, which = ((checkpoint_path, "that") if config.checkpoint else
                      (config.model_dir, "its latest"))
     return verb, (f"--checkpoint={target} --model_dir=YOUR_FOLDER reads {which} checkpoint and "
@@ -1292,18 +1298,30 @@ def _latest_checkpoint(model_dir: str) -> str | None:
     return state.model_checkpoint_path if state else None
 
 
+def watched_run(config: Config) -> str:
+    """The run folder --mode=continuous_eval watches: --model_dir, or --checkpoint=RUN_DIR,
+    whose checkpoints it evaluates into --model_dir (a run you cannot write to)."""
+    if not config.checkpoint:
+        return config.model_dir
+    if tf.io.gfile.exists(config.checkpoint) and not tf.io.gfile.isdir(config.checkpoint):
+        raise ConfigError(config_lib.continuous_eval_of_one(config.checkpoint))
+    return config.checkpoint.rstrip("/")
+
+
 def wait_for_checkpoint(config: Config) -> None:
     """--mode=continuous_eval started before the training run's first checkpoint: waits
     for it, up to --continuous_eval_timeout."""
     deadline = time.monotonic() + config.continuous_eval_timeout
-    if _latest_checkpoint(config.model_dir) is None:
+    watched = watched_run(config)
+    flag = "--checkpoint" if config.checkpoint else "--model_dir"
+    if _latest_checkpoint(watched) is None:
         logging.info("waiting for the first checkpoint in %s (up to %s s, "
-                     "--continuous_eval_timeout)", config.model_dir,
+                     "--continuous_eval_timeout)", watched,
                      f"{config.continuous_eval_timeout:g}")
-    while _latest_checkpoint(config.model_dir) is None:
+    while _latest_checkpoint(watched) is None:
         if time.monotonic() >= deadline:
-            raise ConfigError(f"--mode=continuous_eval found no checkpoint in --model_dir="
-                              f"{config.model_dir} within --continuous_eval_timeout="
+            raise ConfigError(f"--mode=continuous_eval found no checkpoint in {flag}="
+                              f"{watched} within --continuous_eval_timeout="
                               f"{config.continuous_eval_timeout:g} s: start the training run, or "
                               "raise the timeout")
         time.sleep(POLL_SECS)
@@ -1320,22 +1338,26 @@ def continuous_evaluate(run: Run) -> dict:
     checkpoint; a run that ended before its last step (early stopping, an action's True)
     records the step it ended at (`resolved_stopped_early_at`), which ends the evaluation there."""
     cfg = run.config
+    watched = watched_run(cfg)
     apart = run.apart() or other_data_name(cfg, run.saved)
-    if (run.saved or {}).get("mode") == "train_and_eval" and not apart:
+    if watched != cfg.model_dir.rstrip("/"):
+        logging.info("continuous eval: each new checkpoint of %s, into %s", watched,
+                     cfg.model_dir)
+    elif (run.saved or {}).get("mode") == "train_and_eval" and not apart:
         logging.warning("%s was trained with --mode=train_and_eval, which evaluates too: both "
                         "write its eval/ curve; train with --mode=train beside a continuous "
                         "evaluation", cfg.model_dir)
     evaluated, results, deadline = None, None, time.monotonic() + cfg.continuous_eval_timeout
     evaluations = []  # every checkpoint's results, returned with the last one's
     while True:
-        saved = checkpoints.saved_config(cfg.model_dir) or {}
+        saved = checkpoints.saved_config(watched) or {}
         stopped = saved.get("resolved_stopped_early_at")
         last = stopped or saved.get("resolved_total_steps")
         if results and last and results["step"] >= last:
             logging.info("continuous eval: evaluated step %d, %s: done", results["step"],
                          "where the training stopped early" if stopped else "the training's last")
             return results
-        latest = _latest_checkpoint(cfg.model_dir)
+        latest = _latest_checkpoint(watched)
         if latest and latest != evaluated:
             try:
                 results, asked = _evaluate_checkpoint(run, latest, chosen=False)

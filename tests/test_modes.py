@@ -5,6 +5,7 @@ nothing into the model dir."""
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -610,7 +611,27 @@ def test_continuous_eval_stops_after_its_timeout_and_refuses_what_makes_no_sense
         core.run(Config(mode="continuous_eval", model_dir=str(tmp_path / "empty"),
                         continuous_eval_timeout=0.5))
     assert not (tmp_path / "empty").exists()
-    with pytest.raises(core.ConfigError, match="use --mode=eval for it"):
-        Config(mode="continuous_eval", checkpoint=model_dir + "/ckpt-2")
+    # A run's folder as --checkpoint (a run you cannot write to): its checkpoints are
+    # evaluated into --model_dir, the run's folder only read.
+    before = {p: os.stat(tmp_path / "run" / p).st_mtime_ns for p in os.listdir(model_dir)}
+    mine = tmp_path / "mine"
+    results = core.run(Config(mode="continuous_eval", checkpoint=model_dir + "/",
+                              model_dir=str(mine), continuous_eval_timeout=1))
+    assert results["step"] == 4 and [e["step"] for e in results["evaluations"]] == [4]
+    assert json.loads((mine / "eval_results.json").read_text())["checkpoint"] == \
+        model_dir + "/ckpt-4"
+    assert [step for step, _ in _scalars(str(mine / "eval"), "loss")] == [4]
+    assert (mine / "curves.png").exists() and not (mine / "train").exists()
+    assert {p: os.stat(tmp_path / "run" / p).st_mtime_ns for p in os.listdir(model_dir)} == before
+    for one in (model_dir + "/ckpt-2", "best", "2", model_dir + "/ckpt-2.index"):
+        with pytest.raises(core.ConfigError, match=re.escape(
+                f"--checkpoint={one} names one: use --mode=eval for it (--checkpoint=RUN_DIR "
+                "--model_dir=YOUR_FOLDER evaluates each new checkpoint of RUN_DIR into your")):
+            Config(mode="continuous_eval", checkpoint=one)
+    (tmp_path / "model.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
+    with pytest.raises(core.ConfigError, match="names one: use --mode=eval for it"):
+        core.run(Config(mode="continuous_eval", checkpoint=str(tmp_path / "model.weights.h5"),
+                        model_dir=str(tmp_path / "other"), continuous_eval_timeout=1))
+    assert not (tmp_path / "other").exists()
     with pytest.raises(core.ConfigError, match="runs beside the workers, not among them"):
         Config(mode="continuous_eval", strategy="multi_worker")

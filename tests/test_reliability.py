@@ -540,21 +540,26 @@ def test_a_run_that_cannot_be_written_is_evaluated_and_exported_into_a_folder_of
                                    text=True)
         assert remounted.returncode == 0, remounted.stderr
         before = sorted(os.listdir(run))
-        for mode, verb in (("eval", "evaluate"), ("export", "export")):
+        mine = tmp_path / "mine"
+        for mode, verb, then in (
+                ("eval", "evaluate", "reads its latest checkpoint and writes into your folder"),
+                ("export", "export", "reads its latest checkpoint and writes into your folder"),
+                ("continuous_eval", "evaluate",
+                 "evaluates each new checkpoint of it into your folder")):
             proc = run_train(f"--mode={mode}", f"--model_dir={run}")
             assert proc.returncode == 2, proc.stderr[-2000:]
             assert proc.stderr.splitlines()[-1] == (
                 f"train.py: error: --model_dir={run} is not writable (Read-only file system): "
                 "choose a folder you can write to or fix its permissions; to "
                 f"{verb} a run you cannot write to, --checkpoint={run} --model_dir=YOUR_FOLDER "
-                "reads its latest checkpoint and writes into your folder")
+                + then)
             # As the line says.
-            mine = tmp_path / "mine"
             proc = run_train(f"--mode={mode}", f"--checkpoint={run}", f"--model_dir={mine}")
             assert proc.returncode == 0, proc.stderr[-2000:]
         assert sorted(os.listdir(run)) == before
         assert (mine / "eval_ckpt-2" / "reconstructions.png").exists()
         assert (mine / "export" / "2" / "saved_model.pb").exists()
+        assert json.loads((mine / "eval_results.json").read_text())["step"] == 2  # continuous
 
 
 class GreedyDecoder(tf.keras.Model):
