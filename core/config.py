@@ -60,6 +60,11 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder + "/")
 
 
+def same_folder(a: str, b: str) -> bool:
+    """`a` and `b` name one folder (relative or absolute, with or without a final /)."""
+    return _inside(a, b) and _inside(b, a)
+
+
 def model_names() -> tuple[str, ...]:
     """The built-in models and those registered with layers.autoencoders.register."""
     from layers.registry import FACTORIES, MODELS  # no TensorFlow: validation stays fast

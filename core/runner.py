@@ -1340,7 +1340,7 @@ def continuous_evaluate(run: Run) -> dict:
     cfg = run.config
     watched = watched_run(cfg)
     apart = run.apart() or other_data_name(cfg, run.saved)
-    if watched != cfg.model_dir.rstrip("/"):
+    if not config_lib.same_folder(watched, cfg.model_dir):
         logging.info("continuous eval: each new checkpoint of %s, into %s", watched,
                      cfg.model_dir)
     elif (run.saved or {}).get("mode") == "train_and_eval" and not apart:

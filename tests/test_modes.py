@@ -592,13 +592,15 @@ def test_continuous_eval_stops_after_its_timeout_and_refuses_what_makes_no_sense
     saved["resolved_total_steps"] = 100  # as if it had been cut short
     saved["mode"] = "train_and_eval"  # as if it evaluated itself
     (tmp_path / "run" / "config.json").write_text(json.dumps(saved))
-    with caplog.at_level("WARNING", logger="absl"):
-        results = core.run(Config(mode="continuous_eval", model_dir=model_dir,
-                                  continuous_eval_timeout=1))
-    assert results["step"] == 4 and [e["step"] for e in results["evaluations"]] == [4]
-    assert results["evaluations"][0]["psnr"] == results["psnr"]
-    assert any("which evaluates too: both write its eval/ curve" in r.getMessage()
-               for r in caplog.records)
+    for watched in (None, model_dir + "/"):  # the run's own folder, given as --checkpoint too
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="absl"):
+            results = core.run(Config(mode="continuous_eval", model_dir=model_dir,
+                                      checkpoint=watched, continuous_eval_timeout=1))
+        assert results["step"] == 4 and [e["step"] for e in results["evaluations"]] == [4]
+        assert results["evaluations"][0]["psnr"] == results["psnr"]
+        assert any("which evaluates too: both write its eval/ curve" in r.getMessage()
+                   for r in caplog.records)
     # With another loss it writes a curve of its own, which the run's evaluations do not.
     caplog.clear()
     with caplog.at_level("WARNING", logger="absl"):
