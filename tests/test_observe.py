@@ -174,6 +174,13 @@ for n in (1, 7):
     code = loaded.signatures["encode"](images=tf.constant(batch[:n]))["code"]
     decoded = loaded.signatures["decode"](code=code)["images"].numpy()
     out[n] = {"reconstruct": images.tolist(), "decoded": decoded.tolist(), "code": code.shape.as_list()}
+# On a device: the three signatures through TensorFlow Lite's converter and interpreter.
+converter = tf.lite.TFLiteConverter.from_saved_model(
+    sys.argv[1], signature_keys=["encode", "decode", "reconstruct"])
+lite = tf.lite.Interpreter(model_content=converter.convert())
+code = lite.get_signature_runner("encode")(images=batch)["code"]
+out["lite"] = {"reconstruct": lite.get_signature_runner("reconstruct")(images=batch)["images"].tolist(),
+               "decoded": lite.get_signature_runner("decode")(code=code)["images"].tolist()}
 print(json.dumps(out))
 """
 
@@ -199,6 +206,8 @@ def test_export_loads_in_a_fresh_process(trained, idx_dir, tmp_path):
         assert np.max(np.abs(np.array(out[n]["reconstruct"]) - expected)) <= 1e-5
         assert np.max(np.abs(np.array(out[n]["decoded"]) - expected)) <= 1e-5
         assert out[n]["code"] == [int(n), 4, 4, 4]
+    for key in ("reconstruct", "decoded"):  # TensorFlow Lite's, of the whole batch
+        assert np.max(np.abs(np.array(out["lite"][key]) - model.reconstruct(batch).numpy())) <= 1e-5
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
     shown = subprocess.run([cli, "show", "--dir", export_dir, "--all"], capture_output=True,
                            text=True, timeout=120)
