@@ -1305,6 +1305,11 @@ def watched_run(config: Config) -> str:
         return config.model_dir
     if tf.io.gfile.exists(config.checkpoint) and not tf.io.gfile.isdir(config.checkpoint):
         raise ConfigError(config_lib.continuous_eval_of_one(config.checkpoint))
+    if not config_lib.same_folder(config.checkpoint, config.model_dir) and (
+            checkpoints.checkpoints_on_disk(config.model_dir)):
+        raise ConfigError(f"--model_dir={config.model_dir} holds a run of its own: the "
+                          f"evaluations of --checkpoint={config.checkpoint} would go into its "
+                          "eval/ curve: give this evaluation a folder of its own")
     return config.checkpoint.rstrip("/")
 
 

@@ -630,6 +630,12 @@ def test_continuous_eval_stops_after_its_timeout_and_refuses_what_makes_no_sense
                 f"--checkpoint={one} names one: use --mode=eval for it (--checkpoint=RUN_DIR "
                 "--model_dir=YOUR_FOLDER evaluates each new checkpoint of RUN_DIR into your")):
             Config(mode="continuous_eval", checkpoint=one)
+    # Into another run's folder: its eval/ curve is its own.
+    with pytest.raises(core.ConfigError, match=re.escape(
+            f"--model_dir={model_dir} holds a run of its own: the evaluations of --checkpoint="
+            f"{mine} would go into its eval/ curve: give this evaluation a folder of its own")):
+        core.run(Config(mode="continuous_eval", checkpoint=str(mine), model_dir=model_dir))
+    assert {p: os.stat(tmp_path / "run" / p).st_mtime_ns for p in os.listdir(model_dir)} == before
     (tmp_path / "model.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
     with pytest.raises(core.ConfigError, match="names one: use --mode=eval for it"):
         core.run(Config(mode="continuous_eval", checkpoint=str(tmp_path / "model.weights.h5"),
