@@ -52,7 +52,7 @@ PATH_FIELDS = ("model_dir", "data_dir", "checkpoint", "cache", "init_checkpoint"
 MAX_SYNTHETIC_BYTES = 2 * 2**30
 
 
-def _inside(path: str, folder: str) -> bool:
+def inside(path: str, folder: str) -> bool:
     """`path` is `folder` or under it (as written; both already have `~` expanded)."""
     path, folder = (p.rstrip("/") for p in (path, folder))
     if "://" not in path:
@@ -62,7 +62,7 @@ def _inside(path: str, folder: str) -> bool:
 
 def same_folder(a: str, b: str) -> bool:
     """`a` and `b` name one folder (relative or absolute, with or without a final /)."""
-    return _inside(a, b) and _inside(b, a)
+    return inside(a, b) and inside(b, a)
 
 
 def model_names() -> tuple[str, ...]:
@@ -202,7 +202,7 @@ class Config:
         if not self.cache:
             raise ConfigError("--cache is empty: give none, memory or a folder")
         if (self.cache not in ("none", "memory") and self.dataset == "folder" and self.data_dir
-                and _inside(self.cache, self.data_dir)):
+                and inside(self.cache, self.data_dir)):
             raise ConfigError(f"--cache={self.cache} is inside --data_dir={self.data_dir}: the "
                               "cache's shards would land among your images; give a folder "
                               "outside it")

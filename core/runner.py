@@ -247,6 +247,7 @@ class Run:
                 self.data_moved_from = resumed["data_dir"]
         if inference:
             self.checkpoint_path = self._find_checkpoint(config)
+            _refuse_another_runs_results(config, self.checkpoint_path)
             source = os.path.dirname(self.checkpoint_path)
             self.saved = checkpoints.saved_config(source) or (
                 checkpoints.saved_config(config.model_dir) if source != config.model_dir else None)
@@ -1138,6 +1139,20 @@ def train(run: Run) -> dict:
     evaluations = controller.evaluations
     last = evaluations[-1] if evaluations and evaluations[-1]["step"] == step else {}
     return {**last, "step": step, "history": controller.history, "evaluations": evaluations}
+
+
+def _refuse_another_runs_results(config: Config, checkpoint_path: str) -> None:
+    """Eval and export of another run's checkpoint into a --model_dir that holds a run of
+    its own would put them beside that run's own, under its names (eval_ckpt-N/,
+    export/N/, which TF Serving would serve as the run's newest): refused."""
+    if config.mode not in ("eval", "export") or config_lib.inside(checkpoint_path,
+                                                                  config.model_dir):
+        return
+    if checkpoints.checkpoints_on_disk(config.model_dir):
+        what = "evaluation" if config.mode == "eval" else "export"
+        raise ConfigError(f"--model_dir={config.model_dir} holds a run of its own: the {what} "
+                          f"of --checkpoint={config.checkpoint}, another run's, would go beside "
+                          f"its own: give this {what} a folder of its own")
 
 
 def _results_elsewhere(config: Config, checkpoint_path: str | None) -> tuple[str, str]:
