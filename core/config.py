@@ -65,6 +65,23 @@ def same_folder(a: str, b: str) -> bool:
     return inside(a, b) and inside(b, a)
 
 
+def check_model_dir_apart(model_dir: str, data_dir: str | None) -> None:
+    """The run writes checkpoints, figures and its TensorBoard runs (train/, eval/) into
+    --model_dir: into --data_dir, they would land among the data (train/ is a folder's
+    split: its events made the next run skip it as a run's folder)."""
+    if not data_dir:
+        return
+    if same_folder(model_dir, data_dir):
+        raise ConfigError(f"--model_dir={model_dir} is --data_dir: the run would write its "
+                          "checkpoints, TensorBoard events (train/, eval/) and figures among "
+                          "your data; give it a folder of its own, e.g. --model_dir=runs/NAME")
+    for run in ("train", "eval"):
+        if inside(data_dir, os.path.join(model_dir, run)):
+            raise ConfigError(f"--data_dir={data_dir} is inside --model_dir={model_dir}'s "
+                              f"{run}/, where the run writes its TensorBoard events: give the "
+                              "run a folder of its own, e.g. --model_dir=runs/NAME")
+
+
 def model_names() -> tuple[str, ...]:
     """The built-in models and those registered with layers.autoencoders.register."""
     from layers.registry import FACTORIES, MODELS  # no TensorFlow: validation stays fast
@@ -207,6 +224,7 @@ class Config:
                               "cache's shards would land among your images; give a folder "
                               "outside it")
         check_image_feature(self.dataset, self.image_feature)
+        check_model_dir_apart(self.model_dir, self.data_dir)
         if self.mode not in INFERENCE_MODES:  # eval and export check once the run's are known
             check_data_dir_is_read(self.dataset, self.data_dir)
             check_cache_is_read(self.dataset, self.cache)

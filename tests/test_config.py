@@ -40,6 +40,15 @@ BAD = [
      r"--cache=/data/photos/ is inside --data_dir=/data/photos: the cache's shards would land"),
     (dict(dataset="folder", data_dir="gs://b/photos", cache="gs://b/photos/cache"),
      r"--cache=gs://b/photos/cache is inside --data_dir=gs://b/photos"),
+    (dict(dataset="folder", data_dir="/data/photos", model_dir="/data/photos/"),
+     r"^--model_dir=/data/photos/ is --data_dir: the run would write its checkpoints, "
+     r"TensorBoard events \(train/, eval/\) and figures among your data; give it a folder of "
+     r"its own, e.g. --model_dir=runs/NAME$"),
+    (dict(dataset="tfrecord", data_dir="gs://b/shards", model_dir="gs://b/shards"),
+     r"^--model_dir=gs://b/shards is --data_dir"),
+    (dict(dataset="folder", data_dir="runs/a/train/cats", model_dir="runs/a"),
+     r"^--data_dir=runs/a/train/cats is inside --model_dir=runs/a's train/, where the run "
+     r"writes its TensorBoard events"),
     (dict(model_dir="runs/[2023] photos"), r"^--model_dir='runs/\[2023\] photos': TensorFlow "
      r"reads a checkpoint's files back by a file pattern, in which '\[' is a pattern character"),
     (dict(init_checkpoint="runs/a[1]"), r"^--init_checkpoint='runs/a\[1\]': TensorFlow reads"),

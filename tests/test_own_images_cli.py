@@ -58,6 +58,24 @@ def test_a_bad_flag_value_is_one_line_and_exit_2(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+def test_a_model_dir_that_is_the_data_folder_is_one_line_and_the_folder_is_untouched(tmp_path):
+    """A run writes its TensorBoard events into train/ and eval/ of --model_dir: given the
+    data folder, they went into its train/ split, whose events made the next run skip it as
+    a run's folder ('holds no images')."""
+    data = tmp_path / "photos"
+    png_tree(str(data), splits=(("train", 8), ("test", 4)))
+    before = sorted(p.relative_to(data) for p in data.rglob("*"))
+    for model_dir in (data, f"{data}/", data / "train" / ".."):
+        proc = run_train("--dataset=folder", f"--data_dir={data}", f"--model_dir={model_dir}",
+                         "--train_steps=2", "--batch_size=4")
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.splitlines()[-1] == (
+            f"train.py: error: --model_dir={model_dir} is --data_dir: the run would write its "
+            "checkpoints, TensorBoard events (train/, eval/) and figures among your data; give "
+            "it a folder of its own, e.g. --model_dir=runs/NAME")
+    assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
 @pytest.fixture(scope="module")
 def photo_dir(tmp_path_factory):
     """A user's folder: mixed formats and sizes, class subfolders, train/ and test/."""
