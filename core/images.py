@@ -296,6 +296,18 @@ def fit(image: tf.Tensor, size: tuple[int, int], resize: str = "crop") -> tf.Ten
         y.set_shape([height, width, x.shape[-1]])
         return y
 
+    def pad_to_size(x):
+        """float [h', w', c] -> [height, width, c]: scaled to fit, centred on black, as
+        tf.image.resize_with_pad, whose scaled short side of a thin image (1x1000 to
+        32x32) is 0 px, an error: kept at 1 px here."""
+        s_ = tf.cast(tf.shape(x)[:2], tf.float32)
+        target = tf.constant([height, width], tf.float32)
+        scaled = s_ / tf.reduce_max(s_ / target)
+        new = tf.maximum(tf.cast(tf.floor(scaled), tf.int32), 1)
+        top_left = tf.maximum(tf.cast(tf.floor((target - scaled) / 2), tf.int32), 0)
+        y = tf.image.resize(x, new, antialias=True)
+        return tf.image.pad_to_bounding_box(y, top_left[0], top_left[1], height, width)
+
     def resized():
         x = image
         if resize == "crop":  # the largest centred window of the target's aspect ratio
@@ -308,8 +320,7 @@ def fit(image: tf.Tensor, size: tuple[int, int], resize: str = "crop") -> tf.Ten
             x = x[top:top + crop_h, left:left + crop_w]  # uint8: a cheap slice
             x = to_size(halve_while_twice_the_size(tf.cast(x, tf.float32)))
         elif resize == "pad":
-            x = tf.image.resize_with_pad(halve_while_twice_the_size(tf.cast(x, tf.float32)),
-                                         height, width, antialias=True)
+            x = pad_to_size(halve_while_twice_the_size(tf.cast(x, tf.float32)))
         else:
             x = to_size(halve_while_twice_the_size(tf.cast(x, tf.float32)))
         return tf.cast(tf.clip_by_value(tf.round(x), 0.0, 255.0), tf.uint8)

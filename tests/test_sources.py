@@ -323,6 +323,14 @@ def test_resize_modes_crop_pad_stretch():
     pad = images.fit(tf.constant(a), (16, 16), "pad").numpy()
     assert pad[:3].max() == 0 and pad[-3:].max() == 0  # black bars above and below
     assert pad[8, 1, 0] > 200 and pad[8, 8, 2] > 200  # the whole image, squeezed in
+    # A thin strip (a 1x1000 banner) keeps one row; its scaled side was 0 px, an error
+    # (`output dimensions must be positive`) that named the file as bad.
+    for strip, axis in ((np.full((1, 1000, 3), 200, np.uint8), 1),
+                        (np.full((1000, 1, 3), 200, np.uint8), 0)):
+        out = images.fit(tf.constant(strip), (32, 32), "pad").numpy()
+        assert out.shape == (32, 32, 3)
+        assert list(np.nonzero(out.max(axis=(axis, 2)))[0]) == [15]  # one line, centred
+        assert out.max() == 200
     stretch = images.fit(tf.constant(a), (16, 16), "stretch").numpy()
     assert stretch[:, 0, 0].min() > 200 and stretch[:, 8, 2].min() > 200  # edges stay red
     same = images.fit(tf.constant(a), (40, 80), "crop").numpy()
