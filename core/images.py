@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import threading
 
 import tensorflow as tf
 
@@ -87,6 +88,9 @@ def _webp_header(head: bytes) -> tuple[str, str, tuple[int, int], int, bool] | N
     return None
 
 
+_PILLOW_LIMIT = threading.Lock()
+
+
 def _identify(head: bytes) -> tuple[str, str, tuple[int, int], int, bool]:
     """(format, mode, (width, height) as stored, EXIF orientation, animated) from the first
     bytes of a file, by Pillow (a WebP's by `_webp_header`)."""
@@ -96,9 +100,18 @@ def _identify(head: bytes) -> tuple[str, str, tuple[int, int], int, bool]:
     if webp:
         return webp
     try:
-        with Image.open(io.BytesIO(head)) as im:
-            return (im.format, im.mode, im.size, _orientation(im),
-                    bool(getattr(im, "is_animated", False)))
+        # Pillow's decompression-bomb limit (an error over 179 Mpx, a warning over 89)
+        # guards Pillow's decoding; here it reads a header, and TensorFlow decodes: a
+        # 200-Mpx scan or panorama was Pillow's traceback. The limit is Pillow's global:
+        # lifted under a lock, for this read only.
+        with _PILLOW_LIMIT:
+            limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+            try:
+                with Image.open(io.BytesIO(head)) as im:
+                    return (im.format, im.mode, im.size, _orientation(im),
+                            bool(getattr(im, "is_animated", False)))
+            finally:
+                Image.MAX_IMAGE_PIXELS = limit
     except UnidentifiedImageError:
         raise BadImage("not an image (Pillow cannot identify it)") from None
     except (OSError, SyntaxError, ValueError) as e:

@@ -279,6 +279,24 @@ def test_a_slice_of_class_folders_holds_every_class(tmp_path):
         os.path.relpath(p, root) for p in held.paths]
 
 
+def test_images_past_pillows_decompression_bomb_limit_are_checked(tmp_path):
+    """A 200-Mpx scan or panorama (1-bit here, 25 MB to write) was Pillow's
+    DecompressionBombError traceback in the up-front check, and one of 100 Mpx its warning;
+    Pillow's limit, a global, is the user's again afterwards."""
+    import warnings
+
+    limit = Image.MAX_IMAGE_PIXELS
+    for width, height in ((20000, 10000), (10000, 10000)):
+        path = str(tmp_path / f"{width}.png")
+        Image.new("1", (width, height)).save(path)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            info = images.check_file(path)
+        assert (info.width, info.height, info.format) == (width, height, "PNG")
+        assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert Image.MAX_IMAGE_PIXELS == limit is not None  # Pillow's own again
+
+
 @pytest.mark.parametrize("fmt,mode", [("PNG", "RGB"), ("PNG", "RGBA"), ("PNG", "P"),
                                       ("PNG", "L"), ("JPEG", "RGB"), ("JPEG", "L"),
                                       ("JPEG", "CMYK"), ("WEBP", "RGB"), ("WEBP", "RGBA"),
