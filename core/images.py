@@ -162,9 +162,29 @@ def check_file(path: str) -> FileInfo:
     except tf.errors.OpError as e:
         raise BadImage(f"not readable ({e.message})") from None
     channels = 1 if mode in ("1", "L", "LA", "I", "I;16", "F") else 3
+    _check_decodable(width * height)
     if orientation >= 5:  # turned by 90 degrees: displayed with the sides swapped
         height, width = width, height
     return FileInfo(path, height, width, channels, fmt, orientation, size)
+
+
+# Host bytes per pixel at the peak of a large image's decode and shrink (uint8 RGB, then
+# float32): 5 GB for a 200-Mpx PNG, by /usr/bin/time -v.
+DECODE_BYTES_PER_PIXEL = 25
+
+
+def _check_decodable(pixels: int) -> None:
+    """A file of more pixels than this machine's memory can decode (a decompression bomb:
+    a 1-bit PNG of 10 Gpx is a few MB) is a bad image up front, not a process the kernel
+    kills mid-run."""
+    if pixels < 100_000_000:
+        return
+    from core.data import available_memory
+
+    need, have = pixels * DECODE_BYTES_PER_PIXEL, available_memory()
+    if have is not None and need > have:
+        raise BadImage(f"{pixels / 1e6:,.0f} Mpx, which would need about {need / 1e9:,.0f} "
+                       f"GB of memory to decode ({have / 1e9:,.0f} GB available)")
 
 
 def orient(image: tf.Tensor, orientation: tf.Tensor) -> tf.Tensor:

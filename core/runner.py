@@ -392,7 +392,8 @@ class Run:
             path = os.path.join(config.model_dir, SKIPPED_FILE)
             process.write_file(
                 path, "".join(f"{p}\t{why}\n" for p, why in sorted(self.skipped.items())))
-            logging.info("wrote the %d skipped files to %s", len(self.skipped), path)
+            logging.info("wrote the %d skipped file%s to %s", len(self.skipped),
+                         "" if len(self.skipped) == 1 else "s", path)
         try:
             self._build(inference)
         except distribute.LOST_WORKER_ERRORS as e:  # the weights' first values are broadcast

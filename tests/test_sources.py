@@ -977,7 +977,24 @@ def _jpeg_bytes(h=24, w=32):
     return buffer.getvalue()
 
 
+def _png_bomb_bytes(width=2_000_000, height=2_000_000):
+    """A PNG whose header says 4 million Mpx (1-bit): a decompression bomb's, which a
+    decoder would try to hold in memory. Its data is a few bytes: the check reads the header
+    and the end."""
+    import struct
+    import zlib
+
+    def chunk(kind, body):
+        return (struct.pack(">I", len(body)) + kind + body
+                + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(bytes(64))) + chunk(b"IEND", b""))
+
+
 @pytest.mark.parametrize("case,content,match", [
+    ("decompression_bomb", _png_bomb_bytes(), r"4,000,000 Mpx, which would need about "
+                                              r"100,000 GB of memory to decode \("),
     ("zero_byte", b"", "empty"),
     ("not_an_image", b"hello, I am text\n" * 20, "not an image"),
     ("truncated_png", _png_bytes()[:300], "truncated PNG"),
