@@ -153,6 +153,7 @@ def check_file(path: str) -> FileInfo:
                 declared = int.from_bytes(head[2:6], "little")
                 if declared and size < declared:
                     raise BadImage(f"a truncated BMP ({size} of {declared} bytes)")
+                _check_bmp_layout(head)
             elif fmt == "WEBP":  # a RIFF file: its length follows "RIFF"
                 declared = int.from_bytes(head[4:8], "little") + 8
                 if size < declared:
@@ -166,6 +167,32 @@ def check_file(path: str) -> FileInfo:
     if orientation >= 5:  # turned by 90 degrees: displayed with the sides swapped
         height, width = width, height
     return FileInfo(path, height, width, channels, fmt, orientation, size)
+
+
+def _check_bmp_layout(head: bytes) -> None:
+    """TensorFlow's BMP decoder reads uncompressed pixels of 24 or 32 bits, and 8 bits as
+    grey levels: it ignores a palette and compression. A colour palette's indices decoded as
+    grey, and RLE, 1-, 4- and 16-bit pixels as noise or an error mid-run: such files are
+    named up front."""
+    dib = int.from_bytes(head[14:18], "little")
+    if dib < 40 or len(head) < 54:  # OS/2's 12-byte header: 24-bit only in practice
+        return
+    bits = int.from_bytes(head[28:30], "little")
+    compression = int.from_bytes(head[30:34], "little")
+    what = "an RLE-compressed BMP" if compression in (1, 2) else "a BMP"
+    if bits in (24, 32) and compression in (0, 3):  # BI_RGB, BI_BITFIELDS
+        return
+    if bits == 8 and compression == 0:
+        used = int.from_bytes(head[46:50], "little") or 256
+        start = 14 + dib
+        palette = head[start:start + 4 * used]
+        if all(palette[4 * i] == palette[4 * i + 1] == palette[4 * i + 2] == i
+               for i in range(len(palette) // 4)):
+            return  # grey levels: the indices are the pixels
+        raise BadImage("a BMP of 8-bit colour-palette pixels, which TensorFlow's decoder "
+                       "reads as grey levels: save it as PNG")
+    raise BadImage(f"{what} of {bits}-bit pixels, which TensorFlow's decoder cannot "
+                   "read: save it as PNG")
 
 
 # Host bytes per pixel at the peak of a large image's decode and shrink (uint8 RGB, then

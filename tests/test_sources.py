@@ -279,6 +279,52 @@ def test_a_slice_of_class_folders_holds_every_class(tmp_path):
         os.path.relpath(p, root) for p in held.paths]
 
 
+def _rle8_bmp(rows):
+    """An 8-bit BMP compressed by RLE (BI_RLE8, Windows' own), rows of palette indices."""
+    import struct
+
+    height, width = len(rows), len(rows[0])
+    data = b"".join(b"".join(bytes([1, i]) for i in row) + b"\0\0" for row in reversed(rows))
+    data += b"\0\1"
+    palette = b"".join(bytes([b, g, r, 0]) for r, g, b in ((255, 0, 0), (0, 0, 255))) + bytes(
+        4 * 254)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(data), 2835, 2835, 256, 0)
+    offset = 14 + len(info) + len(palette)
+    return (b"BM" + struct.pack("<IHHI", offset + len(data), 0, 0, offset) + info + palette
+            + data)
+
+
+def test_bmp_layouts_tensorflow_misreads_are_named_up_front(tmp_path):
+    """TensorFlow's BMP decoder reads 24- and 32-bit pixels, and 8-bit ones as grey levels,
+    ignoring the palette and any compression: a colour palette trained as its indices'
+    greys, RLE as noise, a 1-bit BMP failed mid-run. Those are bad files up front now;
+    the layouts it reads decode as Pillow shows them."""
+    a = colour_images(1, 20, 30)[0]
+    im = Image.fromarray(a)
+    for name, image in (("rgb", im), ("rgba", im.convert("RGBA")), ("grey", im.convert("L"))):
+        path = str(tmp_path / f"{name}.bmp")
+        image.save(path)
+        info = images.check_file(path)
+        with open(path, "rb") as f:
+            out = images.decode(tf.constant(f.read()), (20, 30), info.channels).numpy()
+        shown = np.asarray(Image.open(path).convert("L" if info.channels == 1 else "RGB"))
+        np.testing.assert_array_equal(out.reshape(shown.shape), shown)
+    im.convert("P").save(tmp_path / "palette.bmp")
+    im.convert("1").save(tmp_path / "one-bit.bmp")
+    (tmp_path / "rle.bmp").write_bytes(_rle8_bmp([[0, 1, 1], [1, 0, 0]]))
+    assert np.asarray(Image.open(tmp_path / "rle.bmp").convert("RGB"))[0, 0].tolist() == [255, 0, 0]
+    for name, message in (
+            ("palette", "a BMP of 8-bit colour-palette pixels, which TensorFlow's decoder reads "
+                        "as grey levels: save it as PNG"),
+            ("one-bit", "a BMP of 1-bit pixels, which TensorFlow's decoder cannot read: save "
+                        "it as PNG"),
+            ("rle", "an RLE-compressed BMP of 8-bit pixels, which TensorFlow's decoder cannot "
+                    "read: save it as PNG")):
+        with pytest.raises(images.BadImage) as raised:
+            images.check_file(str(tmp_path / f"{name}.bmp"))
+        assert str(raised.value) == message
+
+
 def test_images_past_pillows_decompression_bomb_limit_are_checked(tmp_path):
     """A 200-Mpx scan or panorama (1-bit here, 25 MB to write) was Pillow's
     DecompressionBombError traceback in the up-front check, and one of 100 Mpx its warning;
