@@ -93,7 +93,7 @@ def names_one_checkpoint(checkpoint: str) -> bool:
     """Whether --checkpoint names one checkpoint ('best', a step, 'DIR/ckpt-9[.index]'),
     not a run's folder."""
     name = os.path.basename(checkpoint.rstrip("/"))
-    return checkpoint == "best" or name.isdigit() or bool(
+    return checkpoint in ("best", "best/") or checkpoint.isdigit() or bool(
         re.fullmatch(r"ckpt-\d+(\.index|\.data-\d+-of-\d+)?", name))
 
 

@@ -625,6 +625,7 @@ def test_continuous_eval_stops_after_its_timeout_and_refuses_what_makes_no_sense
     assert [step for step, _ in _scalars(str(mine / "eval"), "loss")] == [4]
     assert (mine / "curves.png").exists() and not (mine / "train").exists()
     assert {p: os.stat(tmp_path / "run" / p).st_mtime_ns for p in os.listdir(model_dir)} == before
+    Config(mode="continuous_eval", checkpoint="runs/2024")  # a run's folder named by digits
     for one in (model_dir + "/ckpt-2", "best", "2", model_dir + "/ckpt-2.index"):
         with pytest.raises(core.ConfigError, match=re.escape(
                 f"--checkpoint={one} names one: use --mode=eval for it (--checkpoint=RUN_DIR "
