@@ -30,7 +30,8 @@ import threading
 
 import tensorflow as tf
 
-EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+# .jfif and .jpe are JPEG files: Windows saves photos from a browser as .jfif.
+EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".jpe", ".png", ".webp", ".bmp", ".gif")
 RESIZE_MODES = ("crop", "pad", "stretch")
 _HEAD_BYTES = 1 << 16  # enough for the header of almost every file
 _TRAILERS = {"JPEG": (b"\xff\xd9",), "PNG": (b"IEND\xaeB`\x82",), "GIF": (b";",)}

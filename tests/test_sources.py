@@ -176,6 +176,19 @@ def test_hidden_files_and_folders_are_not_read(tmp_path):
     assert data.open_split("train", "folder", str(tmp_path)).source.num_examples == 4
 
 
+def test_jpegs_named_jfif_or_jpe_and_upper_case_extensions_are_read(tmp_path):
+    """Windows saves a photo from a browser as .jfif: a JPEG, which was counted as a file
+    of another type and not read."""
+    for name in ("a.jfif", "b.jpe", "c.JPG", "d.Jpeg"):
+        Image.fromarray(colour_images(1)[0]).save(tmp_path / name, "JPEG")
+    (tmp_path / "e.tif").write_bytes(b"II*\x00")
+    paths, others, _, _ = sources.list_images(str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["a.jfif", "b.jpe", "c.JPG", "d.Jpeg"]
+    assert others == {".tif": 1}
+    opened = data.open_split("train", "folder", str(tmp_path))
+    assert opened.source.num_examples == 4
+
+
 def test_linked_folders_are_read_once(tmp_path, caplog):
     """A class folder linked from elsewhere is read; a link back to the data folder (or to
     a folder read already) is not followed again: the walk followed it 40 levels deep, and
