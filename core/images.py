@@ -190,10 +190,10 @@ def _check_bmp_layout(head: bytes) -> None:
         if all(palette[4 * i] == palette[4 * i + 1] == palette[4 * i + 2] == i
                for i in range(len(palette) // 4)):
             return  # grey levels: the indices are the pixels
-        raise BadImage("a BMP of 8-bit colour-palette pixels, which TensorFlow's decoder "
-                       "reads as grey levels: save it as PNG")
-    raise BadImage(f"{what} of {bits}-bit pixels, which TensorFlow's decoder cannot "
-                   "read: save it as PNG")
+        raise BadImage("a BMP of 8-bit colour-palette pixels (TensorFlow's decoder reads "
+                       "them as grey levels; saved as PNG it reads right)")
+    raise BadImage(f"{what} of {bits}-bit pixels (TensorFlow's decoder cannot read them; "
+                   "saved as PNG it reads right)")
 
 
 # Host bytes per pixel at the peak of a large image's decode and shrink (uint8 RGB, then

@@ -327,12 +327,12 @@ def test_bmp_layouts_tensorflow_misreads_are_named_up_front(tmp_path):
     (tmp_path / "rle.bmp").write_bytes(_rle8_bmp([[0, 1, 1], [1, 0, 0]]))
     assert np.asarray(Image.open(tmp_path / "rle.bmp").convert("RGB"))[0, 0].tolist() == [255, 0, 0]
     for name, message in (
-            ("palette", "a BMP of 8-bit colour-palette pixels, which TensorFlow's decoder reads "
-                        "as grey levels: save it as PNG"),
-            ("one-bit", "a BMP of 1-bit pixels, which TensorFlow's decoder cannot read: save "
-                        "it as PNG"),
-            ("rle", "an RLE-compressed BMP of 8-bit pixels, which TensorFlow's decoder cannot "
-                    "read: save it as PNG")):
+            ("palette", "a BMP of 8-bit colour-palette pixels (TensorFlow's decoder reads them "
+                        "as grey levels; saved as PNG it reads right)"),
+            ("one-bit", "a BMP of 1-bit pixels (TensorFlow's decoder cannot read them; saved as "
+                        "PNG it reads right)"),
+            ("rle", "an RLE-compressed BMP of 8-bit pixels (TensorFlow's decoder cannot read "
+                    "them; saved as PNG it reads right)")):
         with pytest.raises(images.BadImage) as raised:
             images.check_file(str(tmp_path / f"{name}.bmp"))
         assert str(raised.value) == message
