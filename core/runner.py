@@ -1142,18 +1142,19 @@ def train(run: Run) -> dict:
     return {**last, "step": step, "history": controller.history, "evaluations": evaluations}
 
 
-def _refuse_another_runs_results(config: Config, checkpoint_path: str) -> None:
-    """Eval and export of another run's checkpoint into a --model_dir that holds a run of
-    its own would put them beside that run's own, under its names (eval_ckpt-N/,
-    export/N/, which TF Serving would serve as the run's newest): refused."""
-    if config.mode not in ("eval", "export") or config_lib.inside(checkpoint_path,
-                                                                  config.model_dir):
+def _refuse_another_runs_results(config: Config, source: str) -> None:
+    """Eval, export and continuous_eval of another run's checkpoint (`source`, or its
+    folder) into a --model_dir that holds a run of its own would put the results among that
+    run's own, under its names (eval/, eval_ckpt-N/, export/N/, which TF Serving would
+    serve as the run's newest): refused."""
+    if config_lib.inside(source, config.model_dir) or not checkpoints.checkpoints_on_disk(
+            config.model_dir):
         return
-    if checkpoints.checkpoints_on_disk(config.model_dir):
-        what = "evaluation" if config.mode == "eval" else "export"
-        raise ConfigError(f"--model_dir={config.model_dir} holds a run of its own: the {what} "
-                          f"of --checkpoint={config.checkpoint}, another run's, would go beside "
-                          f"its own: give this {what} a folder of its own")
+    what = {"export": "export", "continuous_eval": "evaluations"}.get(config.mode, "evaluation")
+    raise ConfigError(f"--model_dir={config.model_dir} holds a run of its own: the {what} of "
+                      f"--checkpoint={config.checkpoint}, another run's, would go in among its "
+                      f"own: give {'these' if what == 'evaluations' else 'this'} {what} a "
+                      "folder of its own")
 
 
 def _results_elsewhere(config: Config, checkpoint_path: str | None) -> tuple[str, str]:
@@ -1317,23 +1318,18 @@ def _latest_checkpoint(model_dir: str) -> str | None:
 def watched_run(config: Config) -> str:
     """The run folder --mode=continuous_eval watches: --model_dir, or --checkpoint=RUN_DIR,
     whose checkpoints it evaluates into --model_dir (a run you cannot write to)."""
-    if not config.checkpoint:
-        return config.model_dir
-    if tf.io.gfile.exists(config.checkpoint) and not tf.io.gfile.isdir(config.checkpoint):
-        raise ConfigError(config_lib.continuous_eval_of_one(config.checkpoint))
-    if not config_lib.same_folder(config.checkpoint, config.model_dir) and (
-            checkpoints.checkpoints_on_disk(config.model_dir)):
-        raise ConfigError(f"--model_dir={config.model_dir} holds a run of its own: the "
-                          f"evaluations of --checkpoint={config.checkpoint} would go into its "
-                          "eval/ curve: give this evaluation a folder of its own")
-    return config.checkpoint.rstrip("/")
+    return config.checkpoint.rstrip("/") if config.checkpoint else config.model_dir
 
 
 def wait_for_checkpoint(config: Config) -> None:
-    """--mode=continuous_eval started before the training run's first checkpoint: waits
-    for it, up to --continuous_eval_timeout."""
+    """--mode=continuous_eval started before the training run's first checkpoint: checks
+    what it watches, then waits for it, up to --continuous_eval_timeout."""
     deadline = time.monotonic() + config.continuous_eval_timeout
     watched = watched_run(config)
+    if config.checkpoint:
+        if tf.io.gfile.exists(watched) and not tf.io.gfile.isdir(watched):
+            raise ConfigError(config_lib.continuous_eval_of_one(config.checkpoint))
+        _refuse_another_runs_results(config, watched)
     flag = "--checkpoint" if config.checkpoint else "--model_dir"
     if _latest_checkpoint(watched) is None:
         logging.info("waiting for the first checkpoint in %s (up to %s s, "

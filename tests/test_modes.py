@@ -634,15 +634,16 @@ def test_continuous_eval_stops_after_its_timeout_and_refuses_what_makes_no_sense
     # Into another run's folder: its eval/ curve is its own.
     with pytest.raises(core.ConfigError, match=re.escape(
             f"--model_dir={model_dir} holds a run of its own: the evaluations of --checkpoint="
-            f"{mine} would go into its eval/ curve: give this evaluation a folder of its own")):
+            f"{mine}, another run's, would go in among its own: give these evaluations a folder "
+            "of its own")):
         core.run(Config(mode="continuous_eval", checkpoint=str(mine), model_dir=model_dir))
     # So would eval's eval_ckpt-4/ and export's export/4/ (which TF Serving would serve).
     shutil.copytree(model_dir, tmp_path / "copy")
     for mode, what in (("eval", "evaluation"), ("export", "export")):
         with pytest.raises(core.ConfigError, match=re.escape(
                 f"--model_dir={model_dir} holds a run of its own: the {what} of --checkpoint="
-                f"{tmp_path / 'copy'}, another run's, would go beside its own: give this {what} "
-                "a folder of its own")):
+                f"{tmp_path / 'copy'}, another run's, would go in among its own: give this "
+                f"{what} a folder of its own")):
             core.run(Config(mode=mode, checkpoint=str(tmp_path / "copy"), model_dir=model_dir))
     assert {p: os.stat(tmp_path / "run" / p).st_mtime_ns for p in os.listdir(model_dir)} == before
     (tmp_path / "model.weights.h5").write_bytes(b"\x89HDF\r\n\x1a\n")
