@@ -96,6 +96,16 @@ def checkpoints_on_disk(directory: str) -> list[str]:
     return [os.path.join(directory, f"ckpt-{s}") for s in steps]
 
 
+def run_of(checkpoint_path: str) -> str:
+    """The run folder a checkpoint is of, whose config.json describes it: the checkpoint's
+    folder, or the run's above --keep_best's `best/ckpt-N`."""
+    folder = os.path.dirname(checkpoint_path.rstrip("/"))
+    if (os.path.basename(folder) == BEST_DIR
+            and not tf.io.gfile.exists(os.path.join(folder, CONFIG_FILE))):
+        return os.path.dirname(folder)
+    return folder
+
+
 def _denied(what: str, reason: str) -> str | None:
     """The line for `what`, a file or checkpoint of the run that this user may not read
     (another user's, a mount's): its permissions are the fault, not its contents."""

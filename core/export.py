@@ -12,6 +12,7 @@ Signatures (N is any batch size; H, W, C the image shape; h, w, c the code's):
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 
@@ -19,6 +20,8 @@ import tensorflow as tf
 
 from core.errors import WriteError, write_reason
 from core.process import WRITE_ERRORS
+
+RECORD = "tapeloop.json"  # in assets.extra/: the checkpoint the export is of, and its step
 
 
 def _checked(tensor, shape, signature, name):
@@ -88,9 +91,10 @@ class _Serving(tf.Module):
         self.model_variables = read
 
 
-def export_saved_model(model, image_shape, export_dir: str) -> str:
+def export_saved_model(model, image_shape, export_dir: str, record: dict | None = None) -> str:
     """Writes the SavedModel to `export_dir`, replacing one there only once the new one is
-    complete; returns it."""
+    complete; returns it. `record` (the checkpoint it is of) goes in as
+    `assets.extra/tapeloop.json`, where a SavedModel keeps files its loaders ignore."""
     code_shape = tuple(model.encode(tf.zeros((1, *image_shape))).shape[1:])
     module = _Serving(model, tuple(image_shape), code_shape)
     signatures = {"encode": module.encode, "decode": module.decode,
@@ -109,6 +113,7 @@ def export_saved_model(model, image_shape, export_dir: str) -> str:
             tf.io.gfile.rmtree(tmp)
         with tempfile.TemporaryDirectory() as local:
             tf.saved_model.save(module, local, signatures=signatures)
+            _write_record(local, record)
             files = sorted((os.path.relpath(os.path.join(d, f), local)
                             for d, _, names in os.walk(local) for f in names),
                            key=lambda r: r == "saved_model.pb")
@@ -127,6 +132,7 @@ def export_saved_model(model, image_shape, export_dir: str) -> str:
             tf.io.gfile.rmtree(leftover)
     try:
         tf.saved_model.save(module, tmp, signatures=signatures)
+        _write_record(tmp, record)
     except WRITE_ERRORS as e:  # a full disk: the export there before stays as it was
         with contextlib.suppress(OSError, tf.errors.OpError):
             tf.io.gfile.rmtree(tmp)
@@ -139,3 +145,10 @@ def export_saved_model(model, image_shape, export_dir: str) -> str:
     if tf.io.gfile.exists(old):
         tf.io.gfile.rmtree(old)
     return export_dir
+
+
+def _write_record(saved_model_dir: str, record: dict | None) -> None:
+    if record is not None:
+        tf.io.gfile.makedirs(os.path.join(saved_model_dir, "assets.extra"))
+        with tf.io.gfile.GFile(os.path.join(saved_model_dir, "assets.extra", RECORD), "w") as f:
+            f.write(json.dumps(record, indent=2))

@@ -247,8 +247,8 @@ class Run:
                 self.data_moved_from = resumed["data_dir"]
         if inference:
             self.checkpoint_path = self._find_checkpoint(config)
-            _refuse_another_runs_results(config, self.checkpoint_path)
-            source = os.path.dirname(self.checkpoint_path)
+            source = checkpoints.run_of(self.checkpoint_path)
+            _refuse_another_runs_results(config, source)
             self.saved = checkpoints.saved_config(source) or (
                 checkpoints.saved_config(config.model_dir) if source != config.model_dir else None)
             flags_data_dir = config.data_dir
@@ -667,11 +667,8 @@ class Run:
         VAE's dense layer, the first and last convolutions' channels); None where it did not,
         or cannot be told."""
         try:
-            folder = os.path.dirname(checkpoints.resolve_path(self.config.init_checkpoint,
-                                                              "--init_checkpoint"))
-            saved = checkpoints.saved_config(folder) or (
-                checkpoints.saved_config(os.path.dirname(folder))
-                if os.path.basename(folder) == checkpoints.BEST_DIR else None)
+            saved = checkpoints.saved_config(checkpoints.run_of(checkpoints.resolve_path(
+                self.config.init_checkpoint, "--init_checkpoint")))
         except (ConfigError, CheckpointError):
             return None  # initialise says what is wrong with the path
         shape = _saved_image_shape(saved)
@@ -1142,19 +1139,52 @@ def train(run: Run) -> dict:
     return {**last, "step": step, "history": controller.history, "evaluations": evaluations}
 
 
-def _refuse_another_runs_results(config: Config, source: str) -> None:
-    """Eval, export and continuous_eval of another run's checkpoint (`source`, or its
-    folder) into a --model_dir that holds a run of its own would put the results among that
-    run's own, under its names (eval/, eval_ckpt-N/, export/N/, which TF Serving would
-    serve as the run's newest): refused."""
-    if config_lib.inside(source, config.model_dir) or not checkpoints.checkpoints_on_disk(
-            config.model_dir):
+def _refuse_another_runs_results(config: Config, run_dir: str) -> None:
+    """Eval, export and continuous_eval of another run's checkpoint (of the run in `run_dir`)
+    into a --model_dir that holds a run of its own, or results of a third run, would put
+    them among those, under their names (eval/, eval_ckpt-N/, export/N/, which TF Serving
+    would serve as the newest; at the same step, replacing them): refused."""
+    if config_lib.inside(run_dir, config.model_dir):
         return
     what = {"export": "export", "continuous_eval": "evaluations"}.get(config.mode, "evaluation")
-    raise ConfigError(f"--model_dir={config.model_dir} holds a run of its own: the {what} of "
-                      f"--checkpoint={config.checkpoint}, another run's, would go in among its "
-                      f"own: give {'these' if what == 'evaluations' else 'this'} {what} a "
-                      "folder of its own")
+    these = f"{'these' if what == 'evaluations' else 'this'} {what}"
+    given = f"the {what} of --checkpoint={config.checkpoint}, another run's,"
+    if checkpoints.checkpoints_on_disk(config.model_dir):
+        raise ConfigError(f"--model_dir={config.model_dir} holds a run of its own: {given} "
+                          f"would go in among its own: give {these} a folder of its own")
+    for checkpoint, where in _results_held(config.model_dir):
+        other = checkpoints.run_of(checkpoint)
+        if not config_lib.same_folder(other, run_dir):
+            raise ConfigError(f"--model_dir={config.model_dir} holds results of the run "
+                              f"{other} (its {where}): {given} would go in among them: give "
+                              f"{these} a folder of its own")
+
+
+def _results_held(model_dir: str) -> list[tuple[str, str]]:
+    """(checkpoint, where) of each evaluation's and export's results in `model_dir`: the
+    checkpoint its eval_results.json or its export's record names (older exports, without
+    one, are not told), and the folder or file that holds them."""
+    from core.export import RECORD as export_record
+
+    held = []
+    for pattern in ("eval_results.json", "eval*/eval_results.json",
+                    f"export*/*/assets.extra/{export_record}"):
+        for path in sorted(tf.io.gfile.glob(os.path.join(model_dir, pattern))):
+            try:
+                checkpoint = json.loads(tf.io.gfile.GFile(path).read()).get("checkpoint")
+            except (tf.errors.OpError, ValueError, AttributeError):
+                continue  # not a record of tapeloop's: nothing to tell
+            if isinstance(checkpoint, str):
+                folder = os.path.dirname(os.path.relpath(path, model_dir))
+                folder = folder.split("/assets.extra")[0]
+                held.append((checkpoint, f"{folder}/" if folder else "eval_results.json"))
+    return held
+
+
+def _recorded(path: str) -> str:
+    """A checkpoint's path as results record it: absolute, so that a command run from
+    another directory tells the same run."""
+    return path if "://" in path else os.path.abspath(path)
 
 
 def _results_elsewhere(config: Config, checkpoint_path: str | None) -> tuple[str, str]:
@@ -1300,7 +1330,7 @@ def _evaluate_checkpoint(run: Run, path: str, chosen: bool) -> tuple[dict, str |
         tf.io.gfile.makedirs(out_dir)
         process.write_file(os.path.join(out_dir, "eval_results.json"), json.dumps(
             {"step": step, "split": cfg.eval_split, "dataset": cfg.dataset,
-             "data_dir": cfg.data_dir, "checkpoint": path, **results}, indent=2))
+             "data_dir": cfg.data_dir, "checkpoint": _recorded(path), **results}, indent=2))
         signals.interruption_point()  # eval_results.json is written: the figures are not
         run.figures(step, out_dir, curves=not apart)
     asked = run.eval_actions(step, results)  # after the results are written: it cannot lose them
@@ -1408,7 +1438,9 @@ def export(run: Run) -> dict:
     path = os.path.join(run.config.model_dir, base, str(step))
     signals.interruption_point()
     with run.weights():
-        export_saved_model(run.trainer.model, run.image_shape, path)
+        export_saved_model(run.trainer.model, run.image_shape, path, record={
+            "checkpoint": _recorded(run.checkpoint_path), "step": step,
+            "weights": "ema" if run.uses_ema else "raw"})
     logging.info("exported SavedModel%s with signatures encode, decode, reconstruct to %s",
                  f" of the {run.weights_name}" if run.weights_name else "", path)
     return {"step": step, "export_dir": path}

@@ -47,6 +47,15 @@ def test_the_best_checkpoint_is_kept_apart_and_evaluated(tmp_path):
     exported = core.run(config.replace(mode="export", checkpoint="best"),
                         given={"mode", "model_dir", "checkpoint"})
     assert exported["export_dir"].endswith(os.path.join("export", str(best_step)))
+    # From a folder of your own (a run you cannot write to): the run's config.json, above
+    # best/, says what it trained on, as for its rolling checkpoints (the defaults were
+    # taken: the whole test split here; another --model failed to restore).
+    mine = str(tmp_path / "mine")
+    elsewhere = core.run(Config(mode="eval", checkpoint=str(tmp_path / "run" / "best"),
+                                model_dir=mine), given={"mode", "model_dir", "checkpoint"})
+    assert elsewhere["step"] == best_step and elsewhere["psnr"] == evaluated["psnr"]
+    assert json.load(open(os.path.join(mine, f"eval_ckpt-{best_step}", "eval_results.json"))
+                     )["split"] == "test[:128]"
 
 
 def test_early_stopping_stops_and_stays_stopped(tmp_path, caplog):

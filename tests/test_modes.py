@@ -578,6 +578,50 @@ def test_continuous_eval_follows_a_training_run_to_its_last_step(tmp_path):
     assert checkpoint_files(model_dir) == files  # read-only on checkpoints
 
 
+def test_a_folder_of_results_holds_one_runs(tmp_path, monkeypatch):
+    """Eval, export and continuous_eval of a run into a folder of your own (a run you cannot
+    write to) write eval_ckpt-N/, export/N/ and eval/ there. Another run's, at the same
+    step, replaced them (its export then served as the first run's) and, at another, mixed
+    with them: one line, nothing written. The same run's, named from anywhere, goes in."""
+    import tensorflow as tf
+
+    def files(folder):
+        return {os.path.join(d, f): open(os.path.join(d, f), "rb").read()
+                for d, _, names in os.walk(folder) for f in names}
+
+    run = tmp_path / "run"
+    core.run(Config(mode="train", dataset="synthetic", synthetic_shape=(8, 8, 1), epochs=None,
+                    train_steps=4, batch_size=8, eval_every=2, model_dir=str(run),
+                    eval_split="test[:16]"))
+    shutil.copytree(run, tmp_path / "other")  # another run, at the same step
+    mine = tmp_path / "mine"
+    core.run(Config(mode="eval", checkpoint=str(run / "ckpt-4"), model_dir=str(mine)))
+    exported = core.run(Config(mode="export", checkpoint=str(run), model_dir=str(mine)))
+    # An export records the checkpoint it is of, where loaders ignore it.
+    assert json.loads((mine / "export" / "4" / "assets.extra" / "tapeloop.json").read_text()) \
+        == {"checkpoint": str(run / "ckpt-4"), "step": 4, "weights": "raw"}
+    assert set(tf.saved_model.load(exported["export_dir"]).signatures) >= {"encode", "decode"}
+    monkeypatch.chdir(tmp_path)  # the same run, named relative to another directory
+    core.run(Config(mode="continuous_eval", checkpoint="run", model_dir="mine",
+                    continuous_eval_timeout=1))
+    before = files(mine)
+    for mode, what in (("eval", "this evaluation"), ("export", "this export"),
+                       ("continuous_eval", "these evaluations")):
+        with pytest.raises(core.ConfigError, match=re.escape(
+                f"--model_dir=mine holds results of the run {run} (its eval_results.json): the "
+                f"{what.split()[1]} of --checkpoint=other, another run's, would go in among "
+                f"them: give {what} a folder of its own")):
+            core.run(Config(mode=mode, checkpoint="other", model_dir="mine",
+                            continuous_eval_timeout=1))
+    assert files(mine) == before
+    # A folder of exports alone tells whose they are by their records.
+    core.run(Config(mode="export", checkpoint="run", model_dir="exports"))
+    with pytest.raises(core.ConfigError, match=re.escape(
+            f"--model_dir=exports holds results of the run {run} (its export/4/)")):
+        core.run(Config(mode="export", checkpoint="other/ckpt-4", model_dir="exports"))
+    assert os.listdir(tmp_path / "exports" / "export") == ["4"]
+
+
 def test_continuous_eval_stops_after_its_timeout_and_refuses_what_makes_no_sense(tmp_path,
                                                                                   caplog):
     """A run that will not reach its last step (stopped early, or killed): the newest
