@@ -1450,6 +1450,30 @@ MODES = {"train": train, "train_and_eval": train, "eval": evaluate, "export": ex
          "continuous_eval": continuous_evaluate}
 
 
+def _model_dir_of_the_checkpoint(config: Config, given: Collection[str] | None) -> Config:
+    """Eval, export or continuous_eval of `--checkpoint=PATH` with no --model_dir: the
+    results go into the checkpoint's run (as `--model_dir=RUN --checkpoint=ckpt-N` would
+    put them), not into Config's default model dir, the default training run's folder.
+    A name of --model_dir's (`ckpt-936`, `best`), which is no path here, is left to it."""
+    if (config.mode not in ("eval", "export", "continuous_eval") or not config.checkpoint
+            or config.checkpoint == "best"):
+        return config
+    if "model_dir" in given if given is not None else (
+            config.model_dir != Config.__dataclass_fields__["model_dir"].default):
+        return config
+    if config.mode == "continuous_eval":
+        run_dir = watched_run(config)
+    else:
+        try:
+            run_dir = checkpoints.run_of(checkpoints.resolve_path(config.checkpoint))
+        except (ConfigError, tf.errors.OpError):
+            return config  # not a path here: a name of --model_dir's, or its error later
+    logging.info("no --model_dir given: the %s goes into the checkpoint's run, %s "
+                 "(--model_dir=YOUR_FOLDER puts it in a folder of your own)",
+                 "export" if config.mode == "export" else "evaluation", run_dir)
+    return config.replace(model_dir=run_dir)
+
+
 def run(config: Config, given: Collection[str] | None = None,
         train_actions: Sequence[actions_lib.Action] = (),
         eval_actions: Sequence[actions_lib.Action] = ()) -> dict:
@@ -1470,6 +1494,7 @@ def run(config: Config, given: Collection[str] | None = None,
     from core.sources import reachable, utf8_names
 
     core.one_copy_of_tensorflow_logs()
+    config = _model_dir_of_the_checkpoint(config, given)
     for flag, path in (("--model_dir", config.model_dir), ("--data_dir", config.data_dir),
                        ("--init_checkpoint", config.init_checkpoint),
                        ("--checkpoint", config.checkpoint if config.checkpoint != "best" else None),

@@ -622,6 +622,27 @@ def test_a_folder_of_results_holds_one_runs(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "exports" / "export") == ["4"]
 
 
+def test_a_checkpoint_path_without_model_dir_puts_the_results_in_its_run(tmp_path, monkeypatch):
+    """`--mode=eval --checkpoint=runs/a/ckpt-4` wrote into runs/default, the default training
+    run's folder (or was refused there, if it held a run): the checkpoint's run is the
+    model dir unless --model_dir is given."""
+    run = tmp_path / "a"
+    core.run(Config(mode="train", dataset="synthetic", synthetic_shape=(8, 8, 1), epochs=None,
+                    train_steps=4, batch_size=8, eval_every=2, model_dir=str(run),
+                    eval_split="test[:16]"))
+    monkeypatch.chdir(tmp_path)
+    given = {"mode", "checkpoint", "continuous_eval_timeout"}  # as train.py's flags
+    evaluated = core.run(Config(mode="eval", checkpoint="a/ckpt-2"), given)
+    assert json.loads((run / "eval_ckpt-2" / "eval_results.json").read_text())["psnr"] == \
+        evaluated["psnr"]
+    assert core.run(Config(mode="export", checkpoint=str(run)), given)["export_dir"] == \
+        os.path.join(str(run), "export", "4")
+    followed = core.run(Config(mode="continuous_eval", checkpoint="a",
+                               continuous_eval_timeout=1), given)
+    assert json.loads((run / "eval_results.json").read_text())["step"] == followed["step"] == 4
+    assert not (tmp_path / "runs").exists()
+
+
 def test_continuous_eval_stops_after_its_timeout_and_refuses_what_makes_no_sense(tmp_path,
                                                                                   caplog):
     """A run that will not reach its last step (stopped early, or killed): the newest
