@@ -243,6 +243,12 @@ class Run:
         if not inference:
             resumed = (checkpoints.saved_config(config.model_dir)
                        if checkpoints.checkpoints_on_disk(config.model_dir) else None)
+            held = None if resumed else _another_runs_results(config.model_dir, config.model_dir)
+            if held:  # a folder of your own that evaluated or exported another run
+                raise ConfigError(f"--model_dir={config.model_dir} holds results of the run "
+                                  f"{held[0]} (its {held[1]}): a training run would go in "
+                                  "among them (its eval/ curve, its exports): give it a folder "
+                                  "of its own")
             if where_the_data_moved(config, resumed, given) is not resumed:
                 self.data_moved_from = resumed["data_dir"]
         if inference:
@@ -1152,12 +1158,20 @@ def _refuse_another_runs_results(config: Config, run_dir: str) -> None:
     if checkpoints.checkpoints_on_disk(config.model_dir):
         raise ConfigError(f"--model_dir={config.model_dir} holds a run of its own: {given} "
                           f"would go in among its own: give {these} a folder of its own")
-    for checkpoint, where in _results_held(config.model_dir):
+    held = _another_runs_results(config.model_dir, run_dir)
+    if held:
+        raise ConfigError(f"--model_dir={config.model_dir} holds results of the run {held[0]} "
+                          f"(its {held[1]}): {given} would go in among them: give {these} a "
+                          "folder of its own")
+
+
+def _another_runs_results(model_dir: str, run_dir: str) -> tuple[str, str] | None:
+    """(the run, where) of results in `model_dir` of a checkpoint not of `run_dir`'s run."""
+    for checkpoint, where in _results_held(model_dir):
         other = checkpoints.run_of(checkpoint)
         if not config_lib.same_folder(other, run_dir):
-            raise ConfigError(f"--model_dir={config.model_dir} holds results of the run "
-                              f"{other} (its {where}): {given} would go in among them: give "
-                              f"{these} a folder of its own")
+            return other, where
+    return None
 
 
 def _results_held(model_dir: str) -> list[tuple[str, str]]:

@@ -582,7 +582,8 @@ def test_a_folder_of_results_holds_one_runs(tmp_path, monkeypatch):
     """Eval, export and continuous_eval of a run into a folder of your own (a run you cannot
     write to) write eval_ckpt-N/, export/N/ and eval/ there. Another run's, at the same
     step, replaced them (its export then served as the first run's) and, at another, mixed
-    with them: one line, nothing written. The same run's, named from anywhere, goes in."""
+    with them: one line, nothing written, as for a training run there. The same run's,
+    named from anywhere, goes in."""
     import tensorflow as tf
 
     def files(folder):
@@ -613,6 +614,12 @@ def test_a_folder_of_results_holds_one_runs(tmp_path, monkeypatch):
                 f"them: give {what} a folder of its own")):
             core.run(Config(mode=mode, checkpoint="other", model_dir="mine",
                             continuous_eval_timeout=1))
+    # A training run there would mix its eval/ curve with the evaluations of `run`.
+    with pytest.raises(core.ConfigError, match=re.escape(
+            f"--model_dir=mine holds results of the run {run} (its eval_results.json): a "
+            "training run would go in among them")):
+        core.run(Config(mode="train", dataset="synthetic", synthetic_shape=(8, 8, 1),
+                        epochs=None, train_steps=4, batch_size=8, model_dir="mine"))
     assert files(mine) == before
     # A folder of exports alone tells whose they are by their records.
     core.run(Config(mode="export", checkpoint="run", model_dir="exports"))
