@@ -36,7 +36,8 @@ _D = type("Defaults", (), {f.name: f.default for f in dataclasses.fields(config_
 flags.DEFINE_enum("mode", _D.mode, config_lib.MODES, "What to run; continuous_eval: evaluate "
                   "each new checkpoint of a run training elsewhere (--mode=train), as it appears.")
 flags.DEFINE_string("model_dir", _D.model_dir, "Checkpoints, TensorBoard events and figures go here; "
-                    "rerunning with the same folder resumes.")
+                    "rerunning with the same folder resumes. Eval, export and continuous_eval "
+                    "of a --checkpoint path without it: the checkpoint's run.")
 flags.DEFINE_string("dataset", _D.dataset, f"One of: {', '.join(config_lib.DATASETS)}, or "
                     "tfds:NAME[/CONFIG] (TensorFlow Datasets; pip install -e .[tfds]); folder "
                     "and tfrecord take their path in --data_dir.")

@@ -1581,7 +1581,9 @@ def test_a_whole_run_on_ram_filesystem(tmp_path):
     assert core.run(config.replace(mode="export"))["export_dir"] == exported  # replaced
     assert tf.io.gfile.listdir("ram://runs/one/export") == ["4"]  # the leftover removed
     assert sorted(tf.io.gfile.listdir(exported)) == [
-        "fingerprint.pb", "saved_model.pb", "variables"]
+        "assets.extra", "fingerprint.pb", "saved_model.pb", "variables"]
+    record = tf.io.gfile.GFile(exported + "/assets.extra/tapeloop.json").read()
+    assert json.loads(record)["checkpoint"] == "ram://runs/one/ckpt-4"  # uploaded with it
     loaded = tf.saved_model.load(exported)
     out = loaded.signatures["reconstruct"](images=tf.zeros([1, 24, 32, 3]))["images"]
     assert out.shape == (1, 24, 32, 3)
