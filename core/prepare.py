@@ -225,9 +225,12 @@ def convert(dataset: str, output_dir: str, data_dir: str | None = None,
     def where(path):
         return path.rstrip("/") if "://" in path else os.path.realpath(path)
 
-    if dataset == "tfrecord" and data_dir and where(output_dir) == where(data_dir):
+    if data_dir and where(output_dir) == where(data_dir):
         raise ConfigError(f"--output_dir={output_dir} is --data_dir: the shards written would "
-                          "join the split they are written from; choose another folder")
+                          + ("join the split they are written from" if dataset == "tfrecord" else
+                             "go in among your data")
+                          + "; choose another folder, e.g. --output_dir=" +
+                          (data_dir.rstrip("/") + "-shards"))
     check_image_feature(dataset, image_feature)
     if shards < 1:
         raise ConfigError(f"--shards={shards}: must be >= 1")

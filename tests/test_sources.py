@@ -5,6 +5,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 
@@ -1303,6 +1304,15 @@ def test_prepare_rewrites_your_own_shards(tmp_path):
                                           r"written would join the split"):
         prepare.convert("tfrecord", str(tmp_path / "mine"), str(tmp_path / "mine") + "/",
                         progress=None)
+    # Of a folder of images, among them (they were written there, beside the photos).
+    photos = tmp_path / "photos"
+    for i, a in enumerate(pixels[:2]):
+        save(str(photos / f"{i}.png"), a)
+    with pytest.raises(ConfigError, match=re.escape(
+            f"--output_dir={photos} is --data_dir: the shards written would go in among your "
+            f"data; choose another folder, e.g. --output_dir={photos}-shards")):
+        prepare.convert("folder", str(photos), str(photos) + "/", progress=None)
+    assert sorted(os.listdir(photos)) == ["0.png", "1.png"]
 
 
 def test_record_files_named_split_dot_tfrecord(tmp_path):
