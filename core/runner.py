@@ -1215,7 +1215,8 @@ def _results_elsewhere(config: Config, checkpoint_path: str | None) -> tuple[str
     if config.mode == "continuous_eval":
         return verb, (f"--checkpoint={config.model_dir} --model_dir=YOUR_FOLDER evaluates each "
                       "new checkpoint of it into your folder")
-    target, which = ((checkpoint_path, "that") if config.checkpoint else
+    target, which = ((checkpoint_path, "that") if config.checkpoint and not
+                     config_lib.same_folder(config.checkpoint, config.model_dir) else
                      (config.model_dir, "its latest"))
     return verb, (f"--checkpoint={target} --model_dir=YOUR_FOLDER reads {which} checkpoint and "
                   "writes into your folder")

@@ -308,12 +308,14 @@ def test_two_concurrent_runs(tmp_path, idx_dir):
         # Eval and export of it while it trains: the line says how, and that works.
         for mode, how in (("eval", "evaluate it while it trains, run --mode=continuous_eval "
                                    "beside it, or "), ("export", "export it while it trains, ")):
-            proc = run_train(f"--mode={mode}", f"--model_dir={tmp_path}")
-            assert proc.returncode == 5, proc.stderr[-2000:]
-            assert proc.stderr.splitlines()[-1].endswith(
-                f"or choose another --model_dir; to {how}--checkpoint={tmp_path} "
-                "--model_dir=YOUR_FOLDER reads its latest checkpoint and writes into your "
-                "folder"), proc.stderr[-2000:]
+            # The run's folder as --model_dir, or as --checkpoint (whose run is the model dir).
+            for given in (f"--model_dir={tmp_path}", f"--checkpoint={tmp_path}"):
+                proc = run_train(f"--mode={mode}", given)
+                assert proc.returncode == 5, proc.stderr[-2000:]
+                assert proc.stderr.splitlines()[-1].endswith(
+                    f"or choose another --model_dir; to {how}--checkpoint={tmp_path} "
+                    "--model_dir=YOUR_FOLDER reads its latest checkpoint and writes into your "
+                    "folder"), proc.stderr[-2000:]
             proc = run_train(f"--mode={mode}", f"--checkpoint={tmp_path}",
                              f"--model_dir={tmp_path / 'mine'}")
             assert proc.returncode == 0, proc.stderr[-2000:]
