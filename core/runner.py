@@ -1509,12 +1509,12 @@ def run(config: Config, given: Collection[str] | None = None,
     from core.sources import reachable, utf8_names
 
     core.one_copy_of_tensorflow_logs()
-    config = _model_dir_of_the_checkpoint(config, given)
     for flag, path in (("--model_dir", config.model_dir), ("--data_dir", config.data_dir),
                        ("--init_checkpoint", config.init_checkpoint),
                        ("--checkpoint", config.checkpoint if config.checkpoint != "best" else None),
                        ("--cache", config.cache if config.cache not in ("none", "memory") else None)):
         reachable(path, flag)
+    config = _model_dir_of_the_checkpoint(config, given)  # on --checkpoint's file system
     # From Python (a notebook), Ctrl-C outside training interrupts at a safe point only.
     with signals.deferred_interrupt(), utf8_names(config.model_dir, "--model_dir"):
         if config.mode == "continuous_eval":
