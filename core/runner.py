@@ -429,6 +429,12 @@ class Run:
         found = state.model_checkpoint_path if state else (
             checkpoints.checkpoints_on_disk(config.model_dir) or [None])[-1]
         if not found:
+            held = _another_runs_results(config.model_dir, config.model_dir)
+            if held:  # a folder of your own that evaluated or exported another run
+                raise ConfigError(f"--mode={config.mode} found no checkpoint in --model_dir="
+                                  f"{config.model_dir}, which holds results of the run "
+                                  f"{held[0]} (its {held[1]}): --checkpoint={held[0]} "
+                                  f"--model_dir={config.model_dir} reads its latest checkpoint")
             raise ConfigError(f"--mode={config.mode} found no checkpoint in --model_dir="
                               f"{config.model_dir}: train first, or point --model_dir at a "
                               "trained run (or --checkpoint at a checkpoint)")
@@ -1377,6 +1383,12 @@ def wait_for_checkpoint(config: Config) -> None:
         _refuse_another_runs_results(config, watched)
     flag = "--checkpoint" if config.checkpoint else "--model_dir"
     if _latest_checkpoint(watched) is None:
+        held = None if config.checkpoint else _another_runs_results(watched, watched)
+        if held:  # a folder of your own, where no run trains (one would be refused there)
+            raise ConfigError(f"--model_dir={watched} holds results of the run {held[0]} (its "
+                              f"{held[1]}), not a run of its own: --checkpoint={held[0]} "
+                              f"--model_dir={watched} evaluates each new checkpoint of it "
+                              "into it")
         logging.info("waiting for the first checkpoint in %s (up to %s s, "
                      "--continuous_eval_timeout)", watched,
                      f"{config.continuous_eval_timeout:g}")

@@ -620,6 +620,14 @@ def test_a_folder_of_results_holds_one_runs(tmp_path, monkeypatch):
             "training run would go in among them")):
         core.run(Config(mode="train", dataset="synthetic", synthetic_shape=(8, 8, 1),
                         epochs=None, train_steps=4, batch_size=8, model_dir="mine"))
+    # Given as the run to read, it names the run whose results it holds (continuous_eval
+    # waited for a checkpoint that no run there could write).
+    for mode, then in (("eval", "reads its latest checkpoint"), ("continuous_eval",
+                                                                   "evaluates each new")):
+        with pytest.raises(core.ConfigError, match=re.escape(
+                f"results of the run {run} (its eval_results.json)") + ".*" + re.escape(
+                f": --checkpoint={run} --model_dir=mine {then}")):
+            core.run(Config(mode=mode, model_dir="mine", continuous_eval_timeout=30))
     assert files(mine) == before
     # A folder of exports alone tells whose they are by their records.
     core.run(Config(mode="export", checkpoint="run", model_dir="exports"))
