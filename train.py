@@ -13,6 +13,7 @@ Flags become one validated, frozen `core.Config`; everything else lives in
 
 import contextlib
 import dataclasses
+import gc
 import importlib.util
 import logging as std_logging
 import os
@@ -307,8 +308,16 @@ def main(argv):
             if FLAGS.verbose:
                 raise
             # A stop's message says so itself: "stopped by SIGTERM at step N after saving ...".
-            _say(f"train.py: {e}" if isinstance(e, Preempted) else f"train.py: error: {e}")
-            sys.exit(e.exit_code)
+            line = f"train.py: {e}" if isinstance(e, Preempted) else f"train.py: error: {e}"
+            code = e.exit_code
+        else:
+            return
+        # The run's objects, which the error's traceback held, are collected before the line,
+        # unlogged: a failed restore's objects log each value left unread as they go.
+        std_logging.getLogger("tensorflow").setLevel(std_logging.ERROR)
+        gc.collect()
+        _say(line)
+        sys.exit(code)
 
 
 def _say(line: str) -> None:

@@ -790,6 +790,22 @@ class Run:
                          "batch of %d", config.grad_accum_steps, config.batch_size,
                          config.step_batch)
 
+    def restore(self, path: str) -> int:
+        """Restores `path` for an eval or export; returns its step. Of a run without a
+        config.json (copied without it, or from elsewhere), nothing said how it was
+        trained: a model that does not match says so, not that the code changed."""
+        try:
+            return self.checkpointer.restore(path)
+        except CheckpointError as e:
+            if self.saved is not None or not str(e).startswith(
+                    f"checkpoint {path} holds a different model"):
+                raise
+            raise CheckpointError(
+                f"checkpoint {path} holds another model than --model={self.config.model} with "
+                f"these flags: {checkpoints.run_of(path)} has no config.json to say how it was "
+                "trained, so none of its flags were taken: give them (--model and its sizes, "
+                "--image_size, --channels)") from None
+
     def close(self) -> None:
         summaries = getattr(self, "summaries", None)
         if summaries is not None:
@@ -1330,7 +1346,7 @@ def _evaluate_checkpoint(run: Run, path: str, chosen: bool) -> tuple[dict, str |
     """Evaluates `path`; returns ({'step': ..., **metrics}, the eval action that asked to
     stop or None)."""
     cfg = run.config
-    step = run.checkpointer.restore(path)
+    step = run.restore(path)
     other = other_data_name(cfg, run.saved)
     names = run.apart()
     writer = "_".join(["eval"] + ([os.path.basename(path)] if chosen else []) + names
@@ -1460,7 +1476,7 @@ def export(run: Run) -> dict:
     the run evaluated; the others, `--noema` of a run with an average, to `export_noema/`)."""
     from core.export import export_saved_model
 
-    step = run.checkpointer.restore(run.checkpoint_path)
+    step = run.restore(run.checkpoint_path)
     base = "_".join(["export"] + ([run.other_weights] if run.other_weights else []))
     path = os.path.join(run.config.model_dir, base, str(step))
     signals.interruption_point()

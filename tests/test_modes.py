@@ -637,6 +637,27 @@ def test_a_folder_of_results_holds_one_runs(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "exports" / "export") == ["4"]
 
 
+def test_a_run_without_its_config_json_says_so_in_one_last_line(tmp_path):
+    """A run copied without config.json: eval builds the flags' model, which does not match.
+    The line said the code had changed, and TensorFlow's warnings for each value left
+    unread followed it."""
+    run = tmp_path / "vae"
+    core.run(Config(model="vae", train_split="train[:64]", eval_split="test[:32]", epochs=None,
+                    train_steps=2, batch_size=32, eval_every=2, model_dir=str(run)))
+    os.remove(run / "config.json")
+    before = checkpoint_files(run)
+    proc = run_train("--mode=eval", f"--model_dir={run}")
+    assert proc.returncode == 5, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[-1] == (
+        f"train.py: error: checkpoint {run}/ckpt-2 holds another model than --model=seed with "
+        f"these flags: {run} has no config.json to say how it was trained, so none of its "
+        "flags were taken: give them (--model and its sizes, --image_size, --channels)")
+    assert "could not be found in the restored object" not in proc.stderr
+    assert checkpoint_files(run) == before
+    proc = run_train("--mode=eval", f"--model_dir={run}", "--model=vae", "--eval_split=test[:32]")
+    assert proc.returncode == 0, proc.stderr[-2000:]  # as the line says
+
+
 def test_a_checkpoint_path_without_model_dir_puts_the_results_in_its_run(tmp_path, monkeypatch):
     """`--mode=eval --checkpoint=runs/a/ckpt-4` wrote into runs/default, the default training
     run's folder (or was refused there, if it held a run): the checkpoint's run is the
