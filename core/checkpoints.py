@@ -29,7 +29,8 @@ from google.protobuf import text_format
 import tensorflow as tf
 from tensorflow.python.training.checkpoint_state_pb2 import CheckpointState
 
-from core.errors import CheckpointError, ConfigError, WriteError, first_line, write_reason
+from core.errors import (CheckpointError, ConfigError, ModelMismatch, WriteError, first_line,
+                         write_reason)
 from core.process import WRITE_ERRORS, write_file
 
 # Fields that change the model's variables: a resume that changes one cannot restore.
@@ -446,7 +447,7 @@ class Checkpointer:
                 fix = ("its config.json matches these flags, so the code that builds the model "
                        "differs from the code that saved it (your --model module, edited?): "
                        "resume with that code, or use a fresh --model_dir for this one")
-            raise CheckpointError(
+            raise ModelMismatch(
                 f"checkpoint {path} holds a different model or optimizer ({failure}): {fix}")
         # What the file holds beyond our objects (the optimizer's slots for an evaluation,
         # a weight average this run dropped) is left unread, without TensorFlow's warning

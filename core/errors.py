@@ -39,6 +39,10 @@ class CheckpointError(TapeloopError):
     exit_code = 5
 
 
+class ModelMismatch(CheckpointError):
+    """The checkpoint reads, but holds another model or optimizer than the one built."""
+
+
 class WriteError(TapeloopError):
     """A file could not be written (TensorBoard's events, a figure, config.json, the best
     checkpoint, an export, shards): a full disk or quota, or permissions. Exit code 5, as

@@ -35,7 +35,7 @@ from core.checkpoints import Checkpointer, ModelDirLock
 from core import config as config_lib
 from core.config import Config
 from core.controller import Cadence, Controller, format_line
-from core.errors import (CheckpointError, ConfigError, DataError, LostWorkerError,
+from core.errors import (CheckpointError, ConfigError, DataError, LostWorkerError, ModelMismatch,
                          OutOfMemoryError, Preempted, TapeloopError, WriteError,
                          op_error_reason)
 from core.summaries import Summaries
@@ -796,11 +796,10 @@ class Run:
         trained: a model that does not match says so, not that the code changed."""
         try:
             return self.checkpointer.restore(path)
-        except CheckpointError as e:
-            if self.saved is not None or not str(e).startswith(
-                    f"checkpoint {path} holds a different model"):
+        except ModelMismatch:
+            if self.saved is not None:
                 raise
-            raise CheckpointError(
+            raise ModelMismatch(
                 f"checkpoint {path} holds another model than --model={self.config.model} with "
                 f"these flags: {checkpoints.run_of(path)} has no config.json to say how it was "
                 "trained, so none of its flags were taken: give them (--model and its sizes, "
