@@ -72,7 +72,7 @@ SERVICE_WAIT_SECONDS = 60.0  # how long a --tf_data_service dispatcher may take 
 
 class _OneTracePerRun(std_logging.Filter):
     """Drops TensorFlow's "N out of the last M calls to F triggered tf.function retracing"
-    for the functions every Run builds anew: its training loop, evaluation batch,
+    for the functions every Run builds anew: its training loop, evaluation batch and loop,
     device-data reorder and figure reconstruction. TensorFlow counts the traces of every
     tf.function made from the same code together (tensorflow/tensorflow#42441, which it
     calls expected), so from the fifth run in one process (a sweep in a notebook) each new
@@ -80,8 +80,8 @@ class _OneTracePerRun(std_logging.Filter):
     user's. A retrace within one run is what that warning is for; the tests count them
     (`Trainer.train_traces`). Other functions' warnings pass."""
 
-    PER_RUN = ("Trainer._train_loop_body", "Trainer._eval_batch_body", "DeviceData.reorder.",
-               "Run.reconstruct.")
+    PER_RUN = ("Trainer._train_loop_body", "Trainer._eval_batch_body", "Trainer._eval_loop_body",
+               "DeviceData.reorder.", "Run.reconstruct.")
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         message = record.getMessage()

@@ -335,6 +335,19 @@ def test_image_files_and_resume_cost_smoke(tmp_path):
     assert resume["steps_per_epoch"] == 6 and resume["iterator_state"]["bytes"] > 0
 
 
+def test_eval_loop_smoke(tmp_path):
+    """Both variants on a split of 130 batches (64 one call each, 66 in the loop: two
+    calls, the second finding 2) and one of 2 batches: the same metrics (the script checks),
+    and the report's rows."""
+    _run("eval_loop.py", f"--output_dir={tmp_path}", "--eval_split=test[:520]",
+         "--eval_batch_sizes=4,300", "--rounds=1", "--repeats=1")
+    report = json.loads((tmp_path / "eval_loop.json").read_text())
+    assert [(r["eval_batch_size"], r["batches"]) for r in report["rows"]] == [(4, 130), (300, 2)]
+    assert all(r["loop_later_s"][0] > 0 and r["per_batch_later_s"][0] > 0 for r in report["rows"])
+    text = (tmp_path / "eval_loop.md").read_text()
+    assert "| 4 | 130 | " in text and "takes the same path in both variants" in text
+
+
 def test_folder_check_smoke(tmp_path):
     """Every thread count, cached and evicted, against the default in the same round."""
     _run("folder_check.py", f"--output_dir={tmp_path}", "--files=40", "--rounds=1",

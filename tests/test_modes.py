@@ -52,13 +52,19 @@ def test_eval_takes_the_runs_settings(denoiser):
         "eval wrote a root events file (an HParams session) of its own"
 
 
-def test_a_larger_eval_batch_gives_the_same_metrics(denoiser, tmp_path):
+@pytest.mark.parametrize("flags", [("--eval_batch_size=96",), ("--eval_batch_size=2",),
+                                   ("--eval_batch_size=2", "--strategy=mirrored",
+                                    "--num_cpu_devices=2")],
+                         ids=["96", "2", "2_on_2_replicas"])
+def test_another_eval_batch_gives_the_same_metrics(denoiser, tmp_path, flags):
     """--eval_batch_size only changes how many examples an eval step takes: 200 examples in
-    batches of 96 (the last one padded) give the training run's evaluation at batch 32."""
+    batches of 96 (the last one padded) give the training run's evaluation at batch 32; so
+    do 100 batches of 2, past the 64 one call each (`EVAL_BATCHES_PER_CALL`) in the
+    compiled loop, also over 2 replicas (one example each)."""
     trained = dict(_scalars(os.path.join(denoiser, "eval"), "loss"))
     out = tmp_path / "run"
     shutil.copytree(denoiser, out)
-    proc = run_train("--mode=eval", f"--model_dir={out}", "--eval_batch_size=96")
+    proc = run_train("--mode=eval", f"--model_dir={out}", *flags)
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.load(open(out / "eval_results.json"))
     assert results["bce"] == pytest.approx(trained[30], abs=1e-5)
