@@ -55,7 +55,8 @@ FIGURES = {
 INHERITED = ("model", "encoder_filters", "decoder_filters", "kernel_size", "latent_dim",
              "kl_weight", "blocks_per_stage", "latent_channels", "noise_factor", "dataset",
              "data_dir", "image_feature", "train_split", "eval_split", "synthetic_shape", "image_size",
-             "channels", "resize", "seed", "loss", "loss_weights", "ema_decay", "ema")
+             "channels", "resize", "bad_images", "seed", "loss", "loss_weights", "ema_decay",
+             "ema")
 _TUPLE_FIELDS = ("encoder_filters", "decoder_filters", "synthetic_shape", "profile_steps",
                  "image_size", "loss_weights")
 # What an eval given another value than the trained run's computes differently: its

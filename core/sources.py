@@ -516,7 +516,7 @@ def open_folder(data_dir: str, spec: str, image_size, channels, resize: str,
         first = next(iter(bad))
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
         raise DataError(f"{first} is {bad[first]}{more}: replace or remove it, or pass "
-                        "--bad_images=skip to train without it")
+                        "--bad_images=skip to leave it out")
     if bad:
         keep = [i for i, p in enumerate(paths) if p not in bad]
         paths, infos = [paths[i] for i in keep], [infos[i] for i in keep]

@@ -133,6 +133,30 @@ def test_train_on_a_folder_then_on_its_shards(tmp_path, photo_dir):
     assert evaluated["step"] == 6 and evaluated["bce"] > 0
 
 
+def test_eval_of_a_run_that_skipped_bad_files_skips_them_too(tmp_path):
+    """A run trained with --bad_images=skip on a folder whose test split holds a file that
+    is no image: --mode=eval of it failed on that file ('... to train without it'), the run's
+    choice not taken from its config.json. It skips it now, as the run did; given
+    --bad_images=error, the line names the file and how to leave it out."""
+    for split, n in (("train", 8), ("test", 6)):
+        for i, a in enumerate(colour_images(n, 16, 16, seed=n)):
+            save(str(tmp_path / "photos" / split / f"{i}.png"), a)
+    (tmp_path / "photos" / "test" / "notes.png").write_text("not a picture")
+    run = tmp_path / "run"
+    trained = run_train("--dataset=folder", f"--data_dir={tmp_path / 'photos'}",
+                        "--bad_images=skip", "--train_steps=1", "--batch_size=4",
+                        f"--model_dir={run}")
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert "skipping 1 of 7 files of test" in trained.stderr
+    evaluated = run_train("--mode=eval", f"--model_dir={run}")
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert "skipping 1 of 7 files of test" in evaluated.stderr
+    refused = run_train("--mode=eval", f"--model_dir={run}", "--bad_images=error")
+    assert refused.returncode == 3 and refused.stderr.splitlines()[-1] == (
+        f"train.py: error: {tmp_path / 'photos' / 'test' / 'notes.png'} is not an image (Pillow "
+        "cannot identify it): replace or remove it, or pass --bad_images=skip to leave it out")
+
+
 def test_records_with_two_images_train_on_the_one_named(tmp_path):
     """Segmentation-style records (an image and its mask, as TFDS writes oxford_iiit_pet):
     --image_feature names the one to train on; eval takes it from config.json; without it,
