@@ -30,7 +30,14 @@ from core import data, losses, metrics, optimizers, signals
 
 keras = tf.keras
 SUM = tf.distribute.ReduceOp.SUM
-# Evaluation batches: the first this many one call each, the rest this many a call.
+# Evaluation: every batch is a compiled call of its own until a trainer has made this many
+# such calls, about what the loop's one trace costs in their overhead (so a run never pays
+# much more than twice the cheaper way); after that, batches past each evaluation's first
+# go through a compiled loop, EVAL_BATCHES_PER_CALL a call. In one process on a CPU the
+# loop paid after ~400-1,400 calls, between two workers after ~50
+# (`benchmarks/eval_loop.py`, with and without --workers=2).
+EVAL_CALLS_BEFORE_LOOP = 1024
+EVAL_CALLS_BEFORE_LOOP_MULTI_WORKER = 64
 EVAL_BATCHES_PER_CALL = 64
 
 
@@ -180,6 +187,7 @@ class Trainer:
                     aggregation=tf.VariableAggregation.ONLY_FIRST_REPLICA)
                     for i, v in enumerate(model.trainable_variables)]
         self.train_traces = 0  # how often the K-step loop was traced (a test reads it)
+        self.eval_calls = 0  # evaluation batches that were a call of their own
         self.train_graph: tf.Graph | None = None  # its last trace, for TensorBoard's Graphs tab
 
         # The one place where compilation is decided.
@@ -506,16 +514,21 @@ class Trainer:
         return sums
 
     def _eval_batch_body(self, inputs, targets, weights) -> dict[str, tf.Tensor]:
-        per_replica = self.strategy.run(lambda i, t, w: self._eval_step(i, t, w),
-                                        args=(inputs, targets, weights))
-        return {name: self.strategy.reduce(SUM, value, axis=None)
-                for name, value in per_replica.items()}
+        names = []
+
+        def replica_sums(i, t, w):  # stacked: one all-reduce for them all
+            sums = self._eval_step(i, t, w)
+            names[:] = sorted(sums)
+            return tf.stack([sums[name] for name in names])
+
+        per_replica = self.strategy.run(replica_sums, args=(inputs, targets, weights))
+        return dict(zip(names, tf.unstack(self.strategy.reduce(SUM, per_replica, axis=None))))
 
     def _eval_loop_body(self, iterator, max_batches: tf.Tensor,
                         totals: dict[str, tf.Tensor]) -> tuple[dict[str, tf.Tensor], tf.Tensor]:
         """`totals` plus the sums of the next `max_batches` batches of `iterator`, or of as
-        many as it has left, and how many that was. Traced once, in an evaluation of more
-        than `EVAL_BATCHES_PER_CALL` batches."""
+        many as it has left, and how many that was. Traced once, when `evaluate` first
+        takes the loop."""
         def body(read, totals, more):
             batch = iterator.get_next_as_optional()
             more = batch.has_value()
@@ -565,29 +578,37 @@ class Trainer:
         """Means of every metric over a distributed `data.eval_dataset` of
         (inputs, targets, weights).
 
-        The first `EVAL_BATCHES_PER_CALL` batches are one call each; the rest go through a
-        compiled loop, that many batches a call. A call per batch cost ~3.5 ms on a CPU,
-        most of an evaluation in batches of 8, and the loop's one trace about what it
-        saves on a short split (`benchmarks/eval_loop.py`). The count is fixed, never timed:
-        every worker of a cluster makes the same calls, whose collectives must meet. A
-        deferred Ctrl-C waits for one call.
+        Each batch is a compiled call of its own until this trainer has made
+        `EVAL_CALLS_BEFORE_LOOP` of them (`..._MULTI_WORKER` between workers); then the
+        batches past an evaluation's first go through a compiled loop,
+        `EVAL_BATCHES_PER_CALL` a call. A call per batch costs a few ms on a CPU, most of an
+        evaluation in small batches, but the loop's trace costs what several hundred such
+        calls do: a run that evaluates little never traces it, one that evaluates much pays
+        for it once (`benchmarks/eval_loop.py`); between workers a call costs more and the
+        loop pays after a few dozen. The counts are fixed, never timed: every worker of a
+        cluster makes the same calls, whose collectives must meet. The sums of a batch are
+        one all-reduce, not one each. A deferred Ctrl-C waits for one call.
         """
         iterator = iter(dist_dataset)
         totals: dict[str, tf.Tensor] = {}
-        for _ in range(EVAL_BATCHES_PER_CALL):
+        per_call = tf.constant(EVAL_BATCHES_PER_CALL, tf.int32)
+        calls_before_loop = (
+            EVAL_CALLS_BEFORE_LOOP_MULTI_WORKER
+            if isinstance(self.strategy, tf.distribute.MultiWorkerMirroredStrategy)
+            else EVAL_CALLS_BEFORE_LOOP)
+        while True:
             signals.interruption_point()  # a deferred Ctrl-C, never inside a traced call
-            batch = next(iterator, None)
-            if batch is None:
-                break
-            for name, value in self._eval_batch(*batch).items():
-                totals[name] = totals.get(name, 0.0) + value
-        else:
-            per_call = tf.constant(EVAL_BATCHES_PER_CALL, tf.int32)
-            while True:
-                signals.interruption_point()
+            if totals and self.eval_calls >= calls_before_loop:
                 totals, read = self._eval_loop(iterator, per_call, totals)
                 if int(read) < EVAL_BATCHES_PER_CALL:  # the call's one host sync
                     break
+                continue
+            batch = next(iterator, None)  # the first batch gives the sums' structure
+            if batch is None:
+                break
+            self.eval_calls += 1
+            for name, value in self._eval_batch(*batch).items():
+                totals[name] = totals.get(name, 0.0) + value
         count = float(totals.pop("count"))  # host sync, once per evaluation
         return {name: float(value) / count for name, value in totals.items()}
 

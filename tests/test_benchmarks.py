@@ -336,16 +336,30 @@ def test_image_files_and_resume_cost_smoke(tmp_path):
 
 
 def test_eval_loop_smoke(tmp_path):
-    """Both variants on a split of 130 batches (64 one call each, 66 in the loop: two
-    calls, the second finding 2) and one of 2 batches: the same metrics (the script checks),
-    and the report's rows."""
+    """Both variants on a split of 130 batches (the loop's: the first alone, then calls of 64,
+    64 and 1) and one of 2 batches: the same metrics (the script checks), and the report's
+    rows with what the loop's trace costs and saves."""
     _run("eval_loop.py", f"--output_dir={tmp_path}", "--eval_split=test[:520]",
          "--eval_batch_sizes=4,300", "--rounds=1", "--repeats=1")
     report = json.loads((tmp_path / "eval_loop.json").read_text())
     assert [(r["eval_batch_size"], r["batches"]) for r in report["rows"]] == [(4, 130), (300, 2)]
     assert all(r["loop_later_s"][0] > 0 and r["per_batch_later_s"][0] > 0 for r in report["rows"])
+    assert all({"loop_trace_s", "saving_per_batch_ms", "pays_after_calls"} <= set(r)
+               for r in report["rows"])
     text = (tmp_path / "eval_loop.md").read_text()
-    assert "| 4 | 130 | " in text and "takes the same path in both variants" in text
+    assert "| 4 | 130 | " in text and "(`EVAL_CALLS_BEFORE_LOOP`)" in text
+
+
+def test_eval_loop_between_two_workers_smoke(tmp_path):
+    """--workers=2: each variant timed in a cluster of two processes started for it, which
+    agree on the metrics; the report names the multi-worker constant."""
+    _run("eval_loop.py", f"--output_dir={tmp_path}", "--workers=2", "--eval_split=test[:40]",
+         "--eval_batch_sizes=2", "--rounds=1", "--repeats=1")
+    report = json.loads((tmp_path / "eval_loop_2_workers.json").read_text())
+    assert report["workers"] == 2 and [r["batches"] for r in report["rows"]] == [20]
+    text = (tmp_path / "eval_loop_2_workers.md").read_text()
+    assert "2 workers of one cluster" in text and "_MULTI_WORKER`" in text
+    assert "--workers=2" in text and not (tmp_path / "eval_loop.json").exists()
 
 
 def test_folder_check_smoke(tmp_path):

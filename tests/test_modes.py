@@ -52,22 +52,39 @@ def test_eval_takes_the_runs_settings(denoiser):
         "eval wrote a root events file (an HParams session) of its own"
 
 
-@pytest.mark.parametrize("flags", [("--eval_batch_size=96",), ("--eval_batch_size=2",),
-                                   ("--eval_batch_size=2", "--strategy=mirrored",
-                                    "--num_cpu_devices=2")],
-                         ids=["96", "2", "2_on_2_replicas"])
-def test_another_eval_batch_gives_the_same_metrics(denoiser, tmp_path, flags):
+def test_another_eval_batch_gives_the_same_metrics(denoiser, tmp_path):
     """--eval_batch_size only changes how many examples an eval step takes: 200 examples in
-    batches of 96 (the last one padded) give the training run's evaluation at batch 32; so
-    do 100 batches of 2, past the 64 one call each (`EVAL_BATCHES_PER_CALL`) in the
-    compiled loop, also over 2 replicas (one example each)."""
+    batches of 96 (the last one padded) give the training run's evaluation at batch 32."""
     trained = dict(_scalars(os.path.join(denoiser, "eval"), "loss"))
     out = tmp_path / "run"
     shutil.copytree(denoiser, out)
-    proc = run_train("--mode=eval", f"--model_dir={out}", *flags)
+    proc = run_train("--mode=eval", f"--model_dir={out}", "--eval_batch_size=96")
     assert proc.returncode == 0, proc.stderr[-2000:]
     results = json.load(open(out / "eval_results.json"))
     assert results["bce"] == pytest.approx(trained[30], abs=1e-5)
+
+
+def test_an_evaluation_long_enough_for_the_compiled_loop_gives_the_same_metrics(denoiser,
+                                                                                 tmp_path):
+    """1,100 batches of 2: the first 1,024 one call each (`EVAL_CALLS_BEFORE_LOOP`), then
+    the compiled loop (a call of 64, then one that finds 12); on one replica and on two (one
+    example each). Every metric is the one of the same split in 11 batches of 200."""
+    out = tmp_path / "run"
+    shutil.copytree(denoiser, out)
+    split = ["--eval_split=test[:2200]", "--checkpoint=" + str(out / "ckpt-30")]
+    found = {}
+    for name, flags in {"200": ("--eval_batch_size=200",), "2": ("--eval_batch_size=2",),
+                        "2 on 2 replicas": ("--eval_batch_size=2", "--strategy=mirrored",
+                                            "--num_cpu_devices=2")}.items():
+        proc = run_train("--mode=eval", f"--model_dir={out}", *split, *flags)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results, = glob.glob(str(out / "eval_ckpt-30_*" / "eval_results.json"))
+        found[name] = json.load(open(results))
+    assert found["200"]["split"] == "test[:2200]", found["200"]
+    for name in ("2", "2 on 2 replicas"):
+        for metric in ("bce", "mse", "psnr", "ssim"):
+            assert found[name][metric] == pytest.approx(found["200"][metric], rel=1e-5,
+                                                        abs=1e-6), (name, metric)
 
 
 def test_an_explicit_flag_overrides_the_run_with_a_log_line(denoiser):

@@ -44,8 +44,8 @@ def test_two_workers_train_together(tmp_path, idx_dir):
     --strategy (auto), as a cluster manager that sets TF_CONFIG starts them: they join."""
     data = ["--dataset=mnist", f"--data_dir={idx_dir}", "--train_split=test[:2000]",
             "--eval_split=test[8976:]", "--log_every=10", "--batch_size=64",
-            # 128 batches: 64 one call each, 64 in a compiled loop, then a call that finds
-            # none left (the workers agree on it)
+            # 128 batches: 64 one call each (EVAL_CALLS_BEFORE_LOOP_MULTI_WORKER), 64 in a
+            # compiled loop, then a call that finds none left (the workers agree on it)
             "--eval_batch_size=8"]
     source = run_train(f"--model_dir={tmp_path / 'source'}", "--strategy=default",
                        "--ema_decay=0.5", "--train_steps=10", "--eval_every=10", *data)
