@@ -188,6 +188,7 @@ class Trainer:
                     for i, v in enumerate(model.trainable_variables)]
         self.train_traces = 0  # how often the K-step loop was traced (a test reads it)
         self.eval_calls = 0  # evaluation batches that were a call of their own
+        self.eval_looped = False  # whether an evaluation took the compiled loop
         self.train_graph: tf.Graph | None = None  # its last trace, for TensorBoard's Graphs tab
 
         # The one place where compilation is decided.
@@ -599,6 +600,11 @@ class Trainer:
         while True:
             signals.interruption_point()  # a deferred Ctrl-C, never inside a traced call
             if totals and self.eval_calls >= calls_before_loop:
+                if not self.eval_looped:  # once: the loop's trace may pause the evaluation
+                    self.eval_looped = True
+                    logging.info("evaluation: after %s calls of one batch each, a compiled "
+                                 "loop of %d batches a call from here", f"{calls_before_loop:,}",
+                                 EVAL_BATCHES_PER_CALL)
                 totals, read = self._eval_loop(iterator, per_call, totals)
                 if int(read) < EVAL_BATCHES_PER_CALL:  # the call's one host sync
                     break

@@ -78,6 +78,9 @@ def test_an_evaluation_long_enough_for_the_compiled_loop_gives_the_same_metrics(
                                             "--num_cpu_devices=2")}.items():
         proc = run_train("--mode=eval", f"--model_dir={out}", *split, *flags)
         assert proc.returncode == 0, proc.stderr[-2000:]
+        looped = ("evaluation: after 1,024 calls of one batch each, a compiled loop of 64 "
+                  "batches a call from here") in proc.stderr
+        assert looped == (name != "200"), proc.stderr[-2000:]
         results, = glob.glob(str(out / "eval_ckpt-30_*" / "eval_results.json"))
         found[name] = json.load(open(results))
     assert found["200"]["split"] == "test[:2200]", found["200"]

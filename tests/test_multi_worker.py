@@ -86,6 +86,8 @@ def test_two_workers_train_together(tmp_path, idx_dir):
         assert "TF_CONFIG names a cluster of 2 training tasks: --strategy=auto joins it" in log
         assert "2 workers, 2 replicas in sync" in log
         assert "initialised the model's weights (its weight average, which" in log
+        assert ("evaluation: after 64 calls of one batch each, a compiled loop of 64 batches "
+                "a call from here") in log
     # The chief (worker 0) wrote everything; worker 1 wrote to a temporary dir it removed.
     assert (model_dir / "ckpt-20.index").exists() and not (model_dir / "ckpt-30.index").exists()
     assert "stopping at step 20 of 30: --train_actions=worker_actions:record returned True" \
@@ -107,6 +109,7 @@ def test_two_workers_train_together(tmp_path, idx_dir):
     assert single.returncode == 0, single.stderr[-3000:]
     assert abs(_last_loss(single.stderr) - _last_loss(logs[0])) <= 1e-4 * _last_loss(logs[0])
     assert "initialised the model's weights (its weight average, which" in single.stderr
+    assert "a compiled loop of 64 batches" not in single.stderr  # 128 calls: one process's
     for metric in ("bce", "psnr"):  # the average each evaluated with, at step 20
         assert _last_eval(logs[0], metric) == pytest.approx(_last_eval(single.stderr, metric),
                                                             rel=1e-3)
