@@ -111,20 +111,41 @@ def main(argv):
         for s in sockets:
             s.close()
         folder = tempfile.mkdtemp()
+        logs = [(open(os.path.join(folder, f"{i}.out"), "w+"),
+                 open(os.path.join(folder, f"{i}.err"), "w+")) for i in range(FLAGS.workers)]
         procs = [subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), f"--model={FLAGS.model}",
              f"--dataset={FLAGS.dataset}", f"--eval_split={FLAGS.eval_split}",
-             f"--repeats={FLAGS.repeats}", f"--worker_of={batch_size},{calls_before_loop},{folder}/run"],
+             f"--repeats={FLAGS.repeats}",
+             f"--worker_of={batch_size},{calls_before_loop},{folder}/run"],
             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_CONFIG=json.dumps(
                 {"cluster": {"worker": workers}, "task": {"type": "worker", "index": i}})),
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            for i in range(FLAGS.workers)]
-        outs = [proc.communicate() for proc in procs]
+            stdout=out, stderr=err, text=True)
+            for i, (out, err) in enumerate(logs)]
+        try:
+            # A worker that fails before the other joins would leave it waiting for ever.
+            while any(proc.poll() is None for proc in procs):
+                if any(proc.poll() for proc in procs):
+                    break
+                time.sleep(0.5)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+        outs = []
+        for out, err in logs:
+            out.seek(0), err.seek(0)
+            outs.append((out.read(), err.read()))
+            out.close(), err.close()
         shutil.rmtree(folder, ignore_errors=True)
         for i, (proc, (_, err)) in enumerate(zip(procs, outs)):
-            if proc.returncode:
+            if proc.returncode:  # its own one-line error, if it printed one
+                mine = [line for line in err.splitlines() if line.startswith("eval_loop.py: error: ")]
+                reason = (mine[-1][len("eval_loop.py: error: "):] if mine
+                          else "the end of its log:\n" + err[-3000:])
                 raise common.Failed(f"worker {i} failed (exit code {proc.returncode}): "
-                                    f"the end of its log:\n{err[-3000:]}", proc.returncode)
+                                    f"{reason}", proc.returncode)
         line, = [line for line in outs[0][0].splitlines() if line.startswith("TIMINGS ")]
         return json.loads(line[len("TIMINGS "):])
 

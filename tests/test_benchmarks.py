@@ -360,6 +360,14 @@ def test_eval_loop_between_two_workers_smoke(tmp_path):
     text = (tmp_path / "eval_loop_2_workers.md").read_text()
     assert "2 workers of one cluster" in text and "_MULTI_WORKER`" in text
     assert "--workers=2" in text and not (tmp_path / "eval_loop.json").exists()
+    # A worker's bad input: its one line, through the script's, and the other worker ended.
+    proc = run_script(os.path.join("benchmarks", "eval_loop.py"), "--workers=2",
+                      "--eval_split=nope[:3]", f"--output_dir={tmp_path / 'bad'}")
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert [x for x in proc.stderr.splitlines() if ": error: " in x] == [
+        "eval_loop.py: error: worker 0 failed (exit code 2): split 'nope[:3]': unknown split "
+        "'nope', choose from train, test"]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "bad").exists()
 
 
 def test_folder_check_smoke(tmp_path):
