@@ -94,6 +94,19 @@ class Decoding:
         return f"{scaled}, then resized to {size} where they differ (--resize={self.resize})"
 
 
+def each(decode, *columns) -> tf.Tensor:
+    """`decode` of each row of `columns` (tensors, or dicts of them, whose first dimension
+    is a static k), stacked: a chunk's k decodes in one tf.data map call (data.DECODE_CHUNK
+    says why). `decode` is traced once and called k times: with k traced copies of it a
+    pipeline took 2.4-3.1 s longer to be ready on a 2-core Xeon, and decoded no faster
+    (benchmarks/decode_forms.py). It holds TensorFlow ops only, no Python control flow on
+    tensors, so AutoGraph is off. Traced."""
+    one = tf.function(decode, autograph=False)
+    k = tf.nest.flatten(columns)[0].shape[0]
+    return tf.stack([one(*tf.nest.map_structure(lambda column, j=j: column[j], columns))
+                     for j in range(k)])
+
+
 # ------------------------------------------------------------------ folder
 def folder_splits(data_dir: str) -> dict[str, str]:
     """{split name: its root folder}: the SPLIT_FOLDERS subfolders if train/ is one, else
@@ -407,9 +420,10 @@ class FolderSource:
         """Examples `indices` (a vector of static length k) -> uint8 [k, H, W, C]: k files
         in one tf.data map call (data.DECODE_CHUNK says why). Traced."""
         paths, orientations = self._files(indices)
-        return tf.stack([self.decoding(tf.io.read_file(paths[j]),
-                                       None if orientations is None else orientations[j])
-                         for j in range(indices.shape[0])])
+        if orientations is None:
+            return each(lambda path: self.decoding(tf.io.read_file(path)), paths)
+        return each(lambda path, orientation: self.decoding(tf.io.read_file(path), orientation),
+                    paths, orientations)
 
     def examples(self, positions) -> tuple[np.ndarray, np.ndarray | None]:
         """The examples at `positions` (ascending), decoded, and their labels."""
@@ -765,16 +779,14 @@ class TFRecordSource:
         label = features[self.label_key] if self.label_key else tf.constant(-1, tf.int64)
         return self._image(features), label
 
-    def _image(self, features: dict, j: int | None = None) -> tf.Tensor:
-        """Parsed features (of one record, or example `j` of a batch) -> uint8 [H, W, C]."""
-        def get(key):
-            return features[key] if j is None else features[key][j]
-
+    def _image(self, features: dict) -> tf.Tensor:
+        """One record's parsed features -> uint8 [H, W, C]."""
         d = self.decoding
         if self.raw_channels:
-            return images_lib.decode_raw(get(self.image_key), *map(get, self.size_keys),
+            return images_lib.decode_raw(features[self.image_key],
+                                         *(features[key] for key in self.size_keys),
                                          self.raw_channels, d.size, d.channels, d.resize)
-        return d(get(self.image_key))
+        return d(features[self.image_key])
 
     def decode_record(self, record: tf.Tensor) -> tf.Tensor:
         return self.parse(record)[0]
@@ -784,7 +796,7 @@ class TFRecordSource:
         decodes in one tf.data map call (data.DECODE_CHUNK says why). Traced."""
         keys = [self.image_key] + (list(self.size_keys) if self.raw_channels else [])
         features = tf.io.parse_example(records, {key: self.features[key] for key in keys})
-        return tf.stack([self._image(features, j) for j in range(records.shape[0])])
+        return each(self._image, features)
 
     @property
     def batch_decodable(self) -> bool:
@@ -814,16 +826,22 @@ class TFRecordSource:
         positions = np.asarray(positions, np.int64)
         starts = np.cumsum([0, *self.counts[:-1]])
         shard_of = np.searchsorted(starts, positions, side="right") - 1  # empty shards: none
-        pairs = []
+        wanted_records = None
         for shard in np.unique(shard_of):
             offsets = positions[shard_of == shard] - starts[shard]
             wanted = tf.constant(offsets)
             records = self.shard_records(self.files[shard], self.skips[shard], offsets[-1] + 1)
-            pairs += [self.parse(r) for _, r in records.enumerate().filter(
-                lambda i, _, wanted=wanted: tf.reduce_any(tf.equal(i, wanted)))]
-        images = np.stack([p[0].numpy() for p in pairs])
-        labels = np.array([int(p[1]) for p in pairs], np.int64)
-        return images, (labels if len(labels) and (labels >= 0).all() else None)
+            records = records.enumerate().filter(
+                lambda i, _, wanted=wanted: tf.reduce_any(tf.equal(i, wanted)))
+            wanted_records = records if wanted_records is None else \
+                wanted_records.concatenate(records)
+        # Parsed and decoded in one pipeline: eagerly, a record at a time, the figures'
+        # 2,000 took 8x as long (benchmarks/decode_forms.py).
+        images, labels = next(iter(wanted_records.map(
+            lambda _, record: self.parse(record), num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True).batch(len(positions))))
+        labels = labels.numpy()
+        return images.numpy(), (labels if len(labels) and (labels >= 0).all() else None)
 
 
 def _records_in(path: str, compression: str) -> int:

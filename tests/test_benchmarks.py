@@ -486,6 +486,23 @@ def test_norm_forms_smoke(tmp_path):
     assert "| 3x4x4x8 | `fast_forms.norm_silu` |" in (tmp_path / "norm_forms.md").read_text()
 
 
+def test_decode_forms_smoke(tmp_path):
+    """The script checks that both forms of a chunk's decodes give the same pixels, for a
+    folder of JPEGs and for TFRecord shards of PNGs, before timing them."""
+    _run("decode_forms.py", f"--output_dir={tmp_path}", f"--work_dir={tmp_path / 'work'}",
+         "--num_images=64", "--rounds=1", "--batches=1")
+    rows = json.loads((tmp_path / "decode_forms.json").read_text())["results"]
+    assert {(r["source"], r["form"]) for r in rows} == {
+        (source, form) for source in ("folder of JPEGs", "TFRecord of PNGs")
+        for form in ("k traced copies", "traced once")}
+    for r in rows:
+        for stat in ("ready_s", "build_s", "images_per_sec"):
+            assert len(r[stat]["rounds"]) == 1 and r[stat]["min"] <= r[stat]["median"] <= r[stat]["max"]
+    assert len(list((tmp_path / "work" / "jpeg-64" / "train" / "all").iterdir())) == 64
+    text = (tmp_path / "decode_forms.md").read_text()
+    assert "| TFRecord of PNGs | traced once |" in text and "| 1.00x |" in text
+
+
 def test_upsample_forms_smoke(tmp_path):
     """The script checks that the three upsample+conv forms agree before timing them, with
     and without XLA."""
