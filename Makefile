@@ -18,7 +18,7 @@ train: $(STAMP)
 	$(BIN)/python train.py --flagfile=configs/default.cfg
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadfile tests
+	$(BIN)/python -m pytest -q -n auto --dist loadfile --durations=20 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
