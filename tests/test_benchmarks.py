@@ -487,8 +487,9 @@ def test_norm_forms_smoke(tmp_path):
 
 
 def test_decode_forms_smoke(tmp_path):
-    """The script checks that both forms of a chunk's decodes give the same pixels, for a
-    folder of JPEGs and for TFRecord shards of PNGs, before timing them."""
+    """Both forms of a chunk's decodes, for a folder of JPEGs and for TFRecord shards of
+    PNGs, and both reads of the figures' examples of the shards, timed; the script writes
+    no report unless each pair gave the same pixels."""
     _run("decode_forms.py", f"--output_dir={tmp_path}", f"--work_dir={tmp_path / 'work'}",
          "--num_images=64", "--rounds=1", "--batches=1")
     rows = json.loads((tmp_path / "decode_forms.json").read_text())["results"]
@@ -501,6 +502,10 @@ def test_decode_forms_smoke(tmp_path):
     assert len(list((tmp_path / "work" / "jpeg-64" / "train" / "all").iterdir())) == 64
     text = (tmp_path / "decode_forms.md").read_text()
     assert "| TFRecord of PNGs | traced once |" in text and "| 1.00x |" in text
+    reads = json.loads((tmp_path / "decode_forms.json").read_text())["figure_examples"]
+    assert [r["form"] for r in reads] == ["one pipeline (TFRecordSource.examples)",
+                                          "each record eagerly"]
+    assert "The figures' examples: 64 spread over the TFRecord split" in text
 
 
 def test_upsample_forms_smoke(tmp_path):

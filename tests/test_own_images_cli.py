@@ -296,8 +296,8 @@ def test_a_stopped_prepare_is_one_line_and_its_part_of_the_shards_is_refused(tmp
     earlier set of another count beside the new one, and both were read."""
     out = tmp_path / "shards"
     proc = subprocess.Popen([sys.executable, "-m", "core.prepare", "--dataset=fontdigits",
-                             "--splits=train[:16000]", "--shards=4",
-                             "--png_compression=9", f"--output_dir={out}"], cwd=ROOT, stderr=subprocess.PIPE,
+                             "--splits=train[:16000]", "--shards=4", "--png_compression=9",
+                             f"--output_dir={out}"], cwd=ROOT, stderr=subprocess.PIPE,
                             stdout=subprocess.DEVNULL,
                             env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
     seen = b""
