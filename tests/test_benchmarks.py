@@ -508,6 +508,23 @@ def test_decode_forms_smoke(tmp_path):
     assert "The figures' examples: 64 spread over the TFRecord split" in text
 
 
+def test_iterator_teardown_smoke(tmp_path):
+    """Every pipeline, strategy and autotuning case is read and its iterator deleted and
+    timed, each round."""
+    _run("iterator_teardown.py", f"--output_dir={tmp_path}", "--rounds=2", "--train_life=0",
+         "--eval_split=test[:256]", "--train_steps=2")
+    rows = json.loads((tmp_path / "iterator_teardown.json").read_text())["results"]
+    assert {(r["pipeline"], r["strategy"], r["autotune"]) for r in rows} == {
+        (p, s, a) for p in ("eval", "train") for s in ("default", "mirrored, 2 devices")
+        for a in ("autotune on", "autotune off")}
+    for r in rows:
+        assert len(r["delete_s"]) == len(r["read_s"]) == r["rounds"] == 2
+        assert r["delete_max_s"] >= r["delete_median_s"] >= 0 and r["read_median_s"] > 0
+        assert 0 <= r["stalls"] <= 2 and r["stalls"] == sum(d > 0.1 for d in r["delete_s"])
+    text = (tmp_path / "iterator_teardown.md").read_text()
+    assert "| eval | mirrored, 2 devices | autotune off |" in text
+
+
 def test_upsample_forms_smoke(tmp_path):
     """The script checks that the three upsample+conv forms agree before timing them, with
     and without XLA."""
